@@ -1,0 +1,228 @@
+//! The `BlockDevice` trait and its file and memory implementations.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::RwLock;
+
+/// A byte-addressed device. Reads and writes are whole: a short transfer
+/// is an error. `barrier` makes every completed write durable before any
+/// later one (fdatasync on a file).
+pub trait BlockDevice: Send + Sync {
+    /// Size in bytes.
+    fn size_bytes(&self) -> u64;
+    /// Fill `buf` from `offset`. Reading past the end is an error.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Write `buf` at `offset`. Writing past the end is an error.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Make all completed writes durable.
+    fn barrier(&self) -> io::Result<()>;
+}
+
+fn past_end(offset: u64, len: usize, size: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("access of {len} bytes at {offset:#x} is past the device end {size:#x}"),
+    )
+}
+
+fn check_range(offset: u64, len: usize, size: u64) -> io::Result<()> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(past_end(offset, len, size)),
+    }
+}
+
+/// A regular file or a block device.
+pub struct FileDevice {
+    file: File,
+    size: u64,
+    writable: bool,
+}
+
+impl FileDevice {
+    /// Open `path` read-only or read-write. The size of a block device is
+    /// found by seeking to its end.
+    pub fn open(path: &Path, writable: bool) -> io::Result<FileDevice> {
+        let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        let meta = file.metadata()?;
+        let size = if meta.is_file() {
+            meta.len()
+        } else {
+            use std::io::Seek;
+            let mut f = &file;
+            f.seek(io::SeekFrom::End(0))?
+        };
+        Ok(FileDevice {
+            file,
+            size,
+            writable,
+        })
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+}
+
+impl BlockDevice for FileDevice {
+    fn size_bytes(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        check_range(offset, buf.len(), self.size)?;
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        check_range(offset, buf.len(), self.size)?;
+        if !self.writable {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "device opened read-only",
+            ));
+        }
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn barrier(&self) -> io::Result<()> {
+        if self.writable {
+            self.file.sync_data()
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// A sparse in-memory device: 64 KiB chunks allocated on first write,
+/// zeros elsewhere, so a 2 GiB image costs only what is written.
+pub struct MemDevice {
+    size: u64,
+    chunks: RwLock<HashMap<u64, Box<[u8]>>>,
+}
+
+const CHUNK: u64 = 65536;
+
+impl MemDevice {
+    pub fn new(size: u64) -> MemDevice {
+        MemDevice {
+            size,
+            chunks: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// A device holding a copy of `bytes`.
+    pub fn from_bytes(bytes: &[u8]) -> MemDevice {
+        let dev = MemDevice::new(bytes.len() as u64);
+        for (i, c) in bytes.chunks(CHUNK as usize).enumerate() {
+            if c.iter().any(|&b| b != 0) {
+                // Cannot fail: in range by construction.
+                let _ = dev.write_at(c, i as u64 * CHUNK);
+            }
+        }
+        dev
+    }
+
+    /// Bytes of chunks allocated.
+    pub fn resident_bytes(&self) -> u64 {
+        self.chunks
+            .read()
+            .map(|c| c.len() as u64 * CHUNK)
+            .unwrap_or(0)
+    }
+}
+
+impl BlockDevice for MemDevice {
+    fn size_bytes(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        check_range(offset, buf.len(), self.size)?;
+        let chunks = self
+            .chunks
+            .read()
+            .map_err(|_| io::Error::other("memory device lock poisoned"))?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let base = pos - pos % CHUNK;
+            let within = (pos - base) as usize;
+            let n = (CHUNK as usize - within).min(buf.len() - done);
+            match chunks.get(&base) {
+                Some(c) => buf[done..done + n].copy_from_slice(&c[within..within + n]),
+                None => buf[done..done + n].fill(0),
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        check_range(offset, buf.len(), self.size)?;
+        let mut chunks = self
+            .chunks
+            .write()
+            .map_err(|_| io::Error::other("memory device lock poisoned"))?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let base = pos - pos % CHUNK;
+            let within = (pos - base) as usize;
+            let n = (CHUNK as usize - within).min(buf.len() - done);
+            let c = chunks
+                .entry(base)
+                .or_insert_with(|| vec![0u8; CHUNK as usize].into_boxed_slice());
+            c[within..within + n].copy_from_slice(&buf[done..done + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn barrier(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_device_sparse_round_trip() {
+        let dev = MemDevice::new(1 << 30);
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        dev.write_at(&data, 65_000).unwrap();
+        let mut back = vec![0u8; data.len()];
+        dev.read_at(&mut back, 65_000).unwrap();
+        assert_eq!(back, data);
+        let mut zeros = vec![1u8; 1000];
+        dev.read_at(&mut zeros, 1 << 29).unwrap();
+        assert!(zeros.iter().all(|&b| b == 0));
+        assert!(dev.read_at(&mut zeros, (1 << 30) - 10).is_err());
+        assert!(dev.write_at(&zeros, u64::MAX - 3).is_err());
+    }
+
+    #[test]
+    fn file_device_round_trip() {
+        let dir = std::env::temp_dir().join(format!("bufcache-fd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("img");
+        let f = File::create(&path).unwrap();
+        f.set_len(1 << 20).unwrap();
+        drop(f);
+        let dev = FileDevice::open(&path, true).unwrap();
+        assert_eq!(dev.size_bytes(), 1 << 20);
+        dev.write_at(b"hammer2", 4096).unwrap();
+        dev.barrier().unwrap();
+        let mut b = [0u8; 7];
+        dev.read_at(&mut b, 4096).unwrap();
+        assert_eq!(&b, b"hammer2");
+        let ro = FileDevice::open(&path, false).unwrap();
+        assert!(ro.write_at(b"x", 0).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,17 @@
+//! HAMMER2 for Linux: DragonFly BSD's copy-on-write filesystem, on-disk
+//! compatible with format versions 1 and 2 (single volume).
+//!
+//! Layers, bottom up: `disk` (the on-disk structures), `check` and
+//! `compress` (block codes), `dirhash`; then the read engine (`volume`,
+//! `chain`, `inode`, `pfs`) over a `bufcache::BlockDevice`; and `fsck`,
+//! the checker behind `fsck.hammer2`.
+
+#![forbid(unsafe_code)]
+
+pub mod check;
+pub mod compress;
+pub mod dirhash;
+pub mod disk;
+pub mod error;
+
+pub use error::{Error, Result};
