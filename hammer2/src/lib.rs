@@ -15,3 +15,9 @@ pub mod disk;
 pub mod error;
 
 pub use error::{Error, Result};
+pub mod chain;
+pub mod pfs;
+pub mod volume;
+
+pub use pfs::{DirEntry, Inode, Pfs, PfsInfo};
+pub use volume::Volume;
