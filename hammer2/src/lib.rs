@@ -13,6 +13,7 @@ pub mod compress;
 pub mod dirhash;
 pub mod disk;
 pub mod error;
+pub mod freemap;
 
 pub use error::{Error, Result};
 pub mod chain;
