@@ -14,6 +14,7 @@ pub mod dirhash;
 pub mod disk;
 pub mod error;
 pub mod freemap;
+pub mod fsck;
 
 pub use error::{Error, Result};
 pub mod chain;
