@@ -60,12 +60,26 @@ fn scan_depth(
     visit: &mut dyn FnMut(&Blockref) -> Result<bool>,
     depth: usize,
 ) -> Result<bool> {
-    let mut sorted: Vec<&Blockref> = set
-        .iter()
-        .filter(|b| !b.is_empty() && b.key <= end && b.key_end() >= beg)
-        .collect();
+    let mut sorted: Vec<&Blockref> = set.iter().filter(|b| !b.is_empty()).collect();
     sorted.sort_by_key(|b| b.key);
-    for br in sorted {
+    // Siblings never overlap: with key ranges strictly nested and
+    // disjoint, every key has one path, so a damaged image cannot make
+    // the walk revisit blocks without bound.
+    for pair in sorted.windows(2) {
+        if pair[0].key_end() >= pair[1].key {
+            return Err(Error::corrupt(
+                format!(
+                    "blockrefs {:#x}/{} and {:#x}/{} overlap",
+                    pair[0].key, pair[0].keybits, pair[1].key, pair[1].keybits
+                ),
+                pair[1].data_off.offset(),
+            ));
+        }
+    }
+    for br in sorted
+        .into_iter()
+        .filter(|b| b.key <= end && b.key_end() >= beg)
+    {
         if is_node(br) {
             if depth >= DEPTH_MAX {
                 return Err(Error::corrupt(
@@ -74,6 +88,18 @@ fn scan_depth(
                 ));
             }
             let children = read_node(vol, br)?;
+            if let Some(c) = children.iter().find(|c| {
+                !c.is_empty()
+                    && (c.key < br.key || c.key_end() > br.key_end() || c.keybits >= br.keybits)
+            }) {
+                return Err(Error::corrupt(
+                    format!(
+                        "blockref {:#x}/{} does not fit in its parent {:#x}/{}",
+                        c.key, c.keybits, br.key, br.keybits
+                    ),
+                    br.data_off.offset(),
+                ));
+            }
             if !scan_depth(vol, &children, beg, end, visit, depth + 1)? {
                 return Ok(false);
             }

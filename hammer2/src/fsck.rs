@@ -547,7 +547,10 @@ impl Checker<'_, '_> {
         } else {
             (0, u64::MAX)
         };
-        for br in set.iter().filter(|b| !b.is_empty()) {
+        let mut sorted: Vec<&Blockref> = set.iter().filter(|b| !b.is_empty()).collect();
+        sorted.sort_by_key(|b| b.key);
+        let mut prev_end: Option<u64> = None;
+        for br in sorted {
             let at = Some(br.data_off.offset());
             self.count(br);
             self.note_ref(br);
@@ -560,7 +563,23 @@ impl Checker<'_, '_> {
                     br.keybits
                 );
                 self.problem(pfs.as_deref_mut(), at, Some(inum), what);
+                complete = false;
+                continue;
             }
+            // Siblings never overlap; one that does is not followed, so a
+            // damaged image cannot make the walk revisit blocks.
+            if prev_end.is_some_and(|e| br.key <= e) {
+                let what = format!(
+                    "{} blockref key {:#x}/{} overlaps its sibling",
+                    br.btype.name(),
+                    br.key,
+                    br.keybits
+                );
+                self.problem(pfs.as_deref_mut(), at, Some(inum), what);
+                complete = false;
+                continue;
+            }
+            prev_end = Some(br.key_end());
             if br.mirror_tid > parent.mirror_tid && parent.btype != BlockrefType::Volume {
                 let what = format!(
                     "{} blockref key {:#x} has mirror_tid {:#x} newer than its parent's {:#x}",
@@ -1036,10 +1055,15 @@ impl Checker<'_, '_> {
         leaves: &mut BTreeMap<u64, FreemapLeaf>,
     ) {
         let (lo, hi) = (parent.key, parent.key_end());
-        for br in set.iter().filter(|b| !b.is_empty()) {
+        let mut sorted: Vec<&Blockref> = set.iter().filter(|b| !b.is_empty()).collect();
+        sorted.sort_by_key(|b| b.key);
+        let mut prev_end: Option<u64> = None;
+        for br in sorted {
             let at = Some(br.data_off.offset());
             self.count(br);
-            if br.key < lo || br.key_end() > hi || br.keybits >= parent.keybits {
+            let overlaps = prev_end.is_some_and(|e| br.key <= e);
+            prev_end = Some(br.key_end());
+            if br.key < lo || br.key_end() > hi || br.keybits >= parent.keybits || overlaps {
                 let what = format!(
                     "freemap {} key {:#x}/{} outside its parent's {lo:#x}..{hi:#x}",
                     br.btype.name(),

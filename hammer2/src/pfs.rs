@@ -15,6 +15,8 @@ pub const DIRENT_EMBEDDED_NAME_MAX: usize = 64;
 pub const DIRENT_NAME_MAX: usize = 1023;
 /// Linux's limit, which the library enforces for names it is given.
 pub const NAME_MAX: usize = 255;
+/// The largest file `Pfs::read_all` reads in one piece.
+pub const READ_ALL_MAX: u64 = 1 << 30;
 
 /// An inode read from disk, with the blockref that pointed to it.
 #[derive(Clone, Debug)]
