@@ -185,11 +185,17 @@ pub fn header_problems(slots: &[HeaderSlot]) -> Vec<String> {
         .collect()
 }
 
-/// Tell stderr what damage a verb found.
-pub fn report_damage(verb: &str, damaged: u64, problems: &[String]) {
+/// Tell stderr what damage a verb found, after the output so far.
+pub fn report_damage(
+    out: &mut dyn Write,
+    verb: &str,
+    damaged: u64,
+    problems: &[String],
+) -> io::Result<()> {
     if damaged == 0 {
-        return;
+        return Ok(());
     }
+    out.flush()?;
     eprintln!("hammer2: {verb}: {damaged} damaged block(s) or structure(s) found");
     for p in problems {
         eprintln!("hammer2:   {p}");
@@ -197,6 +203,7 @@ pub fn report_damage(verb: &str, damaged: u64, problems: &[String]) {
     if (problems.len() as u64) < damaged {
         eprintln!("hammer2:   ...");
     }
+    Ok(())
 }
 
 /// `hammer2 show IMG`: both trees of the header in use.
@@ -222,7 +229,7 @@ fn show(img: &Image, verbose: bool, out: &mut dyn Write) -> Result<u64, CmdError
             problems.append(&mut w.problems);
         }
     }
-    report_damage("show", damaged, &problems);
+    report_damage(out, "show", damaged, &problems)?;
     Ok(damaged)
 }
 

@@ -131,6 +131,6 @@ pub fn run(img: &Image, verbose: bool, out: &mut dyn Write) -> Result<u64, CmdEr
         stats = w.stats.take().unwrap_or_default();
     }
     stats.print_totals(out)?;
-    crate::report_damage("freemap", damaged, &problems);
+    crate::report_damage(out, "freemap", damaged, &problems)?;
     Ok(damaged)
 }

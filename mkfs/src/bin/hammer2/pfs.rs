@@ -131,6 +131,6 @@ pub fn info(img: &Image, out: &mut dyn Write) -> Result<u64, CmdError> {
             writeln!(out, "        pfs_lsnap_tid {:#018x}", m.pfs_lsnap_tid)?;
         }
     }
-    crate::report_damage("info", damaged, &[]);
+    crate::report_damage(out, "info", damaged, &[])?;
     Ok(damaged)
 }

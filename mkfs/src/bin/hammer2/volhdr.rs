@@ -224,6 +224,6 @@ pub fn run(img: &Image, all: bool, verbose: bool, out: &mut dyn Write) -> Result
             writeln!(out)?;
         }
     }
-    crate::report_damage("volhdr", damaged, &problems);
+    crate::report_damage(out, "volhdr", damaged, &problems)?;
     Ok(damaged)
 }
