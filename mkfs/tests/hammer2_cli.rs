@@ -57,9 +57,9 @@ fn restore_sparse(src: &Path, dst: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Fixture `name`, restored once (kept across runs in the target dir;
-/// written under a temporary name and renamed, so a partial restore is
-/// never reused).
+/// Fixture `name`, restored once (kept across runs in the target dir,
+/// redone when the fixture is newer; written under a temporary name and
+/// renamed, so a partial restore is never reused).
 fn fixture(name: &str) -> PathBuf {
     static LOCK: OnceLock<Mutex<()>> = OnceLock::new();
     let _guard = LOCK
@@ -67,9 +67,14 @@ fn fixture(name: &str) -> PathBuf {
         .lock()
         .unwrap_or_else(|p| p.into_inner());
     let dst = scratch().join(format!("{name}.img"));
-    if !dst.exists() {
+    let src = Path::new(FIXTURES).join(format!("{name}.img.zst"));
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let stale = match (modified(&src), modified(&dst)) {
+        (Some(s), Some(d)) => s > d,
+        _ => true,
+    };
+    if stale {
         let tmp = scratch().join(format!("{name}.img.part{}", std::process::id()));
-        let src = Path::new(FIXTURES).join(format!("{name}.img.zst"));
         restore_sparse(&src, &tmp).expect("restore fixture");
         std::fs::rename(&tmp, &dst).expect("rename restored fixture");
     }
@@ -182,7 +187,7 @@ fn show_counts_match_reference_fsck() {
     // DragonFly's fsck_hammer2 (both the C and the Rust port) on
     // v1-lz4-xxhash64.img reports, for the volume topology:
     //   2344 blockref (1096 inode, 28 indirect, 127 data, 1093 dirent)
-    // (see /tmp/oracle/NOTES.md, "fsck -q v1-lz4-xxhash64.img").
+    // (`fsck_hammer2 -q v1-lz4-xxhash64.img`, section "volume", zone.0).
     let out = run([OsStr::new("show"), fixture("v1-lz4-xxhash64").as_os_str()]);
     assert_eq!(out.status.code(), Some(0));
     let c = show_counts(&stdout(&out));
@@ -387,7 +392,8 @@ fn freemap_lists_every_bmap_entry_and_totals() {
         .filter(|l| l.trim_start().contains(" linear="))
         .count();
     assert_eq!(rows, 256);
-    // DragonFly's totals for this image (hammer2 freemap, NOTES.md).
+    // The totals DragonFly's `hammer2 freemap` (Rust port) printed for
+    // this image.
     assert!(text.contains("Total unallocated storage:    0.861GB ( 0.860GB in 64KB chunks)"));
     assert!(text.contains("Total freemap storage:        1.000GB"));
 }
