@@ -17,6 +17,7 @@ pub mod freemap;
 pub mod fsck;
 
 pub use error::{Error, Result};
+pub mod blocktable;
 pub mod chain;
 pub mod pfs;
 pub mod volume;
