@@ -19,6 +19,7 @@ use std::process::ExitCode;
 #[derive(Parser, Debug)]
 #[command(
     name = "mkfs.hammer2",
+    bin_name = "mkfs.hammer2",
     about = "Make a HAMMER2 filesystem (DragonFly BSD's format, single volume)",
     disable_version_flag = true
 )]
