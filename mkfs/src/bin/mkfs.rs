@@ -5,7 +5,7 @@
 
 #![forbid(unsafe_code)]
 
-use bufcache::{BlockDevice, FileDevice};
+use bufcache::FileDevice;
 use clap::Parser;
 use hammer2::disk::{AUX_MAX_BYTES, BOOT_MAX_BYTES};
 use mkfs::newfs::{
@@ -154,14 +154,6 @@ fn run(args: &Args) -> Result<(), String> {
         }
         msg
     };
-    if let Some(size) = args.size {
-        if size > dev.size_bytes() {
-            eprintln!(
-                "mkfs.hammer2: warning: {shown} holds only {} bytes; the filesystem is limited to it",
-                dev.size_bytes()
-            );
-        }
-    }
     if !args.force {
         let found = find_hammer2(&dev).map_err(|e| cleanup(e.to_string()))?;
         if let Some(at) = found {
