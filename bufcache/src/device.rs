@@ -126,6 +126,15 @@ impl MemDevice {
         dev
     }
 
+    /// An independent copy of this device's contents.
+    pub fn duplicate(&self) -> MemDevice {
+        let chunks = self.chunks.read().map(|c| c.clone()).unwrap_or_default();
+        MemDevice {
+            size: self.size,
+            chunks: RwLock::new(chunks),
+        }
+    }
+
     /// Bytes of chunks allocated.
     pub fn resident_bytes(&self) -> u64 {
         self.chunks

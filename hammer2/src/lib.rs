@@ -13,5 +13,13 @@ pub mod compress;
 pub mod dirhash;
 pub mod disk;
 pub mod error;
+pub mod freemap;
+pub mod fsck;
 
 pub use error::{Error, Result};
+pub mod chain;
+pub mod pfs;
+pub mod volume;
+
+pub use pfs::{DirEntry, Inode, Pfs, PfsInfo};
+pub use volume::Volume;

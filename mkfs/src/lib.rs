@@ -1,7 +1,9 @@
-//! The command-line tools' library side: `newfs` (behind `mkfs.hammer2`).
-//! The binaries in `src/bin` only parse arguments, open devices and
-//! print; everything a test wants to drive lives here.
+//! The command-line tools' library side: `newfs` (the format logic of
+//! `mkfs.hammer2`) and `units` (size parsing and human figures). The
+//! binaries in `src/bin` parse arguments, open devices and print;
+//! everything a test wants to drive lives here.
 
 #![forbid(unsafe_code)]
 
 pub mod newfs;
+pub mod units;

@@ -1,1 +1,268 @@
+//! Shared helpers for the integration tests: restoring the reference
+//! images from `../shared/fixtures/hammer2/` (sparse, into a temporary
+//! directory), reading their manifests, and walking a PFS through the
+//! library into the same manifest shape.
 
+#![forbid(unsafe_code)]
+
+use bufcache::{BlockDevice, FileDevice};
+use hammer2::pfs::Pfs;
+use hammer2::{disk::ObjType, Volume};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The fixture directory beside the project.
+pub fn fixture_dir() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let candidates = [
+        here.join("../../shared/fixtures/hammer2"),
+        here.join("../shared/fixtures/hammer2"),
+    ];
+    for c in &candidates {
+        if c.is_dir() {
+            return c.clone();
+        }
+    }
+    panic!("fixture images not found beside the project (looked in {candidates:?})");
+}
+
+/// Names of every fixture image (without `.img.zst`).
+pub fn fixture_names() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(fixture_dir())
+        .expect("read fixture dir")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".img.zst"))
+                .map(str::to_string)
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// A scratch directory for this test process, removed at exit by the OS
+/// temp cleaner; each test gets its own subdirectory.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    static BASE: OnceLock<PathBuf> = OnceLock::new();
+    let base = BASE.get_or_init(|| {
+        let p = std::env::temp_dir().join(format!("hammer2-tests-{}", std::process::id()));
+        std::fs::create_dir_all(&p).expect("create scratch dir");
+        p
+    });
+    let p = base.join(tag);
+    std::fs::create_dir_all(&p).expect("create scratch subdir");
+    p
+}
+
+/// Decompress `src` (zstd) into `dst`, leaving runs of zeros as holes.
+pub fn restore_sparse(src: &Path, dst: &Path) -> std::io::Result<()> {
+    let mut dec = zstd::stream::read::Decoder::new(File::open(src)?)?;
+    let mut out = File::create(dst)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len: u64 = 0;
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let n = dec.read(&mut buf[filled..])?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            break;
+        }
+        for chunk in buf[..filled].chunks(65536) {
+            if chunk.iter().all(|&b| b == 0) {
+                out.seek(SeekFrom::Current(chunk.len() as i64))?;
+            } else {
+                out.write_all(chunk)?;
+            }
+            len += chunk.len() as u64;
+        }
+    }
+    out.set_len(len)?;
+    Ok(())
+}
+
+/// A private copy of fixture `name`, restored once per process and then
+/// copied (sparse) for each caller that wants to damage it.
+pub fn fixture_image(name: &str) -> PathBuf {
+    static RESTORED: OnceLock<Mutex<BTreeMap<String, PathBuf>>> = OnceLock::new();
+    let map = RESTORED.get_or_init(|| Mutex::new(BTreeMap::new()));
+    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = map.get(name) {
+        return p.clone();
+    }
+    let dst = scratch_dir("fixtures").join(format!("{name}.img"));
+    restore_sparse(&fixture_dir().join(format!("{name}.img.zst")), &dst).expect("restore fixture");
+    map.insert(name.to_string(), dst.clone());
+    dst
+}
+
+/// A writable copy of fixture `name` for a test to damage (`cp`
+/// skips the holes, so a 10 GiB image copies in milliseconds).
+pub fn fixture_copy(name: &str, tag: &str) -> PathBuf {
+    let src = fixture_image(name);
+    let dst = scratch_dir(tag).join(format!("{name}.img"));
+    let status = std::process::Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&src)
+        .arg(&dst)
+        .status()
+        .expect("run cp");
+    assert!(status.success(), "cp {} failed", src.display());
+    let mut perms = std::fs::metadata(&dst).expect("stat copy").permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&dst, perms).expect("chmod copy");
+    dst
+}
+
+/// The manifest of fixture `name`: PFS label -> path -> entry.
+pub fn manifest(name: &str) -> BTreeMap<String, BTreeMap<String, Value>> {
+    let text =
+        std::fs::read_to_string(fixture_dir().join(format!("{name}.json"))).expect("read manifest");
+    let v: Value = serde_json::from_str(&text).expect("parse manifest");
+    let mut out = BTreeMap::new();
+    for (label, tree) in v["pfs"].as_object().expect("pfs object") {
+        let entries = tree
+            .as_object()
+            .expect("tree object")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        out.insert(label.clone(), entries);
+    }
+    out
+}
+
+pub fn open_volume(path: &Path) -> hammer2::Result<Arc<Volume>> {
+    let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(path, false).expect("open image"));
+    Volume::open(dev).map(Arc::new)
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Describe a PFS the way the manifests do, reading everything through
+/// the library: path -> {type, mode, uid, gid, mtime, size, sha256 |
+/// target}. Unreadable entries carry an "error" key instead.
+pub fn describe_pfs(pfs: &Pfs) -> hammer2::Result<BTreeMap<String, Value>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![(String::new(), pfs.root.clone())];
+    while let Some((prefix, dir)) = stack.pop() {
+        for e in pfs.readdir(&dir)? {
+            let name = String::from_utf8_lossy(&e.name).into_owned();
+            let path = if prefix.is_empty() {
+                name
+            } else {
+                format!("{prefix}/{name}")
+            };
+            let ino = pfs.inode(e.inum)?;
+            let m = ino.meta();
+            let mut entry = serde_json::Map::new();
+            entry.insert(
+                "mode".into(),
+                Value::String(format!("0o{:o}", m.mode & 0o7777)),
+            );
+            entry.insert("uid".into(), Value::from(m.uid_unix()));
+            entry.insert("gid".into(), Value::from(m.gid_unix()));
+            entry.insert("mtime".into(), Value::from(m.mtime / 1_000_000));
+            match ino.obj_type() {
+                ObjType::Directory => {
+                    entry.insert("type".into(), Value::String("dir".into()));
+                    stack.push((path.clone(), ino.clone()));
+                }
+                ObjType::Softlink => {
+                    entry.insert("type".into(), Value::String("symlink".into()));
+                    let t = pfs.readlink(&ino)?;
+                    entry.insert(
+                        "target".into(),
+                        Value::String(String::from_utf8_lossy(&t).into_owned()),
+                    );
+                }
+                _ => {
+                    entry.insert("type".into(), Value::String("file".into()));
+                    entry.insert("size".into(), Value::from(m.size));
+                    match pfs.read_all(&ino) {
+                        Ok(data) => {
+                            entry.insert("sha256".into(), Value::String(sha256_hex(&data)));
+                        }
+                        Err(e) => {
+                            entry.insert("error".into(), Value::String(e.to_string()));
+                        }
+                    }
+                }
+            }
+            out.insert(path, Value::Object(entry));
+        }
+    }
+    Ok(out)
+}
+
+/// Compare a described tree with a manifest: the keys a manifest entry
+/// has are compared; every path must be in both. Returns the differences.
+pub fn diff_manifest(
+    want: &BTreeMap<String, Value>,
+    have: &BTreeMap<String, Value>,
+) -> Vec<String> {
+    let mut diffs = Vec::new();
+    for (path, w) in want {
+        let Some(h) = have.get(path) else {
+            diffs.push(format!("missing: {path}"));
+            continue;
+        };
+        for (k, wv) in w.as_object().into_iter().flatten() {
+            let hv = h.get(k);
+            if hv != Some(wv) {
+                diffs.push(format!("{path}: {k}: want {wv}, have {hv:?}"));
+            }
+        }
+    }
+    for path in have.keys() {
+        if !want.contains_key(path) {
+            diffs.push(format!("extra: {path}"));
+        }
+    }
+    diffs
+}
+
+/// The path of a workspace binary (built by `cargo test --workspace`
+/// beside this test executable's `deps/` directory).
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is not built: run `cargo build --workspace` or `cargo test --workspace`",
+        p.display()
+    );
+    p
+}
+
+/// Flip the bits of one byte of an image file.
+pub fn flip_byte(path: &Path, offset: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open image rw");
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).expect("read byte");
+    b[0] ^= 0xff;
+    f.write_all_at(&b, offset).expect("write byte");
+}

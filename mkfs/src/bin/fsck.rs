@@ -1,1 +1,152 @@
-fn main() {}
+//! fsck.hammer2: check a HAMMER2 image or device without changing it.
+//!
+//! Exit codes follow fsck(8): 0 clean, 4 errors left uncorrected, 8
+//! operational error, 16 usage error.
+
+use clap::Parser;
+use hammer2::fsck::{fsck, Options, Progress};
+use mkfs::units::human;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const EXIT_CLEAN: u8 = 0;
+const EXIT_ERRORS_LEFT: u8 = 4;
+const EXIT_OPERATIONAL: u8 = 8;
+const EXIT_USAGE: u8 = 16;
+
+/// Check a HAMMER2 filesystem: every volume header copy, every PFS and
+/// snapshot, every check code, the directory structure and the freemap.
+/// Nothing is ever written.
+#[derive(Parser)]
+#[command(
+    name = "fsck.hammer2",
+    version,
+    after_help = "Exit status: 0 clean, 4 problems found, 8 operational error, 16 usage error."
+)]
+struct Args {
+    /// Print each PFS as it is checked, and the warnings.
+    #[arg(short, long)]
+    verbose: bool,
+    /// Answer no to every repair (the default: this checker never writes).
+    #[arg(short = 'n')]
+    no: bool,
+    /// Do not print progress even on a terminal.
+    #[arg(short, long)]
+    quiet: bool,
+    /// The image file or block device.
+    image: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                EXIT_USAGE
+            } else {
+                EXIT_CLEAN
+            };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or(if args.verbose { "info" } else { "warn" }),
+    )
+    .format_timestamp(None)
+    .init();
+    let _ = args.no;
+    ExitCode::from(run(&args))
+}
+
+fn run(args: &Args) -> u8 {
+    let name = args.image.display().to_string();
+    let dev = match bufcache::FileDevice::open(&args.image, false) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("fsck.hammer2: {name}: {e}");
+            return EXIT_OPERATIONAL;
+        }
+    };
+    let show_progress = !args.quiet && std::io::stderr().is_terminal();
+    let start = Instant::now();
+    let mut last = Instant::now();
+    let mut printed = false;
+    let mut progress = |p: Progress| {
+        if !show_progress || last.elapsed() < Duration::from_millis(200) {
+            return;
+        }
+        last = Instant::now();
+        printed = true;
+        let pct = (p.bytes * 100)
+            .checked_div(p.bytes_in_use)
+            .unwrap_or(0)
+            .min(100);
+        eprint!(
+            "\r{name}: {} blockrefs, {} checked (~{pct}%)   ",
+            p.blockrefs,
+            human(p.bytes)
+        );
+        let _ = std::io::stderr().flush();
+    };
+    let opts = Options {
+        progress: Some(&mut progress),
+        verbose: args.verbose,
+    };
+    let report = match fsck(Arc::new(dev), opts) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("fsck.hammer2: {name}: {e}");
+            return EXIT_OPERATIONAL;
+        }
+    };
+    if printed {
+        eprint!("\r{:70}\r", "");
+    }
+    if let Some(i) = report.header_index {
+        println!(
+            "{name}: HAMMER2 version {}, volume header {} of {} in use, mirror_tid {:#018x}",
+            report.version, i, report.stats.headers_total, report.mirror_tid
+        );
+        println!("PFS: {}", report.pfs_labels.join(", "));
+    }
+    for p in &report.problems {
+        println!("error: {p}");
+    }
+    if args.verbose {
+        for w in &report.warnings {
+            println!("warning: {w}");
+        }
+    } else if !report.warnings.is_empty() {
+        println!(
+            "{} warnings (orphaned inodes); -v lists them",
+            report.warnings.len()
+        );
+    }
+    let s = &report.stats;
+    println!(
+        "{} blockrefs ({} inode, {} indirect, {} data, {} dirent, {} freemap node, {} freemap leaf), {} in {:.1}s",
+        s.blockrefs(),
+        s.inode,
+        s.indirect,
+        s.data,
+        s.dirent,
+        s.freemap_node,
+        s.freemap_leaf,
+        human(s.bytes),
+        start.elapsed().as_secs_f64()
+    );
+    if report.is_clean() {
+        println!("{name}: clean");
+        EXIT_CLEAN
+    } else {
+        println!(
+            "{name}: {} problems found, nothing changed",
+            report.problems.len()
+        );
+        EXIT_ERRORS_LEFT
+    }
+}

@@ -1,1 +1,304 @@
-fn main() {}
+//! `hammer2`: the HAMMER2 admin tool, read-only verbs over an image file
+//! or block device, in the shape of DragonFly's hammer2(8).
+//!
+//! Every verb that reads a filesystem takes its image as the argument
+//! after the verb (`hammer2 show IMG`, as DragonFly's show, freemap and
+//! volhdr do), or from `-s IMG` before it (DragonFly's way of naming the
+//! filesystem for pfs-list and info, which there need a mount).
+//!
+//! Exit status: 0 clean; 1 on an error, or when damage was found (the
+//! walk still finishes and flags each damaged block inline); 2 on a
+//! usage error.
+
+#![forbid(unsafe_code)]
+
+// The verbs live in src/bin/hammer2/; a binary's root looks for its
+// modules beside itself, hence the paths.
+#[path = "hammer2/fmt.rs"]
+mod fmt;
+#[path = "hammer2/freemap.rs"]
+mod freemap;
+#[path = "hammer2/pfs.rs"]
+mod pfs;
+#[path = "hammer2/show.rs"]
+mod show;
+#[path = "hammer2/volhdr.rs"]
+mod volhdr;
+
+use bufcache::{BlockDevice, FileDevice};
+use clap::{CommandFactory, Parser, Subcommand};
+use hammer2::disk::BlockrefType;
+use hammer2::volume::{header_slots, read_header_slot, HeaderSlot};
+use hammer2::Volume;
+use std::ffi::OsString;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+const AFTER_HELP: &str = "\
+The image is an image file or a block device, named after the verb
+(hammer2 show IMG) or with -s before it (hammer2 -s IMG show).
+Nothing is ever written to it.
+
+Exit status: 0 clean, 1 on an error or when damage was found
+(show, volhdr and freemap flag each damaged block inline and finish
+the walk first), 2 on a usage error.
+
+Examples:
+  hammer2 show disk.img | less
+  hammer2 -s /dev/sdb1 pfs-list
+  hammer2 hash hello.txt";
+
+#[derive(Parser)]
+#[command(
+    name = "hammer2",
+    version,
+    about = "HAMMER2 admin tool (read-only verbs, as DragonFly's hammer2(8))",
+    after_help = AFTER_HELP
+)]
+struct Cli {
+    /// The image file or block device, for verbs not given one
+    #[arg(short = 's', value_name = "IMG", global = true)]
+    select: Option<PathBuf>,
+    /// show: print the check line of data blocks too (they are verified
+    /// either way)
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    verb: Verb,
+}
+
+#[derive(Subcommand)]
+enum Verb {
+    /// Dump the topology: every blockref under the super-root, then the
+    /// freemap tree, with check status
+    Show { img: Option<PathBuf> },
+    /// Print the volume header in use (every copy with --all), its CRCs
+    /// (computed/stored) and blocksets
+    Volhdr {
+        img: Option<PathBuf>,
+        /// Dump every header copy, not just the one in use
+        #[arg(short, long)]
+        all: bool,
+    },
+    /// Dump the freemap tree with each leaf's bmap entries, then totals
+    Freemap { img: Option<PathBuf> },
+    /// List the PFSs: type, cluster id, label (snapshots show SNAPSHOT)
+    #[command(name = "pfs-list")]
+    PfsList { img: Option<PathBuf> },
+    /// Volume summary and free space, then each PFS's ids, counts and
+    /// methods
+    Info { img: Option<PathBuf> },
+    /// Print the directory hash of each name ("%016x name")
+    Hash {
+        #[arg(required = true)]
+        names: Vec<OsString>,
+    },
+}
+
+/// How a verb failed.
+pub enum CmdError {
+    /// Writing the output failed.
+    Output(io::Error),
+    /// The verb could not do its work.
+    Fail(String),
+}
+
+impl From<io::Error> for CmdError {
+    fn from(e: io::Error) -> CmdError {
+        CmdError::Output(e)
+    }
+}
+
+/// An opened image or device.
+pub struct Image {
+    pub path: PathBuf,
+    pub dev: Arc<dyn BlockDevice>,
+}
+
+impl Image {
+    fn open(path: &Path) -> Result<Image, CmdError> {
+        let dev = FileDevice::open(path, false)
+            .map_err(|e| CmdError::Fail(format!("{}: {e}", path.display())))?;
+        Ok(Image {
+            path: path.to_path_buf(),
+            dev: Arc::new(dev),
+        })
+    }
+
+    /// The volume, with its header chosen as a mount would.
+    pub fn volume(&self) -> Result<Volume, CmdError> {
+        Volume::open(self.dev.clone()).map_err(|e| self.fail("cannot open volume", &e))
+    }
+
+    /// Every header copy the device has room for.
+    pub fn header_slots(&self) -> Vec<HeaderSlot> {
+        (0..header_slots(self.dev.size_bytes()))
+            .map(|i| read_header_slot(self.dev.as_ref(), i))
+            .collect()
+    }
+
+    pub fn fail(&self, what: &str, e: &hammer2::Error) -> CmdError {
+        CmdError::Fail(format!("{}: {what}: {e}", self.path.display()))
+    }
+}
+
+/// The copy a mount uses: valid check codes, highest mirror_tid (the
+/// first such copy on a tie, as `Volume::open`).
+pub fn best_slot(slots: &[HeaderSlot]) -> Option<usize> {
+    let mut best: Option<(usize, u64)> = None;
+    for (i, s) in slots.iter().enumerate() {
+        if let HeaderSlot::Good(vh) = s {
+            if best.is_none_or(|(_, tid)| vh.mirror_tid > tid) {
+                best = Some((i, vh.mirror_tid));
+            }
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+/// DragonFly's per-copy summary line, with the copy's state added.
+pub fn slot_line(i: usize, slot: &HeaderSlot, in_use: Option<usize>) -> String {
+    match slot {
+        HeaderSlot::Good(vh) => format!(
+            "Volume {} header {i}: mirror_tid={:016x} ({})",
+            vh.volu_id,
+            vh.mirror_tid,
+            if in_use == Some(i) { "in use" } else { "valid" }
+        ),
+        HeaderSlot::BadCrc(vh, _) => format!(
+            "Volume {} header {i}: mirror_tid={:016x} (BAD CHECK CODE, not used)",
+            vh.volu_id, vh.mirror_tid
+        ),
+        HeaderSlot::Invalid(why) => format!("Volume 0 header {i}: no valid header ({why})"),
+    }
+}
+
+/// Damaged header copies (decoded, but with a CRC that fails).
+pub fn header_problems(slots: &[HeaderSlot]) -> Vec<String> {
+    slots
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| matches!(s, HeaderSlot::BadCrc(..)))
+        .map(|(i, _)| format!("volume header {i}: bad check code"))
+        .collect()
+}
+
+/// Tell stderr what damage a verb found, after the output so far.
+pub fn report_damage(
+    out: &mut dyn Write,
+    verb: &str,
+    damaged: u64,
+    problems: &[String],
+) -> io::Result<()> {
+    if damaged == 0 {
+        return Ok(());
+    }
+    out.flush()?;
+    eprintln!("hammer2: {verb}: {damaged} damaged block(s) or structure(s) found");
+    for p in problems {
+        eprintln!("hammer2:   {p}");
+    }
+    if (problems.len() as u64) < damaged {
+        eprintln!("hammer2:   ...");
+    }
+    Ok(())
+}
+
+/// `hammer2 show IMG`: both trees of the header in use.
+fn show(img: &Image, verbose: bool, out: &mut dyn Write) -> Result<u64, CmdError> {
+    let vol = img.volume()?;
+    let vh = &vol.header;
+    writeln!(out, "{}", img.path.display())?;
+    let mut problems = header_problems(&vol.slots);
+    let mut damaged = problems.len() as u64;
+    for (i, slot) in vol.slots.iter().enumerate() {
+        writeln!(out, "{}", slot_line(i, slot, Some(vol.header_index)))?;
+        if i != vol.header_index {
+            continue;
+        }
+        let ctx = show::VolumeCtx::new(vh, img.dev.size_bytes());
+        let offset = hammer2::disk::volhdr_offset(i);
+        for btype in [BlockrefType::Volume, BlockrefType::Freemap] {
+            let mut w = show::Walker::new(img.dev.as_ref(), ctx, out);
+            w.verbose = verbose;
+            let root = show::header_bref(btype, offset, vh.mirror_tid);
+            w.show_bref(0, i, &root, true)?;
+            damaged += w.damaged;
+            problems.append(&mut w.problems);
+        }
+    }
+    report_damage(out, "show", damaged, &problems)?;
+    Ok(damaged)
+}
+
+fn hash(names: &[OsString], out: &mut dyn Write) -> Result<u64, CmdError> {
+    use std::os::unix::ffi::OsStrExt;
+    for n in names {
+        let bytes = n.as_bytes();
+        write!(out, "{:016x} ", hammer2::dirhash::dirhash(bytes))?;
+        out.write_all(bytes)?;
+        writeln!(out)?;
+    }
+    Ok(0)
+}
+
+/// The image a verb works on: its own argument, or -s.
+fn image_arg(own: Option<PathBuf>, select: &Option<PathBuf>) -> Result<PathBuf, clap::Error> {
+    match (own, select) {
+        (Some(a), Some(b)) if a != *b => Err(Cli::command().error(
+            clap::error::ErrorKind::ArgumentConflict,
+            format!("two images given: {} and -s {}", a.display(), b.display()),
+        )),
+        (Some(a), _) => Ok(a),
+        (None, Some(b)) => Ok(b.clone()),
+        (None, None) => Err(Cli::command().error(
+            clap::error::ErrorKind::MissingRequiredArgument,
+            "no image given: name it after the verb or with -s IMG",
+        )),
+    }
+}
+
+fn run(cli: Cli, out: &mut dyn Write) -> Result<u64, CmdError> {
+    let verbose = cli.verbose;
+    let sel = &cli.select;
+    let img = |own: Option<PathBuf>| -> Result<Image, CmdError> {
+        let path = image_arg(own, sel).unwrap_or_else(|e| e.exit());
+        Image::open(&path)
+    };
+    match cli.verb {
+        Verb::Show { img: p } => show(&img(p)?, verbose, out),
+        Verb::Volhdr { img: p, all } => volhdr::run(&img(p)?, all, verbose, out),
+        Verb::Freemap { img: p } => freemap::run(&img(p)?, verbose, out),
+        Verb::PfsList { img: p } => pfs::list(&img(p)?, out),
+        Verb::Info { img: p } => pfs::info(&img(p)?, out),
+        Verb::Hash { names } => hash(&names, out),
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::init();
+    let cli = Cli::parse();
+    let stdout = io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let result = run(cli, &mut out).and_then(|n| {
+        out.flush()?;
+        Ok(n)
+    });
+    match result {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(1),
+        // A reader that stopped early (`| head`) is not an error.
+        Err(CmdError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(CmdError::Output(e)) => {
+            eprintln!("hammer2: cannot write output: {e}");
+            ExitCode::from(1)
+        }
+        Err(CmdError::Fail(msg)) => {
+            let _ = out.flush();
+            eprintln!("hammer2: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}

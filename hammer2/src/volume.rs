@@ -1,0 +1,208 @@
+//! Opening a volume: reading every volume header copy, checking its CRCs
+//! and choosing the one to mount (CRC-valid, highest `mirror_tid`), and
+//! reading blocks through the device with their check codes verified.
+
+use crate::check;
+use crate::compress;
+use crate::disk::{self, Blockref, BlockrefType, VolumeHeader, VOLUME_BYTES};
+use crate::error::{Error, Result};
+use bufcache::BlockDevice;
+use std::sync::Arc;
+
+/// What was found at one volume header slot.
+#[derive(Debug)]
+pub enum HeaderSlot {
+    /// Decoded with all three CRCs good.
+    Good(Box<VolumeHeader>),
+    /// Decoded, but a CRC does not match.
+    BadCrc(Box<VolumeHeader>, disk::volume::HeaderCrcs),
+    /// Not a HAMMER2 header (or unreadable).
+    Invalid(String),
+}
+
+/// An open HAMMER2 volume (single-volume images, versions 1 and 2).
+pub struct Volume {
+    dev: Arc<dyn BlockDevice>,
+    /// The header in use.
+    pub header: VolumeHeader,
+    /// Which copy it came from (0..4).
+    pub header_index: usize,
+    /// Every copy that fits the device, as found.
+    pub slots: Vec<HeaderSlot>,
+}
+
+/// Read the header copy at slot `i`.
+pub fn read_header_slot(dev: &dyn BlockDevice, i: usize) -> HeaderSlot {
+    let at = disk::volhdr_offset(i);
+    let mut raw = vec![0u8; VOLUME_BYTES];
+    if let Err(e) = dev.read_at(&mut raw, at) {
+        return HeaderSlot::Invalid(format!("cannot read header at {at:#x}: {e}"));
+    }
+    match VolumeHeader::decode(&raw, at) {
+        Err(e) => HeaderSlot::Invalid(e.to_string()),
+        Ok(vh) => {
+            let crcs = vh.crcs();
+            if crcs.all_good() {
+                HeaderSlot::Good(Box::new(vh))
+            } else {
+                HeaderSlot::BadCrc(Box::new(vh), crcs)
+            }
+        }
+    }
+}
+
+/// Number of header slots a device of `size` bytes holds.
+pub fn header_slots(size: u64) -> usize {
+    (0..disk::NUM_VOLHDRS)
+        .take_while(|&i| disk::volhdr_offset(i) + VOLUME_BYTES as u64 <= size)
+        .count()
+}
+
+impl Volume {
+    pub fn open(dev: Arc<dyn BlockDevice>) -> Result<Volume> {
+        let size = dev.size_bytes();
+        let n = header_slots(size);
+        if n == 0 {
+            return Err(Error::corrupt(
+                format!("device of {size} bytes is too small for HAMMER2"),
+                0,
+            ));
+        }
+        let slots: Vec<HeaderSlot> = (0..n).map(|i| read_header_slot(dev.as_ref(), i)).collect();
+        let mut best: Option<(usize, &VolumeHeader)> = None;
+        for (i, slot) in slots.iter().enumerate() {
+            match slot {
+                HeaderSlot::Good(vh) => {
+                    if best.is_none_or(|(_, b)| vh.mirror_tid > b.mirror_tid) {
+                        best = Some((i, vh));
+                    }
+                }
+                HeaderSlot::BadCrc(_, crcs) => {
+                    log::warn!(
+                        "volume header {i} at {:#x} has a bad check code ({crcs:?}); skipped",
+                        disk::volhdr_offset(i)
+                    );
+                }
+                HeaderSlot::Invalid(why)
+                    if i == 0 || slots.iter().any(|s| matches!(s, HeaderSlot::Good(_))) =>
+                {
+                    // Copies past the first are absent on images smaller
+                    // than their zone; only say so when others exist.
+                    if i == 0 {
+                        log::warn!("volume header 0: {why}");
+                    } else {
+                        log::debug!("volume header {i}: {why}");
+                    }
+                }
+                HeaderSlot::Invalid(_) => {}
+            }
+        }
+        let (index, header) = match best {
+            Some((i, vh)) => (i, vh.clone()),
+            None => {
+                let why = match slots.first() {
+                    Some(HeaderSlot::Invalid(w)) => w.clone(),
+                    _ => "no volume header with valid check codes".to_string(),
+                };
+                return Err(Error::corrupt(
+                    format!("not a usable HAMMER2 volume: {why}"),
+                    0,
+                ));
+            }
+        };
+        validate_header(&header, size)?;
+        Ok(Volume {
+            dev,
+            header,
+            header_index: index,
+            slots,
+        })
+    }
+
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.dev
+    }
+
+    pub fn size(&self) -> u64 {
+        self.header.volu_size
+    }
+
+    /// Read the physical bytes a blockref references, verifying its
+    /// check code. Radix 0 gives an empty buffer.
+    pub fn read_physical(&self, br: &Blockref) -> Result<Vec<u8>> {
+        let bytes = br.data_off.bytes();
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let at = br.data_off.offset();
+        let radix = br.data_off.radix();
+        if !(6..=disk::PBUFRADIX).contains(&radix) {
+            return Err(Error::corrupt(
+                format!("{} blockref has bad size radix {radix}", br.btype.name()),
+                at,
+            ));
+        }
+        // A block never crosses a 64 KiB boundary.
+        if (at & (disk::PBUFSIZE - 1)) + bytes > disk::PBUFSIZE {
+            return Err(Error::corrupt(
+                format!("block of {bytes} bytes crosses a 64 KiB boundary"),
+                at,
+            ));
+        }
+        if at
+            .checked_add(bytes)
+            .is_none_or(|end| end > self.header.volu_size.min(self.dev.size_bytes()))
+        {
+            return Err(Error::corrupt(
+                format!("block of {bytes} bytes lies past the volume end"),
+                at,
+            ));
+        }
+        let mut buf = vec![0u8; bytes as usize];
+        self.dev.read_at(&mut buf, at).map_err(|source| Error::Io {
+            op: "read",
+            at,
+            source,
+        })?;
+        check::verify(br, &buf)?;
+        Ok(buf)
+    }
+
+    /// Read a block and give its logical content: file data decompressed
+    /// and zero-filled to the logical block size (2^keybits); metadata as
+    /// stored (DragonFly never compresses metadata).
+    pub fn read_block(&self, br: &Blockref) -> Result<Vec<u8>> {
+        let phys = self.read_physical(br)?;
+        if br.btype != BlockrefType::Data {
+            return Ok(phys);
+        }
+        let keybits = br.keybits.clamp(disk::RADIX_MIN, disk::PBUFRADIX);
+        let logical = 1usize << keybits;
+        compress::decompress(br.comp_method(), &phys, logical, br.data_off.offset())
+    }
+}
+
+fn validate_header(vh: &VolumeHeader, dev_size: u64) -> Result<()> {
+    if vh.version < disk::VOL_VERSION_MIN || vh.version >= disk::VOL_VERSION_WIP {
+        return Err(Error::Unsupported {
+            what: format!("volume version {}", vh.version),
+            at: 0,
+        });
+    }
+    if vh.version >= disk::VOL_VERSION_MULTI_VOLUMES && vh.nvolumes > 1 {
+        return Err(Error::Unsupported {
+            what: format!("{} volumes (only one is supported)", vh.nvolumes),
+            at: 0,
+        });
+    }
+    if vh.volu_size > dev_size {
+        return Err(Error::corrupt(
+            format!(
+                "volume size {} is larger than the device ({dev_size} bytes)",
+                vh.volu_size
+            ),
+            0,
+        ));
+    }
+    Ok(())
+}
