@@ -21,6 +21,15 @@ fn mkfs(args: &[&str], img: &Path) -> Output {
         .unwrap()
 }
 
+/// The project's fsck.hammer2 finds the image clean.
+fn assert_fsck_clean(img: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fsck-hammer2"))
+        .arg(img)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -47,6 +56,7 @@ fn creates_a_sparse_image_and_prints_the_summary() {
     let vh = VolumeHeader::decode(&buf, 0).unwrap();
     assert!(vh.crcs().all_good());
     assert_eq!(vh.version, 2);
+    assert_fsck_clean(&img);
 
     // A second run needs -f.
     let out = mkfs(&["-V", "1"], &img);
@@ -57,6 +67,7 @@ fn creates_a_sparse_image_and_prints_the_summary() {
     let stdout = text(&out.stdout);
     assert!(stdout.contains("version:          1\n"));
     assert!(stdout.contains("PFS \"LOCAL\"") && !stdout.contains("PFS \"DATA\""));
+    assert_fsck_clean(&img);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -132,5 +143,6 @@ fn existing_file_is_grown_to_the_size_asked() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(std::fs::metadata(&img).unwrap().len(), 3 << 30);
     assert!(text(&out.stdout).contains("total-size:         3.00GB"));
+    assert_fsck_clean(&img);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -13,6 +13,7 @@ use mkfs::newfs::{newfs, NewfsError, NewfsOptions, NewfsSummary, NEWFS_TID};
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const GIB: u64 = 1 << 30;
 
@@ -183,21 +184,35 @@ fn assert_tree_like(mine: &dyn BlockDevice, theirs: &dyn BlockDevice) -> usize {
     pfs
 }
 
-fn make(size: u64, version: u32) -> (MemDevice, NewfsSummary) {
-    let dev = MemDevice::new(size);
+/// The project's fsck finds the image clean, with these PFSs.
+fn assert_fsck_clean(dev: &Arc<MemDevice>, labels: &[&str]) {
+    let report = hammer2::fsck::fsck(dev.clone(), hammer2::fsck::Options::default()).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    assert_eq!(report.mirror_tid, NEWFS_TID);
+    let mut want: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
+    let mut got = report.pfs_labels.clone();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want);
+}
+
+fn make(size: u64, version: u32) -> (Arc<MemDevice>, NewfsSummary) {
+    let dev = Arc::new(MemDevice::new(size));
     let opts = NewfsOptions {
         version,
         ..NewfsOptions::default()
     };
-    let summary = newfs(&dev, &opts).unwrap();
+    let summary = newfs(&*dev, &opts).unwrap();
+    assert_fsck_clean(&dev, &["LOCAL", "DATA"]);
     (dev, summary)
 }
 
 fn golden_2g(version: u32, fixture: &str) {
     let theirs = load_fixture(fixture, 2 * GIB, 2 * GIB);
     let (mine, summary) = make(2 * GIB, version);
-    assert_header_like(&header_at(&mine, 0), &header_at(&theirs, 0));
-    assert_eq!(assert_tree_like(&mine, &theirs), 2);
+    assert_header_like(&header_at(&*mine, 0), &header_at(&theirs, 0));
+    assert_eq!(assert_tree_like(&*mine, &theirs), 2);
     let labels: Vec<&str> = summary.pfs.iter().map(|p| p.label.as_str()).collect();
     assert_eq!(labels, ["LOCAL", "DATA"]);
     // Nothing written besides: the same blocks hold data in both.
@@ -226,9 +241,9 @@ fn v1_10g_has_four_headers_like_dragonfly() {
     let theirs = load_fixture("v1-4headers-10g", 10 * GIB, limit);
     let (mine, summary) = make(10 * GIB, 1);
     assert_eq!(summary.geometry.volhdr_count, 4);
-    let first = header_at(&mine, 0);
+    let first = header_at(&*mine, 0);
     for i in 0..4 {
-        let (m, t) = (header_at(&mine, i), header_at(&theirs, i));
+        let (m, t) = (header_at(&*mine, i), header_at(&theirs, i));
         assert_eq!(m.raw(), first.raw(), "header copies are identical");
         if t.mirror_tid == NEWFS_TID {
             assert_header_like(&m, &t);
@@ -269,33 +284,35 @@ fn too_small_is_an_error() {
 #[test]
 fn labels_none_and_boot() {
     // `-L none`: LOCAL alone.
-    let dev = MemDevice::new(2 * GIB);
+    let dev = Arc::new(MemDevice::new(2 * GIB));
     let opts = NewfsOptions {
         labels: vec![],
         ..NewfsOptions::default()
     };
-    let s = newfs(&dev, &opts).unwrap();
+    let s = newfs(&*dev, &opts).unwrap();
+    assert_fsck_clean(&dev, &["LOCAL"]);
     assert_eq!(s.pfs.len(), 1);
-    let vh = header_at(&dev, 0);
+    let vh = header_at(&*dev, 0);
     assert_eq!(vh.allocator_beg, 0x840_0800);
-    let sroot = read_inode(&dev, &vh.sroot_blockset[0]);
+    let sroot = read_inode(&*dev, &vh.sroot_blockset[0]);
     let set = sroot.blockset();
     assert_eq!(set[0].key, s.pfs[0].key);
     assert!(set[1..].iter().all(|b| b.is_empty()));
 
     // A BOOT PFS is never compressed; the others get the default.
-    let dev = MemDevice::new(2 * GIB);
+    let dev = Arc::new(MemDevice::new(2 * GIB));
     let opts = NewfsOptions {
         labels: vec!["BOOT".into(), "ROOT".into(), "home".into()],
         ..NewfsOptions::default()
     };
-    newfs(&dev, &opts).unwrap();
-    let vh = header_at(&dev, 0);
-    let sroot = read_inode(&dev, &vh.sroot_blockset[0]);
+    newfs(&*dev, &opts).unwrap();
+    assert_fsck_clean(&dev, &["LOCAL", "BOOT", "ROOT", "home"]);
+    let vh = header_at(&*dev, 0);
+    let sroot = read_inode(&*dev, &vh.sroot_blockset[0]);
     let set = sroot.blockset();
     let mut keys = Vec::new();
     for br in &set {
-        let ino = read_inode(&dev, br);
+        let ino = read_inode(&*dev, br);
         let want = if ino.name() == b"BOOT" {
             comp_method::AUTOZERO
         } else {
