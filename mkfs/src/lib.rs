@@ -1,6 +1,9 @@
-//! Shared pieces of the command-line tools: size parsing and human
-//! figures.
+//! The command-line tools' library side: `newfs` (the format logic of
+//! `mkfs.hammer2`) and `units` (size parsing and human figures). The
+//! binaries in `src/bin` parse arguments, open devices and print;
+//! everything a test wants to drive lives here.
 
 #![forbid(unsafe_code)]
 
+pub mod newfs;
 pub mod units;

@@ -60,6 +60,9 @@ pub const BOOT_MIN_BYTES: u64 = VOLUME_ALIGN;
 pub const BOOT_NOM_BYTES: u64 = 64 * 1024 * 1024;
 pub const AUX_MIN_BYTES: u64 = VOLUME_ALIGN;
 pub const AUX_NOM_BYTES: u64 = 256 * 1024 * 1024;
+/// Largest boot and aux areas newfs accepts.
+pub const BOOT_MAX_BYTES: u64 = 256 * 1024 * 1024;
+pub const AUX_MAX_BYTES: u64 = 1024 * 1024 * 1024;
 
 /// Freemap radixes: a level-N node's bref covers 2^radix bytes.
 pub const FREEMAP_LEVEL0_RADIX: u8 = 22; // 4 MiB per bmap_data
@@ -176,6 +179,10 @@ pub const OPFLAG_COPYIDS: u8 = 0x04;
 /// Blockref `flags`.
 pub const BREF_FLAG_PFSROOT: u8 = 0x01;
 pub const BREF_FLAG_EMERG_MIP: u8 = 0x04;
+
+/// Blockref `copyid` of storage local to this volume (all of it, with one
+/// volume).
+pub const COPYID_LOCAL: u8 = 0xFF;
 
 /// `leaf_count` saturates here.
 pub const BLOCKREF_LEAF_MAX: u16 = 65535;
