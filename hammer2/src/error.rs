@@ -90,6 +90,17 @@ pub enum Error {
     TooManyLinks {
         what: String,
     },
+    /// The name already exists.
+    Exists { what: String },
+    /// A directory to remove or replace is not empty.
+    NotEmpty { what: String },
+    /// No space left (on the volume, or in a directory's hash range).
+    NoSpace { what: String },
+    /// A device write or barrier failed earlier; writes are refused
+    /// until the image is opened again.
+    Poisoned { why: String },
+    /// The image or PFS is open read-only.
+    ReadOnly,
 }
 
 impl Error {
@@ -168,6 +179,11 @@ impl fmt::Display for Error {
             Error::NameTooLong { len } => write!(f, "name of {len} bytes is too long"),
             Error::InvalidArgument { what } => write!(f, "invalid argument: {what}"),
             Error::TooManyLinks { what } => write!(f, "{what}: too many levels of symbolic links"),
+            Error::Exists { what } => write!(f, "{what}: already exists"),
+            Error::NotEmpty { what } => write!(f, "{what}: directory not empty"),
+            Error::NoSpace { what } => write!(f, "no space left: {what}"),
+            Error::Poisoned { why } => write!(f, "writes refused after an earlier device failure: {why}"),
+            Error::ReadOnly => write!(f, "read-only"),
         }
     }
 }

@@ -14,7 +14,10 @@ pub mod dirhash;
 pub mod disk;
 pub mod error;
 pub mod freemap;
+pub mod flush;
 pub mod fsck;
+pub mod inode;
+pub mod mount;
 
 pub use error::{Error, Result};
 pub mod blocktable;

@@ -1,0 +1,177 @@
+//! The flush: turning everything modified in memory into new blocks,
+//! bottom-up, and committing them with a new volume header.
+//!
+//! Order, as DragonFly's `hammer2_flush` and `hammer2_vfs_sync`:
+//! 1. each modified inode: its file data blocks (compressed per its
+//!    `comp_algo`, zero blocks become holes), its long dirent names, its
+//!    indirect blocks, then the inode block itself, whose new blockref
+//!    goes into the PFS root's inode index;
+//! 2. each PFS root, into the super-root; 3. the super-root;
+//! 4. the freemap (`SpaceMap::flush`);
+//! 5. a device barrier, the volume header into the next rotation slot,
+//!    and a barrier.
+//!
+//! Every block written carries the flush's transaction id as its
+//! `mirror_tid` and the check code of its inode's `check_algo`. Nothing
+//! reachable from the previous header is ever overwritten, so a crash at
+//! any point leaves the previous flush intact.
+
+use crate::blocktable::{BlockSink, SetStats, TreeKind};
+use crate::check;
+use crate::compress;
+use crate::disk::{self, comp_method, enc_methods, Blockref, BlockrefType, DataOff, BLOCKREF_BYTES};
+use crate::error::{Error, Result};
+use crate::inode::InodeNode;
+use crate::volume::Volume;
+use bufcache::BlockDevice;
+
+/// The allocator the flush draws on (the freemap).
+pub trait SpaceMap: Send {
+    /// Allocate `bytes` (a power of two, 1 KiB to 64 KiB) for a block of
+    /// type `btype`.
+    fn alloc(&mut self, btype: BlockrefType, bytes: u64) -> Result<DataOff>;
+    /// Give back a block allocated since the last `flush` that no
+    /// durable tree references.
+    fn release_unflushed(&mut self, off: DataOff);
+    /// Write the modified freemap copy-on-write; return the new
+    /// freemap blockset for the volume header.
+    fn flush(&mut self, dev: &dyn BlockDevice, mirror_tid: u64) -> Result<[Blockref; 4]>;
+    /// Bytes free for new data.
+    fn free_bytes(&self) -> u64;
+}
+
+/// Writes blocks for one flush.
+pub struct Writer<'a> {
+    pub vol: &'a Volume,
+    pub space: &'a mut dyn SpaceMap,
+    pub tid: u64,
+    /// Blocks written, for the closing barrier and statistics.
+    pub blocks: u64,
+    pub bytes: u64,
+}
+
+impl Writer<'_> {
+    /// Allocate and write `phys` (already padded to a power of two) for
+    /// `br`, filling in data_off, check code and tids.
+    pub fn write(&mut self, br: &mut Blockref, phys: &[u8]) -> Result<()> {
+        let off = self.space.alloc(br.btype, phys.len() as u64)?;
+        debug_assert_eq!(off.bytes(), phys.len() as u64);
+        self.vol
+            .device()
+            .write_at(phys, off.offset())
+            .map_err(|source| Error::Io { op: "write", at: off.offset(), source })?;
+        br.data_off = off;
+        br.mirror_tid = self.tid;
+        br.modify_tid = self.tid;
+        check::set_check(br, phys);
+        self.blocks += 1;
+        self.bytes += phys.len() as u64;
+        Ok(())
+    }
+}
+
+/// Indirect blocks of one inode, with its check method.
+struct IndirectSink<'w, 'a> {
+    w: &'w mut Writer<'a>,
+    check_algo: u8,
+}
+
+impl BlockSink for IndirectSink<'_, '_> {
+    fn write_indirect(&mut self, template: &Blockref, entries: &[Blockref]) -> Result<Blockref> {
+        let mut buf = vec![0u8; entries.len() * BLOCKREF_BYTES];
+        for (i, e) in entries.iter().enumerate() {
+            e.encode_at(&mut buf, i);
+        }
+        let mut br = *template;
+        br.methods = enc_methods(disk::dec_check(self.check_algo), comp_method::NONE);
+        self.w.write(&mut br, &buf)?;
+        Ok(br)
+    }
+}
+
+/// The physical size DragonFly gives the block holding the file's end:
+/// the smallest power of two of at least 1 KiB holding the remainder.
+pub fn physical_block_size(size: u64, lbase: u64) -> u64 {
+    let block = disk::DATA_BLOCK_BYTES;
+    if lbase + block <= size {
+        return block;
+    }
+    let eof = size.saturating_sub(lbase).max(1);
+    eof.next_power_of_two().clamp(1024, block)
+}
+
+/// Write an inode's pending data blocks and long names, its indirect
+/// blocks, and the inode block. Returns its new blockref (key `key`,
+/// flags `flags`).
+pub fn flush_inode(w: &mut Writer<'_>, node: &mut InodeNode, key: u64, flags: u8) -> Result<Blockref> {
+    let check_algo = node.data.meta.check_algo;
+    let comp_algo = node.data.meta.comp_algo;
+    let inum = node.inum();
+    let size = node.size();
+    let pending = std::mem::take(&mut node.pending);
+    for (lbase, blk) in pending {
+        if lbase >= size {
+            continue;
+        }
+        let lsize = physical_block_size(size, lbase) as usize;
+        let logical = &blk[..lsize];
+        let check = disk::dec_check(check_algo);
+        let comp = disk::dec_comp(comp_algo);
+        let zero_detect = !(comp == comp_method::NONE && check <= disk::check_method::DISABLED);
+        if zero_detect && logical.iter().all(|&b| b == 0) {
+            node.table.delete(w.vol, lbase)?;
+            continue;
+        }
+        let mut br = Blockref::EMPTY;
+        br.btype = BlockrefType::Data;
+        br.key = lbase;
+        br.keybits = disk::DATA_BLOCK_RADIX;
+        let level = (comp_algo >> 4) & 15;
+        let phys = match comp {
+            comp_method::LZ4 | comp_method::ZLIB => compress::compress(comp, level, logical),
+            _ => None,
+        };
+        let (phys, used) = match phys {
+            Some(p) => (p, comp),
+            None => (logical.to_vec(), if comp == comp_method::AUTOZERO { comp } else { comp_method::NONE }),
+        };
+        br.methods = enc_methods(check, used);
+        w.write(&mut br, &phys).map_err(|e| e.with_place(None, Some(inum), Some(lbase)))?;
+        node.table.insert(w.vol, TreeKind::File, true, br)?;
+    }
+    let names = std::mem::take(&mut node.pending_names);
+    for (dkey, name) in names {
+        let Some(mut br) = node.table.lookup(w.vol, dkey)? else { continue };
+        let mut block = vec![0u8; 1024];
+        block[..name.len().min(1024)].copy_from_slice(&name[..name.len().min(1024)]);
+        br.methods = enc_methods(disk::dec_check(check_algo), comp_method::NONE);
+        w.write(&mut br, &block)?;
+        node.table.insert(w.vol, TreeKind::Directory, true, br)?;
+    }
+    {
+        let mut sink = IndirectSink { w, check_algo };
+        node.table.flush(&mut sink)?;
+    }
+    let mut br = Blockref::EMPTY;
+    br.btype = BlockrefType::Inode;
+    br.key = key;
+    br.flags = flags;
+    br.methods = enc_methods(disk::dec_check(check_algo), disk::dec_comp(comp_algo));
+    if node.data.meta.has_direct_data() {
+        SetStats::default().apply(&mut br);
+    } else {
+        let set: [Blockref; disk::SET_COUNT] = node
+            .table
+            .entries()
+            .try_into()
+            .map_err(|_| Error::corrupt(format!("inode {inum} table is not a blockset"), 0))?;
+        node.data.set_blockset(&set);
+        SetStats::of(&set).apply(&mut br);
+    }
+    let raw = node.data.encode();
+    w.write(&mut br, &raw)?;
+    node.bref = br;
+    node.dirty = false;
+    node.table.release_clean();
+    Ok(br)
+}

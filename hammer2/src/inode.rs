@@ -1,0 +1,307 @@
+//! Inodes being modified: an inode's meta and its blockref tree in
+//! memory (`BlockTable`), file data written but not yet flushed
+//! (whole 64 KiB logical blocks), and long dirent names waiting for their
+//! block. Reads see the modified state; the flush writes it out.
+//!
+//! Files up to 512 bytes keep their data in the inode (DIRECTDATA), as
+//! DragonFly does for new files and symlinks; a file that grows past that
+//! moves its data into logical block 0.
+
+use crate::blocktable::{BlockTable, TreeKind};
+use crate::dirhash::dirhash;
+use crate::disk::{
+    self, Blockref, BlockrefType, DirentHead, InodeData, ObjType, DATA_BLOCK_BYTES, DIRHASH_LOMASK, EMBEDDED_BYTES,
+    OPFLAG_DIRECTDATA, SET_COUNT,
+};
+use crate::error::{Error, Result};
+use crate::pfs::{DIRENT_EMBEDDED_NAME_MAX, NAME_MAX};
+use crate::volume::Volume;
+use std::collections::BTreeMap;
+
+const BLOCK: u64 = DATA_BLOCK_BYTES;
+
+/// An inode in memory.
+#[derive(Clone, Debug)]
+pub struct InodeNode {
+    /// The blockref the inode was read through (EMPTY for a new inode).
+    pub bref: Blockref,
+    pub data: InodeData,
+    /// The tree under the inode's blockset.
+    pub table: BlockTable,
+    /// File data written since the last flush, by 64 KiB block offset.
+    pub pending: BTreeMap<u64, Vec<u8>>,
+    /// Dirents whose names (over 64 bytes) still need their 1 KiB block.
+    pub pending_names: BTreeMap<u64, Vec<u8>>,
+    /// Anything here differs from disk.
+    pub dirty: bool,
+}
+
+impl InodeNode {
+    pub fn from_disk(bref: Blockref, data: InodeData) -> InodeNode {
+        let table = BlockTable::new(if data.meta.has_direct_data() {
+            vec![Blockref::EMPTY; SET_COUNT]
+        } else {
+            data.blockset().to_vec()
+        });
+        InodeNode { bref, data, table, pending: BTreeMap::new(), pending_names: BTreeMap::new(), dirty: false }
+    }
+
+    pub fn new(data: InodeData) -> InodeNode {
+        let mut n = InodeNode::from_disk(Blockref::EMPTY, data);
+        n.dirty = true;
+        n
+    }
+
+    pub fn inum(&self) -> u64 {
+        self.data.meta.inum
+    }
+
+    pub fn obj_type(&self) -> ObjType {
+        self.data.meta.obj_type
+    }
+
+    pub fn size(&self) -> u64 {
+        self.data.meta.size
+    }
+
+    /// Which DragonFly indirect-block rule this inode's tree follows.
+    pub fn tree_kind(&self) -> TreeKind {
+        match self.obj_type() {
+            ObjType::Regfile | ObjType::Softlink => TreeKind::File,
+            _ => TreeKind::Directory,
+        }
+    }
+
+    fn direct(&self) -> bool {
+        self.data.meta.has_direct_data()
+    }
+
+    /// The logical block at `lbase` as it reads now.
+    fn block(&mut self, vol: &Volume, lbase: u64) -> Result<Vec<u8>> {
+        if let Some(b) = self.pending.get(&lbase) {
+            return Ok(b.clone());
+        }
+        match self.table.lookup(vol, lbase)? {
+            Some(br) if br.btype == BlockrefType::Data => {
+                let mut b = vol.read_block(&br).map_err(|e| e.with_place(None, Some(self.inum()), Some(lbase)))?;
+                b.resize(BLOCK as usize, 0);
+                Ok(b)
+            }
+            _ => Ok(vec![0u8; BLOCK as usize]),
+        }
+    }
+
+    /// Read up to `len` bytes at `offset` (short at end of file).
+    pub fn read(&mut self, vol: &Volume, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let size = self.size();
+        if offset >= size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = size.min(offset.saturating_add(len as u64));
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        if self.direct() {
+            let u = &self.data.u;
+            out.extend_from_slice(&u[(offset as usize).min(EMBEDDED_BYTES)..(end as usize).min(EMBEDDED_BYTES)]);
+            out.resize((end - offset) as usize, 0);
+            return Ok(out);
+        }
+        let mut pos = offset;
+        while pos < end {
+            let lbase = pos & !(BLOCK - 1);
+            let hi = end.min(lbase + BLOCK);
+            let blk = self.block(vol, lbase)?;
+            out.extend_from_slice(&blk[(pos - lbase) as usize..(hi - lbase) as usize]);
+            pos = hi;
+        }
+        Ok(out)
+    }
+
+    /// Move direct data into logical block 0 so the file can grow.
+    fn undirect(&mut self) {
+        if !self.direct() {
+            return;
+        }
+        let mut blk = vec![0u8; BLOCK as usize];
+        let n = (self.size() as usize).min(EMBEDDED_BYTES);
+        blk[..n].copy_from_slice(&self.data.u[..n]);
+        self.data.meta.op_flags &= !OPFLAG_DIRECTDATA;
+        self.data.u = [0; EMBEDDED_BYTES];
+        self.table = BlockTable::new(vec![Blockref::EMPTY; SET_COUNT]);
+        if n > 0 {
+            self.pending.insert(0, blk);
+        }
+        self.dirty = true;
+    }
+
+    /// Write `buf` at `offset`, growing the file as needed.
+    pub fn write(&mut self, vol: &Volume, offset: u64, buf: &[u8]) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= i64::MAX as u64)
+            .ok_or_else(|| Error::InvalidArgument { what: "write past the largest file offset".into() })?;
+        self.dirty = true;
+        if self.direct() && end <= EMBEDDED_BYTES as u64 {
+            self.data.u[offset as usize..end as usize].copy_from_slice(buf);
+            self.data.meta.size = self.size().max(end);
+            return Ok(());
+        }
+        self.undirect();
+        let mut pos = offset;
+        while pos < end {
+            let lbase = pos & !(BLOCK - 1);
+            let hi = end.min(lbase + BLOCK);
+            let mut blk = if pos == lbase && hi == lbase + BLOCK { vec![0u8; BLOCK as usize] } else { self.block(vol, lbase)? };
+            let src = &buf[(pos - offset) as usize..(hi - offset) as usize];
+            blk[(pos - lbase) as usize..(hi - lbase) as usize].copy_from_slice(src);
+            self.pending.insert(lbase, blk);
+            pos = hi;
+        }
+        self.data.meta.size = self.size().max(end);
+        Ok(())
+    }
+
+    /// Set the file size: drop whole blocks past it, zero the tail of
+    /// the last one, leave holes when growing.
+    pub fn truncate(&mut self, vol: &Volume, size: u64) -> Result<()> {
+        if size > i64::MAX as u64 {
+            return Err(Error::InvalidArgument { what: format!("size {size} is too large") });
+        }
+        let old = self.size();
+        self.dirty = true;
+        if self.direct() {
+            if size <= EMBEDDED_BYTES as u64 {
+                let (lo, hi) = (size.min(old) as usize, old.max(size).min(EMBEDDED_BYTES as u64) as usize);
+                self.data.u[lo..hi].fill(0);
+                self.data.meta.size = size;
+                return Ok(());
+            }
+            self.undirect();
+        }
+        if size < old {
+            let keep_end = size.div_ceil(BLOCK) * BLOCK;
+            self.pending.retain(|&k, _| k < keep_end);
+            let doomed: Vec<u64> = self
+                .table
+                .range(vol, keep_end, u64::MAX)?
+                .iter()
+                .filter(|b| b.btype == BlockrefType::Data)
+                .map(|b| b.key)
+                .collect();
+            for k in doomed {
+                self.table.delete(vol, k)?;
+            }
+            if size % BLOCK != 0 {
+                let lbase = size & !(BLOCK - 1);
+                let mut blk = self.block(vol, lbase)?;
+                blk[(size - lbase) as usize..].fill(0);
+                self.pending.insert(lbase, blk);
+            }
+        }
+        self.data.meta.size = size;
+        Ok(())
+    }
+
+    /// Offsets of data (as opposed to holes) at or after `offset`:
+    /// the first data byte and the first hole byte, for SEEK_DATA and
+    /// SEEK_HOLE.
+    pub fn next_data(&mut self, vol: &Volume, offset: u64) -> Result<Option<u64>> {
+        let size = self.size();
+        if offset >= size {
+            return Ok(None);
+        }
+        if self.direct() {
+            return Ok(Some(offset));
+        }
+        let lbase = offset & !(BLOCK - 1);
+        let mut keys: Vec<u64> = self.table.range(vol, lbase, u64::MAX)?.iter().map(|b| b.key).collect();
+        keys.extend(self.pending.range(lbase..).map(|(k, _)| *k));
+        Ok(keys.into_iter().filter(|&k| k < size).min().map(|k| k.max(offset)))
+    }
+
+    // ---- directories ----
+
+    /// The name a dirent leaf carries: embedded, pending, or in its block.
+    fn dirent_name(&self, vol: &Volume, br: &Blockref) -> Result<Vec<u8>> {
+        if let Some(n) = self.pending_names.get(&br.key) {
+            return Ok(n.clone());
+        }
+        crate::pfs::dirent_name(vol, br)
+    }
+
+    /// Find `name`: its key and dirent head.
+    pub fn dir_lookup(&mut self, vol: &Volume, name: &[u8]) -> Result<Option<(u64, DirentHead)>> {
+        let h = dirhash(name);
+        for br in self.table.range(vol, h, h | DIRHASH_LOMASK)? {
+            if br.btype == BlockrefType::Dirent && self.dirent_name(vol, &br)? == name {
+                return Ok(Some((br.key, br.dirent())));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Every entry with key at least `from`, in key order: (key, name,
+    /// head).
+    pub fn dir_list(&mut self, vol: &Volume, from: u64) -> Result<Vec<(u64, Vec<u8>, DirentHead)>> {
+        let mut out = Vec::new();
+        for br in self.table.range(vol, from.max(disk::DIRHASH_VISIBLE), u64::MAX)? {
+            if br.btype == BlockrefType::Dirent {
+                out.push((br.key, self.dirent_name(vol, &br)?, br.dirent()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Add an entry; the name must not exist. Picks the key the way
+    /// DragonFly's rename/create scan does.
+    pub fn dir_insert(&mut self, vol: &Volume, name: &[u8], head: DirentHead, check_algo: u8) -> Result<u64> {
+        if name.is_empty() || name.len() > NAME_MAX {
+            return Err(Error::NameTooLong { len: name.len() });
+        }
+        let base = dirhash(name);
+        let mut key = base;
+        let used = self.table.range(vol, base, base | DIRHASH_LOMASK)?;
+        let mut exhausted = true;
+        for br in &used {
+            if br.key != key {
+                exhausted = false;
+                break;
+            }
+            key += 1;
+        }
+        if exhausted {
+            key += 1;
+        }
+        if (key ^ base) & !DIRHASH_LOMASK != 0 {
+            return Err(Error::NoSpace { what: "directory hash collision space is full".into() });
+        }
+        let mut br = Blockref::EMPTY;
+        br.btype = BlockrefType::Dirent;
+        br.key = key;
+        br.set_dirent(DirentHead { namlen: name.len() as u16, ..head });
+        if name.len() <= DIRENT_EMBEDDED_NAME_MAX {
+            br.check[..name.len()].copy_from_slice(name);
+        } else {
+            br.methods = disk::enc_methods(disk::dec_check(check_algo), 0);
+            self.pending_names.insert(key, name.to_vec());
+        }
+        self.table.insert(vol, TreeKind::Directory, true, br)?;
+        self.dirty = true;
+        Ok(key)
+    }
+
+    /// Remove the entry at `key`.
+    pub fn dir_remove(&mut self, vol: &Volume, key: u64) -> Result<()> {
+        self.pending_names.remove(&key);
+        self.table.delete(vol, key)?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// True when the directory has no entries.
+    pub fn dir_is_empty(&mut self, vol: &Volume) -> Result<bool> {
+        Ok(self.table.range(vol, disk::DIRHASH_VISIBLE, u64::MAX)?.iter().all(|b| b.btype != BlockrefType::Dirent))
+    }
+}

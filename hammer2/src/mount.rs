@@ -1,0 +1,632 @@
+//! A volume opened read-write (DragonFly's `hammer2_dev`) and its PFSs
+//! (`hammer2_pfs`), with the filesystem operations as a library API
+//! (DragonFly's vnops): everything the FUSE daemon calls.
+//!
+//! Operations change inodes in memory (`InodeNode`) and mark them dirty;
+//! `flush` writes them out (see `flush.rs`). Each operation is applied
+//! whole under the caller's exclusive borrow, and a flush takes every
+//! change made before it, so an operation that touches several inodes
+//! (create, link, remove, rename) lands wholly in one flush. Time comes
+//! from the caller (`now`, microseconds since the epoch), so tests are
+//! deterministic.
+//!
+//! A failed device write or barrier poisons the mount: every later
+//! modifying call fails with `Error::Poisoned` until the image is opened
+//! again; what is on disk stays the state of the last completed flush.
+
+use crate::dirhash::dirhash;
+use crate::disk::{
+    self, Blockref, BlockrefType, DirentHead, InodeData, InodeMeta, ObjType, Uuid, BREF_FLAG_PFSROOT, INODE_START,
+    OPFLAG_DIRECTDATA, VOLUME_BYTES,
+};
+use crate::error::{Error, Result};
+use crate::flush::{flush_inode, SpaceMap, Writer};
+use crate::inode::InodeNode;
+use crate::pfs::{self, DirEntry};
+use crate::volume::Volume;
+use bufcache::BlockDevice;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// The PFS root's inode number.
+pub const ROOT_INUM: u64 = 1;
+
+/// One PFS opened for writing.
+struct PfsState {
+    /// The key of its root inode in the super-root.
+    key: u64,
+    root: InodeNode,
+    /// Inodes loaded or created, by number.
+    inodes: BTreeMap<u64, InodeNode>,
+    /// Inodes to remove from the index at the next flush.
+    removed: BTreeSet<u64>,
+}
+
+/// Attributes to change in `setattr`; `None` leaves a field alone.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<u64>,
+    pub mtime: Option<u64>,
+    pub ctime: Option<u64>,
+}
+
+/// rename(2) flags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RenameFlags {
+    pub noreplace: bool,
+    pub exchange: bool,
+}
+
+/// statfs figures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatFs {
+    pub bytes_total: u64,
+    pub bytes_free: u64,
+    pub inodes_used: u64,
+}
+
+/// What one flush wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlushStats {
+    pub tid: u64,
+    pub blocks: u64,
+    pub bytes: u64,
+    pub header_slot: usize,
+}
+
+/// A HAMMER2 volume opened read-write.
+pub struct Mount {
+    vol: Volume,
+    space: Box<dyn SpaceMap>,
+    sroot: InodeNode,
+    pfs: BTreeMap<String, PfsState>,
+    poisoned: Option<String>,
+}
+
+fn new_meta(obj_type: ObjType, inum: u64, parent: &InodeMeta, mode: u32, uid: u32, gid: u32, now: u64) -> InodeData {
+    let mut d = InodeData::default();
+    let m = &mut d.meta;
+    m.obj_type = obj_type;
+    m.inum = inum;
+    m.iparent = parent.inum.max(ROOT_INUM);
+    m.comp_algo = parent.comp_algo;
+    m.check_algo = parent.check_algo;
+    m.ctime = now;
+    m.mtime = now;
+    m.mode = mode & 0o7777;
+    m.nlinks = 1;
+    m.uid = Uuid::from_unix_id(uid);
+    m.gid = Uuid::from_unix_id(gid);
+    if matches!(obj_type, ObjType::Regfile | ObjType::Softlink) {
+        m.op_flags |= OPFLAG_DIRECTDATA;
+    }
+    m.name_key = inum;
+    d.set_name(format!("0x{inum:016x}").as_bytes());
+    d
+}
+
+impl Mount {
+    /// Open `dev` read-write with `space` as its allocator.
+    pub fn open(dev: Arc<dyn BlockDevice>, space: Box<dyn SpaceMap>) -> Result<Mount> {
+        let vol = Volume::open(dev)?;
+        let s = pfs::super_root(&vol)?;
+        let sroot = InodeNode::from_disk(s.bref, s.data);
+        Ok(Mount { vol, space, sroot, pfs: BTreeMap::new(), poisoned: None })
+    }
+
+    pub fn volume(&self) -> &Volume {
+        &self.vol
+    }
+
+    fn writable(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(why) => Err(Error::Poisoned { why: why.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Labels of every PFS and snapshot.
+    pub fn pfs_labels(&self) -> Result<Vec<String>> {
+        Ok(pfs::pfs_list(&self.vol)?.into_iter().map(|p| p.label).collect())
+    }
+
+    fn pfs_mut(&mut self, label: &str) -> Result<&mut PfsState> {
+        if !self.pfs.contains_key(label) {
+            let mut found = None;
+            let vol = &self.vol;
+            for br in self.sroot.table.range(vol, 0, u64::MAX)? {
+                if br.btype != BlockrefType::Inode {
+                    continue;
+                }
+                let ino = pfs::read_inode(vol, &br)?;
+                if ino.data.name() == label.as_bytes() {
+                    found = Some((br, ino));
+                    break;
+                }
+            }
+            let (br, ino) = found.ok_or_else(|| Error::NotFound { what: format!("PFS {label}") })?;
+            let root = InodeNode::from_disk(br, ino.data);
+            self.pfs.insert(
+                label.to_string(),
+                PfsState { key: br.key, root, inodes: BTreeMap::new(), removed: BTreeSet::new() },
+            );
+        }
+        self.pfs.get_mut(label).ok_or_else(|| Error::NotFound { what: format!("PFS {label}") })
+    }
+
+    /// The inode `inum` of PFS `label`, loaded into memory.
+    fn node(&mut self, label: &str, inum: u64) -> Result<&mut InodeNode> {
+        self.pfs_mut(label)?;
+        let Mount { vol, pfs, .. } = self;
+        let p = pfs.get_mut(label).ok_or_else(|| Error::NotFound { what: format!("PFS {label}") })?;
+        if inum == ROOT_INUM {
+            return Ok(&mut p.root);
+        }
+        if p.removed.contains(&inum) {
+            return Err(Error::NotFound { what: format!("inode {inum}") });
+        }
+        if !p.inodes.contains_key(&inum) {
+            let br = p
+                .root
+                .table
+                .lookup(&*vol, inum)?
+                .filter(|b| b.btype == BlockrefType::Inode)
+                .ok_or_else(|| Error::NotFound { what: format!("inode {inum}") })?;
+            let ino = pfs::read_inode(vol, &br)?;
+            if ino.inum() != inum {
+                return Err(Error::corrupt(format!("inode index key {inum} holds inode {}", ino.inum()), br.data_off.offset()));
+            }
+            p.inodes.insert(inum, InodeNode::from_disk(br, ino.data));
+        }
+        p.inodes.get_mut(&inum).ok_or_else(|| Error::NotFound { what: format!("inode {inum}") })
+    }
+
+    /// Borrow the volume and one inode at once.
+    fn with_node<T>(&mut self, label: &str, inum: u64, f: impl FnOnce(&Volume, &mut InodeNode) -> Result<T>) -> Result<T> {
+        self.node(label, inum)?;
+        let Mount { vol, pfs, .. } = self;
+        let p = pfs.get_mut(label).ok_or_else(|| Error::NotFound { what: format!("PFS {label}") })?;
+        let node = if inum == ROOT_INUM {
+            &mut p.root
+        } else {
+            p.inodes.get_mut(&inum).ok_or_else(|| Error::NotFound { what: format!("inode {inum}") })?
+        };
+        f(vol, node)
+    }
+
+    /// An inode's meta.
+    pub fn getattr(&mut self, label: &str, inum: u64) -> Result<InodeMeta> {
+        Ok(self.node(label, inum)?.data.meta)
+    }
+
+    /// Look `name` up in directory `dir`.
+    pub fn lookup(&mut self, label: &str, dir: u64, name: &[u8]) -> Result<Option<u64>> {
+        self.with_node(label, dir, |vol, d| {
+            if d.obj_type() != ObjType::Directory {
+                return Err(Error::NotDir { what: format!("inode {dir}") });
+            }
+            Ok(d.dir_lookup(vol, name)?.map(|(_, h)| h.inum))
+        })
+    }
+
+    /// Entries of `dir` with key at least `from` (0 for all), in key
+    /// order; keys are stable readdir cookies.
+    pub fn readdir(&mut self, label: &str, dir: u64, from: u64) -> Result<Vec<DirEntry>> {
+        self.with_node(label, dir, |vol, d| {
+            if d.obj_type() != ObjType::Directory {
+                return Err(Error::NotDir { what: format!("inode {dir}") });
+            }
+            Ok(d.dir_list(vol, from)?
+                .into_iter()
+                .map(|(key, name, h)| DirEntry { name, inum: h.inum, obj_type: ObjType::from_u8(h.obj_type), key })
+                .collect())
+        })
+    }
+
+    pub fn read(&mut self, label: &str, inum: u64, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.with_node(label, inum, |vol, n| match n.obj_type() {
+            ObjType::Directory => Err(Error::IsDir { what: format!("inode {inum}") }),
+            _ => n.read(vol, offset, len),
+        })
+    }
+
+    pub fn readlink(&mut self, label: &str, inum: u64) -> Result<Vec<u8>> {
+        self.with_node(label, inum, |vol, n| {
+            if n.obj_type() != ObjType::Softlink {
+                return Err(Error::NotSymlink { what: format!("inode {inum}") });
+            }
+            let size = n.size() as usize;
+            n.read(vol, 0, size)
+        })
+    }
+
+    pub fn write(&mut self, label: &str, inum: u64, offset: u64, buf: &[u8], now: u64) -> Result<()> {
+        self.writable()?;
+        self.with_node(label, inum, |vol, n| {
+            if n.obj_type() != ObjType::Regfile {
+                return Err(Error::InvalidArgument { what: format!("write to a {}", n.obj_type().name()) });
+            }
+            n.write(vol, offset, buf)?;
+            n.data.meta.mtime = now;
+            n.data.meta.ctime = now;
+            Ok(())
+        })
+    }
+
+    pub fn setattr(&mut self, label: &str, inum: u64, a: SetAttr, now: u64) -> Result<InodeMeta> {
+        self.writable()?;
+        self.with_node(label, inum, |vol, n| {
+            if let Some(size) = a.size {
+                if n.obj_type() == ObjType::Directory {
+                    return Err(Error::IsDir { what: format!("inode {inum}") });
+                }
+                if size != n.size() {
+                    n.truncate(vol, size)?;
+                    n.data.meta.mtime = now;
+                }
+            }
+            let m = &mut n.data.meta;
+            if let Some(mode) = a.mode {
+                m.mode = mode & 0o7777;
+            }
+            if let Some(uid) = a.uid {
+                m.uid = Uuid::from_unix_id(uid);
+            }
+            if let Some(gid) = a.gid {
+                m.gid = Uuid::from_unix_id(gid);
+            }
+            if let Some(t) = a.atime {
+                m.atime = t;
+            }
+            if let Some(t) = a.mtime {
+                m.mtime = t;
+            }
+            m.ctime = a.ctime.unwrap_or(now);
+            n.dirty = true;
+            Ok(n.data.meta)
+        })
+    }
+
+    /// The next inode number of PFS `label`, from its root's allocator.
+    fn alloc_inum(&mut self, label: &str) -> Result<u64> {
+        let root = &mut self.node(label, ROOT_INUM)?.data.meta;
+        let inum = root.pfs_inum.max(INODE_START - 1) + 1;
+        root.pfs_inum = inum;
+        Ok(inum)
+    }
+
+    fn check_new_name(&mut self, label: &str, dir: u64, name: &[u8]) -> Result<()> {
+        if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+            return Err(Error::InvalidArgument { what: format!("name {:?}", String::from_utf8_lossy(name)) });
+        }
+        if name.len() > pfs::NAME_MAX {
+            return Err(Error::NameTooLong { len: name.len() });
+        }
+        if self.lookup(label, dir, name)?.is_some() {
+            return Err(Error::Exists { what: String::from_utf8_lossy(name).into_owned() });
+        }
+        Ok(())
+    }
+
+    fn add_entry(&mut self, label: &str, dir: u64, name: &[u8], inum: u64, t: ObjType, now: u64) -> Result<()> {
+        self.with_node(label, dir, |vol, d| {
+            let check = d.data.meta.check_algo;
+            d.dir_insert(vol, name, DirentHead { inum, namlen: 0, obj_type: t.to_u8() }, check)?;
+            d.data.meta.mtime = now;
+            d.data.meta.ctime = now;
+            Ok(())
+        })
+    }
+
+    /// Create a non-directory inode (regular file, fifo, socket, device,
+    /// or a symlink with `target`) named `name` in `dir`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create(
+        &mut self,
+        label: &str,
+        dir: u64,
+        name: &[u8],
+        obj_type: ObjType,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        rdev: (u32, u32),
+        now: u64,
+    ) -> Result<u64> {
+        self.writable()?;
+        if obj_type == ObjType::Directory {
+            return self.mkdir(label, dir, name, mode, uid, gid, now);
+        }
+        let dmeta = self.getattr(label, dir)?;
+        if dmeta.obj_type != ObjType::Directory {
+            return Err(Error::NotDir { what: format!("inode {dir}") });
+        }
+        self.check_new_name(label, dir, name)?;
+        let inum = self.alloc_inum(label)?;
+        let mut data = new_meta(obj_type, inum, &dmeta, mode, uid, gid, now);
+        if matches!(obj_type, ObjType::Cdev | ObjType::Bdev) {
+            data.meta.rmajor = rdev.0;
+            data.meta.rminor = rdev.1;
+        }
+        let p = self.pfs_mut(label)?;
+        p.inodes.insert(inum, InodeNode::new(data));
+        self.add_entry(label, dir, name, inum, obj_type, now)?;
+        Ok(inum)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn mkdir(&mut self, label: &str, dir: u64, name: &[u8], mode: u32, uid: u32, gid: u32, now: u64) -> Result<u64> {
+        self.writable()?;
+        let dmeta = self.getattr(label, dir)?;
+        if dmeta.obj_type != ObjType::Directory {
+            return Err(Error::NotDir { what: format!("inode {dir}") });
+        }
+        self.check_new_name(label, dir, name)?;
+        let inum = self.alloc_inum(label)?;
+        let data = new_meta(ObjType::Directory, inum, &dmeta, mode, uid, gid, now);
+        self.pfs_mut(label)?.inodes.insert(inum, InodeNode::new(data));
+        self.add_entry(label, dir, name, inum, ObjType::Directory, now)?;
+        Ok(inum)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn symlink(&mut self, label: &str, dir: u64, name: &[u8], target: &[u8], uid: u32, gid: u32, now: u64) -> Result<u64> {
+        if target.is_empty() || target.len() > 4096 {
+            return Err(Error::InvalidArgument { what: format!("symlink target of {} bytes", target.len()) });
+        }
+        let inum = self.create(label, dir, name, ObjType::Softlink, 0o777, uid, gid, (0, 0), now)?;
+        self.with_node(label, inum, |vol, n| n.write(vol, 0, target))?;
+        Ok(inum)
+    }
+
+    /// A new name `name` in `dir` for inode `inum`.
+    pub fn link(&mut self, label: &str, inum: u64, dir: u64, name: &[u8], now: u64) -> Result<()> {
+        self.writable()?;
+        let m = self.getattr(label, inum)?;
+        if m.obj_type == ObjType::Directory {
+            return Err(Error::IsDir { what: format!("inode {inum}") });
+        }
+        if self.getattr(label, dir)?.obj_type != ObjType::Directory {
+            return Err(Error::NotDir { what: format!("inode {dir}") });
+        }
+        self.check_new_name(label, dir, name)?;
+        self.add_entry(label, dir, name, inum, m.obj_type, now)?;
+        self.with_node(label, inum, |_, n| {
+            n.data.meta.nlinks += 1;
+            n.data.meta.ctime = now;
+            n.dirty = true;
+            Ok(())
+        })
+    }
+
+    /// Drop one link of `inum`; at zero the inode leaves the index at the
+    /// next flush.
+    fn drop_link(&mut self, label: &str, inum: u64, now: u64) -> Result<()> {
+        let gone = self.with_node(label, inum, |_, n| {
+            let m = &mut n.data.meta;
+            m.nlinks = if m.obj_type == ObjType::Directory { 0 } else { m.nlinks.saturating_sub(1) };
+            m.ctime = now;
+            n.dirty = true;
+            Ok(m.nlinks == 0)
+        })?;
+        if gone {
+            let p = self.pfs_mut(label)?;
+            p.inodes.remove(&inum);
+            p.removed.insert(inum);
+        }
+        Ok(())
+    }
+
+    fn remove_entry(&mut self, label: &str, dir: u64, name: &[u8], now: u64) -> Result<()> {
+        self.with_node(label, dir, |vol, d| {
+            let (key, _) = d.dir_lookup(vol, name)?.ok_or_else(|| Error::NotFound { what: String::from_utf8_lossy(name).into_owned() })?;
+            d.dir_remove(vol, key)?;
+            d.data.meta.mtime = now;
+            d.data.meta.ctime = now;
+            Ok(())
+        })
+    }
+
+    /// unlink(2): remove a non-directory entry.
+    pub fn unlink(&mut self, label: &str, dir: u64, name: &[u8], now: u64) -> Result<()> {
+        self.writable()?;
+        let inum = self.lookup(label, dir, name)?.ok_or_else(|| Error::NotFound { what: String::from_utf8_lossy(name).into_owned() })?;
+        if self.getattr(label, inum)?.obj_type == ObjType::Directory {
+            return Err(Error::IsDir { what: String::from_utf8_lossy(name).into_owned() });
+        }
+        self.remove_entry(label, dir, name, now)?;
+        self.drop_link(label, inum, now)
+    }
+
+    /// rmdir(2): remove an empty directory.
+    pub fn rmdir(&mut self, label: &str, dir: u64, name: &[u8], now: u64) -> Result<()> {
+        self.writable()?;
+        let inum = self.lookup(label, dir, name)?.ok_or_else(|| Error::NotFound { what: String::from_utf8_lossy(name).into_owned() })?;
+        let empty = self.with_node(label, inum, |vol, n| {
+            if n.obj_type() != ObjType::Directory {
+                return Err(Error::NotDir { what: String::from_utf8_lossy(name).into_owned() });
+            }
+            n.dir_is_empty(vol)
+        })?;
+        if !empty {
+            return Err(Error::NotEmpty { what: String::from_utf8_lossy(name).into_owned() });
+        }
+        self.remove_entry(label, dir, name, now)?;
+        self.drop_link(label, inum, now)
+    }
+
+    /// True when `anc` is `inum` or one of its ancestors (via iparent).
+    fn is_ancestor(&mut self, label: &str, anc: u64, mut inum: u64) -> Result<bool> {
+        for _ in 0..4096 {
+            if inum == anc {
+                return Ok(true);
+            }
+            if inum == ROOT_INUM {
+                return Ok(false);
+            }
+            inum = self.getattr(label, inum)?.iparent;
+        }
+        Err(Error::corrupt("directory parent chain does not reach the root".into(), 0))
+    }
+
+    /// rename(2) with RENAME_NOREPLACE and RENAME_EXCHANGE.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rename(&mut self, label: &str, odir: u64, oname: &[u8], ndir: u64, nname: &[u8], flags: RenameFlags, now: u64) -> Result<()> {
+        self.writable()?;
+        if nname.len() > pfs::NAME_MAX {
+            return Err(Error::NameTooLong { len: nname.len() });
+        }
+        if nname.is_empty() || nname == b"." || nname == b".." || nname.contains(&b'/') {
+            return Err(Error::InvalidArgument { what: "rename target name".into() });
+        }
+        let src = self.lookup(label, odir, oname)?.ok_or_else(|| Error::NotFound { what: String::from_utf8_lossy(oname).into_owned() })?;
+        let dst = self.lookup(label, ndir, nname)?;
+        let smeta = self.getattr(label, src)?;
+        if smeta.obj_type == ObjType::Directory && self.is_ancestor(label, src, ndir)? {
+            return Err(Error::InvalidArgument { what: "cannot move a directory into itself".into() });
+        }
+        if flags.exchange {
+            let dst = dst.ok_or_else(|| Error::NotFound { what: String::from_utf8_lossy(nname).into_owned() })?;
+            let dmeta = self.getattr(label, dst)?;
+            if dmeta.obj_type == ObjType::Directory && self.is_ancestor(label, dst, odir)? {
+                return Err(Error::InvalidArgument { what: "cannot move a directory into itself".into() });
+            }
+            self.remove_entry(label, odir, oname, now)?;
+            self.remove_entry(label, ndir, nname, now)?;
+            self.add_entry(label, odir, oname, dst, dmeta.obj_type, now)?;
+            self.add_entry(label, ndir, nname, src, smeta.obj_type, now)?;
+            self.reparent(label, src, ndir, now)?;
+            self.reparent(label, dst, odir, now)?;
+            return Ok(());
+        }
+        if let Some(dst) = dst {
+            if dst == src {
+                return Ok(());
+            }
+            if flags.noreplace {
+                return Err(Error::Exists { what: String::from_utf8_lossy(nname).into_owned() });
+            }
+            let dmeta = self.getattr(label, dst)?;
+            match (smeta.obj_type == ObjType::Directory, dmeta.obj_type == ObjType::Directory) {
+                (true, false) => return Err(Error::NotDir { what: String::from_utf8_lossy(nname).into_owned() }),
+                (false, true) => return Err(Error::IsDir { what: String::from_utf8_lossy(nname).into_owned() }),
+                (true, true) => {
+                    if !self.with_node(label, dst, |vol, n| n.dir_is_empty(vol))? {
+                        return Err(Error::NotEmpty { what: String::from_utf8_lossy(nname).into_owned() });
+                    }
+                }
+                (false, false) => {}
+            }
+            self.remove_entry(label, ndir, nname, now)?;
+            self.drop_link(label, dst, now)?;
+        }
+        self.remove_entry(label, odir, oname, now)?;
+        self.add_entry(label, ndir, nname, src, smeta.obj_type, now)?;
+        self.reparent(label, src, ndir, now)
+    }
+
+    fn reparent(&mut self, label: &str, inum: u64, dir: u64, now: u64) -> Result<()> {
+        self.with_node(label, inum, |_, n| {
+            n.data.meta.iparent = dir;
+            n.data.meta.ctime = now;
+            n.dirty = true;
+            Ok(())
+        })
+    }
+
+    /// First data offset at or after `offset` (SEEK_DATA); `None` past
+    /// the last data.
+    pub fn seek_data(&mut self, label: &str, inum: u64, offset: u64) -> Result<Option<u64>> {
+        self.with_node(label, inum, |vol, n| n.next_data(vol, offset))
+    }
+
+    pub fn statfs(&mut self, label: &str) -> Result<StatFs> {
+        let used = self.pfs_mut(label)?.root.bref.inode_count();
+        let vh = &self.vol.header;
+        Ok(StatFs { bytes_total: vh.allocator_size, bytes_free: self.space.free_bytes(), inodes_used: used })
+    }
+
+    /// True when anything waits for a flush.
+    pub fn is_dirty(&self) -> bool {
+        self.sroot.dirty
+            || self.pfs.values().any(|p| p.root.dirty || !p.removed.is_empty() || p.inodes.values().any(|n| n.dirty))
+    }
+
+    /// Write everything modified and commit it with a new volume header.
+    pub fn flush(&mut self) -> Result<FlushStats> {
+        self.writable()?;
+        if !self.is_dirty() {
+            return Ok(FlushStats { tid: self.vol.header.mirror_tid, ..FlushStats::default() });
+        }
+        match self.flush_inner() {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                if matches!(e, Error::Io { .. }) {
+                    log::error!("flush failed, refusing further writes: {e}");
+                    self.poisoned = Some(e.to_string());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn flush_inner(&mut self) -> Result<FlushStats> {
+        let tid = self.vol.header.mirror_tid + 1;
+        let Mount { vol, space, sroot, pfs, .. } = self;
+        let mut w = Writer { vol, space: space.as_mut(), tid, blocks: 0, bytes: 0 };
+        for p in pfs.values_mut() {
+            let removed = std::mem::take(&mut p.removed);
+            for inum in removed {
+                p.root.table.delete(w.vol, inum)?;
+                p.root.dirty = true;
+            }
+            for (inum, node) in p.inodes.iter_mut().filter(|(_, n)| n.dirty) {
+                let br = flush_inode(&mut w, node, *inum, 0)?;
+                p.root.table.insert(w.vol, crate::blocktable::TreeKind::Directory, true, br)?;
+                p.root.dirty = true;
+            }
+            p.inodes.retain(|_, n| n.dirty || !n.pending.is_empty());
+            if p.root.dirty {
+                let br = flush_inode(&mut w, &mut p.root, p.key, BREF_FLAG_PFSROOT)?;
+                sroot.table.insert(w.vol, crate::blocktable::TreeKind::Directory, true, br)?;
+                sroot.dirty = true;
+            }
+        }
+        let sroot_br = flush_inode(&mut w, sroot, 0, 0)?;
+        let (blocks, bytes) = (w.blocks, w.bytes);
+        let dev = vol.device().clone();
+        let freemap_blockset = space.flush(dev.as_ref(), tid)?;
+        dev.barrier().map_err(|source| Error::Io { op: "barrier", at: 0, source })?;
+        let mut vh = vol.header.clone();
+        vh.mirror_tid = tid;
+        vh.freemap_tid = tid;
+        vh.sroot_blockset[0] = sroot_br;
+        vh.freemap_blockset = freemap_blockset;
+        vh.allocator_free = space.free_bytes();
+        let nslots = (0..disk::NUM_VOLHDRS).filter(|&i| disk::volhdr_offset(i) < vh.volu_size).count().max(1);
+        let slot = (vol.header_index + 1) % nslots;
+        let raw = vh.encode();
+        debug_assert_eq!(raw.len(), VOLUME_BYTES);
+        let at = disk::volhdr_offset(slot);
+        dev.write_at(&raw, at).map_err(|source| Error::Io { op: "write volume header", at, source })?;
+        dev.barrier().map_err(|source| Error::Io { op: "barrier", at, source })?;
+        vol.header = disk::VolumeHeader::decode(&raw, at)?;
+        vol.header_index = slot;
+        log::info!("flush {tid:#x}: {blocks} blocks, {bytes} bytes, volume header {slot}");
+        Ok(FlushStats { tid, blocks, bytes, header_slot: slot })
+    }
+
+    /// The dirhash of a name (for tools).
+    pub fn name_key(name: &[u8]) -> u64 {
+        dirhash(name)
+    }
+
+    /// The on-disk blockref of the super-root (after the last flush).
+    pub fn super_root_bref(&self) -> Blockref {
+        self.sroot.bref
+    }
+}
