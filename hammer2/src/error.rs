@@ -91,14 +91,22 @@ pub enum Error {
         what: String,
     },
     /// The name already exists.
-    Exists { what: String },
+    Exists {
+        what: String,
+    },
     /// A directory to remove or replace is not empty.
-    NotEmpty { what: String },
+    NotEmpty {
+        what: String,
+    },
     /// No space left (on the volume, or in a directory's hash range).
-    NoSpace { what: String },
+    NoSpace {
+        what: String,
+    },
     /// A device write or barrier failed earlier; writes are refused
     /// until the image is opened again.
-    Poisoned { why: String },
+    Poisoned {
+        why: String,
+    },
     /// The image or PFS is open read-only.
     ReadOnly,
 }
@@ -182,7 +190,9 @@ impl fmt::Display for Error {
             Error::Exists { what } => write!(f, "{what}: already exists"),
             Error::NotEmpty { what } => write!(f, "{what}: directory not empty"),
             Error::NoSpace { what } => write!(f, "no space left: {what}"),
-            Error::Poisoned { why } => write!(f, "writes refused after an earlier device failure: {why}"),
+            Error::Poisoned { why } => {
+                write!(f, "writes refused after an earlier device failure: {why}")
+            }
             Error::ReadOnly => write!(f, "read-only"),
         }
     }

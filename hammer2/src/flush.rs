@@ -19,7 +19,9 @@
 use crate::blocktable::{BlockSink, SetStats, TreeKind};
 use crate::check;
 use crate::compress;
-use crate::disk::{self, comp_method, enc_methods, Blockref, BlockrefType, DataOff, BLOCKREF_BYTES};
+use crate::disk::{
+    self, comp_method, enc_methods, Blockref, BlockrefType, DataOff, BLOCKREF_BYTES,
+};
 use crate::error::{Error, Result};
 use crate::inode::InodeNode;
 use crate::volume::Volume;
@@ -59,7 +61,11 @@ impl Writer<'_> {
         self.vol
             .device()
             .write_at(phys, off.offset())
-            .map_err(|source| Error::Io { op: "write", at: off.offset(), source })?;
+            .map_err(|source| Error::Io {
+                op: "write",
+                at: off.offset(),
+                source,
+            })?;
         br.data_off = off;
         br.mirror_tid = self.tid;
         br.modify_tid = self.tid;
@@ -103,7 +109,12 @@ pub fn physical_block_size(size: u64, lbase: u64) -> u64 {
 /// Write an inode's pending data blocks and long names, its indirect
 /// blocks, and the inode block. Returns its new blockref (key `key`,
 /// flags `flags`).
-pub fn flush_inode(w: &mut Writer<'_>, node: &mut InodeNode, key: u64, flags: u8) -> Result<Blockref> {
+pub fn flush_inode(
+    w: &mut Writer<'_>,
+    node: &mut InodeNode,
+    key: u64,
+    flags: u8,
+) -> Result<Blockref> {
     let check_algo = node.data.meta.check_algo;
     let comp_algo = node.data.meta.comp_algo;
     let inum = node.inum();
@@ -133,15 +144,25 @@ pub fn flush_inode(w: &mut Writer<'_>, node: &mut InodeNode, key: u64, flags: u8
         };
         let (phys, used) = match phys {
             Some(p) => (p, comp),
-            None => (logical.to_vec(), if comp == comp_method::AUTOZERO { comp } else { comp_method::NONE }),
+            None => (
+                logical.to_vec(),
+                if comp == comp_method::AUTOZERO {
+                    comp
+                } else {
+                    comp_method::NONE
+                },
+            ),
         };
         br.methods = enc_methods(check, used);
-        w.write(&mut br, &phys).map_err(|e| e.with_place(None, Some(inum), Some(lbase)))?;
+        w.write(&mut br, &phys)
+            .map_err(|e| e.with_place(None, Some(inum), Some(lbase)))?;
         node.table.insert(w.vol, TreeKind::File, true, br)?;
     }
     let names = std::mem::take(&mut node.pending_names);
     for (dkey, name) in names {
-        let Some(mut br) = node.table.lookup(w.vol, dkey)? else { continue };
+        let Some(mut br) = node.table.lookup(w.vol, dkey)? else {
+            continue;
+        };
         let mut block = vec![0u8; 1024];
         block[..name.len().min(1024)].copy_from_slice(&name[..name.len().min(1024)]);
         br.methods = enc_methods(disk::dec_check(check_algo), comp_method::NONE);

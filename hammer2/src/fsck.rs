@@ -473,6 +473,24 @@ impl Checker<'_, '_> {
     }
 
     fn note_ref(&mut self, br: &Blockref) {
+        let bytes = br.data_off.bytes();
+        let within = br.data_off.offset() % disk::LBUFSIZE;
+        if bytes > 0
+            && (if bytes >= disk::LBUFSIZE {
+                within != 0
+            } else {
+                within + bytes > disk::LBUFSIZE
+            })
+        {
+            // DragonFly's allocator packs blocks under 16 KiB inside one
+            // 16 KiB chunk and places larger ones on 16 KiB boundaries;
+            // its I/O layer (and its fsck) read in those units.
+            let what = format!(
+                "{} block of {bytes} bytes straddles a 16 KiB boundary",
+                br.btype.name()
+            );
+            self.problem(None, Some(br.data_off.offset()), None, what);
+        }
         if br.data_off.bytes() > 0 {
             self.refs
                 .push((br.data_off.offset(), br.data_off.bytes(), br.mirror_tid));

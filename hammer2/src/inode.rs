@@ -10,8 +10,8 @@
 use crate::blocktable::{BlockTable, TreeKind};
 use crate::dirhash::dirhash;
 use crate::disk::{
-    self, Blockref, BlockrefType, DirentHead, InodeData, ObjType, DATA_BLOCK_BYTES, DIRHASH_LOMASK, EMBEDDED_BYTES,
-    OPFLAG_DIRECTDATA, SET_COUNT,
+    self, Blockref, BlockrefType, DirentHead, InodeData, ObjType, DATA_BLOCK_BYTES, DIRHASH_LOMASK,
+    EMBEDDED_BYTES, OPFLAG_DIRECTDATA, SET_COUNT,
 };
 use crate::error::{Error, Result};
 use crate::pfs::{DIRENT_EMBEDDED_NAME_MAX, NAME_MAX};
@@ -43,7 +43,14 @@ impl InodeNode {
         } else {
             data.blockset().to_vec()
         });
-        InodeNode { bref, data, table, pending: BTreeMap::new(), pending_names: BTreeMap::new(), dirty: false }
+        InodeNode {
+            bref,
+            data,
+            table,
+            pending: BTreeMap::new(),
+            pending_names: BTreeMap::new(),
+            dirty: false,
+        }
     }
 
     pub fn new(data: InodeData) -> InodeNode {
@@ -83,7 +90,9 @@ impl InodeNode {
         }
         match self.table.lookup(vol, lbase)? {
             Some(br) if br.btype == BlockrefType::Data => {
-                let mut b = vol.read_block(&br).map_err(|e| e.with_place(None, Some(self.inum()), Some(lbase)))?;
+                let mut b = vol
+                    .read_block(&br)
+                    .map_err(|e| e.with_place(None, Some(self.inum()), Some(lbase)))?;
                 b.resize(BLOCK as usize, 0);
                 Ok(b)
             }
@@ -101,7 +110,9 @@ impl InodeNode {
         let mut out = Vec::with_capacity((end - offset) as usize);
         if self.direct() {
             let u = &self.data.u;
-            out.extend_from_slice(&u[(offset as usize).min(EMBEDDED_BYTES)..(end as usize).min(EMBEDDED_BYTES)]);
+            out.extend_from_slice(
+                &u[(offset as usize).min(EMBEDDED_BYTES)..(end as usize).min(EMBEDDED_BYTES)],
+            );
             out.resize((end - offset) as usize, 0);
             return Ok(out);
         }
@@ -141,7 +152,9 @@ impl InodeNode {
         let end = offset
             .checked_add(buf.len() as u64)
             .filter(|&e| e <= i64::MAX as u64)
-            .ok_or_else(|| Error::InvalidArgument { what: "write past the largest file offset".into() })?;
+            .ok_or_else(|| Error::InvalidArgument {
+                what: "write past the largest file offset".into(),
+            })?;
         self.dirty = true;
         if self.direct() && end <= EMBEDDED_BYTES as u64 {
             self.data.u[offset as usize..end as usize].copy_from_slice(buf);
@@ -153,7 +166,11 @@ impl InodeNode {
         while pos < end {
             let lbase = pos & !(BLOCK - 1);
             let hi = end.min(lbase + BLOCK);
-            let mut blk = if pos == lbase && hi == lbase + BLOCK { vec![0u8; BLOCK as usize] } else { self.block(vol, lbase)? };
+            let mut blk = if pos == lbase && hi == lbase + BLOCK {
+                vec![0u8; BLOCK as usize]
+            } else {
+                self.block(vol, lbase)?
+            };
             let src = &buf[(pos - offset) as usize..(hi - offset) as usize];
             blk[(pos - lbase) as usize..(hi - lbase) as usize].copy_from_slice(src);
             self.pending.insert(lbase, blk);
@@ -167,13 +184,18 @@ impl InodeNode {
     /// the last one, leave holes when growing.
     pub fn truncate(&mut self, vol: &Volume, size: u64) -> Result<()> {
         if size > i64::MAX as u64 {
-            return Err(Error::InvalidArgument { what: format!("size {size} is too large") });
+            return Err(Error::InvalidArgument {
+                what: format!("size {size} is too large"),
+            });
         }
         let old = self.size();
         self.dirty = true;
         if self.direct() {
             if size <= EMBEDDED_BYTES as u64 {
-                let (lo, hi) = (size.min(old) as usize, old.max(size).min(EMBEDDED_BYTES as u64) as usize);
+                let (lo, hi) = (
+                    size.min(old) as usize,
+                    old.max(size).min(EMBEDDED_BYTES as u64) as usize,
+                );
                 self.data.u[lo..hi].fill(0);
                 self.data.meta.size = size;
                 return Ok(());
@@ -193,7 +215,7 @@ impl InodeNode {
             for k in doomed {
                 self.table.delete(vol, k)?;
             }
-            if size % BLOCK != 0 {
+            if !size.is_multiple_of(BLOCK) {
                 let lbase = size & !(BLOCK - 1);
                 let mut blk = self.block(vol, lbase)?;
                 blk[(size - lbase) as usize..].fill(0);
@@ -216,9 +238,18 @@ impl InodeNode {
             return Ok(Some(offset));
         }
         let lbase = offset & !(BLOCK - 1);
-        let mut keys: Vec<u64> = self.table.range(vol, lbase, u64::MAX)?.iter().map(|b| b.key).collect();
+        let mut keys: Vec<u64> = self
+            .table
+            .range(vol, lbase, u64::MAX)?
+            .iter()
+            .map(|b| b.key)
+            .collect();
         keys.extend(self.pending.range(lbase..).map(|(k, _)| *k));
-        Ok(keys.into_iter().filter(|&k| k < size).min().map(|k| k.max(offset)))
+        Ok(keys
+            .into_iter()
+            .filter(|&k| k < size)
+            .min()
+            .map(|k| k.max(offset)))
     }
 
     // ---- directories ----
@@ -246,7 +277,10 @@ impl InodeNode {
     /// head).
     pub fn dir_list(&mut self, vol: &Volume, from: u64) -> Result<Vec<(u64, Vec<u8>, DirentHead)>> {
         let mut out = Vec::new();
-        for br in self.table.range(vol, from.max(disk::DIRHASH_VISIBLE), u64::MAX)? {
+        for br in self
+            .table
+            .range(vol, from.max(disk::DIRHASH_VISIBLE), u64::MAX)?
+        {
             if br.btype == BlockrefType::Dirent {
                 out.push((br.key, self.dirent_name(vol, &br)?, br.dirent()));
             }
@@ -256,7 +290,13 @@ impl InodeNode {
 
     /// Add an entry; the name must not exist. Picks the key the way
     /// DragonFly's rename/create scan does.
-    pub fn dir_insert(&mut self, vol: &Volume, name: &[u8], head: DirentHead, check_algo: u8) -> Result<u64> {
+    pub fn dir_insert(
+        &mut self,
+        vol: &Volume,
+        name: &[u8],
+        head: DirentHead,
+        check_algo: u8,
+    ) -> Result<u64> {
         if name.is_empty() || name.len() > NAME_MAX {
             return Err(Error::NameTooLong { len: name.len() });
         }
@@ -275,12 +315,17 @@ impl InodeNode {
             key += 1;
         }
         if (key ^ base) & !DIRHASH_LOMASK != 0 {
-            return Err(Error::NoSpace { what: "directory hash collision space is full".into() });
+            return Err(Error::NoSpace {
+                what: "directory hash collision space is full".into(),
+            });
         }
         let mut br = Blockref::EMPTY;
         br.btype = BlockrefType::Dirent;
         br.key = key;
-        br.set_dirent(DirentHead { namlen: name.len() as u16, ..head });
+        br.set_dirent(DirentHead {
+            namlen: name.len() as u16,
+            ..head
+        });
         if name.len() <= DIRENT_EMBEDDED_NAME_MAX {
             br.check[..name.len()].copy_from_slice(name);
         } else {
@@ -302,6 +347,10 @@ impl InodeNode {
 
     /// True when the directory has no entries.
     pub fn dir_is_empty(&mut self, vol: &Volume) -> Result<bool> {
-        Ok(self.table.range(vol, disk::DIRHASH_VISIBLE, u64::MAX)?.iter().all(|b| b.btype != BlockrefType::Dirent))
+        Ok(self
+            .table
+            .range(vol, disk::DIRHASH_VISIBLE, u64::MAX)?
+            .iter()
+            .all(|b| b.btype != BlockrefType::Dirent))
     }
 }

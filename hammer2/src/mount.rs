@@ -16,8 +16,8 @@
 
 use crate::dirhash::dirhash;
 use crate::disk::{
-    self, Blockref, BlockrefType, DirentHead, InodeData, InodeMeta, ObjType, Uuid, BREF_FLAG_PFSROOT, INODE_START,
-    OPFLAG_DIRECTDATA, VOLUME_BYTES,
+    self, Blockref, BlockrefType, DirentHead, InodeData, InodeMeta, ObjType, Uuid,
+    BREF_FLAG_PFSROOT, INODE_START, OPFLAG_DIRECTDATA, VOLUME_BYTES,
 };
 use crate::error::{Error, Result};
 use crate::flush::{flush_inode, SpaceMap, Writer};
@@ -87,7 +87,15 @@ pub struct Mount {
     poisoned: Option<String>,
 }
 
-fn new_meta(obj_type: ObjType, inum: u64, parent: &InodeMeta, mode: u32, uid: u32, gid: u32, now: u64) -> InodeData {
+fn new_meta(
+    obj_type: ObjType,
+    inum: u64,
+    parent: &InodeMeta,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    now: u64,
+) -> InodeData {
     let mut d = InodeData::default();
     let m = &mut d.meta;
     m.obj_type = obj_type;
@@ -115,7 +123,13 @@ impl Mount {
         let vol = Volume::open(dev)?;
         let s = pfs::super_root(&vol)?;
         let sroot = InodeNode::from_disk(s.bref, s.data);
-        Ok(Mount { vol, space, sroot, pfs: BTreeMap::new(), poisoned: None })
+        Ok(Mount {
+            vol,
+            space,
+            sroot,
+            pfs: BTreeMap::new(),
+            poisoned: None,
+        })
     }
 
     pub fn volume(&self) -> &Volume {
@@ -131,7 +145,10 @@ impl Mount {
 
     /// Labels of every PFS and snapshot.
     pub fn pfs_labels(&self) -> Result<Vec<String>> {
-        Ok(pfs::pfs_list(&self.vol)?.into_iter().map(|p| p.label).collect())
+        Ok(pfs::pfs_list(&self.vol)?
+            .into_iter()
+            .map(|p| p.label)
+            .collect())
     }
 
     fn pfs_mut(&mut self, label: &str) -> Result<&mut PfsState> {
@@ -148,26 +165,39 @@ impl Mount {
                     break;
                 }
             }
-            let (br, ino) = found.ok_or_else(|| Error::NotFound { what: format!("PFS {label}") })?;
+            let (br, ino) = found.ok_or_else(|| Error::NotFound {
+                what: format!("PFS {label}"),
+            })?;
             let root = InodeNode::from_disk(br, ino.data);
             self.pfs.insert(
                 label.to_string(),
-                PfsState { key: br.key, root, inodes: BTreeMap::new(), removed: BTreeSet::new() },
+                PfsState {
+                    key: br.key,
+                    root,
+                    inodes: BTreeMap::new(),
+                    removed: BTreeSet::new(),
+                },
             );
         }
-        self.pfs.get_mut(label).ok_or_else(|| Error::NotFound { what: format!("PFS {label}") })
+        self.pfs.get_mut(label).ok_or_else(|| Error::NotFound {
+            what: format!("PFS {label}"),
+        })
     }
 
     /// The inode `inum` of PFS `label`, loaded into memory.
     fn node(&mut self, label: &str, inum: u64) -> Result<&mut InodeNode> {
         self.pfs_mut(label)?;
         let Mount { vol, pfs, .. } = self;
-        let p = pfs.get_mut(label).ok_or_else(|| Error::NotFound { what: format!("PFS {label}") })?;
+        let p = pfs.get_mut(label).ok_or_else(|| Error::NotFound {
+            what: format!("PFS {label}"),
+        })?;
         if inum == ROOT_INUM {
             return Ok(&mut p.root);
         }
         if p.removed.contains(&inum) {
-            return Err(Error::NotFound { what: format!("inode {inum}") });
+            return Err(Error::NotFound {
+                what: format!("inode {inum}"),
+            });
         }
         if !p.inodes.contains_key(&inum) {
             let br = p
@@ -175,25 +205,41 @@ impl Mount {
                 .table
                 .lookup(&*vol, inum)?
                 .filter(|b| b.btype == BlockrefType::Inode)
-                .ok_or_else(|| Error::NotFound { what: format!("inode {inum}") })?;
+                .ok_or_else(|| Error::NotFound {
+                    what: format!("inode {inum}"),
+                })?;
             let ino = pfs::read_inode(vol, &br)?;
             if ino.inum() != inum {
-                return Err(Error::corrupt(format!("inode index key {inum} holds inode {}", ino.inum()), br.data_off.offset()));
+                return Err(Error::corrupt(
+                    format!("inode index key {inum} holds inode {}", ino.inum()),
+                    br.data_off.offset(),
+                ));
             }
             p.inodes.insert(inum, InodeNode::from_disk(br, ino.data));
         }
-        p.inodes.get_mut(&inum).ok_or_else(|| Error::NotFound { what: format!("inode {inum}") })
+        p.inodes.get_mut(&inum).ok_or_else(|| Error::NotFound {
+            what: format!("inode {inum}"),
+        })
     }
 
     /// Borrow the volume and one inode at once.
-    fn with_node<T>(&mut self, label: &str, inum: u64, f: impl FnOnce(&Volume, &mut InodeNode) -> Result<T>) -> Result<T> {
+    fn with_node<T>(
+        &mut self,
+        label: &str,
+        inum: u64,
+        f: impl FnOnce(&Volume, &mut InodeNode) -> Result<T>,
+    ) -> Result<T> {
         self.node(label, inum)?;
         let Mount { vol, pfs, .. } = self;
-        let p = pfs.get_mut(label).ok_or_else(|| Error::NotFound { what: format!("PFS {label}") })?;
+        let p = pfs.get_mut(label).ok_or_else(|| Error::NotFound {
+            what: format!("PFS {label}"),
+        })?;
         let node = if inum == ROOT_INUM {
             &mut p.root
         } else {
-            p.inodes.get_mut(&inum).ok_or_else(|| Error::NotFound { what: format!("inode {inum}") })?
+            p.inodes.get_mut(&inum).ok_or_else(|| Error::NotFound {
+                what: format!("inode {inum}"),
+            })?
         };
         f(vol, node)
     }
@@ -207,7 +253,9 @@ impl Mount {
     pub fn lookup(&mut self, label: &str, dir: u64, name: &[u8]) -> Result<Option<u64>> {
         self.with_node(label, dir, |vol, d| {
             if d.obj_type() != ObjType::Directory {
-                return Err(Error::NotDir { what: format!("inode {dir}") });
+                return Err(Error::NotDir {
+                    what: format!("inode {dir}"),
+                });
             }
             Ok(d.dir_lookup(vol, name)?.map(|(_, h)| h.inum))
         })
@@ -218,18 +266,27 @@ impl Mount {
     pub fn readdir(&mut self, label: &str, dir: u64, from: u64) -> Result<Vec<DirEntry>> {
         self.with_node(label, dir, |vol, d| {
             if d.obj_type() != ObjType::Directory {
-                return Err(Error::NotDir { what: format!("inode {dir}") });
+                return Err(Error::NotDir {
+                    what: format!("inode {dir}"),
+                });
             }
             Ok(d.dir_list(vol, from)?
                 .into_iter()
-                .map(|(key, name, h)| DirEntry { name, inum: h.inum, obj_type: ObjType::from_u8(h.obj_type), key })
+                .map(|(key, name, h)| DirEntry {
+                    name,
+                    inum: h.inum,
+                    obj_type: ObjType::from_u8(h.obj_type),
+                    key,
+                })
                 .collect())
         })
     }
 
     pub fn read(&mut self, label: &str, inum: u64, offset: u64, len: usize) -> Result<Vec<u8>> {
         self.with_node(label, inum, |vol, n| match n.obj_type() {
-            ObjType::Directory => Err(Error::IsDir { what: format!("inode {inum}") }),
+            ObjType::Directory => Err(Error::IsDir {
+                what: format!("inode {inum}"),
+            }),
             _ => n.read(vol, offset, len),
         })
     }
@@ -237,18 +294,29 @@ impl Mount {
     pub fn readlink(&mut self, label: &str, inum: u64) -> Result<Vec<u8>> {
         self.with_node(label, inum, |vol, n| {
             if n.obj_type() != ObjType::Softlink {
-                return Err(Error::NotSymlink { what: format!("inode {inum}") });
+                return Err(Error::NotSymlink {
+                    what: format!("inode {inum}"),
+                });
             }
             let size = n.size() as usize;
             n.read(vol, 0, size)
         })
     }
 
-    pub fn write(&mut self, label: &str, inum: u64, offset: u64, buf: &[u8], now: u64) -> Result<()> {
+    pub fn write(
+        &mut self,
+        label: &str,
+        inum: u64,
+        offset: u64,
+        buf: &[u8],
+        now: u64,
+    ) -> Result<()> {
         self.writable()?;
         self.with_node(label, inum, |vol, n| {
             if n.obj_type() != ObjType::Regfile {
-                return Err(Error::InvalidArgument { what: format!("write to a {}", n.obj_type().name()) });
+                return Err(Error::InvalidArgument {
+                    what: format!("write to a {}", n.obj_type().name()),
+                });
             }
             n.write(vol, offset, buf)?;
             n.data.meta.mtime = now;
@@ -262,7 +330,9 @@ impl Mount {
         self.with_node(label, inum, |vol, n| {
             if let Some(size) = a.size {
                 if n.obj_type() == ObjType::Directory {
-                    return Err(Error::IsDir { what: format!("inode {inum}") });
+                    return Err(Error::IsDir {
+                        what: format!("inode {inum}"),
+                    });
                 }
                 if size != n.size() {
                     n.truncate(vol, size)?;
@@ -300,22 +370,48 @@ impl Mount {
     }
 
     fn check_new_name(&mut self, label: &str, dir: u64, name: &[u8]) -> Result<()> {
-        if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
-            return Err(Error::InvalidArgument { what: format!("name {:?}", String::from_utf8_lossy(name)) });
+        if name.is_empty()
+            || name == b"."
+            || name == b".."
+            || name.contains(&b'/')
+            || name.contains(&0)
+        {
+            return Err(Error::InvalidArgument {
+                what: format!("name {:?}", String::from_utf8_lossy(name)),
+            });
         }
         if name.len() > pfs::NAME_MAX {
             return Err(Error::NameTooLong { len: name.len() });
         }
         if self.lookup(label, dir, name)?.is_some() {
-            return Err(Error::Exists { what: String::from_utf8_lossy(name).into_owned() });
+            return Err(Error::Exists {
+                what: String::from_utf8_lossy(name).into_owned(),
+            });
         }
         Ok(())
     }
 
-    fn add_entry(&mut self, label: &str, dir: u64, name: &[u8], inum: u64, t: ObjType, now: u64) -> Result<()> {
+    fn add_entry(
+        &mut self,
+        label: &str,
+        dir: u64,
+        name: &[u8],
+        inum: u64,
+        t: ObjType,
+        now: u64,
+    ) -> Result<()> {
         self.with_node(label, dir, |vol, d| {
             let check = d.data.meta.check_algo;
-            d.dir_insert(vol, name, DirentHead { inum, namlen: 0, obj_type: t.to_u8() }, check)?;
+            d.dir_insert(
+                vol,
+                name,
+                DirentHead {
+                    inum,
+                    namlen: 0,
+                    obj_type: t.to_u8(),
+                },
+                check,
+            )?;
             d.data.meta.mtime = now;
             d.data.meta.ctime = now;
             Ok(())
@@ -343,7 +439,9 @@ impl Mount {
         }
         let dmeta = self.getattr(label, dir)?;
         if dmeta.obj_type != ObjType::Directory {
-            return Err(Error::NotDir { what: format!("inode {dir}") });
+            return Err(Error::NotDir {
+                what: format!("inode {dir}"),
+            });
         }
         self.check_new_name(label, dir, name)?;
         let inum = self.alloc_inum(label)?;
@@ -359,26 +457,60 @@ impl Mount {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn mkdir(&mut self, label: &str, dir: u64, name: &[u8], mode: u32, uid: u32, gid: u32, now: u64) -> Result<u64> {
+    pub fn mkdir(
+        &mut self,
+        label: &str,
+        dir: u64,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        now: u64,
+    ) -> Result<u64> {
         self.writable()?;
         let dmeta = self.getattr(label, dir)?;
         if dmeta.obj_type != ObjType::Directory {
-            return Err(Error::NotDir { what: format!("inode {dir}") });
+            return Err(Error::NotDir {
+                what: format!("inode {dir}"),
+            });
         }
         self.check_new_name(label, dir, name)?;
         let inum = self.alloc_inum(label)?;
         let data = new_meta(ObjType::Directory, inum, &dmeta, mode, uid, gid, now);
-        self.pfs_mut(label)?.inodes.insert(inum, InodeNode::new(data));
+        self.pfs_mut(label)?
+            .inodes
+            .insert(inum, InodeNode::new(data));
         self.add_entry(label, dir, name, inum, ObjType::Directory, now)?;
         Ok(inum)
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn symlink(&mut self, label: &str, dir: u64, name: &[u8], target: &[u8], uid: u32, gid: u32, now: u64) -> Result<u64> {
+    pub fn symlink(
+        &mut self,
+        label: &str,
+        dir: u64,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+        now: u64,
+    ) -> Result<u64> {
         if target.is_empty() || target.len() > 4096 {
-            return Err(Error::InvalidArgument { what: format!("symlink target of {} bytes", target.len()) });
+            return Err(Error::InvalidArgument {
+                what: format!("symlink target of {} bytes", target.len()),
+            });
         }
-        let inum = self.create(label, dir, name, ObjType::Softlink, 0o777, uid, gid, (0, 0), now)?;
+        let inum = self.create(
+            label,
+            dir,
+            name,
+            ObjType::Softlink,
+            0o777,
+            uid,
+            gid,
+            (0, 0),
+            now,
+        )?;
         self.with_node(label, inum, |vol, n| n.write(vol, 0, target))?;
         Ok(inum)
     }
@@ -388,10 +520,14 @@ impl Mount {
         self.writable()?;
         let m = self.getattr(label, inum)?;
         if m.obj_type == ObjType::Directory {
-            return Err(Error::IsDir { what: format!("inode {inum}") });
+            return Err(Error::IsDir {
+                what: format!("inode {inum}"),
+            });
         }
         if self.getattr(label, dir)?.obj_type != ObjType::Directory {
-            return Err(Error::NotDir { what: format!("inode {dir}") });
+            return Err(Error::NotDir {
+                what: format!("inode {dir}"),
+            });
         }
         self.check_new_name(label, dir, name)?;
         self.add_entry(label, dir, name, inum, m.obj_type, now)?;
@@ -408,7 +544,11 @@ impl Mount {
     fn drop_link(&mut self, label: &str, inum: u64, now: u64) -> Result<()> {
         let gone = self.with_node(label, inum, |_, n| {
             let m = &mut n.data.meta;
-            m.nlinks = if m.obj_type == ObjType::Directory { 0 } else { m.nlinks.saturating_sub(1) };
+            m.nlinks = if m.obj_type == ObjType::Directory {
+                0
+            } else {
+                m.nlinks.saturating_sub(1)
+            };
             m.ctime = now;
             n.dirty = true;
             Ok(m.nlinks == 0)
@@ -423,7 +563,9 @@ impl Mount {
 
     fn remove_entry(&mut self, label: &str, dir: u64, name: &[u8], now: u64) -> Result<()> {
         self.with_node(label, dir, |vol, d| {
-            let (key, _) = d.dir_lookup(vol, name)?.ok_or_else(|| Error::NotFound { what: String::from_utf8_lossy(name).into_owned() })?;
+            let (key, _) = d.dir_lookup(vol, name)?.ok_or_else(|| Error::NotFound {
+                what: String::from_utf8_lossy(name).into_owned(),
+            })?;
             d.dir_remove(vol, key)?;
             d.data.meta.mtime = now;
             d.data.meta.ctime = now;
@@ -434,9 +576,15 @@ impl Mount {
     /// unlink(2): remove a non-directory entry.
     pub fn unlink(&mut self, label: &str, dir: u64, name: &[u8], now: u64) -> Result<()> {
         self.writable()?;
-        let inum = self.lookup(label, dir, name)?.ok_or_else(|| Error::NotFound { what: String::from_utf8_lossy(name).into_owned() })?;
+        let inum = self
+            .lookup(label, dir, name)?
+            .ok_or_else(|| Error::NotFound {
+                what: String::from_utf8_lossy(name).into_owned(),
+            })?;
         if self.getattr(label, inum)?.obj_type == ObjType::Directory {
-            return Err(Error::IsDir { what: String::from_utf8_lossy(name).into_owned() });
+            return Err(Error::IsDir {
+                what: String::from_utf8_lossy(name).into_owned(),
+            });
         }
         self.remove_entry(label, dir, name, now)?;
         self.drop_link(label, inum, now)
@@ -445,15 +593,23 @@ impl Mount {
     /// rmdir(2): remove an empty directory.
     pub fn rmdir(&mut self, label: &str, dir: u64, name: &[u8], now: u64) -> Result<()> {
         self.writable()?;
-        let inum = self.lookup(label, dir, name)?.ok_or_else(|| Error::NotFound { what: String::from_utf8_lossy(name).into_owned() })?;
+        let inum = self
+            .lookup(label, dir, name)?
+            .ok_or_else(|| Error::NotFound {
+                what: String::from_utf8_lossy(name).into_owned(),
+            })?;
         let empty = self.with_node(label, inum, |vol, n| {
             if n.obj_type() != ObjType::Directory {
-                return Err(Error::NotDir { what: String::from_utf8_lossy(name).into_owned() });
+                return Err(Error::NotDir {
+                    what: String::from_utf8_lossy(name).into_owned(),
+                });
             }
             n.dir_is_empty(vol)
         })?;
         if !empty {
-            return Err(Error::NotEmpty { what: String::from_utf8_lossy(name).into_owned() });
+            return Err(Error::NotEmpty {
+                what: String::from_utf8_lossy(name).into_owned(),
+            });
         }
         self.remove_entry(label, dir, name, now)?;
         self.drop_link(label, inum, now)
@@ -470,30 +626,62 @@ impl Mount {
             }
             inum = self.getattr(label, inum)?.iparent;
         }
-        Err(Error::corrupt("directory parent chain does not reach the root".into(), 0))
+        Err(Error::corrupt(
+            "directory parent chain does not reach the root".into(),
+            0,
+        ))
     }
 
     /// rename(2) with RENAME_NOREPLACE and RENAME_EXCHANGE.
     #[allow(clippy::too_many_arguments)]
-    pub fn rename(&mut self, label: &str, odir: u64, oname: &[u8], ndir: u64, nname: &[u8], flags: RenameFlags, now: u64) -> Result<()> {
+    pub fn rename(
+        &mut self,
+        label: &str,
+        odir: u64,
+        oname: &[u8],
+        ndir: u64,
+        nname: &[u8],
+        flags: RenameFlags,
+        now: u64,
+    ) -> Result<()> {
         self.writable()?;
         if nname.len() > pfs::NAME_MAX {
             return Err(Error::NameTooLong { len: nname.len() });
         }
         if nname.is_empty() || nname == b"." || nname == b".." || nname.contains(&b'/') {
-            return Err(Error::InvalidArgument { what: "rename target name".into() });
+            return Err(Error::InvalidArgument {
+                what: "rename target name".into(),
+            });
         }
-        let src = self.lookup(label, odir, oname)?.ok_or_else(|| Error::NotFound { what: String::from_utf8_lossy(oname).into_owned() })?;
+        let src = self
+            .lookup(label, odir, oname)?
+            .ok_or_else(|| Error::NotFound {
+                what: String::from_utf8_lossy(oname).into_owned(),
+            })?;
         let dst = self.lookup(label, ndir, nname)?;
         let smeta = self.getattr(label, src)?;
         if smeta.obj_type == ObjType::Directory && self.is_ancestor(label, src, ndir)? {
-            return Err(Error::InvalidArgument { what: "cannot move a directory into itself".into() });
+            return Err(Error::InvalidArgument {
+                what: "cannot move a directory into itself".into(),
+            });
+        }
+        if flags.exchange && flags.noreplace {
+            return Err(Error::InvalidArgument {
+                what: "RENAME_EXCHANGE with RENAME_NOREPLACE".into(),
+            });
         }
         if flags.exchange {
-            let dst = dst.ok_or_else(|| Error::NotFound { what: String::from_utf8_lossy(nname).into_owned() })?;
+            let dst = dst.ok_or_else(|| Error::NotFound {
+                what: String::from_utf8_lossy(nname).into_owned(),
+            })?;
+            if dst == src {
+                return Ok(());
+            }
             let dmeta = self.getattr(label, dst)?;
             if dmeta.obj_type == ObjType::Directory && self.is_ancestor(label, dst, odir)? {
-                return Err(Error::InvalidArgument { what: "cannot move a directory into itself".into() });
+                return Err(Error::InvalidArgument {
+                    what: "cannot move a directory into itself".into(),
+                });
             }
             self.remove_entry(label, odir, oname, now)?;
             self.remove_entry(label, ndir, nname, now)?;
@@ -508,15 +696,30 @@ impl Mount {
                 return Ok(());
             }
             if flags.noreplace {
-                return Err(Error::Exists { what: String::from_utf8_lossy(nname).into_owned() });
+                return Err(Error::Exists {
+                    what: String::from_utf8_lossy(nname).into_owned(),
+                });
             }
             let dmeta = self.getattr(label, dst)?;
-            match (smeta.obj_type == ObjType::Directory, dmeta.obj_type == ObjType::Directory) {
-                (true, false) => return Err(Error::NotDir { what: String::from_utf8_lossy(nname).into_owned() }),
-                (false, true) => return Err(Error::IsDir { what: String::from_utf8_lossy(nname).into_owned() }),
+            match (
+                smeta.obj_type == ObjType::Directory,
+                dmeta.obj_type == ObjType::Directory,
+            ) {
+                (true, false) => {
+                    return Err(Error::NotDir {
+                        what: String::from_utf8_lossy(nname).into_owned(),
+                    })
+                }
+                (false, true) => {
+                    return Err(Error::IsDir {
+                        what: String::from_utf8_lossy(nname).into_owned(),
+                    })
+                }
                 (true, true) => {
                     if !self.with_node(label, dst, |vol, n| n.dir_is_empty(vol))? {
-                        return Err(Error::NotEmpty { what: String::from_utf8_lossy(nname).into_owned() });
+                        return Err(Error::NotEmpty {
+                            what: String::from_utf8_lossy(nname).into_owned(),
+                        });
                     }
                 }
                 (false, false) => {}
@@ -547,20 +750,29 @@ impl Mount {
     pub fn statfs(&mut self, label: &str) -> Result<StatFs> {
         let used = self.pfs_mut(label)?.root.bref.inode_count();
         let vh = &self.vol.header;
-        Ok(StatFs { bytes_total: vh.allocator_size, bytes_free: self.space.free_bytes(), inodes_used: used })
+        Ok(StatFs {
+            bytes_total: vh.allocator_size,
+            bytes_free: self.space.free_bytes(),
+            inodes_used: used,
+        })
     }
 
     /// True when anything waits for a flush.
     pub fn is_dirty(&self) -> bool {
         self.sroot.dirty
-            || self.pfs.values().any(|p| p.root.dirty || !p.removed.is_empty() || p.inodes.values().any(|n| n.dirty))
+            || self.pfs.values().any(|p| {
+                p.root.dirty || !p.removed.is_empty() || p.inodes.values().any(|n| n.dirty)
+            })
     }
 
     /// Write everything modified and commit it with a new volume header.
     pub fn flush(&mut self) -> Result<FlushStats> {
         self.writable()?;
         if !self.is_dirty() {
-            return Ok(FlushStats { tid: self.vol.header.mirror_tid, ..FlushStats::default() });
+            return Ok(FlushStats {
+                tid: self.vol.header.mirror_tid,
+                ..FlushStats::default()
+            });
         }
         match self.flush_inner() {
             Ok(s) => Ok(s),
@@ -576,8 +788,20 @@ impl Mount {
 
     fn flush_inner(&mut self) -> Result<FlushStats> {
         let tid = self.vol.header.mirror_tid + 1;
-        let Mount { vol, space, sroot, pfs, .. } = self;
-        let mut w = Writer { vol, space: space.as_mut(), tid, blocks: 0, bytes: 0 };
+        let Mount {
+            vol,
+            space,
+            sroot,
+            pfs,
+            ..
+        } = self;
+        let mut w = Writer {
+            vol,
+            space: space.as_mut(),
+            tid,
+            blocks: 0,
+            bytes: 0,
+        };
         for p in pfs.values_mut() {
             let removed = std::mem::take(&mut p.removed);
             for inum in removed {
@@ -586,13 +810,17 @@ impl Mount {
             }
             for (inum, node) in p.inodes.iter_mut().filter(|(_, n)| n.dirty) {
                 let br = flush_inode(&mut w, node, *inum, 0)?;
-                p.root.table.insert(w.vol, crate::blocktable::TreeKind::Directory, true, br)?;
+                p.root
+                    .table
+                    .insert(w.vol, crate::blocktable::TreeKind::Directory, true, br)?;
                 p.root.dirty = true;
             }
             p.inodes.retain(|_, n| n.dirty || !n.pending.is_empty());
             if p.root.dirty {
                 let br = flush_inode(&mut w, &mut p.root, p.key, BREF_FLAG_PFSROOT)?;
-                sroot.table.insert(w.vol, crate::blocktable::TreeKind::Directory, true, br)?;
+                sroot
+                    .table
+                    .insert(w.vol, crate::blocktable::TreeKind::Directory, true, br)?;
                 sroot.dirty = true;
             }
         }
@@ -600,24 +828,44 @@ impl Mount {
         let (blocks, bytes) = (w.blocks, w.bytes);
         let dev = vol.device().clone();
         let freemap_blockset = space.flush(dev.as_ref(), tid)?;
-        dev.barrier().map_err(|source| Error::Io { op: "barrier", at: 0, source })?;
+        dev.barrier().map_err(|source| Error::Io {
+            op: "barrier",
+            at: 0,
+            source,
+        })?;
         let mut vh = vol.header.clone();
         vh.mirror_tid = tid;
         vh.freemap_tid = tid;
         vh.sroot_blockset[0] = sroot_br;
         vh.freemap_blockset = freemap_blockset;
         vh.allocator_free = space.free_bytes();
-        let nslots = (0..disk::NUM_VOLHDRS).filter(|&i| disk::volhdr_offset(i) < vh.volu_size).count().max(1);
+        let nslots = (0..disk::NUM_VOLHDRS)
+            .filter(|&i| disk::volhdr_offset(i) < vh.volu_size)
+            .count()
+            .max(1);
         let slot = (vol.header_index + 1) % nslots;
         let raw = vh.encode();
         debug_assert_eq!(raw.len(), VOLUME_BYTES);
         let at = disk::volhdr_offset(slot);
-        dev.write_at(&raw, at).map_err(|source| Error::Io { op: "write volume header", at, source })?;
-        dev.barrier().map_err(|source| Error::Io { op: "barrier", at, source })?;
+        dev.write_at(&raw, at).map_err(|source| Error::Io {
+            op: "write volume header",
+            at,
+            source,
+        })?;
+        dev.barrier().map_err(|source| Error::Io {
+            op: "barrier",
+            at,
+            source,
+        })?;
         vol.header = disk::VolumeHeader::decode(&raw, at)?;
         vol.header_index = slot;
         log::info!("flush {tid:#x}: {blocks} blocks, {bytes} bytes, volume header {slot}");
-        Ok(FlushStats { tid, blocks, bytes, header_slot: slot })
+        Ok(FlushStats {
+            tid,
+            blocks,
+            bytes,
+            header_slot: slot,
+        })
     }
 
     /// The dirhash of a name (for tools).
