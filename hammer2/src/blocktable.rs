@@ -438,6 +438,24 @@ impl BlockTable {
         }
     }
 
+    /// Pack the live entries at the front in key order, as DragonFly's
+    /// `hammer2_base_find` requires of every blockref array it reads.
+    pub fn sort(&mut self) {
+        let cap = self.entries.len();
+        let mut live: Vec<Blockref> = self
+            .entries
+            .iter()
+            .filter(|b| !b.is_empty())
+            .copied()
+            .collect();
+        live.sort_by_key(|b| b.key);
+        live.resize(cap, Blockref::EMPTY);
+        if live != self.entries {
+            self.entries = live;
+            self.dirty = true;
+        }
+    }
+
     /// Write every modified indirect block below this table, bottom up,
     /// and put the new blockrefs in place. Afterwards nothing below is
     /// dirty; this table itself is dirty if anything changed (its owner
@@ -454,6 +472,7 @@ impl BlockTable {
                 continue;
             };
             child.table.flush(sink)?;
+            child.table.sort();
             let mut template = child.bref;
             SetStats::of(&child.table.entries).apply(&mut template);
             let newbr = sink.write_indirect(&template, &child.table.entries)?;

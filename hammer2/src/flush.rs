@@ -89,7 +89,7 @@ impl BlockSink for IndirectSink<'_, '_> {
             e.encode_at(&mut buf, i);
         }
         let mut br = *template;
-        br.methods = enc_methods(disk::dec_check(self.check_algo), comp_method::NONE);
+        br.methods = enc_methods(disk::dec_algo(self.check_algo), comp_method::NONE);
         self.w.write(&mut br, &buf)?;
         Ok(br)
     }
@@ -126,8 +126,8 @@ pub fn flush_inode(
         }
         let lsize = physical_block_size(size, lbase) as usize;
         let logical = &blk[..lsize];
-        let check = disk::dec_check(check_algo);
-        let comp = disk::dec_comp(comp_algo);
+        let check = disk::dec_algo(check_algo);
+        let comp = disk::dec_algo(comp_algo);
         let zero_detect = !(comp == comp_method::NONE && check <= disk::check_method::DISABLED);
         if zero_detect && logical.iter().all(|&b| b == 0) {
             node.table.delete(w.vol, lbase)?;
@@ -137,7 +137,7 @@ pub fn flush_inode(
         br.btype = BlockrefType::Data;
         br.key = lbase;
         br.keybits = disk::DATA_BLOCK_RADIX;
-        let level = (comp_algo >> 4) & 15;
+        let level = disk::dec_level(comp_algo);
         let phys = match comp {
             comp_method::LZ4 | comp_method::ZLIB => compress::compress(comp, level, logical),
             _ => None,
@@ -158,26 +158,36 @@ pub fn flush_inode(
             .map_err(|e| e.with_place(None, Some(inum), Some(lbase)))?;
         node.table.insert(w.vol, TreeKind::File, true, br)?;
     }
-    let names = std::mem::take(&mut node.pending_names);
-    for (dkey, name) in names {
+    let dirents = std::mem::take(&mut node.pending_dirents);
+    for (dkey, name) in dirents {
         let Some(mut br) = node.table.lookup(w.vol, dkey)? else {
             continue;
         };
-        let mut block = vec![0u8; 1024];
-        block[..name.len().min(1024)].copy_from_slice(&name[..name.len().min(1024)]);
-        br.methods = enc_methods(disk::dec_check(check_algo), comp_method::NONE);
-        w.write(&mut br, &block)?;
+        match name {
+            Some(name) => {
+                let mut block = vec![0u8; 1024];
+                let n = name.len().min(1024);
+                block[..n].copy_from_slice(&name[..n]);
+                br.methods = enc_methods(disk::dec_algo(check_algo), comp_method::NONE);
+                w.write(&mut br, &block)?;
+            }
+            None => {
+                br.mirror_tid = w.tid;
+                br.modify_tid = w.tid;
+            }
+        }
         node.table.insert(w.vol, TreeKind::Directory, true, br)?;
     }
     {
         let mut sink = IndirectSink { w, check_algo };
         node.table.flush(&mut sink)?;
     }
+    node.table.sort();
     let mut br = Blockref::EMPTY;
     br.btype = BlockrefType::Inode;
     br.key = key;
     br.flags = flags;
-    br.methods = enc_methods(disk::dec_check(check_algo), disk::dec_comp(comp_algo));
+    br.methods = enc_methods(disk::dec_algo(check_algo), disk::dec_algo(comp_algo));
     if node.data.meta.has_direct_data() {
         SetStats::default().apply(&mut br);
     } else {

@@ -27,6 +27,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
 
+/// DragonFly keeps the live entries of every blockref array in key
+/// order (empty slots may sit between them) and its lookups depend on it.
+fn in_key_order(set: &[Blockref]) -> bool {
+    let keys: Vec<u64> = set
+        .iter()
+        .filter(|b| !b.is_empty())
+        .map(|b| b.key)
+        .collect();
+    keys.windows(2).all(|w| w[0] < w[1])
+}
+
 /// One thing wrong with the image.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
@@ -565,6 +576,19 @@ impl Checker<'_, '_> {
         } else {
             (0, u64::MAX)
         };
+        if !in_key_order(set) {
+            let what = format!(
+                "blockrefs under {} key {:#x} are not in key order",
+                parent.btype.name(),
+                parent.key
+            );
+            self.problem(
+                pfs.as_deref_mut(),
+                Some(parent.data_off.offset()),
+                Some(inum),
+                what,
+            );
+        }
         let mut sorted: Vec<&Blockref> = set.iter().filter(|b| !b.is_empty()).collect();
         sorted.sort_by_key(|b| b.key);
         let mut prev_end: Option<u64> = None;
@@ -786,7 +810,7 @@ impl Checker<'_, '_> {
                 format!("inode name_len {}", m.name_len),
             );
         }
-        let check = disk::dec_check(m.check_algo);
+        let check = disk::dec_algo(m.check_algo);
         if check > check_method::FREEMAP {
             self.problem(
                 Some(pfs),
@@ -795,7 +819,7 @@ impl Checker<'_, '_> {
                 format!("inode check_algo {:#x} is unknown", m.check_algo),
             );
         }
-        if disk::dec_comp(m.comp_algo) > disk::comp_method::ZLIB {
+        if disk::dec_algo(m.comp_algo) > disk::comp_method::ZLIB {
             self.problem(
                 Some(pfs),
                 at,
@@ -1073,6 +1097,13 @@ impl Checker<'_, '_> {
         leaves: &mut BTreeMap<u64, FreemapLeaf>,
     ) {
         let (lo, hi) = (parent.key, parent.key_end());
+        if !in_key_order(set) {
+            let what = format!(
+                "freemap blockrefs under key {:#x} are not in key order",
+                parent.key
+            );
+            self.problem(None, Some(parent.data_off.offset()), None, what);
+        }
         let mut sorted: Vec<&Blockref> = set.iter().filter(|b| !b.is_empty()).collect();
         sorted.sort_by_key(|b| b.key);
         let mut prev_end: Option<u64> = None;

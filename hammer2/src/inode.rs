@@ -30,8 +30,9 @@ pub struct InodeNode {
     pub table: BlockTable,
     /// File data written since the last flush, by 64 KiB block offset.
     pub pending: BTreeMap<u64, Vec<u8>>,
-    /// Dirents whose names (over 64 bytes) still need their 1 KiB block.
-    pub pending_names: BTreeMap<u64, Vec<u8>>,
+    /// Dirents added since the last flush, by key, with the name when it
+    /// is over 64 bytes and still needs its 1 KiB block.
+    pub pending_dirents: BTreeMap<u64, Option<Vec<u8>>>,
     /// Anything here differs from disk.
     pub dirty: bool,
 }
@@ -48,7 +49,7 @@ impl InodeNode {
             data,
             table,
             pending: BTreeMap::new(),
-            pending_names: BTreeMap::new(),
+            pending_dirents: BTreeMap::new(),
             dirty: false,
         }
     }
@@ -256,7 +257,7 @@ impl InodeNode {
 
     /// The name a dirent leaf carries: embedded, pending, or in its block.
     fn dirent_name(&self, vol: &Volume, br: &Blockref) -> Result<Vec<u8>> {
-        if let Some(n) = self.pending_names.get(&br.key) {
+        if let Some(Some(n)) = self.pending_dirents.get(&br.key) {
             return Ok(n.clone());
         }
         crate::pfs::dirent_name(vol, br)
@@ -328,9 +329,10 @@ impl InodeNode {
         });
         if name.len() <= DIRENT_EMBEDDED_NAME_MAX {
             br.check[..name.len()].copy_from_slice(name);
+            self.pending_dirents.insert(key, None);
         } else {
-            br.methods = disk::enc_methods(disk::dec_check(check_algo), 0);
-            self.pending_names.insert(key, name.to_vec());
+            br.methods = disk::enc_methods(disk::dec_algo(check_algo), 0);
+            self.pending_dirents.insert(key, Some(name.to_vec()));
         }
         self.table.insert(vol, TreeKind::Directory, true, br)?;
         self.dirty = true;
@@ -339,7 +341,7 @@ impl InodeNode {
 
     /// Remove the entry at `key`.
     pub fn dir_remove(&mut self, vol: &Volume, key: u64) -> Result<()> {
-        self.pending_names.remove(&key);
+        self.pending_dirents.remove(&key);
         self.table.delete(vol, key)?;
         self.dirty = true;
         Ok(())

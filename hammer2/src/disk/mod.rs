@@ -127,6 +127,15 @@ pub const fn dec_check(methods: u8) -> u8 {
 pub const fn dec_comp(methods: u8) -> u8 {
     methods & 15
 }
+/// The algorithm in an inode's `check_algo` or `comp_algo` (the low
+/// nibble; `comp_algo` keeps a level in the high nibble).
+pub const fn dec_algo(algo: u8) -> u8 {
+    algo & 15
+}
+/// The level in an inode's `comp_algo`.
+pub const fn dec_level(algo: u8) -> u8 {
+    (algo >> 4) & 15
+}
 
 /// PFS types (low nibble of `pfs_type`).
 pub mod pfs_type {
