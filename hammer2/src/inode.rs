@@ -84,11 +84,8 @@ impl InodeNode {
         self.data.meta.has_direct_data()
     }
 
-    /// The logical block at `lbase` as it reads now.
-    fn block(&mut self, vol: &Volume, lbase: u64) -> Result<Vec<u8>> {
-        if let Some(b) = self.pending.get(&lbase) {
-            return Ok(b.clone());
-        }
+    /// The logical block at `lbase` as stored on disk (zeros for a hole).
+    fn disk_block(&mut self, vol: &Volume, lbase: u64) -> Result<Vec<u8>> {
         match self.table.lookup(vol, lbase)? {
             Some(br) if br.btype == BlockrefType::Data => {
                 let mut b = vol
@@ -99,6 +96,38 @@ impl InodeNode {
             }
             _ => Ok(vec![0u8; BLOCK as usize]),
         }
+    }
+
+    /// The pending copy of block `lbase`, made from disk when absent.
+    fn pending_block(&mut self, vol: &Volume, lbase: u64, whole: bool) -> Result<&mut Vec<u8>> {
+        if !self.pending.contains_key(&lbase) {
+            let b = if whole {
+                vec![0u8; BLOCK as usize]
+            } else {
+                self.disk_block(vol, lbase)?
+            };
+            self.pending.insert(lbase, b);
+        }
+        self.pending
+            .get_mut(&lbase)
+            .ok_or_else(|| Error::corrupt(format!("pending block {lbase:#x} vanished"), 0))
+    }
+
+    /// Copy `out.len()` bytes of block `lbase` from `within` into `out`.
+    fn read_block_into(
+        &mut self,
+        vol: &Volume,
+        lbase: u64,
+        within: usize,
+        out: &mut [u8],
+    ) -> Result<()> {
+        if let Some(b) = self.pending.get(&lbase) {
+            out.copy_from_slice(&b[within..within + out.len()]);
+            return Ok(());
+        }
+        let b = self.disk_block(vol, lbase)?;
+        out.copy_from_slice(&b[within..within + out.len()]);
+        Ok(())
     }
 
     /// Read up to `len` bytes at `offset` (short at end of file).
@@ -117,12 +146,13 @@ impl InodeNode {
             out.resize((end - offset) as usize, 0);
             return Ok(out);
         }
+        out.resize((end - offset) as usize, 0);
         let mut pos = offset;
         while pos < end {
             let lbase = pos & !(BLOCK - 1);
             let hi = end.min(lbase + BLOCK);
-            let blk = self.block(vol, lbase)?;
-            out.extend_from_slice(&blk[(pos - lbase) as usize..(hi - lbase) as usize]);
+            let dst = &mut out[(pos - offset) as usize..(hi - offset) as usize];
+            self.read_block_into(vol, lbase, (pos - lbase) as usize, dst)?;
             pos = hi;
         }
         Ok(out)
@@ -167,14 +197,10 @@ impl InodeNode {
         while pos < end {
             let lbase = pos & !(BLOCK - 1);
             let hi = end.min(lbase + BLOCK);
-            let mut blk = if pos == lbase && hi == lbase + BLOCK {
-                vec![0u8; BLOCK as usize]
-            } else {
-                self.block(vol, lbase)?
-            };
+            let whole = pos == lbase && hi == lbase + BLOCK;
+            let blk = self.pending_block(vol, lbase, whole)?;
             let src = &buf[(pos - offset) as usize..(hi - offset) as usize];
             blk[(pos - lbase) as usize..(hi - lbase) as usize].copy_from_slice(src);
-            self.pending.insert(lbase, blk);
             pos = hi;
         }
         self.data.meta.size = self.size().max(end);
@@ -183,6 +209,11 @@ impl InodeNode {
 
     /// Set the file size: drop whole blocks past it, zero the tail of
     /// the last one, leave holes when growing.
+    /// Bytes of file data waiting for the flush.
+    pub fn dirty_bytes(&self) -> u64 {
+        self.pending.len() as u64 * BLOCK
+    }
+
     pub fn truncate(&mut self, vol: &Volume, size: u64) -> Result<()> {
         if size > i64::MAX as u64 {
             return Err(Error::InvalidArgument {
@@ -218,9 +249,8 @@ impl InodeNode {
             }
             if !size.is_multiple_of(BLOCK) {
                 let lbase = size & !(BLOCK - 1);
-                let mut blk = self.block(vol, lbase)?;
+                let blk = self.pending_block(vol, lbase, false)?;
                 blk[(size - lbase) as usize..].fill(0);
-                self.pending.insert(lbase, blk);
             }
         }
         self.data.meta.size = size;
