@@ -1,6 +1,6 @@
-//! A mount's life: open the image and the PFS, check the mountpoint and
-//! /dev/fuse, mount, say so (`ready`), serve until unmounted, and unmount
-//! on SIGTERM, SIGINT or SIGHUP.
+//! A mount's life: open the image and the PFS, check the mountpoint,
+//! open /dev/fuse, mount(2), say so (`ready`), serve until unmounted, and
+//! unmount on SIGTERM, SIGINT or SIGHUP.
 //!
 //! Threads: `serve` blocks those signals in the calling thread before it
 //! starts any other, so every thread inherits the mask and only the
@@ -16,9 +16,15 @@ use crate::vnops::Hammer2Fs;
 use bufcache::{BlockDevice, FileDevice};
 use hammer2::pfs::{pfs_list, Pfs};
 use hammer2::Volume;
+use nix::errno::Errno;
+use nix::mount::MntFlags;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use std::fmt;
+use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -63,6 +69,9 @@ pub struct Request {
     pub mountpoint: PathBuf,
     pub options: Options,
 }
+
+/// The filesystem type mount(2) gets and /proc/mounts shows.
+pub const FSTYPE: &str = "fuse.hammer2";
 
 /// The label used when `IMG` has no `@LABEL`.
 pub const DEFAULT_LABEL: &str = "DATA";
@@ -132,19 +141,90 @@ fn check_mountpoint(mnt: &Path) -> Result<PathBuf, Failure> {
         .map_err(|e| Failure::Mount(format!("mountpoint {shown}: {e}")))
 }
 
-/// /dev/fuse must exist and open (fuser opens it again to mount).
-fn check_dev_fuse() -> Result<(), Failure> {
-    const DEV: &str = "/dev/fuse";
-    match std::fs::OpenOptions::new().read(true).write(true).open(DEV) {
-        Ok(_) => Ok(()),
+const DEV_FUSE: &str = "/dev/fuse";
+
+/// Open /dev/fuse: the kernel end of the connection the mount will use.
+fn open_dev_fuse() -> Result<File, Failure> {
+    match OpenOptions::new().read(true).write(true).open(DEV_FUSE) {
+        Ok(f) => Ok(f),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Failure::Mount(format!(
-            "{DEV} does not exist: load the fuse module (modprobe fuse), \
+            "{DEV_FUSE} does not exist: load the fuse module (modprobe fuse), \
              or give the container the device"
         ))),
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(Failure::Mount(format!(
-            "cannot open {DEV}: permission denied (mount.hammer2 must run as root)"
+            "cannot open {DEV_FUSE}: permission denied (mount.hammer2 must run as root)"
         ))),
-        Err(e) => Err(Failure::Mount(format!("cannot open {DEV}: {e}"))),
+        Err(e) => Err(Failure::Mount(format!("cannot open {DEV_FUSE}: {e}"))),
+    }
+}
+
+/// mount(2) the FUSE filesystem on `mnt`, talking over `dev`. Done here
+/// rather than by fuser's `Session::new` because fuser 0.18 cannot tell
+/// a mount that is gone from one that is not (its `is_mounted` reads
+/// POLLERR backwards, fixed upstream after 0.18.0): after an outside
+/// `umount` it unmounts the path again, which fails with EINVAL, or
+/// unmounts whatever was mounted there since. With the mount ours, fuser
+/// only serves the connection (`Session::from_fd`) and never unmounts.
+fn mount_kernel(dev: &File, mnt: &Path, source: &str, options: &Options) -> Result<(), Failure> {
+    let shown = mnt.display();
+    let rootmode = std::fs::metadata(mnt)
+        .map_err(|e| Failure::Mount(format!("mountpoint {shown}: {e}")))?
+        .mode();
+    let data = options.kernel_data(
+        dev.as_raw_fd(),
+        rootmode,
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw(),
+    );
+    let source = options.fsname.as_deref().unwrap_or(source);
+    nix::mount::mount(
+        Some(source),
+        mnt,
+        Some(FSTYPE),
+        options.ms_flags(),
+        Some(data.as_str()),
+    )
+    .map_err(|e| match e {
+        Errno::EPERM => Failure::Mount(format!(
+            "cannot mount on {shown}: permission denied (mount.hammer2 must run as root)"
+        )),
+        e => Failure::Mount(format!("cannot mount on {shown}: {e}")),
+    })
+}
+
+/// True once the kernel has dropped the connection (the filesystem was
+/// unmounted, or the connection aborted): /dev/fuse polls POLLERR then.
+fn connection_gone(dev: &File) -> bool {
+    let mut fds = [PollFd::new(dev.as_fd(), PollFlags::empty())];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(1))
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLERR))
+}
+
+/// Unmount after a signal. Not if the connection is already gone (an
+/// outside umount came first, and the path may hold another mount by
+/// now); if busy, detach: open files keep working, and the session ends
+/// when the last one is closed.
+fn unmount(mnt: &Path, dev: &File) -> Result<(), Failure> {
+    if connection_gone(dev) {
+        return Ok(());
+    }
+    match nix::mount::umount2(mnt, MntFlags::empty()) {
+        Ok(()) => Ok(()),
+        Err(Errno::EBUSY) => {
+            log::warn!(
+                "{} is busy: detaching it; it goes away when the last file open on it \
+                 is closed",
+                mnt.display()
+            );
+            nix::mount::umount2(mnt, MntFlags::MNT_DETACH)
+                .map_err(|e| Failure::System(format!("cannot detach {}: {e}", mnt.display())))
+        }
+        Err(e) => Err(Failure::System(format!(
+            "cannot unmount {}: {e}",
+            mnt.display()
+        ))),
     }
 }
 
@@ -174,24 +254,49 @@ pub fn serve(req: &Request, ready: impl FnOnce()) -> Result<(), Failure> {
     signals
         .thread_block()
         .map_err(|e| Failure::System(format!("cannot block signals: {e}")))?;
+    let (session, dev, mnt) = mount(req)?;
+    ready();
+    let events = start_threads(session, signals)?;
+    wait_for_end(&events, &mnt, &dev)
+}
 
+/// Open everything, mount, and shake hands with the kernel. Returns the
+/// session to run, the /dev/fuse descriptor to watch and the canonical
+/// mountpoint.
+fn mount(req: &Request) -> Result<(fuser::Session<Hammer2Fs>, File, PathBuf), Failure> {
     let pfs = open_pfs(&req.image, &req.label)?;
     let mnt = check_mountpoint(&req.mountpoint)?;
-    check_dev_fuse()?;
-
-    let source = req.image.display().to_string();
-    let config = req.options.fuser_config(&source, n_threads());
+    let dev = open_dev_fuse()?;
+    // What /proc/mounts shows as the source, as mount(8) would.
+    let image = req
+        .image
+        .canonicalize()
+        .unwrap_or_else(|_| req.image.clone());
+    let source = image.display().to_string();
     let fs = Hammer2Fs::new(pfs, req.options.default_permissions);
-    let mut session = fuser::Session::new(fs, &mnt, &config)
-        .map_err(|e| Failure::Mount(format!("cannot mount on {}: {e}", mnt.display())))?;
+    let (acl, config) = req.options.session_config(n_threads());
+    mount_kernel(&dev, &mnt, &source, &req.options)?;
+    // fuser takes a duplicate; `dev` stays to watch the connection.
+    let session = dev
+        .try_clone()
+        .and_then(|fd| fuser::Session::from_fd(fs, OwnedFd::from(fd), acl, config))
+        .map_err(|e| {
+            let _ = nix::mount::umount2(&mnt, MntFlags::MNT_DETACH);
+            Failure::Mount(format!("FUSE handshake on {} failed: {e}", mnt.display()))
+        })?;
     log::info!(
         "mounted {source}@{} on {} read-only",
         req.label,
         mnt.display()
     );
-    ready();
+    Ok((session, dev, mnt))
+}
 
-    let mut unmounter = session.unmount_callable();
+/// The session's threads, and one that turns blocked signals into events.
+fn start_threads(
+    session: fuser::Session<Hammer2Fs>,
+    signals: SigSet,
+) -> Result<mpsc::Receiver<Event>, Failure> {
     let (tx, rx) = mpsc::channel();
     let tx_session = tx.clone();
     thread::Builder::new()
@@ -217,10 +322,15 @@ pub fn serve(req: &Request, ready: impl FnOnce()) -> Result<(), Failure> {
             }
         })
         .map_err(|e| Failure::System(format!("cannot start the signal thread: {e}")))?;
+    Ok(rx)
+}
 
+/// Until the session ends: by an outside umount, or by ours after a
+/// signal; a second signal does not wait for a busy mount.
+fn wait_for_end(events: &mpsc::Receiver<Event>, mnt: &Path, dev: &File) -> Result<(), Failure> {
     let mut unmounting = false;
     loop {
-        let event = rx
+        let event = events
             .recv()
             .map_err(|_| Failure::System("the session ended without a word".into()))?;
         match event {
@@ -234,19 +344,7 @@ pub fn serve(req: &Request, ready: impl FnOnce()) -> Result<(), Failure> {
             Event::Signal(sig) if !unmounting => {
                 log::info!("{sig}: unmounting {}", mnt.display());
                 unmounting = true;
-                if let Err(e) = unmounter.unmount() {
-                    log::warn!(
-                        "cannot unmount {} ({e}): detaching it; it goes away when the \
-                         last file open on it is closed",
-                        mnt.display()
-                    );
-                    if let Err(e) = nix::mount::umount2(&mnt, nix::mount::MntFlags::MNT_DETACH) {
-                        return Err(Failure::System(format!(
-                            "cannot detach {}: {e}",
-                            mnt.display()
-                        )));
-                    }
-                }
+                unmount(mnt, dev)?;
             }
             Event::Signal(sig) => {
                 log::warn!(

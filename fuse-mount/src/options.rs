@@ -4,7 +4,8 @@
 //! (a warning with `-s`, mount(8)'s "sloppy" flag), so a typo in fstab
 //! does not silently mount with different semantics.
 
-use fuser::{Config, MountOption, SessionACL};
+use fuser::{Config, SessionACL};
+use nix::mount::MsFlags;
 
 /// What the options ask for, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,9 +19,16 @@ pub struct Options {
     pub exec: bool,
     pub atime: bool,
     /// `sync`, `async` or `dirsync`, passed through (nothing is written).
-    pub sync: Option<MountOption>,
+    pub sync: Option<Sync>,
     /// The source name shown in /proc/mounts (default: the image path).
     pub fsname: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sync {
+    Sync,
+    Async,
+    DirSync,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,9 +106,9 @@ pub fn parse<S: AsRef<str>>(args: &[S], sloppy: bool) -> Result<Options, String>
             "noexec" => o.exec = false,
             "atime" => o.atime = true,
             "noatime" => o.atime = false,
-            "sync" => o.sync = Some(MountOption::Sync),
-            "async" => o.sync = Some(MountOption::Async),
-            "dirsync" => o.sync = Some(MountOption::DirSync),
+            "sync" => o.sync = Some(Sync::Sync),
+            "async" => o.sync = Some(Sync::Async),
+            "dirsync" => o.sync = Some(Sync::DirSync),
             "auto_unmount" => {
                 return Err(
                     "auto_unmount is not supported: fuser implements it only through \
@@ -126,41 +134,55 @@ pub fn parse<S: AsRef<str>>(args: &[S], sloppy: bool) -> Result<Options, String>
 }
 
 impl Options {
-    /// The fuser configuration: always read-only; the source shown in
-    /// /proc/mounts is `fsname` (the image by default) and the type
-    /// `fuse.hammer2`.
-    pub fn fuser_config(&self, source: &str, n_threads: usize) -> Config {
-        let mut mount_options = vec![
-            MountOption::RO,
-            MountOption::FSName(self.fsname.clone().unwrap_or_else(|| source.to_string())),
-            // Passed to the kernel as is; fuser's own Subtype option only
-            // reaches fusermount.
-            MountOption::CUSTOM("subtype=hammer2".to_string()),
+    /// mount(2) flags: always read-only; nosuid and nodev unless asked
+    /// otherwise (FUSE's defaults).
+    pub fn ms_flags(&self) -> MsFlags {
+        let mut f = MsFlags::MS_RDONLY;
+        let pairs = [
+            (!self.suid, MsFlags::MS_NOSUID),
+            (!self.dev, MsFlags::MS_NODEV),
+            (!self.exec, MsFlags::MS_NOEXEC),
+            (!self.atime, MsFlags::MS_NOATIME),
+            (self.sync == Some(Sync::Sync), MsFlags::MS_SYNCHRONOUS),
+            (self.sync == Some(Sync::DirSync), MsFlags::MS_DIRSYNC),
         ];
+        for (on, flag) in pairs {
+            if on {
+                f |= flag;
+            }
+        }
+        f
+    }
+
+    /// The FUSE mount data: the /dev/fuse descriptor, the root's mode
+    /// until the first getattr, the owner (whom the kernel lets in
+    /// without `allow_other`), and the options the kernel enforces.
+    pub fn kernel_data(&self, fd: i32, rootmode: u32, uid: u32, gid: u32) -> String {
+        let mut data = format!("fd={fd},rootmode={rootmode:o},user_id={uid},group_id={gid}");
         if self.default_permissions {
-            mount_options.push(MountOption::DefaultPermissions);
+            data.push_str(",default_permissions");
         }
-        let flags = [
-            (self.suid, MountOption::Suid, MountOption::NoSuid),
-            (self.dev, MountOption::Dev, MountOption::NoDev),
-            (self.exec, MountOption::Exec, MountOption::NoExec),
-            (self.atime, MountOption::Atime, MountOption::NoAtime),
-        ];
-        for (on, yes, no) in flags {
-            mount_options.push(if on { yes } else { no });
+        if self.access != Access::Owner {
+            // allow_root is allow_other in the kernel; fuser turns away
+            // everyone but root and the owner.
+            data.push_str(",allow_other");
         }
-        mount_options.extend(self.sync.clone());
-        let mut config = Config::default();
-        config.mount_options = mount_options;
-        config.acl = match self.access {
+        data
+    }
+
+    /// fuser's session settings: who may use it, and request threads.
+    pub fn session_config(&self, n_threads: usize) -> (SessionACL, Config) {
+        let acl = match self.access {
             Access::Owner => SessionACL::Owner,
             Access::RootAndOwner => SessionACL::RootAndOwner,
             Access::All => SessionACL::All,
         };
+        let mut config = Config::default();
+        config.acl = acl;
         config.n_threads = Some(n_threads.max(1));
         // One /dev/fuse descriptor per thread (Linux 4.5+).
         config.clone_fd = n_threads > 1;
-        config
+        (acl, config)
     }
 }
 
@@ -172,11 +194,16 @@ mod tests {
     fn defaults_are_read_only_owner_only() {
         let o = parse::<&str>(&[], false).unwrap();
         assert_eq!(o, Options::default());
-        let c = o.fuser_config("img", 2);
-        assert!(c.mount_options.contains(&MountOption::RO));
-        assert!(c.mount_options.contains(&MountOption::NoSuid));
-        assert!(c.mount_options.contains(&MountOption::NoDev));
-        assert_eq!(c.acl, SessionACL::Owner);
+        assert_eq!(
+            o.ms_flags(),
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV
+        );
+        assert_eq!(
+            o.kernel_data(5, 0o40755, 0, 0),
+            "fd=5,rootmode=40755,user_id=0,group_id=0"
+        );
+        let (acl, c) = o.session_config(2);
+        assert_eq!(acl, SessionACL::Owner);
         assert!(c.clone_fd);
     }
 
@@ -192,10 +219,19 @@ mod tests {
         .unwrap();
         assert_eq!(o.access, Access::All);
         assert!(o.default_permissions);
-        let c = o.fuser_config("img", 1);
-        assert!(c.mount_options.contains(&MountOption::DefaultPermissions));
-        assert_eq!(c.acl, SessionACL::All);
+        assert!(o
+            .kernel_data(3, 0o40700, 0, 0)
+            .ends_with(",default_permissions,allow_other"));
+        let (acl, c) = o.session_config(1);
+        assert_eq!(acl, SessionACL::All);
         assert!(!c.clone_fd);
+        let o = parse(&["allow_root,noexec,noatime,suid"], false).unwrap();
+        assert_eq!(o.session_config(1).0, SessionACL::RootAndOwner);
+        assert!(o.kernel_data(3, 0o40700, 0, 0).ends_with(",allow_other"));
+        assert_eq!(
+            o.ms_flags(),
+            MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_NOATIME
+        );
     }
 
     #[test]
