@@ -32,6 +32,8 @@ const TREECHECK: &str = concat!(
 );
 
 /// The clean image most tests use: the full tree, lz4 and xxhash64.
+const SEEKDIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/seekdir.py");
+
 const FULL: &str = "v1-lz4-xxhash64";
 
 /// Root and /dev/fuse, or a loud failure.
@@ -366,7 +368,8 @@ fn every_fixture_has_a_treecheck_test() {
 
 /// A directory of about a thousand entries takes many readdir replies;
 /// the listing continues from each cookie without repeating or losing
-/// an entry, and statfs and stat report what the header and inodes say.
+/// an entry, seekdir goes back to any telldir position, and statfs and
+/// stat report what the header and inodes say.
 #[test]
 fn readdir_continues_across_calls_and_statfs_matches_the_header() {
     require_fuse();
@@ -394,6 +397,19 @@ fn readdir_continues_across_calls_and_statfs_matches_the_header() {
         );
         assert_eq!(unique, want, "pass {pass}");
     }
+    // telldir/seekdir: positions are cookies, resumed at any point.
+    let out = Command::new("python3")
+        .arg(SEEKDIR)
+        .arg(mnt.join("big"))
+        .output()
+        .expect("run python3 seekdir.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("seekdir big: {}", stdout.trim_end());
+    assert!(
+        out.status.success(),
+        "seekdir.py failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let pfs = open_pfs(&img, "DATA");
     let h = &pfs.volume().header;
