@@ -49,10 +49,26 @@ fn require_fuse() {
     );
 }
 
+/// A directory for this test process (`mount-PID` under cargo's test
+/// temp dir); those of earlier runs, whose process is gone, are removed
+/// the first time.
 fn scratch(tag: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("mount-{}", std::process::id()))
-        .join(tag);
+    static BASE: OnceLock<PathBuf> = OnceLock::new();
+    let base = BASE.get_or_init(|| {
+        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        for e in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.strip_prefix("mount-") else {
+                continue;
+            };
+            if !Path::new("/proc").join(pid).exists() {
+                // A stale read-only mount inside makes this fail; harmless.
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        tmp.join(format!("mount-{}", std::process::id()))
+    });
+    let p = base.join(tag);
     std::fs::create_dir_all(&p).expect("create scratch dir");
     p
 }
