@@ -1,1 +1,23 @@
+//! `mount.hammer2`: a HAMMER2 image served over FUSE, read-only for now.
+//! The only crate that knows FUSE.
+//!
+//! - `vnops`: the `fuser::Filesystem` impl over one `hammer2::Pfs`
+//!   (DragonFly's `hammer2_vnops.c`); the write path slots in here.
+//! - `inode`: node ids, the table of inodes the kernel holds, attributes.
+//! - `cookie`: readdir offsets from directory keys.
+//! - `errno`: the one mapping from `hammer2::Error` to an errno.
+//! - `options`: `-o` options as mount(8) and fstab pass them.
+//! - `mount`: opening the image, mounting, serving, unmounting on signals.
+//! - `logging`: stderr, then syslog once a background mount is up.
 
+#![forbid(unsafe_code)]
+
+pub mod cookie;
+pub mod errno;
+pub mod inode;
+pub mod logging;
+pub mod mount;
+pub mod options;
+pub mod vnops;
+
+pub use errno::errno;

@@ -1,0 +1,163 @@
+//! `mount.hammer2 [-f] [-o OPTIONS] IMG[@LABEL] MOUNTPOINT`: mount a PFS
+//! of a HAMMER2 image read-only over FUSE. Installed as
+//! `/usr/local/sbin/mount.hammer2` (cargo cannot name a binary with a
+//! dot, so in `target/` it is `mount-hammer2`).
+//!
+//! Without `-f` it returns once the mount is up, leaving a daemon to
+//! serve it. The daemon is this same program started again with
+//! `--daemon-child` rather than a fork: forking a process that may have
+//! threads (or that links libraries that might start them) is unsafe in
+//! Rust and would need `unsafe` here; a fresh process is not. The child
+//! leaves the terminal's session, mounts, and writes `ready` on a pipe to
+//! its parent, which exits 0 then; if the child fails, its messages have
+//! gone to the same stderr and the parent exits with the child's status.
+//!
+//! Exit status, as mount(8): 0 mounted (and, with `-f`, unmounted
+//! cleanly), 1 usage error (bad arguments or options, `rw`), 2 system
+//! error, 32 mount failure (image, label, mountpoint, /dev/fuse, mount).
+
+use clap::Parser;
+use fuse_mount::mount::{self, Failure, Request, DEFAULT_LABEL};
+use fuse_mount::{logging, options};
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+
+const READY: &str = "ready\n";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mount.hammer2",
+    version,
+    about = "Mount a PFS of a HAMMER2 image read-only over FUSE",
+    after_help = "IMG is an image file or block device; LABEL names a PFS or snapshot \
+                  (default DATA). Options: ro, allow_other, allow_root, \
+                  default_permissions, nosuid/suid, nodev/dev, noexec/exec, noatime, \
+                  fsname=NAME; fstab bookkeeping (noauto, nofail, _netdev, x-*) is \
+                  ignored. rw is refused: the write path is not there yet.\n\n\
+                  Exit status: 0 mounted, 1 usage, 2 system error, 32 mount failed."
+)]
+struct Cli {
+    /// Stay in the foreground and log to stderr (the default is to return
+    /// once the mount is up and log to syslog).
+    #[arg(short = 'f')]
+    foreground: bool,
+    /// Mount options, comma-separated; may be given more than once.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Sloppy: warn about unknown options instead of failing (mount(8) -s).
+    #[arg(short = 's')]
+    sloppy: bool,
+    /// Log debug messages.
+    #[arg(short = 'v')]
+    verbose: bool,
+    /// Accepted from mount(8) and ignored: there is no mtab to skip.
+    #[arg(short = 'n')]
+    no_mtab: bool,
+    /// Accepted from mount(8) and ignored: the filesystem type.
+    #[arg(short = 't', value_name = "TYPE")]
+    fstype: Option<String>,
+    /// The background daemon (internal).
+    #[arg(long, hide = true)]
+    daemon_child: bool,
+    /// The image and, after @, the PFS label.
+    #[arg(value_name = "IMG[@LABEL]")]
+    source: OsString,
+    /// An existing directory.
+    #[arg(value_name = "MOUNTPOINT")]
+    mountpoint: PathBuf,
+}
+
+fn request(cli: &Cli) -> Result<Request, Failure> {
+    let (image, label) = match cli.source.to_str() {
+        Some(s) => mount::split_source(s)?,
+        None => (PathBuf::from(&cli.source), DEFAULT_LABEL.to_string()),
+    };
+    let options = options::parse(&cli.options, cli.sloppy).map_err(Failure::Usage)?;
+    Ok(Request {
+        image,
+        label,
+        mountpoint: cli.mountpoint.clone(),
+        options,
+    })
+}
+
+/// Start the daemon and wait until it says the mount is up, or exits.
+fn spawn_daemon() -> Result<(), Failure> {
+    let exe = std::env::current_exe()
+        .map_err(|e| Failure::System(format!("cannot find this program: {e}")))?;
+    let mut child = Command::new(exe)
+        .arg("--daemon-child")
+        .args(std::env::args_os().skip(1))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| Failure::System(format!("cannot start the daemon: {e}")))?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        // EOF (an empty line) means it exited or closed the pipe early.
+        let _ = BufReader::new(out).read_line(&mut line);
+    }
+    if line == READY {
+        return Ok(());
+    }
+    let status = child
+        .wait()
+        .map_err(|e| Failure::System(format!("cannot wait for the daemon: {e}")))?;
+    // Its own messages are already on stderr; pass its status on.
+    std::process::exit(status.code().unwrap_or(2));
+}
+
+/// In the daemon, once mounted: log to syslog, let go of the caller's
+/// stdio (so a caller reading our output to its end is not kept
+/// waiting) and working directory, and tell the parent.
+fn detach() {
+    logging::to_syslog();
+    let _ = std::env::set_current_dir("/");
+    let Ok(null) = File::options().read(true).write(true).open("/dev/null") else {
+        log::warn!("cannot open /dev/null; keeping stdio");
+        return;
+    };
+    let _ = nix::unistd::dup2_stderr(&null);
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(READY.as_bytes());
+    let _ = out.flush();
+    let _ = nix::unistd::dup2_stdout(&null);
+}
+
+fn run(cli: &Cli) -> Result<(), Failure> {
+    let req = request(cli)?;
+    if cli.daemon_child {
+        // Out of the caller's session: no SIGHUP or ^C from its terminal.
+        let _ = nix::unistd::setsid();
+        mount::serve(&req, detach)
+    } else if cli.foreground {
+        mount::serve(&req, || {})
+    } else {
+        spawn_daemon()
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let usage = e.use_stderr();
+            let _ = e.print();
+            return ExitCode::from(if usage { 1 } else { 0 });
+        }
+    };
+    logging::init(cli.verbose);
+    log::debug!("{cli:?}");
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            log::debug!("{f:?}");
+            eprintln!("mount.hammer2: {f}");
+            ExitCode::from(f.exit_code() as u8)
+        }
+    }
+}

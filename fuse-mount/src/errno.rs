@@ -1,0 +1,113 @@
+//! The one place a `hammer2::Error` becomes an errno. The `match` has no
+//! catch-all arm, so a new library variant does not compile until it is
+//! given an errno here. The original error is logged here too, at a level
+//! that says how bad it is: damage and I/O errors at error level (the
+//! library's `Display` carries the image offset and, for check-code and
+//! decompression failures, the PFS, inode and file offset), expected
+//! conditions (a name that does not exist) at debug level.
+
+use hammer2::Error;
+
+/// The errno a failed filesystem operation returns to the caller.
+pub fn errno(e: &Error) -> i32 {
+    match e {
+        Error::NotFound { .. } => {
+            log::debug!("{e}");
+            libc::ENOENT
+        }
+        Error::NotDir { .. } => {
+            log::debug!("{e}");
+            libc::ENOTDIR
+        }
+        Error::IsDir { .. } => {
+            log::debug!("{e}");
+            libc::EISDIR
+        }
+        Error::NotSymlink { .. } => {
+            log::debug!("{e}");
+            libc::EINVAL
+        }
+        Error::NameTooLong { .. } => {
+            log::debug!("{e}");
+            libc::ENAMETOOLONG
+        }
+        Error::InvalidArgument { .. } => {
+            log::debug!("{e}");
+            libc::EINVAL
+        }
+        Error::TooManyLinks { .. } => {
+            log::debug!("{e}");
+            libc::ELOOP
+        }
+        Error::Io { .. } => {
+            log::error!("{e}");
+            libc::EIO
+        }
+        Error::CheckMismatch { .. } | Error::Decompress { .. } | Error::Corrupt { .. } => {
+            log::error!("damaged block: {e}");
+            libc::EIO
+        }
+        Error::Unsupported { .. } => {
+            log::warn!("{e}");
+            libc::EOPNOTSUPP
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hammer2::error::Where;
+
+    #[test]
+    fn conditions_map_to_their_errno() {
+        let what = || "x".to_string();
+        let cases = [
+            (Error::NotFound { what: what() }, libc::ENOENT),
+            (Error::NotDir { what: what() }, libc::ENOTDIR),
+            (Error::IsDir { what: what() }, libc::EISDIR),
+            (Error::NotSymlink { what: what() }, libc::EINVAL),
+            (Error::NameTooLong { len: 300 }, libc::ENAMETOOLONG),
+            (Error::InvalidArgument { what: what() }, libc::EINVAL),
+            (Error::TooManyLinks { what: what() }, libc::ELOOP),
+            (
+                Error::Io {
+                    op: "read",
+                    at: 0x1000,
+                    source: std::io::Error::other("gone"),
+                },
+                libc::EIO,
+            ),
+            (Error::corrupt(what(), 0x2000), libc::EIO),
+            (
+                Error::CheckMismatch {
+                    at: 0x3000,
+                    method: 4,
+                    expected: "1".into(),
+                    actual: "2".into(),
+                    place: Where::default(),
+                },
+                libc::EIO,
+            ),
+            (
+                Error::Decompress {
+                    at: 0x4000,
+                    method: 2,
+                    detail: what(),
+                    place: Where::default(),
+                },
+                libc::EIO,
+            ),
+            (
+                Error::Unsupported {
+                    what: what(),
+                    at: 0,
+                },
+                libc::EOPNOTSUPP,
+            ),
+        ];
+        for (e, want) in &cases {
+            assert_eq!(errno(e), *want, "{e}");
+        }
+    }
+}

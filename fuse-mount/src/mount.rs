@@ -1,0 +1,380 @@
+//! A mount's life: open the image and the PFS, check the mountpoint,
+//! open /dev/fuse, mount(2), say so (`ready`), serve until unmounted, and
+//! unmount on SIGTERM, SIGINT or SIGHUP.
+//!
+//! Threads: `serve` blocks those signals in the calling thread before it
+//! starts any other, so every thread inherits the mask and only the
+//! signal thread (sigwait) sees them. The session runs on its own
+//! threads; the calling thread waits for whichever comes first, a signal
+//! or the end of the session (an outside `umount`). On a signal it
+//! unmounts; if the mount is busy it detaches it (`MNT_DETACH`), which
+//! leaves open files working, and the session ends when the last of them
+//! is closed; a second signal ends the process at once.
+
+use crate::options::Options;
+use crate::vnops::Hammer2Fs;
+use bufcache::{BlockDevice, FileDevice};
+use hammer2::pfs::{pfs_list, Pfs};
+use hammer2::Volume;
+use nix::errno::Errno;
+use nix::mount::MntFlags;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread;
+
+/// Why a mount did not happen, with mount(8)'s exit codes.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad arguments or options (exit 1).
+    Usage(String),
+    /// The mount itself failed: the image, the PFS, the mountpoint,
+    /// /dev/fuse, mount(2) (exit 32).
+    Mount(String),
+    /// The system failed us: cannot start the daemon, the session broke
+    /// (exit 2).
+    System(String),
+}
+
+impl Failure {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Failure::Usage(_) => 1,
+            Failure::System(_) => 2,
+            Failure::Mount(_) => 32,
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Usage(m) | Failure::Mount(m) | Failure::System(m) => f.write_str(m),
+        }
+    }
+}
+
+/// What to mount where.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub image: PathBuf,
+    pub label: String,
+    pub mountpoint: PathBuf,
+    pub options: Options,
+}
+
+/// The filesystem type mount(2) gets and /proc/mounts shows.
+pub const FSTYPE: &str = "fuse.hammer2";
+
+/// The label used when `IMG` has no `@LABEL`.
+pub const DEFAULT_LABEL: &str = "DATA";
+
+/// Split `IMG[@LABEL]`. The label is what follows the last `@`, unless
+/// that contains a `/` (then the `@` belongs to a directory name).
+pub fn split_source(source: &str) -> Result<(PathBuf, String), Failure> {
+    match source.rsplit_once('@') {
+        Some((img, label)) if !label.contains('/') => {
+            if img.is_empty() || label.is_empty() {
+                return Err(Failure::Usage(format!(
+                    "{source:?}: expected IMG or IMG@LABEL"
+                )));
+            }
+            Ok((PathBuf::from(img), label.to_string()))
+        }
+        _ => Ok((PathBuf::from(source), DEFAULT_LABEL.to_string())),
+    }
+}
+
+/// Open the image and its PFS `label`, with messages that say what is
+/// wrong: not a file, not HAMMER2, no such label (listing those there
+/// are).
+pub fn open_pfs(image: &Path, label: &str) -> Result<Pfs, Failure> {
+    let shown = image.display();
+    let dev = FileDevice::open(image, false)
+        .map_err(|e| Failure::Mount(format!("cannot open {shown}: {e}")))?;
+    let dev: Arc<dyn BlockDevice> = Arc::new(dev);
+    let vol = Volume::open(dev)
+        .map_err(|e| Failure::Mount(format!("{shown} is not a usable HAMMER2 image: {e}")))?;
+    let vol = Arc::new(vol);
+    let mut labels: Vec<String> = pfs_list(&vol)
+        .map_err(|e| Failure::Mount(format!("{shown}: cannot read the PFS list: {e}")))?
+        .into_iter()
+        .map(|p| p.label)
+        .collect();
+    if !labels.iter().any(|l| l == label) {
+        labels.sort();
+        let have = if labels.is_empty() {
+            "it has none".to_string()
+        } else {
+            format!("it has: {}", labels.join(", "))
+        };
+        return Err(Failure::Mount(format!(
+            "{shown} has no PFS labelled {label:?}; {have}"
+        )));
+    }
+    Pfs::open(vol, label).map_err(|e| Failure::Mount(format!("{shown}@{label}: {e}")))
+}
+
+/// The mountpoint must be an existing directory.
+fn check_mountpoint(mnt: &Path) -> Result<PathBuf, Failure> {
+    let shown = mnt.display();
+    match std::fs::metadata(mnt) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(Failure::Mount(format!(
+                "mountpoint {shown} is not a directory"
+            )))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(Failure::Mount(format!("mountpoint {shown} does not exist")))
+        }
+        Err(e) => return Err(Failure::Mount(format!("mountpoint {shown}: {e}"))),
+    }
+    mnt.canonicalize()
+        .map_err(|e| Failure::Mount(format!("mountpoint {shown}: {e}")))
+}
+
+const DEV_FUSE: &str = "/dev/fuse";
+
+/// Open /dev/fuse: the kernel end of the connection the mount will use.
+fn open_dev_fuse() -> Result<File, Failure> {
+    match OpenOptions::new().read(true).write(true).open(DEV_FUSE) {
+        Ok(f) => Ok(f),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Failure::Mount(format!(
+            "{DEV_FUSE} does not exist: load the fuse module (modprobe fuse), \
+             or give the container the device"
+        ))),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(Failure::Mount(format!(
+            "cannot open {DEV_FUSE}: permission denied (mount.hammer2 must run as root)"
+        ))),
+        Err(e) => Err(Failure::Mount(format!("cannot open {DEV_FUSE}: {e}"))),
+    }
+}
+
+/// mount(2) the FUSE filesystem on `mnt`, talking over `dev`. Done here
+/// rather than by fuser's `Session::new` because fuser 0.18 cannot tell
+/// a mount that is gone from one that is not (its `is_mounted` reads
+/// POLLERR backwards, fixed upstream after 0.18.0): after an outside
+/// `umount` it unmounts the path again, which fails with EINVAL, or
+/// unmounts whatever was mounted there since. With the mount ours, fuser
+/// only serves the connection (`Session::from_fd`) and never unmounts.
+fn mount_kernel(dev: &File, mnt: &Path, source: &str, options: &Options) -> Result<(), Failure> {
+    let shown = mnt.display();
+    let rootmode = std::fs::metadata(mnt)
+        .map_err(|e| Failure::Mount(format!("mountpoint {shown}: {e}")))?
+        .mode();
+    let data = options.kernel_data(
+        dev.as_raw_fd(),
+        rootmode,
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw(),
+    );
+    let source = options.fsname.as_deref().unwrap_or(source);
+    nix::mount::mount(
+        Some(source),
+        mnt,
+        Some(FSTYPE),
+        options.ms_flags(),
+        Some(data.as_str()),
+    )
+    .map_err(|e| match e {
+        Errno::EPERM => Failure::Mount(format!(
+            "cannot mount on {shown}: permission denied (mount.hammer2 must run as root)"
+        )),
+        e => Failure::Mount(format!("cannot mount on {shown}: {e}")),
+    })
+}
+
+/// True once the kernel has dropped the connection (the filesystem was
+/// unmounted, or the connection aborted): /dev/fuse polls POLLERR then.
+fn connection_gone(dev: &File) -> bool {
+    let mut fds = [PollFd::new(dev.as_fd(), PollFlags::empty())];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(1))
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLERR))
+}
+
+/// Unmount after a signal. Not if the connection is already gone (an
+/// outside umount came first, and the path may hold another mount by
+/// now); if busy, detach: open files keep working, and the session ends
+/// when the last one is closed.
+fn unmount(mnt: &Path, dev: &File) -> Result<(), Failure> {
+    if connection_gone(dev) {
+        return Ok(());
+    }
+    match nix::mount::umount2(mnt, MntFlags::empty()) {
+        Ok(()) => Ok(()),
+        Err(Errno::EBUSY) => {
+            log::warn!(
+                "{} is busy: detaching it; it goes away when the last file open on it \
+                 is closed",
+                mnt.display()
+            );
+            nix::mount::umount2(mnt, MntFlags::MNT_DETACH)
+                .map_err(|e| Failure::System(format!("cannot detach {}: {e}", mnt.display())))
+        }
+        Err(e) => Err(Failure::System(format!(
+            "cannot unmount {}: {e}",
+            mnt.display()
+        ))),
+    }
+}
+
+/// Request threads: one per CPU, at most four (each holds a 16 MiB
+/// request buffer; reads are CPU-bound on check codes and decompression).
+fn n_threads() -> usize {
+    thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
+
+enum Event {
+    Signal(Signal),
+    Ended(io::Result<()>),
+}
+
+fn shutdown_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(s);
+    }
+    set
+}
+
+/// Mount `req`, call `ready` once the kernel has accepted the mount, and
+/// serve until it is unmounted. Call it before starting any thread.
+pub fn serve(req: &Request, ready: impl FnOnce()) -> Result<(), Failure> {
+    let signals = shutdown_signals();
+    signals
+        .thread_block()
+        .map_err(|e| Failure::System(format!("cannot block signals: {e}")))?;
+    let (session, dev, mnt) = mount(req)?;
+    ready();
+    let events = start_threads(session, signals)?;
+    wait_for_end(&events, &mnt, &dev)
+}
+
+/// Open everything, mount, and shake hands with the kernel. Returns the
+/// session to run, the /dev/fuse descriptor to watch and the canonical
+/// mountpoint.
+fn mount(req: &Request) -> Result<(fuser::Session<Hammer2Fs>, File, PathBuf), Failure> {
+    let pfs = open_pfs(&req.image, &req.label)?;
+    let mnt = check_mountpoint(&req.mountpoint)?;
+    let dev = open_dev_fuse()?;
+    // What /proc/mounts shows as the source, as mount(8) would.
+    let image = req
+        .image
+        .canonicalize()
+        .unwrap_or_else(|_| req.image.clone());
+    let source = image.display().to_string();
+    let fs = Hammer2Fs::new(pfs, req.options.default_permissions);
+    let (acl, config) = req.options.session_config(n_threads());
+    mount_kernel(&dev, &mnt, &source, &req.options)?;
+    // fuser takes a duplicate; `dev` stays to watch the connection.
+    let session = dev
+        .try_clone()
+        .and_then(|fd| fuser::Session::from_fd(fs, OwnedFd::from(fd), acl, config))
+        .map_err(|e| {
+            let _ = nix::mount::umount2(&mnt, MntFlags::MNT_DETACH);
+            Failure::Mount(format!("FUSE handshake on {} failed: {e}", mnt.display()))
+        })?;
+    log::info!(
+        "mounted {source}@{} on {} read-only",
+        req.label,
+        mnt.display()
+    );
+    Ok((session, dev, mnt))
+}
+
+/// The session's threads, and one that turns blocked signals into events.
+fn start_threads(
+    session: fuser::Session<Hammer2Fs>,
+    signals: SigSet,
+) -> Result<mpsc::Receiver<Event>, Failure> {
+    let (tx, rx) = mpsc::channel();
+    let tx_session = tx.clone();
+    thread::Builder::new()
+        .name("session".into())
+        .spawn(move || {
+            let r = session.run();
+            let _ = tx_session.send(Event::Ended(r));
+        })
+        .map_err(|e| Failure::System(format!("cannot start the session: {e}")))?;
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            match signals.wait() {
+                Ok(sig) => {
+                    if tx.send(Event::Signal(sig)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    log::error!("sigwait: {e}");
+                    return;
+                }
+            }
+        })
+        .map_err(|e| Failure::System(format!("cannot start the signal thread: {e}")))?;
+    Ok(rx)
+}
+
+/// Until the session ends: by an outside umount, or by ours after a
+/// signal; a second signal does not wait for a busy mount.
+fn wait_for_end(events: &mpsc::Receiver<Event>, mnt: &Path, dev: &File) -> Result<(), Failure> {
+    let mut unmounting = false;
+    loop {
+        let event = events
+            .recv()
+            .map_err(|_| Failure::System("the session ended without a word".into()))?;
+        match event {
+            Event::Ended(Ok(())) => {
+                log::info!("{} unmounted", mnt.display());
+                return Ok(());
+            }
+            Event::Ended(Err(e)) => {
+                return Err(Failure::System(format!("FUSE session failed: {e}")));
+            }
+            Event::Signal(sig) if !unmounting => {
+                log::info!("{sig}: unmounting {}", mnt.display());
+                unmounting = true;
+                unmount(mnt, dev)?;
+            }
+            Event::Signal(sig) => {
+                log::warn!(
+                    "{sig} again: exiting; files still open on {} fail from now on",
+                    mnt.display()
+                );
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_split_at_the_last_at_sign() {
+        let (i, l) = split_source("disk.img").unwrap();
+        assert_eq!((i.to_str().unwrap(), l.as_str()), ("disk.img", "DATA"));
+        let (i, l) = split_source("/x/disk.img@SNAP1").unwrap();
+        assert_eq!((i.to_str().unwrap(), l.as_str()), ("/x/disk.img", "SNAP1"));
+        let (i, l) = split_source("/a@b/disk.img").unwrap();
+        assert_eq!((i.to_str().unwrap(), l.as_str()), ("/a@b/disk.img", "DATA"));
+        let (i, l) = split_source("/a@b/disk.img@LOCAL").unwrap();
+        assert_eq!(
+            (i.to_str().unwrap(), l.as_str()),
+            ("/a@b/disk.img", "LOCAL")
+        );
+        assert!(split_source("disk.img@").is_err());
+        assert!(split_source("@DATA").is_err());
+    }
+}

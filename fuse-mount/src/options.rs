@@ -1,0 +1,262 @@
+//! Mount options, as `mount -t fuse.hammer2`, `/etc/fstab` and the command
+//! line pass them: `-o opt[,opt]...`, possibly several times; the last of
+//! two opposites wins, as with mount(8). Unknown options are an error
+//! (a warning with `-s`, mount(8)'s "sloppy" flag), so a typo in fstab
+//! does not silently mount with different semantics.
+
+use fuser::{Config, SessionACL};
+use nix::mount::MsFlags;
+
+/// What the options ask for, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// Who may use the mount besides the user who mounted it.
+    pub access: Access,
+    /// Let the kernel check permissions from the mode, uid and gid.
+    pub default_permissions: bool,
+    pub suid: bool,
+    pub dev: bool,
+    pub exec: bool,
+    pub atime: bool,
+    /// `sync`, `async` or `dirsync`, passed through (nothing is written).
+    pub sync: Option<Sync>,
+    /// The source name shown in /proc/mounts (default: the image path).
+    pub fsname: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sync {
+    Sync,
+    Async,
+    DirSync,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Only the user who mounted it (FUSE's default).
+    Owner,
+    /// `allow_root`: that user and root.
+    RootAndOwner,
+    /// `allow_other`: everyone, subject to permission checks.
+    All,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            access: Access::Owner,
+            default_permissions: false,
+            // FUSE's defaults: nosuid and nodev, but exec.
+            suid: false,
+            dev: false,
+            exec: true,
+            atime: true,
+            sync: None,
+            fsname: None,
+        }
+    }
+}
+
+/// Options accepted and ignored: mount(8) and fstab bookkeeping that
+/// reaches helpers, and atime policies (a read-only mount updates no
+/// times).
+const IGNORED: &[&str] = &[
+    "defaults",
+    "auto",
+    "noauto",
+    "nofail",
+    "_netdev",
+    "user",
+    "nouser",
+    "users",
+    "owner",
+    "group",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "nostrictatime",
+    "diratime",
+    "nodiratime",
+    "lazytime",
+    "nolazytime",
+];
+
+/// Parse every `-o` argument. `sloppy` (mount's `-s`) turns unknown
+/// options into warnings. Errors are usage errors: the message says what
+/// to change.
+pub fn parse<S: AsRef<str>>(args: &[S], sloppy: bool) -> Result<Options, String> {
+    let mut o = Options::default();
+    let mut read_write = false;
+    for opt in args
+        .iter()
+        .flat_map(|a| a.as_ref().split(','))
+        .filter(|s| !s.is_empty())
+    {
+        match opt {
+            "ro" => read_write = false,
+            "rw" => read_write = true,
+            "allow_other" => o.access = Access::All,
+            "allow_root" => o.access = Access::RootAndOwner,
+            "default_permissions" => o.default_permissions = true,
+            "suid" => o.suid = true,
+            "nosuid" => o.suid = false,
+            "dev" => o.dev = true,
+            "nodev" => o.dev = false,
+            "exec" => o.exec = true,
+            "noexec" => o.exec = false,
+            "atime" => o.atime = true,
+            "noatime" => o.atime = false,
+            "sync" => o.sync = Some(Sync::Sync),
+            "async" => o.sync = Some(Sync::Async),
+            "dirsync" => o.sync = Some(Sync::DirSync),
+            "auto_unmount" => {
+                return Err(
+                    "auto_unmount is not supported: fuser implements it only through \
+                     the setuid fusermount helper, which this mount does not use; \
+                     mount.hammer2 unmounts on SIGTERM, SIGINT and SIGHUP"
+                        .to_string(),
+                )
+            }
+            _ if IGNORED.contains(&opt) || opt.starts_with("x-") || opt.starts_with("comment=") => {
+                log::debug!("mount option {opt} ignored");
+            }
+            _ if opt.starts_with("fsname=") => {
+                o.fsname = Some(opt["fsname=".len()..].to_string());
+            }
+            _ if sloppy => log::warn!("unknown mount option {opt} ignored (-s)"),
+            _ => return Err(format!("unknown mount option {opt:?}")),
+        }
+    }
+    if read_write {
+        return Err("read-write mounts are not supported yet: mount with -o ro".to_string());
+    }
+    Ok(o)
+}
+
+impl Options {
+    /// mount(2) flags: always read-only; nosuid and nodev unless asked
+    /// otherwise (FUSE's defaults).
+    pub fn ms_flags(&self) -> MsFlags {
+        let mut f = MsFlags::MS_RDONLY;
+        let pairs = [
+            (!self.suid, MsFlags::MS_NOSUID),
+            (!self.dev, MsFlags::MS_NODEV),
+            (!self.exec, MsFlags::MS_NOEXEC),
+            (!self.atime, MsFlags::MS_NOATIME),
+            (self.sync == Some(Sync::Sync), MsFlags::MS_SYNCHRONOUS),
+            (self.sync == Some(Sync::DirSync), MsFlags::MS_DIRSYNC),
+        ];
+        for (on, flag) in pairs {
+            if on {
+                f |= flag;
+            }
+        }
+        f
+    }
+
+    /// The FUSE mount data: the /dev/fuse descriptor, the root's mode
+    /// until the first getattr, the owner (whom the kernel lets in
+    /// without `allow_other`), and the options the kernel enforces.
+    pub fn kernel_data(&self, fd: i32, rootmode: u32, uid: u32, gid: u32) -> String {
+        let mut data = format!("fd={fd},rootmode={rootmode:o},user_id={uid},group_id={gid}");
+        if self.default_permissions {
+            data.push_str(",default_permissions");
+        }
+        if self.access != Access::Owner {
+            // allow_root is allow_other in the kernel; fuser turns away
+            // everyone but root and the owner.
+            data.push_str(",allow_other");
+        }
+        data
+    }
+
+    /// fuser's session settings: who may use it, and request threads.
+    pub fn session_config(&self, n_threads: usize) -> (SessionACL, Config) {
+        let acl = match self.access {
+            Access::Owner => SessionACL::Owner,
+            Access::RootAndOwner => SessionACL::RootAndOwner,
+            Access::All => SessionACL::All,
+        };
+        let mut config = Config::default();
+        config.acl = acl;
+        config.n_threads = Some(n_threads.max(1));
+        // One /dev/fuse descriptor per thread (Linux 4.5+).
+        config.clone_fd = n_threads > 1;
+        (acl, config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_read_only_owner_only() {
+        let o = parse::<&str>(&[], false).unwrap();
+        assert_eq!(o, Options::default());
+        assert_eq!(
+            o.ms_flags(),
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV
+        );
+        assert_eq!(
+            o.kernel_data(5, 0o40755, 0, 0),
+            "fd=5,rootmode=40755,user_id=0,group_id=0"
+        );
+        let (acl, c) = o.session_config(2);
+        assert_eq!(acl, SessionACL::Owner);
+        assert!(c.clone_fd);
+    }
+
+    #[test]
+    fn fstab_style_options() {
+        let o = parse(
+            &[
+                "ro,allow_other,default_permissions",
+                "noauto,nofail,x-systemd.automount",
+            ],
+            false,
+        )
+        .unwrap();
+        assert_eq!(o.access, Access::All);
+        assert!(o.default_permissions);
+        assert!(o
+            .kernel_data(3, 0o40700, 0, 0)
+            .ends_with(",default_permissions,allow_other"));
+        let (acl, c) = o.session_config(1);
+        assert_eq!(acl, SessionACL::All);
+        assert!(!c.clone_fd);
+        let o = parse(&["allow_root,noexec,noatime,suid"], false).unwrap();
+        assert_eq!(o.session_config(1).0, SessionACL::RootAndOwner);
+        assert!(o.kernel_data(3, 0o40700, 0, 0).ends_with(",allow_other"));
+        assert_eq!(
+            o.ms_flags(),
+            MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_NOATIME
+        );
+    }
+
+    #[test]
+    fn read_write_is_refused_unless_ro_comes_last() {
+        let e = parse(&["rw"], false).unwrap_err();
+        assert!(e.contains("read-write mounts are not supported yet"), "{e}");
+        assert!(parse(&["defaults,rw"], false).is_err());
+        assert!(parse(&["rw,ro"], false).is_ok());
+    }
+
+    #[test]
+    fn unknown_options_are_errors_unless_sloppy() {
+        let e = parse(&["ro,frobnicate"], false).unwrap_err();
+        assert!(e.contains("frobnicate"), "{e}");
+        assert!(parse(&["ro,frobnicate"], true).is_ok());
+        let e = parse(&["auto_unmount"], false).unwrap_err();
+        assert!(e.contains("auto_unmount"), "{e}");
+    }
+
+    #[test]
+    fn last_of_two_opposites_wins() {
+        let o = parse(&["nosuid,suid,noexec"], false).unwrap();
+        assert!(o.suid);
+        assert!(!o.exec);
+        let o = parse(&["fsname=disk0"], false).unwrap();
+        assert_eq!(o.fsname.as_deref(), Some("disk0"));
+    }
+}
