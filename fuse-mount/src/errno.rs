@@ -51,6 +51,26 @@ pub fn errno(e: &Error) -> i32 {
             log::warn!("{e}");
             libc::EOPNOTSUPP
         }
+        Error::Exists { .. } => {
+            log::debug!("{e}");
+            libc::EEXIST
+        }
+        Error::NotEmpty { .. } => {
+            log::debug!("{e}");
+            libc::ENOTEMPTY
+        }
+        Error::NoSpace { .. } => {
+            log::warn!("{e}");
+            libc::ENOSPC
+        }
+        Error::Poisoned { .. } => {
+            log::error!("{e}");
+            libc::EIO
+        }
+        Error::ReadOnly => {
+            log::debug!("{e}");
+            libc::EROFS
+        }
     }
 }
 
