@@ -1,0 +1,94 @@
+//! The frame arena: one anonymous private mapping holding every frame the
+//! budget can ever reach, reserved up front (untouched frames cost no
+//! memory) and never remapped, so frame addresses are stable for the life
+//! of the `Vm`. Memory goes back to the kernel with `MADV_DONTNEED` over
+//! whole segments only.
+//!
+//! This is the one module with `unsafe`: it turns the mapping into slices.
+//! Its callers (the busy guards in `vm.rs`) uphold the aliasing rule: a
+//! frame is mutably borrowed only while its page is busy-exclusive, and
+//! immutably only while busy (shared or exclusive) by the borrower.
+
+use crate::error::{Error, Result};
+use crate::page::FRAME_BYTES;
+use memmap2::{MmapOptions, MmapRaw, UncheckedAdvice};
+
+pub(crate) struct Arena {
+    map: MmapRaw,
+    frames: usize,
+}
+
+impl Arena {
+    pub fn new(frames: usize) -> Result<Arena> {
+        let bytes = frames
+            .checked_mul(FRAME_BYTES)
+            .ok_or(Error::BudgetTooLarge { frames })?;
+        let map = MmapOptions::new()
+            .len(bytes)
+            .map_anon()
+            .map_err(|source| Error::ArenaMap { bytes, source })?;
+        Ok(Arena {
+            map: MmapRaw::from(map),
+            frames,
+        })
+    }
+
+    /// The frame's bytes, shared.
+    ///
+    /// # Safety
+    /// The caller holds the page of frame `idx` busy (shared or exclusive)
+    /// for as long as the slice lives, so no `frame_mut` slice of the same
+    /// frame exists meanwhile.
+    pub unsafe fn frame(&self, idx: usize) -> &[u8] {
+        assert!(idx < self.frames, "frame {idx} outside the arena");
+        // SAFETY: `idx < frames`, so the range lies inside the mapping,
+        // which is readable and lives as long as `self`. Aliasing: the
+        // caller's busy excludes writers (the contract above).
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(idx * FRAME_BYTES), FRAME_BYTES) }
+    }
+
+    /// The frame's bytes, exclusive.
+    ///
+    /// # Safety
+    /// The caller holds the page of frame `idx` busy-exclusive for as long
+    /// as the slice lives, so no other slice of the frame exists.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn frame_mut(&self, idx: usize) -> &mut [u8] {
+        assert!(idx < self.frames, "frame {idx} outside the arena");
+        // SAFETY: `idx < frames`, so the range lies inside the mapping,
+        // which is writable and lives as long as `self`. Aliasing: the
+        // caller's exclusive busy means no other slice of this frame exists
+        // (the contract above), and frames never overlap.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.map.as_mut_ptr().add(idx * FRAME_BYTES),
+                FRAME_BYTES,
+            )
+        }
+    }
+
+    /// Give frames `first..first + count` back to the kernel; they read as
+    /// zeros afterwards.
+    ///
+    /// # Safety
+    /// No slice of any of these frames exists, and none is made until the
+    /// frames are handed out again (their pages are `Offline`).
+    pub unsafe fn release(&self, first: usize, count: usize) -> Result<()> {
+        assert!(first + count <= self.frames, "release outside the arena");
+        let offset = first * FRAME_BYTES;
+        let len = count * FRAME_BYTES;
+        // SAFETY: the range is inside the mapping; `MADV_DONTNEED` on a
+        // private anonymous mapping replaces its contents with zeros, which
+        // only matters to borrowers, and the caller guarantees there are
+        // none.
+        unsafe {
+            self.map
+                .unchecked_advise_range(UncheckedAdvice::DontNeed, offset, len)
+        }
+        .map_err(|source| Error::Madvise {
+            offset,
+            len,
+            source,
+        })
+    }
+}
