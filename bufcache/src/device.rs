@@ -126,6 +126,19 @@ impl MemDevice {
         dev
     }
 
+    /// An independent copy of the current contents.
+    pub fn snapshot(&self) -> MemDevice {
+        let chunks = self
+            .chunks
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone());
+        MemDevice {
+            size: self.size,
+            chunks: RwLock::new(chunks),
+        }
+    }
+
     /// Bytes of chunks allocated.
     pub fn resident_bytes(&self) -> u64 {
         self.chunks

@@ -292,6 +292,14 @@ impl Page {
         old & BUSY_WANTED != 0
     }
 
+    /// Turn an exclusive busy into one shared busy. Returns true if
+    /// sleepers must be woken (shared ones can now enter).
+    pub fn downgrade(&self) -> bool {
+        let old = self.busy.swap(1, Ordering::Release);
+        assert!(old & BUSY_EXCLUSIVE != 0, "page downgraded but not busy");
+        old & BUSY_WANTED != 0
+    }
+
     /// Drop a shared busy. Returns true if a sleeper must be woken.
     pub fn unbusy_shared(&self) -> bool {
         let mut v = self.busy.load(Ordering::Relaxed);

@@ -1036,6 +1036,16 @@ impl<'a> PageBusy<'a> {
         self.page().wire_count()
     }
 
+    /// Trade the exclusive busy for a shared one without letting go.
+    pub fn downgrade(self) -> PageShared<'a> {
+        let (vm, idx) = (self.vm, self.idx);
+        std::mem::forget(self);
+        if vm.page(idx).downgrade() {
+            vm.wait.wakeup(idx);
+        }
+        PageShared { vm, idx }
+    }
+
     /// Hint: likely used again soon.
     pub fn activate(&self) {
         self.page().set_referenced();
