@@ -596,6 +596,7 @@ impl Inner {
         for (p, chunk) in pages.iter_mut().zip(bounce.chunks(FRAME_BYTES)) {
             p.data_mut().copy_from_slice(chunk);
             p.set_valid(u64::MAX);
+            p.mark_prefetched();
         }
         drop(pages);
         let mut ra = self.ra.lock().unwrap_or_else(|p| p.into_inner());

@@ -92,3 +92,73 @@ impl Arena {
         })
     }
 }
+
+/// A fixed array of `T` in its own anonymous mapping, advised to use
+/// transparent huge pages: the page array and the page hash are read at
+/// random on every lookup, and with 4 KiB pages the TLB, not the cache,
+/// becomes the limit once they pass a few MiB. Never resized or moved.
+pub(crate) struct HugeArray<T> {
+    map: MmapRaw,
+    len: usize,
+    _marker: std::marker::PhantomData<T>,
+}
+
+// SAFETY: a `HugeArray<T>` owns its `T`s and hands out only shared
+// references to them, exactly like a `Box<[T]>`, so it may cross and be
+// shared between threads when `T` may.
+#[allow(unsafe_code)]
+unsafe impl<T: Send> Send for HugeArray<T> {}
+// SAFETY: as above: shared access to the array is shared access to `T`s.
+#[allow(unsafe_code)]
+unsafe impl<T: Sync> Sync for HugeArray<T> {}
+
+impl<T> HugeArray<T> {
+    /// `len` elements, element `i` made by `init(i)`.
+    pub fn new(len: usize, mut init: impl FnMut(usize) -> T) -> Result<HugeArray<T>> {
+        const {
+            assert!(
+                !std::mem::needs_drop::<T>(),
+                "HugeArray never drops its elements"
+            );
+            assert!(
+                std::mem::align_of::<T>() <= 4096,
+                "mappings are page aligned"
+            );
+        };
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or(Error::BudgetTooLarge { frames: len })?
+            .max(1);
+        let map = MmapOptions::new()
+            .len(bytes)
+            .map_anon()
+            .map_err(|source| Error::ArenaMap { bytes, source })?;
+        // Advice only: without huge pages it still works, just slower.
+        if let Err(e) = map.advise(memmap2::Advice::HugePage) {
+            log::debug!("vm: no huge pages for a {bytes}-byte table: {e}");
+        }
+        let map = MmapRaw::from(map);
+        let base = map.as_mut_ptr().cast::<T>();
+        for i in 0..len {
+            // SAFETY: `i < len`, so the write lies inside the mapping; the
+            // mapping is page aligned and `size_of::<T>()` is a multiple of
+            // its alignment, so every element is aligned. Nothing reads the
+            // slot before it is written.
+            unsafe { base.add(i).write(init(i)) };
+        }
+        Ok(HugeArray {
+            map,
+            len,
+            _marker: std::marker::PhantomData,
+        })
+    }
+}
+
+impl<T> std::ops::Deref for HugeArray<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: `new` initialized all `len` elements in the mapping,
+        // which lives as long as `self`; only shared references are made.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().cast::<T>(), self.len) }
+    }
+}

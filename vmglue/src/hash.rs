@@ -17,13 +17,15 @@
 
 #![forbid(unsafe_code)]
 
+use crate::arena::HugeArray;
+use crate::error::Result;
 use crate::page::{Page, PageKey, KEY_NONE, NIL};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 pub(crate) const WAYS: usize = 4;
 
 pub(crate) struct PageHash {
-    slots: Box<[AtomicU32]>,
+    slots: HugeArray<AtomicU32>,
     shift: u32,
 }
 
@@ -34,12 +36,12 @@ pub(crate) fn mix(raw: u64) -> u64 {
 }
 
 impl PageHash {
-    pub fn new(pages: usize) -> PageHash {
+    pub fn new(pages: usize) -> Result<PageHash> {
         let buckets = pages.max(2).next_power_of_two();
-        PageHash {
-            slots: (0..buckets * WAYS).map(|_| AtomicU32::new(NIL)).collect(),
+        Ok(PageHash {
+            slots: HugeArray::new(buckets * WAYS, |_| AtomicU32::new(NIL))?,
             shift: 64 - buckets.trailing_zeros(),
-        }
+        })
     }
 
     #[inline]
@@ -111,7 +113,7 @@ mod tests {
     #[test]
     fn stale_slot_never_returns_another_key() {
         let pages: Vec<Page> = (0..4).map(|_| Page::new(Queue::None)).collect();
-        let h = PageHash::new(4);
+        let h = PageHash::new(4).unwrap();
         let a = PageKey::new(ObjectId(1), 10).unwrap();
         let b = PageKey::new(ObjectId(1), 11).unwrap();
         pages[2].key.store(a.raw(), Ordering::SeqCst);
@@ -130,7 +132,7 @@ mod tests {
     #[test]
     fn fills_all_ways_before_evicting_live_entries() {
         let pages: Vec<Page> = (0..64).map(|_| Page::new(Queue::None)).collect();
-        let h = PageHash::new(64);
+        let h = PageHash::new(64).unwrap();
         let keys: Vec<PageKey> = (0..64)
             .map(|i| PageKey::new(ObjectId(3), i).unwrap())
             .collect();

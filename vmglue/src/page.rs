@@ -15,7 +15,7 @@
 //!   the lock of the page's color, except the lockless `None -> Pending`
 //!   hand-off done by the last unwire.
 //! - `valid`, `dirty`: 1 KiB-block bitmaps, changed only while busy-exclusive.
-//! - `flags` (`REFERENCED`, `IN_PENDING`) and `act_count`: hints, written
+//! - `flags` (`REFERENCED`, `IN_PENDING`, `PREFETCHED`) and `act_count`: hints, written
 //!   with plain atomics from anywhere.
 
 #![forbid(unsafe_code)]
@@ -148,6 +148,9 @@ pub(crate) const BUSY_SHARED_MASK: u32 = BUSY_WANTED - 1;
 pub(crate) const PG_REFERENCED: u32 = 1;
 /// `flags`: sits in the requeue stack.
 pub(crate) const PG_IN_PENDING: u32 = 2;
+/// `flags`: filled ahead of use (read-ahead); its first use is not yet a
+/// re-reference.
+pub(crate) const PG_PREFETCHED: u32 = 4;
 
 /// Link value meaning "none".
 pub(crate) const NIL: u32 = u32::MAX;
@@ -244,9 +247,18 @@ impl Page {
     }
 
     /// Mark used; writes only if not already marked, so hot pages are not
-    /// written on every hit.
+    /// written on every hit. The first use of a prefetched page only
+    /// clears `PG_PREFETCHED`: like the access that allocated a page, it
+    /// is not a re-reference.
+    #[inline]
     pub fn set_referenced(&self) {
-        if self.flags.load(Ordering::Relaxed) & PG_REFERENCED == 0 {
+        let f = self.flags.load(Ordering::Relaxed);
+        if f & PG_REFERENCED != 0 {
+            return;
+        }
+        if f & PG_PREFETCHED != 0 {
+            self.flags.fetch_and(!PG_PREFETCHED, Ordering::Relaxed);
+        } else {
             self.flags.fetch_or(PG_REFERENCED, Ordering::Relaxed);
         }
     }

@@ -5,7 +5,8 @@
 //! pass makes no progress) drains the requeue stack, evacuates draining
 //! segments (budget shrink), then alternates:
 //! - the inactive scan, from each color's INACTIVE head: wired pages are
-//!   dequeued lazily, referenced ones go to ACTIVE, busy or held ones to
+//!   dequeued lazily, referenced ones go to ACTIVE (the first use of a
+//!   prefetched page does not count, so read-ahead streams pass through), busy or held ones to
 //!   the tail, dirty ones are laundered through the object's `Pager`,
 //!   clean ones go to CACHE (up to its target) or are freed;
 //! - the active scan, while INACTIVE is below its target: referenced pages
@@ -135,9 +136,10 @@ impl Vm {
             for c in 0..self.queues.colors() {
                 self.inactive_scan(c, &mut r);
             }
-            if self.queues.count(Queue::Inactive) < t.inactive_target
-                || self.available() < t.free_target
-            {
+            // Age ACTIVE only to refill INACTIVE: reclaim pressure alone
+            // (a scan streaming through) must not speed up the clock that
+            // decides which hot pages stay.
+            if self.queues.count(Queue::Inactive) < t.inactive_target {
                 for c in 0..self.queues.colors() {
                     self.active_scan(c, &mut r);
                 }
@@ -290,9 +292,7 @@ impl Vm {
             if act == 0 {
                 l.requeue(Queue::Inactive, idx);
                 r.deactivated += 1;
-                if self.queues.count(Queue::Inactive) >= t.inactive_target
-                    && self.available() >= t.free_target
-                {
+                if self.queues.count(Queue::Inactive) >= t.inactive_target {
                     break;
                 }
             } else {

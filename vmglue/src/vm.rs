@@ -19,13 +19,13 @@
 // `unsafe` only at the marked frame-access sites, each with its SAFETY note.
 #![deny(unsafe_code)]
 
-use crate::arena::Arena;
+use crate::arena::{Arena, HugeArray};
 use crate::error::{AllocClass, Error, Result};
 use crate::hash::PageHash;
 use crate::index::PageIndex;
 use crate::page::{
     ObjectId, Page, PageKey, Queue, ACT_INIT, BLOCKS_PER_FRAME, FRAME_BYTES, KEY_NONE, OBJECT_MAX,
-    PG_REFERENCED,
+    PG_PREFETCHED, PG_REFERENCED,
 };
 use crate::pageout::Pager;
 use crate::queue::{Locked, Queues};
@@ -103,14 +103,16 @@ pub(crate) struct Targets {
     pub free_target: usize,
     /// Clean pages kept findable on CACHE rather than freed.
     pub cache_target: usize,
-    /// The active scan deactivates pages until INACTIVE holds this many.
+    /// The active scan deactivates pages until INACTIVE holds this many:
+    /// an eighth of memory, a probation queue in which new pages must
+    /// earn a reference to stay (S3-FIFO keeps a tenth for the same job).
     pub inactive_target: usize,
 }
 
 pub struct Vm {
     pub(crate) cfg: VmConfig,
     pub(crate) arena: Arena,
-    pub(crate) pages: Box<[Page]>,
+    pub(crate) pages: HugeArray<Page>,
     pub(crate) queues: Queues,
     pub(crate) hash: PageHash,
     pub(crate) index: PageIndex,
@@ -172,15 +174,13 @@ impl Vm {
         let colors = cfg.colors.clamp(1, 64);
         let arena = Arena::new(frames)?;
         let online = segs_online * SEGMENT_FRAMES;
-        let pages: Box<[Page]> = (0..frames)
-            .map(|i| {
-                Page::new(if i < online {
-                    Queue::None
-                } else {
-                    Queue::Offline
-                })
+        let pages = HugeArray::new(frames, |i| {
+            Page::new(if i < online {
+                Queue::None
+            } else {
+                Queue::Offline
             })
-            .collect();
+        })?;
         let segments = (0..segs_max)
             .map(|s| Segment {
                 state: AtomicU8::new(if s < segs_online {
@@ -193,7 +193,7 @@ impl Vm {
             .collect();
         let vm = Vm {
             arena,
-            hash: PageHash::new(frames),
+            hash: PageHash::new(frames)?,
             queues: Queues::new(colors),
             index: PageIndex::new(),
             wait: WaitTable::new(),
@@ -269,7 +269,7 @@ impl Vm {
             free_min,
             free_target,
             cache_target: free_target / 2,
-            inactive_target: online / 3,
+            inactive_target: online / 8,
         }
     }
 
@@ -452,7 +452,8 @@ impl Vm {
             page.valid.store(0, Ordering::Relaxed);
             page.dirty.store(0, Ordering::Relaxed);
             page.act_count.store(0, Ordering::Relaxed);
-            page.flags.fetch_and(!PG_REFERENCED, Ordering::Relaxed);
+            page.flags
+                .fetch_and(!(PG_REFERENCED | PG_PREFETCHED), Ordering::Relaxed);
             shard.insert(key.raw(), idx);
             page.end_rebind();
             drop(shard);
@@ -615,7 +616,8 @@ impl Vm {
         assert_eq!(removed, Some(idx), "index did not map {key} to its page");
         page.key.store(KEY_NONE, Ordering::SeqCst);
         page.valid.store(0, Ordering::Relaxed);
-        page.flags.fetch_and(!PG_REFERENCED, Ordering::Relaxed);
+        page.flags
+            .fetch_and(!(PG_REFERENCED | PG_PREFETCHED), Ordering::Relaxed);
         page.act_count.store(0, Ordering::Relaxed);
         page.end_rebind();
         true
@@ -1044,6 +1046,13 @@ impl<'a> PageBusy<'a> {
             vm.wait.wakeup(idx);
         }
         PageShared { vm, idx }
+    }
+
+    /// Hint: filled ahead of use (read-ahead); its first use will not
+    /// count as a re-reference, so a one-pass sequential read leaves
+    /// through INACTIVE without touching ACTIVE.
+    pub fn mark_prefetched(&self) {
+        self.page().flags.fetch_or(PG_PREFETCHED, Ordering::Relaxed);
     }
 
     /// Hint: likely used again soon.
