@@ -82,14 +82,26 @@ pub struct PageoutReport {
     pub freed: usize,
     pub cached: usize,
     pub laundered: usize,
+    /// Dirty pages handed to pagers (laundered or failed).
+    pub launder_attempted: usize,
     pub activated: usize,
     pub deactivated: usize,
     pub offlined: usize,
     pub reached_target: bool,
 }
 
+/// Nice value asked for the pageout thread: like the kernel's pageout
+/// daemon it must run when allocators are waiting on it. Needs
+/// CAP_SYS_NICE; without it the thread keeps the default priority.
+const PAGEOUT_NICE: i32 = -5;
+
 /// Pages looked at per color per pass.
 const SCAN_BATCH: usize = 64;
+/// Dirty pages one run hands to pagers (4 MiB): bounds the time a run
+/// spends writing; past it, dirty pages wait at the INACTIVE tail for the
+/// next run (or the layer above's own flusher) while clean ones are
+/// reclaimed.
+const LAUNDER_MAX: usize = 64;
 
 impl Vm {
     /// Ask the pageout daemon to run. Lock-free unless it must be woken.
@@ -118,6 +130,7 @@ impl Vm {
     /// simulations) use this instead of the daemon.
     pub fn pageout_run(&self) -> PageoutReport {
         let start = Instant::now();
+        let cpu_start = crate::stats::thread_cpu_time();
         let timed = self.available() < self.targets().free_min;
         let mut r = PageoutReport::default();
         self.drain_pending();
@@ -152,7 +165,8 @@ impl Vm {
         self.notify_free();
         r.duration = start.elapsed();
         if timed {
-            self.stats.record_pageout(r.duration);
+            let cpu = crate::stats::thread_cpu_time().saturating_sub(cpu_start);
+            self.stats.record_pageout(r.duration, cpu);
         }
         log::debug!("pageout: {r:?}");
         r
@@ -193,8 +207,13 @@ impl Vm {
                     continue;
                 }
                 if page.dirty.load(Ordering::Acquire) != 0 {
-                    l.unlink(idx, Queue::None);
-                    launder.push(idx);
+                    if r.launder_attempted + launder.len() < LAUNDER_MAX {
+                        l.unlink(idx, Queue::None);
+                        launder.push(idx);
+                    } else {
+                        l.requeue(Queue::Inactive, idx);
+                        self.unbusy_exclusive(idx);
+                    }
                     continue;
                 }
                 if self.queues.count(Queue::Cache) < t.cache_target {
@@ -252,6 +271,7 @@ impl Vm {
                 ),
             }
         }
+        r.launder_attempted += idxs.len();
         for &idx in idxs {
             let page = self.page(idx);
             let mut l = self.lock_page(idx);
@@ -367,6 +387,7 @@ impl Vm {
 }
 
 fn daemon(vm: &Vm, stop: &AtomicBool) {
+    crate::stats::raise_thread_priority(PAGEOUT_NICE);
     while !stop.load(Ordering::SeqCst) {
         if vm.pageout_wanted.swap(false, Ordering::SeqCst) || vm.pageout_needed() {
             let r = vm.pageout_run();

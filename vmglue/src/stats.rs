@@ -2,7 +2,8 @@
 //! counting a hit writes only the counting thread's own cache line, and the
 //! durations of pageout runs.
 
-#![forbid(unsafe_code)]
+// `unsafe` only for the thread CPU clock (see `thread_cpu_time`).
+#![deny(unsafe_code)]
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -49,7 +50,8 @@ fn bump(c: &AtomicU64) {
 
 pub(crate) struct Stats {
     lookups: Box<[LookupCounters]>,
-    pageout_runs: Mutex<Vec<u32>>,
+    /// (wall, thread CPU) microseconds of recent pageout runs.
+    pageout_runs: Mutex<Vec<(u32, u32)>>,
     pageout_runs_total: AtomicU64,
 }
 
@@ -109,22 +111,23 @@ impl Stats {
         }
     }
 
-    pub fn record_pageout(&self, d: Duration) {
-        let us = u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
+    pub fn record_pageout(&self, wall: Duration, cpu: Duration) {
+        let us = |d: Duration| u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
+        let e = (us(wall), us(cpu));
         let mut v = self.pageout_runs.lock().unwrap_or_else(|p| p.into_inner());
         let n = self.pageout_runs_total.fetch_add(1, Ordering::Relaxed) as usize;
         if v.len() < DURATIONS_MAX {
-            v.push(us);
+            v.push(e);
         } else {
-            v[n % DURATIONS_MAX] = us;
+            v[n % DURATIONS_MAX] = e;
         }
     }
 
-    pub fn pageout_durations(&self) -> Vec<Duration> {
+    /// (wall, CPU) durations of recent pageout runs.
+    pub fn pageout_durations(&self) -> Vec<(Duration, Duration)> {
         let v = self.pageout_runs.lock().unwrap_or_else(|p| p.into_inner());
-        v.iter()
-            .map(|&us| Duration::from_micros(u64::from(us)))
-            .collect()
+        let d = |us: u32| Duration::from_micros(u64::from(us));
+        v.iter().map(|&(w, c)| (d(w), d(c))).collect()
     }
 
     pub fn reset_pageout(&self) {
@@ -132,5 +135,46 @@ impl Stats {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+    }
+}
+
+/// CPU time consumed by the calling thread, or zero if the clock is not
+/// available. Pageout runs are timed both ways: wall time includes time
+/// the thread spent preempted on a busy machine.
+pub(crate) fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `clock_gettime` writes one `timespec` through the pointer,
+    // which points at a live, writable local of that type.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
+}
+
+/// Set the calling thread's nice value (Linux threads have their own).
+/// Best effort: refused without the privilege, which is logged and
+/// otherwise ignored.
+pub(crate) fn raise_thread_priority(nice: i32) {
+    // SAFETY: `gettid` takes no arguments and only returns the caller's
+    // thread id.
+    #[allow(unsafe_code)]
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: `setpriority` reads its three integer arguments only; a
+    // failure is reported through the return value.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+    if rc != 0 {
+        log::debug!(
+            "vm: pageout keeps default priority: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }

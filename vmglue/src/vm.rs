@@ -297,9 +297,10 @@ impl Vm {
         self.stats.reset_lookups();
     }
 
-    /// Durations of the most recent pageout runs (from a wakeup below low
-    /// water until free + cache reached the target, or no progress).
-    pub fn pageout_durations(&self) -> Vec<Duration> {
+    /// (wall, thread CPU) durations of the most recent pageout runs that
+    /// started below low water (until free + cache reached the target, or
+    /// a pass made no progress).
+    pub fn pageout_durations(&self) -> Vec<(Duration, Duration)> {
         self.stats.pageout_durations()
     }
 
