@@ -12,7 +12,7 @@
 //! - `wire`: the wire count. Wiring needs the page busy (or held by the
 //!   caller); neither wiring nor unwiring touches a queue.
 //! - `queue`, `prev`, `next`: queue membership and links, changed only under
-//!   the lock of the page's color, except the lockless `None -> Pending`
+//!   the lock of the page's color, except the lockless `Wired -> Pending`
 //!   hand-off done by the last unwire.
 //! - `valid`, `dirty`: 1 KiB-block bitmaps, changed only while busy-exclusive.
 //! - `flags` (`REFERENCED`, `IN_PENDING`, `PREFETCHED`) and `act_count`: hints, written
@@ -102,14 +102,21 @@ pub enum Queue {
     Inactive = 2,
     /// Bound, recently used: aged by `act_count`.
     Active = 3,
-    /// On no queue: just allocated or laundered (busy), or wired and
-    /// dequeued lazily by a scan.
+    /// On no queue, owned by whoever holds it busy-exclusive: just
+    /// allocated, being laundered or freed.
     None = 4,
     /// On no queue, waiting in the requeue stack after its last unwire.
     Pending = 5,
     /// Frame given back to the kernel (budget shrink).
     Offline = 6,
+    /// On no queue: a scan met it wired and dequeued it (lazily). Its last
+    /// unwire moves it to `Pending` with a CAS from exactly this state, so
+    /// a late unwire can never disturb a page in any other state.
+    Wired = 7,
 }
+
+/// Number of queue states (size of the counter array).
+pub(crate) const QUEUE_STATES: usize = 8;
 
 /// Queues that are linked lists (`Free`..=`Active`).
 pub(crate) const LISTS: usize = 4;
@@ -123,7 +130,8 @@ impl Queue {
             3 => Queue::Active,
             4 => Queue::None,
             5 => Queue::Pending,
-            _ => Queue::Offline,
+            6 => Queue::Offline,
+            _ => Queue::Wired,
         }
     }
 

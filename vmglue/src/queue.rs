@@ -11,7 +11,7 @@
 
 #![forbid(unsafe_code)]
 
-use crate::page::{Page, Queue, LISTS, NIL, PG_IN_PENDING};
+use crate::page::{Page, Queue, LISTS, NIL, PG_IN_PENDING, QUEUE_STATES};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -46,7 +46,7 @@ pub(crate) struct Color {
 /// targets and reserve checks, changed only under a color lock).
 pub(crate) struct Queues {
     colors: Box<[Color]>,
-    counts: [AtomicUsize; 7],
+    counts: [AtomicUsize; QUEUE_STATES],
     pending_head: AtomicU32,
 }
 
@@ -54,7 +54,7 @@ pub(crate) struct Queues {
 pub(crate) struct Locked<'a> {
     guard: MutexGuard<'a, ColorLists>,
     pages: &'a [Page],
-    counts: &'a [AtomicUsize; 7],
+    counts: &'a [AtomicUsize; QUEUE_STATES],
 }
 
 impl Queues {
@@ -114,7 +114,7 @@ impl Queues {
     }
 
     /// Push page `idx` onto the requeue stack; lock-free. The caller has
-    /// just moved the page from `None` to `Pending`. If the page is still
+    /// just moved the page from `Wired` to `Pending`. If the page is still
     /// in the stack from an earlier push, it is not pushed again: the
     /// drainer rechecks `queue` after clearing `PG_IN_PENDING`.
     pub fn pending_push(&self, pages: &[Page], idx: u32) {
@@ -234,7 +234,7 @@ impl Locked<'_> {
     }
 
     /// Move page `idx` between two non-list states (None, Pending,
-    /// Offline), keeping the counters.
+    /// Offline, Wired), keeping the counters.
     pub fn shift(&mut self, idx: u32, to: Queue) {
         let page = &self.pages[idx as usize];
         let from = page.queue();

@@ -286,7 +286,7 @@ impl Vm {
             cache: self.queues.count(Queue::Cache),
             inactive: self.queues.count(Queue::Inactive),
             active: self.queues.count(Queue::Active),
-            unqueued: self.queues.count(Queue::None),
+            unqueued: self.queues.count(Queue::None) + self.queues.count(Queue::Wired),
             pending: self.queues.count(Queue::Pending),
             wired: self.wired_pages.load(Ordering::Relaxed),
             lookups: self.stats.lookups(),
@@ -579,22 +579,32 @@ impl Vm {
     /// one of the two always requeues it.
     pub(crate) fn dequeue_wired(&self, l: &mut Locked<'_>, idx: u32) {
         let page = self.page(idx);
-        l.unlink(idx, Queue::None);
-        if page.wire_count() == 0
-            && page
-                .queue
-                .compare_exchange(
-                    Queue::None as u8,
-                    Queue::Pending as u8,
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                )
-                .is_ok()
-        {
-            self.queues.count_sub(Queue::None);
-            self.queues.count_add(Queue::Pending);
+        l.unlink(idx, Queue::Wired);
+        if page.wire_count() == 0 && self.claim_wired(idx) {
             l.enter(Queue::Active, idx);
         }
+    }
+
+    /// Move page `idx` from `Wired` to `Pending` if it is still `Wired`:
+    /// the one transition out of `Wired`, taken by CAS by whoever gets
+    /// there first (the last unwire, a scan that saw the wire count drop,
+    /// a free). Returns whether this caller made it.
+    pub(crate) fn claim_wired(&self, idx: u32) -> bool {
+        let ok = self
+            .page(idx)
+            .queue
+            .compare_exchange(
+                Queue::Wired as u8,
+                Queue::Pending as u8,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok();
+        if ok {
+            self.queues.count_sub(Queue::Wired);
+            self.queues.count_add(Queue::Pending);
+        }
+        ok
     }
 
     /// Unbind a busy-exclusive page from its key. Fails (returns false)
@@ -690,18 +700,7 @@ impl Vm {
             return;
         }
         self.wired_pages.fetch_sub(1, Ordering::Relaxed);
-        if page
-            .queue
-            .compare_exchange(
-                Queue::None as u8,
-                Queue::Pending as u8,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            )
-            .is_ok()
-        {
-            self.queues.count_sub(Queue::None);
-            self.queues.count_add(Queue::Pending);
+        if self.claim_wired(idx) {
             self.queues.pending_push(&self.pages, idx);
         }
     }
@@ -727,7 +726,7 @@ impl Vm {
         let bad = |what: String| Err(Error::Invariant { what });
         let n = self.pages.len();
         let mut seen = vec![false; n];
-        let mut counted = [0usize; 7];
+        let mut counted = [0usize; crate::page::QUEUE_STATES];
         for c in 0..self.queues.colors() {
             let l = self.lock_color(c);
             for (q, members, len) in l.walk() {
@@ -778,8 +777,9 @@ impl Vm {
                 wired += 1;
             }
             match q {
-                Queue::None if w == 0 => {
-                    return bad(format!("page {idx} unqueued and unwired at rest"));
+                Queue::None => return bad(format!("page {idx} owned by no one at rest")),
+                Queue::Wired if w == 0 => {
+                    return bad(format!("page {idx} dequeued as wired but unwired at rest"));
                 }
                 Queue::Pending => return bad(format!("page {idx} pending after drain")),
                 _ => {}
@@ -823,6 +823,7 @@ impl Vm {
             Queue::None,
             Queue::Pending,
             Queue::Offline,
+            Queue::Wired,
         ] {
             if self.queues.count(q) != counted[q as usize] {
                 return bad(format!(
@@ -1084,10 +1085,11 @@ impl<'a> PageBusy<'a> {
         let page = vm.page(idx);
         match page.queue() {
             q if q.is_list() => l.unlink(idx, Queue::None),
-            Queue::Pending => {
-                vm.queues.count_sub(Queue::Pending);
-                vm.queues.count_add(Queue::None);
-                page.set_queue(Queue::None);
+            Queue::Wired => {
+                // A scan dequeued the page while it was wired and its last
+                // unwire may still be on its way to `claim_wired`: claim
+                // first, or let it have claimed; either way it is Pending.
+                vm.claim_wired(idx);
             }
             _ => {}
         }
