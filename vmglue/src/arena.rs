@@ -99,6 +99,10 @@ impl Arena {
 /// becomes the limit once they pass a few MiB. Never resized or moved.
 pub(crate) struct HugeArray<T> {
     map: MmapRaw,
+    /// Bytes from the mapping's start to the first element: the mapping
+    /// is one huge page longer than needed and the array starts at its
+    /// first huge-page boundary, so every huge page it spans is whole.
+    start: usize,
     len: usize,
     _marker: std::marker::PhantomData<T>,
 }
@@ -125,10 +129,11 @@ impl<T> HugeArray<T> {
                 "mappings are page aligned"
             );
         };
+        const HUGE_PAGE: usize = 2 << 20;
         let bytes = len
             .checked_mul(std::mem::size_of::<T>())
-            .ok_or(Error::BudgetTooLarge { frames: len })?
-            .max(1);
+            .and_then(|b| b.checked_add(HUGE_PAGE))
+            .ok_or(Error::BudgetTooLarge { frames: len })?;
         let map = MmapOptions::new()
             .len(bytes)
             .map_anon()
@@ -138,16 +143,22 @@ impl<T> HugeArray<T> {
             log::debug!("vm: no huge pages for a {bytes}-byte table: {e}");
         }
         let map = MmapRaw::from(map);
-        let base = map.as_mut_ptr().cast::<T>();
+        let addr = map.as_ptr() as usize;
+        let start = addr.next_multiple_of(HUGE_PAGE) - addr;
+        // SAFETY: `start < HUGE_PAGE` and the mapping has `HUGE_PAGE`
+        // spare bytes, so the offset pointer stays inside it.
+        let base = unsafe { map.as_mut_ptr().add(start) }.cast::<T>();
         for i in 0..len {
-            // SAFETY: `i < len`, so the write lies inside the mapping; the
-            // mapping is page aligned and `size_of::<T>()` is a multiple of
-            // its alignment, so every element is aligned. Nothing reads the
+            // SAFETY: `i < len`, so the write lies inside the mapping (its
+            // length covers `start` plus `len` elements); `base` is 2 MiB
+            // aligned and `size_of::<T>()` is a multiple of `T`'s
+            // alignment, so every element is aligned. Nothing reads the
             // slot before it is written.
             unsafe { base.add(i).write(init(i)) };
         }
         Ok(HugeArray {
             map,
+            start,
             len,
             _marker: std::marker::PhantomData,
         })
@@ -157,8 +168,11 @@ impl<T> HugeArray<T> {
 impl<T> std::ops::Deref for HugeArray<T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
-        // SAFETY: `new` initialized all `len` elements in the mapping,
-        // which lives as long as `self`; only shared references are made.
-        unsafe { std::slice::from_raw_parts(self.map.as_ptr().cast::<T>(), self.len) }
+        // SAFETY: `new` initialized all `len` elements from `start` in the
+        // mapping, which lives as long as `self`; only shared references
+        // are made.
+        unsafe {
+            std::slice::from_raw_parts(self.map.as_ptr().add(self.start).cast::<T>(), self.len)
+        }
     }
 }

@@ -85,12 +85,22 @@ impl PageHash {
         let raw = key.raw();
         let b = self.bucket(raw);
         let tag = self.tag(raw);
-        for slot in &self.slots[b..b + WAYS] {
-            let v = slot.load(Ordering::Acquire);
-            if v & !self.idx_mask != tag || v & self.idx_mask == self.idx_mask {
+        let bucket: &[AtomicU32; WAYS] = self.slots[b..b + WAYS].try_into().ok()?;
+        // Read the bucket, then find tag matches without a branch per
+        // slot (the matching way is random, so per-slot branches would
+        // mispredict on most lookups).
+        let v: [u32; WAYS] = std::array::from_fn(|i| bucket[i].load(Ordering::Acquire));
+        let mut matches = 0u32;
+        for (i, &x) in v.iter().enumerate() {
+            matches |= u32::from(x & !self.idx_mask == tag) << i;
+        }
+        while matches != 0 {
+            let i = matches.trailing_zeros() as usize;
+            matches &= matches - 1;
+            let idx = v[i] & self.idx_mask;
+            if idx == self.idx_mask {
                 continue;
             }
-            let idx = v & self.idx_mask;
             let Some(page) = pages.get(idx as usize) else {
                 continue;
             };

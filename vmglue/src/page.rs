@@ -222,6 +222,7 @@ impl Page {
 
     /// Take a hold if no key change is in progress. The caller then checks
     /// the key: while a hold is up the key cannot change.
+    #[inline]
     pub fn try_hold(&self) -> bool {
         let old = self.refs.fetch_add(1, Ordering::SeqCst);
         assert!(old & HOLD_MASK < HOLD_MASK, "page hold count overflow");
@@ -232,6 +233,7 @@ impl Page {
         true
     }
 
+    #[inline]
     pub fn unhold(&self) {
         let old = self.refs.fetch_sub(1, Ordering::SeqCst);
         assert!(old & HOLD_MASK != 0, "page unheld with hold count zero");

@@ -915,6 +915,7 @@ impl<'a> PageHold<'a> {
 }
 
 impl Drop for PageHold<'_> {
+    #[inline]
     fn drop(&mut self) {
         self.page().unhold();
     }
