@@ -129,6 +129,10 @@ impl Vm {
     /// One pageout run, in the calling thread. Deterministic callers (tests,
     /// simulations) use this instead of the daemon.
     pub fn pageout_run(&self) -> PageoutReport {
+        let _run = self
+            .pageout_run_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let start = Instant::now();
         let cpu_start = crate::stats::thread_cpu_time();
         let timed = self.available() < self.targets().free_min;

@@ -126,6 +126,9 @@ pub struct Vm {
     free_cv: Condvar,
     free_waiters: AtomicUsize,
     pub(crate) pageout_wanted: AtomicBool,
+    /// Held for a whole pageout run, so runs never overlap and `verify`
+    /// never watches one half done.
+    pub(crate) pageout_run_lock: Mutex<()>,
     pub(crate) pageout_lock: Mutex<()>,
     pub(crate) pageout_cv: Condvar,
     pub(crate) stats: Stats,
@@ -206,6 +209,7 @@ impl Vm {
             free_cv: Condvar::new(),
             free_waiters: AtomicUsize::new(0),
             pageout_wanted: AtomicBool::new(false),
+            pageout_run_lock: Mutex::new(()),
             pageout_lock: Mutex::new(()),
             pageout_cv: Condvar::new(),
             stats: Stats::new(),
@@ -719,9 +723,14 @@ impl Vm {
         n
     }
 
-    /// Check every invariant of the page layer. Call when quiescent (no
-    /// thread using pages); pages still wired are allowed to be dequeued.
+    /// Check every invariant of the page layer. Call when no other thread
+    /// uses pages (a pageout daemon may run: its runs are waited out);
+    /// pages still wired are allowed to be dequeued.
     pub fn verify(&self) -> Result<()> {
+        let _run = self
+            .pageout_run_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         self.drain_pending();
         let bad = |what: String| Err(Error::Invariant { what });
         let n = self.pages.len();
