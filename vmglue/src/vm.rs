@@ -24,8 +24,8 @@ use crate::error::{AllocClass, Error, Result};
 use crate::hash::PageHash;
 use crate::index::PageIndex;
 use crate::page::{
-    ObjectId, Page, PageKey, Queue, ACT_INIT, BLOCKS_PER_FRAME, FRAME_BYTES, KEY_NONE, OBJECT_MAX,
-    PG_PREFETCHED, PG_REFERENCED,
+    ObjectId, Page, PageKey, Queue, ACT_INIT, FRAME_BYTES, KEY_NONE, OBJECT_MAX, PG_PREFETCHED,
+    PG_REFERENCED,
 };
 use crate::pageout::Pager;
 use crate::queue::{Locked, Queues};
@@ -1115,5 +1115,3 @@ impl Drop for PageBusy<'_> {
         self.vm.unbusy_exclusive(self.idx);
     }
 }
-
-pub(crate) const _BITMAP_WIDTH: usize = BLOCKS_PER_FRAME;

@@ -284,3 +284,25 @@ fn object_destroy_frees_its_pages() {
     assert_eq!(st.free, st.online_pages);
     vm.verify().unwrap();
 }
+
+/// A resident working set as large as the budget is served by the
+/// lockless hash, not the locked index, at least 99% of the time.
+#[test]
+fn resident_hits_take_the_lockless_path() {
+    let (vm, _pager, obj) = setup(64 * MIB, 64 * MIB);
+    let keys = vm.stats().online_pages as u64 - 64;
+    for i in 0..keys {
+        put(&vm, obj, i * 7919, 1, false).unwrap();
+    }
+    vm.reset_lookup_stats();
+    for round in 0..10u64 {
+        for i in 0..keys {
+            let k = ((i + round) % keys) * 7919;
+            assert!(vm.lookup(key(obj, k)).is_some(), "resident key {k}");
+        }
+    }
+    let s = vm.stats().lookups;
+    assert_eq!(s.miss, 0);
+    let share = s.fast as f64 / (s.fast + s.slow) as f64;
+    assert!(share >= 0.99, "lock-free share {share}");
+}
