@@ -32,5 +32,5 @@ mod wait;
 pub use error::{AllocClass, Error, Result};
 pub use page::{ObjectId, PageKey, Queue, BLOCKS_PER_FRAME, BLOCK_BYTES, FRAME_BYTES, INDEX_BITS};
 pub use pageout::{LaunderPage, PageoutDaemon, PageoutReport, Pager};
-pub use stats::LookupStats;
+pub use stats::{thread_cpu_time, LookupStats};
 pub use vm::{Grab, PageBusy, PageHold, PageShared, Vm, VmConfig, VmStats, SEGMENT_FRAMES};

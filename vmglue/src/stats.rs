@@ -141,7 +141,7 @@ impl Stats {
 /// CPU time consumed by the calling thread, or zero if the clock is not
 /// available. Pageout runs are timed both ways: wall time includes time
 /// the thread spent preempted on a busy machine.
-pub(crate) fn thread_cpu_time() -> Duration {
+pub fn thread_cpu_time() -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
