@@ -126,9 +126,13 @@ impl MemDevice {
         dev
     }
 
-    /// An independent copy of this device's contents.
-    pub fn duplicate(&self) -> MemDevice {
-        let chunks = self.chunks.read().map(|c| c.clone()).unwrap_or_default();
+    /// An independent copy of the current contents.
+    pub fn snapshot(&self) -> MemDevice {
+        let chunks = self
+            .chunks
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone());
         MemDevice {
             size: self.size,
             chunks: RwLock::new(chunks),

@@ -1,12 +1,26 @@
 //! Block devices and the buffer cache.
 //!
 //! `BlockDevice` is the seam every layer above reads and writes through:
-//! a file or block device (`FileDevice`), memory (`MemDevice`), and later a
-//! recording device for crash tests. The buffer cache sits on top of it
-//! and on `vmglue`'s pages.
+//! a file or block device (`FileDevice`), memory (`MemDevice`), and for
+//! crash and failure tests a recording device (`RecordingDevice`) and a
+//! fault injector (`FaultDevice`). The buffer cache (`BufCache`) keeps
+//! 64 KiB buffers on `vmglue` pages, under the page layer's memory budget.
+//!
+//! Modules: `device` (the trait, file and memory devices), `recording`
+//! (recording and fault devices), `cache` (getblk, bread, releases,
+//! read-ahead, dirty accounting), `flush` (the coalescing writer, flush and
+//! barrier, throttling, the flusher thread), `error`.
 
 #![forbid(unsafe_code)]
 
+mod cache;
 pub mod device;
+mod error;
+mod flush;
+pub mod recording;
 
+pub use cache::{parse_cache_size, Buf, BufCache, BufCacheConfig, BufRef, BufShared, CacheStats};
 pub use device::{BlockDevice, FileDevice, MemDevice};
+pub use error::{Error, Result};
+pub use recording::{Event, FaultDevice, RecordingDevice};
+pub use vmglue::{Vm, VmConfig, FRAME_BYTES};

@@ -154,7 +154,7 @@ fn mutate_images(name: &str, n: usize) {
     let mut failures = Vec::new();
     for seed in seeds(n) {
         let mut rng = SmallRng::seed_from_u64(seed);
-        let dev = Arc::new(pristine.duplicate());
+        let dev = Arc::new(pristine.snapshot());
         let fix_header = rng.gen_bool(0.3);
         for _ in 0..rng.gen_range(1..=8) {
             let (at, len) = if fix_header && rng.gen_bool(0.5) {

@@ -1,3 +1,36 @@
 //! The VM page layer: a frame arena with one page structure per frame,
 //! wire/hold/busy state, page queues, a pageout daemon and a lockless page
-//! hash. It knows nothing of files or HAMMER2.
+//! hash. It knows nothing of files or HAMMER2: pages are bound to opaque
+//! (object, index) keys and dirty pages reach storage through the `Pager`
+//! trait that the layer above implements.
+//!
+//! Modules, one per subsystem (DragonFly's file names without `vm_`):
+//! `page` (the page structure and its atomic protocols), `arena` (the
+//! mapping; the only `unsafe`), `queue` (colored queues and the requeue
+//! stack), `hash` (the lockless page hash), `index` (the authoritative
+//! key -> page index), `wait` (sleeping on busy pages), `vm` (the `Vm`,
+//! lookup, allocation, the page guards), `pageout` (the scans, laundering,
+//! the daemon), `budget` (shrinking and growing the budget), `stats`.
+
+// The arena hands out frame slices from a raw mapping; that needs `unsafe`
+// in `arena.rs` (and only there: every other module forbids it below).
+#![allow(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod arena;
+mod budget;
+mod error;
+mod hash;
+mod index;
+mod page;
+mod pageout;
+mod queue;
+mod stats;
+mod vm;
+mod wait;
+
+pub use error::{AllocClass, Error, Result};
+pub use page::{ObjectId, PageKey, Queue, BLOCKS_PER_FRAME, BLOCK_BYTES, FRAME_BYTES, INDEX_BITS};
+pub use pageout::{LaunderPage, PageoutDaemon, PageoutReport, Pager};
+pub use stats::{thread_cpu_time, LookupStats};
+pub use vm::{Grab, PageBusy, PageHold, PageShared, Vm, VmConfig, VmStats, SEGMENT_FRAMES};

@@ -1,0 +1,429 @@
+//! Writing dirty buffers: the coalescing writer shared by every path
+//! (`bwrite`, flush, the flusher thread, pageout's laundering), `flush`
+//! with its barrier, dirty-limit throttling and the flusher thread.
+//!
+//! Ordering: `flush` snapshots the dirty set (device order), writes it with
+//! neighbouring dirty blocks merged into one device write (up to
+//! `WRITE_BYTES_MAX`), then issues the barrier. Everything dirty when flush
+//! began is durable when it returns, so the caller may then write the
+//! volume header and barrier again (HAMMER2's flush order).
+//!
+//! Deadlock avoidance: a writer holding busy pages never sleeps on another
+//! page's busy; `write_indices` sleeps only for the first page of a group
+//! and try-busies the rest, ending the group at the first that is busy.
+//!
+//! Errors: a failed write or barrier poisons the cache; afterwards every
+//! write path returns `Error::Poisoned`.
+
+#![forbid(unsafe_code)]
+
+use crate::cache::{runs, Inner};
+use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use vmglue::{LaunderPage, PageBusy, BLOCK_BYTES, FRAME_BYTES};
+
+/// Largest single device write built by coalescing.
+const WRITE_BYTES_MAX: usize = 1 << 20;
+/// Buffers held busy at once by one write group.
+const GROUP_MAX: usize = WRITE_BYTES_MAX / FRAME_BYTES;
+
+/// One dirty frame to write: its index, dirty mask and bytes.
+struct DirtyFrame<'a> {
+    index: u64,
+    dirty: u64,
+    data: &'a [u8],
+}
+
+impl Inner {
+    /// Write the dirty blocks of `frames` (sorted by index, distinct),
+    /// merging neighbours. Returns the blocks written per frame; on a
+    /// failure the cache is poisoned and the error returned with the
+    /// blocks written before it.
+    fn write_dirty(&self, frames: &[DirtyFrame<'_>]) -> (Vec<u64>, Result<()>) {
+        let mut written = vec![0u64; frames.len()];
+        // The pending write: device offset, pieces (frame, mask, bytes).
+        let mut start = 0u64;
+        let mut pieces: Vec<(usize, u64, &[u8])> = Vec::new();
+        let mut pending_len = 0usize;
+        for (fi, f) in frames.iter().enumerate() {
+            let base = f.index * FRAME_BYTES as u64;
+            let flen = self.frame_len(f.index);
+            for (first, count) in runs(f.dirty) {
+                let s = first * BLOCK_BYTES;
+                let e = ((first + count) * BLOCK_BYTES).min(flen);
+                if s >= e {
+                    continue;
+                }
+                let mask = if count >= 64 {
+                    u64::MAX
+                } else {
+                    ((1u64 << count) - 1) << first
+                };
+                let off = base + s as u64;
+                let joins = !pieces.is_empty()
+                    && start + pending_len as u64 == off
+                    && pending_len + (e - s) <= WRITE_BYTES_MAX;
+                if !joins && !pieces.is_empty() {
+                    if let Err(err) = self.submit(start, &pieces, &mut written) {
+                        return (written, Err(err));
+                    }
+                    pieces.clear();
+                    pending_len = 0;
+                }
+                if pieces.is_empty() {
+                    start = off;
+                }
+                pieces.push((fi, mask, &f.data[s..e]));
+                pending_len += e - s;
+            }
+        }
+        if !pieces.is_empty() {
+            if let Err(err) = self.submit(start, &pieces, &mut written) {
+                return (written, Err(err));
+            }
+        }
+        (written, Ok(()))
+    }
+
+    fn submit(
+        &self,
+        offset: u64,
+        pieces: &[(usize, u64, &[u8])],
+        written: &mut [u64],
+    ) -> Result<()> {
+        let len: usize = pieces.iter().map(|p| p.2.len()).sum();
+        let res = if pieces.len() == 1 {
+            self.dev.write_at(pieces[0].2, offset)
+        } else {
+            let mut bounce = Vec::with_capacity(len);
+            for p in pieces {
+                bounce.extend_from_slice(p.2);
+            }
+            self.dev.write_at(&bounce, offset)
+        };
+        log::trace!("bufcache: write {len} bytes at {offset:#x}");
+        if let Err(source) = res {
+            let e = Error::Write {
+                offset,
+                len,
+                source,
+            };
+            self.poison(&e);
+            return Err(e);
+        }
+        self.counters.device_writes.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .device_write_bytes
+            .fetch_add(len as u64, Ordering::Relaxed);
+        for &(fi, mask, _) in pieces {
+            written[fi] |= mask;
+        }
+        Ok(())
+    }
+
+    /// Write busy-exclusive pages (sorted by index) and mark what reached
+    /// the device clean.
+    pub(crate) fn write_busy_pages(&self, pages: &mut [(u64, &mut PageBusy<'_>)]) -> Result<()> {
+        self.check_poison()?;
+        let (written, res) = {
+            let frames: Vec<DirtyFrame<'_>> = pages
+                .iter()
+                .map(|(index, p)| DirtyFrame {
+                    index: *index,
+                    dirty: p.dirty(),
+                    data: p.data(),
+                })
+                .collect();
+            self.write_dirty(&frames)
+        };
+        for ((index, p), mask) in pages.iter_mut().zip(written) {
+            if mask != 0 {
+                p.clear_dirty(mask);
+                if p.dirty() == 0 {
+                    self.note_clean(*index);
+                }
+            }
+        }
+        self.wake_throttled();
+        res
+    }
+
+    /// The `Pager` side: pageout hands over dirty pages of this cache.
+    pub(crate) fn launder(&self, pages: &[LaunderPage<'_>]) {
+        if self.is_poisoned() {
+            return;
+        }
+        let mut order: Vec<&LaunderPage<'_>> = pages.iter().collect();
+        order.sort_by_key(|p| p.key().index());
+        let frames: Vec<DirtyFrame<'_>> = order
+            .iter()
+            .map(|p| DirtyFrame {
+                index: p.key().index(),
+                dirty: p.dirty(),
+                data: p.data(),
+            })
+            .collect();
+        let (written, res) = self.write_dirty(&frames);
+        for (p, mask) in order.iter().zip(written) {
+            if mask != 0 {
+                p.mark_clean(mask);
+                if p.dirty() == 0 {
+                    self.note_clean(p.key().index());
+                }
+            }
+        }
+        if let Err(e) = res {
+            log::error!("bufcache: pageout write failed: {e}");
+        }
+        self.wake_throttled();
+    }
+
+    /// Write the dirty buffers among `indices` (sorted), in groups of
+    /// neighbours.
+    pub(crate) fn write_indices(&self, indices: &[u64]) -> Result<()> {
+        let mut i = 0;
+        while i < indices.len() {
+            self.check_poison()?;
+            let mut group: Vec<(u64, PageBusy<'_>)> = Vec::new();
+            let first = indices[i];
+            i += 1;
+            match self.busy_dirty(first) {
+                Some(p) => group.push((first, p)),
+                None => continue,
+            }
+            while i < indices.len() && group.len() < GROUP_MAX {
+                let next = indices[i];
+                if next != group[group.len() - 1].0 + 1 {
+                    break;
+                }
+                match self.try_busy_dirty(next) {
+                    TryBusy::Got(p) => {
+                        group.push((next, p));
+                        i += 1;
+                    }
+                    TryBusy::Clean => i += 1,
+                    TryBusy::Contended => break,
+                }
+            }
+            let mut refs: Vec<(u64, &mut PageBusy<'_>)> =
+                group.iter_mut().map(|(ix, p)| (*ix, p)).collect();
+            self.write_busy_pages(&mut refs)?;
+        }
+        Ok(())
+    }
+
+    /// Busy buffer `index` exclusively (sleeping for it) if it is
+    /// resident and dirty.
+    fn busy_dirty(&self, index: u64) -> Option<PageBusy<'_>> {
+        let hold = self.vm.lookup(self.key(index)?)?;
+        let p = hold.busy_exclusive();
+        (p.dirty() != 0).then_some(p)
+    }
+
+    fn try_busy_dirty(&self, index: u64) -> TryBusy<'_> {
+        let Some(hold) = self.key(index).and_then(|k| self.vm.lookup(k)) else {
+            return TryBusy::Clean;
+        };
+        match hold.try_busy_exclusive() {
+            Ok(p) if p.dirty() != 0 => TryBusy::Got(p),
+            Ok(_) => TryBusy::Clean,
+            Err(_) => TryBusy::Contended,
+        }
+    }
+
+    pub(crate) fn flush(&self) -> Result<()> {
+        self.check_poison()?;
+        let snapshot: Vec<u64> = self
+            .dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        self.write_indices(&snapshot)?;
+        self.barrier()?;
+        log::debug!("bufcache: flushed {} buffers", snapshot.len());
+        Ok(())
+    }
+
+    pub(crate) fn barrier(&self) -> Result<()> {
+        self.check_poison()?;
+        if let Err(source) = self.dev.barrier() {
+            let e = Error::Barrier { source };
+            self.poison(&e);
+            return Err(e);
+        }
+        self.counters.barriers.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub(crate) fn wake_throttled(&self) {
+        if self.throttle_waiters.load(Ordering::SeqCst) > 0 {
+            let _g = self.throttle_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.throttle_cv.notify_all();
+        }
+    }
+
+    pub(crate) fn wake_flusher(&self) {
+        self.flush_signal.wake();
+    }
+
+    /// Hold a writer while dirty data is over its limit: the flusher (or,
+    /// without one, this thread) writes down to the low mark.
+    pub(crate) fn throttle(&self) -> Result<()> {
+        if self.dirty_count.load(Ordering::SeqCst) <= self.dirty_hi {
+            return Ok(());
+        }
+        if !self.cfg.flusher_thread {
+            return self.write_down_to_low();
+        }
+        let start = Instant::now();
+        self.throttle_waiters.fetch_add(1, Ordering::SeqCst);
+        let res = loop {
+            if let Err(e) = self.check_poison() {
+                break Err(e);
+            }
+            if self.dirty_count.load(Ordering::SeqCst) <= self.dirty_lo {
+                break Ok(());
+            }
+            let waited = start.elapsed();
+            if waited >= self.cfg.throttle_wait_max {
+                break Err(Error::Throttled {
+                    dirty_bytes: (self.dirty_count.load(Ordering::SeqCst) * FRAME_BYTES) as u64,
+                    waited_ms: waited.as_millis() as u64,
+                });
+            }
+            self.wake_flusher();
+            let g = self.throttle_lock.lock().unwrap_or_else(|p| p.into_inner());
+            if self.dirty_count.load(Ordering::SeqCst) > self.dirty_lo && !self.is_poisoned() {
+                let _ = self
+                    .throttle_cv
+                    .wait_timeout(g, Duration::from_millis(10))
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        self.throttle_waiters.fetch_sub(1, Ordering::SeqCst);
+        res
+    }
+
+    /// Write the lowest-offset dirty buffers until at most `dirty_lo`
+    /// remain.
+    pub(crate) fn write_down_to_low(&self) -> Result<()> {
+        let excess = self
+            .dirty_count
+            .load(Ordering::SeqCst)
+            .saturating_sub(self.dirty_lo);
+        if excess == 0 {
+            return Ok(());
+        }
+        let pick: Vec<u64> = self
+            .dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .take(excess)
+            .collect();
+        self.write_indices(&pick)
+    }
+}
+
+enum TryBusy<'a> {
+    Got(PageBusy<'a>),
+    Clean,
+    Contended,
+}
+
+/// The flusher's wakeup: a flag and a condvar, in the cache.
+pub(crate) struct FlushSignal {
+    wanted: Mutex<bool>,
+    cv: Condvar,
+    stop: AtomicBool,
+}
+
+impl FlushSignal {
+    pub(crate) fn new() -> FlushSignal {
+        FlushSignal {
+            wanted: Mutex::new(false),
+            cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+        }
+    }
+
+    fn wake(&self) {
+        let mut w = self.wanted.lock().unwrap_or_else(|p| p.into_inner());
+        if !*w {
+            *w = true;
+            self.cv.notify_one();
+        }
+    }
+}
+
+/// The flusher thread of one cache: writes `bawrite` buffers and brings
+/// dirty data down to its low mark when writers are throttled. Sleeps until
+/// woken. Dropping the handle stops and joins it.
+pub(crate) struct Flusher {
+    inner: Arc<Inner>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Flusher {
+    pub(crate) fn start(inner: &Arc<Inner>) -> Result<Flusher> {
+        let inner2 = Arc::clone(inner);
+        let handle = std::thread::Builder::new()
+            .name("bufcache-flush".into())
+            .spawn(move || flusher(&inner2))
+            .map_err(|source| Error::FlusherSpawn { source })?;
+        Ok(Flusher {
+            inner: Arc::clone(inner),
+            handle: Some(handle),
+        })
+    }
+}
+
+fn flusher(inner: &Inner) {
+    let sig = &inner.flush_signal;
+    loop {
+        {
+            let mut w = sig.wanted.lock().unwrap_or_else(|p| p.into_inner());
+            while !*w && !sig.stop.load(Ordering::SeqCst) {
+                w = sig.cv.wait(w).unwrap_or_else(|p| p.into_inner());
+            }
+            *w = false;
+        }
+        if sig.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let queued: Vec<u64> =
+            std::mem::take(&mut *inner.async_set.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_iter()
+                .collect();
+        let mut res = inner.write_indices(&queued);
+        if res.is_ok() && inner.dirty_count.load(Ordering::SeqCst) > inner.dirty_lo {
+            res = inner.write_down_to_low();
+        }
+        if let Err(e) = res {
+            log::error!("bufcache: flusher: {e}");
+        }
+        inner.wake_throttled();
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        let sig = &self.inner.flush_signal;
+        sig.stop.store(true, Ordering::SeqCst);
+        {
+            let _w = sig.wanted.lock().unwrap_or_else(|p| p.into_inner());
+            sig.cv.notify_all();
+        }
+        if let Some(h) = self.handle.take() {
+            if h.join().is_err() {
+                log::error!("bufcache: flusher thread panicked");
+            }
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! Buffer cache behaviour against independent references: a plain byte
+//! image as the model of the device, the recording device's log for write
+//! order, and the fault device for errors.
+
+use bufcache::{
+    BlockDevice, BufCache, BufCacheConfig, Error, Event, FaultDevice, MemDevice, RecordingDevice,
+    Vm, VmConfig, FRAME_BYTES,
+};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use std::sync::Arc;
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+const F: u64 = FRAME_BYTES as u64;
+
+/// A cache on its own page layer with a running pageout daemon (dropped
+/// after the cache, as tuple fields drop in order).
+fn cache_on(
+    dev: Arc<dyn BlockDevice>,
+    budget: u64,
+    cfg: BufCacheConfig,
+) -> (BufCache, vmglue::PageoutDaemon) {
+    let vm = Vm::new(VmConfig::new(budget)).unwrap();
+    let daemon = vm.start_pageout().unwrap();
+    (BufCache::new(dev, vm, cfg).unwrap(), daemon)
+}
+
+fn fill(buf: &mut [u8], seed: u64) {
+    let mut x = seed | 1;
+    for b in buf {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+}
+
+#[test]
+fn random_ops_match_a_byte_image_through_eviction() {
+    let size = 16 * MIB;
+    let mem = Arc::new(MemDevice::new(size));
+    let cache = BufCache::open(mem.clone(), 4 * MIB).unwrap();
+    let mut model = vec![0u8; size as usize];
+    let mut rng = SmallRng::seed_from_u64(7);
+    for step in 0..3000u64 {
+        // HAMMER2-like blocks: 1 KiB to 64 KiB, naturally aligned.
+        let radix = rng.gen_range(10..=16);
+        let len = 1usize << radix;
+        let off = rng.gen_range(0..size / len as u64) * len as u64;
+        let o = off as usize;
+        match rng.gen_range(0..10) {
+            0..=3 => {
+                let b = cache.bread(off, len).unwrap();
+                assert_eq!(
+                    b.data(),
+                    &model[o..o + len],
+                    "step {step} bread {off:#x}+{len}"
+                );
+            }
+            4..=7 => {
+                let mut b = if rng.gen_bool(0.5) {
+                    cache.bread_mut(off, len).unwrap()
+                } else {
+                    cache.getblk(off, len).unwrap()
+                };
+                fill(b.data_mut(), step);
+                fill(&mut model[o..o + len], step);
+                match rng.gen_range(0..3) {
+                    0 => b.bdwrite().unwrap(),
+                    1 => b.bawrite().unwrap(),
+                    _ => b.bwrite().unwrap(),
+                }
+            }
+            8 => {
+                let b = cache.bread_mut(off, len).unwrap();
+                assert_eq!(b.data(), &model[o..o + len]);
+                if rng.gen_bool(0.5) {
+                    b.brelse();
+                } else {
+                    b.bqrelse();
+                }
+            }
+            _ => cache.flush().unwrap(),
+        }
+    }
+    cache.flush().unwrap();
+    let mut disk = vec![0u8; size as usize];
+    mem.read_at(&mut disk, 0).unwrap();
+    assert!(disk == model, "device differs from the model after flush");
+    cache.vm().verify().unwrap();
+    assert!(cache.stats().misses > 0);
+}
+
+#[test]
+fn flush_writes_in_device_order_coalesced_then_barrier() {
+    let rec = Arc::new(RecordingDevice::new(8 * MIB));
+    let (cache, _pageout) = cache_on(
+        rec.clone(),
+        8 * MIB,
+        BufCacheConfig {
+            flusher_thread: false,
+            ..BufCacheConfig::default()
+        },
+    );
+    // Dirty buffers 10..20 (neighbours) and 40, in scrambled order.
+    for i in [15u64, 12, 40, 10, 19, 11, 13, 14, 16, 17, 18] {
+        let mut b = cache.getblk(i * F, FRAME_BYTES).unwrap();
+        b.data_mut().fill(i as u8);
+        b.bdwrite().unwrap();
+    }
+    let before = rec.position();
+    cache.flush().unwrap();
+    rec.mark("flushed");
+    let mut h = cache.getblk(0, 4096).unwrap();
+    h.data_mut().fill(0xee);
+    h.bwrite().unwrap();
+    cache.barrier().unwrap();
+    let events = rec.events();
+    let flush_events = &events[before..rec.mark_position("flushed").unwrap()];
+    let writes: Vec<(u64, usize)> = flush_events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Write { offset, data } => Some((*offset, data.len())),
+            _ => None,
+        })
+        .collect();
+    assert!(matches!(flush_events.last(), Some(Event::Barrier)));
+    assert!(
+        writes.windows(2).all(|w| w[0].0 < w[1].0),
+        "device order: {writes:?}"
+    );
+    assert_eq!(writes.len(), 2, "neighbours coalesced: {writes:?}");
+    assert_eq!(writes[0], (10 * F, 10 * FRAME_BYTES));
+    // The image at the flush barrier holds all data but not the header.
+    let barrier = rec.barrier_positions()[0];
+    let img = rec.image_at(barrier + 1);
+    let mut b = vec![0u8; FRAME_BYTES];
+    for i in [10u64, 15, 19, 40] {
+        img.read_at(&mut b, i * F).unwrap();
+        assert!(b.iter().all(|&x| x == i as u8));
+    }
+    img.read_at(&mut b[..4096], 0).unwrap();
+    assert!(b[..4096].iter().all(|&x| x == 0));
+    let last = rec.image_at(rec.position());
+    last.read_at(&mut b[..4096], 0).unwrap();
+    assert!(b[..4096].iter().all(|&x| x == 0xee));
+}
+
+#[test]
+fn failed_write_poisons_until_reopened() {
+    let mem: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(4 * MIB));
+    let faulty = Arc::new(FaultDevice::new(mem.clone()));
+    let (cache, _pageout) = cache_on(faulty.clone(), 4 * MIB, BufCacheConfig::default());
+    let mut b = cache.getblk(0, 4096).unwrap();
+    b.data_mut().fill(1);
+    b.bwrite().unwrap();
+    faulty.fail_writes_after(0);
+    let mut b = cache.getblk(F, 4096).unwrap();
+    b.data_mut().fill(2);
+    assert!(matches!(b.bwrite(), Err(Error::Write { .. })));
+    assert!(cache.is_poisoned());
+    faulty.fail_writes_after(u64::MAX);
+    let b = cache.getblk(2 * F, 4096).unwrap();
+    assert!(matches!(b.bdwrite(), Err(Error::Poisoned { .. })));
+    assert!(matches!(cache.flush(), Err(Error::Poisoned { .. })));
+    // Reads still work.
+    assert_eq!(cache.bread(0, 4096).unwrap().data()[0], 1);
+    drop(cache);
+    let (cache, _pageout2) = cache_on(faulty.clone(), 4 * MIB, BufCacheConfig::default());
+    let b = cache.getblk(2 * F, 4096).unwrap();
+    b.bdwrite().unwrap();
+    cache.flush().unwrap();
+}
+
+#[test]
+fn failed_barrier_poisons() {
+    let faulty = Arc::new(FaultDevice::new(Arc::new(MemDevice::new(4 * MIB))));
+    let (cache, _pageout) = cache_on(faulty.clone(), 4 * MIB, BufCacheConfig::default());
+    cache.getblk(0, 1024).unwrap().bdwrite().unwrap();
+    faulty.fail_barriers(true);
+    assert!(matches!(cache.flush(), Err(Error::Barrier { .. })));
+    assert!(matches!(cache.barrier(), Err(Error::Poisoned { .. })));
+}
+
+#[test]
+fn failed_read_fails_only_that_buffer() {
+    let mem = Arc::new(MemDevice::new(4 * MIB));
+    mem.write_at(&[5u8; 4096], 3 * F).unwrap();
+    let faulty = Arc::new(FaultDevice::new(mem));
+    let (cache, _pageout) = cache_on(faulty.clone(), 4 * MIB, BufCacheConfig::default());
+    faulty.fail_reads(Some((3 * F, 4 * F)));
+    assert!(matches!(cache.bread(3 * F, 4096), Err(Error::Read { .. })));
+    assert!(!cache.is_poisoned());
+    assert!(cache.bread(5 * F, 4096).is_ok());
+    cache.getblk(6 * F, 1024).unwrap().bdwrite().unwrap();
+    cache.flush().unwrap();
+    faulty.fail_reads(None);
+    assert_eq!(cache.bread(3 * F, 4096).unwrap().data(), &[5u8; 4096][..]);
+    cache.vm().verify().unwrap();
+}
+
+#[test]
+fn sequential_misses_read_ahead() {
+    let mem = Arc::new(MemDevice::new(8 * MIB));
+    for i in 0..64u64 {
+        mem.write_at(&[i as u8; 16], i * F).unwrap();
+    }
+    let (cache, _pageout) = cache_on(mem, 8 * MIB, BufCacheConfig::default());
+    for i in 0..64u64 {
+        let b = cache.bread(i * F, 16).unwrap();
+        assert_eq!(b.data(), &[i as u8; 16][..]);
+    }
+    let st = cache.stats();
+    assert!(st.read_ahead_buffers > 32, "{st:?}");
+    assert!(st.device_reads < 20, "{st:?}");
+    // Random misses do not read ahead.
+    let before = cache.stats().read_ahead_buffers;
+    for i in [100u64, 90, 110, 95] {
+        cache.bread(i * F, 16).unwrap();
+    }
+    assert_eq!(cache.stats().read_ahead_buffers, before);
+}
+
+#[test]
+fn writers_are_throttled_at_the_dirty_limit() {
+    for flusher_thread in [false, true] {
+        let mem = Arc::new(MemDevice::new(32 * MIB));
+        let cfg = BufCacheConfig {
+            dirty_max_bytes: Some(16 * F),
+            flusher_thread,
+            throttle_wait_max: Duration::from_secs(10),
+            ..BufCacheConfig::default()
+        };
+        let (cache, _pageout) = cache_on(mem, 8 * MIB, cfg);
+        let mut peak = 0;
+        for i in 0..200u64 {
+            let mut b = cache.getblk(i * F, FRAME_BYTES).unwrap();
+            b.data_mut().fill(i as u8);
+            b.bdwrite().unwrap();
+            peak = peak.max(cache.stats().dirty_buffers);
+        }
+        assert!(peak <= 16, "dirty peaked at {peak} buffers");
+        cache.flush().unwrap();
+        assert_eq!(cache.stats().dirty_buffers, 0);
+    }
+}
+
+#[test]
+fn requests_outside_the_device_or_across_buffers_are_errors() {
+    let (cache, _pageout) = cache_on(
+        Arc::new(MemDevice::new(4 * MIB + 512)),
+        4 * MIB,
+        BufCacheConfig::default(),
+    );
+    assert!(matches!(
+        cache.bread(F - 1024, 2048),
+        Err(Error::Range { .. })
+    ));
+    assert!(matches!(
+        cache.bread(4 * MIB, 1024),
+        Err(Error::Range { .. })
+    ));
+    assert!(matches!(cache.getblk(0, 0), Err(Error::Range { .. })));
+    assert!(matches!(
+        cache.bread(u64::MAX - 10, 5),
+        Err(Error::Range { .. })
+    ));
+    // The partial last buffer is usable up to the device end.
+    let mut b = cache.getblk(4 * MIB, 512).unwrap();
+    b.data_mut().fill(9);
+    b.bwrite().unwrap();
+    assert_eq!(cache.bread(4 * MIB, 512).unwrap().data(), &[9u8; 512][..]);
+}
+
+#[test]
+fn invalidate_discards_dirty_data() {
+    let mem = Arc::new(MemDevice::new(4 * MIB));
+    let (cache, _pageout) = cache_on(mem.clone(), 4 * MIB, BufCacheConfig::default());
+    let mut b = cache.getblk(0, 1024).unwrap();
+    b.data_mut().fill(3);
+    b.bdwrite().unwrap();
+    assert_eq!(cache.stats().dirty_buffers, 1);
+    cache.bread_mut(0, 1024).unwrap().invalidate();
+    assert_eq!(cache.stats().dirty_buffers, 0);
+    cache.flush().unwrap();
+    let mut back = [1u8; 1024];
+    mem.read_at(&mut back, 0).unwrap();
+    assert_eq!(back, [0u8; 1024]);
+    cache.vm().verify().unwrap();
+}
+
+/// Threads write and read their own regions (each checked against its own
+/// model) while sharing the cache, pageout, the flusher and a flushing
+/// thread; the device must equal the union of the models at the end.
+#[test]
+fn concurrent_writers_and_readers_keep_their_data() {
+    const THREADS: u64 = 4;
+    let size = 32 * MIB;
+    let region = size / THREADS;
+    let mem = Arc::new(MemDevice::new(size));
+    let cache = BufCache::open(mem.clone(), 4 * MIB).unwrap();
+    let models: Vec<Vec<u8>> = std::thread::scope(|s| {
+        let flusher = s.spawn(|| {
+            for _ in 0..20 {
+                cache.flush().unwrap();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let cache = &cache;
+                s.spawn(move || {
+                    let mut model = vec![0u8; region as usize];
+                    let base = t * region;
+                    let mut rng = SmallRng::seed_from_u64(100 + t);
+                    for step in 0..1500u64 {
+                        let len = 1usize << rng.gen_range(10..=16);
+                        let rel = rng.gen_range(0..region / len as u64) * len as u64;
+                        let (off, o) = (base + rel, rel as usize);
+                        if rng.gen_bool(0.5) {
+                            let b = cache.bread(off, len).unwrap();
+                            assert_eq!(b.data(), &model[o..o + len], "thread {t} step {step}");
+                        } else {
+                            let mut b = cache.getblk(off, len).unwrap();
+                            fill(b.data_mut(), step * THREADS + t);
+                            fill(&mut model[o..o + len], step * THREADS + t);
+                            match rng.gen_range(0..3) {
+                                0 => b.bdwrite().unwrap(),
+                                1 => b.bawrite().unwrap(),
+                                _ => b.bwrite().unwrap(),
+                            }
+                        }
+                    }
+                    model
+                })
+            })
+            .collect();
+        let models = workers.into_iter().map(|w| w.join().unwrap()).collect();
+        flusher.join().unwrap();
+        models
+    });
+    cache.flush().unwrap();
+    let mut disk = vec![0u8; size as usize];
+    mem.read_at(&mut disk, 0).unwrap();
+    for (t, model) in models.iter().enumerate() {
+        let base = t * region as usize;
+        assert!(
+            disk[base..base + region as usize] == model[..],
+            "region {t} differs"
+        );
+    }
+    cache.vm().verify().unwrap();
+}
