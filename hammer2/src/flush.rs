@@ -106,6 +106,54 @@ pub fn physical_block_size(size: u64, lbase: u64) -> u64 {
     eof.next_power_of_two().clamp(1024, block)
 }
 
+/// A file data block as it goes to disk: the physical bytes (compressed
+/// per `comp_algo` when that halves it) and the blockref methods; `None`
+/// for a block of zeros, which becomes a hole (DragonFly skips zero
+/// detection only when both compression and check are off).
+pub fn encode_data_block(
+    size: u64,
+    lbase: u64,
+    blk: &[u8],
+    comp_algo: u8,
+    check_algo: u8,
+) -> Option<(Vec<u8>, u8)> {
+    let lsize = (physical_block_size(size, lbase) as usize).min(blk.len());
+    let logical = &blk[..lsize];
+    let check = disk::dec_algo(check_algo);
+    let comp = disk::dec_algo(comp_algo);
+    let zero_detect = !(comp == comp_method::NONE && check <= disk::check_method::DISABLED);
+    if zero_detect && logical.iter().all(|&b| b == 0) {
+        return None;
+    }
+    let phys = match comp {
+        comp_method::LZ4 | comp_method::ZLIB => {
+            compress::compress(comp, disk::dec_level(comp_algo), logical)
+        }
+        _ => None,
+    };
+    Some(match phys {
+        Some(p) => (p, enc_methods(check, comp)),
+        None => {
+            let used = if comp == comp_method::AUTOZERO {
+                comp
+            } else {
+                comp_method::NONE
+            };
+            (logical.to_vec(), enc_methods(check, used))
+        }
+    })
+}
+
+/// The DATA blockref template for the block at `lbase`.
+pub fn data_bref(lbase: u64, methods: u8) -> Blockref {
+    let mut br = Blockref::EMPTY;
+    br.btype = BlockrefType::Data;
+    br.key = lbase;
+    br.keybits = disk::DATA_BLOCK_RADIX;
+    br.methods = methods;
+    br
+}
+
 /// Write an inode's pending data blocks and long names, its indirect
 /// blocks, and the inode block. Returns its new blockref (key `key`,
 /// flags `flags`).
@@ -124,39 +172,17 @@ pub fn flush_inode(
         if lbase >= size {
             continue;
         }
-        let lsize = physical_block_size(size, lbase) as usize;
-        let logical = &blk[..lsize];
-        let check = disk::dec_algo(check_algo);
-        let comp = disk::dec_algo(comp_algo);
-        let zero_detect = !(comp == comp_method::NONE && check <= disk::check_method::DISABLED);
-        if zero_detect && logical.iter().all(|&b| b == 0) {
-            node.table.delete(w.vol, lbase)?;
-            continue;
+        match encode_data_block(size, lbase, &blk, comp_algo, check_algo) {
+            None => {
+                node.table.delete(w.vol, lbase)?;
+            }
+            Some((phys, methods)) => {
+                let mut br = data_bref(lbase, methods);
+                w.write(&mut br, &phys)
+                    .map_err(|e| e.with_place(None, Some(inum), Some(lbase)))?;
+                node.table.insert(w.vol, TreeKind::File, true, br)?;
+            }
         }
-        let mut br = Blockref::EMPTY;
-        br.btype = BlockrefType::Data;
-        br.key = lbase;
-        br.keybits = disk::DATA_BLOCK_RADIX;
-        let level = disk::dec_level(comp_algo);
-        let phys = match comp {
-            comp_method::LZ4 | comp_method::ZLIB => compress::compress(comp, level, logical),
-            _ => None,
-        };
-        let (phys, used) = match phys {
-            Some(p) => (p, comp),
-            None => (
-                logical.to_vec(),
-                if comp == comp_method::AUTOZERO {
-                    comp
-                } else {
-                    comp_method::NONE
-                },
-            ),
-        };
-        br.methods = enc_methods(check, used);
-        w.write(&mut br, &phys)
-            .map_err(|e| e.with_place(None, Some(inum), Some(lbase)))?;
-        node.table.insert(w.vol, TreeKind::File, true, br)?;
     }
     let dirents = std::mem::take(&mut node.pending_dirents);
     for (dkey, name) in dirents {

@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::pfs::{DIRENT_EMBEDDED_NAME_MAX, NAME_MAX};
 use crate::volume::Volume;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 const BLOCK: u64 = DATA_BLOCK_BYTES;
 
@@ -29,7 +30,9 @@ pub struct InodeNode {
     /// The tree under the inode's blockset.
     pub table: BlockTable,
     /// File data written since the last flush, by 64 KiB block offset.
-    pub pending: BTreeMap<u64, Vec<u8>>,
+    /// Shared so a pipelined flush can write a block while the frontend
+    /// goes on (a write to a block being flushed copies it first).
+    pub pending: BTreeMap<u64, Arc<Vec<u8>>>,
     /// Dirents added since the last flush, by key, with the name when it
     /// is over 64 bytes and still needs its 1 KiB block.
     pub pending_dirents: BTreeMap<u64, Option<Vec<u8>>>,
@@ -106,11 +109,13 @@ impl InodeNode {
             } else {
                 self.disk_block(vol, lbase)?
             };
-            self.pending.insert(lbase, b);
+            self.pending.insert(lbase, Arc::new(b));
         }
-        self.pending
+        let blk = self
+            .pending
             .get_mut(&lbase)
-            .ok_or_else(|| Error::corrupt(format!("pending block {lbase:#x} vanished"), 0))
+            .ok_or_else(|| Error::corrupt(format!("pending block {lbase:#x} vanished"), 0))?;
+        Ok(Arc::make_mut(blk))
     }
 
     /// Copy `out.len()` bytes of block `lbase` from `within` into `out`.
@@ -170,7 +175,7 @@ impl InodeNode {
         self.data.u = [0; EMBEDDED_BYTES];
         self.table = BlockTable::new(vec![Blockref::EMPTY; SET_COUNT]);
         if n > 0 {
-            self.pending.insert(0, blk);
+            self.pending.insert(0, Arc::new(blk));
         }
         self.dirty = true;
     }

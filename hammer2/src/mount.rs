@@ -20,13 +20,13 @@ use crate::disk::{
     BREF_FLAG_PFSROOT, INODE_START, OPFLAG_DIRECTDATA, VOLUME_BYTES,
 };
 use crate::error::{Error, Result};
-use crate::flush::{flush_inode, SpaceMap, Writer};
+use crate::flush::{data_bref, encode_data_block, flush_inode, SpaceMap, Writer};
 use crate::inode::InodeNode;
 use crate::pfs::{self, DirEntry};
 use crate::volume::Volume;
 use bufcache::BlockDevice;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The PFS root's inode number.
 pub const ROOT_INUM: u64 = 1;
@@ -81,7 +81,10 @@ pub struct FlushStats {
 /// A HAMMER2 volume opened read-write.
 pub struct Mount {
     vol: Volume,
-    space: Box<dyn SpaceMap>,
+    /// The allocator, shared with a pipelined flush's data writes.
+    space: Arc<Mutex<Box<dyn SpaceMap>>>,
+    /// A pipelined flush is between `flush_begin` and `flush_commit`.
+    flushing: bool,
     sroot: InodeNode,
     pfs: BTreeMap<String, PfsState>,
     poisoned: Option<String>,
@@ -125,7 +128,8 @@ impl Mount {
         let sroot = InodeNode::from_disk(s.bref, s.data);
         Ok(Mount {
             vol,
-            space,
+            space: Arc::new(Mutex::new(space)),
+            flushing: false,
             sroot,
             pfs: BTreeMap::new(),
             poisoned: None,
@@ -752,7 +756,7 @@ impl Mount {
         let vh = &self.vol.header;
         Ok(StatFs {
             bytes_total: vh.allocator_size,
-            bytes_free: self.space.free_bytes(),
+            bytes_free: lock_space(&self.space).free_bytes(),
             inodes_used: used,
         })
     }
@@ -767,33 +771,128 @@ impl Mount {
 
     /// Write everything modified and commit it with a new volume header.
     pub fn flush(&mut self) -> Result<FlushStats> {
+        let mut batch = self.flush_begin()?;
+        batch.write();
+        self.flush_commit(batch)
+    }
+
+    /// Start a pipelined flush: take the file data written so far into a
+    /// batch whose blocks `FlushBatch::write` compresses and writes
+    /// without this `Mount` (so the frontend can go on), then
+    /// `flush_commit` writes what changed meanwhile and all metadata, and
+    /// commits. The flush commits the state at `flush_commit`: a block
+    /// the frontend rewrote after `flush_begin` is written again there
+    /// and the batch's copy is given back to the allocator.
+    pub fn flush_begin(&mut self) -> Result<FlushBatch> {
         self.writable()?;
+        if self.flushing {
+            return Err(Error::InvalidArgument {
+                what: "a flush is already in progress".into(),
+            });
+        }
+        self.flushing = true;
+        let mut blocks = Vec::new();
+        for (label, p) in &self.pfs {
+            for (inum, n) in p.inodes.iter().filter(|(_, n)| !n.pending.is_empty()) {
+                let size = n.size();
+                for (lbase, blk) in n.pending.range(..size) {
+                    blocks.push(BatchBlock {
+                        label: label.clone(),
+                        inum: *inum,
+                        lbase: *lbase,
+                        blk: blk.clone(),
+                        size,
+                        comp_algo: n.data.meta.comp_algo,
+                        check_algo: n.data.meta.check_algo,
+                        written: None,
+                    });
+                }
+            }
+        }
+        Ok(FlushBatch {
+            tid: self.vol.header.mirror_tid + 1,
+            dev: self.vol.device().clone(),
+            space: self.space.clone(),
+            blocks,
+            error: None,
+        })
+    }
+
+    /// Finish a flush started with `flush_begin`.
+    pub fn flush_commit(&mut self, batch: FlushBatch) -> Result<FlushStats> {
+        let result = self.flush_commit_inner(batch);
+        self.flushing = false;
+        if let Err(e) = &result {
+            if matches!(e, Error::Io { .. }) {
+                log::error!("flush failed, refusing further writes: {e}");
+                self.poisoned = Some(e.to_string());
+            }
+        }
+        result
+    }
+
+    fn flush_commit_inner(&mut self, batch: FlushBatch) -> Result<FlushStats> {
+        self.writable()?;
+        if let Some(e) = batch.error {
+            return Err(e);
+        }
+        let (mut blocks, mut bytes) = (0, 0);
+        for b in batch.blocks {
+            let Some(leaf) = b.written else { continue };
+            let vol = &self.vol;
+            let node = self
+                .pfs
+                .get_mut(&b.label)
+                .and_then(|p| p.inodes.get_mut(&b.inum));
+            let current = node.filter(|n| {
+                b.lbase < n.size()
+                    && n.pending
+                        .get(&b.lbase)
+                        .is_some_and(|p| Arc::ptr_eq(p, &b.blk))
+            });
+            match current {
+                Some(n) => {
+                    n.pending.remove(&b.lbase);
+                    match leaf {
+                        Some(br) => {
+                            blocks += 1;
+                            bytes += br.data_off.bytes();
+                            n.table
+                                .insert(vol, crate::blocktable::TreeKind::File, true, br)?;
+                        }
+                        None => {
+                            n.table.delete(vol, b.lbase)?;
+                        }
+                    }
+                }
+                None => {
+                    // Rewritten, truncated or removed meanwhile.
+                    if let Some(br) = leaf {
+                        lock_space(&self.space).release_unflushed(br.data_off);
+                    }
+                }
+            }
+        }
         if !self.is_dirty() {
             return Ok(FlushStats {
                 tid: self.vol.header.mirror_tid,
-                ..FlushStats::default()
+                blocks,
+                bytes,
+                header_slot: self.vol.header_index,
             });
         }
-        match self.flush_inner() {
-            Ok(s) => Ok(s),
-            Err(e) => {
-                if matches!(e, Error::Io { .. }) {
-                    log::error!("flush failed, refusing further writes: {e}");
-                    self.poisoned = Some(e.to_string());
-                }
-                Err(e)
-            }
-        }
+        let mut stats = self.flush_inner()?;
+        stats.blocks += blocks;
+        stats.bytes += bytes;
+        Ok(stats)
     }
 
     fn flush_inner(&mut self) -> Result<FlushStats> {
         let tid = self.vol.header.mirror_tid + 1;
+        let space_arc = self.space.clone();
+        let mut space = lock_space(&space_arc);
         let Mount {
-            vol,
-            space,
-            sroot,
-            pfs,
-            ..
+            vol, sroot, pfs, ..
         } = self;
         let mut w = Writer {
             vol,
@@ -876,5 +975,79 @@ impl Mount {
     /// The on-disk blockref of the super-root (after the last flush).
     pub fn super_root_bref(&self) -> Blockref {
         self.sroot.bref
+    }
+}
+
+fn lock_space(space: &Mutex<Box<dyn SpaceMap>>) -> MutexGuard<'_, Box<dyn SpaceMap>> {
+    space.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One data block of a pipelined flush.
+struct BatchBlock {
+    label: String,
+    inum: u64,
+    lbase: u64,
+    blk: Arc<Vec<u8>>,
+    size: u64,
+    comp_algo: u8,
+    check_algo: u8,
+    /// After `write`: the new blockref, or `None` for a hole.
+    written: Option<Option<Blockref>>,
+}
+
+/// The file data of a flush, written without holding the `Mount`.
+pub struct FlushBatch {
+    tid: u64,
+    dev: Arc<dyn BlockDevice>,
+    space: Arc<Mutex<Box<dyn SpaceMap>>>,
+    blocks: Vec<BatchBlock>,
+    error: Option<Error>,
+}
+
+impl FlushBatch {
+    /// Blocks in the batch.
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// Compress, allocate and write every block. An error is kept for
+    /// `flush_commit`, which reports it (and poisons the mount on I/O).
+    pub fn write(&mut self) {
+        for b in &mut self.blocks {
+            if self.error.is_some() {
+                return;
+            }
+            let Some((phys, methods)) =
+                encode_data_block(b.size, b.lbase, &b.blk, b.comp_algo, b.check_algo)
+            else {
+                b.written = Some(None);
+                continue;
+            };
+            let mut br = data_bref(b.lbase, methods);
+            let off = match lock_space(&self.space).alloc(BlockrefType::Data, phys.len() as u64) {
+                Ok(o) => o,
+                Err(e) => {
+                    self.error = Some(e);
+                    return;
+                }
+            };
+            if let Err(source) = self.dev.write_at(&phys, off.offset()) {
+                self.error = Some(Error::Io {
+                    op: "write",
+                    at: off.offset(),
+                    source,
+                });
+                return;
+            }
+            br.data_off = off;
+            br.mirror_tid = self.tid;
+            br.modify_tid = self.tid;
+            crate::check::set_check(&mut br, &phys);
+            b.written = Some(Some(br));
+        }
     }
 }

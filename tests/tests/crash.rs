@@ -73,7 +73,24 @@ fn run(seed: u64, ops: usize, subsets: usize) -> usize {
             &format!("seed {seed} op {i}"),
         );
         if rng.gen_bool(0.12) || i + 1 == ops {
-            m.flush().unwrap();
+            if rng.gen_bool(0.5) {
+                m.flush().unwrap();
+            } else {
+                // Pipelined: the frontend goes on while the data is written.
+                let mut batch = m.flush_begin().unwrap();
+                for j in 0..rng.gen_range(0..4) {
+                    now += 10;
+                    step(
+                        &mut m,
+                        &mut model,
+                        &mut rng,
+                        now,
+                        &format!("seed {seed} op {i} during flush {j}"),
+                    );
+                }
+                batch.write();
+                m.flush_commit(batch).unwrap();
+            }
             // The header write is the last write to a volume header slot.
             let events = rec.events();
             let header = events
@@ -148,11 +165,11 @@ fn every_barrier_and_in_flight_subsets_give_a_completed_flush() {
         .and_then(|v| v.parse().ok())
     {
         Some(s) => vec![s],
-        None => (1..=3).collect(),
+        None => (1..=8).collect(),
     };
     let mut total = 0;
     for seed in seeds {
-        total += run(seed, 150, 3);
+        total += run(seed, 200, 4);
     }
     eprintln!("crash states checked: {total}");
     assert!(total > 50, "only {total} crash states");

@@ -45,8 +45,37 @@ fn run(seed: u64, ops: usize) {
         let r = rng.gen_range(0..100);
         match r {
             0..=89 => step(&mut m, &mut model, &mut rng, now, &ctx),
-            90..=95 => {
+            90..=92 => {
                 m.flush().unwrap();
+                flushed = model.clone();
+            }
+            93..=95 => {
+                // A pipelined flush: the frontend goes on while the
+                // batch's data is written; the flush commits the state
+                // at flush_commit.
+                let mut batch = m.flush_begin().unwrap();
+                for j in 0..rng.gen_range(0..6) {
+                    now += 10;
+                    step(
+                        &mut m,
+                        &mut model,
+                        &mut rng,
+                        now,
+                        &format!("{ctx} during flush {j}"),
+                    );
+                }
+                batch.write();
+                for j in 0..rng.gen_range(0..6) {
+                    now += 10;
+                    step(
+                        &mut m,
+                        &mut model,
+                        &mut rng,
+                        now,
+                        &format!("{ctx} after batch {j}"),
+                    );
+                }
+                m.flush_commit(batch).unwrap();
                 flushed = model.clone();
             }
             _ => {
