@@ -288,6 +288,34 @@ impl InodeNode {
             .map(|k| k.max(offset)))
     }
 
+    /// The first hole at or after `offset` below the size (SEEK_HOLE),
+    /// or the size. Pending blocks count as data.
+    pub fn next_hole(&mut self, vol: &Volume, offset: u64) -> Result<u64> {
+        let size = self.size();
+        if offset >= size || self.direct() {
+            return Ok(size);
+        }
+        let lbase = offset & !(BLOCK - 1);
+        let mut keys: Vec<u64> = self
+            .table
+            .range(vol, lbase, u64::MAX)?
+            .iter()
+            .filter(|b| b.btype == BlockrefType::Data)
+            .map(|b| b.key)
+            .collect();
+        keys.extend(self.pending.range(lbase..).map(|(k, _)| *k));
+        keys.sort_unstable();
+        keys.dedup();
+        let mut pos = lbase;
+        for k in keys {
+            if k != pos {
+                break;
+            }
+            pos += BLOCK;
+        }
+        Ok(pos.max(offset).min(size))
+    }
+
     // ---- directories ----
 
     /// The name a dirent leaf carries: embedded, pending, or in its block.

@@ -10,6 +10,10 @@
 //! from the caller (`now`, microseconds since the epoch), so tests are
 //! deterministic.
 //!
+//! Pins (`pin`/`unpin`) keep an inode whose last link goes: an open
+//! file that is unlinked lives, readable and writable by number, until
+//! its last pin goes; only then does it leave the index.
+//!
 //! A failed device write or barrier poisons the mount: every later
 //! modifying call fails with `Error::Poisoned` until the image is opened
 //! again; what is on disk stays the state of the last completed flush.
@@ -40,6 +44,9 @@ struct PfsState {
     inodes: BTreeMap<u64, InodeNode>,
     /// Inodes to remove from the index at the next flush.
     removed: BTreeSet<u64>,
+    /// Pin counts (see `Mount::pin`): an inode whose last link goes
+    /// while it is pinned stays until its last pin goes.
+    pins: BTreeMap<u64, u32>,
 }
 
 /// Attributes to change in `setattr`; `None` leaves a field alone.
@@ -180,6 +187,7 @@ impl Mount {
                     root,
                     inodes: BTreeMap::new(),
                     removed: BTreeSet::new(),
+                    pins: BTreeMap::new(),
                 },
             );
         }
@@ -559,10 +567,62 @@ impl Mount {
         })?;
         if gone {
             let p = self.pfs_mut(label)?;
+            if !p.pins.contains_key(&inum) {
+                p.inodes.remove(&inum);
+                p.removed.insert(inum);
+            }
+        }
+        Ok(())
+    }
+
+    /// Pin inode `inum` (counted): while pinned, losing its last link
+    /// does not remove it. It stays readable and writable by number,
+    /// and flushes go on writing it to the inode index (with no links,
+    /// as DragonFly keeps a file open and unlinked: after a crash it is
+    /// an orphan, which fsck lists as a warning). The FUSE daemon pins
+    /// an inode for each open file handle.
+    pub fn pin(&mut self, label: &str, inum: u64) -> Result<()> {
+        self.node(label, inum)?;
+        *self.pfs_mut(label)?.pins.entry(inum).or_insert(0) += 1;
+        Ok(())
+    }
+
+    /// Drop one pin of `inum`. At the last one, an inode with no links
+    /// left leaves memory at once and the index at the next flush.
+    pub fn unpin(&mut self, label: &str, inum: u64) -> Result<()> {
+        let p = self.pfs_mut(label)?;
+        match p.pins.get_mut(&inum) {
+            None => return Ok(()),
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                return Ok(());
+            }
+            Some(_) => {
+                p.pins.remove(&inum);
+            }
+        }
+        if inum == ROOT_INUM {
+            return Ok(());
+        }
+        let nlinks = match self.node(label, inum) {
+            Ok(n) => n.data.meta.nlinks,
+            Err(Error::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if nlinks == 0 {
+            let p = self.pfs_mut(label)?;
             p.inodes.remove(&inum);
             p.removed.insert(inum);
         }
         Ok(())
+    }
+
+    /// Pins held on `inum` (for tests and the daemon's bookkeeping).
+    pub fn pin_count(&self, label: &str, inum: u64) -> u32 {
+        self.pfs
+            .get(label)
+            .and_then(|p| p.pins.get(&inum).copied())
+            .unwrap_or(0)
     }
 
     fn remove_entry(&mut self, label: &str, dir: u64, name: &[u8], now: u64) -> Result<()> {
@@ -751,6 +811,14 @@ impl Mount {
         self.with_node(label, inum, |vol, n| n.next_data(vol, offset))
     }
 
+    /// First hole offset at or after `offset` (SEEK_HOLE): the file size
+    /// when there is none before it. Blocks written since the last flush
+    /// count as data, also when they hold zeros (the flush makes those
+    /// holes).
+    pub fn seek_hole(&mut self, label: &str, inum: u64, offset: u64) -> Result<u64> {
+        self.with_node(label, inum, |vol, n| n.next_hole(vol, offset))
+    }
+
     pub fn statfs(&mut self, label: &str) -> Result<StatFs> {
         let used = self.pfs_mut(label)?.root.bref.inode_count();
         let vh = &self.vol.header;
@@ -767,6 +835,26 @@ impl Mount {
             || self.pfs.values().any(|p| {
                 p.root.dirty || !p.removed.is_empty() || p.inodes.values().any(|n| n.dirty)
             })
+    }
+
+    /// Bytes of file data written and waiting for a flush (whole 64 KiB
+    /// blocks), for writeback limits.
+    pub fn dirty_bytes(&self) -> u64 {
+        self.pfs
+            .values()
+            .map(|p| {
+                p.root.dirty_bytes() + p.inodes.values().map(InodeNode::dirty_bytes).sum::<u64>()
+            })
+            .sum()
+    }
+
+    /// Drop clean inodes from memory (they are read again when next
+    /// needed), as a flush does; for a mount that only reads between
+    /// flushes.
+    pub fn release_clean(&mut self) {
+        for p in self.pfs.values_mut() {
+            p.inodes.retain(|_, n| n.dirty || !n.pending.is_empty());
+        }
     }
 
     /// Write everything modified and commit it with a new volume header.
