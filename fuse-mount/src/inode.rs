@@ -14,7 +14,7 @@
 //! I/O. The write path will keep its in-memory inodes here.
 
 use fuser::{FileAttr, FileType, INodeNo};
-use hammer2::disk::ObjType;
+use hammer2::disk::{InodeMeta, ObjType};
 use hammer2::Inode;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -146,10 +146,14 @@ pub fn rdev_of(major: u32, minor: u32) -> u32 {
     (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
 }
 
+/// `st_mode`: the type bits and the permission bits.
+pub fn st_mode(m: &InodeMeta) -> u32 {
+    m.obj_type.mode_bits() | (m.mode & 0o7777)
+}
+
 /// The attributes of an inode; `None` for an object type no file can
 /// have (the inode is damaged).
-pub fn attr_of(ino: u64, inode: &Inode) -> Option<FileAttr> {
-    let m = inode.meta();
+pub fn attr_of(ino: u64, m: &InodeMeta) -> Option<FileAttr> {
     let kind = file_type(m.obj_type)?;
     let rdev = match m.obj_type {
         ObjType::Cdev | ObjType::Bdev => rdev_of(m.rmajor, m.rminor),
@@ -165,7 +169,7 @@ pub fn attr_of(ino: u64, inode: &Inode) -> Option<FileAttr> {
         ctime: time_of(m.ctime),
         crtime: time_of(m.btime),
         kind,
-        perm: (inode.st_mode() & 0o7777) as u16,
+        perm: (m.mode & 0o7777) as u16,
         nlink: u32::try_from(m.nlinks).unwrap_or(u32::MAX),
         uid: m.uid_unix(),
         gid: m.gid_unix(),
@@ -204,9 +208,8 @@ pub fn placeholder_attr(ino: u64, kind: FileType) -> FileAttr {
 /// groups are not known here (the kernel checks them with
 /// `default_permissions`), so a caller relying on one is refused: the
 /// check errs on the side of refusing.
-pub fn permitted(inode: &Inode, uid: u32, gid: u32, mask: u32) -> bool {
-    let m = inode.meta();
-    let mode = inode.st_mode();
+pub fn permitted(m: &InodeMeta, uid: u32, gid: u32, mask: u32) -> bool {
+    let mode = st_mode(m);
     if uid == 0 {
         let any_x = mode & 0o111 != 0 || m.obj_type == ObjType::Directory;
         return mask & 1 == 0 || any_x;

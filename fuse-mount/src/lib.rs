@@ -1,8 +1,12 @@
-//! `mount.hammer2`: a HAMMER2 image served over FUSE, read-only for now.
-//! The only crate that knows FUSE.
+//! `mount.hammer2`: a HAMMER2 image served over FUSE, read-only or
+//! read-write. The only crate that knows FUSE.
 //!
-//! - `vnops`: the `fuser::Filesystem` impl over one `hammer2::Pfs`
-//!   (DragonFly's `hammer2_vnops.c`); the write path slots in here.
+//! - `vnops`: the `fuser::Filesystem` impl over one PFS (DragonFly's
+//!   `hammer2_vnops.c`): `hammer2::Pfs` read-only, `hammer2::mount::Mount`
+//!   read-write.
+//! - `rw`: a read-write mount's shared state: the `Mount` behind a mutex,
+//!   the image lock, the flusher.
+//! - `space`: the allocator a read-write mount uses (interim).
 //! - `inode`: node ids, the table of inodes the kernel holds, attributes.
 //! - `cookie`: readdir offsets from directory keys.
 //! - `errno`: the one mapping from `hammer2::Error` to an errno.
@@ -18,6 +22,8 @@ pub mod inode;
 pub mod logging;
 pub mod mount;
 pub mod options;
+pub mod rw;
+pub mod space;
 pub mod vnops;
 
 pub use errno::errno;

@@ -2,6 +2,13 @@
 //! open /dev/fuse, mount(2), say so (`ready`), serve until unmounted, and
 //! unmount on SIGTERM, SIGINT or SIGHUP.
 //!
+//! Read-write: the image is opened read-write and locked (`flock`,
+//! exclusive, for the process's life), so a second read-write mount of
+//! it fails at once; a flusher thread runs from the mount to the end,
+//! and after the session ends (however it ends) `RwVolume::shutdown`
+//! flushes what is left before the process exits. Read-only mounts take
+//! no lock: they read the last flush and never write.
+//!
 //! Threads: `serve` blocks those signals in the calling thread before it
 //! starts any other, so every thread inherits the mask and only the
 //! signal thread (sigwait) sees them. The session runs on its own
@@ -12,11 +19,14 @@
 //! is closed; a second signal ends the process at once.
 
 use crate::options::Options;
+use crate::rw::RwVolume;
 use crate::vnops::Hammer2Fs;
 use bufcache::{BlockDevice, FileDevice};
+use hammer2::mount::{Mount, ROOT_INUM};
 use hammer2::pfs::{pfs_list, Pfs};
 use hammer2::Volume;
 use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use nix::mount::MntFlags;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
@@ -28,7 +38,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::thread;
+use std::thread::{self, JoinHandle};
 
 /// Why a mount did not happen, with mount(8)'s exit codes.
 #[derive(Debug)]
@@ -99,27 +109,76 @@ pub fn open_pfs(image: &Path, label: &str) -> Result<Pfs, Failure> {
     let shown = image.display();
     let dev = FileDevice::open(image, false)
         .map_err(|e| Failure::Mount(format!("cannot open {shown}: {e}")))?;
-    let dev: Arc<dyn BlockDevice> = Arc::new(dev);
-    let vol = Volume::open(dev)
-        .map_err(|e| Failure::Mount(format!("{shown} is not a usable HAMMER2 image: {e}")))?;
-    let vol = Arc::new(vol);
-    let mut labels: Vec<String> = pfs_list(&vol)
+    let vol = Arc::new(open_volume(image, Arc::new(dev))?);
+    check_label(image, &vol, label)?;
+    Pfs::open(vol, label).map_err(|e| Failure::Mount(format!("{shown}@{label}: {e}")))
+}
+
+fn open_volume(image: &Path, dev: Arc<dyn BlockDevice>) -> Result<Volume, Failure> {
+    Volume::open(dev).map_err(|e| {
+        Failure::Mount(format!(
+            "{} is not a usable HAMMER2 image: {e}",
+            image.display()
+        ))
+    })
+}
+
+/// The image must have a PFS `label`; the message lists those it has.
+fn check_label(image: &Path, vol: &Volume, label: &str) -> Result<(), Failure> {
+    let shown = image.display();
+    let mut labels: Vec<String> = pfs_list(vol)
         .map_err(|e| Failure::Mount(format!("{shown}: cannot read the PFS list: {e}")))?
         .into_iter()
         .map(|p| p.label)
         .collect();
-    if !labels.iter().any(|l| l == label) {
-        labels.sort();
-        let have = if labels.is_empty() {
-            "it has none".to_string()
-        } else {
-            format!("it has: {}", labels.join(", "))
-        };
-        return Err(Failure::Mount(format!(
-            "{shown} has no PFS labelled {label:?}; {have}"
-        )));
+    if labels.iter().any(|l| l == label) {
+        return Ok(());
     }
-    Pfs::open(vol, label).map_err(|e| Failure::Mount(format!("{shown}@{label}: {e}")))
+    labels.sort();
+    let have = if labels.is_empty() {
+        "it has none".to_string()
+    } else {
+        format!("it has: {}", labels.join(", "))
+    };
+    Err(Failure::Mount(format!(
+        "{shown} has no PFS labelled {label:?}; {have}"
+    )))
+}
+
+/// Open the image read-write, lock it against a second read-write
+/// mount, and open the write path (`Mount`) on PFS `label`.
+pub fn open_rw(image: &Path, label: &str, options: &Options) -> Result<Arc<RwVolume>, Failure> {
+    let shown = image.display();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .map_err(|e| Failure::Mount(format!("cannot open {shown} read-write: {e}")))?;
+    let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| match e {
+        Errno::EWOULDBLOCK => Failure::Mount(format!(
+            "{shown} is already mounted read-write (another mount.hammer2 holds its lock)"
+        )),
+        e => Failure::Mount(format!("cannot lock {shown}: {e}")),
+    })?;
+    let dev = FileDevice::open(image, true)
+        .map_err(|e| Failure::Mount(format!("cannot open {shown} read-write: {e}")))?;
+    let dev: Arc<dyn BlockDevice> = Arc::new(dev);
+    let vol = open_volume(image, dev.clone())?;
+    check_label(image, &vol, label)?;
+    let space = crate::space::space_map(&vol)
+        .map_err(|e| Failure::Mount(format!("{shown}: cannot set up the allocator: {e}")))?;
+    drop(vol);
+    let mut mount = Mount::open(dev, space)
+        .map_err(|e| Failure::Mount(format!("{shown} cannot be opened read-write: {e}")))?;
+    mount
+        .getattr(label, ROOT_INUM)
+        .map_err(|e| Failure::Mount(format!("{shown}@{label}: {e}")))?;
+    Ok(Arc::new(RwVolume::new(
+        mount,
+        label.to_string(),
+        lock,
+        options.sync_interval,
+    )))
 }
 
 /// The mountpoint must be an existing directory.
@@ -254,17 +313,57 @@ pub fn serve(req: &Request, ready: impl FnOnce()) -> Result<(), Failure> {
     signals
         .thread_block()
         .map_err(|e| Failure::System(format!("cannot block signals: {e}")))?;
-    let (session, dev, mnt) = mount(req)?;
+    let (session, dev, mnt, rw) = mount(req)?;
+    let flusher = match &rw {
+        Some(v) => Some(v.start_flusher().map_err(|e| {
+            let _ = nix::mount::umount2(&mnt, MntFlags::MNT_DETACH);
+            Failure::System(format!("cannot start the flusher: {e}"))
+        })?),
+        None => None,
+    };
     ready();
-    let events = start_threads(session, signals)?;
-    wait_for_end(&events, &mnt, &dev)
+    let end = start_threads(session, signals).and_then(|events| wait_for_end(&events, &mnt, &dev));
+    match rw {
+        Some(v) => finish_rw(&v, flusher, end),
+        None => end,
+    }
 }
 
+/// After a read-write session: the last flush, whatever ended it.
+fn finish_rw(
+    v: &RwVolume,
+    flusher: Option<JoinHandle<()>>,
+    end: Result<(), Failure>,
+) -> Result<(), Failure> {
+    let flushed = v.shutdown(flusher);
+    end?;
+    flushed.map_err(|why| {
+        Failure::System(format!(
+            "writes to {} since the last completed flush are lost: {why}",
+            v.label
+        ))
+    })
+}
+
+type Mounted = (
+    fuser::Session<Hammer2Fs>,
+    File,
+    PathBuf,
+    Option<Arc<RwVolume>>,
+);
+
 /// Open everything, mount, and shake hands with the kernel. Returns the
-/// session to run, the /dev/fuse descriptor to watch and the canonical
-/// mountpoint.
-fn mount(req: &Request) -> Result<(fuser::Session<Hammer2Fs>, File, PathBuf), Failure> {
-    let pfs = open_pfs(&req.image, &req.label)?;
+/// session to run, the /dev/fuse descriptor to watch, the canonical
+/// mountpoint, and for a read-write mount its state.
+fn mount(req: &Request) -> Result<Mounted, Failure> {
+    let o = &req.options;
+    let (fs, rw) = if o.read_write {
+        let v = open_rw(&req.image, &req.label, o)?;
+        (Hammer2Fs::new_rw(v.clone(), o.default_permissions), Some(v))
+    } else {
+        let pfs = open_pfs(&req.image, &req.label)?;
+        (Hammer2Fs::new(pfs, o.default_permissions), None)
+    };
     let mnt = check_mountpoint(&req.mountpoint)?;
     let dev = open_dev_fuse()?;
     // What /proc/mounts shows as the source, as mount(8) would.
@@ -273,7 +372,6 @@ fn mount(req: &Request) -> Result<(fuser::Session<Hammer2Fs>, File, PathBuf), Fa
         .canonicalize()
         .unwrap_or_else(|_| req.image.clone());
     let source = image.display().to_string();
-    let fs = Hammer2Fs::new(pfs, req.options.default_permissions);
     let (acl, config) = req.options.session_config(n_threads());
     mount_kernel(&dev, &mnt, &source, &req.options)?;
     // fuser takes a duplicate; `dev` stays to watch the connection.
@@ -284,12 +382,29 @@ fn mount(req: &Request) -> Result<(fuser::Session<Hammer2Fs>, File, PathBuf), Fa
             let _ = nix::mount::umount2(&mnt, MntFlags::MNT_DETACH);
             Failure::Mount(format!("FUSE handshake on {} failed: {e}", mnt.display()))
         })?;
-    log::info!(
-        "mounted {source}@{} on {} read-only",
-        req.label,
-        mnt.display()
-    );
-    Ok((session, dev, mnt))
+    if o.read_write {
+        let interval = o
+            .sync_interval
+            .map_or("off".to_string(), |i| format!("{} s", i.as_secs()));
+        log::info!(
+            "mounted {source}@{} on {} read-write (sync_interval {interval})",
+            req.label,
+            mnt.display()
+        );
+    } else {
+        log::info!(
+            "mounted {source}@{} on {} read-only",
+            req.label,
+            mnt.display()
+        );
+    }
+    if let Some(bytes) = o.cache_size {
+        log::info!(
+            "cache_size={} MiB recorded; the buffer cache that will use it is not in yet",
+            bytes >> 20
+        );
+    }
+    Ok((session, dev, mnt, rw))
 }
 
 /// The session's threads, and one that turns blocked signals into events.

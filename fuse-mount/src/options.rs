@@ -6,6 +6,19 @@
 
 use fuser::{Config, SessionACL};
 use nix::mount::MsFlags;
+use std::time::Duration;
+
+/// Whether a mount with neither `ro` nor `rw` is read-write. Read-only
+/// until the freemap allocator (`hammer2::alloc`) is in; then this
+/// becomes `true`, as with other filesystems.
+pub const READ_WRITE_BY_DEFAULT: bool = false;
+
+/// `sync_interval=` default: seconds between background flushes of a
+/// read-write mount.
+pub const SYNC_INTERVAL_DEFAULT: Duration = Duration::from_secs(5);
+
+/// The smallest `cache_size=` (the page layer's floor).
+pub const CACHE_SIZE_MIN: u64 = 4 << 20;
 
 /// What the options ask for, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,6 +35,16 @@ pub struct Options {
     pub sync: Option<Sync>,
     /// The source name shown in /proc/mounts (default: the image path).
     pub fsname: Option<String>,
+    /// `rw`: mount through the write path.
+    pub read_write: bool,
+    /// `sync_interval=SECONDS`: how often a read-write mount flushes
+    /// when something is dirty; `None` (`sync_interval=0`) flushes only
+    /// on fsync, past the dirty limit, and at unmount.
+    pub sync_interval: Option<Duration>,
+    /// `cache_size=SIZE`: the page layer's memory budget, rounded down
+    /// to 2 MiB. Stored for the buffer cache, which is not in the mount
+    /// yet: it limits nothing today.
+    pub cache_size: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,13 +76,16 @@ impl Default for Options {
             atime: true,
             sync: None,
             fsname: None,
+            read_write: READ_WRITE_BY_DEFAULT,
+            sync_interval: Some(SYNC_INTERVAL_DEFAULT),
+            cache_size: None,
         }
     }
 }
 
 /// Options accepted and ignored: mount(8) and fstab bookkeeping that
-/// reaches helpers, and atime policies (a read-only mount updates no
-/// times).
+/// reaches helpers, and atime policies (reads never update atime; see
+/// README).
 const IGNORED: &[&str] = &[
     "defaults",
     "auto",
@@ -86,15 +112,14 @@ const IGNORED: &[&str] = &[
 /// to change.
 pub fn parse<S: AsRef<str>>(args: &[S], sloppy: bool) -> Result<Options, String> {
     let mut o = Options::default();
-    let mut read_write = false;
     for opt in args
         .iter()
         .flat_map(|a| a.as_ref().split(','))
         .filter(|s| !s.is_empty())
     {
         match opt {
-            "ro" => read_write = false,
-            "rw" => read_write = true,
+            "ro" => o.read_write = false,
+            "rw" => o.read_write = true,
             "allow_other" => o.access = Access::All,
             "allow_root" => o.access = Access::RootAndOwner,
             "default_permissions" => o.default_permissions = true,
@@ -123,22 +148,40 @@ pub fn parse<S: AsRef<str>>(args: &[S], sloppy: bool) -> Result<Options, String>
             _ if opt.starts_with("fsname=") => {
                 o.fsname = Some(opt["fsname=".len()..].to_string());
             }
+            _ if opt.starts_with("sync_interval=") => {
+                let v = &opt["sync_interval=".len()..];
+                let secs: u64 = v.parse().ok().filter(|&s| s <= 86400).ok_or_else(|| {
+                    format!("sync_interval={v}: expected whole seconds, 0 to 86400")
+                })?;
+                o.sync_interval = (secs > 0).then(|| Duration::from_secs(secs));
+            }
+            _ if opt.starts_with("cache_size=") => {
+                let v = &opt["cache_size=".len()..];
+                let bytes = bufcache::parse_cache_size(v)
+                    .map(|b| b & !((2 << 20) - 1))
+                    .filter(|&b| b >= CACHE_SIZE_MIN)
+                    .ok_or_else(|| {
+                        format!(
+                            "cache_size={v}: expected a size with an optional K, M or G \
+                             suffix, at least 4M"
+                        )
+                    })?;
+                o.cache_size = Some(bytes);
+            }
             _ if sloppy => log::warn!("unknown mount option {opt} ignored (-s)"),
             _ => return Err(format!("unknown mount option {opt:?}")),
         }
-    }
-    if read_write {
-        return Err("read-write mounts are not supported yet: mount with -o ro".to_string());
     }
     Ok(o)
 }
 
 impl Options {
-    /// mount(2) flags: always read-only; nosuid and nodev unless asked
-    /// otherwise (FUSE's defaults).
+    /// mount(2) flags: read-only unless `rw`; nosuid and nodev unless
+    /// asked otherwise (FUSE's defaults).
     pub fn ms_flags(&self) -> MsFlags {
-        let mut f = MsFlags::MS_RDONLY;
+        let mut f = MsFlags::empty();
         let pairs = [
+            (!self.read_write, MsFlags::MS_RDONLY),
             (!self.suid, MsFlags::MS_NOSUID),
             (!self.dev, MsFlags::MS_NODEV),
             (!self.exec, MsFlags::MS_NOEXEC),
@@ -191,13 +234,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_read_only_owner_only() {
+    fn defaults_are_owner_only() {
         let o = parse::<&str>(&[], false).unwrap();
         assert_eq!(o, Options::default());
-        assert_eq!(
-            o.ms_flags(),
-            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV
-        );
+        let ro = if READ_WRITE_BY_DEFAULT {
+            MsFlags::empty()
+        } else {
+            MsFlags::MS_RDONLY
+        };
+        assert_eq!(o.ms_flags(), ro | MsFlags::MS_NOSUID | MsFlags::MS_NODEV);
         assert_eq!(
             o.kernel_data(5, 0o40755, 0, 0),
             "fd=5,rootmode=40755,user_id=0,group_id=0"
@@ -225,7 +270,7 @@ mod tests {
         let (acl, c) = o.session_config(1);
         assert_eq!(acl, SessionACL::All);
         assert!(!c.clone_fd);
-        let o = parse(&["allow_root,noexec,noatime,suid"], false).unwrap();
+        let o = parse(&["allow_root,noexec,noatime,suid,ro"], false).unwrap();
         assert_eq!(o.session_config(1).0, SessionACL::RootAndOwner);
         assert!(o.kernel_data(3, 0o40700, 0, 0).ends_with(",allow_other"));
         assert_eq!(
@@ -235,11 +280,46 @@ mod tests {
     }
 
     #[test]
-    fn read_write_is_refused_unless_ro_comes_last() {
-        let e = parse(&["rw"], false).unwrap_err();
-        assert!(e.contains("read-write mounts are not supported yet"), "{e}");
-        assert!(parse(&["defaults,rw"], false).is_err());
-        assert!(parse(&["rw,ro"], false).is_ok());
+    fn the_last_of_ro_and_rw_wins() {
+        let o = parse(&["rw"], false).unwrap();
+        assert!(o.read_write);
+        assert!(!o.ms_flags().contains(MsFlags::MS_RDONLY));
+        assert!(parse(&["defaults,rw"], false).unwrap().read_write);
+        assert!(!parse(&["rw,ro"], false).unwrap().read_write);
+        assert_eq!(
+            parse(&["defaults"], false).unwrap().read_write,
+            READ_WRITE_BY_DEFAULT
+        );
+    }
+
+    #[test]
+    fn sync_interval_and_cache_size() {
+        let o = parse::<&str>(&[], false).unwrap();
+        assert_eq!(o.sync_interval, Some(SYNC_INTERVAL_DEFAULT));
+        assert_eq!(o.cache_size, None);
+        let o = parse(&["rw,sync_interval=30,cache_size=513M"], false).unwrap();
+        assert_eq!(o.sync_interval, Some(Duration::from_secs(30)));
+        assert_eq!(o.cache_size, Some(512 << 20));
+        assert_eq!(
+            parse(&["sync_interval=0"], false).unwrap().sync_interval,
+            None
+        );
+        assert_eq!(
+            parse(&["cache_size=4194304"], false).unwrap().cache_size,
+            Some(4 << 20)
+        );
+        for bad in [
+            "sync_interval=",
+            "sync_interval=-1",
+            "sync_interval=1.5",
+            "sync_interval=86401",
+            "cache_size=",
+            "cache_size=3M",
+            "cache_size=lots",
+        ] {
+            let e = parse(&[bad], false).unwrap_err();
+            assert!(e.contains(bad.split('=').next().unwrap()), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -1,44 +1,73 @@
 //! The FUSE operations over one PFS (DragonFly's `hammer2_vnops.c`): one
-//! `Filesystem` impl over the `hammer2` library, read-only for now.
+//! `Filesystem` impl over the `hammer2` library, read-only or read-write.
+//!
+//! Two stores behind the same operations:
+//!
+//! - read-only: `hammer2::Pfs`, the lock-free read view over an
+//!   `Arc<Volume>`: requests on several threads read in parallel, and
+//!   decoded inodes are cached in `InodeTable` for the nodes the kernel
+//!   holds. The image is opened read-only and nothing can write it.
+//! - read-write: `RwVolume`, the one `hammer2::mount::Mount` of the
+//!   image behind a mutex (see `rw`). Every operation, reads included,
+//!   takes the mutex for one library call, so the library sees one
+//!   caller at a time and a flush takes whole operations.
 //!
 //! Every failure goes through `errno::errno`, the one mapping from
-//! library errors to errnos. Requests arrive on several threads: the
-//! library's types are shared read-only (`Pfs` over an `Arc<Volume>`), and
-//! the two tables here (`InodeTable`, the open directory streams) take a
-//! mutex for map operations only, never across I/O.
+//! library errors to errnos. The tables here (`InodeTable`, the open
+//! directory streams) take a mutex for map operations only, never across
+//! I/O.
 //!
 //! Directory streams: opendir makes a handle; the first readdir (and
 //! every readdir at offset 0, i.e. rewinddir) reads the whole listing
 //! once, and later calls continue from the cookie (see `cookie`) by
 //! binary search in it. So a listing of n entries costs one directory
 //! walk, not one per reply buffer, and shows one state of the directory
-//! from rewind to end.
+//! from rewind to end (entries added or removed meanwhile show at the
+//! next rewind, as POSIX allows).
 //!
-//! The write path will add its operations here, over the same tables,
-//! with `read_only` deciding whether they are offered.
+//! Open files (read-write): each open, create and opendir pins the inode
+//! in the library (`Mount::pin`) and its release unpins it, so a file
+//! that is unlinked while open lives until its last close.
+//!
+//! Permissions: with `default_permissions` the kernel checks the mode
+//! bits (with supplementary groups) and calls none of the checks here;
+//! without it, `check`, `check_sticky` and `check_setattr` apply the
+//! Unix rules with the caller's uid and primary gid.
 
 use crate::cookie;
 use crate::errno::errno;
 use crate::inode::{self, attr_of, placeholder_attr, Ids, InodeTable, BLOCK_BYTES};
+use crate::rw::RwVolume;
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen,
-    ReplyStatfs, ReplyXattr, Request,
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
+    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner,
+    OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
+use hammer2::disk::{InodeMeta, ObjType};
+use hammer2::mount::{Mount, SetAttr};
 use hammer2::pfs::DIRENT_NAME_MAX;
 use hammer2::{DirEntry, Inode, Pfs};
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How long the kernel may trust names and attributes without asking
-/// again. Nothing changes a read-only mount, so this is long; the kernel
-/// still drops entries under memory pressure.
-const TTL: Duration = Duration::from_secs(3600);
+/// again, read-only: nothing changes the mount, so this is long; the
+/// kernel still drops entries under memory pressure.
+const TTL_READ_ONLY: Duration = Duration::from_secs(3600);
+
+/// The same, read-write: every change comes through the kernel, which
+/// updates or invalidates what it caches, but some follow-ups (the
+/// ctime of a file whose other name was removed, the link count after a
+/// rename over it) are only right once it asks again. One second, as
+/// libfuse's default.
+const TTL_READ_WRITE: Duration = Duration::from_secs(1);
 
 /// `statfs` name length: Linux's NAME_MAX, which is what DragonFly's VFS
 /// enforces too (the format allows longer names; such names still list
@@ -49,12 +78,26 @@ const NAME_MAX_REPORTED: u32 = 255;
 /// space bounds how many more could exist.
 const INODE_BYTES: u64 = 1024;
 
+/// The largest write the kernel sends in one request.
+pub const MAX_WRITE_BYTES: u32 = 1 << 20;
+
+/// Operations that move data through the library (hole punch,
+/// copy_file_range) do it this much per mount lock.
+const CHUNK_BYTES: u64 = 1 << 20;
+
+const S_ISUID: u32 = 0o4000;
+const S_ISGID: u32 = 0o2000;
+const S_ISVTX: u32 = 0o1000;
+const S_IXGRP: u32 = 0o0010;
+
 /// Counters, logged at unmount.
 #[derive(Default)]
 struct Counters {
     lookups: AtomicU64,
     reads: AtomicU64,
     bytes_read: AtomicU64,
+    writes: AtomicU64,
+    bytes_written: AtomicU64,
     readdirs: AtomicU64,
     errors: AtomicU64,
 }
@@ -65,39 +108,136 @@ struct DirStream {
     listing: Mutex<Option<Arc<Vec<DirEntry>>>>,
 }
 
+enum Store {
+    ReadOnly { pfs: Box<Pfs>, root: Arc<Inode> },
+    ReadWrite(Arc<RwVolume>),
+}
+
 pub struct Hammer2Fs {
-    pfs: Pfs,
-    root: Arc<Inode>,
+    store: Store,
+    label: String,
     ids: Ids,
     inodes: InodeTable,
     dirs: Mutex<HashMap<u64, Arc<DirStream>>>,
     next_fh: AtomicU64,
     /// Without `default_permissions` the kernel checks nothing; then
-    /// access, open, opendir and lookup check the mode bits here.
+    /// the operations check the mode bits here.
     check_permissions: bool,
+    ttl: Duration,
     counters: Counters,
 }
 
+/// Now, in microseconds since the epoch (the library's time).
+fn now_us() -> u64 {
+    micros(SystemTime::now())
+}
+
+/// A time in microseconds since the epoch; times before it are clamped
+/// to it (the format stores unsigned times).
+fn micros(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// FUSE's 32-bit `dev_t` (the kernel's `new_encode_dev`) as major, minor.
+fn dev_of(rdev: u32) -> (u32, u32) {
+    (
+        (rdev & 0xfff00) >> 8,
+        (rdev & 0xff) | ((rdev >> 12) & 0xfff00),
+    )
+}
+
+/// The object type `mknod` makes for the `S_IFMT` bits of `mode`.
+fn mknod_type(mode: u32) -> Option<ObjType> {
+    match mode & libc::S_IFMT {
+        0 | libc::S_IFREG => Some(ObjType::Regfile),
+        libc::S_IFIFO => Some(ObjType::Fifo),
+        libc::S_IFCHR => Some(ObjType::Cdev),
+        libc::S_IFBLK => Some(ObjType::Bdev),
+        libc::S_IFSOCK => Some(ObjType::Socket),
+        _ => None,
+    }
+}
+
+/// Owner and mode of a new node in a directory (the kernel's
+/// `inode_init_owner`): the caller's uid; the directory's gid when it
+/// is setgid (a new directory stays setgid), else the caller's gid; a
+/// setgid, group-executable file keeps S_ISGID only if the caller is in
+/// its group (or root).
+fn new_owner(req: &Request, dir: &InodeMeta, mode: u32, is_dir: bool) -> (u32, u32, u32) {
+    let mut mode = mode & 0o7777;
+    let gid = if dir.mode & S_ISGID != 0 {
+        if is_dir {
+            mode |= S_ISGID;
+        }
+        dir.gid_unix()
+    } else {
+        req.gid()
+    };
+    let sgid_exec = S_ISGID | S_IXGRP;
+    if !is_dir && mode & sgid_exec == sgid_exec && gid != req.gid() && req.uid() != 0 {
+        mode &= !S_ISGID;
+    }
+    (req.uid(), gid, mode)
+}
+
 impl Hammer2Fs {
+    /// A read-only mount of `pfs`.
     pub fn new(pfs: Pfs, default_permissions: bool) -> Hammer2Fs {
         let root = Arc::new(pfs.root.clone());
         let ids = Ids {
             root_inum: root.inum(),
         };
+        let label = pfs.label.clone();
+        Hammer2Fs::with_store(
+            Store::ReadOnly {
+                pfs: Box::new(pfs),
+                root,
+            },
+            label,
+            ids,
+            default_permissions,
+            TTL_READ_ONLY,
+        )
+    }
+
+    /// A read-write mount of the PFS `vol.label`.
+    pub fn new_rw(vol: Arc<RwVolume>, default_permissions: bool) -> Hammer2Fs {
+        let ids = Ids {
+            root_inum: hammer2::mount::ROOT_INUM,
+        };
+        let label = vol.label.clone();
+        Hammer2Fs::with_store(
+            Store::ReadWrite(vol),
+            label,
+            ids,
+            default_permissions,
+            TTL_READ_WRITE,
+        )
+    }
+
+    fn with_store(
+        store: Store,
+        label: String,
+        ids: Ids,
+        default_permissions: bool,
+        ttl: Duration,
+    ) -> Hammer2Fs {
         Hammer2Fs {
-            pfs,
-            root,
+            store,
+            label,
             ids,
             inodes: InodeTable::default(),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             check_permissions: !default_permissions,
+            ttl,
             counters: Counters::default(),
         }
     }
 
-    pub fn pfs(&self) -> &Pfs {
-        &self.pfs
+    fn read_write(&self) -> bool {
+        matches!(self.store, Store::ReadWrite(_))
     }
 
     /// Turn a library error into the reply's errno (logged there).
@@ -106,49 +246,186 @@ impl Hammer2Fs {
         Errno::from_i32(errno(e))
     }
 
-    /// The inode behind a node id: the root, a cached one, or read from
-    /// the inode index (and cached if the kernel holds the node).
-    fn inode(&self, ino: INodeNo) -> Result<Arc<Inode>, Errno> {
+    /// A library result, its error as an errno.
+    fn h<T>(&self, r: hammer2::Result<T>) -> Result<T, Errno> {
+        r.map_err(|e| self.fail(&e))
+    }
+
+    /// The read-write store, or EROFS.
+    fn rw(&self) -> Result<&Arc<RwVolume>, Errno> {
+        match &self.store {
+            Store::ReadWrite(v) => Ok(v),
+            Store::ReadOnly { .. } => Err(Errno::EROFS),
+        }
+    }
+
+    /// Run a modifying operation on the mount: EROFS on a read-only
+    /// mount, EIO once a flush has failed.
+    fn modify<T>(
+        &self,
+        f: impl FnOnce(&mut Mount, &str, u64) -> Result<T, Errno>,
+    ) -> Result<T, Errno> {
+        let v = self.rw()?;
+        v.writable().map_err(Errno::from_i32)?;
+        let mut m = v.mount();
+        f(&mut m, &v.label, now_us())
+    }
+
+    /// The inode behind a node id, read-only store: the root, a cached
+    /// one, or read from the inode index (and cached if the kernel holds
+    /// the node).
+    fn inode(&self, pfs: &Pfs, root: &Arc<Inode>, ino: INodeNo) -> Result<Arc<Inode>, Errno> {
         if ino == INodeNo::ROOT {
-            return Ok(self.root.clone());
+            return Ok(root.clone());
         }
         if let Some(i) = self.inodes.get(ino.0) {
             return Ok(i);
         }
-        let i = Arc::new(
-            self.pfs
-                .inode(self.ids.inum(ino.0))
-                .map_err(|e| self.fail(&e))?,
-        );
+        let i = Arc::new(self.h(pfs.inode(self.ids.inum(ino.0)))?);
         self.inodes.fill(ino.0, &i);
         Ok(i)
     }
 
-    fn attr(&self, ino: u64, inode: &Inode) -> Result<FileAttr, Errno> {
-        attr_of(ino, inode).ok_or_else(|| {
+    /// The meta of node `ino`.
+    fn meta(&self, ino: INodeNo) -> Result<InodeMeta, Errno> {
+        match &self.store {
+            Store::ReadOnly { pfs, root } => Ok(*self.inode(pfs, root, ino)?.meta()),
+            Store::ReadWrite(v) => {
+                let r = v.mount().getattr(&v.label, self.ids.inum(ino.0));
+                self.h(r)
+            }
+        }
+    }
+
+    fn attr(&self, ino: u64, m: &InodeMeta) -> Result<FileAttr, Errno> {
+        attr_of(ino, m).ok_or_else(|| {
             self.fail(&hammer2::Error::corrupt(
-                format!(
-                    "inode {} has object type {}",
-                    inode.inum(),
-                    inode.obj_type().name()
-                ),
-                inode.bref.data_off.offset(),
+                format!("inode {} has object type {}", m.inum, m.obj_type.name()),
+                0,
             ))
         })
     }
 
-    fn check(&self, req: &Request, inode: &Inode, mask: u32) -> Result<(), Errno> {
-        if !self.check_permissions || inode::permitted(inode, req.uid(), req.gid(), mask) {
+    /// Node `ino`'s attributes from the mount, locked by the caller.
+    fn attr_in(&self, m: &mut Mount, label: &str, ino: u64) -> Result<FileAttr, Errno> {
+        let meta = self.h(m.getattr(label, self.ids.inum(ino)))?;
+        self.attr(ino, &meta)
+    }
+
+    /// May the caller do `mask` (R=4, W=2, X=1)? Always, with
+    /// `default_permissions` (the kernel has checked).
+    fn check(&self, req: &Request, m: &InodeMeta, mask: u32) -> Result<(), Errno> {
+        if !self.check_permissions || inode::permitted(m, req.uid(), req.gid(), mask) {
             Ok(())
         } else {
             Err(Errno::EACCES)
         }
     }
 
+    /// In a sticky directory only root and the owners of the entry or
+    /// the directory may remove or rename it.
+    fn check_sticky(
+        &self,
+        req: &Request,
+        dir: &InodeMeta,
+        victim: &InodeMeta,
+    ) -> Result<(), Errno> {
+        let uid = req.uid();
+        if !self.check_permissions
+            || uid == 0
+            || dir.mode & S_ISVTX == 0
+            || uid == victim.uid_unix()
+            || uid == dir.uid_unix()
+        {
+            Ok(())
+        } else {
+            Err(Errno::EPERM)
+        }
+    }
+
+    /// A directory being changed: write and search permission.
+    fn dir_for_change(
+        &self,
+        req: &Request,
+        m: &mut Mount,
+        label: &str,
+        dir: INodeNo,
+    ) -> Result<InodeMeta, Errno> {
+        let d = self.h(m.getattr(label, self.ids.inum(dir.0)))?;
+        if d.obj_type != ObjType::Directory {
+            return Err(Errno::ENOTDIR);
+        }
+        self.check(req, &d, 3)?;
+        Ok(d)
+    }
+
+    /// The meta of entry `name` of `dir`.
+    fn entry_meta(
+        &self,
+        m: &mut Mount,
+        label: &str,
+        dir: INodeNo,
+        name: &OsStr,
+    ) -> Result<InodeMeta, Errno> {
+        let inum = self
+            .h(m.lookup(label, self.ids.inum(dir.0), name.as_bytes()))?
+            .ok_or(Errno::ENOENT)?;
+        self.h(m.getattr(label, inum))
+    }
+
+    /// setattr's permission rules (chmod, chown, truncate, utimes), for
+    /// a mount without `default_permissions`. `fh` is set when the
+    /// kernel acts through an open file (ftruncate, writeback of times),
+    /// whose opening was checked already.
+    fn check_setattr(
+        &self,
+        req: &Request,
+        m: &InodeMeta,
+        a: &mut SetAttr,
+        times_now: bool,
+        fh: bool,
+    ) -> Result<(), Errno> {
+        if !self.check_permissions || req.uid() == 0 {
+            return Ok(());
+        }
+        let owner = req.uid() == m.uid_unix();
+        if let Some(mode) = a.mode.as_mut() {
+            // Dropping set-user-ID and set-group-ID is what the kernel
+            // asks for after a write by anyone, owner or not.
+            let drop_only = *mode == m.mode & 0o7777 & !(S_ISUID | S_ISGID);
+            if !owner && !drop_only {
+                return Err(Errno::EPERM);
+            }
+            let gid = a.gid.unwrap_or(m.gid_unix());
+            if gid != req.gid() {
+                *mode &= !S_ISGID;
+            }
+        }
+        if a.uid.is_some_and(|u| u != m.uid_unix()) {
+            return Err(Errno::EPERM);
+        }
+        if a.gid
+            .is_some_and(|g| g != m.gid_unix() && !(owner && g == req.gid()))
+        {
+            return Err(Errno::EPERM);
+        }
+        if a.size.is_some() && !fh {
+            self.check(req, m, 2)?;
+        }
+        let times = a.atime.is_some() || a.mtime.is_some();
+        if times && !fh && !owner {
+            if !times_now {
+                return Err(Errno::EPERM);
+            }
+            self.check(req, m, 2)?;
+        }
+        Ok(())
+    }
+
     /// The node id of a directory's parent ("..").
-    fn parent_ino(&self, dir: &Inode) -> u64 {
-        let p = dir.meta().iparent;
-        if dir.inum() == self.ids.root_inum || p == 0 {
+    fn parent_ino(&self, dir: &InodeMeta) -> u64 {
+        let p = dir.iparent;
+        if dir.inum == self.ids.root_inum || p == 0 {
             INodeNo::ROOT.0
         } else {
             self.ids.ino(p)
@@ -167,12 +444,26 @@ impl Hammer2Fs {
         FileHandle(fh)
     }
 
+    /// The entries of directory `ino` with key at least `from`.
+    fn list(&self, ino: INodeNo, from: u64) -> Result<Vec<DirEntry>, Errno> {
+        match &self.store {
+            Store::ReadOnly { pfs, root } => {
+                let dir = self.inode(pfs, root, ino)?;
+                self.h(pfs.readdir_from(&dir, from))
+            }
+            Store::ReadWrite(v) => {
+                let r = v.mount().readdir(&v.label, self.ids.inum(ino.0), from);
+                self.h(r)
+            }
+        }
+    }
+
     /// The entries of `dir` from cookie `offset` on (past ".."): from the
     /// stream's listing, read now if this is the first call or a rewind.
     fn entries_from(
         &self,
         fh: FileHandle,
-        dir: &Inode,
+        dir: INodeNo,
         offset: u64,
     ) -> Result<(Arc<Vec<DirEntry>>, usize), Errno> {
         self.counters.readdirs.fetch_add(1, Ordering::Relaxed);
@@ -189,11 +480,7 @@ impl Hammer2Fs {
                 Some(k) => k,
                 None => return Ok((Arc::new(Vec::new()), 0)),
             };
-            let v = self
-                .pfs
-                .readdir_from(dir, from)
-                .map_err(|e| self.fail(&e))?;
-            return Ok((Arc::new(v), 0));
+            return Ok((Arc::new(self.list(dir, from)?), 0));
         };
         let cached = stream
             .listing
@@ -203,7 +490,7 @@ impl Hammer2Fs {
         let listing = match cached {
             Some(l) if offset != cookie::START => l,
             _ => {
-                let l = Arc::new(self.pfs.readdir(dir).map_err(|e| self.fail(&e))?);
+                let l = Arc::new(self.list(dir, 0)?);
                 *stream.listing.lock().unwrap_or_else(|p| p.into_inner()) = Some(l.clone());
                 l
             }
@@ -220,12 +507,94 @@ impl Hammer2Fs {
     }
 
     /// A directory being listed: checked to be one.
-    fn listed_dir(&self, ino: INodeNo) -> Result<Arc<Inode>, Errno> {
-        let dir = self.inode(ino)?;
-        if !dir.is_dir() {
+    fn listed_dir(&self, ino: INodeNo) -> Result<InodeMeta, Errno> {
+        let dir = self.meta(ino)?;
+        if dir.obj_type != ObjType::Directory {
             return Err(Errno::ENOTDIR);
         }
         Ok(dir)
+    }
+
+    /// Reply to an operation that made a node (mknod, mkdir, symlink,
+    /// link): the kernel now holds it.
+    fn reply_entry(&self, r: Result<FileAttr, Errno>, reply: ReplyEntry) {
+        match r {
+            Ok(attr) => {
+                self.inodes.remember(attr.ino.0, None);
+                reply.entry(&self.ttl, &attr, Generation(0))
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// Make a non-directory node (file, fifo, socket, device) or a
+    /// directory; returns its attributes.
+    #[allow(clippy::too_many_arguments)]
+    fn make_node(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        obj_type: ObjType,
+        mode: u32,
+        rdev: u32,
+        pin: bool,
+    ) -> Result<FileAttr, Errno> {
+        self.modify(|m, label, now| {
+            let dir = self.dir_for_change(req, m, label, parent)?;
+            let is_dir = obj_type == ObjType::Directory;
+            let (uid, gid, mode) = new_owner(req, &dir, mode, is_dir);
+            let dinum = self.ids.inum(parent.0);
+            let name = name.as_bytes();
+            let inum = if is_dir {
+                self.h(m.mkdir(label, dinum, name, mode, uid, gid, now))?
+            } else {
+                let dev = dev_of(rdev);
+                self.h(m.create(label, dinum, name, obj_type, mode, uid, gid, dev, now))?
+            };
+            if pin {
+                self.h(m.pin(label, inum))?;
+            }
+            self.attr_in(m, label, self.ids.ino(inum))
+        })
+    }
+
+    /// Zero `[offset, offset + len)` of a file, within its size, through
+    /// the library: only where there is data (holes stay), a chunk per
+    /// mount lock. The flush turns the zeroed blocks into holes.
+    fn punch_hole(&self, v: &RwVolume, inum: u64, offset: u64, len: u64) -> Result<(), Errno> {
+        static ZEROS: [u8; CHUNK_BYTES as usize] = [0; CHUNK_BYTES as usize];
+        let size = self.h(v.mount().getattr(&v.label, inum))?.size;
+        let end = offset.saturating_add(len).min(size);
+        let mut pos = offset;
+        while pos < end {
+            let (data, hole) = {
+                let mut m = v.mount();
+                let Some(data) = self.h(m.seek_data(&v.label, inum, pos))? else {
+                    break;
+                };
+                let hole = self.h(m.seek_hole(&v.label, inum, data))?;
+                (data, hole)
+            };
+            if data >= end {
+                break;
+            }
+            let stop = hole.min(end);
+            let mut p = data;
+            while p < stop {
+                let n = (stop - p).min(CHUNK_BYTES);
+                v.writable().map_err(Errno::from_i32)?;
+                let mut m = v.mount();
+                let r = m.write(&v.label, inum, p, &ZEROS[..n as usize], now_us());
+                self.h(r)?;
+                v.note_written(&m, n);
+                drop(m);
+                v.throttle();
+                p += n;
+            }
+            pos = stop.max(pos + 1);
+        }
+        Ok(())
     }
 }
 
@@ -237,15 +606,25 @@ fn entry_kind(e: &DirEntry) -> FileType {
 
 impl Filesystem for Hammer2Fs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        for cap in [
+        let mut caps = vec![
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_CACHE_SYMLINKS,
-        ] {
+        ];
+        if self.read_write() {
+            // The kernel keeps written pages and sends them in large
+            // writes (and manages mtime itself); fsync and close flush
+            // them to us first.
+            caps.push(InitFlags::FUSE_WRITEBACK_CACHE);
+        }
+        for cap in caps {
             if config.add_capabilities(cap).is_err() {
                 log::debug!("kernel does not offer {cap:?}");
             }
+        }
+        if let Err(max) = config.set_max_write(MAX_WRITE_BYTES) {
+            let _ = config.set_max_write(max);
         }
         // Times are stored in microseconds.
         let _ = config.set_time_granularity(Duration::from_micros(1));
@@ -255,11 +634,14 @@ impl Filesystem for Hammer2Fs {
     fn destroy(&mut self) {
         let c = &self.counters;
         log::info!(
-            "{}: {} lookups, {} reads ({} bytes), {} directory reads, {} errors",
-            self.pfs.label,
+            "{}: {} lookups, {} reads ({} bytes), {} writes ({} bytes), {} directory reads, \
+             {} errors",
+            self.label,
             c.lookups.load(Ordering::Relaxed),
             c.reads.load(Ordering::Relaxed),
             c.bytes_read.load(Ordering::Relaxed),
+            c.writes.load(Ordering::Relaxed),
+            c.bytes_written.load(Ordering::Relaxed),
             c.readdirs.load(Ordering::Relaxed),
             c.errors.load(Ordering::Relaxed),
         );
@@ -268,24 +650,42 @@ impl Filesystem for Hammer2Fs {
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.counters.lookups.fetch_add(1, Ordering::Relaxed);
         let r = (|| {
-            let dir = self.listed_dir(parent)?;
-            self.check(req, &dir, 1)?;
             if name.len() > DIRENT_NAME_MAX {
                 return Err(Errno::ENAMETOOLONG);
             }
-            let e = self
-                .pfs
-                .lookup(&dir, name.as_bytes())
-                .map_err(|e| self.fail(&e))?
-                .ok_or(Errno::ENOENT)?;
-            let ino = self.ids.ino(e.inum);
-            let inode = self.inode(INodeNo(ino))?;
-            let attr = self.attr(ino, &inode)?;
-            self.inodes.remember(ino, Some(inode));
-            Ok(attr)
+            match &self.store {
+                Store::ReadOnly { pfs, root } => {
+                    let dir = self.inode(pfs, root, parent)?;
+                    if !dir.is_dir() {
+                        return Err(Errno::ENOTDIR);
+                    }
+                    self.check(req, dir.meta(), 1)?;
+                    let e = self
+                        .h(pfs.lookup(&dir, name.as_bytes()))?
+                        .ok_or(Errno::ENOENT)?;
+                    let ino = self.ids.ino(e.inum);
+                    let inode = self.inode(pfs, root, INodeNo(ino))?;
+                    let attr = self.attr(ino, inode.meta())?;
+                    self.inodes.remember(ino, Some(inode));
+                    Ok(attr)
+                }
+                Store::ReadWrite(v) => {
+                    let mut m = v.mount();
+                    let dir = self.h(m.getattr(&v.label, self.ids.inum(parent.0)))?;
+                    if dir.obj_type != ObjType::Directory {
+                        return Err(Errno::ENOTDIR);
+                    }
+                    self.check(req, &dir, 1)?;
+                    let meta = self.entry_meta(&mut m, &v.label, parent, name)?;
+                    let ino = self.ids.ino(meta.inum);
+                    let attr = self.attr(ino, &meta)?;
+                    self.inodes.remember(ino, None);
+                    Ok(attr)
+                }
+            }
         })();
         match r {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok(attr) => reply.entry(&self.ttl, &attr, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -297,37 +697,291 @@ impl Filesystem for Hammer2Fs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.inode(ino).and_then(|i| self.attr(ino.0, &i)) {
-            Ok(attr) => reply.attr(&TTL, &attr),
+        match self.meta(ino).and_then(|m| self.attr(ino.0, &m)) {
+            Ok(attr) => reply.attr(&self.ttl, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let r = self.modify(|m, label, now| {
+            let inum = self.ids.inum(ino.0);
+            let meta = self.h(m.getattr(label, inum))?;
+            let time = |t: TimeOrNow| match t {
+                TimeOrNow::Now => now,
+                TimeOrNow::SpecificTime(t) => micros(t),
+            };
+            let times_now = matches!(atime, Some(TimeOrNow::Now) | None)
+                && matches!(mtime, Some(TimeOrNow::Now) | None);
+            let mut a = SetAttr {
+                mode: mode.map(|m| m & 0o7777),
+                uid,
+                gid,
+                size,
+                atime: atime.map(time),
+                mtime: mtime.map(time),
+                ctime: ctime.map(micros),
+            };
+            self.check_setattr(req, &meta, &mut a, times_now, fh.is_some())?;
+            let meta = self.h(m.setattr(label, inum, a, now))?;
+            self.attr(ino.0, &meta)
+        });
+        match r {
+            Ok(attr) => reply.attr(&self.ttl, &attr),
             Err(e) => reply.error(e),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let r = self
-            .inode(ino)
-            .and_then(|i| self.pfs.readlink(&i).map_err(|e| self.fail(&e)));
+        let r = match &self.store {
+            Store::ReadOnly { pfs, root } => self
+                .inode(pfs, root, ino)
+                .and_then(|i| self.h(pfs.readlink(&i))),
+            Store::ReadWrite(v) => {
+                let r = v.mount().readlink(&v.label, self.ids.inum(ino.0));
+                self.h(r)
+            }
+        };
         match r {
             Ok(target) => reply.data(&target),
             Err(e) => reply.error(e),
         }
     }
 
-    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let r = (|| {
-            if flags.acc_mode() != OpenAccMode::O_RDONLY {
-                return Err(Errno::EROFS);
-            }
-            let inode = self.inode(ino)?;
-            if inode.is_dir() {
-                return Err(Errno::EISDIR);
-            }
-            self.check(req, &inode, 4)
-        })();
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = mknod_type(mode)
+            .ok_or(Errno::EINVAL)
+            .and_then(|t| self.make_node(req, parent, name, t, mode, rdev, false));
+        self.reply_entry(r, reply);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self.make_node(req, parent, name, ObjType::Directory, mode, 0, false);
+        self.reply_entry(r, reply);
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.modify(|m, label, now| {
+            let dir = self.dir_for_change(req, m, label, parent)?;
+            let victim = self.entry_meta(m, label, parent, name)?;
+            self.check_sticky(req, &dir, &victim)?;
+            self.h(m.unlink(label, self.ids.inum(parent.0), name.as_bytes(), now))
+        });
         match r {
-            // Nothing changes the file, so cached pages stay valid
-            // across opens.
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.modify(|m, label, now| {
+            let dir = self.dir_for_change(req, m, label, parent)?;
+            let victim = self.entry_meta(m, label, parent, name)?;
+            self.check_sticky(req, &dir, &victim)?;
+            self.h(m.rmdir(label, self.ids.inum(parent.0), name.as_bytes(), now))
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let r = self.modify(|m, label, now| {
+            let dir = self.dir_for_change(req, m, label, parent)?;
+            let (uid, gid, _) = new_owner(req, &dir, 0o777, false);
+            let target = target.as_os_str().as_bytes();
+            let inum = self.h(m.symlink(
+                label,
+                self.ids.inum(parent.0),
+                link_name.as_bytes(),
+                target,
+                uid,
+                gid,
+                now,
+            ))?;
+            self.attr_in(m, label, self.ids.ino(inum))
+        });
+        self.reply_entry(r, reply);
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.modify(|m, label, now| {
+            if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+                return Err(Errno::EINVAL);
+            }
+            let odir = self.dir_for_change(req, m, label, parent)?;
+            let ndir = self.dir_for_change(req, m, label, newparent)?;
+            let src = self.entry_meta(m, label, parent, name)?;
+            self.check_sticky(req, &odir, &src)?;
+            let dst = match self.entry_meta(m, label, newparent, newname) {
+                Ok(d) => Some(d),
+                Err(e) if e == Errno::ENOENT => None,
+                Err(e) => return Err(e),
+            };
+            if let Some(d) = &dst {
+                self.check_sticky(req, &ndir, d)?;
+            }
+            // A directory that changes parent has its ".." rewritten.
+            if parent != newparent {
+                if src.obj_type == ObjType::Directory {
+                    self.check(req, &src, 2)?;
+                }
+                if let Some(d) = dst.filter(|_| flags.contains(RenameFlags::RENAME_EXCHANGE)) {
+                    if d.obj_type == ObjType::Directory {
+                        self.check(req, &d, 2)?;
+                    }
+                }
+            }
+            let f = hammer2::mount::RenameFlags {
+                noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
+                exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
+            };
+            self.h(m.rename(
+                label,
+                self.ids.inum(parent.0),
+                name.as_bytes(),
+                self.ids.inum(newparent.0),
+                newname.as_bytes(),
+                f,
+                now,
+            ))
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let r = self.modify(|m, label, now| {
+            self.dir_for_change(req, m, label, newparent)?;
+            let inum = self.ids.inum(ino.0);
+            let ndir = self.ids.inum(newparent.0);
+            self.h(m.link(label, inum, ndir, newname.as_bytes(), now))?;
+            self.attr_in(m, label, ino.0)
+        });
+        self.reply_entry(r, reply);
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let mask = match flags.acc_mode() {
+            OpenAccMode::O_RDONLY => 4,
+            OpenAccMode::O_WRONLY => 2,
+            OpenAccMode::O_RDWR => 6,
+        };
+        let r = match &self.store {
+            Store::ReadOnly { pfs, root } => (|| {
+                if mask != 4 {
+                    return Err(Errno::EROFS);
+                }
+                let inode = self.inode(pfs, root, ino)?;
+                if inode.is_dir() {
+                    return Err(Errno::EISDIR);
+                }
+                self.check(req, inode.meta(), 4)
+            })(),
+            Store::ReadWrite(v) => (|| {
+                if mask & 2 != 0 {
+                    v.writable().map_err(Errno::from_i32)?;
+                }
+                let mut m = v.mount();
+                let inum = self.ids.inum(ino.0);
+                let meta = self.h(m.getattr(&v.label, inum))?;
+                if meta.obj_type == ObjType::Directory {
+                    return Err(Errno::EISDIR);
+                }
+                self.check(req, &meta, mask)?;
+                self.h(m.pin(&v.label, inum))
+            })(),
+        };
+        match r {
+            // Every change goes through the kernel's page cache, so
+            // cached pages stay valid across opens.
             Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let r = self.make_node(req, parent, name, ObjType::Regfile, mode, 0, true);
+        match r {
+            Ok(attr) => {
+                self.inodes.remember(attr.ino.0, None);
+                reply.created(
+                    &self.ttl,
+                    &attr,
+                    Generation(0),
+                    FileHandle(0),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                )
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -344,11 +998,17 @@ impl Filesystem for Hammer2Fs {
         reply: ReplyData,
     ) {
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
-        let r = self.inode(ino).and_then(|i| {
-            self.pfs
-                .read(&i, offset, size as usize)
-                .map_err(|e| self.fail(&e))
-        });
+        let r = match &self.store {
+            Store::ReadOnly { pfs, root } => self
+                .inode(pfs, root, ino)
+                .and_then(|i| self.h(pfs.read(&i, offset, size as usize))),
+            Store::ReadWrite(v) => {
+                let r = v
+                    .mount()
+                    .read(&v.label, self.ids.inum(ino.0), offset, size as usize);
+                self.h(r)
+            }
+        };
         match r {
             Ok(data) => {
                 self.counters
@@ -360,6 +1020,42 @@ impl Filesystem for Hammer2Fs {
         }
     }
 
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        self.counters.writes.fetch_add(1, Ordering::Relaxed);
+        let r = self.rw().and_then(|v| {
+            v.writable().map_err(Errno::from_i32)?;
+            let mut m = v.mount();
+            let r = m.write(&v.label, self.ids.inum(ino.0), offset, data, now_us());
+            self.h(r)?;
+            v.note_written(&m, data.len() as u64);
+            drop(m);
+            v.throttle();
+            Ok(())
+        });
+        match r {
+            Ok(()) => {
+                self.counters
+                    .bytes_written
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                reply.written(data.len() as u32)
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// close(2): nothing to write here (the flusher does), but a mount
+    /// whose flush failed says so.
     fn flush(
         &self,
         _req: &Request,
@@ -368,22 +1064,33 @@ impl Filesystem for Hammer2Fs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        match &self.store {
+            Store::ReadWrite(v) if v.writable().is_err() => reply.error(Errno::EIO),
+            _ => reply.ok(),
+        }
     }
 
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        if let Store::ReadWrite(v) = &self.store {
+            let r = v.mount().unpin(&v.label, self.ids.inum(ino.0));
+            if let Err(e) = r {
+                self.fail(&e);
+            }
+        }
         reply.ok();
     }
 
+    /// fsync and fdatasync: a flush of everything (HAMMER2 commits the
+    /// whole filesystem at once), started after the call.
     fn fsync(
         &self,
         _req: &Request,
@@ -392,11 +1099,24 @@ impl Filesystem for Hammer2Fs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        match &self.store {
+            Store::ReadWrite(v) => match v.sync() {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(Errno::from_i32(e)),
+            },
+            Store::ReadOnly { .. } => reply.ok(),
+        }
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let r = self.listed_dir(ino).and_then(|d| self.check(req, &d, 4));
+        let r = r.and_then(|()| match &self.store {
+            Store::ReadWrite(v) => {
+                let r = v.mount().pin(&v.label, self.ids.inum(ino.0));
+                self.h(r)
+            }
+            Store::ReadOnly { .. } => Ok(()),
+        });
         match r {
             Ok(()) => reply.opened(self.open_stream(), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(e),
@@ -412,7 +1132,7 @@ impl Filesystem for Hammer2Fs {
         mut reply: ReplyDirectory,
     ) {
         let r = self.listed_dir(ino).and_then(|dir| {
-            let (entries, start) = self.entries_from(fh, &dir, offset)?;
+            let (entries, start) = self.entries_from(fh, ino, offset)?;
             Ok((dir, entries, start))
         });
         let (dir, entries, start) = match r {
@@ -455,7 +1175,7 @@ impl Filesystem for Hammer2Fs {
         mut reply: ReplyDirectoryPlus,
     ) {
         let r = self.listed_dir(ino).and_then(|dir| {
-            let (entries, start) = self.entries_from(fh, &dir, offset)?;
+            let (entries, start) = self.entries_from(fh, ino, offset)?;
             let attr = self.attr(ino.0, &dir)?;
             Ok((dir, attr, entries, start))
         });
@@ -467,7 +1187,9 @@ impl Filesystem for Hammer2Fs {
         // The kernel takes no reference for "." and ".." and ignores
         // their attributes; ".." gets the directory's own with the
         // parent's node id.
-        if offset == cookie::START && reply.add(ino, cookie::AFTER_DOT, ".", &TTL, &dir_attr, g) {
+        if offset == cookie::START
+            && reply.add(ino, cookie::AFTER_DOT, ".", &self.ttl, &dir_attr, g)
+        {
             return reply.ok();
         }
         let mut parent_attr = dir_attr;
@@ -477,23 +1199,37 @@ impl Filesystem for Hammer2Fs {
                 parent_attr.ino,
                 cookie::AFTER_DOTDOT,
                 "..",
-                &TTL,
+                &self.ttl,
                 &parent_attr,
                 g,
             )
         {
             return reply.ok();
         }
+        let mut mount = match &self.store {
+            Store::ReadWrite(v) => Some((v.mount(), v.label.as_str())),
+            Store::ReadOnly { .. } => None,
+        };
         for e in &entries[start..] {
             let child = self.ids.ino(e.inum);
             // An inode that cannot be read still lists (by name and
             // type, with a zero TTL); stat on it then gets the error.
-            let (inode, attr, ttl) = match self.inode(INodeNo(child)) {
-                Ok(i) => match self.attr(child, &i) {
-                    Ok(a) => (Some(i), a, TTL),
-                    Err(_) => (None, placeholder_attr(child, entry_kind(e)), Duration::ZERO),
+            let (inode, attr) = match (&self.store, mount.as_mut()) {
+                (Store::ReadOnly { pfs, root }, _) => match self.inode(pfs, root, INodeNo(child)) {
+                    Ok(i) => {
+                        let a = self.attr(child, i.meta()).ok();
+                        (Some(i), a)
+                    }
+                    Err(_) => (None, None),
                 },
-                Err(_) => (None, placeholder_attr(child, entry_kind(e)), Duration::ZERO),
+                (Store::ReadWrite(_), Some((m, label))) => {
+                    (None, self.attr_in(m, label, child).ok())
+                }
+                (Store::ReadWrite(_), None) => (None, None),
+            };
+            let (attr, ttl) = match attr {
+                Some(a) => (a, self.ttl),
+                None => (placeholder_attr(child, entry_kind(e)), Duration::ZERO),
             };
             let full = reply.add(
                 INodeNo(child),
@@ -506,15 +1242,17 @@ impl Filesystem for Hammer2Fs {
             if full {
                 break;
             }
-            self.inodes.remember(child, inode);
+            self.inodes
+                .remember(child, inode.filter(|_| ttl > Duration::ZERO));
         }
+        drop(mount);
         reply.ok();
     }
 
     fn releasedir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
@@ -523,34 +1261,62 @@ impl Filesystem for Hammer2Fs {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&fh.0);
+        if let Store::ReadWrite(v) = &self.store {
+            let r = v.mount().unpin(&v.label, self.ids.inum(ino.0));
+            if let Err(e) = r {
+                self.fail(&e);
+            }
+        }
         reply.ok();
     }
 
     fn fsyncdir(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        self.fsync(req, ino, fh, datasync, reply);
     }
 
-    /// From the volume header, in 64 KiB blocks: the allocator's size and
-    /// free space; inodes: this PFS's count, and as many more as 1 KiB
-    /// inode blocks fit in the free space.
+    /// In 64 KiB blocks: the volume's size and free space (read-only:
+    /// from the volume header; read-write: from the allocator); inodes:
+    /// this PFS's count, and as many more as 1 KiB inode blocks fit in
+    /// the free space.
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let h = &self.pfs.volume().header;
+        let r = match &self.store {
+            Store::ReadOnly { pfs, root } => {
+                let h = &pfs.volume().header;
+                Ok((
+                    h.allocator_size,
+                    h.allocator_free.min(h.allocator_size),
+                    root.bref.inode_count(),
+                ))
+            }
+            Store::ReadWrite(v) => {
+                let r = v.mount().statfs(&v.label);
+                self.h(r).map(|s| {
+                    (
+                        s.bytes_total,
+                        s.bytes_free.min(s.bytes_total),
+                        s.inodes_used,
+                    )
+                })
+            }
+        };
+        let (total, free, inodes) = match r {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
+        };
         let bs = u64::from(BLOCK_BYTES);
-        let free = h.allocator_free.min(h.allocator_size);
         let files_free = free / INODE_BYTES;
-        let files = self.root.bref.inode_count().saturating_add(files_free);
         reply.statfs(
-            h.allocator_size / bs,
+            total / bs,
             free / bs,
             free / bs,
-            files,
+            inodes.saturating_add(files_free),
             files_free,
             BLOCK_BYTES,
             NAME_MAX_REPORTED,
@@ -559,6 +1325,19 @@ impl Filesystem for Hammer2Fs {
     }
 
     /// HAMMER2 keeps no extended attributes.
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EOPNOTSUPP);
+    }
+
     fn getxattr(
         &self,
         _req: &Request,
@@ -578,6 +1357,10 @@ impl Filesystem for Hammer2Fs {
         }
     }
 
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::NO_XATTR);
+    }
+
     /// No ioctls (the kernel does not remember an ENOSYS for ioctl, and
     /// every isatty() on a file asks): "not a terminal" is the answer.
     fn ioctl(
@@ -595,16 +1378,184 @@ impl Filesystem for Hammer2Fs {
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        let r = self.inode(ino).and_then(|inode| {
-            if mask.contains(AccessFlags::W_OK) {
+        let r = self.meta(ino).and_then(|m| {
+            if mask.contains(AccessFlags::W_OK) && !self.read_write() {
                 return Err(Errno::EROFS);
             }
-            let bits = mask.bits() as u32 & 0o5;
-            self.check(req, &inode, bits)
+            self.check(req, &m, mask.bits() as u32 & 0o7)
         });
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
+    }
+
+    /// fallocate: mode 0 extends the size (the new range reads as zeros
+    /// and takes no space until written); KEEP_SIZE alone does nothing
+    /// (space is allocated when data is flushed: nothing can be
+    /// reserved); PUNCH_HOLE|KEEP_SIZE zeroes the range, which the next
+    /// flush stores as holes. Other modes: EOPNOTSUPP.
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        const KEEP: i32 = libc::FALLOC_FL_KEEP_SIZE;
+        const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE;
+        let r = (|| {
+            let v = self.rw()?;
+            v.writable().map_err(Errno::from_i32)?;
+            let inum = self.ids.inum(ino.0);
+            let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
+            let meta = self.h(v.mount().getattr(&v.label, inum))?;
+            if meta.obj_type != ObjType::Regfile {
+                return Err(Errno::ENODEV);
+            }
+            match mode {
+                0 => {
+                    if end > meta.size {
+                        let a = SetAttr {
+                            size: Some(end),
+                            ..SetAttr::default()
+                        };
+                        let r = v.mount().setattr(&v.label, inum, a, now_us());
+                        self.h(r)?;
+                    }
+                    Ok(())
+                }
+                KEEP => Ok(()),
+                m if m == PUNCH | KEEP => self.punch_hole(v, inum, offset, length),
+                _ => Err(Errno::EOPNOTSUPP),
+            }
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// SEEK_DATA and SEEK_HOLE (the kernel answers the other whences):
+    /// data is every 64 KiB block the file has; a hole is anything else,
+    /// up to the size. Read-only: ENOSYS, and the kernel answers
+    /// (all data).
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let r = (|| {
+            let v = match &self.store {
+                Store::ReadWrite(v) => v,
+                Store::ReadOnly { .. } => return Err(Errno::ENOSYS),
+            };
+            let offset = u64::try_from(offset).map_err(|_| Errno::ENXIO)?;
+            let inum = self.ids.inum(ino.0);
+            let mut m = v.mount();
+            let size = self.h(m.getattr(&v.label, inum))?.size;
+            if offset >= size {
+                return Err(Errno::ENXIO);
+            }
+            let at = match whence {
+                libc::SEEK_DATA => self
+                    .h(m.seek_data(&v.label, inum, offset))?
+                    .ok_or(Errno::ENXIO)?,
+                libc::SEEK_HOLE => self.h(m.seek_hole(&v.label, inum, offset))?,
+                _ => return Err(Errno::EINVAL),
+            };
+            i64::try_from(at).map_err(|_| Errno::EOVERFLOW)
+        })();
+        match r {
+            Ok(at) => reply.offset(at),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// Read and write through the library, a MiB per mount lock; holes
+    /// in the source are written as zeros, which the flush stores as
+    /// holes again.
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        ino_in: INodeNo,
+        _fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        _fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let r = (|| {
+            let v = self.rw()?;
+            if !flags.is_empty() {
+                return Err(Errno::EINVAL);
+            }
+            let (src, dst) = (self.ids.inum(ino_in.0), self.ids.inum(ino_out.0));
+            // The reply counts in 32 bits.
+            let len = len.min(u64::from(u32::MAX) & !0xfff);
+            if src == dst
+                && offset_in < offset_out.saturating_add(len)
+                && offset_out < offset_in.saturating_add(len)
+            {
+                return Err(Errno::EINVAL);
+            }
+            let mut done = 0u64;
+            while done < len {
+                v.writable().map_err(Errno::from_i32)?;
+                let n = (len - done).min(CHUNK_BYTES) as usize;
+                let mut m = v.mount();
+                let data = self.h(m.read(&v.label, src, offset_in + done, n))?;
+                if data.is_empty() {
+                    break;
+                }
+                let r = m.write(&v.label, dst, offset_out + done, &data, now_us());
+                self.h(r)?;
+                v.note_written(&m, data.len() as u64);
+                drop(m);
+                v.throttle();
+                done += data.len() as u64;
+            }
+            Ok(done as u32)
+        })();
+        match r {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_numbers_decode_as_the_kernel_encodes_them() {
+        for (ma, mi) in [(0, 0), (8, 1), (1, 3), (259, 65536 + 7), (4095, 0xfffff)] {
+            assert_eq!(dev_of(inode::rdev_of(ma, mi)), (ma, mi));
+        }
+    }
+
+    #[test]
+    fn mknod_types() {
+        assert_eq!(mknod_type(libc::S_IFIFO | 0o644), Some(ObjType::Fifo));
+        assert_eq!(mknod_type(0o644), Some(ObjType::Regfile));
+        assert_eq!(mknod_type(libc::S_IFSOCK), Some(ObjType::Socket));
+        assert_eq!(mknod_type(libc::S_IFDIR | 0o755), None);
+    }
+
+    #[test]
+    fn times_before_the_epoch_clamp_to_it() {
+        assert_eq!(micros(UNIX_EPOCH - Duration::from_secs(5)), 0);
+        assert_eq!(micros(UNIX_EPOCH + Duration::from_micros(1500)), 1500);
     }
 }

@@ -1,5 +1,5 @@
 //! `mount.hammer2 [-f] [-o OPTIONS] IMG[@LABEL] MOUNTPOINT`: mount a PFS
-//! of a HAMMER2 image read-only over FUSE. Installed as
+//! of a HAMMER2 image over FUSE, read-only or read-write. Installed as
 //! `/usr/local/sbin/mount.hammer2` (cargo cannot name a binary with a
 //! dot, so in `target/` it is `mount-hammer2`).
 //!
@@ -13,8 +13,10 @@
 //! gone to the same stderr and the parent exits with the child's status.
 //!
 //! Exit status, as mount(8): 0 mounted (and, with `-f`, unmounted
-//! cleanly), 1 usage error (bad arguments or options, `rw`), 2 system
-//! error, 32 mount failure (image, label, mountpoint, /dev/fuse, mount).
+//! cleanly), 1 usage error (bad arguments or options), 2 system error
+//! (including a failed last flush at unmount), 32 mount failure (image,
+//! label, mountpoint, /dev/fuse, mount, an image already mounted
+//! read-write).
 
 use clap::Parser;
 use fuse_mount::mount::{self, Failure, Request, DEFAULT_LABEL};
@@ -31,12 +33,22 @@ const READY: &str = "ready\n";
 #[command(
     name = "mount.hammer2",
     version,
-    about = "Mount a PFS of a HAMMER2 image read-only over FUSE",
+    about = "Mount a PFS of a HAMMER2 image over FUSE",
     after_help = "IMG is an image file or block device; LABEL names a PFS or snapshot \
-                  (default DATA). Options: ro, allow_other, allow_root, \
-                  default_permissions, nosuid/suid, nodev/dev, noexec/exec, noatime, \
-                  fsname=NAME; fstab bookkeeping (noauto, nofail, _netdev, x-*) is \
-                  ignored. rw is refused: the write path is not there yet.\n\n\
+                  (default DATA). Options: ro (the default for now), rw, allow_other, \
+                  allow_root, default_permissions, nosuid/suid, nodev/dev, noexec/exec, \
+                  noatime, fsname=NAME; fstab bookkeeping (noauto, nofail, _netdev, x-*) \
+                  is ignored.\n\n\
+                  rw: writes are kept in memory and written by a flush every \
+                  sync_interval=SECONDS (default 5; 0 = only on fsync and unmount), on \
+                  fsync, when 64 MiB wait, and at unmount; fsync returns once a flush \
+                  that started after it is on disk. An image is mounted read-write once \
+                  at a time. Interim: space freed is not reused yet and the freemap is \
+                  not updated (fsck reports those blocks), until the freemap allocator \
+                  is in.\n\n\
+                  cache_size=SIZE (K, M or G suffix, at least 4M) is accepted and \
+                  recorded for the buffer cache, which is not in yet: today it limits \
+                  nothing.\n\n\
                   Exit status: 0 mounted, 1 usage, 2 system error, 32 mount failed."
 )]
 struct Cli {
