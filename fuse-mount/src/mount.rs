@@ -359,7 +359,9 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
     let o = &req.options;
     let (fs, rw) = if o.read_write {
         let v = open_rw(&req.image, &req.label, o)?;
-        (Hammer2Fs::new_rw(v.clone(), o.default_permissions), Some(v))
+        let fs = Hammer2Fs::new_rw(v.clone(), o.default_permissions)
+            .with_writeback_cache(o.writeback_cache);
+        (fs, Some(v))
     } else {
         let pfs = open_pfs(&req.image, &req.label)?;
         (Hammer2Fs::new(pfs, o.default_permissions), None)

@@ -45,6 +45,10 @@ pub struct Options {
     /// to 2 MiB. Stored for the buffer cache, which is not in the mount
     /// yet: it limits nothing today.
     pub cache_size: Option<u64>,
+    /// `writeback_cache`: let the kernel keep written pages and send
+    /// them later in large writes (FUSE_WRITEBACK_CACHE). Off by
+    /// default: see `vnops::Hammer2Fs::lseek`.
+    pub writeback_cache: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,6 +83,7 @@ impl Default for Options {
             read_write: READ_WRITE_BY_DEFAULT,
             sync_interval: Some(SYNC_INTERVAL_DEFAULT),
             cache_size: None,
+            writeback_cache: false,
         }
     }
 }
@@ -131,6 +136,8 @@ pub fn parse<S: AsRef<str>>(args: &[S], sloppy: bool) -> Result<Options, String>
             "noexec" => o.exec = false,
             "atime" => o.atime = true,
             "noatime" => o.atime = false,
+            "writeback_cache" => o.writeback_cache = true,
+            "nowriteback_cache" => o.writeback_cache = false,
             "sync" => o.sync = Some(Sync::Sync),
             "async" => o.sync = Some(Sync::Async),
             "dirsync" => o.sync = Some(Sync::DirSync),
@@ -297,6 +304,8 @@ mod tests {
         let o = parse::<&str>(&[], false).unwrap();
         assert_eq!(o.sync_interval, Some(SYNC_INTERVAL_DEFAULT));
         assert_eq!(o.cache_size, None);
+        assert!(!o.writeback_cache);
+        assert!(parse(&["writeback_cache"], false).unwrap().writeback_cache);
         let o = parse(&["rw,sync_interval=30,cache_size=513M"], false).unwrap();
         assert_eq!(o.sync_interval, Some(Duration::from_secs(30)));
         assert_eq!(o.cache_size, Some(512 << 20));

@@ -40,6 +40,9 @@ const DEPTH_MAX: usize = 64;
 pub struct Bump {
     next: u64,
     end: u64,
+    /// The header's `allocator_free` at load, less what was allocated
+    /// since (never more than the allocator's size, as fsck requires).
+    free: u64,
     freemap_blockset: [Blockref; 4],
 }
 
@@ -54,6 +57,7 @@ impl Bump {
         Ok(Bump {
             next: high,
             end: h.volu_size,
+            free: h.allocator_free.min(h.allocator_size),
             freemap_blockset: h.freemap_blockset,
         })
     }
@@ -102,6 +106,7 @@ impl SpaceMap for Bump {
             });
         }
         self.next = off + bytes;
+        self.free = self.free.saturating_sub(bytes);
         Ok(DataOff::new(off, bytes.trailing_zeros() as u8))
     }
 
@@ -112,6 +117,6 @@ impl SpaceMap for Bump {
     }
 
     fn free_bytes(&self) -> u64 {
-        self.end.saturating_sub(self.next)
+        self.free.min(self.end.saturating_sub(self.next))
     }
 }

@@ -123,6 +123,8 @@ pub struct Hammer2Fs {
     /// Without `default_permissions` the kernel checks nothing; then
     /// the operations check the mode bits here.
     check_permissions: bool,
+    /// FUSE_WRITEBACK_CACHE asked for (read-write only).
+    writeback_cache: bool,
     ttl: Duration,
     counters: Counters,
 }
@@ -231,9 +233,16 @@ impl Hammer2Fs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             check_permissions: !default_permissions,
+            writeback_cache: false,
             ttl,
             counters: Counters::default(),
         }
+    }
+
+    /// Let the kernel cache writes (`-o writeback_cache`).
+    pub fn with_writeback_cache(mut self, on: bool) -> Hammer2Fs {
+        self.writeback_cache = on && self.read_write();
+        self
     }
 
     fn read_write(&self) -> bool {
@@ -612,7 +621,7 @@ impl Filesystem for Hammer2Fs {
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_CACHE_SYMLINKS,
         ];
-        if self.read_write() {
+        if self.writeback_cache {
             // The kernel keeps written pages and sends them in large
             // writes (and manages mtime itself); fsync and close flush
             // them to us first.
@@ -1441,8 +1450,16 @@ impl Filesystem for Hammer2Fs {
 
     /// SEEK_DATA and SEEK_HOLE (the kernel answers the other whences):
     /// data is every 64 KiB block the file has; a hole is anything else,
-    /// up to the size. Read-only: ENOSYS, and the kernel answers
-    /// (all data).
+    /// up to the size.
+    ///
+    /// ENOSYS read-only (no data map in the read view) and with the
+    /// writeback cache; the kernel then answers itself, for good, with
+    /// its own size: all data, the only hole at the end. The writeback
+    /// cache needs that because the kernel asks without writing back
+    /// its dirty pages first (fs/fuse/file.c, `fuse_lseek`): a file just
+    /// written would look like a hole here, and cp(1), which copies by
+    /// SEEK_DATA, would copy zeros. That is why the writeback cache is
+    /// not the default.
     fn lseek(
         &self,
         _req: &Request,
@@ -1454,8 +1471,8 @@ impl Filesystem for Hammer2Fs {
     ) {
         let r = (|| {
             let v = match &self.store {
-                Store::ReadWrite(v) => v,
-                Store::ReadOnly { .. } => return Err(Errno::ENOSYS),
+                Store::ReadWrite(v) if !self.writeback_cache => v,
+                _ => return Err(Errno::ENOSYS),
             };
             let offset = u64::try_from(offset).map_err(|_| Errno::ENXIO)?;
             let inum = self.ids.inum(ino.0);
