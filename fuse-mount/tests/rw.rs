@@ -779,3 +779,56 @@ fn callers_own_what_they_make_and_the_mode_bits_hold() {
         fsck_clean(&img);
     }
 }
+
+/// A flush that fails (here: the daemon may not write past 300 MiB of
+/// the image, and the next volume header slot is at 2 GiB) poisons the
+/// mount: the fsync that waited gets EIO, and so does every later
+/// write, fsync and close; the error is logged; the image keeps the last
+/// completed flush; the daemon exits 2 after the unmount.
+#[test]
+fn a_failed_flush_poisons_the_mount() {
+    require_fuse();
+    let img = new_image("poison");
+    let mnt = scratch("poison-mnt");
+    let log = scratch("poison").join("mount.log");
+    // SIGXFSZ ignored (inherited across exec), so writes past the
+    // limit fail with EFBIG instead of killing the daemon.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("trap '' XFSZ; ulimit -f 614400; exec \"$0\" \"$@\"")
+        .args([BIN, "-f", "-o", "rw", img.to_str().unwrap()])
+        .arg(&mnt)
+        .stderr(File::create(&log).unwrap())
+        .spawn()
+        .expect("start mount.hammer2");
+    let guard = Mounted::adopt(&mnt);
+    wait_until("the mount", Duration::from_secs(10), || is_mounted(&mnt));
+
+    fs::write(mnt.join("before"), "kept in memory").unwrap();
+    let f = File::create(mnt.join("doomed")).unwrap();
+    let e = f.sync_all().unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "fsync: {e}");
+    let e = f.write_all_at(b"x", 0).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "write: {e}");
+    let e = fs::write(mnt.join("new"), "x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "create: {e}");
+    assert_eq!(
+        nix::unistd::close(std::os::fd::OwnedFd::from(f)),
+        Err(nix::errno::Errno::EIO),
+        "close"
+    );
+    // Reads still work.
+    assert_eq!(fs::read(mnt.join("before")).unwrap(), b"kept in memory");
+
+    drop(guard);
+    let status = common::wait_exit(&mut child, Duration::from_secs(30));
+    let text = fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(2), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("ERROR") && l.contains("refusing writes")),
+        "{text}"
+    );
+    assert_eq!(on_disk(&img, "before"), None);
+    fsck_clean(&img);
+}
