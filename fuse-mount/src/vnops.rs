@@ -70,8 +70,10 @@ const TTL_READ_ONLY: Duration = Duration::from_secs(3600);
 const TTL_READ_WRITE: Duration = Duration::from_secs(1);
 
 /// `statfs` name length: Linux's NAME_MAX, which is what DragonFly's VFS
-/// enforces too (the format allows longer names; such names still list
-/// and look up).
+/// enforces too. The format allows 256 bytes: read-only, such names
+/// still list and look up; read-write, longer names fail with
+/// ENAMETOOLONG, in lookups too (as POSIX wants of a NAME_MAX of 255),
+/// so none is ever made.
 const NAME_MAX_REPORTED: u32 = 255;
 
 /// Space an inode takes on disk: an inode is one 1 KiB block, so free
@@ -352,6 +354,16 @@ impl Hammer2Fs {
         }
     }
 
+    /// A name being made (create, mknod, mkdir, symlink, link, rename's
+    /// target): at most NAME_MAX bytes.
+    fn new_name(name: &OsStr) -> Result<&[u8], Errno> {
+        let n = name.as_bytes();
+        if n.len() > NAME_MAX_REPORTED as usize {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        Ok(n)
+    }
+
     /// A directory being changed: write and search permission.
     fn dir_for_change(
         &self,
@@ -554,7 +566,7 @@ impl Hammer2Fs {
             let is_dir = obj_type == ObjType::Directory;
             let (uid, gid, mode) = new_owner(req, &dir, mode, is_dir);
             let dinum = self.ids.inum(parent.0);
-            let name = name.as_bytes();
+            let name = Self::new_name(name)?;
             let inum = if is_dir {
                 self.h(m.mkdir(label, dinum, name, mode, uid, gid, now))?
             } else {
@@ -659,7 +671,11 @@ impl Filesystem for Hammer2Fs {
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.counters.lookups.fetch_add(1, Ordering::Relaxed);
         let r = (|| {
-            if name.len() > DIRENT_NAME_MAX {
+            let max = match self.store {
+                Store::ReadOnly { .. } => DIRENT_NAME_MAX,
+                Store::ReadWrite(_) => NAME_MAX_REPORTED as usize,
+            };
+            if name.len() > max {
                 return Err(Errno::ENAMETOOLONG);
             }
             match &self.store {
@@ -844,7 +860,7 @@ impl Filesystem for Hammer2Fs {
             let inum = self.h(m.symlink(
                 label,
                 self.ids.inum(parent.0),
-                link_name.as_bytes(),
+                Self::new_name(link_name)?,
                 target,
                 uid,
                 gid,
@@ -901,7 +917,7 @@ impl Filesystem for Hammer2Fs {
                 self.ids.inum(parent.0),
                 name.as_bytes(),
                 self.ids.inum(newparent.0),
-                newname.as_bytes(),
+                Self::new_name(newname)?,
                 f,
                 now,
             ))
@@ -924,7 +940,7 @@ impl Filesystem for Hammer2Fs {
             self.dir_for_change(req, m, label, newparent)?;
             let inum = self.ids.inum(ino.0);
             let ndir = self.ids.inum(newparent.0);
-            self.h(m.link(label, inum, ndir, newname.as_bytes(), now))?;
+            self.h(m.link(label, inum, ndir, Self::new_name(newname)?, now))?;
             self.attr_in(m, label, ino.0)
         });
         self.reply_entry(r, reply);

@@ -352,6 +352,18 @@ fn namespace_and_attribute_operations() {
     fs::write(p("d2/b"), "banana").unwrap();
     fs::write(p("victim"), "to be replaced").unwrap();
 
+    // Names: 255 bytes at most (NAME_MAX), in lookups too.
+    let longest = "n".repeat(255);
+    fs::write(p(&longest), "ok").unwrap();
+    let e = fs::write(p(&"n".repeat(256)), "no").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG));
+    let e = fs::metadata(p(&"n".repeat(256))).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG));
+    fs::remove_file(p(&longest)).unwrap();
+    // A new file's times are all now.
+    let st = stat(&p("victim"));
+    assert_eq!((st.atime(), st.ctime()), (st.mtime(), st.mtime()));
+
     // rename: across directories, over a file, a directory to a new
     // parent (its ".." follows), NOREPLACE, EXCHANGE, into itself.
     fs::rename(p("d1/a"), p("d2/a")).unwrap();

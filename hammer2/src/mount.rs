@@ -115,6 +115,8 @@ fn new_meta(
     m.check_algo = parent.check_algo;
     m.ctime = now;
     m.mtime = now;
+    m.atime = now;
+    m.btime = now;
     m.mode = mode & 0o7777;
     m.nlinks = 1;
     m.uid = Uuid::from_unix_id(uid);
