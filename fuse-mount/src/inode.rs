@@ -11,7 +11,8 @@
 //! so getattr, open and read do not walk the inode index again. It holds
 //! exactly the nodes the kernel holds, so the kernel's own inode cache
 //! bounds it. The lock is held for map operations only, never across
-//! I/O. The write path will keep its in-memory inodes here.
+//! I/O. A read-write mount caches no decoded inodes here (they change;
+//! the library's `Mount` holds the live ones): only the counts.
 
 use fuser::{FileAttr, FileType, INodeNo};
 use hammer2::disk::{InodeMeta, ObjType};
