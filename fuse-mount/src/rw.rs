@@ -214,7 +214,18 @@ impl RwVolume {
     fn flush_and_record(&self, target: u64) {
         let _serial = lock(&self.serial);
         let poisoned = lock(&self.flush).poisoned.is_some();
-        let r = if poisoned { Ok(0) } else { self.flush_once() };
+        let r = if poisoned {
+            Ok(0)
+        } else {
+            // A panic in the flush (a broken invariant) must not leave
+            // fsync waiting forever: it poisons the mount like an error.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.flush_once()))
+                .unwrap_or_else(|_| {
+                    Err(hammer2::Error::Poisoned {
+                        why: "the flush panicked".into(),
+                    })
+                })
+        };
         let mut st = lock(&self.flush);
         match r {
             Ok(bytes) => {
