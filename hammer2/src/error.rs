@@ -90,6 +90,12 @@ pub enum Error {
     TooManyLinks {
         what: String,
     },
+    /// The freemap has no room for an allocation of `bytes` (or only
+    /// room the flush reserve holds back); `free` is what was free.
+    NoSpace {
+        bytes: u64,
+        free: u64,
+    },
 }
 
 impl Error {
@@ -168,6 +174,10 @@ impl fmt::Display for Error {
             Error::NameTooLong { len } => write!(f, "name of {len} bytes is too long"),
             Error::InvalidArgument { what } => write!(f, "invalid argument: {what}"),
             Error::TooManyLinks { what } => write!(f, "{what}: too many levels of symbolic links"),
+            Error::NoSpace { bytes, free } => write!(
+                f,
+                "no space for an allocation of {bytes} bytes ({free} bytes free)"
+            ),
         }
     }
 }
