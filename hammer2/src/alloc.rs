@@ -32,6 +32,12 @@
 //!   Bits go back to free only for 16 KiB blocks that were free at the last
 //!   flush and hold no other live allocation (`fresh`); a sub-16 KiB block
 //!   released last-in-first-out also rewinds the `linear` cursor.
+//! - The caller flushes the topology first (its allocations land in this
+//!   freemap) and the freemap last with the same tid, so after a clean
+//!   flush `freemap_tid == mirror_tid` and a remount has nothing to
+//!   recover. (DragonFly flushes the freemap before the topology, so its
+//!   freemap may lag by the blocks that flush allocated; both states
+//!   are valid on disk and each side recovers the other's.)
 //! - `mark_allocated` / `recover`: DragonFly's mount-time recovery marks
 //!   every block newer than `freemap_tid` allocated (the freemap may lag
 //!   the topology by one flush after a crash).

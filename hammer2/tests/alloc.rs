@@ -710,3 +710,45 @@ fn recovery_marks_blocks_newer_than_freemap_tid() {
     assert_on_disk_allocated(&vol, newer.iter().map(|b| b.data_off));
     dump(&dev, "alloc-recovered.img");
 }
+
+// ---- a failed write -----------------------------------------------------
+
+/// A device whose writes fail.
+struct ReadOnly(Arc<MemDevice>);
+
+impl BlockDevice for ReadOnly {
+    fn size_bytes(&self) -> u64 {
+        self.0.size_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> std::io::Result<()> {
+        Err(std::io::Error::other("write refused"))
+    }
+    fn barrier(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn failed_flush_write_poisons() {
+    let dev = synthetic_device(48 * MIB);
+    let vol = open(&dev);
+    let mut a = Allocator::load(&vol).unwrap();
+    let d = a.alloc(BlockrefType::Data, 65536).unwrap();
+    let before = dev.duplicate();
+    let ro = ReadOnly(dev.clone());
+    assert!(matches!(a.flush(&ro, 2), Err(Error::Io { .. })));
+    assert!(a.alloc(BlockrefType::Data, 65536).is_err());
+    assert!(a.release_unflushed(d).is_err());
+    assert!(a.flush(dev.as_ref(), 2).is_err());
+    // Nothing reached the device.
+    let mut x = vec![0u8; 65536];
+    let mut y = vec![0u8; 65536];
+    for at in (0..48 * MIB).step_by(65536) {
+        dev.read_at(&mut x, at).unwrap();
+        before.read_at(&mut y, at).unwrap();
+        assert!(x == y, "{at:#x} changed");
+    }
+}
