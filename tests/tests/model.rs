@@ -12,9 +12,6 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 
-mod space {
-    include!("support/space.rs");
-}
 mod model {
     include!("support/model.rs");
 }
@@ -32,7 +29,7 @@ fn run(seed: u64, ops: usize) {
     mkfs::newfs::newfs(dev.as_ref(), &opts).unwrap();
     let open = |dev: &Arc<MemDevice>| -> Mount {
         let d: Arc<dyn BlockDevice> = dev.clone();
-        Mount::open(d.clone(), space::load(d)).unwrap()
+        Mount::open(d).unwrap()
     };
     let mut m = open(&dev);
     let mut rng = SmallRng::seed_from_u64(seed);
@@ -101,14 +98,7 @@ fn run(seed: u64, ops: usize) {
     }
     let d: Arc<dyn BlockDevice> = dev.clone();
     let report = fsck(d, Options::default()).unwrap();
-    // The interim allocator (support/space.rs) keeps no freemap, so the
-    // freemap cross-check cannot hold yet; every other check must.
-    let msgs: Vec<String> = report
-        .problems
-        .iter()
-        .map(|p| p.to_string())
-        .filter(|m| !m.contains("the freemap has no leaf"))
-        .collect();
+    let msgs: Vec<String> = report.problems.iter().map(|p| p.to_string()).collect();
     assert!(msgs.is_empty(), "seed {seed}: fsck: {}", msgs.join("\n"));
 }
 
