@@ -737,7 +737,7 @@ fn failed_flush_write_poisons() {
     let vol = open(&dev);
     let mut a = Allocator::load(&vol).unwrap();
     let d = a.alloc(BlockrefType::Data, 65536).unwrap();
-    let before = dev.duplicate();
+    let before = dev.snapshot();
     let ro = ReadOnly(dev.clone());
     assert!(matches!(a.flush(&ro, 2), Err(Error::Io { .. })));
     assert!(a.alloc(BlockrefType::Data, 65536).is_err());
