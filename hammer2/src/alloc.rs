@@ -743,6 +743,12 @@ impl Allocator {
         self.free_chunks + self.virtual_chunks
     }
 
+    /// Bytes in wholly free 64 KiB chunks (zones without a leaf counted
+    /// as new): what 64 KiB blocks can still be placed in.
+    pub fn free_chunk_bytes(&self) -> u64 {
+        self.free_chunks_total() * PBUFSIZE
+    }
+
     /// Bytes in free 16 KiB blocks (zones without a leaf counted as new).
     pub fn free_bytes(&self) -> u64 {
         (self.free_blocks + self.virtual_blocks) * FREEMAP_BLOCK_SIZE

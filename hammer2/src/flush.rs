@@ -30,16 +30,11 @@ use bufcache::BlockDevice;
 /// The allocator the flush draws on (the freemap).
 pub trait SpaceMap: Send {
     /// Allocate `bytes` (a power of two, 1 KiB to 64 KiB) for a block of
-    /// type `btype` with key `key`. File data is admitted by the frontend
-    /// against `available_bytes`; metadata (`metadata` true) may use the
-    /// reserve kept so a flush can always complete.
-    fn alloc(
-        &mut self,
-        btype: BlockrefType,
-        bytes: u64,
-        key: u64,
-        metadata: bool,
-    ) -> Result<DataOff>;
+    /// type `btype` with key `key`. With `flush` true the allocation may
+    /// use the reserve kept so a flush can always complete: the flush's
+    /// own writes, whose file data the frontend admitted against
+    /// `available_bytes` when it was written.
+    fn alloc(&mut self, btype: BlockrefType, bytes: u64, key: u64, flush: bool) -> Result<DataOff>;
     /// Give back a block allocated since the last `flush` that no
     /// durable tree references.
     fn release_unflushed(&mut self, off: DataOff);
@@ -48,7 +43,8 @@ pub trait SpaceMap: Send {
     fn flush(&mut self, dev: &dyn BlockDevice, mirror_tid: u64) -> Result<[Blockref; 4]>;
     /// Bytes free, the reserve included.
     fn free_bytes(&self) -> u64;
-    /// Bytes new file data may take (free less the flush reserve).
+    /// Bytes new file data may take: whole free 64 KiB chunks less the
+    /// flush reserve.
     fn available_bytes(&self) -> u64;
     /// The volume header's `allocator_free` after the last flush.
     fn allocator_free(&self) -> u64 {
@@ -57,14 +53,8 @@ pub trait SpaceMap: Send {
 }
 
 impl SpaceMap for crate::alloc::Allocator {
-    fn alloc(
-        &mut self,
-        btype: BlockrefType,
-        bytes: u64,
-        key: u64,
-        metadata: bool,
-    ) -> Result<DataOff> {
-        let purpose = if metadata {
+    fn alloc(&mut self, btype: BlockrefType, bytes: u64, key: u64, flush: bool) -> Result<DataOff> {
+        let purpose = if flush {
             crate::alloc::Purpose::Flush
         } else {
             crate::alloc::Purpose::Frontend
@@ -88,7 +78,8 @@ impl SpaceMap for crate::alloc::Allocator {
         crate::alloc::Allocator::free_bytes(self)
     }
     fn available_bytes(&self) -> u64 {
-        crate::alloc::Allocator::free_bytes(self).saturating_sub(self.reserve_bytes())
+        // File data goes in 64 KiB blocks, which need whole free chunks.
+        self.free_chunk_bytes().saturating_sub(self.reserve_bytes())
     }
     fn allocator_free(&self) -> u64 {
         crate::alloc::Allocator::allocator_free(self)
@@ -109,10 +100,9 @@ impl Writer<'_> {
     /// Allocate and write `phys` (already padded to a power of two) for
     /// `br`, filling in data_off, check code and tids.
     pub fn write(&mut self, br: &mut Blockref, phys: &[u8]) -> Result<()> {
-        let metadata = br.btype != BlockrefType::Data;
         let off = self
             .space
-            .alloc(br.btype, phys.len() as u64, br.key, metadata)?;
+            .alloc(br.btype, phys.len() as u64, br.key, true)?;
         debug_assert_eq!(off.bytes(), phys.len() as u64);
         self.vol
             .device()
