@@ -817,6 +817,14 @@ impl Mount {
             })
     }
 
+    /// fsync(2) of a file or directory: everything modified is flushed
+    /// (the flush is volume-wide, so the inode and every inode it depends
+    /// on land together).
+    pub fn fsync(&mut self, label: &str, inum: u64) -> Result<FlushStats> {
+        self.getattr(label, inum)?;
+        self.flush()
+    }
+
     /// Write everything modified and commit it with a new volume header.
     pub fn flush(&mut self) -> Result<FlushStats> {
         let mut batch = self.flush_begin()?;
