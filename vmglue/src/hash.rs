@@ -29,6 +29,17 @@
 //!   binding and loses only its fast path, and its referenced hint moves to
 //!   the page.
 //!
+//! Hazard holds: a hit does not even write the slot. Each thread publishes
+//! the page it holds in its own hazard record (a cache line of sixteen
+//! entries, picked by a per-thread number), then checks that the slot is
+//! still open for that page. Closing a slot (to unbind or evict) scans the
+//! hazard records after the CAS and reopens the slot if the page is
+//! published. Both sides are sequentially consistent, so one of them sees
+//! the other. So hot pages shared by threads are read-shared lines, not
+//! lines bounced by atomic adds. A thread whose record is full takes a slot
+//! hold instead. A page with no home has no valid hazard, because a hazard
+//! counts only once its slot is seen open.
+//!
 //! Sizing: one bucket (four slots) per page, rounded up to a power of two,
 //! so a resident working set loads buckets to at most one entry on average
 //! and practically never overflows one (the bench counts the share of hits
@@ -39,7 +50,7 @@
 use crate::arena::HugeArray;
 use crate::error::Result;
 use crate::page::{Page, PageKey, KEY_NONE, NIL, PG_PREFETCHED, PG_REFERENCED};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 pub(crate) const WAYS: usize = 4;
 
@@ -61,6 +72,7 @@ pub(crate) struct Slot {
 pub(crate) struct PageHash {
     slots: HugeArray<Slot>,
     shift: u32,
+    hazards: Box<[HazardRecord]>,
 }
 
 /// Fibonacci hashing of the raw key.
@@ -69,11 +81,25 @@ pub(crate) fn mix(raw: u64) -> u64 {
     (raw ^ (raw >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
-/// A hit: the slot holding the hold, and the page.
+/// A hit: the page, and where its hold is (`via`: a slot index, or a
+/// hazard entry with `VIA_HAZARD` set).
 #[derive(Clone, Copy)]
 pub(crate) struct Hit {
-    pub slot: u32,
+    pub via: u32,
     pub idx: u32,
+}
+
+/// `Hit::via` of a hazard hold.
+pub(crate) const VIA_HAZARD: u32 = 1 << 31;
+/// Hazard entries per thread record: one cache line.
+const HAZARDS: usize = 16;
+/// Thread records; threads beyond share records (entries are claimed by
+/// CAS, so sharing is safe, only slower).
+const RECORDS: usize = 32;
+
+#[repr(align(64))]
+struct HazardRecord {
+    entries: [AtomicU32; HAZARDS],
 }
 
 impl PageHash {
@@ -85,6 +111,11 @@ impl PageHash {
                 state: AtomicU64::new(EMPTY),
             })?,
             shift: 64 - buckets.trailing_zeros(),
+            hazards: (0..RECORDS)
+                .map(|_| HazardRecord {
+                    entries: std::array::from_fn(|_| AtomicU32::new(NIL)),
+                })
+                .collect(),
         })
     }
 
@@ -97,9 +128,10 @@ impl PageHash {
         self.slots.len()
     }
 
-    /// Find `key` and take a hold on its slot. Takes no lock and reads no
-    /// page structure. The first use of a prefetched page only clears the
-    /// hint; later ones set `REFERENCED`.
+    /// Find `key` and hold its page: a hazard entry if one is free, else a
+    /// slot hold. Takes no lock and reads no page structure. The first use
+    /// of a prefetched page only clears the hint; later ones set
+    /// `REFERENCED`.
     #[inline]
     pub fn lookup(&self, key: PageKey) -> Option<Hit> {
         let raw = key.raw();
@@ -108,31 +140,105 @@ impl PageHash {
             if slot.key.load(Ordering::Acquire) != raw {
                 continue;
             }
-            let old = slot.state.fetch_add(HOLD_ONE, Ordering::SeqCst);
-            if old & CLOSED != 0 || slot.key.load(Ordering::SeqCst) != raw {
-                slot.state.fetch_sub(HOLD_ONE, Ordering::SeqCst);
+            let st = slot.state.load(Ordering::SeqCst);
+            if st & CLOSED != 0 {
                 return None;
             }
-            assert!(old & HOLD_MASK != HOLD_MASK, "page hash hold overflow");
-            if old & (REFERENCED | PREFETCHED) == 0 {
-                slot.state.fetch_or(REFERENCED, Ordering::Relaxed);
-            } else if old & PREFETCHED != 0 {
-                slot.state.fetch_and(!PREFETCHED, Ordering::Relaxed);
-            }
-            return Some(Hit {
-                slot: (b + i) as u32,
-                idx: (old & IDX_MASK) as u32,
-            });
+            let idx = (st & IDX_MASK) as u32;
+            return match self.hazard_claim(idx) {
+                Some(entry) => self.hazard_validate(slot, raw, idx, entry),
+                None => self.slot_hold(slot, raw, (b + i) as u32),
+            };
         }
         None
     }
 
+    /// Publish `idx` in a free entry of this thread's hazard record.
     #[inline]
-    pub fn unhold(&self, slot: u32) {
-        let old = self.slots[slot as usize]
-            .state
-            .fetch_sub(HOLD_ONE, Ordering::SeqCst);
-        assert!(old & HOLD_MASK != 0, "page hash slot unheld with no hold");
+    fn hazard_claim(&self, idx: u32) -> Option<u32> {
+        let r = crate::stats::thread_slot() % RECORDS;
+        let rec = &self.hazards[r];
+        for (e, entry) in rec.entries.iter().enumerate() {
+            if entry.load(Ordering::Relaxed) == NIL
+                && entry
+                    .compare_exchange(NIL, idx, Ordering::SeqCst, Ordering::Relaxed)
+                    .is_ok()
+            {
+                return Some((r * HAZARDS + e) as u32);
+            }
+        }
+        None
+    }
+
+    /// After publishing: the hold counts if the slot is still open for
+    /// (`raw`, `idx`); closers scan hazards after closing, so either they
+    /// see ours or we see them.
+    #[inline]
+    fn hazard_validate(&self, slot: &Slot, raw: u64, idx: u32, entry: u32) -> Option<Hit> {
+        let st = slot.state.load(Ordering::SeqCst);
+        if st & CLOSED != 0
+            || st & IDX_MASK != u64::from(idx)
+            || slot.key.load(Ordering::SeqCst) != raw
+        {
+            self.hazard_release(entry);
+            return None;
+        }
+        Self::note_use(slot, st);
+        Some(Hit {
+            via: entry | VIA_HAZARD,
+            idx,
+        })
+    }
+
+    #[inline]
+    pub fn hazard_release(&self, entry: u32) {
+        let e = entry as usize;
+        self.hazards[e / HAZARDS].entries[e % HAZARDS].store(NIL, Ordering::Release);
+    }
+
+    /// Whether some thread has published page `idx`.
+    fn hazard_published(&self, idx: u32) -> bool {
+        self.hazards
+            .iter()
+            .any(|r| r.entries.iter().any(|e| e.load(Ordering::SeqCst) == idx))
+    }
+
+    /// The referenced hint, written only when it changes.
+    #[inline]
+    fn note_use(slot: &Slot, st: u64) {
+        if st & (REFERENCED | PREFETCHED) == 0 {
+            slot.state.fetch_or(REFERENCED, Ordering::Relaxed);
+        } else if st & PREFETCHED != 0 {
+            slot.state.fetch_and(!PREFETCHED, Ordering::Relaxed);
+        }
+    }
+
+    /// The fallback hold: an atomic add on the slot's hold count.
+    fn slot_hold(&self, slot: &Slot, raw: u64, s: u32) -> Option<Hit> {
+        let old = slot.state.fetch_add(HOLD_ONE, Ordering::SeqCst);
+        if old & CLOSED != 0 || slot.key.load(Ordering::SeqCst) != raw {
+            slot.state.fetch_sub(HOLD_ONE, Ordering::SeqCst);
+            return None;
+        }
+        assert!(old & HOLD_MASK != HOLD_MASK, "page hash hold overflow");
+        Self::note_use(slot, old);
+        Some(Hit {
+            via: s,
+            idx: (old & IDX_MASK) as u32,
+        })
+    }
+
+    /// Drop a hold taken by `lookup`.
+    #[inline]
+    pub fn release(&self, via: u32) {
+        if via & VIA_HAZARD != 0 {
+            self.hazard_release(via & !VIA_HAZARD);
+        } else {
+            let old = self.slots[via as usize]
+                .state
+                .fetch_sub(HOLD_ONE, Ordering::SeqCst);
+            assert!(old & HOLD_MASK != 0, "page hash slot unheld with no hold");
+        }
     }
 
     /// Holds on page `idx`'s home slot.
@@ -235,6 +341,10 @@ impl PageHash {
                 continue;
             }
             let victim = (st & IDX_MASK) as u32;
+            if self.hazard_published(victim) {
+                Self::update(slot, |_| st);
+                continue;
+            }
             if let Some(v) = pages.get(victim as usize) {
                 let _ = v.home.compare_exchange(
                     (b + i) as u32,
@@ -272,6 +382,10 @@ impl PageHash {
                     .compare_exchange(st, st | CLOSED, Ordering::SeqCst, Ordering::SeqCst)
                     .is_ok()
                 {
+                    if self.hazard_published(idx) {
+                        Self::update(slot, |st| st & !CLOSED);
+                        return false;
+                    }
                     return true;
                 }
                 continue;
@@ -340,6 +454,14 @@ impl PageHash {
     /// Consistency at rest: every open slot is the home of a page bound to
     /// its key; no slot has holds; every page's home is open for it.
     pub fn verify(&self, pages: &[Page]) -> std::result::Result<(), String> {
+        if let Some(e) = self
+            .hazards
+            .iter()
+            .flat_map(|r| r.entries.iter())
+            .position(|e| e.load(Ordering::SeqCst) != NIL)
+        {
+            return Err(format!("hazard entry {e} published at rest"));
+        }
         for (s, slot) in self.slots.iter().enumerate() {
             let st = slot.state.load(Ordering::SeqCst);
             let key = slot.key.load(Ordering::SeqCst);
@@ -403,8 +525,8 @@ mod tests {
         h.enter(&pages, a, 2);
         let hit = h.lookup(a).unwrap();
         assert_eq!(hit.idx, 2);
-        assert!(!h.close_home(&pages, 2), "held slot cannot close");
-        h.unhold(hit.slot);
+        assert!(!h.close_home(&pages, 2), "held page's slot cannot close");
+        h.release(hit.via);
         assert!(h.close_home(&pages, 2));
         assert!(h.lookup(a).is_none(), "closed slot refuses holds");
         h.release_home(&pages, 2);
@@ -413,7 +535,7 @@ mod tests {
         h.enter(&pages, b, 2);
         let hit = h.lookup(b).unwrap();
         assert_eq!(hit.idx, 2);
-        h.unhold(hit.slot);
+        h.release(hit.via);
         h.verify(&pages).unwrap();
     }
 
@@ -432,7 +554,7 @@ mod tests {
         for (i, k) in keys.iter().enumerate() {
             if let Some(hit) = h.lookup(*k) {
                 assert_eq!(hit.idx as usize, i);
-                h.unhold(hit.slot);
+                h.release(hit.via);
                 found += 1;
             }
         }

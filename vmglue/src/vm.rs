@@ -147,7 +147,7 @@ pub enum Grab<'a> {
 pub struct PageHold<'a> {
     vm: &'a Vm,
     idx: u32,
-    /// The hash slot holding the hold, or `NIL` for a page hold.
+    /// Where the hold is (`hash::Hit::via`), or `NIL` for a page hold.
     slot: u32,
 }
 
@@ -174,7 +174,8 @@ impl Vm {
             });
         }
         let frames = segs_max * SEGMENT_FRAMES;
-        if frames >= u32::MAX as usize {
+        // Page hash slot numbers (four per page, rounded up) fit 31 bits.
+        if frames > 1 << 28 {
             return Err(Error::BudgetTooLarge { frames });
         }
         let colors = cfg.colors.clamp(1, 64);
@@ -390,7 +391,7 @@ impl Vm {
             return Some(PageHold {
                 vm: self,
                 idx: hit.idx,
-                slot: hit.slot,
+                slot: hit.via,
             });
         }
         self.lookup_slow(key)
@@ -587,8 +588,8 @@ impl Vm {
         None
     }
 
-    /// Holds on page `idx`, on the page and on its hash slot (a hint: the
-    /// authoritative check is the CAS in `unbind`).
+    /// Holds on page `idx`, on the page and on its hash slot (a hint that
+    /// leaves out hazard holds: the authoritative check is `unbind`).
     pub(crate) fn held(&self, idx: u32) -> bool {
         self.page(idx).hold_count() > 0 || self.hash.holds(&self.pages, idx) > 0
     }
@@ -961,7 +962,7 @@ impl Drop for PageHold<'_> {
         if self.slot == NIL {
             self.page().unhold();
         } else {
-            self.vm.hash.unhold(self.slot);
+            self.vm.hash.release(self.slot);
         }
     }
 }
