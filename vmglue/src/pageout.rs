@@ -97,11 +97,11 @@ const PAGEOUT_NICE: i32 = -5;
 
 /// Pages looked at per color per pass.
 const SCAN_BATCH: usize = 64;
-/// Dirty pages one run hands to pagers (4 MiB): bounds the time a run
+/// Dirty pages one run hands to pagers (2 MiB): bounds the time a run
 /// spends writing; past it, dirty pages wait at the INACTIVE tail for the
 /// next run (or the layer above's own flusher) while clean ones are
 /// reclaimed.
-const LAUNDER_MAX: usize = 64;
+const LAUNDER_MAX: usize = 32;
 
 impl Vm {
     /// Ask the pageout daemon to run. Lock-free unless it must be woken.
