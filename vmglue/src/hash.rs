@@ -30,15 +30,16 @@
 //!   the page.
 //!
 //! Hazard holds: a hit does not even write the slot. Each thread publishes
-//! the page it holds in its own hazard record (a cache line of sixteen
+//! the slot it holds in its own hazard record (a cache line of sixteen
 //! entries, picked by a per-thread number), then checks that the slot is
-//! still open for that page. Closing a slot (to unbind or evict) scans the
-//! hazard records after the CAS and reopens the slot if the page is
-//! published. Both sides are sequentially consistent, so one of them sees
+//! still open with its key; the page is the one the open slot names.
+//! Closing a slot (to unbind or evict) scans the hazard records after the
+//! CAS and reopens the slot if it is published. Both sides are sequentially consistent, so one of them sees
 //! the other. So hot pages shared by threads are read-shared lines, not
 //! lines bounced by atomic adds. A thread whose record is full takes a slot
 //! hold instead. A page with no home has no valid hazard, because a hazard
-//! counts only once its slot is seen open.
+//! counts only once its slot is seen open, and a published open slot
+//! cannot be closed.
 //!
 //! Sizing: one bucket (four slots) per page, rounded up to a power of two,
 //! so a resident working set loads buckets to at most one entry on average
@@ -140,28 +141,24 @@ impl PageHash {
             if slot.key.load(Ordering::Acquire) != raw {
                 continue;
             }
-            let st = slot.state.load(Ordering::SeqCst);
-            if st & CLOSED != 0 {
-                return None;
-            }
-            let idx = (st & IDX_MASK) as u32;
-            return match self.hazard_claim(idx) {
-                Some(entry) => self.hazard_validate(slot, raw, idx, entry),
-                None => self.slot_hold(slot, raw, (b + i) as u32),
+            let s = (b + i) as u32;
+            return match self.hazard_claim(s) {
+                Some(entry) => self.hazard_validate(slot, raw, entry),
+                None => self.slot_hold(slot, raw, s),
             };
         }
         None
     }
 
-    /// Publish `idx` in a free entry of this thread's hazard record.
+    /// Publish slot `s` in a free entry of this thread's hazard record.
     #[inline]
-    fn hazard_claim(&self, idx: u32) -> Option<u32> {
+    fn hazard_claim(&self, s: u32) -> Option<u32> {
         let r = crate::stats::thread_slot() % RECORDS;
         let rec = &self.hazards[r];
         for (e, entry) in rec.entries.iter().enumerate() {
             if entry.load(Ordering::Relaxed) == NIL
                 && entry
-                    .compare_exchange(NIL, idx, Ordering::SeqCst, Ordering::Relaxed)
+                    .compare_exchange(NIL, s, Ordering::SeqCst, Ordering::Relaxed)
                     .is_ok()
             {
                 return Some((r * HAZARDS + e) as u32);
@@ -170,23 +167,21 @@ impl PageHash {
         None
     }
 
-    /// After publishing: the hold counts if the slot is still open for
-    /// (`raw`, `idx`); closers scan hazards after closing, so either they
-    /// see ours or we see them.
+    /// After publishing: the hold counts if the slot is open and still
+    /// has our key; closers scan hazards after closing, so either they see
+    /// ours and reopen, or we see the slot closed or changed. The page is
+    /// the one the open slot names.
     #[inline]
-    fn hazard_validate(&self, slot: &Slot, raw: u64, idx: u32, entry: u32) -> Option<Hit> {
+    fn hazard_validate(&self, slot: &Slot, raw: u64, entry: u32) -> Option<Hit> {
         let st = slot.state.load(Ordering::SeqCst);
-        if st & CLOSED != 0
-            || st & IDX_MASK != u64::from(idx)
-            || slot.key.load(Ordering::SeqCst) != raw
-        {
+        if st & CLOSED != 0 || slot.key.load(Ordering::SeqCst) != raw {
             self.hazard_release(entry);
             return None;
         }
         Self::note_use(slot, st);
         Some(Hit {
             via: entry | VIA_HAZARD,
-            idx,
+            idx: (st & IDX_MASK) as u32,
         })
     }
 
@@ -196,11 +191,11 @@ impl PageHash {
         self.hazards[e / HAZARDS].entries[e % HAZARDS].store(NIL, Ordering::Release);
     }
 
-    /// Whether some thread has published page `idx`.
-    fn hazard_published(&self, idx: u32) -> bool {
+    /// Whether some thread has published slot `s`.
+    fn hazard_published(&self, s: u32) -> bool {
         self.hazards
             .iter()
-            .any(|r| r.entries.iter().any(|e| e.load(Ordering::SeqCst) == idx))
+            .any(|r| r.entries.iter().any(|e| e.load(Ordering::SeqCst) == s))
     }
 
     /// The referenced hint, written only when it changes.
@@ -341,7 +336,7 @@ impl PageHash {
                 continue;
             }
             let victim = (st & IDX_MASK) as u32;
-            if self.hazard_published(victim) {
+            if self.hazard_published((b + i) as u32) {
                 Self::update(slot, |_| st);
                 continue;
             }
@@ -382,7 +377,7 @@ impl PageHash {
                     .compare_exchange(st, st | CLOSED, Ordering::SeqCst, Ordering::SeqCst)
                     .is_ok()
                 {
-                    if self.hazard_published(idx) {
+                    if self.hazard_published(h) {
                         Self::update(slot, |st| st & !CLOSED);
                         return false;
                     }
