@@ -27,8 +27,18 @@ fn run(seed: u64, ops: usize) {
         ..Default::default()
     };
     mkfs::newfs::newfs(dev.as_ref(), &opts).unwrap();
+    // Odd seeds run through the buffer cache with a small budget, so
+    // pageout writes buffers back behind the flush's back.
+    let cached = seed % 2 == 1;
     let open = |dev: &Arc<MemDevice>| -> Mount {
         let d: Arc<dyn BlockDevice> = dev.clone();
+        let d: Arc<dyn BlockDevice> = if cached {
+            Arc::new(bufcache::CachedDevice::new(
+                bufcache::BufCache::open(d, 8 << 20).unwrap(),
+            ))
+        } else {
+            d
+        };
         Mount::open(d).unwrap()
     };
     let mut m = open(&dev);
