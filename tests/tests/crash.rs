@@ -49,7 +49,7 @@ fn run(seed: u64, ops: usize, subsets: usize) -> usize {
     let dev: Arc<dyn BlockDevice> = rec.clone();
     // Even seeds run through the buffer cache (small budget, so pageout
     // writes early): the barriers must still order the writes.
-    let dev: Arc<dyn BlockDevice> = if seed % 2 == 0 {
+    let dev: Arc<dyn BlockDevice> = if seed.is_multiple_of(2) {
         Arc::new(bufcache::CachedDevice::new(
             bufcache::BufCache::open(dev, 8 << 20).unwrap(),
         ))

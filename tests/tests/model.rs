@@ -29,7 +29,7 @@ fn run(seed: u64, ops: usize) {
     mkfs::newfs::newfs(dev.as_ref(), &opts).unwrap();
     // Odd seeds run through the buffer cache with a small budget, so
     // pageout writes buffers back behind the flush's back.
-    let cached = seed % 2 == 1;
+    let cached = !seed.is_multiple_of(2);
     let open = |dev: &Arc<MemDevice>| -> Mount {
         let d: Arc<dyn BlockDevice> = dev.clone();
         let d: Arc<dyn BlockDevice> = if cached {
