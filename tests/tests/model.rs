@@ -16,6 +16,7 @@ mod model {
     include!("support/model.rs");
 }
 use model::*;
+use tests::save_sparse;
 
 #[allow(clippy::map_entry)]
 fn run(seed: u64, ops: usize) {
@@ -110,21 +111,6 @@ fn run(seed: u64, ops: usize) {
     let report = fsck(d, Options::default()).unwrap();
     let msgs: Vec<String> = report.problems.iter().map(|p| p.to_string()).collect();
     assert!(msgs.is_empty(), "seed {seed}: fsck: {}", msgs.join("\n"));
-}
-
-fn save_sparse(dev: &MemDevice, path: &std::path::Path) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(dev.size_bytes()).unwrap();
-    let mut buf = vec![0u8; 65536];
-    let mut off = 0;
-    while off < dev.size_bytes() {
-        dev.read_at(&mut buf, off).unwrap();
-        if buf.iter().any(|&b| b != 0) {
-            f.write_all_at(&buf, off).unwrap();
-        }
-        off += 65536;
-    }
 }
 
 #[allow(clippy::map_entry)]

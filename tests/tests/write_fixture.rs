@@ -187,21 +187,6 @@ fn fixture_tree_copied_edited_and_read_back() {
     assert!(msgs.is_empty(), "fsck: {}", msgs.join("\n"));
 }
 
-fn save_sparse(dev: &MemDevice, path: &std::path::Path) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(dev.size_bytes()).unwrap();
-    let mut buf = vec![0u8; 65536];
-    let mut off = 0;
-    while off < dev.size_bytes() {
-        dev.read_at(&mut buf, off).unwrap();
-        if buf.iter().any(|&b| b != 0) {
-            f.write_all_at(&buf, off).unwrap();
-        }
-        off += 65536;
-    }
-}
-
 #[test]
 fn fixture_image_changed_in_place_shows_the_change_after_remount() {
     for name in [
