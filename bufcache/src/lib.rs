@@ -6,7 +6,8 @@
 //! fault injector (`FaultDevice`). The buffer cache (`BufCache`) keeps
 //! 64 KiB buffers on `vmglue` pages, under the page layer's memory budget.
 //!
-//! Modules: `device` (the trait, file and memory devices), `recording`
+//! Modules: `device` (the trait, file and memory devices), `cached` (a
+//! `BlockDevice` through the cache), `recording`
 //! (recording and fault devices), `cache` (getblk, bread, releases,
 //! read-ahead, dirty accounting), `flush` (the coalescing writer, flush and
 //! barrier, throttling, the flusher thread), `error`.
@@ -14,12 +15,14 @@
 #![forbid(unsafe_code)]
 
 mod cache;
+pub mod cached;
 pub mod device;
 mod error;
 mod flush;
 pub mod recording;
 
 pub use cache::{parse_cache_size, Buf, BufCache, BufCacheConfig, BufRef, BufShared, CacheStats};
+pub use cached::CachedDevice;
 pub use device::{BlockDevice, FileDevice, MemDevice};
 pub use error::{Error, Result};
 pub use recording::{Event, FaultDevice, RecordingDevice};

@@ -59,7 +59,7 @@ pub fn errno(e: &Error) -> i32 {
             log::debug!("{e}");
             libc::ENOTEMPTY
         }
-        Error::NoSpace { .. } => {
+        Error::NoSpace { .. } | Error::CollisionSpaceFull { .. } => {
             log::warn!("{e}");
             libc::ENOSPC
         }

@@ -6,7 +6,6 @@
 //!   read-write.
 //! - `rw`: a read-write mount's shared state: the `Mount` behind a mutex,
 //!   the image lock, the flusher.
-//! - `space`: the allocator a read-write mount uses (interim).
 //! - `inode`: node ids, the table of inodes the kernel holds, attributes.
 //! - `cookie`: readdir offsets from directory keys.
 //! - `errno`: the one mapping from `hammer2::Error` to an errno.
@@ -23,7 +22,6 @@ pub mod logging;
 pub mod mount;
 pub mod options;
 pub mod rw;
-pub mod space;
 pub mod vnops;
 
 pub use errno::errno;

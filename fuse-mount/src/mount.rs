@@ -165,10 +165,10 @@ pub fn open_rw(image: &Path, label: &str, options: &Options) -> Result<Arc<RwVol
     let dev: Arc<dyn BlockDevice> = Arc::new(dev);
     let vol = open_volume(image, dev.clone())?;
     check_label(image, &vol, label)?;
-    let space = crate::space::space_map(&vol)
-        .map_err(|e| Failure::Mount(format!("{shown}: cannot set up the allocator: {e}")))?;
     drop(vol);
-    let mut mount = Mount::open(dev, space)
+    // Loads the freemap allocator and runs DragonFly's mount-time
+    // recovery.
+    let mut mount = Mount::open(dev)
         .map_err(|e| Failure::Mount(format!("{shown} cannot be opened read-write: {e}")))?;
     mount
         .getattr(label, ROOT_INUM)

@@ -51,19 +51,12 @@ fn new_image(tag: &str) -> PathBuf {
     path
 }
 
-/// fsck: no problems and no warnings (an orphan would be one).
-/// INTERIM: the mount's allocator keeps no freemap until `hammer2::alloc`
-/// is in, so "the freemap has no leaf" problems are expected and the only
-/// ones ignored; drop the filter with the real allocator.
+/// fsck (with its freemap cross-check): no problems and no warnings (an
+/// orphan would be one).
 fn fsck_clean(img: &Path) {
     let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(img, false).expect("open image"));
     let r = hammer2::fsck::fsck(dev, hammer2::fsck::Options::default()).expect("fsck");
-    let problems: Vec<String> = r
-        .problems
-        .iter()
-        .map(|p| p.to_string())
-        .filter(|p| !p.contains("the freemap has no leaf"))
-        .collect();
+    let problems: Vec<String> = r.problems.iter().map(|p| p.to_string()).collect();
     assert!(problems.is_empty(), "fsck: {problems:#?}");
     let warnings: Vec<String> = r.warnings.iter().map(|w| w.to_string()).collect();
     assert!(warnings.is_empty(), "fsck warnings: {warnings:#?}");

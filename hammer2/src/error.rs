@@ -98,8 +98,15 @@ pub enum Error {
     NotEmpty {
         what: String,
     },
-    /// No space left (on the volume, or in a directory's hash range).
+    /// The freemap has no room for an allocation of `bytes` (or only
+    /// room the flush reserve holds back); `free` is what was free.
     NoSpace {
+        bytes: u64,
+        free: u64,
+    },
+    /// Every key of a name's hash collision range (32768 names with one
+    /// hash) is taken in its directory.
+    CollisionSpaceFull {
         what: String,
     },
     /// A device write or barrier failed earlier; writes are refused
@@ -189,7 +196,13 @@ impl fmt::Display for Error {
             Error::TooManyLinks { what } => write!(f, "{what}: too many levels of symbolic links"),
             Error::Exists { what } => write!(f, "{what}: already exists"),
             Error::NotEmpty { what } => write!(f, "{what}: directory not empty"),
-            Error::NoSpace { what } => write!(f, "no space left: {what}"),
+            Error::NoSpace { bytes, free } => write!(
+                f,
+                "no space for an allocation of {bytes} bytes ({free} bytes free)"
+            ),
+            Error::CollisionSpaceFull { what } => {
+                write!(f, "{what}: directory hash collision space is full")
+            }
             Error::Poisoned { why } => {
                 write!(f, "writes refused after an earlier device failure: {why}")
             }

@@ -30,16 +30,60 @@ use bufcache::BlockDevice;
 /// The allocator the flush draws on (the freemap).
 pub trait SpaceMap: Send {
     /// Allocate `bytes` (a power of two, 1 KiB to 64 KiB) for a block of
-    /// type `btype`.
-    fn alloc(&mut self, btype: BlockrefType, bytes: u64) -> Result<DataOff>;
+    /// type `btype` with key `key`. With `flush` true the allocation may
+    /// use the reserve kept so a flush can always complete: the flush's
+    /// own writes, whose file data the frontend admitted against
+    /// `available_bytes` when it was written.
+    fn alloc(&mut self, btype: BlockrefType, bytes: u64, key: u64, flush: bool) -> Result<DataOff>;
     /// Give back a block allocated since the last `flush` that no
     /// durable tree references.
     fn release_unflushed(&mut self, off: DataOff);
     /// Write the modified freemap copy-on-write; return the new
     /// freemap blockset for the volume header.
     fn flush(&mut self, dev: &dyn BlockDevice, mirror_tid: u64) -> Result<[Blockref; 4]>;
-    /// Bytes free for new data.
+    /// Bytes free, the reserve included.
     fn free_bytes(&self) -> u64;
+    /// Bytes new file data may take: whole free 64 KiB chunks less the
+    /// flush reserve.
+    fn available_bytes(&self) -> u64;
+    /// The volume header's `allocator_free` after the last flush.
+    fn allocator_free(&self) -> u64 {
+        self.free_bytes()
+    }
+}
+
+impl SpaceMap for crate::alloc::Allocator {
+    fn alloc(&mut self, btype: BlockrefType, bytes: u64, key: u64, flush: bool) -> Result<DataOff> {
+        let purpose = if flush {
+            crate::alloc::Purpose::Flush
+        } else {
+            crate::alloc::Purpose::Frontend
+        };
+        self.alloc_request(crate::alloc::Request {
+            btype,
+            bytes,
+            key,
+            purpose,
+        })
+    }
+    fn release_unflushed(&mut self, off: DataOff) {
+        if let Err(e) = crate::alloc::Allocator::release_unflushed(self, off) {
+            log::warn!("release of unflushed block {off:?} refused: {e}");
+        }
+    }
+    fn flush(&mut self, dev: &dyn BlockDevice, mirror_tid: u64) -> Result<[Blockref; 4]> {
+        crate::alloc::Allocator::flush(self, dev, mirror_tid)
+    }
+    fn free_bytes(&self) -> u64 {
+        crate::alloc::Allocator::free_bytes(self)
+    }
+    fn available_bytes(&self) -> u64 {
+        // File data goes in 64 KiB blocks, which need whole free chunks.
+        self.free_chunk_bytes().saturating_sub(self.reserve_bytes())
+    }
+    fn allocator_free(&self) -> u64 {
+        crate::alloc::Allocator::allocator_free(self)
+    }
 }
 
 /// Writes blocks for one flush.
@@ -56,7 +100,9 @@ impl Writer<'_> {
     /// Allocate and write `phys` (already padded to a power of two) for
     /// `br`, filling in data_off, check code and tids.
     pub fn write(&mut self, br: &mut Blockref, phys: &[u8]) -> Result<()> {
-        let off = self.space.alloc(br.btype, phys.len() as u64)?;
+        let off = self
+            .space
+            .alloc(br.btype, phys.len() as u64, br.key, true)?;
         debug_assert_eq!(off.bytes(), phys.len() as u64);
         self.vol
             .device()

@@ -10,6 +10,7 @@
 //! its image offset and the PFS, inode and path where known, skips what
 //! lies beneath a damaged block, and goes on. It never writes.
 
+use crate::blocktable::SetStats;
 use crate::chain::{decode_set, DEPTH_MAX};
 use crate::compress;
 use crate::dirhash::dirhash;
@@ -300,39 +301,6 @@ struct PfsState {
     dirents: Vec<(u64, Vec<u8>, u64, ObjType, u64)>,
     /// problems found in this PFS, paths filled in at the end
     problems: Vec<Problem>,
-}
-
-/// Embedded statistics of a set, as DragonFly's chain code keeps them.
-#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
-struct SetStats {
-    data_count: u64,
-    inode_count: u64,
-    leaf_count: u32,
-}
-
-impl SetStats {
-    fn add_child(&mut self, br: &Blockref) {
-        self.data_count = self.data_count.wrapping_add(br.data_off.bytes());
-        match br.btype {
-            BlockrefType::Inode => {
-                self.inode_count = self.inode_count.wrapping_add(1 + br.inode_count());
-                self.data_count = self.data_count.wrapping_add(br.data_count());
-                self.leaf_count += 1;
-            }
-            BlockrefType::Indirect => {
-                self.inode_count = self.inode_count.wrapping_add(br.inode_count());
-                self.data_count = self.data_count.wrapping_add(br.data_count());
-                self.leaf_count += br.leaf_count as u32;
-            }
-            BlockrefType::Data | BlockrefType::Dirent => {
-                self.leaf_count += 1 + br.leaf_count as u32
-            }
-            _ => {}
-        }
-    }
-    fn leaf_count_saturated(&self) -> u16 {
-        self.leaf_count.min(BLOCKREF_LEAF_MAX as u32) as u16
-    }
 }
 
 struct Checker<'a, 'p> {

@@ -379,8 +379,8 @@ impl InodeNode {
             key += 1;
         }
         if (key ^ base) & !DIRHASH_LOMASK != 0 {
-            return Err(Error::NoSpace {
-                what: "directory hash collision space is full".into(),
+            return Err(Error::CollisionSpaceFull {
+                what: String::from_utf8_lossy(name).into_owned(),
             });
         }
         let mut br = Blockref::EMPTY;

@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod alloc;
 pub mod check;
 pub mod compress;
 pub mod dirhash;

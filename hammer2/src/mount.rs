@@ -35,6 +35,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// The PFS root's inode number.
 pub const ROOT_INUM: u64 = 1;
 
+/// Space admitted for each new inode: its 1 KiB block, a 1 KiB block for
+/// a long name, and a share of the indirect blocks above them.
+const INODE_ADMIT_BYTES: u64 = 4096;
+
 /// One PFS opened for writing.
 struct PfsState {
     /// The key of its root inode in the super-root.
@@ -92,6 +96,10 @@ pub struct Mount {
     space: Arc<Mutex<Box<dyn SpaceMap>>>,
     /// A pipelined flush is between `flush_begin` and `flush_commit`.
     flushing: bool,
+    /// Bytes admitted since the last flush (file data blocks and inode
+    /// metadata), held against the allocator's available space so a
+    /// full disk fails the operation, never the flush.
+    admitted: u64,
     sroot: InodeNode,
     pfs: BTreeMap<String, PfsState>,
     poisoned: Option<String>,
@@ -131,7 +139,19 @@ fn new_meta(
 
 impl Mount {
     /// Open `dev` read-write with `space` as its allocator.
-    pub fn open(dev: Arc<dyn BlockDevice>, space: Box<dyn SpaceMap>) -> Result<Mount> {
+    /// Open `dev` read-write with its freemap as the allocator, after
+    /// DragonFly's mount-time recovery (blocks newer than the freemap are
+    /// marked allocated).
+    pub fn open(dev: Arc<dyn BlockDevice>) -> Result<Mount> {
+        let vol = Volume::open(dev.clone())?;
+        let mut alloc = crate::alloc::Allocator::load(&vol)?;
+        let rec = alloc.recover(&vol)?;
+        log::info!("mount: freemap recovery: {rec:?}");
+        Mount::open_with(dev, Box::new(alloc))
+    }
+
+    /// Open `dev` read-write with `space` as its allocator.
+    pub fn open_with(dev: Arc<dyn BlockDevice>, space: Box<dyn SpaceMap>) -> Result<Mount> {
         let vol = Volume::open(dev)?;
         let s = pfs::super_root(&vol)?;
         let sroot = InodeNode::from_disk(s.bref, s.data);
@@ -139,6 +159,7 @@ impl Mount {
             vol,
             space: Arc::new(Mutex::new(space)),
             flushing: false,
+            admitted: 0,
             sroot,
             pfs: BTreeMap::new(),
             poisoned: None,
@@ -326,6 +347,18 @@ impl Mount {
         now: u64,
     ) -> Result<()> {
         self.writable()?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        // Admit the 64 KiB blocks this write makes pending (at most).
+        let first = offset / disk::DATA_BLOCK_BYTES;
+        let last = (offset.saturating_add(buf.len() as u64) - 1) / disk::DATA_BLOCK_BYTES;
+        let new_blocks = self.with_node(label, inum, |_, n| {
+            Ok((first..=last)
+                .filter(|b| !n.pending.contains_key(&(b * disk::DATA_BLOCK_BYTES)))
+                .count() as u64)
+        })?;
+        self.admit(new_blocks * disk::DATA_BLOCK_BYTES)?;
         self.with_node(label, inum, |vol, n| {
             if n.obj_type() != ObjType::Regfile {
                 return Err(Error::InvalidArgument {
@@ -373,6 +406,19 @@ impl Mount {
             n.dirty = true;
             Ok(n.data.meta)
         })
+    }
+
+    /// Admit `bytes` more of pending writes, or fail with NoSpace.
+    fn admit(&mut self, bytes: u64) -> Result<()> {
+        let available = lock_space(&self.space).available_bytes();
+        if self.admitted.saturating_add(bytes) > available {
+            return Err(Error::NoSpace {
+                bytes,
+                free: available.saturating_sub(self.admitted),
+            });
+        }
+        self.admitted += bytes;
+        Ok(())
     }
 
     /// The next inode number of PFS `label`, from its root's allocator.
@@ -458,6 +504,7 @@ impl Mount {
             });
         }
         self.check_new_name(label, dir, name)?;
+        self.admit(INODE_ADMIT_BYTES)?;
         let inum = self.alloc_inum(label)?;
         let mut data = new_meta(obj_type, inum, &dmeta, mode, uid, gid, now);
         if matches!(obj_type, ObjType::Cdev | ObjType::Bdev) {
@@ -489,6 +536,7 @@ impl Mount {
             });
         }
         self.check_new_name(label, dir, name)?;
+        self.admit(INODE_ADMIT_BYTES)?;
         let inum = self.alloc_inum(label)?;
         let data = new_meta(ObjType::Directory, inum, &dmeta, mode, uid, gid, now);
         self.pfs_mut(label)?
@@ -859,6 +907,14 @@ impl Mount {
         }
     }
 
+    /// fsync(2) of a file or directory: everything modified is flushed
+    /// (the flush is volume-wide, so the inode and every inode it depends
+    /// on land together).
+    pub fn fsync(&mut self, label: &str, inum: u64) -> Result<FlushStats> {
+        self.getattr(label, inum)?;
+        self.flush()
+    }
+
     /// Write everything modified and commit it with a new volume header.
     pub fn flush(&mut self) -> Result<FlushStats> {
         let mut batch = self.flush_begin()?;
@@ -912,6 +968,16 @@ impl Mount {
     pub fn flush_commit(&mut self, batch: FlushBatch) -> Result<FlushStats> {
         let result = self.flush_commit_inner(batch);
         self.flushing = false;
+        if result.is_ok() {
+            // What is still pending was written after the batch was taken.
+            let pending: u64 = self
+                .pfs
+                .values()
+                .flat_map(|p| p.inodes.values())
+                .map(|n| n.dirty_bytes())
+                .sum();
+            self.admitted = pending;
+        }
         if let Err(e) = &result {
             if matches!(e, Error::Io { .. }) {
                 log::error!("flush failed, refusing further writes: {e}");
@@ -1027,7 +1093,7 @@ impl Mount {
         vh.freemap_tid = tid;
         vh.sroot_blockset[0] = sroot_br;
         vh.freemap_blockset = freemap_blockset;
-        vh.allocator_free = space.free_bytes();
+        vh.allocator_free = space.allocator_free();
         let nslots = (0..disk::NUM_VOLHDRS)
             .filter(|&i| disk::volhdr_offset(i) < vh.volu_size)
             .count()
@@ -1118,7 +1184,12 @@ impl FlushBatch {
                 continue;
             };
             let mut br = data_bref(b.lbase, methods);
-            let off = match lock_space(&self.space).alloc(BlockrefType::Data, phys.len() as u64) {
+            let off = match lock_space(&self.space).alloc(
+                BlockrefType::Data,
+                phys.len() as u64,
+                b.lbase,
+                false,
+            ) {
                 Ok(o) => o,
                 Err(e) => {
                     self.error = Some(e);

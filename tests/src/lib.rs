@@ -266,3 +266,20 @@ pub fn flip_byte(path: &Path, offset: u64) {
     b[0] ^= 0xff;
     f.write_all_at(&b, offset).expect("write byte");
 }
+
+/// Write a memory device's contents to a sparse file (to keep an image a
+/// test made, for checking with other tools).
+pub fn save_sparse(dev: &bufcache::MemDevice, path: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = File::create(path).expect("create image file");
+    f.set_len(dev.size_bytes()).expect("size image file");
+    let mut buf = vec![0u8; 65536];
+    let mut off = 0;
+    while off < dev.size_bytes() {
+        dev.read_at(&mut buf, off).expect("read memory device");
+        if buf.iter().any(|&b| b != 0) {
+            f.write_all_at(&buf, off).expect("write image file");
+        }
+        off += 65536;
+    }
+}

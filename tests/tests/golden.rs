@@ -39,3 +39,23 @@ fn every_fixture_matches_its_manifest() {
         }
     }
 }
+
+#[test]
+fn every_fixture_reads_the_same_through_the_buffer_cache() {
+    use bufcache::{BlockDevice, BufCache, CachedDevice, FileDevice};
+    use std::sync::Arc;
+    for name in fixture_names() {
+        let file: Arc<dyn BlockDevice> =
+            Arc::new(FileDevice::open(&fixture_image(&name), false).unwrap());
+        // A small budget, so reading a PFS evicts and re-reads buffers.
+        let dev: Arc<dyn BlockDevice> =
+            Arc::new(CachedDevice::new(BufCache::open(file, 4 << 20).unwrap()));
+        let vol = Arc::new(hammer2::Volume::open(dev).unwrap());
+        for (label, tree) in &manifest(&name) {
+            let pfs = Pfs::open(vol.clone(), label).unwrap();
+            let have = describe_pfs(&pfs).unwrap_or_else(|e| panic!("{name}@{label}: {e}"));
+            let diffs = diff_manifest(tree, &have);
+            assert!(diffs.is_empty(), "{name}@{label}: {}", diffs.join("\n"));
+        }
+    }
+}

@@ -15,6 +15,8 @@
 //!   the lock of the page's color, except the lockless `Wired -> Pending`
 //!   hand-off done by the last unwire.
 //! - `valid`, `dirty`: 1 KiB-block bitmaps, changed only while busy-exclusive.
+//! - `home`: the page hash slot where lookups hold this page without
+//!   touching it; set and cleared by the rules in `hash.rs`.
 //! - `flags` (`REFERENCED`, `IN_PENDING`, `PREFETCHED`) and `act_count`: hints, written
 //!   with plain atomics from anywhere.
 
@@ -184,6 +186,9 @@ pub(crate) struct Page {
     pub prev: AtomicU32,
     pub next: AtomicU32,
     pub pending_next: AtomicU32,
+    /// The page hash slot that is this page's home, or `NIL` (see
+    /// `hash.rs`).
+    pub home: AtomicU32,
     pub queue: AtomicU8,
     pub act_count: AtomicU8,
 }
@@ -203,6 +208,7 @@ impl Page {
             prev: AtomicU32::new(NIL),
             next: AtomicU32::new(NIL),
             pending_next: AtomicU32::new(NIL),
+            home: AtomicU32::new(NIL),
             queue: AtomicU8::new(queue as u8),
             act_count: AtomicU8::new(0),
         }

@@ -97,11 +97,11 @@ const PAGEOUT_NICE: i32 = -5;
 
 /// Pages looked at per color per pass.
 const SCAN_BATCH: usize = 64;
-/// Dirty pages one run hands to pagers (4 MiB): bounds the time a run
+/// Dirty pages one run hands to pagers (2 MiB): bounds the time a run
 /// spends writing; past it, dirty pages wait at the INACTIVE tail for the
 /// next run (or the layer above's own flusher) while clean ones are
 /// reclaimed.
-const LAUNDER_MAX: usize = 64;
+const LAUNDER_MAX: usize = 32;
 
 impl Vm {
     /// Ask the pageout daemon to run. Lock-free unless it must be woken.
@@ -194,7 +194,7 @@ impl Vm {
                     self.dequeue_wired(&mut l, idx);
                     continue;
                 }
-                if page.test_and_clear_referenced() {
+                if self.test_and_clear_referenced(idx) {
                     let act = page.act_count.load(Ordering::Relaxed).max(ACT_INIT);
                     page.act_count.store(act, Ordering::Relaxed);
                     l.requeue(Queue::Active, idx);
@@ -205,7 +205,7 @@ impl Vm {
                     l.requeue(Queue::Inactive, idx);
                     continue;
                 }
-                if page.wire_count() > 0 || page.hold_count() > 0 {
+                if page.wire_count() > 0 || self.held(idx) {
                     l.requeue(Queue::Inactive, idx);
                     self.unbusy_exclusive(idx);
                     continue;
@@ -307,7 +307,7 @@ impl Vm {
                 continue;
             }
             let mut act = page.act_count.load(Ordering::Relaxed);
-            if page.test_and_clear_referenced() {
+            if self.test_and_clear_referenced(idx) {
                 act = act.saturating_add(ACT_ADVANCE).min(ACT_MAX);
             } else {
                 act = act.saturating_sub(1);
@@ -349,7 +349,7 @@ impl Vm {
                         if page.wire_count() > 0 || !page.try_busy_exclusive() {
                             continue;
                         }
-                        if page.wire_count() > 0 || page.hold_count() > 0 {
+                        if page.wire_count() > 0 || self.held(idx) {
                             self.unbusy_exclusive(idx);
                             continue;
                         }

@@ -24,8 +24,8 @@ use crate::error::{AllocClass, Error, Result};
 use crate::hash::PageHash;
 use crate::index::PageIndex;
 use crate::page::{
-    ObjectId, Page, PageKey, Queue, ACT_INIT, FRAME_BYTES, KEY_NONE, OBJECT_MAX, PG_PREFETCHED,
-    PG_REFERENCED,
+    ObjectId, Page, PageKey, Queue, ACT_INIT, FRAME_BYTES, KEY_NONE, NIL, OBJECT_MAX,
+    PG_PREFETCHED, PG_REFERENCED,
 };
 use crate::pageout::Pager;
 use crate::queue::{Locked, Queues};
@@ -142,10 +142,13 @@ pub enum Grab<'a> {
     New(PageBusy<'a>),
 }
 
-/// A held page: its key cannot change until the hold is dropped.
+/// A held page: its key cannot change until the hold is dropped. The hold
+/// is on the page's hash slot (a lockless hit) or on the page.
 pub struct PageHold<'a> {
     vm: &'a Vm,
     idx: u32,
+    /// Where the hold is (`hash::Hit::via`), or `NIL` for a page hold.
+    slot: u32,
 }
 
 /// A busy-shared page: the frame may be read.
@@ -171,7 +174,8 @@ impl Vm {
             });
         }
         let frames = segs_max * SEGMENT_FRAMES;
-        if frames >= u32::MAX as usize {
+        // Page hash slot numbers (four per page, rounded up) fit 31 bits.
+        if frames > 1 << 28 {
             return Err(Error::BudgetTooLarge { frames });
         }
         let colors = cfg.colors.clamp(1, 64);
@@ -383,10 +387,12 @@ impl Vm {
     /// takes no lock; otherwise the index shard is locked.
     #[inline]
     pub fn lookup(&self, key: PageKey) -> Option<PageHold<'_>> {
-        if let Some(idx) = self.hash.lookup(&self.pages, key) {
-            self.page(idx).set_referenced();
-            self.stats.lookup_fast();
-            return Some(PageHold { vm: self, idx });
+        if let Some(hit) = self.hash.lookup(key) {
+            return Some(PageHold {
+                vm: self,
+                idx: hit.idx,
+                slot: hit.via,
+            });
         }
         self.lookup_slow(key)
     }
@@ -416,7 +422,11 @@ impl Vm {
         self.hash.enter(&self.pages, key, idx);
         page.set_referenced();
         self.stats.lookup_slow();
-        Some(PageHold { vm: self, idx })
+        Some(PageHold {
+            vm: self,
+            idx,
+            slot: NIL,
+        })
     }
 
     /// Find the page bound to `key`, or allocate one and bind it. With
@@ -438,6 +448,7 @@ impl Vm {
                     return Ok(Grab::Found(PageHold {
                         vm: self,
                         idx: other,
+                        slot: NIL,
                     }));
                 }
                 continue;
@@ -548,7 +559,7 @@ impl Vm {
                     self.dequeue_wired(&mut l, idx);
                     continue;
                 }
-                if page.test_and_clear_referenced() {
+                if self.test_and_clear_referenced(idx) {
                     page.act_count.store(ACT_INIT, Ordering::Relaxed);
                     l.requeue(Queue::Active, idx);
                     continue;
@@ -558,7 +569,7 @@ impl Vm {
                     continue;
                 }
                 if page.wire_count() > 0
-                    || page.hold_count() > 0
+                    || self.held(idx)
                     || page.dirty.load(Ordering::Relaxed) != 0
                 {
                     l.requeue(Queue::Inactive, idx);
@@ -575,6 +586,19 @@ impl Vm {
             }
         }
         None
+    }
+
+    /// Holds on page `idx`, on the page and on its hash slot (a hint that
+    /// leaves out hazard holds: the authoritative check is `unbind`).
+    pub(crate) fn held(&self, idx: u32) -> bool {
+        self.page(idx).hold_count() > 0 || self.hash.holds(&self.pages, idx) > 0
+    }
+
+    /// Clear and return the referenced hint, on the page and its slot.
+    pub(crate) fn test_and_clear_referenced(&self, idx: u32) -> bool {
+        let on_page = self.page(idx).test_and_clear_referenced();
+        let on_slot = self.hash.test_and_clear_referenced(&self.pages, idx);
+        on_page || on_slot
     }
 
     /// A scan met a wired page: take it off its queue (DragonFly 5.6's
@@ -623,10 +647,16 @@ impl Vm {
         if !page.try_begin_rebind() {
             return false;
         }
-        if page.wire_count() > 0 || page.dirty.load(Ordering::SeqCst) != 0 {
+        if !self.hash.close_home(&self.pages, idx) {
             page.end_rebind();
             return false;
         }
+        if page.wire_count() > 0 || page.dirty.load(Ordering::SeqCst) != 0 {
+            self.hash.reopen_home(&self.pages, idx);
+            page.end_rebind();
+            return false;
+        }
+        self.hash.release_home(&self.pages, idx);
         let removed = shard.remove(&raw);
         assert_eq!(removed, Some(idx), "index did not map {key} to its page");
         page.key.store(KEY_NONE, Ordering::SeqCst);
@@ -816,6 +846,9 @@ impl Vm {
                 }
             }
         }
+        if let Err(what) = self.hash.verify(&self.pages) {
+            return bad(what);
+        }
         let indexed: usize = (0..crate::index::SHARDS)
             .map(|s| self.index.lock_shard(s).len())
             .sum();
@@ -926,7 +959,11 @@ impl<'a> PageHold<'a> {
 impl Drop for PageHold<'_> {
     #[inline]
     fn drop(&mut self) {
-        self.page().unhold();
+        if self.slot == NIL {
+            self.page().unhold();
+        } else {
+            self.vm.hash.release(self.slot);
+        }
     }
 }
 
@@ -1064,7 +1101,7 @@ impl<'a> PageBusy<'a> {
     /// count as a re-reference, so a one-pass sequential read leaves
     /// through INACTIVE without touching ACTIVE.
     pub fn mark_prefetched(&self) {
-        self.page().flags.fetch_or(PG_PREFETCHED, Ordering::Relaxed);
+        self.vm.hash.mark_prefetched(&self.vm.pages, self.idx);
     }
 
     /// Hint: likely used again soon.
@@ -1076,7 +1113,8 @@ impl<'a> PageBusy<'a> {
     pub fn deactivate(&self) {
         self.page()
             .flags
-            .fetch_and(!PG_REFERENCED, Ordering::Relaxed);
+            .fetch_and(!(PG_REFERENCED | PG_PREFETCHED), Ordering::Relaxed);
+        self.vm.hash.clear_hints(&self.vm.pages, self.idx);
         self.page().act_count.store(0, Ordering::Relaxed);
     }
 

@@ -201,7 +201,6 @@ fn concurrent_wire_lookup_rebind_pageout_budget() {
         pager.laundered.load(Ordering::Relaxed) > 0,
         "pageout never laundered"
     );
-    assert!(st.lookups.fast > 0);
 }
 
 /// Lookups race with constant rebinding of a tiny budget's pages to new

@@ -43,9 +43,7 @@ const READY: &str = "ready\n";
                   sync_interval=SECONDS (default 5; 0 = only on fsync and unmount), on \
                   fsync, when 64 MiB wait, and at unmount; fsync returns once a flush \
                   that started after it is on disk. An image is mounted read-write once \
-                  at a time. Interim: space freed is not reused yet and the freemap is \
-                  not updated (fsck reports those blocks), until the freemap allocator \
-                  is in.\n\n\
+                  at a time.\n\n\
                   cache_size=SIZE (K, M or G suffix, at least 4M) is accepted and \
                   recorded for the buffer cache, which is not in yet: today it limits \
                   nothing.\n\n\

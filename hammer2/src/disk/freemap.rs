@@ -65,6 +65,18 @@ impl BmapData {
         }
     }
 
+    /// Write the fields this type models over `b` (at least BMAP_BYTES),
+    /// leaving the reserved bytes as they are, so a leaf read from disk
+    /// and written back keeps whatever DragonFly stored there.
+    pub fn encode_fields(&self, b: &mut [u8]) {
+        put_u32(b, OFF_LINEAR, self.linear as u32);
+        put_u16(b, OFF_CLASS, self.class);
+        put_u32(b, OFF_AVAIL, self.avail);
+        for (i, q) in self.bitmapq.iter().enumerate() {
+            put_u64(b, OFF_BITMAPQ + i * 8, *q);
+        }
+    }
+
     /// State of 16 KiB block `n` (0..256).
     pub fn block_state(&self, n: usize) -> u8 {
         let q = self.bitmapq[n / BMAP_BLOCKS_PER_ELEMENT];

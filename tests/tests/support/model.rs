@@ -14,6 +14,8 @@ pub const PFS: &str = "DATA";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Kind {
     File(Vec<u8>),
+    /// A fifo, socket or device node, with its rdev.
+    Special(ObjType, (u32, u32)),
     Dir(BTreeMap<Vec<u8>, u64>),
     Symlink(Vec<u8>),
 }
@@ -142,6 +144,11 @@ pub fn compare(m: &mut Mount, model: &Model, ctx: &str) {
                     assert!(got == *d, "{ctx}: content of {inum} ({} bytes)", d.len());
                 }
                 Kind::Symlink(t) => assert_eq!(&m.readlink(PFS, inum).unwrap(), t, "{ctx}"),
+                Kind::Special(t, rdev) => {
+                    assert_eq!(meta.obj_type, *t, "{ctx}: type of {inum}");
+                    assert_eq!((meta.rmajor, meta.rminor), *rdev, "{ctx}: rdev of {inum}");
+                    assert_eq!(meta.nlinks, want.nlinks, "{ctx}: nlinks of {inum}");
+                }
                 Kind::Dir(_) => {
                     assert_eq!(meta.obj_type, ObjType::Directory);
                     stack.push(inum);
@@ -170,7 +177,14 @@ pub fn step(m: &mut Mount, model: &mut Model, rng: &mut SmallRng, now: u64, ctx:
             0..=19 => {
                 let n = name(rng);
                 let mode = [0o644, 0o600, 0o4755][rng.gen_range(0..3)];
-                let r = m.create(PFS, dir, &n, ObjType::Regfile, mode, 0, 0, (0, 0), now);
+                let (t, rdev) = match rng.gen_range(0..10) {
+                    0 => (ObjType::Fifo, (0, 0)),
+                    1 => (ObjType::Cdev, (rng.gen_range(0..300), rng.gen_range(0..300))),
+                    2 => (ObjType::Bdev, (8, rng.gen_range(0..64))),
+                    3 => (ObjType::Socket, (0, 0)),
+                    _ => (ObjType::Regfile, (0, 0)),
+                };
+                let r = m.create(PFS, dir, &n, t, mode, 0, 0, rdev, now);
                 if model.dir_mut(dir).contains_key(&n) {
                     assert!(matches!(r, Err(Error::Exists { .. })), "{ctx}: {r:?}");
                 } else {
@@ -179,7 +193,7 @@ pub fn step(m: &mut Mount, model: &mut Model, rng: &mut SmallRng, now: u64, ctx:
                     model.nodes.insert(
                         inum,
                         MNode {
-                            kind: Kind::File(Vec::new()),
+                            kind: if t == ObjType::Regfile { Kind::File(Vec::new()) } else { Kind::Special(t, rdev) },
                             nlinks: 1,
                             mode,
                         },

@@ -1,0 +1,78 @@
+//! `CachedDevice`: a `BlockDevice` that reads and writes through the
+//! buffer cache, so the layers above (the HAMMER2 read engine and flush)
+//! keep their one device interface and gain the cache.
+//!
+//! Reads are served from cached 64 KiB buffers (read on a miss, with
+//! read-ahead). Writes go into buffers as delayed writes. `barrier` is the
+//! cache's flush: every dirty buffer written in device order, then the
+//! device barrier. So the ordering a caller builds with barriers holds:
+//! nothing written after a barrier can reach the device before what was
+//! written before it, because it was not even dirty then. Pageout may
+//! write a dirty buffer early; that only makes it durable sooner.
+
+use crate::cache::BufCache;
+use crate::device::BlockDevice;
+use std::io;
+
+pub struct CachedDevice {
+    cache: BufCache,
+}
+
+const FRAME: u64 = vmglue::FRAME_BYTES as u64;
+
+fn io_error(e: crate::Error) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+/// Split `[offset, offset+len)` at 64 KiB buffer boundaries.
+fn pieces(offset: u64, len: usize) -> impl Iterator<Item = (u64, usize, usize)> {
+    let end = offset + len as u64;
+    let mut pos = offset;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let next = ((pos / FRAME) + 1) * FRAME;
+        let hi = next.min(end);
+        let piece = (pos, (pos - offset) as usize, (hi - pos) as usize);
+        pos = hi;
+        Some(piece)
+    })
+}
+
+impl CachedDevice {
+    pub fn new(cache: BufCache) -> CachedDevice {
+        CachedDevice { cache }
+    }
+
+    pub fn cache(&self) -> &BufCache {
+        &self.cache
+    }
+}
+
+impl BlockDevice for CachedDevice {
+    fn size_bytes(&self) -> u64 {
+        self.cache.device().size_bytes()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        for (at, from, n) in pieces(offset, buf.len()) {
+            let b = self.cache.bread(at, n).map_err(io_error)?;
+            buf[from..from + n].copy_from_slice(b.data());
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        for (at, from, n) in pieces(offset, buf.len()) {
+            let mut b = self.cache.getblk(at, n).map_err(io_error)?;
+            b.data_mut().copy_from_slice(&buf[from..from + n]);
+            b.bdwrite().map_err(io_error)?;
+        }
+        Ok(())
+    }
+
+    fn barrier(&self) -> io::Result<()> {
+        self.cache.flush().map_err(io_error)
+    }
+}
