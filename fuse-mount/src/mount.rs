@@ -146,14 +146,31 @@ fn check_label(image: &Path, vol: &Volume, label: &str) -> Result<(), Failure> {
 }
 
 /// Open the image read-write, lock it against a second read-write
-/// mount, and open the write path (`Mount`) on PFS `label`.
-pub fn open_rw(image: &Path, label: &str, options: &Options) -> Result<Arc<RwVolume>, Failure> {
+/// mount, and open the write path (`Mount`) on PFS `label`. `None` when
+/// the image cannot be written at all (a read-only file, device or
+/// filesystem): the caller mounts it read-only, as mount(8) does with a
+/// write-protected device.
+pub fn open_rw(
+    image: &Path,
+    label: &str,
+    options: &Options,
+) -> Result<Option<Arc<RwVolume>>, Failure> {
     let shown = image.display();
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(image)
-        .map_err(|e| Failure::Mount(format!("cannot open {shown} read-write: {e}")))?;
+    let file = match OpenOptions::new().read(true).write(true).open(image) {
+        Ok(f) => f,
+        Err(e)
+            if e.raw_os_error() == Some(libc::EROFS)
+                || e.kind() == io::ErrorKind::PermissionDenied =>
+        {
+            log::warn!("{shown} is write-protected ({e}): mounting it read-only");
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(Failure::Mount(format!(
+                "cannot open {shown} read-write: {e}"
+            )))
+        }
+    };
     let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| match e {
         Errno::EWOULDBLOCK => Failure::Mount(format!(
             "{shown} is already mounted read-write (another mount.hammer2 holds its lock)"
@@ -173,12 +190,12 @@ pub fn open_rw(image: &Path, label: &str, options: &Options) -> Result<Arc<RwVol
     mount
         .getattr(label, ROOT_INUM)
         .map_err(|e| Failure::Mount(format!("{shown}@{label}: {e}")))?;
-    Ok(Arc::new(RwVolume::new(
+    Ok(Some(Arc::new(RwVolume::new(
         mount,
         label.to_string(),
         lock,
         options.sync_interval,
-    )))
+    ))))
 }
 
 /// The mountpoint must be an existing directory.
@@ -356,15 +373,16 @@ type Mounted = (
 /// session to run, the /dev/fuse descriptor to watch, the canonical
 /// mountpoint, and for a read-write mount its state.
 fn mount(req: &Request) -> Result<Mounted, Failure> {
-    let o = &req.options;
-    let (fs, rw) = if o.read_write {
-        let v = open_rw(&req.image, &req.label, o)?;
-        let fs = Hammer2Fs::new_rw(v.clone(), o.default_permissions)
-            .with_writeback_cache(o.writeback_cache);
-        (fs, Some(v))
-    } else {
-        let pfs = open_pfs(&req.image, &req.label)?;
-        (Hammer2Fs::new(pfs, o.default_permissions), None)
+    let mut o = req.options.clone();
+    let rw = match o.read_write {
+        true => open_rw(&req.image, &req.label, &o)?,
+        false => None,
+    };
+    o.read_write = rw.is_some();
+    let fs = match &rw {
+        Some(v) => Hammer2Fs::new_rw(v.clone(), o.default_permissions)
+            .with_writeback_cache(o.writeback_cache),
+        None => Hammer2Fs::new(open_pfs(&req.image, &req.label)?, o.default_permissions),
     };
     let mnt = check_mountpoint(&req.mountpoint)?;
     let dev = open_dev_fuse()?;
@@ -374,8 +392,8 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
         .canonicalize()
         .unwrap_or_else(|_| req.image.clone());
     let source = image.display().to_string();
-    let (acl, config) = req.options.session_config(n_threads());
-    mount_kernel(&dev, &mnt, &source, &req.options)?;
+    let (acl, config) = o.session_config(n_threads());
+    mount_kernel(&dev, &mnt, &source, &o)?;
     // fuser takes a duplicate; `dev` stays to watch the connection.
     let session = dev
         .try_clone()

@@ -8,10 +8,10 @@ use fuser::{Config, SessionACL};
 use nix::mount::MsFlags;
 use std::time::Duration;
 
-/// Whether a mount with neither `ro` nor `rw` is read-write. Read-only
-/// until the freemap allocator (`hammer2::alloc`) is in; then this
-/// becomes `true`, as with other filesystems.
-pub const READ_WRITE_BY_DEFAULT: bool = false;
+/// Whether a mount with neither `ro` nor `rw` is read-write: yes, as
+/// with other filesystems, now that the freemap allocator is in (it was
+/// `false` before; this is the one line that decides).
+pub const READ_WRITE_BY_DEFAULT: bool = true;
 
 /// `sync_interval=` default: seconds between background flushes of a
 /// read-write mount.

@@ -335,25 +335,59 @@ fn a_missing_label_exits_32_listing_the_labels() {
     assert!(!is_mounted(&mnt));
 }
 
-/// ro is the default for now (`options::READ_WRITE_BY_DEFAULT`); rw
-/// mounts read-write, and the last of the two wins.
+/// Without ro or rw the mount is read-write
+/// (`options::READ_WRITE_BY_DEFAULT`); of the two, the last wins. (A
+/// private copy: a read-write mount may write the image.)
 #[test]
-fn read_only_unless_rw_comes_last() {
+fn read_write_unless_ro_comes_last() {
     require_fuse();
-    let img = fixture(FULL);
+    let img = fixture_copy(FULL, "rw-or-not-img");
     let mnt = scratch("rw-or-not");
     for (opts, rdonly) in [
         ("defaults", !fuse_mount::options::READ_WRITE_BY_DEFAULT),
         ("rw,ro", true),
+        ("ro,rw", false),
     ] {
-        let _m = Mounted::new(img.to_str().unwrap(), &mnt, &["-o", opts]);
+        let m = Mounted::new(img.to_str().unwrap(), &mnt, &["-o", opts]);
         let st = nix::sys::statvfs::statvfs(&mnt).expect("statvfs");
         assert_eq!(
             st.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY),
             rdonly,
             "-o {opts}"
         );
+        drop(m);
+        // The daemon holds the image's lock until its last flush is done.
+        let f = File::open(&img).expect("open image");
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).expect("flock");
     }
+}
+
+/// A write-protected image (here: a read-only bind mount of its
+/// directory) asked for read-write mounts read-only, with a warning, as
+/// mount(8) does with a write-protected device.
+#[test]
+fn a_write_protected_image_mounts_read_only() {
+    require_fuse();
+    let img = fixture(FULL);
+    let mnt = scratch("wp-mnt");
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            "mount --bind \"$1\" \"$1\" && mount -o remount,bind,ro \"$1\" && \
+             \"$0\" -o rw \"$2\" \"$3\" && stat -f -c %T \"$3\" && \
+             grep \" $3 \" /proc/self/mounts && umount \"$3\"",
+        )
+        .args([BIN, img.parent().unwrap().to_str().unwrap()])
+        .args([img.to_str().unwrap(), mnt.to_str().unwrap()])
+        .output()
+        .expect("run unshare");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stderr.contains("write-protected"), "{stderr}");
+    assert!(stdout.contains(" ro,"), "{stdout}");
 }
 
 #[test]
@@ -371,7 +405,7 @@ fn usage_and_environment_failures_exit_as_documented() {
     assert_eq!(out.status.code(), Some(1), "missing mountpoint argument");
 
     let missing = mnt.join("no-such-dir");
-    let out = run(&[img_s, missing.to_str().unwrap()]);
+    let out = run(&["-o", "ro", img_s, missing.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(32));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
 
@@ -392,7 +426,7 @@ fn usage_and_environment_failures_exit_as_documented() {
     let out = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c"])
         .arg("mount -t tmpfs none /dev && exec \"$0\" \"$@\"")
-        .args([BIN, "-f", img_s, mnt_s])
+        .args([BIN, "-f", "-o", "ro", img_s, mnt_s])
         .output()
         .expect("run unshare");
     let err = String::from_utf8_lossy(&out.stderr);

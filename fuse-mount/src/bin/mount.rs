@@ -35,7 +35,7 @@ const READY: &str = "ready\n";
     version,
     about = "Mount a PFS of a HAMMER2 image over FUSE",
     after_help = "IMG is an image file or block device; LABEL names a PFS or snapshot \
-                  (default DATA). Options: ro (the default for now), rw, allow_other, \
+                  (default DATA). Options: rw (the default), ro, allow_other, \
                   allow_root, default_permissions, nosuid/suid, nodev/dev, noexec/exec, \
                   noatime, fsname=NAME; fstab bookkeeping (noauto, nofail, _netdev, x-*) \
                   is ignored.\n\n\
