@@ -44,9 +44,11 @@ const READY: &str = "ready\n";
                   fsync, when 64 MiB wait, and at unmount; fsync returns once a flush \
                   that started after it is on disk. An image is mounted read-write once \
                   at a time.\n\n\
+                  writeback_cache lets the kernel cache writes (off by default: with it \
+                  SEEK_DATA/SEEK_HOLE see no holes).\n\n\
                   cache_size=SIZE (K, M or G suffix, at least 4M) is accepted and \
-                  recorded for the buffer cache, which is not in yet: today it limits \
-                  nothing.\n\n\
+                  recorded for the buffer cache, which the mount does not use yet: \
+                  today it limits nothing.\n\n\
                   Exit status: 0 mounted, 1 usage, 2 system error, 32 mount failed."
 )]
 struct Cli {
