@@ -36,14 +36,14 @@ pub const ROOT_INUM: u64 = 1;
 const INODE_ADMIT_BYTES: u64 = 4096;
 
 /// One PFS opened for writing.
-struct PfsState {
+pub(crate) struct PfsState {
     /// The key of its root inode in the super-root.
-    key: u64,
-    root: InodeNode,
+    pub(crate) key: u64,
+    pub(crate) root: InodeNode,
     /// Inodes loaded or created, by number.
-    inodes: BTreeMap<u64, InodeNode>,
+    pub(crate) inodes: BTreeMap<u64, InodeNode>,
     /// Inodes to remove from the index at the next flush.
-    removed: BTreeSet<u64>,
+    pub(crate) removed: BTreeSet<u64>,
 }
 
 /// Attributes to change in `setattr`; `None` leaves a field alone.
@@ -84,17 +84,17 @@ pub struct FlushStats {
 
 /// A HAMMER2 volume opened read-write.
 pub struct Mount {
-    vol: Volume,
+    pub(crate) vol: Volume,
     /// The allocator, shared with a pipelined flush's data writes.
-    space: Arc<Mutex<Box<dyn SpaceMap>>>,
+    pub(crate) space: Arc<Mutex<Box<dyn SpaceMap>>>,
     /// A pipelined flush is between `flush_begin` and `flush_commit`.
-    flushing: bool,
+    pub(crate) flushing: bool,
     /// Bytes admitted since the last flush (file data blocks and inode
     /// metadata), held against the allocator's available space so a
     /// full disk fails the operation, never the flush.
     admitted: u64,
-    sroot: InodeNode,
-    pfs: BTreeMap<String, PfsState>,
+    pub(crate) sroot: InodeNode,
+    pub(crate) pfs: BTreeMap<String, PfsState>,
     poisoned: Option<String>,
 }
 
@@ -161,7 +161,7 @@ impl Mount {
         &self.vol
     }
 
-    fn writable(&self) -> Result<()> {
+    pub(crate) fn writable(&self) -> Result<()> {
         match &self.poisoned {
             Some(why) => Err(Error::Poisoned { why: why.clone() }),
             None => Ok(()),
@@ -176,7 +176,7 @@ impl Mount {
             .collect())
     }
 
-    fn pfs_mut(&mut self, label: &str) -> Result<&mut PfsState> {
+    pub(crate) fn pfs_mut(&mut self, label: &str) -> Result<&mut PfsState> {
         if !self.pfs.contains_key(label) {
             let mut found = None;
             let vol = &self.vol;
@@ -809,12 +809,14 @@ impl Mount {
         })
     }
 
-    /// True when anything waits for a flush.
+    /// True when anything waits for a flush (the freemap too: recovery
+    /// and bulkfree change it without touching the topology).
     pub fn is_dirty(&self) -> bool {
         self.sroot.dirty
             || self.pfs.values().any(|p| {
                 p.root.dirty || !p.removed.is_empty() || p.inodes.values().any(|n| n.dirty)
             })
+            || lock_space(&self.space).is_dirty()
     }
 
     /// fsync(2) of a file or directory: everything modified is flushed
@@ -989,7 +991,13 @@ impl Mount {
                 sroot.dirty = true;
             }
         }
-        let sroot_br = flush_inode(&mut w, sroot, 0, 0)?;
+        // A flush that changed only the freemap (bulkfree, recovery)
+        // leaves the super-root where it is.
+        let sroot_br = if sroot.dirty {
+            flush_inode(&mut w, sroot, 0, 0)?
+        } else {
+            sroot.bref
+        };
         let (blocks, bytes) = (w.blocks, w.bytes);
         let dev = vol.device().clone();
         let freemap_blockset = space.flush(dev.as_ref(), tid)?;
@@ -1044,7 +1052,7 @@ impl Mount {
     }
 }
 
-fn lock_space(space: &Mutex<Box<dyn SpaceMap>>) -> MutexGuard<'_, Box<dyn SpaceMap>> {
+pub(crate) fn lock_space(space: &Mutex<Box<dyn SpaceMap>>) -> MutexGuard<'_, Box<dyn SpaceMap>> {
     space.lock().unwrap_or_else(|p| p.into_inner())
 }
 
