@@ -195,6 +195,8 @@ pub struct Allocator {
     bulkfree_started: u64,
     bulkfree_applied: u64,
     bulkfree_flushed: u64,
+    /// Blocks allocated since the running pass started.
+    bulkfree_recent: Option<bulkfree::ScanMap>,
 }
 
 /// The 64 KiB chunk and 16 KiB block arithmetic of an allocation.
@@ -268,6 +270,7 @@ impl Allocator {
             bulkfree_started: 0,
             bulkfree_applied: 0,
             bulkfree_flushed: 0,
+            bulkfree_recent: None,
         };
         a.set_reserve_bytes((total_size / RESERVE_DIVISOR).clamp(RESERVE_MIN, RESERVE_MAX));
         a.sanitize_leaves();
@@ -410,6 +413,9 @@ impl Allocator {
         assert_eq!(self.block_state(off), Some(BMAP_ALLOCATED));
         let prior = self.unflushed.insert(off, d);
         assert!(prior.is_none(), "{d:?} handed out twice");
+        if let Some(recent) = self.bulkfree_recent.as_mut() {
+            recent.mark(req.btype, d);
+        }
         for b in blocks_of(d) {
             if radix >= FREEMAP_BLOCK_RADIX || bgsize != 0 {
                 let was = self.fresh.insert(b, 1);
@@ -656,6 +662,9 @@ impl Allocator {
         for b in blocks_of(off) {
             // Someone else owns it now: never give it back.
             self.fresh.remove(&b);
+        }
+        if let Some(recent) = self.bulkfree_recent.as_mut() {
+            recent.mark(BlockrefType::Data, off);
         }
         let (taken, changed) = {
             let leaf = self.tree.nodes[idx].leaf.as_deref().expect("leaf");

@@ -15,9 +15,9 @@
 //! 2. `BulkfreeScan::run` walks that topology without the `Mount`: the
 //!    blocks of a flushed topology cannot be reused while it runs (only a
 //!    bulkfree merge frees durable blocks, and one pass runs at a time);
-//! 3. `Mount::bulkfree_commit` merges the map (blocks allocated since the
-//!    last flush count as referenced) and records `bulkfree_tid`; the
-//!    next flush writes the freemap and the header.
+//! 3. `Mount::bulkfree_commit` merges the map (blocks the allocator
+//!    handed out since step 1 count as referenced) and records
+//!    `bulkfree_tid`; the next flush writes the freemap and the header.
 //!
 //! `Mount::bulkfree` does all three and the flush. What the scan does
 //! not touch: the freemap's own blocks and the volume headers (they live

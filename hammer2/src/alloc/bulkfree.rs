@@ -32,14 +32,19 @@
 //! bmap left wholly free is reset (class 0, `linear` 0, `avail` 4 MiB).
 //!
 //! Safety against writes made while the scan ran (the scan reads the
-//! topology of one flush; the frontend and later flushes go on): every
-//! block allocated since the last flush is folded into the scan map at
-//! merge time (`unflushed`), and a block allocated after the scanned
-//! flush is 11 in the live map, which a pass only stages (11 -> 10); the
-//! next pass scans a later flush that references it and sets it back to
-//! 11. So only a block unreferenced at two consecutive passes is freed.
-//! One pass at a time: `bulkfree_start` hands out a token, and only the
-//! latest token may be merged, once.
+//! topology of the flush the pass started at; the frontend and later
+//! flushes go on): from `bulkfree_start` to the merge the allocator
+//! records every block it hands out (a second map of the same shape),
+//! and the merge treats those as referenced too, wherever the live
+//! freemap still holds them (one allocated and released before the merge
+//! stays free). Every block any tree can reference at merge time is in
+//! the scanned topology or was allocated since, so no referenced block
+//! is ever staged, and fsck stays clean between passes. DragonFly records
+//! nothing and relies on its two stages instead: a block written during
+//! a scan is staged by that pass and set back to allocated by the next.
+//! Both stages are kept (a block is freed only when two passes find it
+//! unreferenced). One pass at a time: `bulkfree_start` hands out a
+//! token, and only the latest token may be merged, once.
 
 use super::bmap::{self, SEGSIZE};
 use super::Allocator;
@@ -53,6 +58,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 const LEAF_BYTES: u64 = 1 << FREEMAP_LEVEL1_RADIX;
+const PAIRS_LOW: u64 = 0x5555_5555_5555_5555;
 const BLOCK_MASK: u64 = FREEMAP_BLOCK_SIZE - 1;
 /// Bytes one 64-bit bitmap element covers (512 KiB).
 const ELEMENT_BYTES: u64 = SEGSIZE / BMAP_ELEMENTS as u64;
@@ -276,6 +282,20 @@ pub fn sync_adjust(live: &mut BmapData, scan: &BmapData, st: &mut SyncStats) {
     }
 }
 
+/// The scan's bmap with the blocks allocated since the pass started
+/// added where the live bmap still holds them, and `linear` past the
+/// end of either's small blocks.
+fn with_recent(scan: &BmapData, recent: &BmapData, live: &BmapData) -> BmapData {
+    let mut out = *scan;
+    for i in 0..BMAP_ELEMENTS {
+        let q = live.bitmapq[i];
+        let held = (q | (q >> 1)) & PAIRS_LOW;
+        out.bitmapq[i] |= recent.bitmapq[i] & (held | (held << 1));
+    }
+    out.linear = scan.linear.max(recent.linear);
+    out
+}
+
 /// The allocation radixes a bmap has a wholly free aligned run for, as
 /// a `bigmask` (`bigmask_get`): bit r set when a 2^r block could fit.
 pub fn bigmask_get(b: &BmapData) -> u32 {
@@ -306,14 +326,17 @@ fn bigmask_good(b: &BmapData, live_bigmask: u32) -> bool {
 
 impl Allocator {
     /// Start a bulkfree pass: an empty scan map for the topology scan to
-    /// fill. Starting a pass voids any pass started before it.
+    /// fill; from now on every allocation is recorded for the merge.
+    /// Starting a pass voids any pass started before it.
     pub fn bulkfree_start(&mut self) -> ScanMap {
         self.bulkfree_started += 1;
-        ScanMap::new(self.bulkfree_started, self.allocator_beg, self.total_size)
+        let token = self.bulkfree_started;
+        self.bulkfree_recent = Some(ScanMap::new(token, self.allocator_beg, self.total_size));
+        ScanMap::new(token, self.allocator_beg, self.total_size)
     }
 
     /// Merge a finished scan into the freemap in memory (the next flush
-    /// writes it): blocks allocated since the last flush count as
+    /// writes it): blocks allocated since the pass started count as
     /// referenced; see the module header for the transitions.
     pub fn bulkfree_apply(&mut self, map: &mut ScanMap) -> Result<SyncStats> {
         self.check_poisoned()?;
@@ -322,10 +345,15 @@ impl Allocator {
                 what: "a bulkfree scan that is not the latest, or merged already".into(),
             });
         }
+        let recent = match self.bulkfree_recent.take() {
+            Some(r) if r.token == map.token => r,
+            _ => {
+                return Err(Error::InvalidArgument {
+                    what: "bulkfree pass without its allocation record".into(),
+                })
+            }
+        };
         self.bulkfree_applied = map.token;
-        for d in self.unflushed.values() {
-            map.mark(BlockrefType::Data, *d);
-        }
         let mut st = SyncStats::default();
         let zones: Vec<(u64, usize)> = self.tree.by_zone.iter().map(|(&z, &i)| (z, i)).collect();
         for (zone, idx) in zones {
@@ -334,8 +362,8 @@ impl Allocator {
                 if base < self.allocator_beg || base >= self.total_size {
                     continue;
                 }
-                let scan = map.bmap(zone, n);
                 let live = self.leaf_data(idx).bmaps[n];
+                let scan = with_recent(&map.bmap(zone, n), &recent.bmap(zone, n), &live);
                 let bigmask = self.tree.nodes[idx].bref.freemap_bigmask();
                 if live.bitmapq == scan.bitmapq
                     && live.linear >= scan.linear
@@ -390,7 +418,7 @@ impl Allocator {
             for b in &self.leaf_data(idx).bmaps {
                 for &q in &b.bitmapq {
                     // Pairs 10: high bit set, low bit clear.
-                    n += ((q >> 1) & !q & 0x5555_5555_5555_5555).count_ones() as u64;
+                    n += ((q >> 1) & !q & PAIRS_LOW).count_ones() as u64;
                 }
             }
         }
