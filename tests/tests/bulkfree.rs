@@ -205,6 +205,62 @@ fn assert_freemap_is_full_scan(dev: &Arc<impl BlockDevice + 'static>, offset: i6
     );
 }
 
+/// With `H2_BULK_SAVE=DIR`: keep the image as DIR/NAME.img and what
+/// each PFS must hold as DIR/NAME.json (`{label: {path: {type, size,
+/// sha256}}}`, regular files and directories), for DragonFly's tools.
+fn save(dev: &Arc<MemDevice>, models: &BTreeMap<String, Model>, name: &str) {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::FileExt;
+    let Ok(dir) = std::env::var("H2_BULK_SAVE") else {
+        return;
+    };
+    let dir = std::path::Path::new(&dir);
+    let f = std::fs::File::create(dir.join(format!("{name}.img"))).unwrap();
+    f.set_len(dev.size_bytes()).unwrap();
+    let mut buf = vec![0u8; 65536];
+    let mut off = 0;
+    while off < dev.size_bytes() {
+        dev.read_at(&mut buf, off).unwrap();
+        if buf.iter().any(|&b| b != 0) {
+            f.write_all_at(&buf, off).unwrap();
+        }
+        off += 65536;
+    }
+    let mut out = serde_json::Map::new();
+    for (label, model) in models {
+        let mut tree = serde_json::Map::new();
+        let mut stack = vec![(String::new(), hammer2::mount::ROOT_INUM)];
+        while let Some((prefix, dir)) = stack.pop() {
+            for (n, inum) in model.entries(dir) {
+                let path = format!("{prefix}{}", String::from_utf8_lossy(&n));
+                match &model.nodes[&inum].kind {
+                    Kind::Dir(_) => {
+                        tree.insert(path.clone(), serde_json::json!({"type": "dir"}));
+                        stack.push((format!("{path}/"), inum));
+                    }
+                    Kind::File(d) => {
+                        let h: String = Sha256::digest(d)
+                            .iter()
+                            .map(|b| format!("{b:02x}"))
+                            .collect();
+                        tree.insert(
+                            path,
+                            serde_json::json!({"type": "file", "size": d.len(), "sha256": h}),
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        }
+        out.insert(label.clone(), serde_json::Value::Object(tree));
+    }
+    std::fs::write(
+        dir.join(format!("{name}.json")),
+        serde_json::to_string_pretty(&out).unwrap(),
+    )
+    .unwrap();
+}
+
 fn pass(m: &mut Mount, dev: &Arc<impl BlockDevice + 'static>, ctx: &str) -> BulkfreeStats {
     let mut reports = 0;
     let st = m
@@ -349,6 +405,8 @@ fn two_passes_return_exactly_the_unreferenced_blocks() {
         compare_in(&mut m, PFS, &data, &format!("{ctx} DATA reused"));
         compare_in(&mut m, "SNAP2", &s2, &format!("{ctx} SNAP2 reused"));
         fsck_clean(&dev, &format!("{ctx} reused"));
+        let models = BTreeMap::from([(PFS.to_string(), data.clone()), ("SNAP2".into(), s2)]);
+        save(&dev, &models, &format!("bulkfree-reused-{seed}"));
 
         // Everything gone but empty PFSs: two passes give the space back.
         m.pfs_delete("SNAP2").unwrap();
@@ -431,6 +489,8 @@ fn passes_are_safe_against_writes_meanwhile() {
         for (label, model) in &models {
             compare_in(&mut m, label, model, &format!("{ctx} final {label}"));
         }
+        drop(m);
+        save(&dev, &models, &format!("bulkfree-meanwhile-{seed}"));
     }
 }
 
