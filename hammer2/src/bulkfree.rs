@@ -46,6 +46,12 @@ use std::fmt;
 const DEPTH_MAX: usize = 64;
 /// Blockrefs between two progress reports.
 const PROGRESS_EVERY: u64 = 4096;
+/// Inodes remembered as walked (indirect blocks always are): shared
+/// subtrees are found through their indirect blocks, so past this only
+/// an inode reached again through a new indirect block is read again
+/// (with its own blockset, at most four blockrefs). Bounds the memory
+/// of a scan of a huge volume to about 100 MiB.
+const SEEN_INODES_MAX: usize = 1 << 22;
 
 /// Progress of a scan, for long runs.
 #[derive(Clone, Copy, Debug)]
@@ -137,6 +143,7 @@ impl BulkfreeScan {
     /// A block that cannot be read fails the pass (nothing is merged).
     pub fn run(&mut self, mut progress: Option<&mut dyn FnMut(Progress)>) -> Result<()> {
         let mut seen: HashSet<u64> = HashSet::new();
+        let mut seen_inodes = 0usize;
         let mut stack: Vec<(Blockref, usize)> = self
             .roots
             .iter()
@@ -156,6 +163,10 @@ impl BulkfreeScan {
                     });
                 }
             }
+            check_extent(
+                &br,
+                self.vol.header.volu_size.max(self.vol.header.total_size),
+            )?;
             self.map.mark(br.btype, br.data_off);
             match br.btype {
                 BlockrefType::Data => st.data += 1,
@@ -166,9 +177,13 @@ impl BulkfreeScan {
                     } else {
                         st.indirects += 1;
                     }
-                    if !seen.insert(br.data_off.0) {
+                    if seen.contains(&br.data_off.0) {
                         st.shared += 1;
                         continue;
+                    }
+                    if br.btype == BlockrefType::Indirect || seen_inodes < SEEN_INODES_MAX {
+                        seen.insert(br.data_off.0);
+                        seen_inodes += usize::from(br.btype == BlockrefType::Inode);
                     }
                     if depth >= DEPTH_MAX {
                         return Err(Error::corrupt(
@@ -203,6 +218,31 @@ impl BulkfreeScan {
         log::info!("bulkfree scan of tid {:#x}: {}", self.tid, self.stats);
         Ok(())
     }
+}
+
+/// A block the scan cannot account for exactly stops the pass: a size
+/// outside 1 KiB..64 KiB (64 bytes for DragonFly's smallest), one that
+/// crosses a 64 KiB boundary or lies past the volume. Leaving such a
+/// block unmarked could free what it covers.
+fn check_extent(br: &Blockref, volume_bytes: u64) -> Result<()> {
+    let (radix, at) = (br.data_off.radix(), br.data_off.offset());
+    if radix == 0 {
+        return Ok(());
+    }
+    let bytes = br.data_off.bytes();
+    if !(6..=crate::disk::PBUFRADIX).contains(&radix)
+        || (at & (crate::disk::PBUFSIZE - 1)) + bytes > crate::disk::PBUFSIZE
+        || at.saturating_add(bytes) > volume_bytes
+    {
+        return Err(Error::corrupt(
+            format!(
+                "{} blockref of radix {radix} outside the volume's blocks",
+                br.btype.name()
+            ),
+            at,
+        ));
+    }
+    Ok(())
 }
 
 /// The blockrefs under an INODE (its blockset; none with direct data) or

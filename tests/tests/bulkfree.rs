@@ -537,3 +537,49 @@ fn dragonfly_images_after_two_passes() {
         }
     }
 }
+
+/// A block the scan cannot read stops the pass before it merges:
+/// nothing below a damaged block may be taken for unreferenced.
+#[test]
+fn a_damaged_block_stops_the_pass() {
+    let dev = new_fs(6);
+    let mut m = open(&dev);
+    let mut rng = SmallRng::seed_from_u64(6);
+    let mut now = T0;
+    let mut data = Model::new();
+    churn(&mut m, PFS, &mut data, &mut rng, &mut now, 300);
+    delete_some(&mut m, PFS, &mut data, &mut rng, 0.5);
+    m.flush().unwrap();
+    let d: Arc<dyn BlockDevice> = dev.clone();
+    let vol = Volume::open(d.clone()).unwrap();
+    // An indirect block of DATA's inode index.
+    let root = hammer2::pfs::pfs_list(&vol)
+        .unwrap()
+        .into_iter()
+        .find(|p| p.label == PFS)
+        .unwrap();
+    let ind = root
+        .root
+        .blockset()
+        .into_iter()
+        .find(|b| b.btype == BlockrefType::Indirect)
+        .expect("an indirect block under DATA");
+    let leaves = hammer2::freemap::leaves(&vol).unwrap();
+    let mut byte = [0u8; 1];
+    let at = ind.data_off.offset() + 7;
+    d.read_at(&mut byte, at).unwrap();
+    d.write_at(&[byte[0] ^ 0x40], at).unwrap();
+    assert!(m.bulkfree(None).is_err());
+    m.flush().unwrap();
+    let after = hammer2::freemap::leaves(&Volume::open(d.clone()).unwrap()).unwrap();
+    let bits = |l: &BTreeMap<u64, hammer2::freemap::FreemapLeaf>| -> Vec<_> {
+        l.values()
+            .flat_map(|x| x.bmaps.iter().map(|b| b.bitmapq))
+            .collect()
+    };
+    assert_eq!(bits(&leaves), bits(&after), "nothing merged");
+    // Repaired, the pass goes through.
+    d.write_at(&byte, at).unwrap();
+    m.bulkfree(None).unwrap();
+    fsck_clean(&dev, "repaired");
+}
