@@ -68,10 +68,11 @@ impl PfsIds {
     }
 }
 
-/// A label DragonFly and `IMG@LABEL` can both take: 1 to 255 bytes, no
-/// NUL, no `/`.
+/// A label DragonFly takes and `IMG@LABEL` can name (mount.hammer2
+/// splits at the last `@`, unless what follows holds a `/`): 1 to 255
+/// bytes, no NUL, `/` or `@`.
 fn check_label(label: &str) -> Result<()> {
-    if label.is_empty() || label.contains('\0') || label.contains('/') {
+    if label.is_empty() || label.contains(['\0', '/', '@']) {
         return Err(Error::InvalidArgument {
             what: format!("PFS label {label:?}"),
         });

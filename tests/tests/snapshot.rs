@@ -323,7 +323,7 @@ fn pfs_create_delete_and_refusals() {
         Err(Error::NotFound { .. })
     ));
     assert!(matches!(m.pfs_delete("NOPE"), Err(Error::NotFound { .. })));
-    for bad in ["", "a/b", "nul\0"] {
+    for bad in ["", "a/b", "nul\0", "a@b"] {
         assert!(
             matches!(m.pfs_create(bad, T0), Err(Error::InvalidArgument { .. })),
             "{bad:?}"
