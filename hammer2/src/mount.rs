@@ -38,12 +38,12 @@ const INODE_ADMIT_BYTES: u64 = 4096;
 /// One PFS opened for writing.
 pub(crate) struct PfsState {
     /// The key of its root inode in the super-root.
-    pub(crate) key: u64,
+    key: u64,
     pub(crate) root: InodeNode,
     /// Inodes loaded or created, by number.
-    pub(crate) inodes: BTreeMap<u64, InodeNode>,
+    inodes: BTreeMap<u64, InodeNode>,
     /// Inodes to remove from the index at the next flush.
-    pub(crate) removed: BTreeSet<u64>,
+    removed: BTreeSet<u64>,
 }
 
 /// Attributes to change in `setattr`; `None` leaves a field alone.
@@ -80,6 +80,18 @@ pub struct FlushStats {
     pub blocks: u64,
     pub bytes: u64,
     pub header_slot: usize,
+}
+
+impl PfsState {
+    /// A PFS whose root is new (pfsops: snapshot, pfs_create).
+    pub(crate) fn new(key: u64, root: InodeNode) -> PfsState {
+        PfsState {
+            key,
+            root,
+            inodes: BTreeMap::new(),
+            removed: BTreeSet::new(),
+        }
+    }
 }
 
 /// A HAMMER2 volume opened read-write.

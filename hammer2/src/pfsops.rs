@@ -41,7 +41,6 @@ use crate::error::{Error, Result};
 use crate::inode::InodeNode;
 use crate::mount::{Mount, PfsState, ROOT_INUM};
 use crate::pfs;
-use std::collections::{BTreeMap, BTreeSet};
 
 /// The `pfs_inum` a new PFS root starts with, as newfs writes it (inode
 /// numbers are handed out from `INODE_START` regardless).
@@ -139,15 +138,8 @@ impl Mount {
         data.meta.name_key = key;
         data.meta.op_flags |= OPFLAG_PFSROOT;
         data.meta.inum = ROOT_INUM;
-        self.pfs.insert(
-            label.to_string(),
-            PfsState {
-                key,
-                root: InodeNode::new(data),
-                inodes: BTreeMap::new(),
-                removed: BTreeSet::new(),
-            },
-        );
+        self.pfs
+            .insert(label.to_string(), PfsState::new(key, InodeNode::new(data)));
         self.sroot.dirty = true;
     }
 
