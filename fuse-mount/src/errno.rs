@@ -67,6 +67,10 @@ pub fn errno(e: &Error) -> i32 {
             log::error!("{e}");
             libc::EIO
         }
+        Error::Busy { .. } => {
+            log::debug!("{e}");
+            libc::EBUSY
+        }
         Error::ReadOnly => {
             log::debug!("{e}");
             libc::EROFS

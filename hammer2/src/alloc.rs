@@ -51,9 +51,11 @@
 //! a reserve of N chunks guarantees the flush N allocations of any size.
 
 mod bmap;
+mod bulkfree;
 mod recover;
 mod tree;
 
+pub use bulkfree::{ScanMap, SyncStats};
 pub use recover::RecoveryStats;
 
 use crate::disk::freemap::{BmapData, BMAP_ALLOCATED, BMAP_FREE};
@@ -189,6 +191,12 @@ pub struct Allocator {
     fresh: BTreeMap<u64, u32>,
     /// Set when a flush write failed: nothing more is accepted.
     poisoned: bool,
+    /// Bulkfree passes started and the last one merged (`bulkfree.rs`).
+    bulkfree_started: u64,
+    bulkfree_applied: u64,
+    bulkfree_flushed: u64,
+    /// Blocks allocated since the running pass started.
+    bulkfree_recent: Option<bulkfree::ScanMap>,
 }
 
 /// The 64 KiB chunk and 16 KiB block arithmetic of an allocation.
@@ -259,6 +267,10 @@ impl Allocator {
             unflushed: BTreeMap::new(),
             fresh: BTreeMap::new(),
             poisoned: false,
+            bulkfree_started: 0,
+            bulkfree_applied: 0,
+            bulkfree_flushed: 0,
+            bulkfree_recent: None,
         };
         a.set_reserve_bytes((total_size / RESERVE_DIVISOR).clamp(RESERVE_MIN, RESERVE_MAX));
         a.sanitize_leaves();
@@ -401,6 +413,9 @@ impl Allocator {
         assert_eq!(self.block_state(off), Some(BMAP_ALLOCATED));
         let prior = self.unflushed.insert(off, d);
         assert!(prior.is_none(), "{d:?} handed out twice");
+        if let Some(recent) = self.bulkfree_recent.as_mut() {
+            recent.mark(req.btype, d);
+        }
         for b in blocks_of(d) {
             if radix >= FREEMAP_BLOCK_RADIX || bgsize != 0 {
                 let was = self.fresh.insert(b, 1);
@@ -648,6 +663,9 @@ impl Allocator {
             // Someone else owns it now: never give it back.
             self.fresh.remove(&b);
         }
+        if let Some(recent) = self.bulkfree_recent.as_mut() {
+            recent.mark(BlockrefType::Data, off);
+        }
         let (taken, changed) = {
             let leaf = self.tree.nodes[idx].leaf.as_deref().expect("leaf");
             let mut probe = leaf.bmaps[n];
@@ -722,6 +740,7 @@ impl Allocator {
         self.freemap_tid = mirror_tid;
         self.unflushed.clear();
         self.fresh.clear();
+        self.bulkfree_flushed = self.bulkfree_applied;
         log::info!(
             "freemap flush at tid {mirror_tid:#x}: {} blocks written",
             plan.len()
@@ -772,9 +791,10 @@ impl Allocator {
         self.freemap_tid
     }
 
-    /// True when a flush has something to write.
+    /// True when a flush has something to write (a merged bulkfree pass
+    /// counts: its `bulkfree_tid` goes into the next header).
     pub fn is_dirty(&self) -> bool {
-        self.tree.is_dirty()
+        self.tree.is_dirty() || self.bulkfree_applied > self.bulkfree_flushed
     }
 
     pub fn stats(&self) -> AllocStats {

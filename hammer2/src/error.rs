@@ -116,6 +116,10 @@ pub enum Error {
     },
     /// The image or PFS is open read-only.
     ReadOnly,
+    /// The object is in use (a PFS with open files).
+    Busy {
+        what: String,
+    },
 }
 
 impl Error {
@@ -207,6 +211,7 @@ impl fmt::Display for Error {
                 write!(f, "writes refused after an earlier device failure: {why}")
             }
             Error::ReadOnly => write!(f, "read-only"),
+            Error::Busy { what } => write!(f, "{what}: busy"),
         }
     }
 }

@@ -50,6 +50,15 @@ pub trait SpaceMap: Send {
     fn allocator_free(&self) -> u64 {
         self.free_bytes()
     }
+    /// True when the map has changes a flush must write.
+    fn is_dirty(&self) -> bool {
+        false
+    }
+    /// The freemap allocator behind this map, for bulkfree, which works
+    /// on the freemap itself; `None` for maps that are not one.
+    fn allocator_mut(&mut self) -> Option<&mut crate::alloc::Allocator> {
+        None
+    }
 }
 
 impl SpaceMap for crate::alloc::Allocator {
@@ -83,6 +92,12 @@ impl SpaceMap for crate::alloc::Allocator {
     }
     fn allocator_free(&self) -> u64 {
         crate::alloc::Allocator::allocator_free(self)
+    }
+    fn is_dirty(&self) -> bool {
+        crate::alloc::Allocator::is_dirty(self)
+    }
+    fn allocator_mut(&mut self) -> Option<&mut crate::alloc::Allocator> {
+        Some(self)
     }
 }
 

@@ -4,11 +4,13 @@
 //! Layers, bottom up: `disk` (the on-disk structures), `check` and
 //! `compress` (block codes), `dirhash`; then the read engine (`volume`,
 //! `chain`, `inode`, `pfs`) over a `bufcache::BlockDevice`; and `fsck`,
-//! the checker behind `fsck.hammer2`.
+//! the checker behind `fsck.hammer2`; the write side (`mount`, `flush`,
+//! `alloc`), PFS administration and snapshots (`pfsops`) and `bulkfree`.
 
 #![forbid(unsafe_code)]
 
 pub mod alloc;
+pub mod bulkfree;
 pub mod check;
 pub mod compress;
 pub mod dirhash;
@@ -19,6 +21,7 @@ pub mod freemap;
 pub mod fsck;
 pub mod inode;
 pub mod mount;
+pub mod pfsops;
 
 pub use error::{Error, Result};
 pub mod blocktable;

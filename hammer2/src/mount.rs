@@ -40,17 +40,17 @@ pub const ROOT_INUM: u64 = 1;
 const INODE_ADMIT_BYTES: u64 = 4096;
 
 /// One PFS opened for writing.
-struct PfsState {
+pub(crate) struct PfsState {
     /// The key of its root inode in the super-root.
     key: u64,
-    root: InodeNode,
+    pub(crate) root: InodeNode,
     /// Inodes loaded or created, by number.
     inodes: BTreeMap<u64, InodeNode>,
     /// Inodes to remove from the index at the next flush.
     removed: BTreeSet<u64>,
     /// Pin counts (see `Mount::pin`): an inode whose last link goes
     /// while it is pinned stays until its last pin goes.
-    pins: BTreeMap<u64, u32>,
+    pub(crate) pins: BTreeMap<u64, u32>,
 }
 
 /// Attributes to change in `setattr`; `None` leaves a field alone.
@@ -89,19 +89,32 @@ pub struct FlushStats {
     pub header_slot: usize,
 }
 
+impl PfsState {
+    /// A PFS whose root is new (pfsops: snapshot, pfs_create).
+    pub(crate) fn new(key: u64, root: InodeNode) -> PfsState {
+        PfsState {
+            key,
+            root,
+            inodes: BTreeMap::new(),
+            removed: BTreeSet::new(),
+            pins: BTreeMap::new(),
+        }
+    }
+}
+
 /// A HAMMER2 volume opened read-write.
 pub struct Mount {
-    vol: Volume,
+    pub(crate) vol: Volume,
     /// The allocator, shared with a pipelined flush's data writes.
-    space: Arc<Mutex<Box<dyn SpaceMap>>>,
+    pub(crate) space: Arc<Mutex<Box<dyn SpaceMap>>>,
     /// A pipelined flush is between `flush_begin` and `flush_commit`.
-    flushing: bool,
+    pub(crate) flushing: bool,
     /// Bytes admitted since the last flush (file data blocks and inode
     /// metadata), held against the allocator's available space so a
     /// full disk fails the operation, never the flush.
     admitted: u64,
-    sroot: InodeNode,
-    pfs: BTreeMap<String, PfsState>,
+    pub(crate) sroot: InodeNode,
+    pub(crate) pfs: BTreeMap<String, PfsState>,
     poisoned: Option<String>,
 }
 
@@ -170,7 +183,7 @@ impl Mount {
         &self.vol
     }
 
-    fn writable(&self) -> Result<()> {
+    pub(crate) fn writable(&self) -> Result<()> {
         match &self.poisoned {
             Some(why) => Err(Error::Poisoned { why: why.clone() }),
             None => Ok(()),
@@ -185,7 +198,7 @@ impl Mount {
             .collect())
     }
 
-    fn pfs_mut(&mut self, label: &str) -> Result<&mut PfsState> {
+    pub(crate) fn pfs_mut(&mut self, label: &str) -> Result<&mut PfsState> {
         if !self.pfs.contains_key(label) {
             let mut found = None;
             let vol = &self.vol;
@@ -879,12 +892,14 @@ impl Mount {
         })
     }
 
-    /// True when anything waits for a flush.
+    /// True when anything waits for a flush (the freemap too: recovery
+    /// and bulkfree change it without touching the topology).
     pub fn is_dirty(&self) -> bool {
         self.sroot.dirty
             || self.pfs.values().any(|p| {
                 p.root.dirty || !p.removed.is_empty() || p.inodes.values().any(|n| n.dirty)
             })
+            || lock_space(&self.space).is_dirty()
     }
 
     /// Bytes of file data written and waiting for a flush (whole 64 KiB
@@ -1079,7 +1094,13 @@ impl Mount {
                 sroot.dirty = true;
             }
         }
-        let sroot_br = flush_inode(&mut w, sroot, 0, 0)?;
+        // A flush that changed only the freemap (bulkfree, recovery)
+        // leaves the super-root where it is.
+        let sroot_br = if sroot.dirty {
+            flush_inode(&mut w, sroot, 0, 0)?
+        } else {
+            sroot.bref
+        };
         let (blocks, bytes) = (w.blocks, w.bytes);
         let dev = vol.device().clone();
         let freemap_blockset = space.flush(dev.as_ref(), tid)?;
@@ -1134,7 +1155,7 @@ impl Mount {
     }
 }
 
-fn lock_space(space: &Mutex<Box<dyn SpaceMap>>) -> MutexGuard<'_, Box<dyn SpaceMap>> {
+pub(crate) fn lock_space(space: &Mutex<Box<dyn SpaceMap>>) -> MutexGuard<'_, Box<dyn SpaceMap>> {
     space.lock().unwrap_or_else(|p| p.into_inner())
 }
 

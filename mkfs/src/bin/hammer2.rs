@@ -1,5 +1,7 @@
-//! `hammer2`: the HAMMER2 admin tool, read-only verbs over an image file
-//! or block device, in the shape of DragonFly's hammer2(8).
+//! `hammer2`: the HAMMER2 admin tool over an image file or block device,
+//! in the shape of DragonFly's hammer2(8): verbs that read (show,
+//! volhdr, freemap, pfs-list, info, hash) and verbs that write offline
+//! (snapshot, pfs-create, pfs-delete, bulkfree; `admin.rs`).
 //!
 //! Every verb that reads a filesystem takes its image as the argument
 //! after the verb (`hammer2 show IMG`, as DragonFly's show, freemap and
@@ -14,6 +16,8 @@
 
 // The verbs live in src/bin/hammer2/; a binary's root looks for its
 // modules beside itself, hence the paths.
+#[path = "hammer2/admin.rs"]
+mod admin;
 #[path = "hammer2/fmt.rs"]
 mod fmt;
 #[path = "hammer2/freemap.rs"]
@@ -39,7 +43,11 @@ use std::sync::Arc;
 const AFTER_HELP: &str = "\
 The image is an image file or a block device, named after the verb
 (hammer2 show IMG) or with -s before it (hammer2 -s IMG show).
-Nothing is ever written to it.
+show, volhdr, freemap, pfs-list, info and hash never write to it.
+snapshot, pfs-create, pfs-delete and bulkfree write to it, offline:
+the image must not be in use (one that mount.hammer2 has mounted is
+refused). DragonFly runs them through a mounted filesystem; running
+them through a live mount.hammer2 comes later.
 
 Exit status: 0 clean, 1 on an error or when damage was found
 (show, volhdr and freemap flag each damaged block inline and finish
@@ -48,13 +56,16 @@ the walk first), 2 on a usage error.
 Examples:
   hammer2 show disk.img | less
   hammer2 -s /dev/sdb1 pfs-list
+  hammer2 snapshot disk.img@DATA         (names it DATA.YYYYMMDD.HHMMSS, UTC)
+  hammer2 pfs-delete disk.img DATA.20240101.120000
+  hammer2 bulkfree disk.img
   hammer2 hash hello.txt";
 
 #[derive(Parser)]
 #[command(
     name = "hammer2",
     version,
-    about = "HAMMER2 admin tool (read-only verbs, as DragonFly's hammer2(8))",
+    about = "HAMMER2 admin tool (as DragonFly's hammer2(8); the verbs that write work offline)",
     after_help = AFTER_HELP
 )]
 struct Cli {
@@ -94,6 +105,44 @@ enum Verb {
     Hash {
         #[arg(required = true)]
         names: Vec<OsString>,
+    },
+    /// Snapshot a PFS (offline): IMG@LABEL (LABEL defaults to DATA), or
+    /// -s IMG@LABEL snapshot [NAME]; NAME defaults to
+    /// LABEL.YYYYMMDD.HHMMSS in UTC (DragonFly uses local time). Costs
+    /// the same on any PFS: the snapshot shares every block with its
+    /// origin
+    Snapshot {
+        /// IMG@LABEL: the image and the PFS to snapshot
+        #[arg(value_name = "IMG[@LABEL]")]
+        spec: Option<String>,
+        /// The snapshot's label
+        name: Option<String>,
+    },
+    /// Create an empty PFS (offline): MASTER, lz4 and xxhash64 (a PFS
+    /// named BOOT is not compressed)
+    #[command(name = "pfs-create")]
+    PfsCreate {
+        #[arg(value_name = "IMG")]
+        img: PathBuf,
+        label: String,
+    },
+    /// Delete a PFS or snapshot (offline); its space comes back with
+    /// bulkfree. The last PFS of a volume is refused
+    #[command(name = "pfs-delete")]
+    PfsDelete {
+        #[arg(value_name = "IMG")]
+        img: PathBuf,
+        label: String,
+    },
+    /// Free the space nothing references (offline): two passes, the
+    /// first stages blocks no PFS or snapshot references, the second
+    /// frees them; free space before and after. Progress on a terminal
+    Bulkfree {
+        img: Option<PathBuf>,
+        /// One pass only, as DragonFly's bulkfree does per call (blocks
+        /// it stages are freed by the next run)
+        #[arg(long)]
+        single_pass: bool,
     },
 }
 
@@ -274,6 +323,28 @@ fn run(cli: Cli, out: &mut dyn Write) -> Result<u64, CmdError> {
         Verb::PfsList { img: p } => pfs::list(&img(p)?, out),
         Verb::Info { img: p } => pfs::info(&img(p)?, out),
         Verb::Hash { names } => hash(&names, out),
+        Verb::Snapshot { spec, name } => {
+            // With -s IMG[@LABEL] the one argument is the name, as in
+            // DragonFly's `hammer2 -s PATH snapshot [NAME]`.
+            let (spec, name) = match (spec, name, sel) {
+                (Some(n), None, Some(p)) => (p.display().to_string(), Some(n)),
+                (Some(s), n, _) => (s, n),
+                (None, n, _) => {
+                    let p = image_arg(None, sel).unwrap_or_else(|e| e.exit());
+                    (p.display().to_string(), n)
+                }
+            };
+            admin::snapshot(&spec, name.as_deref(), out)
+        }
+        Verb::PfsCreate { img, label } => admin::pfs_create(&img, &label, out),
+        Verb::PfsDelete { img, label } => admin::pfs_delete(&img, &label, out),
+        Verb::Bulkfree {
+            img: p,
+            single_pass,
+        } => {
+            let path = image_arg(p, sel).unwrap_or_else(|e| e.exit());
+            admin::bulkfree(&path, single_pass, out)
+        }
     }
 }
 

@@ -117,12 +117,18 @@ pub fn data(rng: &mut SmallRng, len: usize) -> Vec<u8> {
 }
 
 /// Compare the whole tree the library shows with the model.
+#[allow(dead_code)]
 pub fn compare(m: &mut Mount, model: &Model, ctx: &str) {
+    compare_in(m, PFS, model, ctx)
+}
+
+/// Compare the tree of PFS `label` with the model.
+pub fn compare_in(m: &mut Mount, label: &str, model: &Model, ctx: &str) {
     let mut stack = vec![ROOT_INUM];
     let mut seen = 0;
     while let Some(dir) = stack.pop() {
         let got: Vec<(Vec<u8>, u64)> = m
-            .readdir(PFS, dir, 0)
+            .readdir(label, dir, 0)
             .unwrap()
             .into_iter()
             .map(|e| (e.name, e.inum))
@@ -132,7 +138,7 @@ pub fn compare(m: &mut Mount, model: &Model, ctx: &str) {
         assert_eq!(got_sorted, model.entries(dir), "{ctx}: entries of {dir}");
         for (_, inum) in got {
             seen += 1;
-            let meta = m.getattr(PFS, inum).unwrap();
+            let meta = m.getattr(label, inum).unwrap();
             let want = &model.nodes[&inum];
             assert_eq!(meta.mode, want.mode, "{ctx}: mode of {inum}");
             match &want.kind {
@@ -140,10 +146,10 @@ pub fn compare(m: &mut Mount, model: &Model, ctx: &str) {
                     assert_eq!(meta.obj_type, ObjType::Regfile);
                     assert_eq!(meta.nlinks, want.nlinks, "{ctx}: nlinks of {inum}");
                     assert_eq!(meta.size, d.len() as u64, "{ctx}: size of {inum}");
-                    let got = m.read(PFS, inum, 0, d.len() + 10).unwrap();
+                    let got = m.read(label, inum, 0, d.len() + 10).unwrap();
                     assert!(got == *d, "{ctx}: content of {inum} ({} bytes)", d.len());
                 }
-                Kind::Symlink(t) => assert_eq!(&m.readlink(PFS, inum).unwrap(), t, "{ctx}"),
+                Kind::Symlink(t) => assert_eq!(&m.readlink(label, inum).unwrap(), t, "{ctx}"),
                 Kind::Special(t, rdev) => {
                     assert_eq!(meta.obj_type, *t, "{ctx}: type of {inum}");
                     assert_eq!((meta.rmajor, meta.rminor), *rdev, "{ctx}: rdev of {inum}");
@@ -162,8 +168,21 @@ pub fn compare(m: &mut Mount, model: &Model, ctx: &str) {
 
 /// Apply one random operation to the library and to the model, checking
 /// that both agree on its outcome.
-#[allow(clippy::map_entry)]
+#[allow(clippy::map_entry, dead_code)]
 pub fn step(m: &mut Mount, model: &mut Model, rng: &mut SmallRng, now: u64, ctx: &str) {
+    step_in(m, PFS, model, rng, now, ctx)
+}
+
+/// `step` on PFS `label`.
+#[allow(clippy::map_entry)]
+pub fn step_in(
+    m: &mut Mount,
+    label: &str,
+    model: &mut Model,
+    rng: &mut SmallRng,
+    now: u64,
+    ctx: &str,
+) {
     let rng = &mut *rng;
         let dirs = model.dirs();
         let dir = dirs[rng.gen_range(0..dirs.len())];
@@ -184,7 +203,7 @@ pub fn step(m: &mut Mount, model: &mut Model, rng: &mut SmallRng, now: u64, ctx:
                     3 => (ObjType::Socket, (0, 0)),
                     _ => (ObjType::Regfile, (0, 0)),
                 };
-                let r = m.create(PFS, dir, &n, t, mode, 0, 0, rdev, now);
+                let r = m.create(label, dir, &n, t, mode, 0, 0, rdev, now);
                 if model.dir_mut(dir).contains_key(&n) {
                     assert!(matches!(r, Err(Error::Exists { .. })), "{ctx}: {r:?}");
                 } else {
@@ -202,7 +221,7 @@ pub fn step(m: &mut Mount, model: &mut Model, rng: &mut SmallRng, now: u64, ctx:
             }
             20..=26 => {
                 let n = name(rng);
-                let r = m.mkdir(PFS, dir, &n, 0o755, 0, 0, now);
+                let r = m.mkdir(label, dir, &n, 0o755, 0, 0, now);
                 if model.dir_mut(dir).contains_key(&n) {
                     assert!(r.is_err(), "{ctx}");
                 } else {
@@ -221,7 +240,7 @@ pub fn step(m: &mut Mount, model: &mut Model, rng: &mut SmallRng, now: u64, ctx:
             27..=29 => {
                 let n = name(rng);
                 let target = vec![b't'; rng.gen_range(1..700)];
-                let r = m.symlink(PFS, dir, &n, &target, 0, 0, now);
+                let r = m.symlink(label, dir, &n, &target, 0, 0, now);
                 if model.dir_mut(dir).contains_key(&n) {
                     assert!(r.is_err(), "{ctx}");
                 } else {
@@ -244,7 +263,7 @@ pub fn step(m: &mut Mount, model: &mut Model, rng: &mut SmallRng, now: u64, ctx:
                         let off = rng.gen_range(0..max_off);
                         let len = [1usize, 100, 513, 4096, 65536, 200_000][rng.gen_range(0..6)];
                         let buf = data(rng, len);
-                        m.write(PFS, inum, off, &buf, now).unwrap();
+                        m.write(label, inum, off, &buf, now).unwrap();
                         let end = off as usize + len;
                         if d.len() < end {
                             d.resize(end, 0);
@@ -259,7 +278,7 @@ pub fn step(m: &mut Mount, model: &mut Model, rng: &mut SmallRng, now: u64, ctx:
                         let size = [0u64, 1, 512, 513, 65535, 65537, 200_000, 1_000_000]
                             [rng.gen_range(0..8)];
                         m.setattr(
-                            PFS,
+                            label,
                             inum,
                             SetAttr {
                                 size: Some(size),
@@ -277,7 +296,7 @@ pub fn step(m: &mut Mount, model: &mut Model, rng: &mut SmallRng, now: u64, ctx:
                     let to = dirs[rng.gen_range(0..dirs.len())];
                     let n = name(rng);
                     let is_dir = matches!(model.nodes[&inum].kind, Kind::Dir(_));
-                    let r = m.link(PFS, inum, to, &n, now);
+                    let r = m.link(label, inum, to, &n, now);
                     if is_dir || model.dir_mut(to).contains_key(&n) {
                         assert!(r.is_err(), "{ctx}");
                     } else {
@@ -291,7 +310,7 @@ pub fn step(m: &mut Mount, model: &mut Model, rng: &mut SmallRng, now: u64, ctx:
                 if let Some((n, inum)) = pick {
                     let is_dir = matches!(model.nodes[&inum].kind, Kind::Dir(_));
                     if is_dir {
-                        let r = m.rmdir(PFS, dir, &n, now);
+                        let r = m.rmdir(label, dir, &n, now);
                         if model.entries(inum).is_empty() {
                             r.unwrap();
                             model.dir_mut(dir).remove(&n);
@@ -300,7 +319,7 @@ pub fn step(m: &mut Mount, model: &mut Model, rng: &mut SmallRng, now: u64, ctx:
                             assert!(matches!(r, Err(Error::NotEmpty { .. })), "{ctx}: {r:?}");
                         }
                     } else {
-                        m.unlink(PFS, dir, &n, now).unwrap();
+                        m.unlink(label, dir, &n, now).unwrap();
                         model.dir_mut(dir).remove(&n);
                         model.unref(inum);
                     }
@@ -322,7 +341,7 @@ pub fn step(m: &mut Mount, model: &mut Model, rng: &mut SmallRng, now: u64, ctx:
                         noreplace: rng.gen_bool(0.2),
                         exchange: rng.gen_bool(0.15),
                     };
-                    let r = m.rename(PFS, dir, &n, to, &nn, flags, now);
+                    let r = m.rename(label, dir, &n, to, &nn, flags, now);
                     let src_dir = matches!(model.nodes[&inum].kind, Kind::Dir(_));
                     let dst = model.dir_mut(to).get(&nn).copied();
                     let expect_ok = if flags.exchange && flags.noreplace {

@@ -119,6 +119,20 @@ pub fn time_string(micros: u64) -> String {
     )
 }
 
+/// Microseconds since the epoch as "YYYYMMDD.HHMMSS" in UTC (the stamp
+/// in DragonFly's default snapshot names, which use local time).
+pub fn date_stamp(micros: u64) -> String {
+    let secs = (micros / 1_000_000) as i64;
+    let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
+    let rem = secs.rem_euclid(86_400);
+    format!(
+        "{year:04}{month:02}{day:02}.{:02}{:02}{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
 /// Days since 1970-01-01 to (year, month 1..=12, day 1..=31), proleptic
 /// Gregorian (Howard Hinnant's `civil_from_days`).
 fn civil_from_days(z: i64) -> (i64, i64, i64) {
@@ -164,6 +178,10 @@ mod tests {
         // 1700000000 s: the mtime the fixtures carry (14-Nov-2023 22:13:20).
         assert_eq!(time_string(1_700_000_000_000_000), "14-Nov-2023 22:13:20");
         assert_eq!(time_string(951_782_400_000_000), "29-Feb-2000 00:00:00");
+        assert_eq!(
+            date_stamp(951_782_400_000_000 + 3_723_000_000),
+            "20000229.010203"
+        );
     }
 
     #[test]

@@ -46,6 +46,29 @@ pub fn list(img: &Image, out: &mut dyn Write) -> Result<u64, CmdError> {
     Ok(0)
 }
 
+/// Space per the freemap (zones without a leaf counted free).
+pub struct Space {
+    pub free: u64,
+    /// Staged by a bulkfree pass (10): free after the next one.
+    pub staged: u64,
+    pub allocated: u64,
+}
+
+/// The freemap's totals of `vol`.
+pub fn space(vol: &Volume) -> hammer2::Result<Space> {
+    let vh = &vol.header;
+    let leaves = hammer2::freemap::leaves(vol)?;
+    let mut stats = FreemapStats::default();
+    for leaf in leaves.values() {
+        stats.add_leaf(leaf.bref.key, &leaf.bmaps, vh.aux_end, vh.volu_size);
+    }
+    Ok(Space {
+        free: stats.accum16[0] + stats.untouched_free(vh.aux_end, vh.volu_size),
+        staged: stats.accum16[2],
+        allocated: stats.accum16[3],
+    })
+}
+
 /// `hammer2 info IMG`: the volume, then each PFS.
 pub fn info(img: &Image, out: &mut dyn Write) -> Result<u64, CmdError> {
     let vol = img.volume()?;
@@ -69,6 +92,7 @@ pub fn info(img: &Image, out: &mut dyn Write) -> Result<u64, CmdError> {
     )?;
     writeln!(out, "    mirror_tid     {:#018x}", vh.mirror_tid)?;
     writeln!(out, "    freemap_tid    {:#018x}", vh.freemap_tid)?;
+    writeln!(out, "    bulkfree_tid   {:#018x}", vh.bulkfree_tid)?;
     writeln!(
         out,
         "    free           {:#018x} ({:6.2}GB) per the volume header (allocator_free)",
@@ -76,17 +100,25 @@ pub fn info(img: &Image, out: &mut dyn Write) -> Result<u64, CmdError> {
         gb(vh.allocator_free)
     )?;
     let mut damaged = 0;
-    match hammer2::freemap::leaves(&vol) {
-        Ok(leaves) => {
-            let mut stats = FreemapStats::default();
-            for leaf in leaves.values() {
-                stats.add_leaf(leaf.bref.key, &leaf.bmaps, vh.aux_end, vh.volu_size);
-            }
-            let free = stats.accum16[0] + stats.untouched_free(vh.aux_end, vh.volu_size);
+    match space(&vol) {
+        Ok(s) => {
             writeln!(
                 out,
-                "    free           {free:#018x} ({:6.2}GB) per the freemap",
-                gb(free)
+                "    free           {:#018x} ({:6.2}GB) per the freemap",
+                s.free,
+                gb(s.free)
+            )?;
+            writeln!(
+                out,
+                "    possibly free  {:#018x} ({:6.2}GB) staged by bulkfree, free after its next pass",
+                s.staged,
+                gb(s.staged)
+            )?;
+            writeln!(
+                out,
+                "    allocated      {:#018x} ({:6.2}GB) per the freemap",
+                s.allocated,
+                gb(s.allocated)
             )?;
         }
         Err(e) => {

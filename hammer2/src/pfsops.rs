@@ -1,0 +1,250 @@
+//! PFS administration on a mounted volume (DragonFly's
+//! `hammer2_ioctl_pfs_snapshot`, `hammer2_ioctl_pfs_create` and
+//! `hammer2_ioctl_pfs_delete`): the super-root's entries are the PFS root
+//! inodes, keyed by the directory hash of their label, and these
+//! operations add and remove them. Each returns once a flush has made
+//! its change durable.
+//!
+//! A snapshot costs the same on any PFS: after a flush, the PFS root's
+//! 1 KiB inode is copied under the new label with the same blockset, so
+//! the snapshot shares every block below the root with its origin and
+//! nothing is walked or copied. Blocks are never overwritten (copy on
+//! write, no reference counts), so later writes to either side go to new
+//! blocks and leave the other unchanged; space comes back only through
+//! bulkfree, once neither side references a block.
+//!
+//! What the copy changes, as DragonFly does: the label (`filename`,
+//! `name_len`, `name_key`), new `pfs_clid` and `pfs_fsid`, `pfs_type`
+//! MASTER, `pfs_subtype` SNAPSHOT, `pfs_inum` one past the origin's (the
+//! snapshot's inode numbers start beyond any the origin had handed out),
+//! and `pfs_lsnap_tid` = the tid of the flush that commits the snapshot,
+//! set on the origin too. It also sets the copy's `ctime` to the time
+//! given. Differences from DragonFly: DragonFly builds the snapshot root
+//! from a fresh PFS inode (mode 0755, owner 0, `ctime`/`mtime` now,
+//! `iparent` 1, and the super-root's compression, autozero) and copies
+//! only the blockset and statistics into it; here the root keeps the
+//! origin's mode, owner, times, compression and check methods, so the
+//! snapshot reads exactly as its origin did. The key is the label's
+//! hash, or the next free key of its collision range (DragonFly's
+//! `hammer2_inode_create_pfs` starts one past the hash; newfs and these
+//! operations start at the hash; readers search the range either way).
+//!
+//! Not here: refusing to delete a PFS that is mounted (DragonFly's EBUSY)
+//! is the mount daemon's job; a `Mount` does not know who uses a label.
+
+use crate::dirhash::dirhash;
+use crate::disk::{
+    check_method, comp_method, pfs_subtype, pfs_type, Blockref, BlockrefType, InodeData, ObjType,
+    Uuid, DIRHASH_LOMASK, OPFLAG_PFSROOT,
+};
+use crate::error::{Error, Result};
+use crate::inode::InodeNode;
+use crate::mount::{Mount, PfsState, ROOT_INUM};
+use crate::pfs;
+
+/// The `pfs_inum` a new PFS root starts with, as newfs writes it (inode
+/// numbers are handed out from `INODE_START` regardless).
+pub const PFS_INUM_START: u64 = 16;
+/// The longest label: the inode's filename field less DragonFly's NUL.
+pub const LABEL_MAX: usize = 255;
+
+/// The two ids of a new PFS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PfsIds {
+    /// Cluster id (`pfs_clid`).
+    pub clid: Uuid,
+    /// Unique id (`pfs_fsid`).
+    pub fsid: Uuid,
+}
+
+impl PfsIds {
+    /// Fresh random (version 4) ids.
+    pub fn random() -> PfsIds {
+        PfsIds {
+            clid: Uuid::from_random(rand::random()),
+            fsid: Uuid::from_random(rand::random()),
+        }
+    }
+}
+
+/// A label DragonFly takes and `IMG@LABEL` can name (mount.hammer2
+/// splits at the last `@`, unless what follows holds a `/`): 1 to 255
+/// bytes, no NUL, `/` or `@`.
+fn check_label(label: &str) -> Result<()> {
+    if label.is_empty() || label.contains(['\0', '/', '@']) {
+        return Err(Error::InvalidArgument {
+            what: format!("PFS label {label:?}"),
+        });
+    }
+    if label.len() > LABEL_MAX {
+        return Err(Error::NameTooLong { len: label.len() });
+    }
+    Ok(())
+}
+
+impl Mount {
+    /// Every PFS root in the super-root: label and blockref.
+    fn pfs_entries(&mut self) -> Result<Vec<(String, Blockref)>> {
+        let Mount { vol, sroot, .. } = self;
+        let mut out = Vec::new();
+        for br in sroot.table.range(&*vol, 0, u64::MAX)? {
+            if br.btype != BlockrefType::Inode {
+                continue;
+            }
+            let ino = pfs::read_inode(vol, &br)?;
+            out.push((String::from_utf8_lossy(ino.data.name()).into_owned(), br));
+        }
+        Ok(out)
+    }
+
+    /// Refuse when a flush is running or the mount is poisoned, and when
+    /// `label` is taken.
+    fn pfs_op_ready(&mut self, new_label: Option<&str>) -> Result<()> {
+        self.writable()?;
+        if self.flushing {
+            return Err(Error::InvalidArgument {
+                what: "a flush is in progress".into(),
+            });
+        }
+        if let Some(label) = new_label {
+            check_label(label)?;
+            if self.pfs.contains_key(label) || self.pfs_entries()?.iter().any(|(l, _)| l == label) {
+                return Err(Error::Exists {
+                    what: format!("PFS {label}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The key a new super-root entry for `label` takes: its hash, or
+    /// the next free key in the hash's collision range.
+    fn free_pfs_key(&mut self, label: &str) -> Result<u64> {
+        let hash = dirhash(label.as_bytes());
+        let Mount { vol, sroot, .. } = self;
+        for key in hash..=(hash | DIRHASH_LOMASK) {
+            if sroot.table.lookup(&*vol, key)?.is_none() {
+                return Ok(key);
+            }
+        }
+        Err(Error::CollisionSpaceFull {
+            what: format!("PFS {label}"),
+        })
+    }
+
+    /// Put a new PFS root into the super-root (written at the next flush).
+    fn add_pfs_root(&mut self, label: &str, key: u64, mut data: InodeData) {
+        data.set_name(label.as_bytes());
+        data.meta.name_key = key;
+        data.meta.op_flags |= OPFLAG_PFSROOT;
+        data.meta.inum = ROOT_INUM;
+        self.pfs
+            .insert(label.to_string(), PfsState::new(key, InodeNode::new(data)));
+        self.sroot.dirty = true;
+    }
+
+    /// Snapshot PFS `label` as `name` (a new PFS sharing every block),
+    /// with fresh random ids. `now` is the snapshot root's ctime.
+    pub fn snapshot(&mut self, label: &str, name: &str, now: u64) -> Result<()> {
+        self.snapshot_with_ids(label, name, now, PfsIds::random())
+    }
+
+    /// `snapshot` with the given ids.
+    pub fn snapshot_with_ids(
+        &mut self,
+        label: &str,
+        name: &str,
+        now: u64,
+        ids: PfsIds,
+    ) -> Result<()> {
+        self.pfs_op_ready(Some(name))?;
+        self.pfs_mut(label)?;
+        // DragonFly syncs the PFS first: the snapshot is the flushed state.
+        self.flush()?;
+        let tid = self.vol.header.mirror_tid + 1;
+        let origin = self.pfs_mut(label)?;
+        debug_assert!(!origin.root.dirty, "PFS root dirty after a flush");
+        origin.root.data.meta.pfs_lsnap_tid = tid;
+        origin.root.dirty = true;
+        let mut data = origin.root.data.clone();
+        let m = &mut data.meta;
+        m.pfs_type = pfs_type::MASTER;
+        m.pfs_subtype = pfs_subtype::SNAPSHOT;
+        m.pfs_clid = ids.clid;
+        m.pfs_fsid = ids.fsid;
+        m.pfs_lsnap_tid = tid;
+        m.pfs_inum = m.pfs_inum.saturating_add(1);
+        m.ctime = now;
+        let key = self.free_pfs_key(name)?;
+        self.add_pfs_root(name, key, data);
+        let stats = self.flush()?;
+        debug_assert_eq!(stats.tid, tid);
+        log::info!("snapshot of PFS {label} as {name} at tid {tid:#x}");
+        Ok(())
+    }
+
+    /// Create an empty MASTER PFS `label`, as newfs makes one (lz4 and
+    /// xxhash64; a PFS named BOOT is never compressed), with random ids.
+    pub fn pfs_create(&mut self, label: &str, now: u64) -> Result<()> {
+        self.pfs_create_with_ids(label, now, PfsIds::random())
+    }
+
+    /// `pfs_create` with the given ids.
+    pub fn pfs_create_with_ids(&mut self, label: &str, now: u64, ids: PfsIds) -> Result<()> {
+        self.pfs_op_ready(Some(label))?;
+        let mut data = InodeData::default();
+        let m = &mut data.meta;
+        m.obj_type = ObjType::Directory;
+        m.mode = 0o755;
+        m.nlinks = 1;
+        (m.ctime, m.mtime, m.atime, m.btime) = (now, now, now, now);
+        if label.eq_ignore_ascii_case("BOOT") {
+            m.comp_algo = comp_method::AUTOZERO;
+        } else {
+            m.comp_algo = comp_method::DEFAULT;
+        }
+        m.check_algo = check_method::DEFAULT;
+        m.pfs_type = pfs_type::MASTER;
+        m.pfs_clid = ids.clid;
+        m.pfs_fsid = ids.fsid;
+        m.pfs_inum = PFS_INUM_START;
+        let key = self.free_pfs_key(label)?;
+        self.add_pfs_root(label, key, data);
+        self.flush()?;
+        log::info!("PFS {label} created");
+        Ok(())
+    }
+
+    /// Remove PFS or snapshot `label` from the super-root. Its blocks
+    /// stay allocated until bulkfree finds nothing else references them.
+    /// The last PFS is refused: a volume without one cannot be mounted
+    /// (DragonFly refuses a mounted PFS, and needs one mounted to ask).
+    pub fn pfs_delete(&mut self, label: &str) -> Result<()> {
+        self.pfs_op_ready(None)?;
+        let entries = self.pfs_entries()?;
+        let Some(&(_, br)) = entries.iter().find(|(l, _)| l == label) else {
+            return Err(Error::NotFound {
+                what: format!("PFS {label}"),
+            });
+        };
+        if entries.len() <= 1 {
+            return Err(Error::InvalidArgument {
+                what: format!("{label} is the last PFS of the volume"),
+            });
+        }
+        if self.pfs.get(label).is_some_and(|p| !p.pins.is_empty()) {
+            // DragonFly refuses to delete a mounted PFS (EBUSY).
+            return Err(Error::Busy {
+                what: format!("PFS {label} has files open"),
+            });
+        }
+        // Changes not flushed go with it.
+        self.pfs.remove(label);
+        let Mount { vol, sroot, .. } = self;
+        sroot.table.delete(&*vol, br.key)?;
+        sroot.dirty = true;
+        self.flush()?;
+        log::info!("PFS {label} deleted");
+        Ok(())
+    }
+}

@@ -1,0 +1,229 @@
+//! The verbs that write, offline on an image: `snapshot`, `pfs-create`,
+//! `pfs-delete` and `bulkfree`, through the library's `Mount` (the image
+//! is opened read-write, the freemap loaded and recovered, and every
+//! change committed by a flush before the verb returns). DragonFly runs
+//! these through a mounted filesystem's ioctls; the online form (through
+//! a running mount.hammer2) comes later, so an image mount.hammer2 has
+//! mounted is refused.
+
+use crate::fmt::{self, GIB};
+use crate::{CmdError, Image};
+use bufcache::{BlockDevice, FileDevice};
+use hammer2::bulkfree::{BulkfreeStats, Progress};
+use hammer2::mount::Mount;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The PFS an `IMG` without `@LABEL` names (as mount.hammer2).
+const LABEL_DEFAULT: &str = "DATA";
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Split `IMG@LABEL` as mount.hammer2 does: the label is what follows
+/// the last `@`, unless that contains a `/`.
+pub fn split_spec(spec: &str) -> (PathBuf, Option<String>) {
+    match spec.rsplit_once('@') {
+        Some((img, label)) if !label.contains('/') && !img.is_empty() => {
+            (PathBuf::from(img), Some(label.to_string()))
+        }
+        _ => (PathBuf::from(spec), None),
+    }
+}
+
+/// The mountpoint where mount.hammer2 serves `image`, if it does (the
+/// source /proc/mounts shows is the canonical image path, unless
+/// `fsname=` changed it).
+fn mounted_at(image: &Path) -> Option<String> {
+    let canon = image.canonicalize().ok()?;
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut f = line.split(' ');
+        let (src, mnt, fstype) = (f.next()?, f.next()?, f.next()?);
+        let src = src.replace("\\040", " ").replace("\\011", "\t");
+        (fstype.starts_with("fuse.hammer2") && Path::new(&src) == canon).then(|| mnt.to_string())
+    })
+}
+
+/// Open `path` read-write as a `Mount`.
+fn open_rw(path: &Path) -> Result<(Image, Mount), CmdError> {
+    if let Some(mnt) = mounted_at(path) {
+        return Err(CmdError::Fail(format!(
+            "{} is mounted on {mnt}; unmount it first (these verbs work offline only for now)",
+            path.display()
+        )));
+    }
+    let dev = FileDevice::open(path, true)
+        .map_err(|e| CmdError::Fail(format!("{}: {e}", path.display())))?;
+    let dev: Arc<dyn BlockDevice> = Arc::new(dev);
+    let img = Image {
+        path: path.to_path_buf(),
+        dev: dev.clone(),
+    };
+    let m = Mount::open(dev).map_err(|e| img.fail("cannot open volume read-write", &e))?;
+    Ok((img, m))
+}
+
+/// DragonFly's default snapshot name: `LABEL.YYYYMMDD.HHMMSS` (here in
+/// UTC; DragonFly uses local time).
+pub fn default_snapshot_name(label: &str, micros: u64) -> String {
+    format!("{label}.{}", fmt::date_stamp(micros))
+}
+
+/// `hammer2 snapshot IMG[@LABEL] [NAME]`.
+pub fn snapshot(spec: &str, name: Option<&str>, out: &mut dyn Write) -> Result<u64, CmdError> {
+    let (path, label) = split_spec(spec);
+    let label = label.unwrap_or_else(|| LABEL_DEFAULT.to_string());
+    let (img, mut m) = open_rw(&path)?;
+    let now = now_micros();
+    let name = name
+        .map(str::to_string)
+        .unwrap_or_else(|| default_snapshot_name(&label, now));
+    let t = Instant::now();
+    m.snapshot(&label, &name, now)
+        .map_err(|e| img.fail(&format!("snapshot of {label} as {name}"), &e))?;
+    writeln!(out, "created snapshot {name}")?;
+    log::info!("snapshot took {:?}", t.elapsed());
+    Ok(0)
+}
+
+/// `hammer2 pfs-create IMG LABEL`.
+pub fn pfs_create(path: &Path, label: &str, out: &mut dyn Write) -> Result<u64, CmdError> {
+    let (img, mut m) = open_rw(path)?;
+    m.pfs_create(label, now_micros())
+        .map_err(|e| img.fail(&format!("pfs_create({label})"), &e))?;
+    writeln!(out, "hammer2: pfs_create({label}): SUCCESS")?;
+    Ok(0)
+}
+
+/// `hammer2 pfs-delete IMG LABEL`.
+pub fn pfs_delete(path: &Path, label: &str, out: &mut dyn Write) -> Result<u64, CmdError> {
+    let (img, mut m) = open_rw(path)?;
+    m.pfs_delete(label)
+        .map_err(|e| img.fail(&format!("pfs_delete({label})"), &e))?;
+    writeln!(out, "hammer2: pfs_delete({label}): SUCCESS")?;
+    Ok(0)
+}
+
+/// Free, staged and allocated bytes per the freemap, for the lines
+/// `bulkfree` prints before and after.
+fn space_line(img: &Image, when: &str, out: &mut dyn Write) -> Result<(), CmdError> {
+    let vol = img.volume()?;
+    let s = crate::pfs::space(&vol).map_err(|e| img.fail("cannot read the freemap", &e))?;
+    let g = |b: u64| b as f64 / GIB;
+    writeln!(
+        out,
+        "{when:<7} free {:7.3}GB  possibly free {:7.3}GB  allocated {:7.3}GB",
+        g(s.free),
+        g(s.staged),
+        g(s.allocated)
+    )?;
+    Ok(())
+}
+
+/// `hammer2 bulkfree IMG`: two passes (the first stages what nothing
+/// references, the second frees it), or one with `single_pass`.
+pub fn bulkfree(path: &Path, single_pass: bool, out: &mut dyn Write) -> Result<u64, CmdError> {
+    let (img, mut m) = open_rw(path)?;
+    space_line(&img, "before", out)?;
+    out.flush()?;
+    let passes = if single_pass { 1 } else { 2 };
+    let tty = std::io::stderr().is_terminal();
+    let (mut freed, mut staged) = (0, 0);
+    for n in 1..=passes {
+        let start = Instant::now();
+        let mut last = Instant::now();
+        let mut printed = false;
+        let mut progress = |p: Progress| {
+            if !tty || last.elapsed() < Duration::from_millis(200) {
+                return;
+            }
+            last = Instant::now();
+            printed = true;
+            let pct = (p.bytes * 100)
+                .checked_div(p.bytes_in_use)
+                .unwrap_or(0)
+                .min(100);
+            eprint!(
+                "\rbulkfree pass {n}/{passes}: {} blockrefs, {} scanned (~{pct}%)   ",
+                p.brefs,
+                fmt::size_string(p.bytes).trim_start()
+            );
+            let _ = std::io::stderr().flush();
+        };
+        let st = m
+            .bulkfree(Some(&mut progress))
+            .map_err(|e| img.fail(&format!("bulkfree pass {n}"), &e))?;
+        if printed {
+            eprint!("\r{:78}\r", "");
+        }
+        print_pass(n, &st, start.elapsed(), out)?;
+        freed += st.sync.freed;
+        staged = st.sync.staged;
+    }
+    drop(m);
+    space_line(&img, "after", out)?;
+    let block = hammer2::disk::FREEMAP_BLOCK_SIZE;
+    writeln!(
+        out,
+        "freed {} ({} bytes), {} staged for the next pass",
+        fmt::size_string(freed * block).trim_start(),
+        freed * block,
+        fmt::size_string(staged * block).trim_start()
+    )?;
+    Ok(0)
+}
+
+fn print_pass(
+    n: u32,
+    st: &BulkfreeStats,
+    took: Duration,
+    out: &mut dyn Write,
+) -> Result<(), CmdError> {
+    writeln!(
+        out,
+        "bulkfree pass {n} (tid {:#x}, {:.2}s): {}",
+        st.tid,
+        took.as_secs_f64(),
+        st.scan
+    )?;
+    writeln!(out, "{}", st.sync)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_split_as_mount_does() {
+        assert_eq!(
+            split_spec("disk.img@SNAP1"),
+            (PathBuf::from("disk.img"), Some("SNAP1".into()))
+        );
+        assert_eq!(split_spec("disk.img"), (PathBuf::from("disk.img"), None));
+        assert_eq!(
+            split_spec("/a@b/disk.img"),
+            (PathBuf::from("/a@b/disk.img"), None)
+        );
+        assert_eq!(
+            split_spec("/a@b/d.img@X@Y"),
+            (PathBuf::from("/a@b/d.img@X"), Some("Y".into()))
+        );
+    }
+
+    #[test]
+    fn default_names_are_dragonflys() {
+        // 1700000000 s = 2023-11-14 22:13:20 UTC.
+        assert_eq!(
+            default_snapshot_name("DATA", 1_700_000_000_000_000),
+            "DATA.20231114.221320"
+        );
+    }
+}
