@@ -183,6 +183,17 @@ pub fn open_rw(
     let vol = open_volume(image, dev.clone())?;
     check_label(image, &vol, label)?;
     drop(vol);
+    // With cache_size= the library reads and writes through the buffer
+    // cache (its barrier is the cache's ordered flush).
+    let dev: Arc<dyn BlockDevice> = match options.cache_size {
+        Some(bytes) => {
+            let cache = bufcache::BufCache::open(dev, bytes).map_err(|e| {
+                Failure::Mount(format!("cannot set up a {bytes}-byte buffer cache: {e}"))
+            })?;
+            Arc::new(bufcache::CachedDevice::new(cache))
+        }
+        None => dev,
+    };
     // Loads the freemap allocator and runs DragonFly's mount-time
     // recovery.
     let mut mount = Mount::open(dev)
@@ -418,11 +429,8 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
             mnt.display()
         );
     }
-    if let Some(bytes) = o.cache_size {
-        log::info!(
-            "cache_size={} MiB recorded; the buffer cache that will use it is not in yet",
-            bytes >> 20
-        );
+    if let (Some(bytes), true) = (o.cache_size, rw.is_some()) {
+        log::info!("buffer cache of {} MiB", bytes >> 20);
     }
     Ok((session, dev, mnt, rw))
 }

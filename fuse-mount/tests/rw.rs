@@ -837,3 +837,23 @@ fn a_failed_flush_poisons_the_mount() {
     assert_eq!(on_disk(&img, "before"), None);
     fsck_clean(&img);
 }
+
+#[test]
+fn a_tree_written_through_the_buffer_cache_reads_back_identical() {
+    require_fuse();
+    let img = new_image("cached");
+    let src_mnt = scratch("cached-src");
+    let _src = Mounted::new(fixture(FIXTURE).to_str().unwrap(), &src_mnt, &["-o", "ro"]);
+    let mnt = scratch("cached-mnt");
+    // A small budget, so pageout and the cache's flusher write buffers
+    // back while the copy runs.
+    let m = RwMount::new(&img, &mnt, "cache_size=8M");
+    sh(&format!("cp -a {} {}/cp", src_mnt.display(), mnt.display()));
+    treecheck(&mnt.join("cp"), &manifest_path(FIXTURE), "DATA");
+    m.unmount();
+    fsck_clean(&img);
+    let m = RwMount::new(&img, &mnt, "");
+    treecheck(&mnt.join("cp"), &manifest_path(FIXTURE), "DATA");
+    m.unmount();
+    fsck_clean(&img);
+}
