@@ -195,9 +195,7 @@ fn check_header_copies(dev: &dyn BlockDevice, report: &mut Report) {
             _ => None,
         })
         .unwrap_or(dev.size_bytes());
-    let expected = (0..n)
-        .filter(|&i| disk::volhdr_offset(i) < volu_size)
-        .count();
+    let expected = disk::volhdr_count(volu_size).min(n);
     for (i, slot) in slots.iter().enumerate() {
         let at = disk::volhdr_offset(i);
         match slot {

@@ -18,7 +18,6 @@
 //! modifying call fails with `Error::Poisoned` until the image is opened
 //! again; what is on disk stays the state of the last completed flush.
 
-use crate::dirhash::dirhash;
 use crate::disk::{
     self, Blockref, BlockrefType, DirentHead, InodeData, InodeMeta, ObjType, Uuid,
     BREF_FLAG_PFSROOT, INODE_START, OPFLAG_DIRECTDATA, VOLUME_BYTES,
@@ -1115,10 +1114,7 @@ impl Mount {
         vh.sroot_blockset[0] = sroot_br;
         vh.freemap_blockset = freemap_blockset;
         vh.allocator_free = space.allocator_free();
-        let nslots = (0..disk::NUM_VOLHDRS)
-            .filter(|&i| disk::volhdr_offset(i) < vh.volu_size)
-            .count()
-            .max(1);
+        let nslots = disk::volhdr_count(vh.volu_size);
         let slot = (vol.header_index + 1) % nslots;
         let raw = vh.encode();
         debug_assert_eq!(raw.len(), VOLUME_BYTES);
@@ -1142,16 +1138,6 @@ impl Mount {
             bytes,
             header_slot: slot,
         })
-    }
-
-    /// The dirhash of a name (for tools).
-    pub fn name_key(name: &[u8]) -> u64 {
-        dirhash(name)
-    }
-
-    /// The on-disk blockref of the super-root (after the last flush).
-    pub fn super_root_bref(&self) -> Blockref {
-        self.sroot.bref
     }
 }
 
