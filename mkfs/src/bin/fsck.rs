@@ -5,12 +5,12 @@
 
 use clap::Parser;
 use hammer2::fsck::{fsck, Options, Progress};
+use mkfs::progress::{percent, ProgressLine};
 use mkfs::units::human;
-use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const EXIT_CLEAN: u8 = 0;
 const EXIT_ERRORS_LEFT: u8 = 4;
@@ -71,26 +71,17 @@ fn run(args: &Args) -> u8 {
             return EXIT_OPERATIONAL;
         }
     };
-    let show_progress = !args.quiet && std::io::stderr().is_terminal();
     let start = Instant::now();
-    let mut last = Instant::now();
-    let mut printed = false;
+    let mut line = ProgressLine::new(!args.quiet);
     let mut progress = |p: Progress| {
-        if !show_progress || last.elapsed() < Duration::from_millis(200) {
-            return;
-        }
-        last = Instant::now();
-        printed = true;
-        let pct = (p.bytes * 100)
-            .checked_div(p.bytes_in_use)
-            .unwrap_or(0)
-            .min(100);
-        eprint!(
-            "\r{name}: {} blockrefs, {} checked (~{pct}%)   ",
-            p.blockrefs,
-            human(p.bytes)
-        );
-        let _ = std::io::stderr().flush();
+        line.show(|| {
+            let pct = percent(p.bytes, p.bytes_in_use);
+            format!(
+                "{name}: {} blockrefs, {} checked (~{pct}%)",
+                p.blockrefs,
+                human(p.bytes)
+            )
+        })
     };
     let opts = Options {
         progress: Some(&mut progress),
@@ -103,9 +94,7 @@ fn run(args: &Args) -> u8 {
             return EXIT_OPERATIONAL;
         }
     };
-    if printed {
-        eprint!("\r{:70}\r", "");
-    }
+    line.clear();
     if let Some(i) = report.header_index {
         println!(
             "{name}: HAMMER2 version {}, volume header {} of {} in use, mirror_tid {:#018x}",

@@ -11,7 +11,8 @@ use crate::{CmdError, Image};
 use bufcache::{BlockDevice, FileDevice};
 use hammer2::bulkfree::{BulkfreeStats, Progress};
 use hammer2::mount::Mount;
-use std::io::{IsTerminal, Write};
+use mkfs::progress::{percent, ProgressLine};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -134,35 +135,24 @@ pub fn bulkfree(path: &Path, single_pass: bool, out: &mut dyn Write) -> Result<u
     space_line(&img, "before", out)?;
     out.flush()?;
     let passes = if single_pass { 1 } else { 2 };
-    let tty = std::io::stderr().is_terminal();
     let (mut freed, mut staged) = (0, 0);
     for n in 1..=passes {
         let start = Instant::now();
-        let mut last = Instant::now();
-        let mut printed = false;
+        let mut line = ProgressLine::new(true);
         let mut progress = |p: Progress| {
-            if !tty || last.elapsed() < Duration::from_millis(200) {
-                return;
-            }
-            last = Instant::now();
-            printed = true;
-            let pct = (p.bytes * 100)
-                .checked_div(p.bytes_in_use)
-                .unwrap_or(0)
-                .min(100);
-            eprint!(
-                "\rbulkfree pass {n}/{passes}: {} blockrefs, {} scanned (~{pct}%)   ",
-                p.brefs,
-                fmt::size_string(p.bytes).trim_start()
-            );
-            let _ = std::io::stderr().flush();
+            line.show(|| {
+                let pct = percent(p.bytes, p.bytes_in_use);
+                format!(
+                    "bulkfree pass {n}/{passes}: {} blockrefs, {} scanned (~{pct}%)",
+                    p.brefs,
+                    fmt::size_string(p.bytes).trim_start()
+                )
+            })
         };
         let st = m
             .bulkfree(Some(&mut progress))
             .map_err(|e| img.fail(&format!("bulkfree pass {n}"), &e))?;
-        if printed {
-            eprint!("\r{:78}\r", "");
-        }
+        line.clear();
         print_pass(n, &st, start.elapsed(), out)?;
         freed += st.sync.freed;
         staged = st.sync.staged;
