@@ -283,3 +283,26 @@ pub fn save_sparse(dev: &bufcache::MemDevice, path: &Path) {
         off += 65536;
     }
 }
+
+/// Inode times the tests stamp on fresh images (microseconds).
+pub const T0: u64 = 1_700_000_000_000_000;
+
+/// A fresh 2 GiB image made by mkfs on a memory device: version 1 for
+/// even seeds, 2 for odd ones; times T0, UUIDs from the seed.
+pub fn new_fs(seed: u64) -> Arc<bufcache::MemDevice> {
+    let dev = Arc::new(bufcache::MemDevice::new(2 << 30));
+    let opts = mkfs::newfs::NewfsOptions {
+        version: if seed.is_multiple_of(2) { 1 } else { 2 },
+        now_us: Some(T0),
+        uuid_seed: Some(seed),
+        ..Default::default()
+    };
+    mkfs::newfs::newfs(dev.as_ref(), &opts).expect("newfs");
+    dev
+}
+
+/// Open a memory image read-write.
+pub fn open(dev: &Arc<bufcache::MemDevice>) -> hammer2::mount::Mount {
+    let d: Arc<dyn BlockDevice> = dev.clone();
+    hammer2::mount::Mount::open(d).expect("open read-write")
+}

@@ -24,25 +24,7 @@ mod model {
     include!("support/model.rs");
 }
 use model::*;
-
-const T0: u64 = 1_700_000_000_000_000;
-
-fn new_fs(seed: u64) -> Arc<MemDevice> {
-    let dev = Arc::new(MemDevice::new(2 << 30));
-    let opts = mkfs::newfs::NewfsOptions {
-        version: if seed.is_multiple_of(2) { 1 } else { 2 },
-        now_us: Some(T0),
-        uuid_seed: Some(seed),
-        ..Default::default()
-    };
-    mkfs::newfs::newfs(dev.as_ref(), &opts).unwrap();
-    dev
-}
-
-fn open(dev: &Arc<MemDevice>) -> Mount {
-    let d: Arc<dyn BlockDevice> = dev.clone();
-    Mount::open(d).unwrap()
-}
+use tests::{new_fs, open, T0};
 
 fn fsck_clean(dev: &Arc<MemDevice>, ctx: &str) {
     let d: Arc<dyn BlockDevice> = dev.clone();
