@@ -75,4 +75,8 @@ impl BlockDevice for CachedDevice {
     fn barrier(&self) -> io::Result<()> {
         self.cache.flush().map_err(io_error)
     }
+
+    fn mark(&self, name: &str) -> io::Result<()> {
+        self.cache.device().mark(name)
+    }
 }

@@ -19,6 +19,15 @@ pub trait BlockDevice: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Make all completed writes durable.
     fn barrier(&self) -> io::Result<()>;
+    /// Put a named mark in the device's write log, for devices that keep
+    /// one (recording, log-writes). Others refuse with `Unsupported`.
+    fn mark(&self, name: &str) -> io::Result<()> {
+        let _ = name;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this device keeps no write log to mark",
+        ))
+    }
 }
 
 fn past_end(offset: u64, len: usize, size: u64) -> io::Error {

@@ -46,7 +46,7 @@ impl RecordingDevice {
     }
 
     /// Record a named point.
-    pub fn mark(&self, name: &str) {
+    pub fn mark_here(&self, name: &str) {
         self.log().push(Event::Mark(name.to_string()));
     }
 
@@ -111,6 +111,11 @@ impl BlockDevice for RecordingDevice {
 
     fn barrier(&self) -> io::Result<()> {
         self.log().push(Event::Barrier);
+        Ok(())
+    }
+
+    fn mark(&self, name: &str) -> io::Result<()> {
+        self.mark_here(name);
         Ok(())
     }
 }
@@ -188,6 +193,10 @@ impl BlockDevice for FaultDevice {
         }
         self.inner.barrier()
     }
+
+    fn mark(&self, name: &str) -> io::Result<()> {
+        self.inner.mark(name)
+    }
 }
 
 #[cfg(test)]
@@ -198,7 +207,7 @@ mod tests {
     fn recording_rebuilds_every_point() {
         let dev = RecordingDevice::new(1 << 20);
         dev.write_at(&[1; 100], 0).unwrap();
-        dev.mark("one");
+        dev.mark_here("one");
         dev.barrier().unwrap();
         dev.write_at(&[2; 50], 50).unwrap();
         dev.barrier().unwrap();

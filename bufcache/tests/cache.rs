@@ -111,7 +111,7 @@ fn flush_writes_in_device_order_coalesced_then_barrier() {
     }
     let before = rec.position();
     cache.flush().unwrap();
-    rec.mark("flushed");
+    rec.mark_here("flushed");
     let mut h = cache.getblk(0, 4096).unwrap();
     h.data_mut().fill(0xee);
     h.bwrite().unwrap();
