@@ -5,6 +5,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod ace;
+
 use bufcache::{BlockDevice, FileDevice};
 use hammer2::pfs::Pfs;
 use hammer2::{disk::ObjType, Volume};
