@@ -96,6 +96,21 @@ fn under(path: &str, dir: &str) -> bool {
 type MResult = std::result::Result<(), &'static str>;
 
 impl Model {
+    /// Every path, with its kind: 'f' file, 'd' directory, 'l' symlink.
+    pub fn paths(&self) -> Vec<(String, char)> {
+        self.paths
+            .iter()
+            .map(|(p, i)| {
+                let k = match self.inodes[i].kind {
+                    MKind::File(_) => 'f',
+                    MKind::Dir => 'd',
+                    MKind::Symlink(_) => 'l',
+                };
+                (p.clone(), k)
+            })
+            .collect()
+    }
+
     fn is_dir(&self, path: &str) -> bool {
         path.is_empty()
             || self

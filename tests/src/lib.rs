@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ace;
+pub mod sim;
 
 use bufcache::{BlockDevice, FileDevice};
 use hammer2::pfs::Pfs;
