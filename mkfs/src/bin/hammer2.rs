@@ -22,6 +22,8 @@ mod admin;
 mod fmt;
 #[path = "hammer2/freemap.rs"]
 mod freemap;
+#[path = "hammer2/online.rs"]
+mod online;
 #[path = "hammer2/pfs.rs"]
 mod pfs;
 #[path = "hammer2/show.rs"]
@@ -143,6 +145,13 @@ enum Verb {
         /// it stages are freed by the next run)
         #[arg(long)]
         single_pass: bool,
+    },
+    /// Put a named mark in the write log of a mount's device (online
+    /// only; the mount needs -o log_writes=FILE)
+    Mark {
+        /// The mountpoint or any file or directory of the mount
+        path: PathBuf,
+        name: String,
     },
 }
 
@@ -345,6 +354,7 @@ fn run(cli: Cli, out: &mut dyn Write) -> Result<u64, CmdError> {
             let path = image_arg(p, sel).unwrap_or_else(|e| e.exit());
             admin::bulkfree(&path, single_pass, out)
         }
+        Verb::Mark { path, name } => online::mark(&path, &name, out),
     }
 }
 
