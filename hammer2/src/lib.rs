@@ -26,6 +26,7 @@ pub mod pfsops;
 pub use error::{Error, Result};
 pub mod blocktable;
 pub mod chain;
+pub mod ctl;
 pub mod pfs;
 pub mod volume;
 
