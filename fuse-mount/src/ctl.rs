@@ -80,7 +80,7 @@ fn handle(fs: &Hammer2Fs, inum: u64, req: Request) -> Result<Reply, Failed> {
             label: fs.label.clone(),
             image: fs.image.as_os_str().as_bytes().to_vec(),
             read_write: matches!(fs.store, Store::ReadWrite(_)),
-            snapdir: false,
+            snapdir: fs.snapdir.is_some(),
             daemon: env!("CARGO_PKG_VERSION").into(),
         })),
         Request::Mark { name } => {
@@ -129,6 +129,9 @@ fn handle(fs: &Hammer2Fs, inum: u64, req: Request) -> Result<Reply, Failed> {
                 .map_err(|e| (e, "a flush failed; the mount refuses writes".into()))?;
             v.between_flushes(|m| m.pfs_delete(&label))
                 .map_err(|e| failed(&e))?;
+            if let Some(sd) = &fs.snapdir {
+                sd.forget_label(&label);
+            }
             Ok(Reply::Ok)
         }
         Request::PfsList { cursor } => pfs_page(fs, cursor),

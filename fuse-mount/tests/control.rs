@@ -591,3 +591,66 @@ fn online_bulkfree_with_writers_running_frees_exactly_what_nothing_references() 
     tests::freemap_check::assert_freemap_is_full_scan(&dev, offset, "after online bulkfree");
     fsck_clean(&img);
 }
+
+#[test]
+fn snapdir_shows_each_snapshot_read_only_and_only_when_asked() {
+    require_fuse();
+    let img = new_image("snapdir", 2);
+    let dir = scratch("snapdir");
+    let mnt = dir.join("mnt");
+    let src = img.to_str().unwrap().to_string();
+    let m = mnt.to_str().unwrap().to_string();
+    let ops = script(5, 120);
+    // Without the option there is no .snapshot.
+    let d = Daemon::new(&src, &mnt, "rw");
+    for k in 0..4 {
+        fs::create_dir(mnt.join(format!("d{k}"))).expect("mkdir");
+    }
+    for op in &ops[..60] {
+        apply(&mnt, op);
+    }
+    let o = hammer2(&["snapshot", &m, "S1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!mnt.join(".snapshot").exists());
+    d.unmount();
+
+    let d = Daemon::new(&src, &mnt, "rw,snapdir");
+    for op in &ops[60..] {
+        apply(&mnt, op);
+    }
+    let o = hammer2(&["snapshot", &m, "S2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    fs::write(mnt.join("after"), b"not in any snapshot").expect("write");
+    // Hidden from the root's listing, there when looked up.
+    assert!(!read_tree(&mnt).contains_key(".snapshot"));
+    let snaps = mnt.join(".snapshot");
+    let mut names: Vec<String> = fs::read_dir(&snaps)
+        .expect("readdir .snapshot")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["S1", "S2"]);
+    assert_eq!(read_tree(&snaps.join("S1")), model_after(&ops, 60));
+    let mut want2 = model_after(&ops, ops.len());
+    assert_eq!(read_tree(&snaps.join("S2")), want2);
+    want2.insert("after".into(), Some(b"not in any snapshot".to_vec()));
+    assert_eq!(read_tree(&mnt), want2);
+    // Read-only.
+    let e = fs::write(snaps.join("S1/d0/new"), b"x").expect_err("write into a snapshot");
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    let e = fs::create_dir(snaps.join("S1/x")).expect_err("mkdir in a snapshot");
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    let any = model_after(&ops, 60)
+        .into_iter()
+        .find_map(|(p, v)| v.map(|_| p))
+        .expect("a file in S1");
+    let e = fs::remove_file(snaps.join("S1").join(&any)).expect_err("unlink in a snapshot");
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    // A deleted snapshot goes away.
+    let o = hammer2(&["pfs-delete", &m, "S1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let left = fs::read_dir(&snaps).expect("readdir").count();
+    assert_eq!(left, 1);
+    d.unmount();
+    fsck_clean(&img);
+}
