@@ -85,7 +85,14 @@ impl Daemon {
 
     fn unmount(mut self) {
         let guard = self.guard.take().expect("mounted");
-        nix::mount::umount(&guard.mnt).expect("umount");
+        // A child another test forks may hold a descriptor of this mount
+        // for the moment between its fork and its exec: EBUSY, briefly.
+        let mut tries = 0;
+        while let Err(e) = nix::mount::umount(&guard.mnt) {
+            tries += 1;
+            assert!(e == nix::errno::Errno::EBUSY && tries < 100, "umount: {e}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let mut child = self.child.take().expect("running");
         let status = wait_exit(&mut child, Duration::from_secs(60));
         assert!(
