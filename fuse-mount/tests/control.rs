@@ -661,3 +661,40 @@ fn snapdir_shows_each_snapshot_read_only_and_only_when_asked() {
     d.unmount();
     fsck_clean(&img);
 }
+
+#[test]
+fn an_unmount_during_an_online_bulkfree_exits_cleanly() {
+    require_fuse();
+    let img = new_image("bulkstop", 2);
+    let mnt = scratch("bulkstop").join("mnt");
+    let d = Daemon::new(img.to_str().unwrap(), &mnt, "rw");
+    for i in 0..200 {
+        fs::write(mnt.join(format!("f{i}")), noise(i, 20_000)).expect("write");
+    }
+    for i in 0..100 {
+        fs::remove_file(mnt.join(format!("f{i}"))).expect("rm");
+    }
+    {
+        let ch = mkfs::control::Channel::open(&mnt)
+            .expect("control channel")
+            .expect("a hammer2 mount");
+        let r = ch
+            .call(&hammer2::ctl::Request::BulkfreeStart { passes: 2 })
+            .expect("bulkfree start");
+        assert!(matches!(r, hammer2::ctl::Reply::Bulkfree(_)), "{r:?}");
+        // A second start while it runs is refused, unless it is done.
+        if let Err(e) = ch.call(&hammer2::ctl::Request::BulkfreeStart { passes: 2 }) {
+            assert_eq!(e.errno(), Some(libc::EBUSY), "{e}");
+        }
+    }
+    // Unmount at once: the daemon's last flush and its exit, whatever
+    // the pass was doing; the image is clean.
+    d.unmount();
+    fsck_clean(&img);
+    let d = Daemon::new(img.to_str().unwrap(), &mnt, "ro");
+    let want: Tree = (100..200)
+        .map(|i| (format!("f{i}"), Some(noise(i, 20_000))))
+        .collect();
+    assert_eq!(read_tree(&mnt), want);
+    drop(d);
+}
