@@ -139,6 +139,11 @@ impl SnapDir {
         Ok(*self.node(ino)?.2.meta())
     }
 
+    /// The inode behind node `ino` (not `.snapshot` itself).
+    pub fn inode(&self, ino: u64) -> Result<Inode, Errno> {
+        Ok(self.node(ino)?.2)
+    }
+
     /// The size of file node `ino`.
     pub fn size(&self, ino: u64) -> Result<u64, Errno> {
         Ok(self.node(ino)?.2.meta().size)

@@ -642,6 +642,21 @@ fn snapdir_shows_each_snapshot_read_only_and_only_when_asked() {
     assert_eq!(read_tree(&snaps.join("S2")), want2);
     want2.insert("after".into(), Some(b"not in any snapshot".to_vec()));
     assert_eq!(read_tree(&mnt), want2);
+    // `hammer2 stat` on a file there: the inode the kernel sees.
+    let any1 = model_after(&ops, 60)
+        .into_iter()
+        .find_map(|(p, v)| v.map(|_| p))
+        .expect("a file in S1");
+    let f = snaps.join("S1").join(&any1);
+    let o = hammer2(&["stat", f.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let size = fs::metadata(&f).expect("stat").len();
+    assert!(
+        out.lines()
+            .any(|l| l.trim() == format!("size         {size}")),
+        "{out}"
+    );
     // Read-only.
     let e = fs::write(snaps.join("S1/d0/new"), b"x").expect_err("write into a snapshot");
     assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
