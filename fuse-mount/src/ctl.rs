@@ -80,7 +80,7 @@ fn handle(fs: &Hammer2Fs, inum: u64, req: Request) -> Result<Reply, Failed> {
             label: fs.label.clone(),
             image: fs.image.as_os_str().as_bytes().to_vec(),
             read_write: matches!(fs.store, Store::ReadWrite(_)),
-            snapdir: false,
+            snapdir: fs.snapdir.is_some(),
             daemon: env!("CARGO_PKG_VERSION").into(),
         })),
         Request::Mark { name } => {
@@ -129,6 +129,9 @@ fn handle(fs: &Hammer2Fs, inum: u64, req: Request) -> Result<Reply, Failed> {
                 .map_err(|e| (e, "a flush failed; the mount refuses writes".into()))?;
             v.between_flushes(|m| m.pfs_delete(&label))
                 .map_err(|e| failed(&e))?;
+            if let Some(sd) = &fs.snapdir {
+                sd.forget_label(&label);
+            }
             Ok(Reply::Ok)
         }
         Request::PfsList { cursor } => pfs_page(fs, cursor),
@@ -212,6 +215,23 @@ fn pfs_page(fs: &Hammer2Fs, cursor: u64) -> Result<Reply, Failed> {
 
 fn stat(fs: &Hammer2Fs, inum: u64) -> Result<Reply, Failed> {
     let (meta, bref, dirty) = match &fs.store {
+        // A node of `.snapshot` (inum is the node id there).
+        _ if crate::snapdir::is_snap(inum) => {
+            let sd = fs
+                .snapdir
+                .as_ref()
+                .ok_or((libc::ENOENT, "no .snapshot".into()))?;
+            if inum == crate::snapdir::SNAP_BIT {
+                return Err((
+                    libc::EINVAL,
+                    ".snapshot is not an inode of the volume".into(),
+                ));
+            }
+            let i = sd
+                .inode(inum)
+                .map_err(|e| (i32::from(e), format!("node {inum:#x}: {e:?}")))?;
+            (*i.meta(), i.bref, 0)
+        }
         Store::ReadWrite(v) => {
             let mut m = v.mount();
             m.inode_state(&v.label, inum).map_err(|e| failed(&e))?

@@ -6,6 +6,7 @@
 //!   read-write.
 //! - `rw`: a read-write mount's shared state: the `Mount` behind a mutex,
 //!   the image lock, the flusher.
+//! - `snapdir`: `-o snapdir`, the snapshots read-only under `.snapshot`.
 //! - `inode`: node ids, the table of inodes the kernel holds, attributes.
 //! - `cookie`: readdir offsets from directory keys.
 //! - `ctl`: the control channel the `hammer2` tool talks to (ioctls).
@@ -24,6 +25,7 @@ pub mod logging;
 pub mod mount;
 pub mod options;
 pub mod rw;
+pub mod snapdir;
 pub mod vnops;
 
 pub use errno::errno;

@@ -400,7 +400,8 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
             .with_writeback_cache(o.writeback_cache),
         None => Hammer2Fs::new(open_pfs(&req.image, &req.label)?, o.default_permissions),
     }
-    .with_image(image.clone());
+    .with_image(image.clone())
+    .with_snapdir(o.snapdir);
     let mnt = check_mountpoint(&req.mountpoint)?;
     let dev = open_dev_fuse()?;
     let source = image.display().to_string();

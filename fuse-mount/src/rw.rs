@@ -365,8 +365,14 @@ impl RwVolume {
                 .map_err(|_| "a flush failed; the mount refuses writes".to_string())?;
             lock(&self.bulkfree).pass = pass;
             let mut scan = self
-                .between_flushes(|m| m.bulkfree_begin())
-                .map_err(|e| format!("pass {pass}: {e}"))?;
+                .between_flushes(|m| {
+                    if lock(&self.flush).stop {
+                        return Ok(None);
+                    }
+                    m.bulkfree_begin().map(Some)
+                })
+                .map_err(|e| format!("pass {pass}: {e}"))?
+                .ok_or_else(|| format!("pass {pass}: stopped by the unmount"))?;
             let mut progress = |p: hammer2::bulkfree::Progress| {
                 let mut st = lock(&self.bulkfree);
                 st.brefs = p.brefs;
@@ -375,13 +381,19 @@ impl RwVolume {
             };
             scan.run(Some(&mut progress))
                 .map_err(|e| format!("pass {pass}: {e}"))?;
+            // Unmounting: the last flush has run or waits for the serial
+            // lock; merge nothing after it (checked under that lock).
             let stats = self
                 .between_flushes(|m| {
+                    if lock(&self.flush).stop {
+                        return Ok(None);
+                    }
                     let s = m.bulkfree_commit(scan)?;
                     m.flush()?;
-                    Ok::<_, hammer2::Error>(s)
+                    Ok::<_, hammer2::Error>(Some(s))
                 })
-                .map_err(|e| format!("pass {pass}: {e}"))?;
+                .map_err(|e| format!("pass {pass}: {e}"))?
+                .ok_or_else(|| format!("pass {pass}: stopped by the unmount"))?;
             log::info!("online {stats}");
             let mut st = lock(&self.bulkfree);
             st.brefs = stats.scan.brefs;

@@ -38,6 +38,7 @@ use crate::cookie;
 use crate::errno::errno;
 use crate::inode::{self, attr_of, placeholder_attr, Ids, InodeTable, BLOCK_BYTES};
 use crate::rw::RwVolume;
+use crate::snapdir::{self, is_snap, SnapDir};
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
     Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner,
@@ -129,6 +130,8 @@ pub struct Hammer2Fs {
     check_permissions: bool,
     /// FUSE_WRITEBACK_CACHE asked for (read-write only).
     writeback_cache: bool,
+    /// `-o snapdir`: the snapshots under `.snapshot` at the root.
+    pub(crate) snapdir: Option<SnapDir>,
     ttl: Duration,
     counters: Counters,
 }
@@ -239,6 +242,7 @@ impl Hammer2Fs {
             next_fh: AtomicU64::new(1),
             check_permissions: !default_permissions,
             writeback_cache: false,
+            snapdir: None,
             ttl,
             counters: Counters::default(),
         }
@@ -249,6 +253,65 @@ impl Hammer2Fs {
     pub fn with_image(mut self, image: std::path::PathBuf) -> Hammer2Fs {
         self.image = image;
         self
+    }
+
+    /// Serve the snapshots read-only under `.snapshot` (`-o snapdir`).
+    pub fn with_snapdir(mut self, on: bool) -> Hammer2Fs {
+        self.snapdir = on.then(SnapDir::default);
+        self
+    }
+
+    /// The `.snapshot` namespace (ENOENT when it is off).
+    fn snap(&self) -> Result<&SnapDir, Errno> {
+        self.snapdir.as_ref().ok_or(Errno::ENOENT)
+    }
+
+    /// The snapshots of the volume, and a volume to open them from.
+    fn snap_source(&self) -> Result<snapdir::Source, Errno> {
+        match &self.store {
+            Store::ReadOnly { pfs, .. } => Ok(snapdir::Source {
+                snapshots: self.h(snapdir::snapshot_labels(pfs.volume()))?,
+                volume: pfs.volume().clone(),
+            }),
+            Store::ReadWrite(v) => {
+                let (snapshots, dev) = {
+                    let m = v.mount();
+                    let l = snapdir::snapshot_labels(m.volume());
+                    (l, m.volume().device().clone())
+                };
+                let volume = self.h(hammer2::Volume::open(dev))?;
+                Ok(snapdir::Source {
+                    snapshots: self.h(snapshots)?,
+                    volume: Arc::new(volume),
+                })
+            }
+        }
+    }
+
+    /// Readdir of a `.snapshot` node: every entry from `offset` (an
+    /// index: 1 after ".", 2 after "..", 3 + i after entry i), each given
+    /// to `add` until it reports the buffer full.
+    fn snap_readdir(
+        &self,
+        ino: INodeNo,
+        offset: u64,
+        mut add: impl FnMut(u64, u64, FileType, &OsStr) -> bool,
+    ) -> Result<(), Errno> {
+        let (parent, entries) = self
+            .snap()?
+            .list(ino.0, INodeNo::ROOT.0, || self.snap_source())?;
+        let mut all = vec![
+            (ino.0, FileType::Directory, b".".to_vec()),
+            (parent, FileType::Directory, b"..".to_vec()),
+        ];
+        all.extend(entries);
+        let from = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (i, (child, kind, name)) in all.iter().enumerate().skip(from) {
+            if add(*child, i as u64 + 1, *kind, OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Let the kernel cache writes (`-o writeback_cache`).
@@ -309,6 +372,9 @@ impl Hammer2Fs {
 
     /// The meta of node `ino`.
     fn meta(&self, ino: INodeNo) -> Result<InodeMeta, Errno> {
+        if is_snap(ino.0) {
+            return self.snap()?.meta(ino.0, || self.meta(INodeNo::ROOT));
+        }
         match &self.store {
             Store::ReadOnly { pfs, root } => Ok(*self.inode(pfs, root, ino)?.meta()),
             Store::ReadWrite(v) => {
@@ -382,6 +448,9 @@ impl Hammer2Fs {
         label: &str,
         dir: INodeNo,
     ) -> Result<InodeMeta, Errno> {
+        if is_snap(dir.0) {
+            return Err(Errno::EROFS);
+        }
         let d = self.h(m.getattr(label, self.ids.inum(dir.0)))?;
         if d.obj_type != ObjType::Directory {
             return Err(Errno::ENOTDIR);
@@ -688,6 +757,18 @@ impl Filesystem for Hammer2Fs {
             if name.len() > max {
                 return Err(Errno::ENAMETOOLONG);
             }
+            if is_snap(parent.0) {
+                let dir = self.meta(parent)?;
+                self.check(req, &dir, 1)?;
+                return self
+                    .snap()?
+                    .lookup(parent.0, name.as_bytes(), || self.snap_source());
+            }
+            if parent == INodeNo::ROOT && name.as_bytes() == snapdir::NAME && self.snapdir.is_some()
+            {
+                let root = self.meta(parent)?;
+                return self.attr(snapdir::SNAP_BIT, &SnapDir::dir_meta(&root));
+            }
             match &self.store {
                 Store::ReadOnly { pfs, root } => {
                     let dir = self.inode(pfs, root, parent)?;
@@ -726,7 +807,7 @@ impl Filesystem for Hammer2Fs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        if ino != INodeNo::ROOT {
+        if ino != INodeNo::ROOT && !is_snap(ino.0) {
             self.inodes.forget(ino.0, nlookup);
         }
     }
@@ -756,6 +837,9 @@ impl Filesystem for Hammer2Fs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        if is_snap(ino.0) {
+            return reply.error(Errno::EROFS);
+        }
         let r = self.modify(|m, label, now| {
             let inum = self.ids.inum(ino.0);
             let meta = self.h(m.getattr(label, inum))?;
@@ -786,6 +870,7 @@ impl Filesystem for Hammer2Fs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let r = match &self.store {
+            _ if is_snap(ino.0) => self.snap().and_then(|sd| sd.readlink(ino.0)),
             Store::ReadOnly { pfs, root } => self
                 .inode(pfs, root, ino)
                 .and_then(|i| self.h(pfs.readlink(&i))),
@@ -946,6 +1031,9 @@ impl Filesystem for Hammer2Fs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        if is_snap(ino.0) {
+            return reply.error(Errno::EXDEV);
+        }
         let r = self.modify(|m, label, now| {
             self.dir_for_change(req, m, label, newparent)?;
             let inum = self.ids.inum(ino.0);
@@ -963,6 +1051,16 @@ impl Filesystem for Hammer2Fs {
             OpenAccMode::O_RDWR => 6,
         };
         let r = match &self.store {
+            _ if is_snap(ino.0) => (|| {
+                if mask != 4 {
+                    return Err(Errno::EROFS);
+                }
+                let meta = self.meta(ino)?;
+                if meta.obj_type == ObjType::Directory {
+                    return Err(Errno::EISDIR);
+                }
+                self.check(req, &meta, 4)
+            })(),
             Store::ReadOnly { pfs, root } => (|| {
                 if mask != 4 {
                     return Err(Errno::EROFS);
@@ -1034,6 +1132,9 @@ impl Filesystem for Hammer2Fs {
     ) {
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         let r = match &self.store {
+            _ if is_snap(ino.0) => self
+                .snap()
+                .and_then(|sd| sd.read(ino.0, offset, size as usize)),
             Store::ReadOnly { pfs, root } => self
                 .inode(pfs, root, ino)
                 .and_then(|i| self.h(pfs.read(&i, offset, size as usize))),
@@ -1115,7 +1216,7 @@ impl Filesystem for Hammer2Fs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Store::ReadWrite(v) = &self.store {
+        if let (Store::ReadWrite(v), false) = (&self.store, is_snap(ino.0)) {
             let r = v.mount().unpin(&v.label, self.ids.inum(ino.0));
             if let Err(e) = r {
                 self.fail(&e);
@@ -1146,6 +1247,7 @@ impl Filesystem for Hammer2Fs {
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let r = self.listed_dir(ino).and_then(|d| self.check(req, &d, 4));
         let r = r.and_then(|()| match &self.store {
+            _ if is_snap(ino.0) => Ok(()),
             Store::ReadWrite(v) => {
                 let r = v.mount().pin(&v.label, self.ids.inum(ino.0));
                 self.h(r)
@@ -1166,6 +1268,15 @@ impl Filesystem for Hammer2Fs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        if is_snap(ino.0) {
+            let r = self.snap_readdir(ino, offset, |child, next, kind, name| {
+                reply.add(INodeNo(child), next, kind, name)
+            });
+            return match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            };
+        }
         let r = self.listed_dir(ino).and_then(|dir| {
             let (entries, start) = self.entries_from(fh, ino, offset)?;
             Ok((dir, entries, start))
@@ -1209,6 +1320,26 @@ impl Filesystem for Hammer2Fs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        if is_snap(ino.0) {
+            let r = self.snap_readdir(ino, offset, |child, next, _kind, name| {
+                // "." and ".." take no reference; their attributes are
+                // ignored but must still be some node's.
+                let dots = name == OsStr::new(".") || name == OsStr::new("..");
+                let attr = self.meta(INodeNo(child)).and_then(|m| self.attr(child, &m));
+                let (attr, ttl) = match attr {
+                    Ok(a) => (a, self.ttl),
+                    Err(_) if dots => {
+                        (placeholder_attr(child, FileType::Directory), Duration::ZERO)
+                    }
+                    Err(_) => return false,
+                };
+                reply.add(INodeNo(child), next, name, &ttl, &attr, Generation(0))
+            });
+            return match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            };
+        }
         let r = self.listed_dir(ino).and_then(|dir| {
             let (entries, start) = self.entries_from(fh, ino, offset)?;
             let attr = self.attr(ino.0, &dir)?;
@@ -1296,7 +1427,7 @@ impl Filesystem for Hammer2Fs {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&fh.0);
-        if let Store::ReadWrite(v) = &self.store {
+        if let (Store::ReadWrite(v), false) = (&self.store, is_snap(ino.0)) {
             let r = v.mount().unpin(&v.label, self.ids.inum(ino.0));
             if let Err(e) = r {
                 self.fail(&e);
@@ -1420,7 +1551,7 @@ impl Filesystem for Hammer2Fs {
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         let r = self.meta(ino).and_then(|m| {
-            if mask.contains(AccessFlags::W_OK) && !self.read_write() {
+            if mask.contains(AccessFlags::W_OK) && (!self.read_write() || is_snap(ino.0)) {
                 return Err(Errno::EROFS);
             }
             self.check(req, &m, mask.bits() as u32 & 0o7)
@@ -1502,6 +1633,22 @@ impl Filesystem for Hammer2Fs {
         reply: ReplyLseek,
     ) {
         let r = (|| {
+            if is_snap(ino.0) {
+                // A snapshot's file reads as all data: no holes shown
+                // (POSIX allows it), since an ENOSYS here would turn
+                // lseek off for the whole mount.
+                let offset = u64::try_from(offset).map_err(|_| Errno::ENXIO)?;
+                let size = self.snap()?.size(ino.0)?;
+                if offset >= size {
+                    return Err(Errno::ENXIO);
+                }
+                let at = match whence {
+                    libc::SEEK_DATA => offset,
+                    libc::SEEK_HOLE => size,
+                    _ => return Err(Errno::EINVAL),
+                };
+                return i64::try_from(at).map_err(|_| Errno::EOVERFLOW);
+            }
             let v = match &self.store {
                 Store::ReadWrite(v) if !self.writeback_cache => v,
                 _ => return Err(Errno::ENOSYS),
@@ -1548,6 +1695,10 @@ impl Filesystem for Hammer2Fs {
             let v = self.rw()?;
             if !flags.is_empty() {
                 return Err(Errno::EINVAL);
+            }
+            if is_snap(ino_in.0) || is_snap(ino_out.0) {
+                // Across to or from a snapshot: the caller copies itself.
+                return Err(Errno::EXDEV);
             }
             let (src, dst) = (self.ids.inum(ino_in.0), self.ids.inum(ino_out.0));
             // The reply counts in 32 bits.

@@ -5,7 +5,9 @@
 //! `compress` (block codes), `dirhash`; then the read engine (`volume`,
 //! `chain`, `inode`, `pfs`) over a `bufcache::BlockDevice`; and `fsck`,
 //! the checker behind `fsck.hammer2`; the write side (`mount`, `flush`,
-//! `alloc`), PFS administration and snapshots (`pfsops`) and `bulkfree`.
+//! `alloc`), PFS administration and snapshots (`pfsops`) and `bulkfree`;
+//! `ctl`, the wire protocol of the control channel between the `hammer2`
+//! tool and a running mount.
 
 #![forbid(unsafe_code)]
 

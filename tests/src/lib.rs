@@ -5,6 +5,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod freemap_check;
+
 use bufcache::{BlockDevice, FileDevice};
 use hammer2::pfs::Pfs;
 use hammer2::{disk::ObjType, Volume};
