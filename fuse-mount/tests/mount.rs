@@ -225,6 +225,33 @@ fn readdir_continues_across_calls_and_statfs_matches_the_header() {
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
 }
 
+/// Directories report POSIX link counts (2 + subdirectories, as the
+/// manifest's tree has them) though HAMMER2 stores 1; files report the
+/// inode's count.
+#[test]
+fn directories_report_posix_link_counts() {
+    require_fuse();
+    let img = fixture(FULL);
+    let mnt = scratch("dirlinks");
+    let _m = Mounted::new(img.to_str().unwrap(), &mnt, &["-o", "ro"]);
+    let tree = &manifest(FULL)["DATA"];
+    let is_dir = |p: &str| tree[p]["type"] == "dir";
+    let parent = |p: &str| p.rsplit_once('/').map_or("", |(d, _)| d).to_string();
+    let mut dirs: Vec<String> = tree.keys().filter(|p| is_dir(p)).cloned().collect();
+    dirs.push(String::new());
+    assert!(dirs.len() > 10, "{} directories", dirs.len());
+    for d in &dirs {
+        let subdirs = dirs
+            .iter()
+            .filter(|s| !s.is_empty() && parent(s) == *d)
+            .count();
+        let md = std::fs::symlink_metadata(mnt.join(d)).expect("stat");
+        assert_eq!(md.nlink(), 2 + subdirs as u64, "/{d}");
+    }
+    let pfs = open_pfs(&img, "DATA");
+    assert_eq!(pfs.resolve("deep").expect("resolve").meta().nlinks, 1);
+}
+
 /// One flipped byte in a file's data block: reading that file fails
 /// with EIO, the error is logged with the block's image offset and the
 /// inode, and other files still read correctly.

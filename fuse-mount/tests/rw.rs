@@ -402,8 +402,32 @@ fn namespace_and_attribute_operations() {
     let e = fs::remove_dir(p("d1/b-link")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENOTDIR));
     fs::remove_dir(p("d2/sub/deeper")).unwrap();
-    // HAMMER2 directories have one link, whatever they hold.
-    assert_eq!(stat(&p("d2/sub")).nlink(), 1);
+    // Directories report POSIX link counts (2 + subdirectories; HAMMER2
+    // stores 1), kept through mkdir, rename across parents, rename over
+    // an empty directory, exchange and rmdir.
+    assert_eq!(stat(&p("d2/sub")).nlink(), 2);
+    let links = |d: &str| stat(&p(d)).nlink();
+    let (d1, d2) = (links("d1"), links("d2"));
+    fs::create_dir(p("d1/x")).unwrap();
+    fs::create_dir(p("d1/y")).unwrap();
+    assert_eq!((links("d1"), links("d2")), (d1 + 2, d2));
+    fs::rename(p("d1/x"), p("d2/x")).unwrap();
+    assert_eq!((links("d1"), links("d2")), (d1 + 1, d2 + 1));
+    fs::rename(p("d1/y"), p("d2/x")).unwrap();
+    assert_eq!((links("d1"), links("d2")), (d1, d2 + 1));
+    fs::write(p("d1/f"), b"f").unwrap();
+    rename2("d1/f", "d2/x", RenameFlags::RENAME_EXCHANGE).unwrap();
+    assert_eq!((links("d1"), links("d2"), links("d1/f")), (d1 + 1, d2, 2));
+    fs::remove_dir(p("d1/f")).unwrap();
+    fs::remove_file(p("d2/x")).unwrap();
+    assert_eq!((links("d1"), links("d2")), (d1, d2));
+    for d in ["", "d1", "d2", "d2/sub"] {
+        let subdirs = fs::read_dir(p(d))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_type().unwrap().is_dir())
+            .count();
+        assert_eq!(links(d), 2 + subdirs as u64, "/{d}");
+    }
 
     // symlinks, short (in the inode) and long (in a data block).
     symlink("d1/b-link", p("short")).unwrap();
@@ -486,6 +510,13 @@ fn namespace_and_attribute_operations() {
 
     m.unmount();
     fsck_clean(&img);
+    // On disk, directories keep the one link DragonFly gives them.
+    let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&img, false).unwrap());
+    let pfs = hammer2::Pfs::open(Arc::new(hammer2::Volume::open(dev).unwrap()), "DATA").unwrap();
+    for d in ["", "d1", "d2", "d2/sub"] {
+        assert_eq!(pfs.resolve(d).unwrap().meta().nlinks, 1, "/{d}");
+    }
+    drop(pfs);
     let m = RwMount::new(&img, &mnt, "");
     assert_eq!(fs::read(p("victim")).unwrap(), b"banana");
     assert_eq!(fs::read(p("d1/b-link")).unwrap(), b"apple");
