@@ -69,12 +69,19 @@ fn treecheck_image(name: &str) {
         let root = std::fs::metadata(&mnt).expect("stat root");
         assert_eq!(root.ino(), 1, "{name}@{label}: root is node 1");
         assert!(root.is_dir());
+        treecheck_mounted(name, &label, &mnt);
+    }
+}
+
+/// treecheck of PFS `label` of fixture `name`, mounted on `mnt`.
+fn treecheck_mounted(name: &str, label: &str, mnt: &Path) {
+    {
         let out = Command::new("python3")
             .arg(TREECHECK)
             .arg("compare")
-            .arg(&mnt)
+            .arg(mnt)
             .arg(manifest_path(name))
-            .arg(&label)
+            .arg(label)
             .output()
             .expect("run python3 treecheck.py");
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -86,6 +93,27 @@ fn treecheck_image(name: &str) {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// `cache_size=` read-only: the image read through a 4 MiB buffer cache
+/// (its 10 MiB of file data do not fit, so buffers are paged out while
+/// it is read) matches the manifest.
+#[test]
+fn a_read_only_mount_reads_through_the_buffer_cache() {
+    require_fuse();
+    let img = fixture(FULL);
+    let mnt = scratch("ro-cached");
+    let log = scratch("ro-cached-log").join("log");
+    let (mut child, m) = mount_foreground(img.to_str().unwrap(), &mnt, &log, "ro,cache_size=4M");
+    treecheck_mounted(FULL, "DATA", &mnt);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("read-only") && text.contains("buffer cache of 4 MiB"),
+        "{text}"
+    );
+    drop(m);
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert!(status.success(), "{status}");
 }
 
 #[test]

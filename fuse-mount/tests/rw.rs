@@ -739,6 +739,99 @@ fn on_disk(img: &Path, name: &str) -> Option<Vec<u8>> {
     Some(pfs.read_all(&ino).unwrap())
 }
 
+/// A binary of the workspace built next to this test (fsck-hammer2 is
+/// mkfs's).
+fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first",
+        p.display()
+    );
+    p
+}
+
+/// `umount MNT` returns before a daemonized read-write mount has written
+/// its last flush (a FUSE unmount does not wait for the daemon).
+/// fsck.hammer2 run right after it waits for that flush and finds the
+/// image clean with everything written; a new mount.hammer2 run right
+/// after it waits too, instead of failing on the image lock.
+#[test]
+fn fsck_and_a_new_mount_right_after_umount_wait_for_the_last_flush() {
+    require_fuse();
+    let img = new_image("umount-wait");
+    let mnt = scratch("umount-wait-mnt");
+    let fsck = workspace_bin("fsck-hammer2");
+    // Unflushed until the unmount (sync_interval=0, below the dirty
+    // limits), so the last flush has 40 MiB and 10,000 inodes to write:
+    // it ends a good while after umount has returned.
+    let body = noise(11, 40 << 20);
+    let mount = || {
+        let out = Command::new(BIN)
+            .args(["-o", "rw,sync_interval=0"])
+            .arg(&img)
+            .arg(&mnt)
+            .output()
+            .expect("run mount.hammer2");
+        assert!(
+            out.status.success(),
+            "mount.hammer2 exited {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    mount();
+    fs::create_dir(mnt.join("many")).unwrap();
+    for i in 0..10_000 {
+        fs::write(mnt.join(format!("many/{i}")), i.to_string()).unwrap();
+    }
+    fs::write(mnt.join("first"), &body).unwrap();
+    nix::mount::umount(&mnt).expect("umount");
+    let out = Command::new(&fsck).arg(&img).output().expect("run fsck");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "fsck exited {}: {stderr}", out.status);
+    assert!(!stderr.contains("mounted read-write"), "{stderr}");
+    let first = on_disk(&img, "first");
+    assert!(
+        first.as_deref() == Some(&body[..]),
+        "first: not on disk as written"
+    );
+
+    mount();
+    fs::write(mnt.join("second"), &body[..body.len() / 2]).unwrap();
+    nix::mount::umount(&mnt).expect("umount");
+    mount();
+    assert!(fs::read(mnt.join("second")).unwrap() == body[..body.len() / 2]);
+    assert!(fs::read(mnt.join("first")).unwrap() == body);
+    nix::mount::umount(&mnt).expect("umount");
+    // And a read-only mount right after an unmount sees the last flush.
+    fs::create_dir_all(&mnt).unwrap();
+    let out = Command::new(BIN)
+        .args(["-o", "ro"])
+        .arg(&img)
+        .arg(&mnt)
+        .output()
+        .expect("run mount.hammer2");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(fs::read(mnt.join("second")).unwrap() == body[..body.len() / 2]);
+    nix::mount::umount(&mnt).expect("umount");
+    let out = Command::new(&fsck).arg(&img).output().expect("run fsck");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// sync_interval=1 writes within about a second with no fsync; with
 /// sync_interval=0 nothing is written until SIGTERM, whose unmount
 /// flushes it before the daemon exits.
