@@ -10,6 +10,7 @@
 //! - `inode`: node ids, the table of inodes the kernel holds, attributes.
 //! - `cookie`: readdir offsets from directory keys.
 //! - `ctl`: the control channel the `hammer2` tool talks to (ioctls).
+//! - `dirlinks`: POSIX link counts for directories.
 //! - `errno`: the one mapping from `hammer2::Error` to an errno.
 //! - `options`: `-o` options as mount(8) and fstab pass them.
 //! - `mount`: opening the image, mounting, serving, unmounting on signals.
@@ -19,6 +20,7 @@
 
 pub mod cookie;
 pub mod ctl;
+pub mod dirlinks;
 pub mod errno;
 pub mod inode;
 pub mod logging;

@@ -42,9 +42,9 @@ pub struct Options {
     /// on fsync, past the dirty limit, and at unmount.
     pub sync_interval: Option<Duration>,
     /// `cache_size=SIZE`: the page layer's memory budget, rounded down
-    /// to 2 MiB. A read-write mount with it reads and writes through the
-    /// buffer cache of that size; without it, through the kernel's page
-    /// cache of the image file.
+    /// to 2 MiB. A mount with it reads (and, read-write, writes) through
+    /// the buffer cache of that size; without it, through the kernel's
+    /// page cache of the image file.
     pub cache_size: Option<u64>,
     /// `writeback_cache`: let the kernel keep written pages and send
     /// them later in large writes (FUSE_WRITEBACK_CACHE). Off by

@@ -35,6 +35,7 @@
 //! Unix rules with the caller's uid and primary gid.
 
 use crate::cookie;
+use crate::dirlinks::DirLinks;
 use crate::errno::errno;
 use crate::inode::{self, attr_of, placeholder_attr, Ids, InodeTable, BLOCK_BYTES};
 use crate::rw::RwVolume;
@@ -123,6 +124,8 @@ pub struct Hammer2Fs {
     pub(crate) image: std::path::PathBuf,
     ids: Ids,
     inodes: InodeTable,
+    /// Directories' POSIX link counts (see `dirlinks`).
+    dirlinks: DirLinks,
     dirs: Mutex<HashMap<u64, Arc<DirStream>>>,
     next_fh: AtomicU64,
     /// Without `default_permissions` the kernel checks nothing; then
@@ -238,6 +241,7 @@ impl Hammer2Fs {
             image: std::path::PathBuf::new(),
             ids,
             inodes: InodeTable::default(),
+            dirlinks: DirLinks::default(),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             check_permissions: !default_permissions,
@@ -384,7 +388,9 @@ impl Hammer2Fs {
         }
     }
 
-    fn attr(&self, ino: u64, m: &InodeMeta) -> Result<FileAttr, Errno> {
+    /// The attributes of node `ino` from its inode, the link count of a
+    /// directory aside.
+    fn attr_of_meta(&self, ino: u64, m: &InodeMeta) -> Result<FileAttr, Errno> {
         attr_of(ino, m).ok_or_else(|| {
             self.fail(&hammer2::Error::corrupt(
                 format!("inode {} has object type {}", m.inum, m.obj_type.name()),
@@ -393,10 +399,47 @@ impl Hammer2Fs {
         })
     }
 
+    /// The attributes of node `ino`, a directory's link count counted
+    /// (see `dirlinks`); read-write, the mount must not be locked by the
+    /// caller (`attr_locked` is for that).
+    fn attr(&self, ino: u64, m: &InodeMeta) -> Result<FileAttr, Errno> {
+        if m.obj_type != ObjType::Directory {
+            return self.attr_of_meta(ino, m);
+        }
+        match &self.store {
+            Store::ReadOnly { pfs, root } => {
+                let mut a = self.attr_of_meta(ino, m)?;
+                a.nlink = self.dirlinks.nlink(m.inum, || {
+                    let dir = self.inode(pfs, root, INodeNo(ino))?;
+                    Ok::<_, Errno>(subdirs(&self.h(pfs.readdir_from(&dir, 0))?))
+                })?;
+                Ok(a)
+            }
+            Store::ReadWrite(v) => self.attr_locked(&mut v.mount(), &v.label, ino, m),
+        }
+    }
+
+    /// `attr` with the read-write mount locked by the caller.
+    fn attr_locked(
+        &self,
+        mount: &mut Mount,
+        label: &str,
+        ino: u64,
+        m: &InodeMeta,
+    ) -> Result<FileAttr, Errno> {
+        let mut a = self.attr_of_meta(ino, m)?;
+        if m.obj_type == ObjType::Directory {
+            a.nlink = self.dirlinks.nlink(m.inum, || {
+                Ok::<_, Errno>(subdirs(&self.h(mount.readdir(label, m.inum, 0))?))
+            })?;
+        }
+        Ok(a)
+    }
+
     /// Node `ino`'s attributes from the mount, locked by the caller.
     fn attr_in(&self, m: &mut Mount, label: &str, ino: u64) -> Result<FileAttr, Errno> {
         let meta = self.h(m.getattr(label, self.ids.inum(ino)))?;
-        self.attr(ino, &meta)
+        self.attr_locked(m, label, ino, &meta)
     }
 
     /// May the caller do `mask` (R=4, W=2, X=1)? Always, with
@@ -647,7 +690,9 @@ impl Hammer2Fs {
             let dinum = self.ids.inum(parent.0);
             let name = Self::new_name(name)?;
             let inum = if is_dir {
-                self.h(m.mkdir(label, dinum, name, mode, uid, gid, now))?
+                let inum = self.h(m.mkdir(label, dinum, name, mode, uid, gid, now))?;
+                self.dirlinks.added(dinum);
+                inum
             } else {
                 let dev = dev_of(rdev);
                 self.h(m.create(label, dinum, name, obj_type, mode, uid, gid, dev, now))?
@@ -696,6 +741,15 @@ impl Hammer2Fs {
         }
         Ok(())
     }
+}
+
+/// How many of a directory's entries are directories.
+fn subdirs(entries: &[DirEntry]) -> u32 {
+    let n = entries
+        .iter()
+        .filter(|e| e.obj_type == ObjType::Directory)
+        .count();
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 fn entry_kind(e: &DirEntry) -> FileType {
@@ -794,7 +848,7 @@ impl Filesystem for Hammer2Fs {
                     self.check(req, &dir, 1)?;
                     let meta = self.entry_meta(&mut m, &v.label, parent, name)?;
                     let ino = self.ids.ino(meta.inum);
-                    let attr = self.attr(ino, &meta)?;
+                    let attr = self.attr_locked(&mut m, &v.label, ino, &meta)?;
                     self.inodes.remember(ino, None);
                     Ok(attr)
                 }
@@ -860,7 +914,7 @@ impl Filesystem for Hammer2Fs {
             };
             self.check_setattr(req, &meta, &mut a, times_now, fh.is_some())?;
             let meta = self.h(m.setattr(label, inum, a, now))?;
-            self.attr(ino.0, &meta)
+            self.attr_locked(m, label, ino.0, &meta)
         });
         match r {
             Ok(attr) => reply.attr(&self.ttl, &attr),
@@ -932,7 +986,11 @@ impl Filesystem for Hammer2Fs {
             let dir = self.dir_for_change(req, m, label, parent)?;
             let victim = self.entry_meta(m, label, parent, name)?;
             self.check_sticky(req, &dir, &victim)?;
-            self.h(m.rmdir(label, self.ids.inum(parent.0), name.as_bytes(), now))
+            let dinum = self.ids.inum(parent.0);
+            self.h(m.rmdir(label, dinum, name.as_bytes(), now))?;
+            self.dirlinks.removed(dinum);
+            self.dirlinks.forget(victim.inum);
+            Ok(())
         });
         match r {
             Ok(()) => reply.ok(),
@@ -1007,15 +1065,27 @@ impl Filesystem for Hammer2Fs {
                 noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
                 exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
             };
+            let is_dir = |m: &InodeMeta| m.obj_type == ObjType::Directory;
+            let moves_dir = is_dir(&src) || dst.as_ref().is_some_and(is_dir);
+            let (odinum, ndinum) = (self.ids.inum(parent.0), self.ids.inum(newparent.0));
             self.h(m.rename(
                 label,
-                self.ids.inum(parent.0),
+                odinum,
                 name.as_bytes(),
-                self.ids.inum(newparent.0),
+                ndinum,
                 Self::new_name(newname)?,
                 f,
                 now,
-            ))
+            ))?;
+            // Directories moved or replaced: both parents are recounted.
+            if moves_dir {
+                self.dirlinks.forget(odinum);
+                self.dirlinks.forget(ndinum);
+                if let Some(d) = dst.filter(|d| is_dir(d) && !f.exchange) {
+                    self.dirlinks.forget(d.inum);
+                }
+            }
+            Ok(())
         });
         match r {
             Ok(()) => reply.ok(),

@@ -189,6 +189,8 @@ impl From<io::Error> for CmdError {
 pub struct Image {
     pub path: PathBuf,
     pub dev: Arc<dyn BlockDevice>,
+    /// Read-write: the image's writer lock, held while the verb runs.
+    _lock: Option<bufcache::imagelock::WriterLock>,
 }
 
 impl Image {
@@ -198,6 +200,7 @@ impl Image {
         Ok(Image {
             path: path.to_path_buf(),
             dev: Arc::new(dev),
+            _lock: None,
         })
     }
 

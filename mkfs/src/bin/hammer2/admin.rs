@@ -62,10 +62,20 @@ fn open_rw(path: &Path) -> Result<(Image, Mount), CmdError> {
     }
     let dev = FileDevice::open(path, true)
         .map_err(|e| CmdError::Fail(format!("{}: {e}", path.display())))?;
+    // Also when mounted under another name (fsname=); waits for a mount
+    // that was unmounted to write its last flush.
+    let lock = bufcache::imagelock::lock_writer(path, || {
+        eprintln!(
+            "hammer2: {}: waiting for the mount that was unmounted to write its last flush",
+            path.display()
+        )
+    })
+    .map_err(|e| CmdError::Fail(format!("{}: {e}", path.display())))?;
     let dev: Arc<dyn BlockDevice> = Arc::new(dev);
     let img = Image {
         path: path.to_path_buf(),
         dev: dev.clone(),
+        _lock: Some(lock),
     };
     let m = Mount::open(dev).map_err(|e| img.fail("cannot open volume read-write", &e))?;
     Ok((img, m))
