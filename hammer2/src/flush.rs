@@ -187,7 +187,7 @@ pub fn encode_data_block(
         return None;
     }
     let phys = match comp {
-        comp_method::LZ4 | comp_method::ZLIB => {
+        comp_method::LZ4 | comp_method::ZLIB | comp_method::ZSTD => {
             compress::compress(comp, disk::dec_level(comp_algo), logical)
         }
         _ => None,
