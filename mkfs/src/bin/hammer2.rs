@@ -1,7 +1,8 @@
 //! `hammer2`: the HAMMER2 admin tool over an image file or block device,
 //! in the shape of DragonFly's hammer2(8): verbs that read (show,
 //! volhdr, freemap, pfs-list, info, hash) and verbs that write offline
-//! (snapshot, pfs-create, pfs-delete, bulkfree; `admin.rs`).
+//! (snapshot, pfs-create, pfs-delete, bulkfree; `admin.rs`; setcomp,
+//! setcheck; `setmethods.rs`).
 //!
 //! Every verb that reads a filesystem takes its image as the argument
 //! after the verb (`hammer2 show IMG`, as DragonFly's show, freemap and
@@ -24,6 +25,8 @@ mod fmt;
 mod freemap;
 #[path = "hammer2/pfs.rs"]
 mod pfs;
+#[path = "hammer2/setmethods.rs"]
+mod setmethods;
 #[path = "hammer2/show.rs"]
 mod show;
 #[path = "hammer2/volhdr.rs"]
@@ -44,7 +47,8 @@ const AFTER_HELP: &str = "\
 The image is an image file or a block device, named after the verb
 (hammer2 show IMG) or with -s before it (hammer2 -s IMG show).
 show, volhdr, freemap, pfs-list, info and hash never write to it.
-snapshot, pfs-create, pfs-delete and bulkfree write to it, offline:
+snapshot, pfs-create, pfs-delete, bulkfree, setcomp and setcheck
+write to it, offline:
 the image must not be in use (one that mount.hammer2 has mounted is
 refused). DragonFly runs them through a mounted filesystem; running
 them through a live mount.hammer2 comes later.
@@ -59,7 +63,16 @@ Examples:
   hammer2 snapshot disk.img@DATA         (names it DATA.YYYYMMDD.HHMMSS, UTC)
   hammer2 pfs-delete disk.img DATA.20240101.120000
   hammer2 bulkfree disk.img
-  hammer2 hash hello.txt";
+  hammer2 setcomp -r zstd:9 disk.img@DATA:/logs
+  hammer2 setcheck blake3 disk.img@DATA:/archive/big.iso
+  hammer2 hash hello.txt
+
+setcomp methods: none, autozero, lz4 (default), zlib[:1-9], zstd[:1-15].
+setcheck methods: none, disabled, crc32, xxhash64 (default), sha192,
+blake3. zstd (compression code 8) and blake3 (check code 8) are
+extension methods of this implementation, codes DragonFly's
+hammer2_disk.h leaves unused: DragonFly BSD cannot read blocks written
+with them (setcomp and setcheck warn when they are chosen).";
 
 #[derive(Parser)]
 #[command(
@@ -133,6 +146,33 @@ enum Verb {
         #[arg(value_name = "IMG")]
         img: PathBuf,
         label: String,
+    },
+    /// Set the compression method of files and directories (offline):
+    /// later writes use it, files created later in a directory inherit
+    /// it, blocks already written keep theirs. METHOD[:LEVEL] is none,
+    /// autozero, lz4, zlib[:1-9] or zstd[:1-15] (an extension DragonFly
+    /// cannot read); TARGET is IMG[@LABEL][:/PATH] (LABEL defaults to
+    /// DATA, PATH to the PFS root)
+    Setcomp {
+        /// Also every file and directory under a directory
+        #[arg(short, long)]
+        recursive: bool,
+        #[arg(value_name = "METHOD[:LEVEL]")]
+        method: String,
+        #[arg(value_name = "TARGET", required = true)]
+        targets: Vec<String>,
+    },
+    /// Set the check method of files and directories (offline), as
+    /// setcomp: none, disabled, crc32, xxhash64, sha192 or blake3 (an
+    /// extension DragonFly cannot verify)
+    Setcheck {
+        /// Also every file and directory under a directory
+        #[arg(short, long)]
+        recursive: bool,
+        #[arg(value_name = "METHOD")]
+        method: String,
+        #[arg(value_name = "TARGET", required = true)]
+        targets: Vec<String>,
     },
     /// Free the space nothing references (offline): two passes, the
     /// first stages blocks no PFS or snapshot references, the second
@@ -345,6 +385,30 @@ fn run(cli: Cli, out: &mut dyn Write) -> Result<u64, CmdError> {
             let path = image_arg(p, sel).unwrap_or_else(|e| e.exit());
             admin::bulkfree(&path, single_pass, out)
         }
+        Verb::Setcomp {
+            recursive,
+            method,
+            targets,
+        } => setmethods::run(
+            setmethods::Field::Comp,
+            &method,
+            &targets,
+            recursive,
+            out,
+            &mut io::stderr(),
+        ),
+        Verb::Setcheck {
+            recursive,
+            method,
+            targets,
+        } => setmethods::run(
+            setmethods::Field::Check,
+            &method,
+            &targets,
+            recursive,
+            out,
+            &mut io::stderr(),
+        ),
     }
 }
 
