@@ -8,6 +8,10 @@
 //! bulkfree keeps a block referenced through any blockref (also one that
 //! was shared while a pass ran), and a freed block is never handed out
 //! by the table.
+//!
+//! With `H2_DEDUP_SAVE=DIR` the deduped images are kept as DIR/NAME.img
+//! with DIR/NAME.json (`{path: sha256}` of every file), for DragonFly's
+//! fsck and makefs.
 
 use bufcache::{BlockDevice, MemDevice};
 use hammer2::disk::{Blockref, BlockrefType, ObjType};
@@ -67,6 +71,40 @@ fn data_brefs(dev: &Arc<MemDevice>, name: &str) -> Vec<Blockref> {
         .collect()
 }
 
+/// With `H2_DEDUP_SAVE=DIR`: keep the image and what its files hold.
+fn save(dev: &Arc<MemDevice>, files: &BTreeMap<String, Vec<u8>>, name: &str) {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::FileExt;
+    let Ok(dir) = std::env::var("H2_DEDUP_SAVE") else {
+        return;
+    };
+    let dir = std::path::Path::new(&dir);
+    let f = std::fs::File::create(dir.join(format!("{name}.img"))).unwrap();
+    f.set_len(dev.size_bytes()).unwrap();
+    let mut buf = vec![0u8; BLOCK];
+    for off in (0..dev.size_bytes()).step_by(BLOCK) {
+        dev.read_at(&mut buf, off).unwrap();
+        if buf.iter().any(|&b| b != 0) {
+            f.write_all_at(&buf, off).unwrap();
+        }
+    }
+    let sums: serde_json::Map<String, serde_json::Value> = files
+        .iter()
+        .map(|(k, v)| {
+            let h: String = Sha256::digest(v)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            (k.clone(), serde_json::Value::String(h))
+        })
+        .collect();
+    std::fs::write(
+        dir.join(format!("{name}.json")),
+        serde_json::to_string_pretty(&sums).unwrap(),
+    )
+    .unwrap();
+}
+
 fn read_all(m: &mut Mount, inum: u64) -> Vec<u8> {
     let size = m.getattr(PFS, inum).unwrap().size;
     let mut out = Vec::new();
@@ -119,6 +157,11 @@ fn copying_a_100_mib_file_costs_under_one_percent() {
     let (orig, copy) = (lookup(&mut m, "orig"), lookup(&mut m, "copy"));
     assert!(read_all(&mut m, orig) == data, "original after remount");
     assert!(read_all(&mut m, copy) == data, "copy after remount");
+    let both = BTreeMap::from([
+        ("orig".to_string(), data.clone()),
+        ("copy".to_string(), data.clone()),
+    ]);
+    save(&dev, &both, "dedup-copy");
     // The original goes: two passes keep every block the copy shares.
     m.unlink(PFS, ROOT_INUM, b"orig", T0).unwrap();
     m.bulkfree(None).unwrap();
@@ -361,6 +404,12 @@ fn model_workload_with_duplicate_blocks() {
             }
         }
         eprintln!("{ctx}: {refs} data blockrefs on {} blocks", distinct.len());
+        drop(m);
+        let files = model
+            .iter()
+            .map(|(k, (_, d))| (k.clone(), d.clone()))
+            .collect();
+        save(&dev, &files, &format!("dedup-model-{seed}"));
         assert!(
             distinct.len() * 2 < refs,
             "{ctx}: {refs} refs, {distinct:?}"
