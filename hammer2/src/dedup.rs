@@ -19,7 +19,9 @@
 //!   the merge counts the block referenced;
 //! - before sharing, the caller compares the bytes on disk with the bytes
 //!   it would write (`place_data`), so a stale entry can cost a read but
-//!   never wrong data.
+//!   never wrong data (DragonFly compares the bytes too);
+//! - only blocks with a check code take part (`dedupable`), as in
+//!   DragonFly.
 //!
 //! Nothing on disk records a share: as in DragonFly, a block is
 //! referenced by as many blockrefs as share it, and bulkfree, which marks
@@ -151,6 +153,13 @@ impl Placed {
     }
 }
 
+/// Blocks with a check code take part; as in DragonFly, blocks with
+/// check NONE or DISABLED do not (DragonFly may overwrite such a block in
+/// place, which a shared block must never be).
+pub fn dedupable(methods: u8) -> bool {
+    crate::disk::dec_check(methods) > crate::disk::check_method::DISABLED
+}
+
 /// Find a block for the file data `phys` (blockref methods `methods`,
 /// file offset `key`): a recent block with the same bytes when the table
 /// has one and the device confirms it, else a new allocation.
@@ -162,6 +171,10 @@ pub fn place_data(
     key: u64,
     flush: bool,
 ) -> Result<Placed> {
+    if !dedupable(fp.methods) {
+        let off = space.alloc(BlockrefType::Data, phys.len() as u64, key, flush)?;
+        return Ok(Placed::New(off));
+    }
     let mut same = |off: DataOff| {
         let mut buf = vec![0u8; phys.len()];
         dev.read_at(&mut buf, off.offset()).is_ok() && buf == phys

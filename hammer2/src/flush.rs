@@ -21,7 +21,7 @@
 use crate::blocktable::{BlockSink, SetStats, TreeKind};
 use crate::check;
 use crate::compress;
-use crate::dedup::{place_data, write_placed, DedupKey, Placed};
+use crate::dedup::{dedupable, place_data, write_placed, DedupKey, Placed};
 use crate::disk::{
     self, comp_method, enc_methods, Blockref, BlockrefType, DataOff, BLOCKREF_BYTES,
 };
@@ -172,7 +172,9 @@ impl Writer<'_> {
         let placed = place_data(self.space, dev.as_ref(), &fp, phys, br.key, true)?;
         if let Placed::New(off) = placed {
             write_placed(dev.as_ref(), off, phys)?;
-            self.space.dedup_record(fp, off);
+            if dedupable(br.methods) {
+                self.space.dedup_record(fp, off);
+            }
             self.blocks += 1;
             self.bytes += phys.len() as u64;
         }

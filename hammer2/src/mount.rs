@@ -18,7 +18,7 @@
 //! modifying call fails with `Error::Poisoned` until the image is opened
 //! again; what is on disk stays the state of the last completed flush.
 
-use crate::dedup::{place_data, write_placed, DedupKey, Placed};
+use crate::dedup::{dedupable, place_data, write_placed, DedupKey, Placed};
 use crate::disk::{
     self, Blockref, BlockrefType, DirentHead, InodeData, InodeMeta, ObjType, Uuid,
     BREF_FLAG_PFSROOT, INODE_START, OPFLAG_DIRECTDATA, VOLUME_BYTES,
@@ -1214,7 +1214,9 @@ impl FlushBatch {
                         self.error = Some(e);
                         return;
                     }
-                    lock_space(&self.space).dedup_record(fp, off);
+                    if dedupable(methods) {
+                        lock_space(&self.space).dedup_record(fp, off);
+                    }
                     off
                 }
                 Ok(Placed::Shared { off, durable }) => {

@@ -416,3 +416,36 @@ fn model_workload_with_duplicate_blocks() {
         );
     }
 }
+
+/// Blocks without a check code are never shared (DragonFly may overwrite
+/// them in place): a copy of a check-NONE file takes new blocks.
+#[test]
+fn check_none_blocks_are_not_shared() {
+    let dev = new_fs(9);
+    let mut m = open(&dev);
+    let mut rng = SmallRng::seed_from_u64(13);
+    let mut data = vec![0u8; 8 * BLOCK];
+    rng.fill_bytes(&mut data);
+    let none = hammer2::setmethods::Methods {
+        comp: None,
+        check: Some(hammer2::disk::check_method::NONE),
+    };
+    let (a, b) = (create(&mut m, "a"), create(&mut m, "b"));
+    m.set_inode_methods(PFS, a, none).unwrap();
+    m.set_inode_methods(PFS, b, none).unwrap();
+    m.write(PFS, a, 0, &data, T0).unwrap();
+    m.flush().unwrap();
+    m.write(PFS, b, 0, &data, T0).unwrap();
+    m.flush().unwrap();
+    let offs = |n: &str| -> BTreeSet<u64> {
+        data_brefs(&dev, n)
+            .iter()
+            .map(|b| b.data_off.offset())
+            .collect()
+    };
+    let (oa, ob) = (offs("a"), offs("b"));
+    assert_eq!((oa.len(), ob.len()), (8, 8));
+    assert!(oa.is_disjoint(&ob));
+    assert!(read_all(&mut m, b) == data);
+    fsck_clean(&dev, "check none");
+}
