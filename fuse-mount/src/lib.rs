@@ -8,6 +8,7 @@
 //!   the image lock, the flusher.
 //! - `inode`: node ids, the table of inodes the kernel holds, attributes.
 //! - `cookie`: readdir offsets from directory keys.
+//! - `ctl`: the control channel the `hammer2` tool talks to (ioctls).
 //! - `errno`: the one mapping from `hammer2::Error` to an errno.
 //! - `options`: `-o` options as mount(8) and fstab pass them.
 //! - `mount`: opening the image, mounting, serving, unmounting on signals.
@@ -16,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cookie;
+pub mod ctl;
 pub mod errno;
 pub mod inode;
 pub mod logging;

@@ -390,18 +390,19 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
         false => None,
     };
     o.read_write = rw.is_some();
-    let fs = match &rw {
-        Some(v) => Hammer2Fs::new_rw(v.clone(), o.default_permissions)
-            .with_writeback_cache(o.writeback_cache),
-        None => Hammer2Fs::new(open_pfs(&req.image, &req.label)?, o.default_permissions),
-    };
-    let mnt = check_mountpoint(&req.mountpoint)?;
-    let dev = open_dev_fuse()?;
     // What /proc/mounts shows as the source, as mount(8) would.
     let image = req
         .image
         .canonicalize()
         .unwrap_or_else(|_| req.image.clone());
+    let fs = match &rw {
+        Some(v) => Hammer2Fs::new_rw(v.clone(), o.default_permissions)
+            .with_writeback_cache(o.writeback_cache),
+        None => Hammer2Fs::new(open_pfs(&req.image, &req.label)?, o.default_permissions),
+    }
+    .with_image(image.clone());
+    let mnt = check_mountpoint(&req.mountpoint)?;
+    let dev = open_dev_fuse()?;
     let source = image.display().to_string();
     let (acl, config) = o.session_config(n_threads());
     mount_kernel(&dev, &mnt, &source, &o)?;

@@ -110,14 +110,16 @@ struct DirStream {
     listing: Mutex<Option<Arc<Vec<DirEntry>>>>,
 }
 
-enum Store {
+pub(crate) enum Store {
     ReadOnly { pfs: Box<Pfs>, root: Arc<Inode> },
     ReadWrite(Arc<RwVolume>),
 }
 
 pub struct Hammer2Fs {
-    store: Store,
-    label: String,
+    pub(crate) store: Store,
+    pub(crate) label: String,
+    /// The image served (absolute), for the control channel.
+    pub(crate) image: std::path::PathBuf,
     ids: Ids,
     inodes: InodeTable,
     dirs: Mutex<HashMap<u64, Arc<DirStream>>>,
@@ -230,6 +232,7 @@ impl Hammer2Fs {
         Hammer2Fs {
             store,
             label,
+            image: std::path::PathBuf::new(),
             ids,
             inodes: InodeTable::default(),
             dirs: Mutex::new(HashMap::new()),
@@ -239,6 +242,13 @@ impl Hammer2Fs {
             ttl,
             counters: Counters::default(),
         }
+    }
+
+    /// Name the image served (what `hammer2` verbs through the control
+    /// channel are told).
+    pub fn with_image(mut self, image: std::path::PathBuf) -> Hammer2Fs {
+        self.image = image;
+        self
     }
 
     /// Let the kernel cache writes (`-o writeback_cache`).
@@ -1386,20 +1396,26 @@ impl Filesystem for Hammer2Fs {
         reply.error(Errno::NO_XATTR);
     }
 
-    /// No ioctls (the kernel does not remember an ENOSYS for ioctl, and
-    /// every isatty() on a file asks): "not a terminal" is the answer.
+    /// The control channel (`hammer2::ctl`): the one ioctl the `hammer2`
+    /// tool sends on any file or directory of the mount. Anything else:
+    /// ENOTTY (the kernel does not remember an ENOSYS for ioctl).
     fn ioctl(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         _fh: FileHandle,
         _flags: IoctlFlags,
-        _cmd: u32,
-        _in_data: &[u8],
-        _out_size: u32,
+        cmd: u32,
+        in_data: &[u8],
+        out_size: u32,
         reply: ReplyIoctl,
     ) {
-        reply.error(Errno::ENOTTY);
+        if cmd != hammer2::ctl::CTL_IOC || (out_size as usize) < hammer2::ctl::CTL_BUF {
+            reply.error(Errno::ENOTTY);
+            return;
+        }
+        let out = crate::ctl::serve(self, req.uid(), self.ids.inum(ino.0), in_data);
+        reply.ioctl(0, &out);
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {

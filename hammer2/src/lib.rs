@@ -28,6 +28,7 @@ pub mod setmethods;
 pub use error::{Error, Result};
 pub mod blocktable;
 pub mod chain;
+pub mod ctl;
 pub mod pfs;
 pub mod volume;
 

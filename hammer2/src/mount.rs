@@ -297,6 +297,18 @@ impl Mount {
         Ok(self.node(label, inum)?.data.meta)
     }
 
+    /// An inode's meta, the blockref it was last flushed through (EMPTY
+    /// if it never was) and its file data waiting for a flush, for
+    /// `hammer2 stat`.
+    pub fn inode_state(
+        &mut self,
+        label: &str,
+        inum: u64,
+    ) -> Result<(InodeMeta, crate::disk::Blockref, u64)> {
+        let n = self.node(label, inum)?;
+        Ok((n.data.meta, n.bref, n.dirty_bytes()))
+    }
+
     /// Look `name` up in directory `dir`.
     pub fn lookup(&mut self, label: &str, dir: u64, name: &[u8]) -> Result<Option<u64>> {
         self.with_node(label, dir, |vol, d| {
