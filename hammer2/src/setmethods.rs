@@ -98,10 +98,23 @@ pub fn check_is_extension(check_algo: u8) -> bool {
     check_algo & 15 == cm::BLAKE3
 }
 
+/// Refuse method bytes no name parses to (an unknown method, a level
+/// the method does not take, the freemap's check).
+pub fn validate(m: Methods) -> Result<()> {
+    if let Some(c) = m.comp {
+        parse_comp(&format!("{}:{}", c & 15, c >> 4))?;
+    }
+    if let Some(c) = m.check {
+        parse_check(&c.to_string())?;
+    }
+    Ok(())
+}
+
 impl Mount {
     /// Set the methods of one inode; returns its type. Times are left
     /// alone.
     pub fn set_inode_methods(&mut self, label: &str, inum: u64, m: Methods) -> Result<ObjType> {
+        validate(m)?;
         self.writable()?;
         self.with_node(label, inum, |_, n| {
             let meta = &mut n.data.meta;
@@ -131,12 +144,7 @@ impl Mount {
         recursive: bool,
         seen: &mut dyn FnMut(&[u8], u64),
     ) -> Result<u64> {
-        if let Some(c) = m.comp {
-            parse_comp(&format!("{}:{}", c & 15, c >> 4))?;
-        }
-        if let Some(c) = m.check {
-            parse_check(&c.to_string())?;
-        }
+        validate(m)?;
         self.writable()?;
         let mut count = 0;
         // Depth-first with an explicit stack: a deep tree cannot exhaust

@@ -59,8 +59,8 @@ runs alongside writers), show, volhdr, freemap and info read the image
 after the daemon flushed it, and stat and mark work on mounts only.
 Verbs that change a mounted volume need root. Given an image,
 snapshot, pfs-create, pfs-delete and bulkfree work offline and refuse
-an image that mount.hammer2 serves. setcomp and setcheck take
-IMG[@LABEL][:/PATH] targets and work offline.
+an image that mount.hammer2 serves. setcomp and setcheck take files
+and directories in a mount, or IMG[@LABEL][:/PATH] offline.
 
 Exit status: 0 clean, 1 on an error or when damage was found
 (show, volhdr and freemap flag each damaged block inline and finish
@@ -74,7 +74,8 @@ Examples:
   hammer2 pfs-delete /mnt/data DATA.20240101.120000
   hammer2 bulkfree /mnt/data
   hammer2 stat /mnt/data/some/file
-  hammer2 setcomp -r zstd:9 disk.img@DATA:/logs
+  hammer2 setcomp -r zstd:9 /mnt/data/logs
+  hammer2 setcomp -r zstd:9 disk.img@DATA:/logs    (the same, offline)
   hammer2 setcheck blake3 disk.img@DATA:/archive/big.iso
   hammer2 hash hello.txt
 
@@ -158,12 +159,13 @@ enum Verb {
         img: PathBuf,
         label: String,
     },
-    /// Set the compression method of files and directories (offline):
-    /// later writes use it, files created later in a directory inherit
-    /// it, blocks already written keep theirs. METHOD[:LEVEL] is none,
+    /// Set the compression method of files and directories: later
+    /// writes use it, files created later in a directory inherit it,
+    /// blocks already written keep theirs. METHOD[:LEVEL] is none,
     /// autozero, lz4, zlib[:1-9] or zstd[:1-15] (an extension DragonFly
-    /// cannot read); TARGET is IMG[@LABEL][:/PATH] (LABEL defaults to
-    /// DATA, PATH to the PFS root)
+    /// cannot read); TARGET is a file or directory in a mount, or
+    /// IMG[@LABEL][:/PATH] offline (LABEL defaults to DATA, PATH to the
+    /// PFS root)
     Setcomp {
         /// Also every file and directory under a directory
         #[arg(short, long)]
@@ -173,8 +175,7 @@ enum Verb {
         #[arg(value_name = "TARGET", required = true)]
         targets: Vec<String>,
     },
-    /// Set the check method of files and directories (offline), as
-    /// setcomp: none, disabled, crc32, xxhash64, sha192 or blake3 (an
+    /// Set the check method of files and directories, as setcomp: none, disabled, crc32, xxhash64, sha192 or blake3 (an
     /// extension DragonFly cannot verify)
     Setcheck {
         /// Also every file and directory under a directory

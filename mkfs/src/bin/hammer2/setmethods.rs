@@ -3,16 +3,23 @@
 //! of everything under a directory), as DragonFly's `cmd_setcomp.c`
 //! does through a mount. Blocks already written keep their methods; new
 //! writes, and files created later in a changed directory, use the new
-//! ones. The target is `IMG[@LABEL][:/PATH]`: the PFS defaults to DATA,
-//! the path to the PFS root.
+//! ones. The target is `IMG[@LABEL][:/PATH]` (the PFS defaults to DATA,
+//! the path to the PFS root), worked on offline; or a file or directory
+//! in a running mount.hammer2, changed through its control channel
+//! (`SetMethods` on a descriptor of each, as DragonFly's tool issues
+//! `HAMMER2IOC_INODE_SET` on each path; with `-r` the tool walks the
+//! directories itself, as DragonFly's does, not following symlinks).
 
 use crate::admin::{open_rw, split_spec, LABEL_DEFAULT};
+use crate::online;
 use crate::CmdError;
+use hammer2::ctl::{Reply, Request};
 use hammer2::mount::ROOT_INUM;
 use hammer2::setmethods::{
     check_is_extension, comp_is_extension, parse_check, parse_comp, Methods,
 };
 use std::io::Write;
+use std::path::{Path, PathBuf};
 
 /// Which field the verb sets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +73,11 @@ pub fn run(
         )?;
     }
     for target in targets {
+        if let Some(ch) = online::channel(Path::new(target))? {
+            drop(ch);
+            online_tree(Path::new(target), methods, name, recursive, out)?;
+            continue;
+        }
         let (spec, path) = split_target(target);
         let (img_path, label) = split_spec(&spec);
         let label = label.unwrap_or_else(|| LABEL_DEFAULT.to_string());
@@ -98,6 +110,63 @@ pub fn run(
         }
     }
     Ok(0)
+}
+
+/// Online: set the methods of `top` (and with `recursive` of every file
+/// and directory under it) through the mount's control channel.
+fn online_tree(
+    top: &Path,
+    methods: Methods,
+    name: &str,
+    recursive: bool,
+    out: &mut dyn Write,
+) -> Result<(), CmdError> {
+    let mut stack: Vec<PathBuf> = vec![top.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let ch = online::channel(&path)?.ok_or_else(|| {
+            CmdError::Fail(format!("{}: not on the mount any more", path.display()))
+        })?;
+        let req = Request::SetMethods {
+            comp: methods.comp,
+            check: methods.check,
+        };
+        let value = match online::call(&ch, req, name)? {
+            Reply::Stat(st) if name == "comp_algo" => st.comp_algo,
+            Reply::Stat(st) => st.check_algo,
+            other => {
+                return Err(CmdError::Fail(format!(
+                    "{}: unexpected reply from mount.hammer2: {other:?}",
+                    path.display()
+                )))
+            }
+        };
+        writeln!(out, "{}\t{name}={value:#04x}", path.display())?;
+        if !recursive {
+            continue;
+        }
+        let meta = std::fs::symlink_metadata(&path)
+            .map_err(|e| CmdError::Fail(format!("{}: {e}", path.display())))?;
+        if !meta.is_dir() {
+            continue;
+        }
+        let mut children = Vec::new();
+        for e in std::fs::read_dir(&path)
+            .map_err(|e| CmdError::Fail(format!("{}: {e}", path.display())))?
+        {
+            let e = e.map_err(|e| CmdError::Fail(format!("{}: {e}", path.display())))?;
+            let t = e
+                .file_type()
+                .map_err(|err| CmdError::Fail(format!("{}: {err}", e.path().display())))?;
+            // Symlinks cannot be opened without following them; other
+            // special files are opened as they are.
+            if !t.is_symlink() {
+                children.push(e.path());
+            }
+        }
+        children.sort();
+        stack.extend(children.into_iter().rev());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
