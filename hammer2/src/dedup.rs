@@ -34,7 +34,7 @@ use bufcache::BlockDevice;
 use std::collections::{HashMap, VecDeque};
 
 /// Entries kept: 64 Ki fingerprints, about 4 GiB of 64 KiB blocks
-/// (roughly 6 MiB of memory).
+/// (about 10 MiB of memory).
 pub const DEDUP_ENTRIES: usize = 64 * 1024;
 
 /// What identifies a physical block's content: the BLAKE3 hash of the
