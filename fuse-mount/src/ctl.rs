@@ -136,6 +136,17 @@ fn handle(fs: &Hammer2Fs, inum: u64, req: Request) -> Result<Reply, Failed> {
         }
         Request::PfsList { cursor } => pfs_page(fs, cursor),
         Request::Stat => stat(fs, inum),
+        Request::SetMethods { comp, check } => {
+            let v = rw(fs)?;
+            v.writable()
+                .map_err(|e| (e, "a flush failed; the mount refuses writes".into()))?;
+            let methods = hammer2::setmethods::Methods { comp, check };
+            hammer2::setmethods::validate(methods).map_err(|e| failed(&e))?;
+            v.mount()
+                .set_inode_methods(&v.label, inum, methods)
+                .map_err(|e| failed(&e))?;
+            stat(fs, inum)
+        }
         Request::BulkfreeStart { passes } => {
             let v = rw(fs)?;
             v.writable()

@@ -713,3 +713,78 @@ fn an_unmount_during_an_online_bulkfree_exits_cleanly() {
     assert_eq!(read_tree(&mnt), want);
     drop(d);
 }
+
+/// setcomp/setcheck on paths in a mount: the daemon changes each inode
+/// (the tool walks `-r` itself), new writes follow, old blocks keep
+/// theirs; read offline after the unmount, fsck clean.
+#[test]
+fn setcomp_and_setcheck_through_a_mount() {
+    require_fuse();
+    let img = new_image("setmethods", 2);
+    let mnt = scratch("setmethods").join("mnt");
+    let d = Daemon::new(img.to_str().unwrap(), &mnt, "rw");
+    let text: Vec<u8> = (0..300_000u32)
+        .flat_map(|i| format!("{i} hammer2\n").into_bytes())
+        .take(300_000)
+        .collect();
+    fs::create_dir_all(mnt.join("d/sub")).expect("mkdir");
+    fs::write(mnt.join("d/sub/old"), &text).expect("write");
+    fs::write(mnt.join("outside"), &text).expect("write");
+    let o = hammer2(&["setcomp", "-r", "zstd", mnt.join("d").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("DragonFly BSD cannot read"),
+        "{}",
+        stderr(&o)
+    );
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let want: Vec<String> = ["d", "d/sub", "d/sub/old"]
+        .iter()
+        .map(|p| format!("{}\tcomp_algo=0x08", mnt.join(p).display()))
+        .collect();
+    assert_eq!(out.lines().collect::<Vec<_>>(), want);
+    fs::write(mnt.join("d/sub/new"), &text).expect("write");
+    let o = hammer2(&[
+        "setcheck",
+        "blake3",
+        mnt.join("d/sub/new").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Rewritten after setcheck: its blocks take BLAKE3 at the next flush.
+    fs::write(mnt.join("d/sub/new"), &text).expect("rewrite");
+    let o = hammer2(&["setcomp", "brotli", mnt.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    d.unmount();
+
+    let dev: std::sync::Arc<dyn bufcache::BlockDevice> =
+        std::sync::Arc::new(FileDevice::open(&img, false).expect("open"));
+    let r = hammer2::fsck::fsck(dev.clone(), hammer2::fsck::Options::default()).unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    let vol = std::sync::Arc::new(hammer2::Volume::open(dev).unwrap());
+    let pfs = hammer2::Pfs::open(vol.clone(), "DATA").unwrap();
+    let blocks = |path: &str| {
+        let ino = pfs.resolve(path).unwrap();
+        let brs: Vec<_> = hammer2::chain::collect(&vol, &ino.blockset(), 0, u64::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|b| b.btype == hammer2::disk::BlockrefType::Data)
+            .collect();
+        (ino.meta().comp_algo, ino.meta().check_algo, brs)
+    };
+    let (c, _, old) = blocks("d/sub/old");
+    assert_eq!(c, 8);
+    // Written before setcomp (the flush may have run either side of it).
+    assert!(!old.is_empty());
+    let (c, k, new) = blocks("d/sub/new");
+    assert_eq!((c, k), (8, 8));
+    assert!(new
+        .iter()
+        .all(|b| b.comp_method() == 8 && b.check_method() == 8));
+    let (c, _, out) = blocks("outside");
+    assert_eq!(c & 15, hammer2::disk::comp_method::LZ4);
+    assert!(out
+        .iter()
+        .all(|b| b.comp_method() == hammer2::disk::comp_method::LZ4));
+    let new = pfs.resolve("d/sub/new").unwrap();
+    assert!(pfs.read_all(&new).unwrap() == text);
+}

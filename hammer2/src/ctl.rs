@@ -58,6 +58,7 @@ pub mod op {
     pub const BULKFREE_STATUS: u16 = 8;
     pub const STAT: u16 = 9;
     pub const FLUSH: u16 = 10;
+    pub const SET_METHODS: u16 = 11;
 }
 
 /// A request from the tool.
@@ -93,6 +94,13 @@ pub enum Request {
     Stat,
     /// Flush, and return once the flush has committed.
     Flush,
+    /// setcomp/setcheck: set the `comp_algo` and/or `check_algo` of the
+    /// descriptor's inode (DragonFly's `HAMMER2IOC_INODE_SET`); the
+    /// reply is its `Stat` after the change.
+    SetMethods {
+        comp: Option<u8>,
+        check: Option<u8>,
+    },
 }
 
 /// What the daemon serves.
@@ -369,6 +377,7 @@ impl Request {
             Request::BulkfreeStatus => op::BULKFREE_STATUS,
             Request::Stat => op::STAT,
             Request::Flush => op::FLUSH,
+            Request::SetMethods { .. } => op::SET_METHODS,
         }
     }
 
@@ -383,6 +392,7 @@ impl Request {
                 | Request::PfsDelete { .. }
                 | Request::BulkfreeStart { .. }
                 | Request::Flush
+                | Request::SetMethods { .. }
         )
     }
 
@@ -395,6 +405,11 @@ impl Request {
             Request::PfsCreate { label } | Request::PfsDelete { label } => e.str(label),
             Request::PfsList { cursor } => e.u64(*cursor),
             Request::BulkfreeStart { passes } => e.u32(*passes),
+            Request::SetMethods { comp, check } => {
+                e.u8(comp.is_some() as u8 | (check.is_some() as u8) << 1);
+                e.u8(comp.unwrap_or(0));
+                e.u8(check.unwrap_or(0));
+            }
         }
         frame(self.op(), 0, &e.b)
     }
@@ -415,6 +430,13 @@ impl Request {
             op::BULKFREE_STATUS => Request::BulkfreeStatus,
             op::STAT => Request::Stat,
             op::FLUSH => Request::Flush,
+            op::SET_METHODS => {
+                let (which, comp, check) = (d.u8()?, d.u8()?, d.u8()?);
+                Request::SetMethods {
+                    comp: (which & 1 != 0).then_some(comp),
+                    check: (which & 2 != 0).then_some(check),
+                }
+            }
             o => return Err(DecodeError::UnknownOp(o)),
         })
     }
@@ -576,7 +598,7 @@ impl Reply {
                     next: more.then_some(cursor),
                 }
             }
-            op::STAT => Reply::Stat(InodeStat {
+            op::STAT | op::SET_METHODS => Reply::Stat(InodeStat {
                 inum: d.u64()?,
                 obj_type: d.u8()?,
                 comp_algo: d.u8()?,
@@ -662,6 +684,14 @@ mod tests {
             Request::BulkfreeStatus,
             Request::Stat,
             Request::Flush,
+            Request::SetMethods {
+                comp: Some(0x98),
+                check: None,
+            },
+            Request::SetMethods {
+                comp: None,
+                check: Some(8),
+            },
         ];
         for r in all {
             let b = r.encode().unwrap();

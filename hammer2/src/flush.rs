@@ -12,13 +12,16 @@
 //!    and a barrier.
 //!
 //! Every block written carries the flush's transaction id as its
-//! `mirror_tid` and the check code of its inode's `check_algo`. Nothing
+//! `mirror_tid` and the check code of its inode's `check_algo`. A file
+//! data block whose bytes match a recent write shares that block
+//! (`dedup.rs`). Nothing
 //! reachable from the previous header is ever overwritten, so a crash at
 //! any point leaves the previous flush intact.
 
 use crate::blocktable::{BlockSink, SetStats, TreeKind};
 use crate::check;
 use crate::compress;
+use crate::dedup::{dedupable, place_data, write_placed, DedupKey, Placed};
 use crate::disk::{
     self, comp_method, enc_methods, Blockref, BlockrefType, DataOff, BLOCKREF_BYTES,
 };
@@ -54,6 +57,19 @@ pub trait SpaceMap: Send {
     fn is_dirty(&self) -> bool {
         false
     }
+    /// Live dedup: a recent block whose content has the fingerprint `fp`,
+    /// still allocated, for which `same` (a byte comparison) holds; it
+    /// is then shared: returns it and whether it was durable (written
+    /// by an earlier flush). Maps without a dedup table return `None`.
+    fn dedup(
+        &mut self,
+        _fp: &crate::dedup::DedupKey,
+        _same: &mut dyn FnMut(DataOff) -> bool,
+    ) -> Option<(DataOff, bool)> {
+        None
+    }
+    /// Remember that the block `off`, just written, holds `fp`.
+    fn dedup_record(&mut self, _fp: crate::dedup::DedupKey, _off: DataOff) {}
     /// The freemap allocator behind this map, for bulkfree, which works
     /// on the freemap itself; `None` for maps that are not one.
     fn allocator_mut(&mut self) -> Option<&mut crate::alloc::Allocator> {
@@ -99,6 +115,16 @@ impl SpaceMap for crate::alloc::Allocator {
     fn allocator_mut(&mut self) -> Option<&mut crate::alloc::Allocator> {
         Some(self)
     }
+    fn dedup(
+        &mut self,
+        fp: &crate::dedup::DedupKey,
+        same: &mut dyn FnMut(DataOff) -> bool,
+    ) -> Option<(DataOff, bool)> {
+        crate::alloc::Allocator::dedup_share(self, fp, same)
+    }
+    fn dedup_record(&mut self, fp: crate::dedup::DedupKey, off: DataOff) {
+        crate::alloc::Allocator::dedup_record(self, fp, off)
+    }
 }
 
 /// Writes blocks for one flush.
@@ -133,6 +159,29 @@ impl Writer<'_> {
         check::set_check(br, phys);
         self.blocks += 1;
         self.bytes += phys.len() as u64;
+        Ok(())
+    }
+}
+
+impl Writer<'_> {
+    /// Write the file data block `phys` for `br`, sharing a recent block
+    /// with the same bytes when there is one (see `dedup.rs`).
+    pub fn write_data(&mut self, br: &mut Blockref, phys: &[u8]) -> Result<()> {
+        let fp = DedupKey::of(phys, br.methods);
+        let dev = self.vol.device().clone();
+        let placed = place_data(self.space, dev.as_ref(), &fp, phys, br.key, true)?;
+        if let Placed::New(off) = placed {
+            write_placed(dev.as_ref(), off, phys)?;
+            if dedupable(br.methods) {
+                self.space.dedup_record(fp, off);
+            }
+            self.blocks += 1;
+            self.bytes += phys.len() as u64;
+        }
+        br.data_off = placed.off();
+        br.mirror_tid = self.tid;
+        br.modify_tid = self.tid;
+        check::set_check(br, phys);
         Ok(())
     }
 }
@@ -187,7 +236,7 @@ pub fn encode_data_block(
         return None;
     }
     let phys = match comp {
-        comp_method::LZ4 | comp_method::ZLIB => {
+        comp_method::LZ4 | comp_method::ZLIB | comp_method::ZSTD => {
             compress::compress(comp, disk::dec_level(comp_algo), logical)
         }
         _ => None,
@@ -239,7 +288,7 @@ pub fn flush_inode(
             }
             Some((phys, methods)) => {
                 let mut br = data_bref(lbase, methods);
-                w.write(&mut br, &phys)
+                w.write_data(&mut br, &phys)
                     .map_err(|e| e.with_place(None, Some(inum), Some(lbase)))?;
                 node.table.insert(w.vol, TreeKind::File, true, br)?;
             }

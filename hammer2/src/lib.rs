@@ -15,6 +15,7 @@ pub mod alloc;
 pub mod bulkfree;
 pub mod check;
 pub mod compress;
+pub mod dedup;
 pub mod dirhash;
 pub mod disk;
 pub mod error;
@@ -24,6 +25,7 @@ pub mod fsck;
 pub mod inode;
 pub mod mount;
 pub mod pfsops;
+pub mod setmethods;
 
 pub use error::{Error, Result};
 pub mod blocktable;

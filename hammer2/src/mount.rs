@@ -18,6 +18,7 @@
 //! modifying call fails with `Error::Poisoned` until the image is opened
 //! again; what is on disk stays the state of the last completed flush.
 
+use crate::dedup::{dedupable, place_data, write_placed, DedupKey, Placed};
 use crate::disk::{
     self, Blockref, BlockrefType, DirentHead, InodeData, InodeMeta, ObjType, Uuid,
     BREF_FLAG_PFSROOT, INODE_START, OPFLAG_DIRECTDATA, VOLUME_BYTES,
@@ -270,7 +271,7 @@ impl Mount {
     }
 
     /// Borrow the volume and one inode at once.
-    fn with_node<T>(
+    pub(crate) fn with_node<T>(
         &mut self,
         label: &str,
         inum: u64,
@@ -977,6 +978,7 @@ impl Mount {
                         comp_algo: n.data.meta.comp_algo,
                         check_algo: n.data.meta.check_algo,
                         written: None,
+                        shared_durable: false,
                     });
                 }
             }
@@ -1049,7 +1051,7 @@ impl Mount {
                 }
                 None => {
                     // Rewritten, truncated or removed meanwhile.
-                    if let Some(br) = leaf {
+                    if let Some(br) = leaf.filter(|_| !b.shared_durable) {
                         lock_space(&self.space).release_unflushed(br.data_off);
                     }
                 }
@@ -1168,6 +1170,9 @@ struct BatchBlock {
     check_algo: u8,
     /// After `write`: the new blockref, or `None` for a hole.
     written: Option<Option<Blockref>>,
+    /// The block written is a durable one shared by dedup: nothing to
+    /// give back if it is superseded.
+    shared_durable: bool,
 }
 
 /// The file data of a flush, written without holding the `Mount`.
@@ -1203,26 +1208,38 @@ impl FlushBatch {
                 continue;
             };
             let mut br = data_bref(b.lbase, methods);
-            let off = match lock_space(&self.space).alloc(
-                BlockrefType::Data,
-                phys.len() as u64,
-                b.lbase,
-                false,
-            ) {
-                Ok(o) => o,
+            let fp = DedupKey::of(&phys, methods);
+            let placed = {
+                let mut space = lock_space(&self.space);
+                place_data(
+                    space.as_mut(),
+                    self.dev.as_ref(),
+                    &fp,
+                    &phys,
+                    b.lbase,
+                    false,
+                )
+            };
+            let off = match placed {
+                Ok(Placed::New(off)) => {
+                    if let Err(e) = write_placed(self.dev.as_ref(), off, &phys) {
+                        self.error = Some(e);
+                        return;
+                    }
+                    if dedupable(methods) {
+                        lock_space(&self.space).dedup_record(fp, off);
+                    }
+                    off
+                }
+                Ok(Placed::Shared { off, durable }) => {
+                    b.shared_durable = durable;
+                    off
+                }
                 Err(e) => {
                     self.error = Some(e);
                     return;
                 }
             };
-            if let Err(source) = self.dev.write_at(&phys, off.offset()) {
-                self.error = Some(Error::Io {
-                    op: "write",
-                    at: off.offset(),
-                    source,
-                });
-                return;
-            }
             br.data_off = off;
             br.mirror_tid = self.tid;
             br.modify_tid = self.tid;

@@ -1,5 +1,5 @@
 //! The freemap against an independent reachability scan, for the
-//! bulkfree tests here and the online bulkfree test of the mount: the
+//! bulkfree and dedup tests here and the online bulkfree test of the mount: the
 //! expected state of every 16 KiB block is computed from a plain walk of
 //! the blockrefs on disk, not with the library's bulkfree scan.
 
@@ -7,11 +7,20 @@ use bufcache::BlockDevice;
 use hammer2::chain::decode_set;
 use hammer2::disk::freemap::BMAP_FREE;
 use hammer2::disk::{BlockrefType, InodeData, FREEMAP_BLOCK_SIZE, ZONE_SEG};
+use hammer2::fsck::{fsck, Options};
 use hammer2::Volume;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 const GIB: u64 = 1 << 30;
+
+/// fsck of the volume on `dev` finds nothing; `ctx` names the step.
+pub fn fsck_clean(dev: &Arc<impl BlockDevice + 'static>, ctx: &str) {
+    let d: Arc<dyn BlockDevice> = dev.clone();
+    let report = fsck(d, Options::default()).unwrap();
+    let msgs: Vec<String> = report.problems.iter().map(|p| p.to_string()).collect();
+    assert!(msgs.is_empty(), "{ctx}: fsck: {}", msgs.join("\n"));
+}
 
 /// Every 16 KiB block the topology of the header in use references,
 /// from a plain walk of the blockrefs (shared subtrees walked again).

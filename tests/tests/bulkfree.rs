@@ -12,7 +12,6 @@
 use bufcache::{BlockDevice, MemDevice};
 use hammer2::bulkfree::BulkfreeStats;
 use hammer2::disk::{BlockrefType, Uuid};
-use hammer2::fsck::{fsck, Options};
 use hammer2::mount::Mount;
 use hammer2::pfsops::PfsIds;
 use hammer2::Volume;
@@ -26,14 +25,8 @@ mod model {
     include!("support/model.rs");
 }
 use model::*;
+use tests::freemap_check::*;
 use tests::{new_fs, open, T0};
-
-fn fsck_clean(dev: &Arc<impl BlockDevice + 'static>, ctx: &str) {
-    let d: Arc<dyn BlockDevice> = dev.clone();
-    let report = fsck(d, Options::default()).unwrap();
-    let msgs: Vec<String> = report.problems.iter().map(|p| p.to_string()).collect();
-    assert!(msgs.is_empty(), "{ctx}: fsck: {}", msgs.join("\n"));
-}
 
 fn ids(n: u8) -> PfsIds {
     PfsIds {

@@ -1,9 +1,10 @@
 //! `hammer2`: the HAMMER2 admin tool over an image file or block device,
 //! in the shape of DragonFly's hammer2(8): verbs that read (show,
 //! volhdr, freemap, pfs-list, info, hash) and verbs that write offline
-//! (snapshot, pfs-create, pfs-delete, bulkfree; `admin.rs`), and the
-//! same verbs (plus stat and mark) through a running mount.hammer2 when
-//! given a path in its mount (`online.rs`, over the control channel).
+//! (snapshot, pfs-create, pfs-delete, bulkfree; `admin.rs`; setcomp,
+//! setcheck; `setmethods.rs`), and the same verbs (plus stat and mark)
+//! through a running mount.hammer2 when given a path in its mount
+//! (`online.rs`, over the control channel).
 //!
 //! Every verb that reads a filesystem takes its image as the argument
 //! after the verb (`hammer2 show IMG`, as DragonFly's show, freemap and
@@ -28,6 +29,8 @@ mod freemap;
 mod online;
 #[path = "hammer2/pfs.rs"]
 mod pfs;
+#[path = "hammer2/setmethods.rs"]
+mod setmethods;
 #[path = "hammer2/show.rs"]
 mod show;
 #[path = "hammer2/volhdr.rs"]
@@ -56,7 +59,8 @@ runs alongside writers), show, volhdr, freemap and info read the image
 after the daemon flushed it, and stat and mark work on mounts only.
 Verbs that change a mounted volume need root. Given an image,
 snapshot, pfs-create, pfs-delete and bulkfree work offline and refuse
-an image that mount.hammer2 serves.
+an image that mount.hammer2 serves. setcomp and setcheck take files
+and directories in a mount, or IMG[@LABEL][:/PATH] offline.
 
 Exit status: 0 clean, 1 on an error or when damage was found
 (show, volhdr and freemap flag each damaged block inline and finish
@@ -70,7 +74,17 @@ Examples:
   hammer2 pfs-delete /mnt/data DATA.20240101.120000
   hammer2 bulkfree /mnt/data
   hammer2 stat /mnt/data/some/file
-  hammer2 hash hello.txt";
+  hammer2 setcomp -r zstd:9 /mnt/data/logs
+  hammer2 setcomp -r zstd:9 disk.img@DATA:/logs    (the same, offline)
+  hammer2 setcheck blake3 disk.img@DATA:/archive/big.iso
+  hammer2 hash hello.txt
+
+setcomp methods: none, autozero, lz4 (default), zlib[:1-9], zstd[:1-15].
+setcheck methods: none, disabled, crc32, xxhash64 (default), sha192,
+blake3. zstd (compression code 8) and blake3 (check code 8) are
+extension methods of this implementation, codes DragonFly's
+hammer2_disk.h leaves unused: DragonFly BSD cannot read blocks written
+with them (setcomp and setcheck warn when they are chosen).";
 
 #[derive(Parser)]
 #[command(
@@ -144,6 +158,33 @@ enum Verb {
         #[arg(value_name = "IMG")]
         img: PathBuf,
         label: String,
+    },
+    /// Set the compression method of files and directories: later
+    /// writes use it, files created later in a directory inherit it,
+    /// blocks already written keep theirs. METHOD[:LEVEL] is none,
+    /// autozero, lz4, zlib[:1-9] or zstd[:1-15] (an extension DragonFly
+    /// cannot read); TARGET is a file or directory in a mount, or
+    /// IMG[@LABEL][:/PATH] offline (LABEL defaults to DATA, PATH to the
+    /// PFS root)
+    Setcomp {
+        /// Also every file and directory under a directory
+        #[arg(short, long)]
+        recursive: bool,
+        #[arg(value_name = "METHOD[:LEVEL]")]
+        method: String,
+        #[arg(value_name = "TARGET", required = true)]
+        targets: Vec<String>,
+    },
+    /// Set the check method of files and directories, as setcomp: none, disabled, crc32, xxhash64, sha192 or blake3 (an
+    /// extension DragonFly cannot verify)
+    Setcheck {
+        /// Also every file and directory under a directory
+        #[arg(short, long)]
+        recursive: bool,
+        #[arg(value_name = "METHOD")]
+        method: String,
+        #[arg(value_name = "TARGET", required = true)]
+        targets: Vec<String>,
     },
     /// Free the space nothing references (offline): two passes, the
     /// first stages blocks no PFS or snapshot references, the second
@@ -399,6 +440,30 @@ fn run(cli: Cli, out: &mut dyn Write) -> Result<u64, CmdError> {
                 None => admin::bulkfree(&p, single_pass, out),
             }
         }
+        Verb::Setcomp {
+            recursive,
+            method,
+            targets,
+        } => setmethods::run(
+            setmethods::Field::Comp,
+            &method,
+            &targets,
+            recursive,
+            out,
+            &mut io::stderr(),
+        ),
+        Verb::Setcheck {
+            recursive,
+            method,
+            targets,
+        } => setmethods::run(
+            setmethods::Field::Check,
+            &method,
+            &targets,
+            recursive,
+            out,
+            &mut io::stderr(),
+        ),
         Verb::Mark { path, name } => online::mark(&path, &name, out),
         Verb::Stat { paths } => online::stat(&paths, out),
     }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The PFS an `IMG` without `@LABEL` names (as mount.hammer2).
-const LABEL_DEFAULT: &str = "DATA";
+pub const LABEL_DEFAULT: &str = "DATA";
 
 pub fn now_micros() -> u64 {
     SystemTime::now()
@@ -53,7 +53,7 @@ fn mounted_at(image: &Path) -> Option<String> {
 }
 
 /// Open `path` read-write as a `Mount`.
-fn open_rw(path: &Path) -> Result<(Image, Mount), CmdError> {
+pub fn open_rw(path: &Path) -> Result<(Image, Mount), CmdError> {
     if let Some(mnt) = mounted_at(path) {
         return Err(CmdError::Fail(format!(
             "{} is mounted on {mnt}; name the mountpoint to run this verb through the mount",
