@@ -403,7 +403,9 @@ impl Hammer2Fs {
     /// (see `dirlinks`); read-write, the mount must not be locked by the
     /// caller (`attr_locked` is for that).
     fn attr(&self, ino: u64, m: &InodeMeta) -> Result<FileAttr, Errno> {
-        if m.obj_type != ObjType::Directory {
+        // `.snapshot` and what is under it are read views with their own
+        // inode numbers: they keep the link counts on disk.
+        if m.obj_type != ObjType::Directory || is_snap(ino) {
             return self.attr_of_meta(ino, m);
         }
         match &self.store {
