@@ -38,6 +38,8 @@ pub struct InodeNode {
     pub pending_dirents: BTreeMap<u64, Option<Vec<u8>>>,
     /// Anything here differs from disk.
     pub dirty: bool,
+    /// Whether the flush tries to compress this file's next block.
+    pub comp_heuristic: crate::flush::CompHeuristic,
 }
 
 impl InodeNode {
@@ -54,6 +56,7 @@ impl InodeNode {
             pending: BTreeMap::new(),
             pending_dirents: BTreeMap::new(),
             dirty: false,
+            comp_heuristic: Default::default(),
         }
     }
 

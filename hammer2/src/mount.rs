@@ -23,12 +23,12 @@ use crate::disk::{
     BREF_FLAG_PFSROOT, INODE_START, OPFLAG_DIRECTDATA, VOLUME_BYTES,
 };
 use crate::error::{Error, Result};
-use crate::flush::{data_bref, encode_data_block, flush_inode, SpaceMap, Writer};
+use crate::flush::{data_bref, encode_data_block, flush_inode, CompHeuristic, SpaceMap, Writer};
 use crate::inode::InodeNode;
 use crate::pfs::{self, DirEntry};
 use crate::volume::Volume;
 use bufcache::BlockDevice;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The PFS root's inode number.
@@ -952,8 +952,10 @@ impl Mount {
         }
         self.flushing = true;
         let mut blocks = Vec::new();
+        let mut heuristics = HashMap::new();
         for (label, p) in &self.pfs {
             for (inum, n) in p.inodes.iter().filter(|(_, n)| !n.pending.is_empty()) {
+                heuristics.insert((label.clone(), *inum), n.comp_heuristic);
                 let size = n.size();
                 for (lbase, blk) in n.pending.range(..size) {
                     blocks.push(BatchBlock {
@@ -974,6 +976,7 @@ impl Mount {
             dev: self.vol.device().clone(),
             space: self.space.clone(),
             blocks,
+            heuristics,
             error: None,
         })
     }
@@ -1005,6 +1008,15 @@ impl Mount {
         self.writable()?;
         if let Some(e) = batch.error {
             return Err(e);
+        }
+        for ((label, inum), h) in batch.heuristics {
+            if let Some(n) = self
+                .pfs
+                .get_mut(&label)
+                .and_then(|p| p.inodes.get_mut(&inum))
+            {
+                n.comp_heuristic = h;
+            }
         }
         let (mut blocks, mut bytes) = (0, 0);
         for b in batch.blocks {
@@ -1164,6 +1176,9 @@ pub struct FlushBatch {
     dev: Arc<dyn BlockDevice>,
     space: Arc<Mutex<Box<dyn SpaceMap>>>,
     blocks: Vec<BatchBlock>,
+    /// Each file's compression heuristic, carried through the batch and
+    /// given back to its inode at commit.
+    heuristics: HashMap<(String, u64), CompHeuristic>,
     error: Option<Error>,
 }
 
@@ -1184,8 +1199,12 @@ impl FlushBatch {
             if self.error.is_some() {
                 return;
             }
+            let heur = self
+                .heuristics
+                .entry((b.label.clone(), b.inum))
+                .or_default();
             let Some((phys, methods)) =
-                encode_data_block(b.size, b.lbase, &b.blk, b.comp_algo, b.check_algo)
+                encode_data_block(b.size, b.lbase, &b.blk, b.comp_algo, b.check_algo, heur)
             else {
                 b.written = Some(None);
                 continue;
