@@ -208,8 +208,16 @@ pub fn encode_data_block(
     check_algo: u8,
     heur: &mut CompHeuristic,
 ) -> Option<(Vec<u8>, u8)> {
-    let lsize = (physical_block_size(size, lbase) as usize).min(blk.len());
-    let logical = &blk[..lsize];
+    // A pending block may be shorter than its physical size (the rest
+    // is zeros).
+    let lsize = physical_block_size(size, lbase) as usize;
+    let padded;
+    let logical = if blk.len() >= lsize {
+        &blk[..lsize]
+    } else {
+        padded = [blk, &vec![0u8; lsize - blk.len()]].concat();
+        &padded[..]
+    };
     let check = disk::dec_algo(check_algo);
     let comp = disk::dec_algo(comp_algo);
     let zero_detect = !(comp == comp_method::NONE && check <= disk::check_method::DISABLED);

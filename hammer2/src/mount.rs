@@ -912,6 +912,19 @@ impl Mount {
             .sum()
     }
 
+    /// Bytes of memory held by file data waiting for a flush (a block
+    /// holds what was written of it, up to 64 KiB), for writeback
+    /// limits.
+    pub fn pending_bytes(&self) -> u64 {
+        self.pfs
+            .values()
+            .map(|p| {
+                p.root.pending_bytes()
+                    + p.inodes.values().map(InodeNode::pending_bytes).sum::<u64>()
+            })
+            .sum()
+    }
+
     /// Drop clean inodes from memory (they are read again when next
     /// needed), as a flush does; for a mount that only reads between
     /// flushes.
