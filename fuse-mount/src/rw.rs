@@ -29,7 +29,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// File data waiting for a flush beyond which the flusher is woken.
+/// File data waiting for a flush (the memory it holds: what was written
+/// of each 64 KiB block) beyond which the flusher is woken.
 pub const DIRTY_KICK_BYTES: u64 = 64 << 20;
 /// File data waiting for a flush beyond which writers wait for one.
 pub const DIRTY_MAX_BYTES: u64 = 256 << 20;
@@ -129,7 +130,7 @@ impl RwVolume {
             return;
         }
         self.written.store(0, Ordering::Relaxed);
-        let dirty = m.dirty_bytes();
+        let dirty = m.pending_bytes();
         self.dirty.store(dirty, Ordering::Relaxed);
         if dirty > DIRTY_KICK_BYTES {
             lock(&self.flush).kicked = true;
@@ -275,7 +276,7 @@ impl RwVolume {
         batch.write();
         let mut m = self.mount();
         let stats = m.flush_commit(batch)?;
-        self.dirty.store(m.dirty_bytes(), Ordering::Relaxed);
+        self.dirty.store(m.pending_bytes(), Ordering::Relaxed);
         self.written.store(0, Ordering::Relaxed);
         Ok(stats.bytes)
     }

@@ -24,12 +24,12 @@ use crate::disk::{
     BREF_FLAG_PFSROOT, INODE_START, OPFLAG_DIRECTDATA, VOLUME_BYTES,
 };
 use crate::error::{Error, Result};
-use crate::flush::{data_bref, encode_data_block, flush_inode, SpaceMap, Writer};
+use crate::flush::{data_bref, encode_data_block, flush_inode, CompHeuristic, SpaceMap, Writer};
 use crate::inode::InodeNode;
 use crate::pfs::{self, DirEntry};
 use crate::volume::Volume;
 use bufcache::BlockDevice;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The PFS root's inode number.
@@ -925,6 +925,19 @@ impl Mount {
             .sum()
     }
 
+    /// Bytes of memory held by file data waiting for a flush (a block
+    /// holds what was written of it, up to 64 KiB), for writeback
+    /// limits.
+    pub fn pending_bytes(&self) -> u64 {
+        self.pfs
+            .values()
+            .map(|p| {
+                p.root.pending_bytes()
+                    + p.inodes.values().map(InodeNode::pending_bytes).sum::<u64>()
+            })
+            .sum()
+    }
+
     /// Drop clean inodes from memory (they are read again when next
     /// needed), as a flush does; for a mount that only reads between
     /// flushes.
@@ -965,8 +978,10 @@ impl Mount {
         }
         self.flushing = true;
         let mut blocks = Vec::new();
+        let mut heuristics = HashMap::new();
         for (label, p) in &self.pfs {
             for (inum, n) in p.inodes.iter().filter(|(_, n)| !n.pending.is_empty()) {
+                heuristics.insert((label.clone(), *inum), n.comp_heuristic);
                 let size = n.size();
                 for (lbase, blk) in n.pending.range(..size) {
                     blocks.push(BatchBlock {
@@ -988,6 +1003,7 @@ impl Mount {
             dev: self.vol.device().clone(),
             space: self.space.clone(),
             blocks,
+            heuristics,
             error: None,
         })
     }
@@ -1019,6 +1035,15 @@ impl Mount {
         self.writable()?;
         if let Some(e) = batch.error {
             return Err(e);
+        }
+        for ((label, inum), h) in batch.heuristics {
+            if let Some(n) = self
+                .pfs
+                .get_mut(&label)
+                .and_then(|p| p.inodes.get_mut(&inum))
+            {
+                n.comp_heuristic = h;
+            }
         }
         let (mut blocks, mut bytes) = (0, 0);
         for b in batch.blocks {
@@ -1181,6 +1206,9 @@ pub struct FlushBatch {
     dev: Arc<dyn BlockDevice>,
     space: Arc<Mutex<Box<dyn SpaceMap>>>,
     blocks: Vec<BatchBlock>,
+    /// Each file's compression heuristic, carried through the batch and
+    /// given back to its inode at commit.
+    heuristics: HashMap<(String, u64), CompHeuristic>,
     error: Option<Error>,
 }
 
@@ -1201,8 +1229,12 @@ impl FlushBatch {
             if self.error.is_some() {
                 return;
             }
+            let heur = self
+                .heuristics
+                .entry((b.label.clone(), b.inum))
+                .or_default();
             let Some((phys, methods)) =
-                encode_data_block(b.size, b.lbase, &b.blk, b.comp_algo, b.check_algo)
+                encode_data_block(b.size, b.lbase, &b.blk, b.comp_algo, b.check_algo, heur)
             else {
                 b.written = Some(None);
                 continue;
