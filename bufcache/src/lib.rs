@@ -8,7 +8,8 @@
 //!
 //! Modules: `device` (the trait, file and memory devices), `cached` (a
 //! `BlockDevice` through the cache), `recording`
-//! (recording and fault devices), `cache` (getblk, bread, releases,
+//! (recording and fault devices), `imagelock` (the locks of a read-write
+//! mount, and waiting for one that is ending), `cache` (getblk, bread, releases,
 //! read-ahead, dirty accounting), `flush` (the coalescing writer, flush and
 //! barrier, throttling, the flusher thread), `error`.
 
@@ -19,6 +20,7 @@ pub mod cached;
 pub mod device;
 mod error;
 mod flush;
+pub mod imagelock;
 pub mod recording;
 
 pub use cache::{parse_cache_size, Buf, BufCache, BufCacheConfig, BufRef, BufShared, CacheStats};

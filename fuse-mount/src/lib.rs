@@ -6,8 +6,11 @@
 //!   read-write.
 //! - `rw`: a read-write mount's shared state: the `Mount` behind a mutex,
 //!   the image lock, the flusher.
+//! - `snapdir`: `-o snapdir`, the snapshots read-only under `.snapshot`.
 //! - `inode`: node ids, the table of inodes the kernel holds, attributes.
 //! - `cookie`: readdir offsets from directory keys.
+//! - `ctl`: the control channel the `hammer2` tool talks to (ioctls).
+//! - `dirlinks`: POSIX link counts for directories.
 //! - `errno`: the one mapping from `hammer2::Error` to an errno.
 //! - `options`: `-o` options as mount(8) and fstab pass them.
 //! - `mount`: opening the image, mounting, serving, unmounting on signals.
@@ -16,12 +19,15 @@
 #![forbid(unsafe_code)]
 
 pub mod cookie;
+pub mod ctl;
+pub mod dirlinks;
 pub mod errno;
 pub mod inode;
 pub mod logging;
 pub mod mount;
 pub mod options;
 pub mod rw;
+pub mod snapdir;
 pub mod vnops;
 
 pub use errno::errno;

@@ -2,12 +2,17 @@
 //! open /dev/fuse, mount(2), say so (`ready`), serve until unmounted, and
 //! unmount on SIGTERM, SIGINT or SIGHUP.
 //!
-//! Read-write: the image is opened read-write and locked (`flock`,
-//! exclusive, for the process's life), so a second read-write mount of
-//! it fails at once; a flusher thread runs from the mount to the end,
-//! and after the session ends (however it ends) `RwVolume::shutdown`
-//! flushes what is left before the process exits. Read-only mounts take
-//! no lock: they read the last flush and never write.
+//! Read-write: the image is opened read-write and locked (see
+//! `bufcache::imagelock`: a writer lock for the process's life and a
+//! mounted lock while mounted), so a second read-write mount of it fails
+//! at once; a flusher thread runs from the mount to the end, and after
+//! the session ends (however it ends) the mounted lock is dropped and
+//! `RwVolume::shutdown` flushes what is left before the process exits.
+//! A FUSE umount returns before that last flush, so a new mount (and
+//! fsck) of the image waits until the ending daemon has written it and
+//! let go of the writer lock. Read-only mounts take no lock (they read
+//! the last flush and never write), but they too wait for an ending
+//! daemon.
 //!
 //! Threads: `serve` blocks those signals in the calling thread before it
 //! starts any other, so every thread inherits the mask and only the
@@ -21,12 +26,12 @@
 use crate::options::Options;
 use crate::rw::RwVolume;
 use crate::vnops::Hammer2Fs;
+use bufcache::imagelock::{self, LockError, MountedLock};
 use bufcache::{BlockDevice, FileDevice};
 use hammer2::mount::{Mount, ROOT_INUM};
 use hammer2::pfs::{pfs_list, Pfs};
 use hammer2::Volume;
 use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
 use nix::mount::MntFlags;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
@@ -102,16 +107,35 @@ pub fn split_source(source: &str) -> Result<(PathBuf, String), Failure> {
     }
 }
 
-/// Open the image and its PFS `label`, with messages that say what is
+/// Open the image and its PFS `label`, read-only (through a buffer
+/// cache of `cache_size` bytes if given), with messages that say what is
 /// wrong: not a file, not HAMMER2, no such label (listing those there
 /// are).
-pub fn open_pfs(image: &Path, label: &str) -> Result<Pfs, Failure> {
+pub fn open_pfs(image: &Path, label: &str, cache_size: Option<u64>) -> Result<Pfs, Failure> {
     let shown = image.display();
     let dev = FileDevice::open(image, false)
         .map_err(|e| Failure::Mount(format!("cannot open {shown}: {e}")))?;
-    let vol = Arc::new(open_volume(image, Arc::new(dev))?);
+    let vol = Arc::new(open_volume(image, cached(Arc::new(dev), cache_size)?)?);
     check_label(image, &vol, label)?;
     Pfs::open(vol, label).map_err(|e| Failure::Mount(format!("{shown}@{label}: {e}")))
+}
+
+/// `dev` through a buffer cache of `cache_size` bytes (`cache_size=`),
+/// or as it is: then reads go through the kernel's page cache of the
+/// image.
+fn cached(
+    dev: Arc<dyn BlockDevice>,
+    cache_size: Option<u64>,
+) -> Result<Arc<dyn BlockDevice>, Failure> {
+    Ok(match cache_size {
+        Some(bytes) => {
+            let cache = bufcache::BufCache::open(dev, bytes).map_err(|e| {
+                Failure::Mount(format!("cannot set up a {bytes}-byte buffer cache: {e}"))
+            })?;
+            Arc::new(bufcache::CachedDevice::new(cache))
+        }
+        None => dev,
+    })
 }
 
 fn open_volume(image: &Path, dev: Arc<dyn BlockDevice>) -> Result<Volume, Failure> {
@@ -145,19 +169,34 @@ fn check_label(image: &Path, vol: &Volume, label: &str) -> Result<(), Failure> {
     )))
 }
 
+/// Wait for a mount of `image` that was unmounted to finish its last
+/// flush (saying so if that takes more than a moment).
+fn wait_for_ending_mount(image: &Path) -> Result<(), Failure> {
+    let shown = image.display();
+    match imagelock::wait_for_writer(image, || {
+        log::warn!("{shown}: waiting for the mount that was unmounted to write its last flush")
+    }) {
+        // An image that cannot be opened fails next, with its own message.
+        Ok(_) | Err(LockError::Io(_)) => Ok(()),
+        Err(e) => Err(Failure::Mount(format!("{shown}: {e}"))),
+    }
+}
+
 /// Open the image read-write, lock it against a second read-write
-/// mount, and open the write path (`Mount`) on PFS `label`. `None` when
-/// the image cannot be written at all (a read-only file, device or
+/// mount (waiting for one that was unmounted to finish its last flush),
+/// and open the write path (`Mount`) on PFS `label`. `None` when the
+/// image cannot be written at all (a read-only file, device or
 /// filesystem): the caller mounts it read-only, as mount(8) does with a
-/// write-protected device.
+/// write-protected device. With the volume, the mounted lock to drop at
+/// the end of the session.
 pub fn open_rw(
     image: &Path,
     label: &str,
     options: &Options,
-) -> Result<Option<Arc<RwVolume>>, Failure> {
+) -> Result<Option<(Arc<RwVolume>, MountedLock)>, Failure> {
     let shown = image.display();
-    let file = match OpenOptions::new().read(true).write(true).open(image) {
-        Ok(f) => f,
+    match OpenOptions::new().read(true).write(true).open(image) {
+        Ok(f) => drop(f),
         Err(e)
             if e.raw_os_error() == Some(libc::EROFS)
                 || e.kind() == io::ErrorKind::PermissionDenied =>
@@ -171,11 +210,14 @@ pub fn open_rw(
             )))
         }
     };
-    let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| match e {
-        Errno::EWOULDBLOCK => Failure::Mount(format!(
+    let lock = imagelock::lock_writer(image, || {
+        log::warn!("{shown}: waiting for the mount that was unmounted to write its last flush")
+    })
+    .map_err(|e| match e {
+        LockError::Mounted => Failure::Mount(format!(
             "{shown} is already mounted read-write (another mount.hammer2 holds its lock)"
         )),
-        e => Failure::Mount(format!("cannot lock {shown}: {e}")),
+        e => Failure::Mount(format!("{shown}: {e}")),
     })?;
     let dev = FileDevice::open(image, true)
         .map_err(|e| Failure::Mount(format!("cannot open {shown} read-write: {e}")))?;
@@ -185,15 +227,7 @@ pub fn open_rw(
     drop(vol);
     // With cache_size= the library reads and writes through the buffer
     // cache (its barrier is the cache's ordered flush).
-    let dev: Arc<dyn BlockDevice> = match options.cache_size {
-        Some(bytes) => {
-            let cache = bufcache::BufCache::open(dev, bytes).map_err(|e| {
-                Failure::Mount(format!("cannot set up a {bytes}-byte buffer cache: {e}"))
-            })?;
-            Arc::new(bufcache::CachedDevice::new(cache))
-        }
-        None => dev,
-    };
+    let dev = cached(dev, options.cache_size)?;
     // Loads the freemap allocator and runs DragonFly's mount-time
     // recovery.
     let mut mount = Mount::open(dev)
@@ -201,12 +235,8 @@ pub fn open_rw(
     mount
         .getattr(label, ROOT_INUM)
         .map_err(|e| Failure::Mount(format!("{shown}@{label}: {e}")))?;
-    Ok(Some(Arc::new(RwVolume::new(
-        mount,
-        label.to_string(),
-        lock,
-        options.sync_interval,
-    ))))
+    let vol = RwVolume::new(mount, label.to_string(), lock.writer, options.sync_interval);
+    Ok(Some((Arc::new(vol), lock.mounted)))
 }
 
 /// The mountpoint must be an existing directory.
@@ -341,7 +371,7 @@ pub fn serve(req: &Request, ready: impl FnOnce()) -> Result<(), Failure> {
     signals
         .thread_block()
         .map_err(|e| Failure::System(format!("cannot block signals: {e}")))?;
-    let (session, dev, mnt, rw) = mount(req)?;
+    let (session, dev, mnt, rw, mounted) = mount(req)?;
     let flusher = match &rw {
         Some(v) => Some(v.start_flusher().map_err(|e| {
             let _ = nix::mount::umount2(&mnt, MntFlags::MNT_DETACH);
@@ -351,6 +381,8 @@ pub fn serve(req: &Request, ready: impl FnOnce()) -> Result<(), Failure> {
     };
     ready();
     let end = start_threads(session, signals).and_then(|events| wait_for_end(&events, &mnt, &dev));
+    // Unmounted: a new mount or fsck now waits for the last flush.
+    drop(mounted);
     match rw {
         Some(v) => finish_rw(&v, flusher, end),
         None => end,
@@ -378,6 +410,7 @@ type Mounted = (
     File,
     PathBuf,
     Option<Arc<RwVolume>>,
+    Option<MountedLock>,
 );
 
 /// Open everything, mount, and shake hands with the kernel. Returns the
@@ -385,23 +418,31 @@ type Mounted = (
 /// mountpoint, and for a read-write mount its state.
 fn mount(req: &Request) -> Result<Mounted, Failure> {
     let mut o = req.options.clone();
-    let rw = match o.read_write {
-        true => open_rw(&req.image, &req.label, &o)?,
-        false => None,
+    let (rw, mounted) = match o.read_write {
+        true => open_rw(&req.image, &req.label, &o)?.unzip(),
+        false => (None, None),
     };
+    if rw.is_none() {
+        wait_for_ending_mount(&req.image)?;
+    }
     o.read_write = rw.is_some();
-    let fs = match &rw {
-        Some(v) => Hammer2Fs::new_rw(v.clone(), o.default_permissions)
-            .with_writeback_cache(o.writeback_cache),
-        None => Hammer2Fs::new(open_pfs(&req.image, &req.label)?, o.default_permissions),
-    };
-    let mnt = check_mountpoint(&req.mountpoint)?;
-    let dev = open_dev_fuse()?;
     // What /proc/mounts shows as the source, as mount(8) would.
     let image = req
         .image
         .canonicalize()
         .unwrap_or_else(|_| req.image.clone());
+    let fs = match &rw {
+        Some(v) => Hammer2Fs::new_rw(v.clone(), o.default_permissions)
+            .with_writeback_cache(o.writeback_cache),
+        None => Hammer2Fs::new(
+            open_pfs(&req.image, &req.label, o.cache_size)?,
+            o.default_permissions,
+        ),
+    }
+    .with_image(image.clone())
+    .with_snapdir(o.snapdir);
+    let mnt = check_mountpoint(&req.mountpoint)?;
+    let dev = open_dev_fuse()?;
     let source = image.display().to_string();
     let (acl, config) = o.session_config(n_threads());
     mount_kernel(&dev, &mnt, &source, &o)?;
@@ -429,10 +470,10 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
             mnt.display()
         );
     }
-    if let (Some(bytes), true) = (o.cache_size, rw.is_some()) {
+    if let Some(bytes) = o.cache_size {
         log::info!("buffer cache of {} MiB", bytes >> 20);
     }
-    Ok((session, dev, mnt, rw))
+    Ok((session, dev, mnt, rw, mounted))
 }
 
 /// The session's threads, and one that turns blocked signals into events.

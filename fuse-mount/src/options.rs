@@ -42,14 +42,17 @@ pub struct Options {
     /// on fsync, past the dirty limit, and at unmount.
     pub sync_interval: Option<Duration>,
     /// `cache_size=SIZE`: the page layer's memory budget, rounded down
-    /// to 2 MiB. A read-write mount with it reads and writes through the
-    /// buffer cache of that size; without it, through the kernel's page
-    /// cache of the image file.
+    /// to 2 MiB. A mount with it reads (and, read-write, writes) through
+    /// the buffer cache of that size; without it, through the kernel's
+    /// page cache of the image file.
     pub cache_size: Option<u64>,
     /// `writeback_cache`: let the kernel keep written pages and send
     /// them later in large writes (FUSE_WRITEBACK_CACHE). Off by
     /// default: see `vnops::Hammer2Fs::lseek`.
     pub writeback_cache: bool,
+    /// `snapdir`: the volume's snapshots, read-only, under `.snapshot`
+    /// at the mount root (hidden: looked up, not listed).
+    pub snapdir: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,6 +88,7 @@ impl Default for Options {
             sync_interval: Some(SYNC_INTERVAL_DEFAULT),
             cache_size: None,
             writeback_cache: false,
+            snapdir: false,
         }
     }
 }
@@ -138,6 +142,7 @@ pub fn parse<S: AsRef<str>>(args: &[S], sloppy: bool) -> Result<Options, String>
             "atime" => o.atime = true,
             "noatime" => o.atime = false,
             "writeback_cache" => o.writeback_cache = true,
+            "snapdir" => o.snapdir = true,
             "nowriteback_cache" => o.writeback_cache = false,
             "sync" => o.sync = Some(Sync::Sync),
             "async" => o.sync = Some(Sync::Async),
@@ -307,6 +312,8 @@ mod tests {
         assert_eq!(o.cache_size, None);
         assert!(!o.writeback_cache);
         assert!(parse(&["writeback_cache"], false).unwrap().writeback_cache);
+        assert!(!o.snapdir);
+        assert!(parse(&["snapdir"], false).unwrap().snapdir);
         let o = parse(&["rw,sync_interval=30,cache_size=513M"], false).unwrap();
         assert_eq!(o.sync_interval, Some(Duration::from_secs(30)));
         assert_eq!(o.cache_size, Some(512 << 20));

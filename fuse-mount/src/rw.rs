@@ -21,6 +21,7 @@
 //! fsync and close gets EIO until the image is mounted again. What is on
 //! disk stays the last completed flush.
 
+use hammer2::ctl::{bulkfree_state, BulkfreeStatus};
 use hammer2::mount::Mount;
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +29,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// File data waiting for a flush beyond which the flusher is woken.
+/// File data waiting for a flush (the memory it holds: what was written
+/// of each 64 KiB block) beyond which the flusher is woken.
 pub const DIRTY_KICK_BYTES: u64 = 64 << 20;
 /// File data waiting for a flush beyond which writers wait for one.
 pub const DIRTY_MAX_BYTES: u64 = 256 << 20;
@@ -62,6 +64,9 @@ pub struct RwVolume {
     dirty: AtomicU64,
     /// Bytes written since `dirty` was last brought up to date.
     written: AtomicU64,
+    /// The online bulkfree (`hammer2 bulkfree MOUNTPOINT`): its state,
+    /// as `hammer2 bulkfree` polls it.
+    bulkfree: Mutex<BulkfreeStatus>,
     /// The exclusive lock on the image, held for the mount's life.
     _lock: nix::fcntl::Flock<File>,
 }
@@ -88,6 +93,7 @@ impl RwVolume {
             sync_interval,
             dirty: AtomicU64::new(0),
             written: AtomicU64::new(0),
+            bulkfree: Mutex::new(BulkfreeStatus::default()),
             _lock: lock,
         }
     }
@@ -95,6 +101,15 @@ impl RwVolume {
     /// The mount, for one operation.
     pub fn mount(&self) -> MutexGuard<'_, Mount> {
         lock(&self.mount)
+    }
+
+    /// Run `f` on the mount between two flushes: no pipelined flush is
+    /// under way (its data writes run without the mount locked) while
+    /// `f` runs, and none starts until it returns.
+    pub fn between_flushes<T>(&self, f: impl FnOnce(&mut Mount) -> T) -> T {
+        let _serial = lock(&self.serial);
+        let mut m = self.mount();
+        f(&mut m)
     }
 
     /// EIO once a flush has failed.
@@ -115,7 +130,7 @@ impl RwVolume {
             return;
         }
         self.written.store(0, Ordering::Relaxed);
-        let dirty = m.dirty_bytes();
+        let dirty = m.pending_bytes();
         self.dirty.store(dirty, Ordering::Relaxed);
         if dirty > DIRTY_KICK_BYTES {
             lock(&self.flush).kicked = true;
@@ -261,7 +276,7 @@ impl RwVolume {
         batch.write();
         let mut m = self.mount();
         let stats = m.flush_commit(batch)?;
-        self.dirty.store(m.dirty_bytes(), Ordering::Relaxed);
+        self.dirty.store(m.pending_bytes(), Ordering::Relaxed);
         self.written.store(0, Ordering::Relaxed);
         Ok(stats.bytes)
     }
@@ -289,5 +304,111 @@ impl RwVolume {
             Some((_, why)) => Err(why.clone()),
             None => Ok(()),
         }
+    }
+
+    /// The online bulkfree's state.
+    pub fn bulkfree_status(&self) -> BulkfreeStatus {
+        lock(&self.bulkfree).clone()
+    }
+
+    /// Start an online bulkfree of `passes` passes on its own thread,
+    /// unless one runs already. Returns its state at the start.
+    pub fn bulkfree_start(self: &Arc<Self>, passes: u32) -> Result<BulkfreeStatus, String> {
+        let start = {
+            let mut st = lock(&self.bulkfree);
+            if st.state == bulkfree_state::RUNNING {
+                return Err(format!(
+                    "a bulkfree is running already (pass {} of {})",
+                    st.pass, st.passes
+                ));
+            }
+            *st = BulkfreeStatus {
+                state: bulkfree_state::RUNNING,
+                pass: 1,
+                passes,
+                ..Default::default()
+            };
+            st.clone()
+        };
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("bulkfree".into())
+            .spawn(move || {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    me.bulkfree_run(passes)
+                }))
+                .unwrap_or_else(|_| Err("the bulkfree thread panicked".into()));
+                let mut st = lock(&me.bulkfree);
+                let done = crate::ctl::finished(st.clone(), r.err());
+                if done.state == bulkfree_state::FAILED {
+                    log::error!("bulkfree failed: {}", done.report);
+                }
+                *st = done;
+            });
+        if let Err(e) = spawned {
+            let mut st = lock(&self.bulkfree);
+            *st = crate::ctl::finished(st.clone(), Some(format!("cannot start: {e}")));
+            return Err(format!("cannot start the bulkfree thread: {e}"));
+        }
+        Ok(start)
+    }
+
+    /// The passes of an online bulkfree, as DragonFly runs one against a
+    /// live filesystem: each pass begins between two flushes (the
+    /// library flushes and takes that flush's topology, and from then on
+    /// the allocator records what it hands out), scans that topology
+    /// with the mount unlocked, so every operation and flush goes on
+    /// meanwhile, and merges under the mount (blocks handed out since the
+    /// begin count as referenced), then flushes the freemap.
+    fn bulkfree_run(&self, passes: u32) -> Result<(), String> {
+        for pass in 1..=passes {
+            self.writable()
+                .map_err(|_| "a flush failed; the mount refuses writes".to_string())?;
+            lock(&self.bulkfree).pass = pass;
+            let mut scan = self
+                .between_flushes(|m| {
+                    if lock(&self.flush).stop {
+                        return Ok(None);
+                    }
+                    m.bulkfree_begin().map(Some)
+                })
+                .map_err(|e| format!("pass {pass}: {e}"))?
+                .ok_or_else(|| format!("pass {pass}: stopped by the unmount"))?;
+            let mut progress = |p: hammer2::bulkfree::Progress| {
+                let mut st = lock(&self.bulkfree);
+                st.brefs = p.brefs;
+                st.bytes = p.bytes;
+                st.bytes_in_use = p.bytes_in_use;
+            };
+            scan.run(Some(&mut progress))
+                .map_err(|e| format!("pass {pass}: {e}"))?;
+            // Unmounting: the last flush has run or waits for the serial
+            // lock; merge nothing after it (checked under that lock).
+            let stats = self
+                .between_flushes(|m| {
+                    if lock(&self.flush).stop {
+                        return Ok(None);
+                    }
+                    let s = m.bulkfree_commit(scan)?;
+                    m.flush()?;
+                    Ok::<_, hammer2::Error>(Some(s))
+                })
+                .map_err(|e| format!("pass {pass}: {e}"))?
+                .ok_or_else(|| format!("pass {pass}: stopped by the unmount"))?;
+            log::info!("online {stats}");
+            let mut st = lock(&self.bulkfree);
+            st.brefs = stats.scan.brefs;
+            st.bytes = stats.scan.bytes;
+            st.freed += stats.sync.freed;
+            st.staged = stats.sync.staged;
+            if !st.report.is_empty() {
+                st.report.push('\n');
+            }
+            st.report.push_str(&format!(
+                "bulkfree pass {pass} (tid {:#x}): {}\n{}",
+                stats.tid, stats.scan, stats.sync
+            ));
+        }
+        Ok(())
     }
 }

@@ -35,9 +35,11 @@
 //! Unix rules with the caller's uid and primary gid.
 
 use crate::cookie;
+use crate::dirlinks::DirLinks;
 use crate::errno::errno;
 use crate::inode::{self, attr_of, placeholder_attr, Ids, InodeTable, BLOCK_BYTES};
 use crate::rw::RwVolume;
+use crate::snapdir::{self, is_snap, SnapDir};
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
     Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner,
@@ -110,16 +112,20 @@ struct DirStream {
     listing: Mutex<Option<Arc<Vec<DirEntry>>>>,
 }
 
-enum Store {
+pub(crate) enum Store {
     ReadOnly { pfs: Box<Pfs>, root: Arc<Inode> },
     ReadWrite(Arc<RwVolume>),
 }
 
 pub struct Hammer2Fs {
-    store: Store,
-    label: String,
+    pub(crate) store: Store,
+    pub(crate) label: String,
+    /// The image served (absolute), for the control channel.
+    pub(crate) image: std::path::PathBuf,
     ids: Ids,
     inodes: InodeTable,
+    /// Directories' POSIX link counts (see `dirlinks`).
+    dirlinks: DirLinks,
     dirs: Mutex<HashMap<u64, Arc<DirStream>>>,
     next_fh: AtomicU64,
     /// Without `default_permissions` the kernel checks nothing; then
@@ -127,6 +133,8 @@ pub struct Hammer2Fs {
     check_permissions: bool,
     /// FUSE_WRITEBACK_CACHE asked for (read-write only).
     writeback_cache: bool,
+    /// `-o snapdir`: the snapshots under `.snapshot` at the root.
+    pub(crate) snapdir: Option<SnapDir>,
     ttl: Duration,
     counters: Counters,
 }
@@ -230,15 +238,84 @@ impl Hammer2Fs {
         Hammer2Fs {
             store,
             label,
+            image: std::path::PathBuf::new(),
             ids,
             inodes: InodeTable::default(),
+            dirlinks: DirLinks::default(),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             check_permissions: !default_permissions,
             writeback_cache: false,
+            snapdir: None,
             ttl,
             counters: Counters::default(),
         }
+    }
+
+    /// Name the image served (what `hammer2` verbs through the control
+    /// channel are told).
+    pub fn with_image(mut self, image: std::path::PathBuf) -> Hammer2Fs {
+        self.image = image;
+        self
+    }
+
+    /// Serve the snapshots read-only under `.snapshot` (`-o snapdir`).
+    pub fn with_snapdir(mut self, on: bool) -> Hammer2Fs {
+        self.snapdir = on.then(SnapDir::default);
+        self
+    }
+
+    /// The `.snapshot` namespace (ENOENT when it is off).
+    fn snap(&self) -> Result<&SnapDir, Errno> {
+        self.snapdir.as_ref().ok_or(Errno::ENOENT)
+    }
+
+    /// The snapshots of the volume, and a volume to open them from.
+    fn snap_source(&self) -> Result<snapdir::Source, Errno> {
+        match &self.store {
+            Store::ReadOnly { pfs, .. } => Ok(snapdir::Source {
+                snapshots: self.h(snapdir::snapshot_labels(pfs.volume()))?,
+                volume: pfs.volume().clone(),
+            }),
+            Store::ReadWrite(v) => {
+                let (snapshots, dev) = {
+                    let m = v.mount();
+                    let l = snapdir::snapshot_labels(m.volume());
+                    (l, m.volume().device().clone())
+                };
+                let volume = self.h(hammer2::Volume::open(dev))?;
+                Ok(snapdir::Source {
+                    snapshots: self.h(snapshots)?,
+                    volume: Arc::new(volume),
+                })
+            }
+        }
+    }
+
+    /// Readdir of a `.snapshot` node: every entry from `offset` (an
+    /// index: 1 after ".", 2 after "..", 3 + i after entry i), each given
+    /// to `add` until it reports the buffer full.
+    fn snap_readdir(
+        &self,
+        ino: INodeNo,
+        offset: u64,
+        mut add: impl FnMut(u64, u64, FileType, &OsStr) -> bool,
+    ) -> Result<(), Errno> {
+        let (parent, entries) = self
+            .snap()?
+            .list(ino.0, INodeNo::ROOT.0, || self.snap_source())?;
+        let mut all = vec![
+            (ino.0, FileType::Directory, b".".to_vec()),
+            (parent, FileType::Directory, b"..".to_vec()),
+        ];
+        all.extend(entries);
+        let from = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (i, (child, kind, name)) in all.iter().enumerate().skip(from) {
+            if add(*child, i as u64 + 1, *kind, OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Let the kernel cache writes (`-o writeback_cache`).
@@ -299,6 +376,9 @@ impl Hammer2Fs {
 
     /// The meta of node `ino`.
     fn meta(&self, ino: INodeNo) -> Result<InodeMeta, Errno> {
+        if is_snap(ino.0) {
+            return self.snap()?.meta(ino.0, || self.meta(INodeNo::ROOT));
+        }
         match &self.store {
             Store::ReadOnly { pfs, root } => Ok(*self.inode(pfs, root, ino)?.meta()),
             Store::ReadWrite(v) => {
@@ -308,7 +388,9 @@ impl Hammer2Fs {
         }
     }
 
-    fn attr(&self, ino: u64, m: &InodeMeta) -> Result<FileAttr, Errno> {
+    /// The attributes of node `ino` from its inode, the link count of a
+    /// directory aside.
+    fn attr_of_meta(&self, ino: u64, m: &InodeMeta) -> Result<FileAttr, Errno> {
         attr_of(ino, m).ok_or_else(|| {
             self.fail(&hammer2::Error::corrupt(
                 format!("inode {} has object type {}", m.inum, m.obj_type.name()),
@@ -317,10 +399,49 @@ impl Hammer2Fs {
         })
     }
 
+    /// The attributes of node `ino`, a directory's link count counted
+    /// (see `dirlinks`); read-write, the mount must not be locked by the
+    /// caller (`attr_locked` is for that).
+    fn attr(&self, ino: u64, m: &InodeMeta) -> Result<FileAttr, Errno> {
+        // `.snapshot` and what is under it are read views with their own
+        // inode numbers: they keep the link counts on disk.
+        if m.obj_type != ObjType::Directory || is_snap(ino) {
+            return self.attr_of_meta(ino, m);
+        }
+        match &self.store {
+            Store::ReadOnly { pfs, root } => {
+                let mut a = self.attr_of_meta(ino, m)?;
+                a.nlink = self.dirlinks.nlink(m.inum, || {
+                    let dir = self.inode(pfs, root, INodeNo(ino))?;
+                    Ok::<_, Errno>(subdirs(&self.h(pfs.readdir_from(&dir, 0))?))
+                })?;
+                Ok(a)
+            }
+            Store::ReadWrite(v) => self.attr_locked(&mut v.mount(), &v.label, ino, m),
+        }
+    }
+
+    /// `attr` with the read-write mount locked by the caller.
+    fn attr_locked(
+        &self,
+        mount: &mut Mount,
+        label: &str,
+        ino: u64,
+        m: &InodeMeta,
+    ) -> Result<FileAttr, Errno> {
+        let mut a = self.attr_of_meta(ino, m)?;
+        if m.obj_type == ObjType::Directory {
+            a.nlink = self.dirlinks.nlink(m.inum, || {
+                Ok::<_, Errno>(subdirs(&self.h(mount.readdir(label, m.inum, 0))?))
+            })?;
+        }
+        Ok(a)
+    }
+
     /// Node `ino`'s attributes from the mount, locked by the caller.
     fn attr_in(&self, m: &mut Mount, label: &str, ino: u64) -> Result<FileAttr, Errno> {
         let meta = self.h(m.getattr(label, self.ids.inum(ino)))?;
-        self.attr(ino, &meta)
+        self.attr_locked(m, label, ino, &meta)
     }
 
     /// May the caller do `mask` (R=4, W=2, X=1)? Always, with
@@ -372,6 +493,9 @@ impl Hammer2Fs {
         label: &str,
         dir: INodeNo,
     ) -> Result<InodeMeta, Errno> {
+        if is_snap(dir.0) {
+            return Err(Errno::EROFS);
+        }
         let d = self.h(m.getattr(label, self.ids.inum(dir.0)))?;
         if d.obj_type != ObjType::Directory {
             return Err(Errno::ENOTDIR);
@@ -568,7 +692,9 @@ impl Hammer2Fs {
             let dinum = self.ids.inum(parent.0);
             let name = Self::new_name(name)?;
             let inum = if is_dir {
-                self.h(m.mkdir(label, dinum, name, mode, uid, gid, now))?
+                let inum = self.h(m.mkdir(label, dinum, name, mode, uid, gid, now))?;
+                self.dirlinks.added(dinum);
+                inum
             } else {
                 let dev = dev_of(rdev);
                 self.h(m.create(label, dinum, name, obj_type, mode, uid, gid, dev, now))?
@@ -617,6 +743,15 @@ impl Hammer2Fs {
         }
         Ok(())
     }
+}
+
+/// How many of a directory's entries are directories.
+fn subdirs(entries: &[DirEntry]) -> u32 {
+    let n = entries
+        .iter()
+        .filter(|e| e.obj_type == ObjType::Directory)
+        .count();
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 fn entry_kind(e: &DirEntry) -> FileType {
@@ -678,6 +813,18 @@ impl Filesystem for Hammer2Fs {
             if name.len() > max {
                 return Err(Errno::ENAMETOOLONG);
             }
+            if is_snap(parent.0) {
+                let dir = self.meta(parent)?;
+                self.check(req, &dir, 1)?;
+                return self
+                    .snap()?
+                    .lookup(parent.0, name.as_bytes(), || self.snap_source());
+            }
+            if parent == INodeNo::ROOT && name.as_bytes() == snapdir::NAME && self.snapdir.is_some()
+            {
+                let root = self.meta(parent)?;
+                return self.attr(snapdir::SNAP_BIT, &SnapDir::dir_meta(&root));
+            }
             match &self.store {
                 Store::ReadOnly { pfs, root } => {
                     let dir = self.inode(pfs, root, parent)?;
@@ -703,7 +850,7 @@ impl Filesystem for Hammer2Fs {
                     self.check(req, &dir, 1)?;
                     let meta = self.entry_meta(&mut m, &v.label, parent, name)?;
                     let ino = self.ids.ino(meta.inum);
-                    let attr = self.attr(ino, &meta)?;
+                    let attr = self.attr_locked(&mut m, &v.label, ino, &meta)?;
                     self.inodes.remember(ino, None);
                     Ok(attr)
                 }
@@ -716,7 +863,7 @@ impl Filesystem for Hammer2Fs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        if ino != INodeNo::ROOT {
+        if ino != INodeNo::ROOT && !is_snap(ino.0) {
             self.inodes.forget(ino.0, nlookup);
         }
     }
@@ -746,6 +893,9 @@ impl Filesystem for Hammer2Fs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        if is_snap(ino.0) {
+            return reply.error(Errno::EROFS);
+        }
         let r = self.modify(|m, label, now| {
             let inum = self.ids.inum(ino.0);
             let meta = self.h(m.getattr(label, inum))?;
@@ -766,7 +916,7 @@ impl Filesystem for Hammer2Fs {
             };
             self.check_setattr(req, &meta, &mut a, times_now, fh.is_some())?;
             let meta = self.h(m.setattr(label, inum, a, now))?;
-            self.attr(ino.0, &meta)
+            self.attr_locked(m, label, ino.0, &meta)
         });
         match r {
             Ok(attr) => reply.attr(&self.ttl, &attr),
@@ -776,6 +926,7 @@ impl Filesystem for Hammer2Fs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let r = match &self.store {
+            _ if is_snap(ino.0) => self.snap().and_then(|sd| sd.readlink(ino.0)),
             Store::ReadOnly { pfs, root } => self
                 .inode(pfs, root, ino)
                 .and_then(|i| self.h(pfs.readlink(&i))),
@@ -837,7 +988,11 @@ impl Filesystem for Hammer2Fs {
             let dir = self.dir_for_change(req, m, label, parent)?;
             let victim = self.entry_meta(m, label, parent, name)?;
             self.check_sticky(req, &dir, &victim)?;
-            self.h(m.rmdir(label, self.ids.inum(parent.0), name.as_bytes(), now))
+            let dinum = self.ids.inum(parent.0);
+            self.h(m.rmdir(label, dinum, name.as_bytes(), now))?;
+            self.dirlinks.removed(dinum);
+            self.dirlinks.forget(victim.inum);
+            Ok(())
         });
         match r {
             Ok(()) => reply.ok(),
@@ -912,15 +1067,27 @@ impl Filesystem for Hammer2Fs {
                 noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
                 exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
             };
+            let is_dir = |m: &InodeMeta| m.obj_type == ObjType::Directory;
+            let moves_dir = is_dir(&src) || dst.as_ref().is_some_and(is_dir);
+            let (odinum, ndinum) = (self.ids.inum(parent.0), self.ids.inum(newparent.0));
             self.h(m.rename(
                 label,
-                self.ids.inum(parent.0),
+                odinum,
                 name.as_bytes(),
-                self.ids.inum(newparent.0),
+                ndinum,
                 Self::new_name(newname)?,
                 f,
                 now,
-            ))
+            ))?;
+            // Directories moved or replaced: both parents are recounted.
+            if moves_dir {
+                self.dirlinks.forget(odinum);
+                self.dirlinks.forget(ndinum);
+                if let Some(d) = dst.filter(|d| is_dir(d) && !f.exchange) {
+                    self.dirlinks.forget(d.inum);
+                }
+            }
+            Ok(())
         });
         match r {
             Ok(()) => reply.ok(),
@@ -936,6 +1103,9 @@ impl Filesystem for Hammer2Fs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        if is_snap(ino.0) {
+            return reply.error(Errno::EXDEV);
+        }
         let r = self.modify(|m, label, now| {
             self.dir_for_change(req, m, label, newparent)?;
             let inum = self.ids.inum(ino.0);
@@ -953,6 +1123,16 @@ impl Filesystem for Hammer2Fs {
             OpenAccMode::O_RDWR => 6,
         };
         let r = match &self.store {
+            _ if is_snap(ino.0) => (|| {
+                if mask != 4 {
+                    return Err(Errno::EROFS);
+                }
+                let meta = self.meta(ino)?;
+                if meta.obj_type == ObjType::Directory {
+                    return Err(Errno::EISDIR);
+                }
+                self.check(req, &meta, 4)
+            })(),
             Store::ReadOnly { pfs, root } => (|| {
                 if mask != 4 {
                     return Err(Errno::EROFS);
@@ -1024,6 +1204,9 @@ impl Filesystem for Hammer2Fs {
     ) {
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         let r = match &self.store {
+            _ if is_snap(ino.0) => self
+                .snap()
+                .and_then(|sd| sd.read(ino.0, offset, size as usize)),
             Store::ReadOnly { pfs, root } => self
                 .inode(pfs, root, ino)
                 .and_then(|i| self.h(pfs.read(&i, offset, size as usize))),
@@ -1105,7 +1288,7 @@ impl Filesystem for Hammer2Fs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Store::ReadWrite(v) = &self.store {
+        if let (Store::ReadWrite(v), false) = (&self.store, is_snap(ino.0)) {
             let r = v.mount().unpin(&v.label, self.ids.inum(ino.0));
             if let Err(e) = r {
                 self.fail(&e);
@@ -1136,6 +1319,7 @@ impl Filesystem for Hammer2Fs {
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let r = self.listed_dir(ino).and_then(|d| self.check(req, &d, 4));
         let r = r.and_then(|()| match &self.store {
+            _ if is_snap(ino.0) => Ok(()),
             Store::ReadWrite(v) => {
                 let r = v.mount().pin(&v.label, self.ids.inum(ino.0));
                 self.h(r)
@@ -1156,6 +1340,15 @@ impl Filesystem for Hammer2Fs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        if is_snap(ino.0) {
+            let r = self.snap_readdir(ino, offset, |child, next, kind, name| {
+                reply.add(INodeNo(child), next, kind, name)
+            });
+            return match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            };
+        }
         let r = self.listed_dir(ino).and_then(|dir| {
             let (entries, start) = self.entries_from(fh, ino, offset)?;
             Ok((dir, entries, start))
@@ -1199,6 +1392,26 @@ impl Filesystem for Hammer2Fs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        if is_snap(ino.0) {
+            let r = self.snap_readdir(ino, offset, |child, next, _kind, name| {
+                // "." and ".." take no reference; their attributes are
+                // ignored but must still be some node's.
+                let dots = name == OsStr::new(".") || name == OsStr::new("..");
+                let attr = self.meta(INodeNo(child)).and_then(|m| self.attr(child, &m));
+                let (attr, ttl) = match attr {
+                    Ok(a) => (a, self.ttl),
+                    Err(_) if dots => {
+                        (placeholder_attr(child, FileType::Directory), Duration::ZERO)
+                    }
+                    Err(_) => return false,
+                };
+                reply.add(INodeNo(child), next, name, &ttl, &attr, Generation(0))
+            });
+            return match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            };
+        }
         let r = self.listed_dir(ino).and_then(|dir| {
             let (entries, start) = self.entries_from(fh, ino, offset)?;
             let attr = self.attr(ino.0, &dir)?;
@@ -1286,7 +1499,7 @@ impl Filesystem for Hammer2Fs {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&fh.0);
-        if let Store::ReadWrite(v) = &self.store {
+        if let (Store::ReadWrite(v), false) = (&self.store, is_snap(ino.0)) {
             let r = v.mount().unpin(&v.label, self.ids.inum(ino.0));
             if let Err(e) = r {
                 self.fail(&e);
@@ -1386,25 +1599,31 @@ impl Filesystem for Hammer2Fs {
         reply.error(Errno::NO_XATTR);
     }
 
-    /// No ioctls (the kernel does not remember an ENOSYS for ioctl, and
-    /// every isatty() on a file asks): "not a terminal" is the answer.
+    /// The control channel (`hammer2::ctl`): the one ioctl the `hammer2`
+    /// tool sends on any file or directory of the mount. Anything else:
+    /// ENOTTY (the kernel does not remember an ENOSYS for ioctl).
     fn ioctl(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         _fh: FileHandle,
         _flags: IoctlFlags,
-        _cmd: u32,
-        _in_data: &[u8],
-        _out_size: u32,
+        cmd: u32,
+        in_data: &[u8],
+        out_size: u32,
         reply: ReplyIoctl,
     ) {
-        reply.error(Errno::ENOTTY);
+        if cmd != hammer2::ctl::CTL_IOC || (out_size as usize) < hammer2::ctl::CTL_BUF {
+            reply.error(Errno::ENOTTY);
+            return;
+        }
+        let out = crate::ctl::serve(self, req.uid(), self.ids.inum(ino.0), in_data);
+        reply.ioctl(0, &out);
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         let r = self.meta(ino).and_then(|m| {
-            if mask.contains(AccessFlags::W_OK) && !self.read_write() {
+            if mask.contains(AccessFlags::W_OK) && (!self.read_write() || is_snap(ino.0)) {
                 return Err(Errno::EROFS);
             }
             self.check(req, &m, mask.bits() as u32 & 0o7)
@@ -1486,6 +1705,22 @@ impl Filesystem for Hammer2Fs {
         reply: ReplyLseek,
     ) {
         let r = (|| {
+            if is_snap(ino.0) {
+                // A snapshot's file reads as all data: no holes shown
+                // (POSIX allows it), since an ENOSYS here would turn
+                // lseek off for the whole mount.
+                let offset = u64::try_from(offset).map_err(|_| Errno::ENXIO)?;
+                let size = self.snap()?.size(ino.0)?;
+                if offset >= size {
+                    return Err(Errno::ENXIO);
+                }
+                let at = match whence {
+                    libc::SEEK_DATA => offset,
+                    libc::SEEK_HOLE => size,
+                    _ => return Err(Errno::EINVAL),
+                };
+                return i64::try_from(at).map_err(|_| Errno::EOVERFLOW);
+            }
             let v = match &self.store {
                 Store::ReadWrite(v) if !self.writeback_cache => v,
                 _ => return Err(Errno::ENOSYS),
@@ -1532,6 +1767,10 @@ impl Filesystem for Hammer2Fs {
             let v = self.rw()?;
             if !flags.is_empty() {
                 return Err(Errno::EINVAL);
+            }
+            if is_snap(ino_in.0) || is_snap(ino_out.0) {
+                // Across to or from a snapshot: the caller copies itself.
+                return Err(Errno::EXDEV);
             }
             let (src, dst) = (self.ids.inum(ino_in.0), self.ids.inum(ino_out.0));
             // The reply counts in 32 bits.

@@ -69,12 +69,19 @@ fn treecheck_image(name: &str) {
         let root = std::fs::metadata(&mnt).expect("stat root");
         assert_eq!(root.ino(), 1, "{name}@{label}: root is node 1");
         assert!(root.is_dir());
+        treecheck_mounted(name, &label, &mnt);
+    }
+}
+
+/// treecheck of PFS `label` of fixture `name`, mounted on `mnt`.
+fn treecheck_mounted(name: &str, label: &str, mnt: &Path) {
+    {
         let out = Command::new("python3")
             .arg(TREECHECK)
             .arg("compare")
-            .arg(&mnt)
+            .arg(mnt)
             .arg(manifest_path(name))
-            .arg(&label)
+            .arg(label)
             .output()
             .expect("run python3 treecheck.py");
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -86,6 +93,27 @@ fn treecheck_image(name: &str) {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// `cache_size=` read-only: the image read through a 4 MiB buffer cache
+/// (its 10 MiB of file data do not fit, so buffers are paged out while
+/// it is read) matches the manifest.
+#[test]
+fn a_read_only_mount_reads_through_the_buffer_cache() {
+    require_fuse();
+    let img = fixture(FULL);
+    let mnt = scratch("ro-cached");
+    let log = scratch("ro-cached-log").join("log");
+    let (mut child, m) = mount_foreground(img.to_str().unwrap(), &mnt, &log, "ro,cache_size=4M");
+    treecheck_mounted(FULL, "DATA", &mnt);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("read-only") && text.contains("buffer cache of 4 MiB"),
+        "{text}"
+    );
+    drop(m);
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert!(status.success(), "{status}");
 }
 
 #[test]
@@ -223,6 +251,33 @@ fn readdir_continues_across_calls_and_statfs_matches_the_header() {
         .open(mnt.join("rand_70000.bin"))
         .expect_err("opened for writing");
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+}
+
+/// Directories report POSIX link counts (2 + subdirectories, as the
+/// manifest's tree has them) though HAMMER2 stores 1; files report the
+/// inode's count.
+#[test]
+fn directories_report_posix_link_counts() {
+    require_fuse();
+    let img = fixture(FULL);
+    let mnt = scratch("dirlinks");
+    let _m = Mounted::new(img.to_str().unwrap(), &mnt, &["-o", "ro"]);
+    let tree = &manifest(FULL)["DATA"];
+    let is_dir = |p: &str| tree[p]["type"] == "dir";
+    let parent = |p: &str| p.rsplit_once('/').map_or("", |(d, _)| d).to_string();
+    let mut dirs: Vec<String> = tree.keys().filter(|p| is_dir(p)).cloned().collect();
+    dirs.push(String::new());
+    assert!(dirs.len() > 10, "{} directories", dirs.len());
+    for d in &dirs {
+        let subdirs = dirs
+            .iter()
+            .filter(|s| !s.is_empty() && parent(s) == *d)
+            .count();
+        let md = std::fs::symlink_metadata(mnt.join(d)).expect("stat");
+        assert_eq!(md.nlink(), 2 + subdirs as u64, "/{d}");
+    }
+    let pfs = open_pfs(&img, "DATA");
+    assert_eq!(pfs.resolve("deep").expect("resolve").meta().nlinks, 1);
 }
 
 /// One flipped byte in a file's data block: reading that file fails

@@ -402,8 +402,32 @@ fn namespace_and_attribute_operations() {
     let e = fs::remove_dir(p("d1/b-link")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENOTDIR));
     fs::remove_dir(p("d2/sub/deeper")).unwrap();
-    // HAMMER2 directories have one link, whatever they hold.
-    assert_eq!(stat(&p("d2/sub")).nlink(), 1);
+    // Directories report POSIX link counts (2 + subdirectories; HAMMER2
+    // stores 1), kept through mkdir, rename across parents, rename over
+    // an empty directory, exchange and rmdir.
+    assert_eq!(stat(&p("d2/sub")).nlink(), 2);
+    let links = |d: &str| stat(&p(d)).nlink();
+    let (d1, d2) = (links("d1"), links("d2"));
+    fs::create_dir(p("d1/x")).unwrap();
+    fs::create_dir(p("d1/y")).unwrap();
+    assert_eq!((links("d1"), links("d2")), (d1 + 2, d2));
+    fs::rename(p("d1/x"), p("d2/x")).unwrap();
+    assert_eq!((links("d1"), links("d2")), (d1 + 1, d2 + 1));
+    fs::rename(p("d1/y"), p("d2/x")).unwrap();
+    assert_eq!((links("d1"), links("d2")), (d1, d2 + 1));
+    fs::write(p("d1/f"), b"f").unwrap();
+    rename2("d1/f", "d2/x", RenameFlags::RENAME_EXCHANGE).unwrap();
+    assert_eq!((links("d1"), links("d2"), links("d1/f")), (d1 + 1, d2, 2));
+    fs::remove_dir(p("d1/f")).unwrap();
+    fs::remove_file(p("d2/x")).unwrap();
+    assert_eq!((links("d1"), links("d2")), (d1, d2));
+    for d in ["", "d1", "d2", "d2/sub"] {
+        let subdirs = fs::read_dir(p(d))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_type().unwrap().is_dir())
+            .count();
+        assert_eq!(links(d), 2 + subdirs as u64, "/{d}");
+    }
 
     // symlinks, short (in the inode) and long (in a data block).
     symlink("d1/b-link", p("short")).unwrap();
@@ -486,6 +510,13 @@ fn namespace_and_attribute_operations() {
 
     m.unmount();
     fsck_clean(&img);
+    // On disk, directories keep the one link DragonFly gives them.
+    let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&img, false).unwrap());
+    let pfs = hammer2::Pfs::open(Arc::new(hammer2::Volume::open(dev).unwrap()), "DATA").unwrap();
+    for d in ["", "d1", "d2", "d2/sub"] {
+        assert_eq!(pfs.resolve(d).unwrap().meta().nlinks, 1, "/{d}");
+    }
+    drop(pfs);
     let m = RwMount::new(&img, &mnt, "");
     assert_eq!(fs::read(p("victim")).unwrap(), b"banana");
     assert_eq!(fs::read(p("d1/b-link")).unwrap(), b"apple");
@@ -706,6 +737,99 @@ fn on_disk(img: &Path, name: &str) -> Option<Vec<u8>> {
     let pfs = hammer2::Pfs::open(vol, "DATA").unwrap();
     let ino = pfs.resolve(name).ok()?;
     Some(pfs.read_all(&ino).unwrap())
+}
+
+/// A binary of the workspace built next to this test (fsck-hammer2 is
+/// mkfs's).
+fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first",
+        p.display()
+    );
+    p
+}
+
+/// `umount MNT` returns before a daemonized read-write mount has written
+/// its last flush (a FUSE unmount does not wait for the daemon).
+/// fsck.hammer2 run right after it waits for that flush and finds the
+/// image clean with everything written; a new mount.hammer2 run right
+/// after it waits too, instead of failing on the image lock.
+#[test]
+fn fsck_and_a_new_mount_right_after_umount_wait_for_the_last_flush() {
+    require_fuse();
+    let img = new_image("umount-wait");
+    let mnt = scratch("umount-wait-mnt");
+    let fsck = workspace_bin("fsck-hammer2");
+    // Unflushed until the unmount (sync_interval=0, below the dirty
+    // limits), so the last flush has 40 MiB and 10,000 inodes to write:
+    // it ends a good while after umount has returned.
+    let body = noise(11, 40 << 20);
+    let mount = || {
+        let out = Command::new(BIN)
+            .args(["-o", "rw,sync_interval=0"])
+            .arg(&img)
+            .arg(&mnt)
+            .output()
+            .expect("run mount.hammer2");
+        assert!(
+            out.status.success(),
+            "mount.hammer2 exited {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    mount();
+    fs::create_dir(mnt.join("many")).unwrap();
+    for i in 0..10_000 {
+        fs::write(mnt.join(format!("many/{i}")), i.to_string()).unwrap();
+    }
+    fs::write(mnt.join("first"), &body).unwrap();
+    nix::mount::umount(&mnt).expect("umount");
+    let out = Command::new(&fsck).arg(&img).output().expect("run fsck");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "fsck exited {}: {stderr}", out.status);
+    assert!(!stderr.contains("mounted read-write"), "{stderr}");
+    let first = on_disk(&img, "first");
+    assert!(
+        first.as_deref() == Some(&body[..]),
+        "first: not on disk as written"
+    );
+
+    mount();
+    fs::write(mnt.join("second"), &body[..body.len() / 2]).unwrap();
+    nix::mount::umount(&mnt).expect("umount");
+    mount();
+    assert!(fs::read(mnt.join("second")).unwrap() == body[..body.len() / 2]);
+    assert!(fs::read(mnt.join("first")).unwrap() == body);
+    nix::mount::umount(&mnt).expect("umount");
+    // And a read-only mount right after an unmount sees the last flush.
+    fs::create_dir_all(&mnt).unwrap();
+    let out = Command::new(BIN)
+        .args(["-o", "ro"])
+        .arg(&img)
+        .arg(&mnt)
+        .output()
+        .expect("run mount.hammer2");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(fs::read(mnt.join("second")).unwrap() == body[..body.len() / 2]);
+    nix::mount::umount(&mnt).expect("umount");
+    let out = Command::new(&fsck).arg(&img).output().expect("run fsck");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// sync_interval=1 writes within about a second with no fsync; with

@@ -58,6 +58,7 @@ mod tree;
 pub use bulkfree::{ScanMap, SyncStats};
 pub use recover::RecoveryStats;
 
+use crate::dedup::{DedupKey, DedupTable};
 use crate::disk::freemap::{BmapData, BMAP_ALLOCATED, BMAP_FREE};
 use crate::disk::{
     Blockref, BlockrefType, DataOff, VolumeHeader, FREEMAP_BLOCK_RADIX, FREEMAP_BLOCK_SIZE,
@@ -197,6 +198,12 @@ pub struct Allocator {
     bulkfree_flushed: u64,
     /// Blocks allocated since the running pass started.
     bulkfree_recent: Option<bulkfree::ScanMap>,
+    /// Live dedup: fingerprints of recent data blocks (`dedup.rs`).
+    dedup: DedupTable,
+    /// Unflushed allocations shared by dedup: extra blockrefs pointing
+    /// at them, each of which `release_unflushed` drops before the block
+    /// itself may go.
+    shares: BTreeMap<u64, u32>,
 }
 
 /// The 64 KiB chunk and 16 KiB block arithmetic of an allocation.
@@ -271,6 +278,8 @@ impl Allocator {
             bulkfree_applied: 0,
             bulkfree_flushed: 0,
             bulkfree_recent: None,
+            dedup: DedupTable::default(),
+            shares: BTreeMap::new(),
         };
         a.set_reserve_bytes((total_size / RESERVE_DIVISOR).clamp(RESERVE_MIN, RESERVE_MAX));
         a.sanitize_leaves();
@@ -572,7 +581,17 @@ impl Allocator {
                 });
             }
         }
+        if let Some(c) = self.shares.get_mut(&off.offset()) {
+            // Another blockref still points here (dedup): drop one share.
+            *c -= 1;
+            if *c == 0 {
+                self.shares.remove(&off.offset());
+            }
+            log::debug!("release {off:?}: one dedup share dropped");
+            return Ok(());
+        }
         self.unflushed.remove(&off.offset());
+        self.dedup.forget(off.offset());
         let zone = zone_of(off.offset());
         let idx = self.tree.by_zone[&zone];
         let n = ((off.offset() - zone) / SEGSIZE) as usize;
@@ -740,6 +759,7 @@ impl Allocator {
         self.freemap_tid = mirror_tid;
         self.unflushed.clear();
         self.fresh.clear();
+        self.shares.clear();
         self.bulkfree_flushed = self.bulkfree_applied;
         log::info!(
             "freemap flush at tid {mirror_tid:#x}: {} blocks written",
@@ -810,6 +830,56 @@ impl Allocator {
             unflushed_bytes: self.unflushed.values().map(|d| d.bytes()).sum(),
             freemap_tid: self.freemap_tid,
         }
+    }
+
+    // ---- live dedup (see dedup.rs) -------------------------------------
+
+    /// Share a recent block whose bytes have the fingerprint `fp`: only
+    /// one of `fp`'s size, every 16 KiB block under it allocated (never a
+    /// block bulkfree freed or staged), and for which `same` (the
+    /// caller's byte comparison) holds. Counts the share (an unflushed
+    /// block keeps it until released as often as it was shared) and,
+    /// while a bulkfree pass runs, records it as allocated for the
+    /// merge. Returns the block and whether it is durable.
+    pub fn dedup_share(
+        &mut self,
+        fp: &DedupKey,
+        same: &mut dyn FnMut(DataOff) -> bool,
+    ) -> Option<(DataOff, bool)> {
+        if self.poisoned {
+            return None;
+        }
+        let off = self.dedup.lookup(fp)?;
+        let valid = off.bytes() == u64::from(fp.bytes)
+            && blocks_of(off).all(|b| self.block_state(b) == Some(BMAP_ALLOCATED))
+            && same(off);
+        if !valid {
+            self.dedup.forget(off.offset());
+            return None;
+        }
+        let durable = match self.unflushed.get(&off.offset()) {
+            Some(&d) if d == off => {
+                *self.shares.entry(off.offset()).or_insert(0) += 1;
+                false
+            }
+            _ => true,
+        };
+        if let Some(recent) = self.bulkfree_recent.as_mut() {
+            recent.mark(BlockrefType::Data, off);
+        }
+        Some((off, durable))
+    }
+
+    /// Remember the data block `off`, just written, under `fp`.
+    pub fn dedup_record(&mut self, fp: DedupKey, off: DataOff) {
+        if !self.poisoned {
+            self.dedup.record(fp, off);
+        }
+    }
+
+    /// Fingerprints held by the dedup table.
+    pub fn dedup_entries(&self) -> usize {
+        self.dedup.len()
     }
 
     /// The 2-bit state of the 16 KiB block holding `offset`, or `None`

@@ -1,6 +1,8 @@
 //! Block compression as HAMMER2 stores it. LZ4 blocks carry a 4-byte
 //! native-order length before the raw LZ4 block; ZLIB blocks are a zlib
-//! stream. A compressed block is kept only when it fits in half the
+//! stream. ZSTD (our extension method 8, which DragonFly cannot read) is
+//! laid out as LZ4 is: a 4-byte little-endian length, then one zstd
+//! frame. A compressed block is kept only when it fits in half the
 //! logical block, and its physical size is rounded up to a power of two
 //! (at least 1 KiB) with a zeroed tail.
 
@@ -14,6 +16,7 @@ pub fn method_name(method: u8) -> &'static str {
         cmp::AUTOZERO => "autozero",
         cmp::LZ4 => "lz4",
         cmp::ZLIB => "zlib",
+        cmp::ZSTD => "zstd",
         _ => "unknown",
     }
 }
@@ -33,7 +36,7 @@ pub fn decompress(method: u8, phys: &[u8], logical_bytes: usize, at: u64) -> Res
             let n = phys.len().min(logical_bytes);
             phys[..n].to_vec()
         }
-        cmp::LZ4 => {
+        cmp::LZ4 | cmp::ZSTD => {
             if phys.len() < 4 {
                 return Err(fail("block shorter than its length prefix".into()));
             }
@@ -44,11 +47,17 @@ pub fn decompress(method: u8, phys: &[u8], logical_bytes: usize, at: u64) -> Res
                     phys.len()
                 )));
             }
-            let mut buf = vec![0u8; logical_bytes];
-            let n = lz4_flex::block::decompress_into(&phys[4..4 + clen], &mut buf)
-                .map_err(|e| fail(format!("lz4: {e}")))?;
-            buf.truncate(n);
-            buf
+            let body = &phys[4..4 + clen];
+            if method == cmp::ZSTD {
+                zstd::bulk::decompress(body, logical_bytes)
+                    .map_err(|e| fail(format!("zstd: {e}")))?
+            } else {
+                let mut buf = vec![0u8; logical_bytes];
+                let n = lz4_flex::block::decompress_into(body, &mut buf)
+                    .map_err(|e| fail(format!("lz4: {e}")))?;
+                buf.truncate(n);
+                buf
+            }
         }
         cmp::ZLIB => {
             let mut buf = Vec::with_capacity(logical_bytes);
@@ -74,14 +83,25 @@ pub fn physical_size(n: usize) -> usize {
     n.next_power_of_two().max(1024)
 }
 
-/// Compress a logical block with `method` (LZ4 or ZLIB at `level`, 0 for
-/// the default 6). Returns the padded physical block, or `None` when the
+/// Compress a logical block with `method` (LZ4; ZLIB at `level`, 0 for
+/// the default 6; ZSTD at `level`, 0 for zstd's default 3). Returns the padded physical block, or `None` when the
 /// output would not fit in half the logical block (store it raw then).
 pub fn compress(method: u8, level: u8, data: &[u8]) -> Option<Vec<u8>> {
     let limit = data.len() / 2;
     let mut out = match method {
         cmp::LZ4 => {
             let body = lz4_flex::block::compress(data);
+            if body.len() + 4 > limit {
+                return None;
+            }
+            let mut v = Vec::with_capacity(body.len() + 4);
+            v.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            v.extend_from_slice(&body);
+            v
+        }
+        cmp::ZSTD => {
+            let lvl = if level == 0 { 3 } else { i32::from(level) };
+            let body = zstd::bulk::compress(data, lvl).ok()?;
             if body.len() + 4 > limit {
                 return None;
             }
@@ -147,11 +167,56 @@ mod tests {
     }
 
     #[test]
+    fn zstd_round_trip_against_the_zstd_crate() {
+        let data = text(65536);
+        let phys = compress(cmp::ZSTD, 0, &data).unwrap();
+        assert!(phys.len() <= 32768 && phys.len().is_power_of_two());
+        // The layout: a length, then a frame the zstd crate itself decodes.
+        let clen = u32::from_le_bytes([phys[0], phys[1], phys[2], phys[3]]) as usize;
+        assert_eq!(
+            zstd::stream::decode_all(&phys[4..4 + clen]).unwrap(),
+            data,
+            "frame readable by the zstd crate"
+        );
+        assert!(phys[4 + clen..].iter().all(|&b| b == 0), "zeroed tail");
+        // A frame made by the zstd crate is read back.
+        let frame = zstd::stream::encode_all(&data[..], 19).unwrap();
+        let mut ext = (frame.len() as u32).to_le_bytes().to_vec();
+        ext.extend_from_slice(&frame);
+        ext.resize(physical_size(ext.len()), 0);
+        assert_eq!(decompress(cmp::ZSTD, &ext, 65536, 0).unwrap(), data);
+        assert_eq!(
+            decompress(
+                cmp::ZSTD,
+                &compress(cmp::ZSTD, 15, &data).unwrap(),
+                65536,
+                0
+            )
+            .unwrap(),
+            data
+        );
+        assert_eq!(method_name(cmp::ZSTD), "zstd");
+        // Garbage inside a valid length is an error naming the method.
+        let mut bad = phys.clone();
+        bad[8] ^= 0xff;
+        bad[9] ^= 0xff;
+        assert!(matches!(
+            decompress(cmp::ZSTD, &bad, 65536, 0x1234),
+            Err(Error::Decompress {
+                at: 0x1234,
+                method: cmp::ZSTD,
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
         let junk = vec![0xffu8; 1024];
         assert!(decompress(cmp::LZ4, &junk, 65536, 0).is_err());
         assert!(decompress(cmp::ZLIB, &junk, 65536, 0).is_err());
         assert!(decompress(cmp::LZ4, &[1, 0], 65536, 0).is_err());
+        assert!(decompress(cmp::ZSTD, &junk, 65536, 0).is_err());
         assert!(decompress(9, &junk, 65536, 0).is_err());
     }
 

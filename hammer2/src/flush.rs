@@ -12,13 +12,16 @@
 //!    and a barrier.
 //!
 //! Every block written carries the flush's transaction id as its
-//! `mirror_tid` and the check code of its inode's `check_algo`. Nothing
+//! `mirror_tid` and the check code of its inode's `check_algo`. A file
+//! data block whose bytes match a recent write shares that block
+//! (`dedup.rs`). Nothing
 //! reachable from the previous header is ever overwritten, so a crash at
 //! any point leaves the previous flush intact.
 
 use crate::blocktable::{BlockSink, SetStats, TreeKind};
 use crate::check;
 use crate::compress;
+use crate::dedup::{dedupable, place_data, write_placed, DedupKey, Placed};
 use crate::disk::{
     self, comp_method, enc_methods, Blockref, BlockrefType, DataOff, BLOCKREF_BYTES,
 };
@@ -54,6 +57,19 @@ pub trait SpaceMap: Send {
     fn is_dirty(&self) -> bool {
         false
     }
+    /// Live dedup: a recent block whose content has the fingerprint `fp`,
+    /// still allocated, for which `same` (a byte comparison) holds; it
+    /// is then shared: returns it and whether it was durable (written
+    /// by an earlier flush). Maps without a dedup table return `None`.
+    fn dedup(
+        &mut self,
+        _fp: &crate::dedup::DedupKey,
+        _same: &mut dyn FnMut(DataOff) -> bool,
+    ) -> Option<(DataOff, bool)> {
+        None
+    }
+    /// Remember that the block `off`, just written, holds `fp`.
+    fn dedup_record(&mut self, _fp: crate::dedup::DedupKey, _off: DataOff) {}
     /// The freemap allocator behind this map, for bulkfree, which works
     /// on the freemap itself; `None` for maps that are not one.
     fn allocator_mut(&mut self) -> Option<&mut crate::alloc::Allocator> {
@@ -99,6 +115,16 @@ impl SpaceMap for crate::alloc::Allocator {
     fn allocator_mut(&mut self) -> Option<&mut crate::alloc::Allocator> {
         Some(self)
     }
+    fn dedup(
+        &mut self,
+        fp: &crate::dedup::DedupKey,
+        same: &mut dyn FnMut(DataOff) -> bool,
+    ) -> Option<(DataOff, bool)> {
+        crate::alloc::Allocator::dedup_share(self, fp, same)
+    }
+    fn dedup_record(&mut self, fp: crate::dedup::DedupKey, off: DataOff) {
+        crate::alloc::Allocator::dedup_record(self, fp, off)
+    }
 }
 
 /// Writes blocks for one flush.
@@ -137,6 +163,29 @@ impl Writer<'_> {
     }
 }
 
+impl Writer<'_> {
+    /// Write the file data block `phys` for `br`, sharing a recent block
+    /// with the same bytes when there is one (see `dedup.rs`).
+    pub fn write_data(&mut self, br: &mut Blockref, phys: &[u8]) -> Result<()> {
+        let fp = DedupKey::of(phys, br.methods);
+        let dev = self.vol.device().clone();
+        let placed = place_data(self.space, dev.as_ref(), &fp, phys, br.key, true)?;
+        if let Placed::New(off) = placed {
+            write_placed(dev.as_ref(), off, phys)?;
+            if dedupable(br.methods) {
+                self.space.dedup_record(fp, off);
+            }
+            self.blocks += 1;
+            self.bytes += phys.len() as u64;
+        }
+        br.data_off = placed.off();
+        br.mirror_tid = self.tid;
+        br.modify_tid = self.tid;
+        check::set_check(br, phys);
+        Ok(())
+    }
+}
+
 /// Indirect blocks of one inode, with its check method.
 struct IndirectSink<'w, 'a> {
     w: &'w mut Writer<'a>,
@@ -167,19 +216,57 @@ pub fn physical_block_size(size: u64, lbase: u64) -> u64 {
     eof.next_power_of_two().clamp(1024, block)
 }
 
+/// When to try compressing a file's next block, as DragonFly's
+/// `hammer2_compress_and_write` decides (its `comp_heuristic`): every
+/// block until 8 in a row fail to compress, then one block in 8 until
+/// one compresses again. Incompressible files (media, archives, random
+/// data) then cost one compression attempt per 8 blocks, not one each.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CompHeuristic(u8);
+
+impl CompHeuristic {
+    /// Whether to attempt compression of the next block.
+    pub fn attempt(&self) -> bool {
+        self.0 < 8 || self.0 & 7 == 0
+    }
+
+    /// Record the outcome of a block: compressed, or stored as it is
+    /// (failed or not attempted).
+    pub fn record(&mut self, compressed: bool) {
+        if compressed {
+            self.0 = 0;
+        } else {
+            self.0 += 1;
+            if self.0 > 128 {
+                self.0 = 8;
+            }
+        }
+    }
+}
+
 /// A file data block as it goes to disk: the physical bytes (compressed
-/// per `comp_algo` when that halves it) and the blockref methods; `None`
-/// for a block of zeros, which becomes a hole (DragonFly skips zero
-/// detection only when both compression and check are off).
+/// per `comp_algo` when that halves it and `heur` says to try) and the
+/// blockref methods; `None` for a block of zeros, which becomes a hole
+/// (DragonFly skips zero detection only when both compression and check
+/// are off).
 pub fn encode_data_block(
     size: u64,
     lbase: u64,
     blk: &[u8],
     comp_algo: u8,
     check_algo: u8,
+    heur: &mut CompHeuristic,
 ) -> Option<(Vec<u8>, u8)> {
-    let lsize = (physical_block_size(size, lbase) as usize).min(blk.len());
-    let logical = &blk[..lsize];
+    // A pending block may be shorter than its physical size (the rest
+    // is zeros).
+    let lsize = physical_block_size(size, lbase) as usize;
+    let padded;
+    let logical = if blk.len() >= lsize {
+        &blk[..lsize]
+    } else {
+        padded = [blk, &vec![0u8; lsize - blk.len()]].concat();
+        &padded[..]
+    };
     let check = disk::dec_algo(check_algo);
     let comp = disk::dec_algo(comp_algo);
     let zero_detect = !(comp == comp_method::NONE && check <= disk::check_method::DISABLED);
@@ -187,8 +274,14 @@ pub fn encode_data_block(
         return None;
     }
     let phys = match comp {
-        comp_method::LZ4 | comp_method::ZLIB => {
-            compress::compress(comp, disk::dec_level(comp_algo), logical)
+        comp_method::LZ4 | comp_method::ZLIB | comp_method::ZSTD => {
+            let p = if heur.attempt() {
+                compress::compress(comp, disk::dec_level(comp_algo), logical)
+            } else {
+                None
+            };
+            heur.record(p.is_some());
+            p
         }
         _ => None,
     };
@@ -233,13 +326,14 @@ pub fn flush_inode(
         if lbase >= size {
             continue;
         }
-        match encode_data_block(size, lbase, &blk, comp_algo, check_algo) {
+        let heur = &mut node.comp_heuristic;
+        match encode_data_block(size, lbase, &blk, comp_algo, check_algo, heur) {
             None => {
                 node.table.delete(w.vol, lbase)?;
             }
             Some((phys, methods)) => {
                 let mut br = data_bref(lbase, methods);
-                w.write(&mut br, &phys)
+                w.write_data(&mut br, &phys)
                     .map_err(|e| e.with_place(None, Some(inum), Some(lbase)))?;
                 node.table.insert(w.vol, TreeKind::File, true, br)?;
             }
@@ -292,4 +386,75 @@ pub fn flush_inode(
     node.dirty = false;
     node.table.release_clean();
     Ok(br)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::{check_method, comp_method, dec_comp, DATA_BLOCK_BYTES};
+
+    /// Bytes no compressor shrinks (xorshift64).
+    fn noise(seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..DATA_BLOCK_BYTES)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// DragonFly's rule (hammer2_strategy.c): try while the count of
+    /// blocks stored uncompressed in a row is under 8 or a multiple of
+    /// 8; the count wraps from 129 to 8; a compressed block resets it.
+    #[test]
+    fn heuristic_follows_dragonfly() {
+        let mut h = CompHeuristic::default();
+        let mut tried = Vec::new();
+        for _ in 0..140 {
+            tried.push(h.attempt());
+            h.record(false);
+        }
+        let expect: Vec<bool> = (0..140)
+            .map(|i| match i {
+                0..=7 => true,
+                // count 129 becomes 8: block 129 sees 8, then 9, ...
+                129.. => (i - 121) % 8 == 0,
+                _ => i % 8 == 0,
+            })
+            .collect();
+        assert_eq!(tried, expect);
+        h.record(true);
+        assert!(h.attempt());
+    }
+
+    /// A file of incompressible blocks, then compressible ones: after
+    /// the 20 noise blocks the count is 20, so blocks 20..24 are stored
+    /// as they are and block 24 (count 24) is compressed, and those after
+    /// it too.
+    #[test]
+    fn compressible_tail_after_noise() {
+        let comp = comp_method::LZ4;
+        let check = check_method::XXHASH64;
+        let size = 30 * DATA_BLOCK_BYTES;
+        let mut h = CompHeuristic::default();
+        let mut compressed = Vec::new();
+        for i in 0..30u64 {
+            let blk = if i < 20 {
+                noise(i + 1)
+            } else {
+                b"hammer2 ".repeat(DATA_BLOCK_BYTES as usize / 8)
+            };
+            let (phys, methods) =
+                encode_data_block(size, i * DATA_BLOCK_BYTES, &blk, comp, check, &mut h)
+                    .expect("not zeros");
+            let c = dec_comp(methods) == comp_method::LZ4;
+            assert_eq!(c, phys.len() < blk.len());
+            compressed.push(c);
+        }
+        let expect: Vec<bool> = (0..30).map(|i| i >= 24).collect();
+        assert_eq!(compressed, expect);
+    }
 }

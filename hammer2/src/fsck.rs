@@ -777,7 +777,7 @@ impl Checker<'_, '_> {
             );
         }
         let check = disk::dec_algo(m.check_algo);
-        if check > check_method::FREEMAP {
+        if !check_method::is_known(check) {
             self.problem(
                 Some(pfs),
                 at,
@@ -785,7 +785,7 @@ impl Checker<'_, '_> {
                 format!("inode check_algo {:#x} is unknown", m.check_algo),
             );
         }
-        if disk::dec_algo(m.comp_algo) > disk::comp_method::ZLIB {
+        if !disk::comp_method::is_known(disk::dec_algo(m.comp_algo)) {
             self.problem(
                 Some(pfs),
                 at,
@@ -943,7 +943,10 @@ impl Checker<'_, '_> {
             return false;
         };
         let comp = br.comp_method();
-        if comp == disk::comp_method::LZ4 || comp == disk::comp_method::ZLIB {
+        if matches!(
+            comp,
+            disk::comp_method::LZ4 | disk::comp_method::ZLIB | disk::comp_method::ZSTD
+        ) {
             if let Err(e) = compress::decompress(
                 comp,
                 &phys,

@@ -31,13 +31,17 @@ pub struct InodeNode {
     pub table: BlockTable,
     /// File data written since the last flush, by 64 KiB block offset.
     /// Shared so a pipelined flush can write a block while the frontend
-    /// goes on (a write to a block being flushed copies it first).
+    /// goes on (a write to a block being flushed copies it first). A
+    /// block is at most 64 KiB long and may be shorter: the bytes past
+    /// its end are zeros (so a 4 KiB file holds 4 KiB, not 64).
     pub pending: BTreeMap<u64, Arc<Vec<u8>>>,
     /// Dirents added since the last flush, by key, with the name when it
     /// is over 64 bytes and still needs its 1 KiB block.
     pub pending_dirents: BTreeMap<u64, Option<Vec<u8>>>,
     /// Anything here differs from disk.
     pub dirty: bool,
+    /// Whether the flush tries to compress this file's next block.
+    pub comp_heuristic: crate::flush::CompHeuristic,
 }
 
 impl InodeNode {
@@ -54,6 +58,7 @@ impl InodeNode {
             pending: BTreeMap::new(),
             pending_dirents: BTreeMap::new(),
             dirty: false,
+            comp_heuristic: Default::default(),
         }
     }
 
@@ -87,25 +92,34 @@ impl InodeNode {
         self.data.meta.has_direct_data()
     }
 
-    /// The logical block at `lbase` as stored on disk (zeros for a hole).
+    /// The logical block at `lbase` as stored on disk, at most 64 KiB
+    /// (the bytes past its end are zeros; empty for a hole).
     fn disk_block(&mut self, vol: &Volume, lbase: u64) -> Result<Vec<u8>> {
         match self.table.lookup(vol, lbase)? {
             Some(br) if br.btype == BlockrefType::Data => {
                 let mut b = vol
                     .read_block(&br)
                     .map_err(|e| e.with_place(None, Some(self.inum()), Some(lbase)))?;
-                b.resize(BLOCK as usize, 0);
+                b.truncate(BLOCK as usize);
                 Ok(b)
             }
-            _ => Ok(vec![0u8; BLOCK as usize]),
+            _ => Ok(Vec::new()),
         }
     }
 
-    /// The pending copy of block `lbase`, made from disk when absent.
-    fn pending_block(&mut self, vol: &Volume, lbase: u64, whole: bool) -> Result<&mut Vec<u8>> {
+    /// The pending copy of block `lbase`, made from disk when absent
+    /// (unless `whole`: the caller overwrites all of it), and at least
+    /// `len` bytes long.
+    fn pending_block(
+        &mut self,
+        vol: &Volume,
+        lbase: u64,
+        whole: bool,
+        len: usize,
+    ) -> Result<&mut Vec<u8>> {
         if !self.pending.contains_key(&lbase) {
             let b = if whole {
-                vec![0u8; BLOCK as usize]
+                Vec::with_capacity(BLOCK as usize)
             } else {
                 self.disk_block(vol, lbase)?
             };
@@ -115,7 +129,11 @@ impl InodeNode {
             .pending
             .get_mut(&lbase)
             .ok_or_else(|| Error::corrupt(format!("pending block {lbase:#x} vanished"), 0))?;
-        Ok(Arc::make_mut(blk))
+        let blk = Arc::make_mut(blk);
+        if blk.len() < len {
+            blk.resize(len, 0);
+        }
+        Ok(blk)
     }
 
     /// Copy `out.len()` bytes of block `lbase` from `within` into `out`.
@@ -126,12 +144,19 @@ impl InodeNode {
         within: usize,
         out: &mut [u8],
     ) -> Result<()> {
+        // `out` arrives zeroed: copy what the block holds of it.
+        let copy = |b: &[u8], out: &mut [u8]| {
+            let end = b.len().min(within + out.len());
+            if end > within {
+                out[..end - within].copy_from_slice(&b[within..end]);
+            }
+        };
         if let Some(b) = self.pending.get(&lbase) {
-            out.copy_from_slice(&b[within..within + out.len()]);
+            copy(b, out);
             return Ok(());
         }
         let b = self.disk_block(vol, lbase)?;
-        out.copy_from_slice(&b[within..within + out.len()]);
+        copy(&b, out);
         Ok(())
     }
 
@@ -168,9 +193,8 @@ impl InodeNode {
         if !self.direct() {
             return;
         }
-        let mut blk = vec![0u8; BLOCK as usize];
         let n = (self.size() as usize).min(EMBEDDED_BYTES);
-        blk[..n].copy_from_slice(&self.data.u[..n]);
+        let blk = self.data.u[..n].to_vec();
         self.data.meta.op_flags &= !OPFLAG_DIRECTDATA;
         self.data.u = [0; EMBEDDED_BYTES];
         self.table = BlockTable::new(vec![Blockref::EMPTY; SET_COUNT]);
@@ -206,7 +230,7 @@ impl InodeNode {
         for lbase in [first, last] {
             let whole = offset <= lbase && end >= lbase + BLOCK;
             if !whole {
-                self.pending_block(vol, lbase, false)?;
+                self.pending_block(vol, lbase, false, 0)?;
             }
         }
         self.dirty = true;
@@ -215,7 +239,7 @@ impl InodeNode {
             let lbase = pos & !(BLOCK - 1);
             let hi = end.min(lbase + BLOCK);
             let whole = pos == lbase && hi == lbase + BLOCK;
-            let blk = self.pending_block(vol, lbase, whole)?;
+            let blk = self.pending_block(vol, lbase, whole, (hi - lbase) as usize)?;
             let src = &buf[(pos - offset) as usize..(hi - offset) as usize];
             blk[(pos - lbase) as usize..(hi - lbase) as usize].copy_from_slice(src);
             pos = hi;
@@ -224,13 +248,18 @@ impl InodeNode {
         Ok(())
     }
 
-    /// Set the file size: drop whole blocks past it, zero the tail of
-    /// the last one, leave holes when growing.
     /// Bytes of file data waiting for the flush.
     pub fn dirty_bytes(&self) -> u64 {
         self.pending.len() as u64 * BLOCK
     }
 
+    /// Bytes of memory the file data waiting for the flush holds.
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending.values().map(|b| b.len() as u64).sum()
+    }
+
+    /// Set the file size: drop whole blocks past it, zero the tail of
+    /// the last one, leave holes when growing.
     pub fn truncate(&mut self, vol: &Volume, size: u64) -> Result<()> {
         if size > i64::MAX as u64 {
             return Err(Error::InvalidArgument {
@@ -259,7 +288,7 @@ impl InodeNode {
             let partial = !size.is_multiple_of(BLOCK);
             let lbase = size & !(BLOCK - 1);
             if partial {
-                self.pending_block(vol, lbase, false)?;
+                self.pending_block(vol, lbase, false, 0)?;
             }
             let doomed: Vec<u64> = self
                 .table
@@ -274,8 +303,8 @@ impl InodeNode {
                 self.table.delete(vol, k)?;
             }
             if partial {
-                let blk = self.pending_block(vol, lbase, false)?;
-                blk[(size - lbase) as usize..].fill(0);
+                let blk = self.pending_block(vol, lbase, false, 0)?;
+                blk.truncate((size - lbase) as usize);
             }
         }
         self.dirty = true;

@@ -5,7 +5,9 @@
 //! `compress` (block codes), `dirhash`; then the read engine (`volume`,
 //! `chain`, `inode`, `pfs`) over a `bufcache::BlockDevice`; and `fsck`,
 //! the checker behind `fsck.hammer2`; the write side (`mount`, `flush`,
-//! `alloc`), PFS administration and snapshots (`pfsops`) and `bulkfree`.
+//! `alloc`), PFS administration and snapshots (`pfsops`) and `bulkfree`;
+//! `ctl`, the wire protocol of the control channel between the `hammer2`
+//! tool and a running mount.
 
 #![forbid(unsafe_code)]
 
@@ -13,6 +15,7 @@ pub mod alloc;
 pub mod bulkfree;
 pub mod check;
 pub mod compress;
+pub mod dedup;
 pub mod dirhash;
 pub mod disk;
 pub mod error;
@@ -22,10 +25,12 @@ pub mod fsck;
 pub mod inode;
 pub mod mount;
 pub mod pfsops;
+pub mod setmethods;
 
 pub use error::{Error, Result};
 pub mod blocktable;
 pub mod chain;
+pub mod ctl;
 pub mod pfs;
 pub mod volume;
 

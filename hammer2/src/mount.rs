@@ -18,17 +18,18 @@
 //! modifying call fails with `Error::Poisoned` until the image is opened
 //! again; what is on disk stays the state of the last completed flush.
 
+use crate::dedup::{dedupable, place_data, write_placed, DedupKey, Placed};
 use crate::disk::{
     self, Blockref, BlockrefType, DirentHead, InodeData, InodeMeta, ObjType, Uuid,
     BREF_FLAG_PFSROOT, INODE_START, OPFLAG_DIRECTDATA, VOLUME_BYTES,
 };
 use crate::error::{Error, Result};
-use crate::flush::{data_bref, encode_data_block, flush_inode, SpaceMap, Writer};
+use crate::flush::{data_bref, encode_data_block, flush_inode, CompHeuristic, SpaceMap, Writer};
 use crate::inode::InodeNode;
 use crate::pfs::{self, DirEntry};
 use crate::volume::Volume;
 use bufcache::BlockDevice;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The PFS root's inode number.
@@ -270,7 +271,7 @@ impl Mount {
     }
 
     /// Borrow the volume and one inode at once.
-    fn with_node<T>(
+    pub(crate) fn with_node<T>(
         &mut self,
         label: &str,
         inum: u64,
@@ -294,6 +295,18 @@ impl Mount {
     /// An inode's meta.
     pub fn getattr(&mut self, label: &str, inum: u64) -> Result<InodeMeta> {
         Ok(self.node(label, inum)?.data.meta)
+    }
+
+    /// An inode's meta, the blockref it was last flushed through (EMPTY
+    /// if it never was) and its file data waiting for a flush, for
+    /// `hammer2 stat`.
+    pub fn inode_state(
+        &mut self,
+        label: &str,
+        inum: u64,
+    ) -> Result<(InodeMeta, crate::disk::Blockref, u64)> {
+        let n = self.node(label, inum)?;
+        Ok((n.data.meta, n.bref, n.dirty_bytes()))
     }
 
     /// Look `name` up in directory `dir`.
@@ -923,6 +936,19 @@ impl Mount {
             .sum()
     }
 
+    /// Bytes of memory held by file data waiting for a flush (a block
+    /// holds what was written of it, up to 64 KiB), for writeback
+    /// limits.
+    pub fn pending_bytes(&self) -> u64 {
+        self.pfs
+            .values()
+            .map(|p| {
+                p.root.pending_bytes()
+                    + p.inodes.values().map(InodeNode::pending_bytes).sum::<u64>()
+            })
+            .sum()
+    }
+
     /// Drop clean inodes from memory (they are read again when next
     /// needed), as a flush does; for a mount that only reads between
     /// flushes.
@@ -963,8 +989,10 @@ impl Mount {
         }
         self.flushing = true;
         let mut blocks = Vec::new();
+        let mut heuristics = HashMap::new();
         for (label, p) in &self.pfs {
             for (inum, n) in p.inodes.iter().filter(|(_, n)| !n.pending.is_empty()) {
+                heuristics.insert((label.clone(), *inum), n.comp_heuristic);
                 let size = n.size();
                 for (lbase, blk) in n.pending.range(..size) {
                     blocks.push(BatchBlock {
@@ -976,6 +1004,7 @@ impl Mount {
                         comp_algo: n.data.meta.comp_algo,
                         check_algo: n.data.meta.check_algo,
                         written: None,
+                        shared_durable: false,
                     });
                 }
             }
@@ -985,6 +1014,7 @@ impl Mount {
             dev: self.vol.device().clone(),
             space: self.space.clone(),
             blocks,
+            heuristics,
             error: None,
         })
     }
@@ -1017,6 +1047,15 @@ impl Mount {
         if let Some(e) = batch.error {
             return Err(e);
         }
+        for ((label, inum), h) in batch.heuristics {
+            if let Some(n) = self
+                .pfs
+                .get_mut(&label)
+                .and_then(|p| p.inodes.get_mut(&inum))
+            {
+                n.comp_heuristic = h;
+            }
+        }
         let (mut blocks, mut bytes) = (0, 0);
         for b in batch.blocks {
             let Some(leaf) = b.written else { continue };
@@ -1048,7 +1087,7 @@ impl Mount {
                 }
                 None => {
                     // Rewritten, truncated or removed meanwhile.
-                    if let Some(br) = leaf {
+                    if let Some(br) = leaf.filter(|_| !b.shared_durable) {
                         lock_space(&self.space).release_unflushed(br.data_off);
                     }
                 }
@@ -1167,6 +1206,9 @@ struct BatchBlock {
     check_algo: u8,
     /// After `write`: the new blockref, or `None` for a hole.
     written: Option<Option<Blockref>>,
+    /// The block written is a durable one shared by dedup: nothing to
+    /// give back if it is superseded.
+    shared_durable: bool,
 }
 
 /// The file data of a flush, written without holding the `Mount`.
@@ -1175,6 +1217,9 @@ pub struct FlushBatch {
     dev: Arc<dyn BlockDevice>,
     space: Arc<Mutex<Box<dyn SpaceMap>>>,
     blocks: Vec<BatchBlock>,
+    /// Each file's compression heuristic, carried through the batch and
+    /// given back to its inode at commit.
+    heuristics: HashMap<(String, u64), CompHeuristic>,
     error: Option<Error>,
 }
 
@@ -1195,33 +1240,49 @@ impl FlushBatch {
             if self.error.is_some() {
                 return;
             }
+            let heur = self
+                .heuristics
+                .entry((b.label.clone(), b.inum))
+                .or_default();
             let Some((phys, methods)) =
-                encode_data_block(b.size, b.lbase, &b.blk, b.comp_algo, b.check_algo)
+                encode_data_block(b.size, b.lbase, &b.blk, b.comp_algo, b.check_algo, heur)
             else {
                 b.written = Some(None);
                 continue;
             };
             let mut br = data_bref(b.lbase, methods);
-            let off = match lock_space(&self.space).alloc(
-                BlockrefType::Data,
-                phys.len() as u64,
-                b.lbase,
-                false,
-            ) {
-                Ok(o) => o,
+            let fp = DedupKey::of(&phys, methods);
+            let placed = {
+                let mut space = lock_space(&self.space);
+                place_data(
+                    space.as_mut(),
+                    self.dev.as_ref(),
+                    &fp,
+                    &phys,
+                    b.lbase,
+                    false,
+                )
+            };
+            let off = match placed {
+                Ok(Placed::New(off)) => {
+                    if let Err(e) = write_placed(self.dev.as_ref(), off, &phys) {
+                        self.error = Some(e);
+                        return;
+                    }
+                    if dedupable(methods) {
+                        lock_space(&self.space).dedup_record(fp, off);
+                    }
+                    off
+                }
+                Ok(Placed::Shared { off, durable }) => {
+                    b.shared_durable = durable;
+                    off
+                }
                 Err(e) => {
                     self.error = Some(e);
                     return;
                 }
             };
-            if let Err(source) = self.dev.write_at(&phys, off.offset()) {
-                self.error = Some(Error::Io {
-                    op: "write",
-                    at: off.offset(),
-                    source,
-                });
-                return;
-            }
             br.data_off = off;
             br.mirror_tid = self.tid;
             br.modify_tid = self.tid;

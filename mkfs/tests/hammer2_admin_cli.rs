@@ -201,3 +201,48 @@ fn bulkfree_frees_what_dragonfly_frees() {
     assert_eq!(out.matches("transition->free   0").count(), 2, "{out}");
     fsck_clean(&img);
 }
+
+#[test]
+fn setcomp_and_setcheck_offline() {
+    let img = fixture_copy("v1-lz4-xxhash64", "setmethods");
+    let s = img.to_str().unwrap();
+    let before = Pfs::open(volume(&img), "DATA").unwrap();
+    let big = before.resolve("big").unwrap();
+    let entries = before.readdir(&big).unwrap().len();
+    let root_comp = before.root.meta().comp_algo;
+    drop(before);
+
+    let target = format!("{s}@DATA:/big");
+    let o = run(&["setcomp", "-r", "zstd:5", &target]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("DragonFly BSD cannot read"), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), entries + 1, "{out}");
+    assert_eq!(lines[0], format!("{target}\tcomp_algo=0x58"));
+    assert!(lines[1..]
+        .iter()
+        .all(|l| l.starts_with(&format!("{target}/")) && l.ends_with("\tcomp_algo=0x58")));
+    let o = run(&["setcheck", "blake3", &format!("{s}:/text_5m.txt")]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("DragonFly BSD cannot read"));
+    // No warning for DragonFly's own methods.
+    let o = run(&["setcomp", "zlib:9", &format!("{s}@DATA:/UPPER.lower")]);
+    assert!(o.status.success() && o.stderr.is_empty());
+    fails(&["setcomp", "brotli", s], "unknown compression method");
+    fails(&["setcheck", "freemap", s], "unknown check method");
+    fails(&["setcomp", "lz4", &format!("{s}:/nope")], "no such file");
+    fsck_clean(&img);
+
+    let pfs = Pfs::open(volume(&img), "DATA").unwrap();
+    assert_eq!(pfs.root.meta().comp_algo, root_comp);
+    let big = pfs.resolve("big").unwrap();
+    assert_eq!(big.meta().comp_algo, 0x58);
+    for e in pfs.readdir(&big).unwrap() {
+        assert_eq!(pfs.inode(e.inum).unwrap().meta().comp_algo, 0x58);
+    }
+    let t = pfs.resolve("text_5m.txt").unwrap();
+    assert_eq!(t.meta().check_algo, 8);
+    assert_eq!(pfs.resolve("UPPER.lower").unwrap().meta().comp_algo, 0x93);
+}

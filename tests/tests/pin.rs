@@ -8,7 +8,7 @@
 use bufcache::{BlockDevice, MemDevice};
 use hammer2::disk::ObjType;
 use hammer2::fsck::{fsck, Options};
-use hammer2::mount::{Mount, ROOT_INUM};
+use hammer2::mount::{Mount, SetAttr, ROOT_INUM};
 use hammer2::Error;
 use std::sync::Arc;
 
@@ -157,4 +157,64 @@ fn seek_hole_and_dirty_bytes() {
     let s = file(&mut m, "small");
     m.write(L, s, 0, b"tiny", NOW).unwrap();
     assert_eq!(m.seek_hole(L, s, 1).unwrap(), 4);
+}
+
+/// Pending file data holds what was written of each block: a 4 KiB
+/// file 4 KiB, a byte written far into a block the bytes up to it, a
+/// whole block 64 KiB. What reads back is the same as with whole blocks
+/// (zeros past what was written), before and after the flush.
+#[test]
+fn pending_bytes_count_what_was_written() {
+    const B: u64 = 65536;
+    let dev = image();
+    let mut m = open(&dev);
+    let small = file(&mut m, "small");
+    m.write(L, small, 0, &[7u8; 4096], NOW).unwrap();
+    assert_eq!(m.pending_bytes(), 4096);
+    let sparse = file(&mut m, "sparse");
+    m.write(L, sparse, B + 999, b"x", NOW).unwrap();
+    assert_eq!(m.pending_bytes(), 4096 + 1000);
+    let whole = file(&mut m, "whole");
+    m.write(L, whole, 0, &vec![3u8; B as usize], NOW).unwrap();
+    assert_eq!(m.pending_bytes(), 4096 + 1000 + B);
+    // Whole-block accounting for admission is unchanged.
+    assert_eq!(m.dirty_bytes(), 3 * B);
+    for flushed in [false, true] {
+        let mut want = vec![0u8; B as usize + 1000];
+        want[B as usize + 999] = b'x';
+        assert_eq!(m.read(L, sparse, 0, 2 * B as usize).unwrap(), want);
+        // Growing the small file shows zeros between the old end and the
+        // new data.
+        if !flushed {
+            assert_eq!(m.read(L, small, 0, B as usize).unwrap(), vec![7u8; 4096]);
+            m.write(L, small, 8192, b"yz", NOW).unwrap();
+        }
+        let mut want = vec![7u8; 4096];
+        want.resize(8192, 0);
+        want.extend_from_slice(b"yz");
+        assert_eq!(
+            m.read(L, small, 0, B as usize).unwrap(),
+            want,
+            "flushed {flushed}"
+        );
+        m.flush().unwrap();
+        assert_eq!(m.pending_bytes(), 0);
+    }
+    // Truncating into a block and growing again reads zeros past the cut.
+    m.write(L, whole, 0, &vec![5u8; B as usize], NOW).unwrap();
+    let cut = SetAttr {
+        size: Some(100),
+        ..SetAttr::default()
+    };
+    m.setattr(L, whole, cut, NOW).unwrap();
+    let grow = SetAttr {
+        size: Some(B),
+        ..SetAttr::default()
+    };
+    m.setattr(L, whole, grow, NOW).unwrap();
+    let mut want = vec![5u8; 100];
+    want.resize(B as usize, 0);
+    assert_eq!(m.read(L, whole, 0, B as usize).unwrap(), want);
+    m.flush().unwrap();
+    assert_eq!(m.read(L, whole, 0, B as usize).unwrap(), want);
 }

@@ -46,8 +46,10 @@ const READY: &str = "ready\n";
                   at a time.\n\n\
                   writeback_cache lets the kernel cache writes (off by default: with it \
                   SEEK_DATA/SEEK_HOLE see no holes).\n\n\
-                  cache_size=SIZE (K, M or G suffix, at least 4M): a read-write \
-                  mount reads and writes through a buffer cache of that size \
+                  snapdir: the volume's snapshots, read-only, under .snapshot/NAME at \
+                  the mount root (hidden from the root's listing; off by default).\n\n\
+                  cache_size=SIZE (K, M or G suffix, at least 4M): the mount reads \
+                  (and, read-write, writes) through a buffer cache of that size \
                   (without it, through the kernel's page cache of the image).\n\n\
                   Exit status: 0 mounted, 1 usage, 2 system error, 32 mount failed."
 )]

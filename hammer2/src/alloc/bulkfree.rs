@@ -354,6 +354,9 @@ impl Allocator {
             }
         };
         self.bulkfree_applied = map.token;
+        // Blocks may go free (or their unreferenced 1 KiB pieces be handed
+        // out again): no fingerprint taken before the merge is trusted.
+        self.dedup.clear();
         let mut st = SyncStats::default();
         let zones: Vec<(u64, usize)> = self.tree.by_zone.iter().map(|(&z, &i)| (z, i)).collect();
         for (zone, idx) in zones {

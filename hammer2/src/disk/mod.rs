@@ -104,7 +104,15 @@ pub mod check_method {
     pub const XXHASH64: u8 = 3;
     pub const SHA192: u8 = 4;
     pub const FREEMAP: u8 = 5;
+    /// Extension (not DragonFly's; see "Extension methods" in
+    /// ARCHITECTURE.md): the 32-byte BLAKE3 hash of the physical block in
+    /// the first 32 bytes of the check area. DragonFly cannot verify it.
+    pub const BLAKE3: u8 = 8;
     pub const DEFAULT: u8 = XXHASH64;
+    /// True for the methods this crate computes and verifies.
+    pub const fn is_known(m: u8) -> bool {
+        m <= FREEMAP || m == BLAKE3
+    }
 }
 
 /// Compression methods (low nibble of `Blockref::methods`; an inode's
@@ -114,7 +122,15 @@ pub mod comp_method {
     pub const AUTOZERO: u8 = 1;
     pub const LZ4: u8 = 2;
     pub const ZLIB: u8 = 3;
+    /// Extension (not DragonFly's; see "Extension methods" in
+    /// ARCHITECTURE.md): a zstd frame, level in the inode's `comp_algo`
+    /// high nibble (0 = zstd's default 3). DragonFly cannot read it.
+    pub const ZSTD: u8 = 8;
     pub const DEFAULT: u8 = LZ4;
+    /// True for the methods this crate reads and writes.
+    pub const fn is_known(m: u8) -> bool {
+        m <= ZLIB || m == ZSTD
+    }
 }
 
 /// Compose a `methods` byte from a check and a compression method.

@@ -3,6 +3,7 @@
 //! Exit codes follow fsck(8): 0 clean, 4 errors left uncorrected, 8
 //! operational error, 16 usage error.
 
+use bufcache::imagelock::{Holder, LockError};
 use clap::Parser;
 use hammer2::fsck::{fsck, Options, Progress};
 use mkfs::progress::{percent, ProgressLine};
@@ -64,6 +65,22 @@ fn main() -> ExitCode {
 
 fn run(args: &Args) -> u8 {
     let name = args.image.display().to_string();
+    // A mount that was just unmounted may still be writing its last
+    // flush (a FUSE umount does not wait for it): check what it leaves.
+    let waiting = || {
+        eprintln!("fsck.hammer2: {name}: waiting for the mount that was unmounted to write its last flush")
+    };
+    match bufcache::imagelock::wait_for_writer(&args.image, waiting) {
+        Ok(Holder::Nobody) | Err(LockError::Io(_)) => {}
+        Ok(Holder::Mounted) => eprintln!(
+            "fsck.hammer2: warning: {name} is mounted read-write: checking its last flush, \
+             which the mount may be replacing meanwhile"
+        ),
+        Err(e) => {
+            eprintln!("fsck.hammer2: {name}: {e}");
+            return EXIT_OPERATIONAL;
+        }
+    }
     let dev = match bufcache::FileDevice::open(&args.image, false) {
         Ok(d) => d,
         Err(e) => {

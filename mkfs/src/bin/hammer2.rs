@@ -1,7 +1,10 @@
 //! `hammer2`: the HAMMER2 admin tool over an image file or block device,
 //! in the shape of DragonFly's hammer2(8): verbs that read (show,
 //! volhdr, freemap, pfs-list, info, hash) and verbs that write offline
-//! (snapshot, pfs-create, pfs-delete, bulkfree; `admin.rs`).
+//! (snapshot, pfs-create, pfs-delete, bulkfree; `admin.rs`; setcomp,
+//! setcheck; `setmethods.rs`), and the same verbs (plus stat and mark)
+//! through a running mount.hammer2 when given a path in its mount
+//! (`online.rs`, over the control channel).
 //!
 //! Every verb that reads a filesystem takes its image as the argument
 //! after the verb (`hammer2 show IMG`, as DragonFly's show, freemap and
@@ -22,8 +25,12 @@ mod admin;
 mod fmt;
 #[path = "hammer2/freemap.rs"]
 mod freemap;
+#[path = "hammer2/online.rs"]
+mod online;
 #[path = "hammer2/pfs.rs"]
 mod pfs;
+#[path = "hammer2/setmethods.rs"]
+mod setmethods;
 #[path = "hammer2/show.rs"]
 mod show;
 #[path = "hammer2/volhdr.rs"]
@@ -41,13 +48,19 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 const AFTER_HELP: &str = "\
-The image is an image file or a block device, named after the verb
-(hammer2 show IMG) or with -s before it (hammer2 -s IMG show).
-show, volhdr, freemap, pfs-list, info and hash never write to it.
-snapshot, pfs-create, pfs-delete and bulkfree write to it, offline:
-the image must not be in use (one that mount.hammer2 has mounted is
-refused). DragonFly runs them through a mounted filesystem; running
-them through a live mount.hammer2 comes later.
+Each verb takes the filesystem after it (or with -s before it): an
+image file or block device (IMG, or IMG@LABEL to name a PFS), or a
+mountpoint of mount.hammer2 or any file or directory in one. Given a
+path in a mount, the verb asks the running daemon through its control
+channel (ioctls on that path, as DragonFly's hammer2(8) does): snapshot
+snapshots the PFS mounted there, pfs-list, pfs-create, pfs-delete and
+bulkfree work on the mounted volume while it is in use (bulkfree's scan
+runs alongside writers), show, volhdr, freemap and info read the image
+after the daemon flushed it, and stat and mark work on mounts only.
+Verbs that change a mounted volume need root. Given an image,
+snapshot, pfs-create, pfs-delete and bulkfree work offline and refuse
+an image that mount.hammer2 serves. setcomp and setcheck take files
+and directories in a mount, or IMG[@LABEL][:/PATH] offline.
 
 Exit status: 0 clean, 1 on an error or when damage was found
 (show, volhdr and freemap flag each damaged block inline and finish
@@ -56,16 +69,28 @@ the walk first), 2 on a usage error.
 Examples:
   hammer2 show disk.img | less
   hammer2 -s /dev/sdb1 pfs-list
-  hammer2 snapshot disk.img@DATA         (names it DATA.YYYYMMDD.HHMMSS, UTC)
-  hammer2 pfs-delete disk.img DATA.20240101.120000
-  hammer2 bulkfree disk.img
-  hammer2 hash hello.txt";
+  hammer2 snapshot /mnt/data            (names it DATA.YYYYMMDD.HHMMSS, UTC)
+  hammer2 snapshot disk.img@DATA        (the same, offline)
+  hammer2 pfs-delete /mnt/data DATA.20240101.120000
+  hammer2 bulkfree /mnt/data
+  hammer2 stat /mnt/data/some/file
+  hammer2 setcomp -r zstd:9 /mnt/data/logs
+  hammer2 setcomp -r zstd:9 disk.img@DATA:/logs    (the same, offline)
+  hammer2 setcheck blake3 disk.img@DATA:/archive/big.iso
+  hammer2 hash hello.txt
+
+setcomp methods: none, autozero, lz4 (default), zlib[:1-9], zstd[:1-15].
+setcheck methods: none, disabled, crc32, xxhash64 (default), sha192,
+blake3. zstd (compression code 8) and blake3 (check code 8) are
+extension methods of this implementation, codes DragonFly's
+hammer2_disk.h leaves unused: DragonFly BSD cannot read blocks written
+with them (setcomp and setcheck warn when they are chosen).";
 
 #[derive(Parser)]
 #[command(
     name = "hammer2",
     version,
-    about = "HAMMER2 admin tool (as DragonFly's hammer2(8); the verbs that write work offline)",
+    about = "HAMMER2 admin tool (as DragonFly's hammer2(8)), on an image or a mounted filesystem",
     after_help = AFTER_HELP
 )]
 struct Cli {
@@ -134,6 +159,33 @@ enum Verb {
         img: PathBuf,
         label: String,
     },
+    /// Set the compression method of files and directories: later
+    /// writes use it, files created later in a directory inherit it,
+    /// blocks already written keep theirs. METHOD[:LEVEL] is none,
+    /// autozero, lz4, zlib[:1-9] or zstd[:1-15] (an extension DragonFly
+    /// cannot read); TARGET is a file or directory in a mount, or
+    /// IMG[@LABEL][:/PATH] offline (LABEL defaults to DATA, PATH to the
+    /// PFS root)
+    Setcomp {
+        /// Also every file and directory under a directory
+        #[arg(short, long)]
+        recursive: bool,
+        #[arg(value_name = "METHOD[:LEVEL]")]
+        method: String,
+        #[arg(value_name = "TARGET", required = true)]
+        targets: Vec<String>,
+    },
+    /// Set the check method of files and directories, as setcomp: none, disabled, crc32, xxhash64, sha192 or blake3 (an
+    /// extension DragonFly cannot verify)
+    Setcheck {
+        /// Also every file and directory under a directory
+        #[arg(short, long)]
+        recursive: bool,
+        #[arg(value_name = "METHOD")]
+        method: String,
+        #[arg(value_name = "TARGET", required = true)]
+        targets: Vec<String>,
+    },
     /// Free the space nothing references (offline): two passes, the
     /// first stages blocks no PFS or snapshot references, the second
     /// frees them; free space before and after. Progress on a terminal
@@ -143,6 +195,20 @@ enum Verb {
         /// it stages are freed by the next run)
         #[arg(long)]
         single_pass: bool,
+    },
+    /// Put a named mark in the write log of a mount's device (online
+    /// only; the mount needs -o log_writes=FILE)
+    Mark {
+        /// The mountpoint or any file or directory of the mount
+        path: PathBuf,
+        name: String,
+    },
+    /// Show the inode of each file or directory named (online only):
+    /// inode number, type, size, methods, blocks as of the last flush
+    Stat {
+        /// Files or directories in a mounted hammer2 filesystem
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
     },
 }
 
@@ -164,6 +230,8 @@ impl From<io::Error> for CmdError {
 pub struct Image {
     pub path: PathBuf,
     pub dev: Arc<dyn BlockDevice>,
+    /// Read-write: the image's writer lock, held while the verb runs.
+    _lock: Option<bufcache::imagelock::WriterLock>,
 }
 
 impl Image {
@@ -173,6 +241,7 @@ impl Image {
         Ok(Image {
             path: path.to_path_buf(),
             dev: Arc::new(dev),
+            _lock: None,
         })
     }
 
@@ -309,18 +378,32 @@ fn image_arg(own: Option<PathBuf>, select: &Option<PathBuf>) -> Result<PathBuf, 
     }
 }
 
+/// The image a verb that reads works on: named, or behind a mount
+/// (flushed first).
+fn image_or_mount(path: &Path) -> Result<Image, CmdError> {
+    match online::channel(path)? {
+        Some(ch) => online::flushed_image(&ch),
+        None => Image::open(path),
+    }
+}
+
 fn run(cli: Cli, out: &mut dyn Write) -> Result<u64, CmdError> {
     let verbose = cli.verbose;
     let sel = &cli.select;
-    let img = |own: Option<PathBuf>| -> Result<Image, CmdError> {
-        let path = image_arg(own, sel).unwrap_or_else(|e| e.exit());
-        Image::open(&path)
-    };
+    let path =
+        |own: Option<PathBuf>| -> PathBuf { image_arg(own, sel).unwrap_or_else(|e| e.exit()) };
+    let img = |own: Option<PathBuf>| -> Result<Image, CmdError> { image_or_mount(&path(own)) };
     match cli.verb {
         Verb::Show { img: p } => show(&img(p)?, verbose, out),
         Verb::Volhdr { img: p, all } => volhdr::run(&img(p)?, all, verbose, out),
         Verb::Freemap { img: p } => freemap::run(&img(p)?, verbose, out),
-        Verb::PfsList { img: p } => pfs::list(&img(p)?, out),
+        Verb::PfsList { img: p } => {
+            let p = path(p);
+            match online::channel(&p)? {
+                Some(ch) => online::pfs_list(&ch, out),
+                None => pfs::list(&Image::open(&p)?, out),
+            }
+        }
         Verb::Info { img: p } => pfs::info(&img(p)?, out),
         Verb::Hash { names } => hash(&names, out),
         Verb::Snapshot { spec, name } => {
@@ -334,17 +417,55 @@ fn run(cli: Cli, out: &mut dyn Write) -> Result<u64, CmdError> {
                     (p.display().to_string(), n)
                 }
             };
-            admin::snapshot(&spec, name.as_deref(), out)
+            match online::channel(Path::new(&spec))? {
+                Some(ch) => online::snapshot(&ch, name.as_deref(), out),
+                None => admin::snapshot(&spec, name.as_deref(), out),
+            }
         }
-        Verb::PfsCreate { img, label } => admin::pfs_create(&img, &label, out),
-        Verb::PfsDelete { img, label } => admin::pfs_delete(&img, &label, out),
+        Verb::PfsCreate { img, label } => match online::channel(&img)? {
+            Some(ch) => online::pfs_create(&ch, &label, out),
+            None => admin::pfs_create(&img, &label, out),
+        },
+        Verb::PfsDelete { img, label } => match online::channel(&img)? {
+            Some(ch) => online::pfs_delete(&ch, &label, out),
+            None => admin::pfs_delete(&img, &label, out),
+        },
         Verb::Bulkfree {
             img: p,
             single_pass,
         } => {
-            let path = image_arg(p, sel).unwrap_or_else(|e| e.exit());
-            admin::bulkfree(&path, single_pass, out)
+            let p = path(p);
+            match online::channel(&p)? {
+                Some(ch) => online::bulkfree(&ch, single_pass, out),
+                None => admin::bulkfree(&p, single_pass, out),
+            }
         }
+        Verb::Setcomp {
+            recursive,
+            method,
+            targets,
+        } => setmethods::run(
+            setmethods::Field::Comp,
+            &method,
+            &targets,
+            recursive,
+            out,
+            &mut io::stderr(),
+        ),
+        Verb::Setcheck {
+            recursive,
+            method,
+            targets,
+        } => setmethods::run(
+            setmethods::Field::Check,
+            &method,
+            &targets,
+            recursive,
+            out,
+            &mut io::stderr(),
+        ),
+        Verb::Mark { path, name } => online::mark(&path, &name, out),
+        Verb::Stat { paths } => online::stat(&paths, out),
     }
 }
 

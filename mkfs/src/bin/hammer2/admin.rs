@@ -2,9 +2,9 @@
 //! `pfs-delete` and `bulkfree`, through the library's `Mount` (the image
 //! is opened read-write, the freemap loaded and recovered, and every
 //! change committed by a flush before the verb returns). DragonFly runs
-//! these through a mounted filesystem's ioctls; the online form (through
-//! a running mount.hammer2) comes later, so an image mount.hammer2 has
-//! mounted is refused.
+//! these through a mounted filesystem's ioctls, as `online.rs` does when
+//! given a path in a mount; an image mount.hammer2 serves is refused
+//! here (name its mountpoint instead).
 
 use crate::fmt::{self, GIB};
 use crate::{CmdError, Image};
@@ -18,9 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The PFS an `IMG` without `@LABEL` names (as mount.hammer2).
-const LABEL_DEFAULT: &str = "DATA";
+pub const LABEL_DEFAULT: &str = "DATA";
 
-fn now_micros() -> u64 {
+pub fn now_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
@@ -53,19 +53,29 @@ fn mounted_at(image: &Path) -> Option<String> {
 }
 
 /// Open `path` read-write as a `Mount`.
-fn open_rw(path: &Path) -> Result<(Image, Mount), CmdError> {
+pub fn open_rw(path: &Path) -> Result<(Image, Mount), CmdError> {
     if let Some(mnt) = mounted_at(path) {
         return Err(CmdError::Fail(format!(
-            "{} is mounted on {mnt}; unmount it first (these verbs work offline only for now)",
+            "{} is mounted on {mnt}; name the mountpoint to run this verb through the mount",
             path.display()
         )));
     }
     let dev = FileDevice::open(path, true)
         .map_err(|e| CmdError::Fail(format!("{}: {e}", path.display())))?;
+    // Also when mounted under another name (fsname=); waits for a mount
+    // that was unmounted to write its last flush.
+    let lock = bufcache::imagelock::lock_writer(path, || {
+        eprintln!(
+            "hammer2: {}: waiting for the mount that was unmounted to write its last flush",
+            path.display()
+        )
+    })
+    .map_err(|e| CmdError::Fail(format!("{}: {e}", path.display())))?;
     let dev: Arc<dyn BlockDevice> = Arc::new(dev);
     let img = Image {
         path: path.to_path_buf(),
         dev: dev.clone(),
+        _lock: Some(lock),
     };
     let m = Mount::open(dev).map_err(|e| img.fail("cannot open volume read-write", &e))?;
     Ok((img, m))
@@ -114,7 +124,7 @@ pub fn pfs_delete(path: &Path, label: &str, out: &mut dyn Write) -> Result<u64, 
 
 /// Free, staged and allocated bytes per the freemap, for the lines
 /// `bulkfree` prints before and after.
-fn space_line(img: &Image, when: &str, out: &mut dyn Write) -> Result<(), CmdError> {
+pub fn space_line(img: &Image, when: &str, out: &mut dyn Write) -> Result<(), CmdError> {
     let vol = img.volume()?;
     let s = crate::pfs::space(&vol).map_err(|e| img.fail("cannot read the freemap", &e))?;
     let g = |b: u64| b as f64 / GIB;

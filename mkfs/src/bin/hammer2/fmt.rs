@@ -27,6 +27,7 @@ fn check_algo_name(algo: u8) -> Option<&'static str> {
         cm::XXHASH64 => "xxhash64",
         cm::SHA192 => "sha192",
         cm::FREEMAP => "freemap",
+        cm::BLAKE3 => "blake3",
         _ => return None,
     })
 }
@@ -37,6 +38,7 @@ fn comp_algo_name(algo: u8) -> Option<&'static str> {
         comp_method::AUTOZERO => "autozero",
         comp_method::LZ4 => "lz4",
         comp_method::ZLIB => "zlib",
+        comp_method::ZSTD => "zstd",
         _ => return None,
     })
 }

@@ -218,6 +218,7 @@ impl<'a> Walker<'a> {
                         format!("xxh={:016x} ", u64::from_le_bytes(a))
                     }
                     cm::FREEMAP => format!("fcrc={:08x} ", br.freemap_icrc()),
+                    cm::BLAKE3 => format!("blake3={} ", hex32(&br.check[..32])),
                     _ => String::new(),
                 };
                 (format!("meth={meth} {value}"), false)
@@ -233,6 +234,7 @@ impl<'a> Walker<'a> {
                     cm::XXHASH64 => format!("(xxh {meth} {expected}/{actual} failed) "),
                     cm::FREEMAP => format!("(fcrc {meth} {expected}/{actual} failed) "),
                     cm::SHA192 => format!("(sha192 {meth} failed) "),
+                    cm::BLAKE3 => format!("(blake3 {meth} {expected}/{actual} failed) "),
                     other => format!("(check {other} {meth} failed) "),
                 };
                 (text, true)
@@ -540,6 +542,11 @@ pub fn header_bref(btype: BlockrefType, offset: u64, mirror_tid: u64) -> Blockre
     br.mirror_tid = mirror_tid;
     br.data_off = disk::DataOff::new(offset, disk::PBUFRADIX);
     br
+}
+
+/// Hex of a check value.
+fn hex32(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[cfg(test)]
