@@ -4,7 +4,8 @@
 //! and named marks in one log, in order, so a test can rebuild the image
 //! the device held at any log position: after a mark, at the N-th
 //! barrier, or anywhere between (a crash point). `FaultDevice` wraps any
-//! device and fails reads, writes or barriers on command.
+//! device and fails reads, writes or barriers on command (at once or
+//! after the N-th), or flips bits of a byte on its way from the media.
 
 use crate::device::{BlockDevice, MemDevice};
 use std::io;
@@ -126,8 +127,28 @@ pub struct FaultDevice {
     /// Writes still allowed before every write fails (`u64::MAX`: never).
     writes_left: AtomicU64,
     fail_barrier: AtomicBool,
+    /// Barriers still allowed before every barrier fails.
+    barriers_left: AtomicU64,
+    /// Reads still allowed before every read fails.
+    reads_left: AtomicU64,
     /// Reads touching `[start, end)` fail.
     bad_read: Mutex<Option<(u64, u64)>>,
+    /// Reads covering this byte see it with these bits flipped (the
+    /// media keeps it intact).
+    flip: Mutex<Option<(u64, u8)>>,
+}
+
+/// Take one from a countdown (`u64::MAX` never runs out); false when
+/// none is left.
+fn take_one(left: &AtomicU64) -> bool {
+    left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+        if n == u64::MAX {
+            Some(n)
+        } else {
+            n.checked_sub(1)
+        }
+    })
+    .is_ok()
 }
 
 impl FaultDevice {
@@ -136,8 +157,37 @@ impl FaultDevice {
             inner,
             writes_left: AtomicU64::new(u64::MAX),
             fail_barrier: AtomicBool::new(false),
+            barriers_left: AtomicU64::new(u64::MAX),
+            reads_left: AtomicU64::new(u64::MAX),
             bad_read: Mutex::new(None),
+            flip: Mutex::new(None),
         }
+    }
+
+    /// Let `n` more barriers through, then fail every barrier.
+    pub fn fail_barriers_after(&self, n: u64) {
+        self.barriers_left.store(n, Ordering::SeqCst);
+    }
+
+    /// Let `n` more reads through, then fail every read.
+    pub fn fail_reads_after(&self, n: u64) {
+        self.reads_left.store(n, Ordering::SeqCst);
+    }
+
+    /// Flip the bits `mask` of the byte at `offset` in every read that
+    /// covers it (`None` heals): a bit flip on the way from the media.
+    pub fn flip_on_read(&self, at: Option<(u64, u8)>) {
+        *self.flip.lock().unwrap_or_else(|p| p.into_inner()) = at;
+    }
+
+    /// Heal every fault.
+    pub fn heal(&self) {
+        self.writes_left.store(u64::MAX, Ordering::SeqCst);
+        self.barriers_left.store(u64::MAX, Ordering::SeqCst);
+        self.reads_left.store(u64::MAX, Ordering::SeqCst);
+        self.fail_barrier.store(false, Ordering::SeqCst);
+        self.fail_reads(None);
+        self.flip_on_read(None);
     }
 
     /// Let `n` more writes through, then fail every write.
@@ -167,28 +217,28 @@ impl BlockDevice for FaultDevice {
                 return Err(io::Error::other("injected read error"));
             }
         }
-        self.inner.read_at(buf, offset)
+        if !take_one(&self.reads_left) {
+            return Err(io::Error::other("injected read error"));
+        }
+        self.inner.read_at(buf, offset)?;
+        let flip = *self.flip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, mask)) = flip {
+            if at >= offset && at < offset + buf.len() as u64 {
+                buf[(at - offset) as usize] ^= mask;
+            }
+        }
+        Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let ok = self
-            .writes_left
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                if n == u64::MAX {
-                    Some(n)
-                } else {
-                    n.checked_sub(1)
-                }
-            })
-            .is_ok();
-        if !ok {
+        if !take_one(&self.writes_left) {
             return Err(io::Error::other("injected write error"));
         }
         self.inner.write_at(buf, offset)
     }
 
     fn barrier(&self) -> io::Result<()> {
-        if self.fail_barrier.load(Ordering::SeqCst) {
+        if self.fail_barrier.load(Ordering::SeqCst) || !take_one(&self.barriers_left) {
             return Err(io::Error::other("injected barrier error"));
         }
         self.inner.barrier()
@@ -235,5 +285,22 @@ mod tests {
         let mut b = [0u8; 10];
         assert!(dev.read_at(&mut b, 195).is_err());
         dev.read_at(&mut b, 200).unwrap();
+        dev.heal();
+        dev.fail_barriers_after(1);
+        dev.barrier().unwrap();
+        assert!(dev.barrier().is_err());
+        dev.fail_reads_after(1);
+        dev.read_at(&mut b, 0).unwrap();
+        assert!(dev.read_at(&mut b, 0).is_err());
+        dev.heal();
+        dev.write_at(&[0x0f; 10], 100).unwrap();
+        dev.flip_on_read(Some((103, 0x81)));
+        dev.read_at(&mut b, 100).unwrap();
+        assert_eq!(
+            b,
+            [0x0f, 0x0f, 0x0f, 0x8e, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f]
+        );
+        dev.read_at(&mut b, 104).unwrap();
+        assert_eq!(&b[..6], &[0x0f; 6]);
     }
 }

@@ -215,13 +215,25 @@ impl InodeNode {
             .ok_or_else(|| Error::InvalidArgument {
                 what: "write past the largest file offset".into(),
             })?;
-        self.dirty = true;
         if self.direct() && end <= EMBEDDED_BYTES as u64 {
+            self.dirty = true;
             self.data.u[offset as usize..end as usize].copy_from_slice(buf);
             self.data.meta.size = self.size().max(end);
             return Ok(());
         }
         self.undirect();
+        // Read the partly written first and last blocks before changing
+        // anything, so a read error leaves the file as it was (a write
+        // is applied whole or not at all).
+        let first = offset & !(BLOCK - 1);
+        let last = (end - 1) & !(BLOCK - 1);
+        for lbase in [first, last] {
+            let whole = offset <= lbase && end >= lbase + BLOCK;
+            if !whole {
+                self.pending_block(vol, lbase, false, 0)?;
+            }
+        }
+        self.dirty = true;
         let mut pos = offset;
         while pos < end {
             let lbase = pos & !(BLOCK - 1);
@@ -236,8 +248,6 @@ impl InodeNode {
         Ok(())
     }
 
-    /// Set the file size: drop whole blocks past it, zero the tail of
-    /// the last one, leave holes when growing.
     /// Bytes of file data waiting for the flush.
     pub fn dirty_bytes(&self) -> u64 {
         self.pending.len() as u64 * BLOCK
@@ -248,6 +258,8 @@ impl InodeNode {
         self.pending.values().map(|b| b.len() as u64).sum()
     }
 
+    /// Set the file size: drop whole blocks past it, zero the tail of
+    /// the last one, leave holes when growing.
     pub fn truncate(&mut self, vol: &Volume, size: u64) -> Result<()> {
         if size > i64::MAX as u64 {
             return Err(Error::InvalidArgument {
@@ -255,9 +267,9 @@ impl InodeNode {
             });
         }
         let old = self.size();
-        self.dirty = true;
         if self.direct() {
             if size <= EMBEDDED_BYTES as u64 {
+                self.dirty = true;
                 let (lo, hi) = (
                     size.min(old) as usize,
                     old.max(size).min(EMBEDDED_BYTES as u64) as usize,
@@ -269,8 +281,15 @@ impl InodeNode {
             self.undirect();
         }
         if size < old {
+            // Every read first (the new last block, and the indirect
+            // blocks over the doomed range, which stay loaded), so a
+            // read error leaves the file as it was.
             let keep_end = size.div_ceil(BLOCK) * BLOCK;
-            self.pending.retain(|&k, _| k < keep_end);
+            let partial = !size.is_multiple_of(BLOCK);
+            let lbase = size & !(BLOCK - 1);
+            if partial {
+                self.pending_block(vol, lbase, false, 0)?;
+            }
             let doomed: Vec<u64> = self
                 .table
                 .range(vol, keep_end, u64::MAX)?
@@ -278,15 +297,17 @@ impl InodeNode {
                 .filter(|b| b.btype == BlockrefType::Data)
                 .map(|b| b.key)
                 .collect();
+            self.dirty = true;
+            self.pending.retain(|&k, _| k < keep_end);
             for k in doomed {
                 self.table.delete(vol, k)?;
             }
-            if !size.is_multiple_of(BLOCK) {
-                let lbase = size & !(BLOCK - 1);
+            if partial {
                 let blk = self.pending_block(vol, lbase, false, 0)?;
                 blk.truncate((size - lbase) as usize);
             }
         }
+        self.dirty = true;
         self.data.meta.size = size;
         Ok(())
     }

@@ -401,10 +401,21 @@ impl Mount {
         self.writable()?;
         self.with_node(label, inum, |vol, n| {
             if let Some(size) = a.size {
-                if n.obj_type() == ObjType::Directory {
-                    return Err(Error::IsDir {
-                        what: format!("inode {inum}"),
-                    });
+                // Only regular files have a size to set (DragonFly:
+                // EINVAL for anything else; a directory is EISDIR as
+                // Linux's truncate says).
+                match n.obj_type() {
+                    ObjType::Regfile => {}
+                    ObjType::Directory => {
+                        return Err(Error::IsDir {
+                            what: format!("inode {inum}"),
+                        })
+                    }
+                    t => {
+                        return Err(Error::InvalidArgument {
+                            what: format!("size of a {}", t.name()),
+                        })
+                    }
                 }
                 if size != n.size() {
                     n.truncate(vol, size)?;

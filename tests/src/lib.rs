@@ -5,7 +5,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod ace;
 pub mod freemap_check;
+pub mod sim;
 
 use bufcache::{BlockDevice, FileDevice};
 use hammer2::pfs::Pfs;

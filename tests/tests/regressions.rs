@@ -1,0 +1,133 @@
+//! Focused regression tests for library bugs the crash-consistency
+//! suite and the fault simulation found (tests/src/ace.rs, sim.rs).
+
+use bufcache::recording::FaultDevice;
+use bufcache::BlockDevice;
+use hammer2::disk::ObjType;
+use hammer2::mount::{SetAttr, ROOT_INUM};
+use hammer2::Error;
+use std::sync::Arc;
+use tests::{new_fs, open, T0};
+
+/// A size change is for regular files only (DragonFly's setattr:
+/// EINVAL): truncating a symlink once rewrote its target.
+#[test]
+fn setattr_size_refuses_non_files() {
+    let dev = new_fs(1);
+    let mut m = open(&dev);
+    let l = m
+        .symlink("DATA", ROOT_INUM, b"ln", b"target", 0, 0, T0)
+        .unwrap();
+    let f = m
+        .create(
+            "DATA",
+            ROOT_INUM,
+            b"fifo",
+            ObjType::Fifo,
+            0o644,
+            0,
+            0,
+            (0, 0),
+            T0,
+        )
+        .unwrap();
+    let d = m.mkdir("DATA", ROOT_INUM, b"d", 0o755, 0, 0, T0).unwrap();
+    let size = SetAttr {
+        size: Some(1),
+        ..SetAttr::default()
+    };
+    assert!(matches!(
+        m.setattr("DATA", l, size, T0),
+        Err(Error::InvalidArgument { .. })
+    ));
+    assert!(matches!(
+        m.setattr("DATA", f, size, T0),
+        Err(Error::InvalidArgument { .. })
+    ));
+    assert!(matches!(
+        m.setattr("DATA", d, size, T0),
+        Err(Error::IsDir { .. })
+    ));
+    m.flush().unwrap();
+    let mut m = open(&dev);
+    assert_eq!(m.readlink("DATA", l).unwrap(), b"target");
+}
+
+/// A file of four 64 KiB blocks, flushed, reopened through a fault
+/// device: (device, mount, inode, contents).
+fn four_block_file() -> (
+    Arc<FaultDevice>,
+    Arc<bufcache::MemDevice>,
+    hammer2::mount::Mount,
+    u64,
+    Vec<u8>,
+) {
+    let dev = new_fs(2);
+    let mut m = open(&dev);
+    let f = m
+        .create(
+            "DATA",
+            ROOT_INUM,
+            b"f",
+            ObjType::Regfile,
+            0o644,
+            0,
+            0,
+            (0, 0),
+            T0,
+        )
+        .unwrap();
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8 + 1).collect();
+    m.write("DATA", f, 0, &data, T0).unwrap();
+    m.flush().unwrap();
+    drop(m);
+    let fault = Arc::new(FaultDevice::new(dev.clone()));
+    let d: Arc<dyn BlockDevice> = fault.clone();
+    let mut m = hammer2::mount::Mount::open(d).unwrap();
+    m.getattr("DATA", f).unwrap();
+    (fault, dev, m, f, data)
+}
+
+/// After a failed call and a flush, a remount shows `want`.
+fn flushed_contents(
+    fault: &FaultDevice,
+    dev: &Arc<bufcache::MemDevice>,
+    mut m: hammer2::mount::Mount,
+    f: u64,
+    want: &[u8],
+) {
+    fault.heal();
+    m.flush().unwrap();
+    drop(m);
+    let mut m = open(dev);
+    assert_eq!(m.getattr("DATA", f).unwrap().size, want.len() as u64);
+    assert!(m.read("DATA", f, 0, want.len() + 1).unwrap() == want);
+}
+
+/// A truncate whose read of the new last block fails changes nothing:
+/// it once dropped the blocks past the new end first, and the next
+/// flush committed a file of the old size with those blocks gone.
+#[test]
+fn truncate_failing_on_a_read_changes_nothing() {
+    let (fault, dev, mut m, f, data) = four_block_file();
+    fault.fail_reads_after(0);
+    let a = SetAttr {
+        size: Some(70_000),
+        ..SetAttr::default()
+    };
+    assert!(matches!(m.setattr("DATA", f, a, T0), Err(Error::Io { .. })));
+    flushed_contents(&fault, &dev, m, f, &data);
+}
+
+/// A write over two partial blocks whose second read fails changes
+/// nothing (it once changed the first block, and the flush kept it).
+#[test]
+fn write_failing_on_a_read_changes_nothing() {
+    let (fault, dev, mut m, f, data) = four_block_file();
+    fault.fail_reads_after(1);
+    assert!(matches!(
+        m.write("DATA", f, 1000, &[0xee; 70_000], T0),
+        Err(Error::Io { .. })
+    ));
+    flushed_contents(&fault, &dev, m, f, &data);
+}
