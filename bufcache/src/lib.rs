@@ -8,7 +8,8 @@
 //!
 //! Modules: `device` (the trait, file and memory devices), `cached` (a
 //! `BlockDevice` through the cache), `recording`
-//! (recording and fault devices), `cache` (getblk, bread, releases,
+//! (recording and fault devices), `logwrites` (a device that logs every
+//! write, barrier and mark to a file, as dm-log-writes, and its replay), `cache` (getblk, bread, releases,
 //! read-ahead, dirty accounting), `flush` (the coalescing writer, flush and
 //! barrier, throttling, the flusher thread), `error`.
 
@@ -19,11 +20,13 @@ pub mod cached;
 pub mod device;
 mod error;
 mod flush;
+pub mod logwrites;
 pub mod recording;
 
 pub use cache::{parse_cache_size, Buf, BufCache, BufCacheConfig, BufRef, BufShared, CacheStats};
 pub use cached::CachedDevice;
 pub use device::{BlockDevice, FileDevice, MemDevice};
 pub use error::{Error, Result};
+pub use logwrites::LogWritesDevice;
 pub use recording::{Event, FaultDevice, RecordingDevice};
 pub use vmglue::{Vm, VmConfig, FRAME_BYTES};
