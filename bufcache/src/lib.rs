@@ -9,7 +9,9 @@
 //! Modules: `device` (the trait, file and memory devices), `cached` (a
 //! `BlockDevice` through the cache), `recording`
 //! (recording and fault devices), `imagelock` (the locks of a read-write
-//! mount, and waiting for one that is ending), `cache` (getblk, bread, releases,
+//! mount, and waiting for one that is ending), `logwrites` (a device that
+//! logs every write, barrier and mark to a file, as dm-log-writes, and its
+//! replay), `cache` (getblk, bread, releases,
 //! read-ahead, dirty accounting), `flush` (the coalescing writer, flush and
 //! barrier, throttling, the flusher thread), `error`.
 
@@ -21,11 +23,13 @@ pub mod device;
 mod error;
 mod flush;
 pub mod imagelock;
+pub mod logwrites;
 pub mod recording;
 
 pub use cache::{parse_cache_size, Buf, BufCache, BufCacheConfig, BufRef, BufShared, CacheStats};
 pub use cached::CachedDevice;
 pub use device::{BlockDevice, FileDevice, MemDevice};
 pub use error::{Error, Result};
+pub use logwrites::LogWritesDevice;
 pub use recording::{Event, FaultDevice, RecordingDevice};
 pub use vmglue::{Vm, VmConfig, FRAME_BYTES};

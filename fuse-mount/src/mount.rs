@@ -222,6 +222,12 @@ pub fn open_rw(
     let dev = FileDevice::open(image, true)
         .map_err(|e| Failure::Mount(format!("cannot open {shown} read-write: {e}")))?;
     let dev: Arc<dyn BlockDevice> = Arc::new(dev);
+    // With log_writes= every write reaching the image is logged: the log
+    // device sits right above it, under the buffer cache.
+    let dev = match &options.log_writes {
+        Some(log) => open_log(image, &lock.writer, dev, log)?,
+        None => dev,
+    };
     let vol = open_volume(image, dev.clone())?;
     check_label(image, &vol, label)?;
     drop(vol);
@@ -237,6 +243,60 @@ pub fn open_rw(
         .map_err(|e| Failure::Mount(format!("{shown}@{label}: {e}")))?;
     let vol = RwVolume::new(mount, label.to_string(), lock.writer, options.sync_interval);
     Ok(Some((Arc::new(vol), lock.mounted)))
+}
+
+/// Start a write log at `log` for the image open as `file` and `dev`.
+/// Its header records the image's size and fingerprint as it is now, so
+/// that a replay can refuse any other base.
+fn open_log(
+    image: &Path,
+    file: &File,
+    dev: Arc<dyn BlockDevice>,
+    log: &Path,
+) -> Result<Arc<dyn BlockDevice>, Failure> {
+    let shown = log.display();
+    if let (Ok(a), Ok(b)) = (std::fs::metadata(log), file.metadata()) {
+        if a.dev() == b.dev() && a.ino() == b.ino() {
+            return Err(Failure::Usage(format!(
+                "log_writes={shown} is the image itself"
+            )));
+        }
+    }
+    let started = std::time::Instant::now();
+    let fp = bufcache::logwrites::fingerprint_file(file).map_err(|e| {
+        Failure::Mount(format!(
+            "cannot read {} to fingerprint it for the write log: {e}",
+            image.display()
+        ))
+    })?;
+    let dev = bufcache::LogWritesDevice::create(dev, log, fp)
+        .map_err(|e| Failure::Mount(format!("cannot start the write log {shown}: {e}")))?;
+    log::info!(
+        "logging writes to {shown} (base fingerprint {}, taken in {:.1?})",
+        bufcache::logwrites::fingerprint_hex(&fp),
+        started.elapsed()
+    );
+    Ok(Arc::new(dev))
+}
+
+/// A write log must not live inside the mount it logs: writing it would
+/// wait on the daemon that is writing it.
+fn check_log_outside(log: &Path, mnt: &Path) -> Result<(), Failure> {
+    let dir = match log.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| Failure::Mount(format!("log_writes={}: its directory: {e}", log.display())))?;
+    if dir.starts_with(mnt) {
+        return Err(Failure::Usage(format!(
+            "log_writes={} is inside the mountpoint {}",
+            log.display(),
+            mnt.display()
+        )));
+    }
+    Ok(())
 }
 
 /// The mountpoint must be an existing directory.
@@ -418,10 +478,24 @@ type Mounted = (
 /// mountpoint, and for a read-write mount its state.
 fn mount(req: &Request) -> Result<Mounted, Failure> {
     let mut o = req.options.clone();
+    if let Some(log) = &o.log_writes {
+        if !o.read_write {
+            return Err(Failure::Usage(
+                "log_writes= needs a read-write mount (a read-only one writes nothing)".into(),
+            ));
+        }
+        check_log_outside(log, &check_mountpoint(&req.mountpoint)?)?;
+    }
     let (rw, mounted) = match o.read_write {
         true => open_rw(&req.image, &req.label, &o)?.unzip(),
         false => (None, None),
     };
+    if o.log_writes.is_some() && rw.is_none() {
+        return Err(Failure::Mount(format!(
+            "{} is write-protected: it cannot be mounted read-write with log_writes=",
+            req.image.display()
+        )));
+    }
     if rw.is_none() {
         wait_for_ending_mount(&req.image)?;
     }

@@ -6,6 +6,7 @@
 
 use fuser::{Config, SessionACL};
 use nix::mount::MsFlags;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Whether a mount with neither `ro` nor `rw` is read-write: yes, as
@@ -53,6 +54,9 @@ pub struct Options {
     /// `snapdir`: the volume's snapshots, read-only, under `.snapshot`
     /// at the mount root (hidden: looked up, not listed).
     pub snapdir: bool,
+    /// `log_writes=FILE`: log every write, barrier and mark reaching the
+    /// image to FILE (`bufcache::logwrites`), for `hammer2 replay-log`.
+    pub log_writes: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +93,7 @@ impl Default for Options {
             cache_size: None,
             writeback_cache: false,
             snapdir: false,
+            log_writes: None,
         }
     }
 }
@@ -180,6 +185,13 @@ pub fn parse<S: AsRef<str>>(args: &[S], sloppy: bool) -> Result<Options, String>
                         )
                     })?;
                 o.cache_size = Some(bytes);
+            }
+            _ if opt.starts_with("log_writes=") => {
+                let v = &opt["log_writes=".len()..];
+                if v.is_empty() {
+                    return Err("log_writes=FILE: name the file to log writes to".to_string());
+                }
+                o.log_writes = Some(PathBuf::from(v));
             }
             _ if sloppy => log::warn!("unknown mount option {opt} ignored (-s)"),
             _ => return Err(format!("unknown mount option {opt:?}")),
@@ -337,6 +349,16 @@ mod tests {
             let e = parse(&[bad], false).unwrap_err();
             assert!(e.contains(bad.split('=').next().unwrap()), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn log_writes_names_a_file() {
+        assert_eq!(parse::<&str>(&[], false).unwrap().log_writes, None);
+        let o = parse(&["rw,log_writes=/tmp/x.log,sync_interval=0"], false).unwrap();
+        assert_eq!(o.log_writes, Some(PathBuf::from("/tmp/x.log")));
+        assert_eq!(o.sync_interval, None);
+        let e = parse(&["log_writes="], false).unwrap_err();
+        assert!(e.contains("log_writes"), "{e}");
     }
 
     #[test]

@@ -51,6 +51,9 @@ const READY: &str = "ready\n";
                   cache_size=SIZE (K, M or G suffix, at least 4M): the mount reads \
                   (and, read-write, writes) through a buffer cache of that size \
                   (without it, through the kernel's page cache of the image).\n\n\
+                  log_writes=FILE (read-write): log every write, barrier and mark \
+                  that reaches the image to FILE, for hammer2 replay-log; keep a \
+                  copy of the image as it was at mount time to replay onto.\n\n\
                   Exit status: 0 mounted, 1 usage, 2 system error, 32 mount failed."
 )]
 struct Cli {

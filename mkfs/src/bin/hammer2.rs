@@ -29,6 +29,8 @@ mod freemap;
 mod online;
 #[path = "hammer2/pfs.rs"]
 mod pfs;
+#[path = "hammer2/replay.rs"]
+mod replay;
 #[path = "hammer2/setmethods.rs"]
 mod setmethods;
 #[path = "hammer2/show.rs"]
@@ -36,6 +38,7 @@ mod show;
 #[path = "hammer2/volhdr.rs"]
 mod volhdr;
 
+use bufcache::logwrites::Stop;
 use bufcache::{BlockDevice, FileDevice};
 use clap::{CommandFactory, Parser, Subcommand};
 use hammer2::disk::BlockrefType;
@@ -77,6 +80,8 @@ Examples:
   hammer2 setcomp -r zstd:9 /mnt/data/logs
   hammer2 setcomp -r zstd:9 disk.img@DATA:/logs    (the same, offline)
   hammer2 setcheck blake3 disk.img@DATA:/archive/big.iso
+  hammer2 mark /mnt/data before-rename   (mounted with -o log_writes=FILE)
+  hammer2 replay-log --fsck --to-mark before-rename FILE base-copy.img
   hammer2 hash hello.txt
 
 setcomp methods: none, autozero, lz4 (default), zlib[:1-9], zstd[:1-15].
@@ -202,6 +207,39 @@ enum Verb {
         /// The mountpoint or any file or directory of the mount
         path: PathBuf,
         name: String,
+    },
+    /// Rebuild an image from a write log of `mount.hammer2 -o
+    /// log_writes=FILE`, onto a copy of the image as it was when mounted
+    /// (the log's base; any other image is refused), up to the end, an
+    /// entry, a barrier or a mark; with --fsck or --check, check the image
+    /// after every barrier and stop at the first failure (exit 1)
+    ReplayLog {
+        /// The write log
+        log: PathBuf,
+        /// The base image to rebuild in place (not with --list)
+        #[arg(required_unless_present = "list")]
+        img: Option<PathBuf>,
+        /// Print the log's entries (writes, barriers, marks) and stop
+        #[arg(long, conflicts_with_all = ["img", "to_mark", "to_entry", "to_barrier", "check", "fsck"])]
+        list: bool,
+        /// Stop before the first mark of this name (`hammer2 mark`)
+        #[arg(long, group = "stop")]
+        to_mark: Option<String>,
+        /// Stop after entry N (entries count from 1; 0 applies none)
+        #[arg(long, group = "stop")]
+        to_entry: Option<u64>,
+        /// Stop after the N-th barrier (from 1)
+        #[arg(long, group = "stop")]
+        to_barrier: Option<u64>,
+        /// After every barrier run `sh -c CMD replay-log IMG` ($1 is the
+        /// image; H2_REPLAY_IMAGE, H2_REPLAY_ENTRY and H2_REPLAY_BARRIER
+        /// are set); a failure stops the replay there
+        #[arg(long, value_name = "CMD")]
+        check: Option<String>,
+        /// After every barrier run fsck.hammer2's checks; damage stops
+        /// the replay there
+        #[arg(long)]
+        fsck: bool,
     },
     /// Show the inode of each file or directory named (online only):
     /// inode number, type, size, methods, blocks as of the last flush
@@ -466,6 +504,35 @@ fn run(cli: Cli, out: &mut dyn Write) -> Result<u64, CmdError> {
         ),
         Verb::Mark { path, name } => online::mark(&path, &name, out),
         Verb::Stat { paths } => online::stat(&paths, out),
+        Verb::ReplayLog {
+            log,
+            img,
+            list,
+            to_mark,
+            to_entry,
+            to_barrier,
+            check,
+            fsck,
+        } => match (list, img) {
+            (true, _) => replay::list(&log, out),
+            (false, Some(img)) => {
+                let stop = match (to_mark, to_entry, to_barrier) {
+                    (Some(m), _, _) => Stop::Mark(m),
+                    (_, Some(n), _) => Stop::Entry(n),
+                    (_, _, Some(n)) => Stop::Barrier(n),
+                    _ => Stop::End,
+                };
+                let plan = replay::Plan {
+                    stop,
+                    check: check.as_deref(),
+                    fsck,
+                };
+                replay::run(&log, &img, &plan, out)
+            }
+            (false, None) => Err(CmdError::Fail(
+                "replay-log: name the image to rebuild".into(),
+            )),
+        },
     }
 }
 
