@@ -21,6 +21,13 @@ use std::sync::Arc;
 
 const BLOCK: u64 = DATA_BLOCK_BYTES;
 
+/// A change to a file's data, for `InodeNode::new_pending_blocks`.
+#[derive(Clone, Copy, Debug)]
+pub enum PendingChange {
+    Write { offset: u64, len: u64 },
+    Truncate { size: u64 },
+}
+
 /// An inode in memory.
 #[derive(Clone, Debug)]
 pub struct InodeNode {
@@ -202,6 +209,35 @@ impl InodeNode {
             self.pending.insert(0, Arc::new(blk));
         }
         self.dirty = true;
+    }
+
+    /// How many 64 KiB blocks not yet pending a write of `len` bytes at
+    /// `offset` (`len > 0`) or, with `truncate_to`, a size change would
+    /// make pending: what the mount admits before it changes anything.
+    /// Leaving embedded data moves it to a pending block 0 as well.
+    pub fn new_pending_blocks(&self, change: PendingChange) -> u64 {
+        let not_pending = |lbase: u64| !self.pending.contains_key(&lbase);
+        let old = self.size();
+        let leaves_direct =
+            |end: u64| self.direct() && end > EMBEDDED_BYTES as u64 && old > 0 && not_pending(0);
+        match change {
+            PendingChange::Write { offset, len } => {
+                let end = offset.saturating_add(len);
+                let first = offset / BLOCK;
+                let last = (end - 1) / BLOCK;
+                let touched = (first..=last).filter(|b| not_pending(b * BLOCK)).count() as u64;
+                touched + u64::from(leaves_direct(end) && first > 0)
+            }
+            PendingChange::Truncate { size } => {
+                if size == old {
+                    0
+                } else if self.direct() {
+                    u64::from(leaves_direct(size))
+                } else {
+                    u64::from(size < old && size % BLOCK != 0 && not_pending(size & !(BLOCK - 1)))
+                }
+            }
+        }
     }
 
     /// Write `buf` at `offset`, growing the file as needed.

@@ -25,7 +25,7 @@ use crate::disk::{
 };
 use crate::error::{Error, Result};
 use crate::flush::{data_bref, encode_data_block, flush_inode, CompHeuristic, SpaceMap, Writer};
-use crate::inode::InodeNode;
+use crate::inode::{InodeNode, PendingChange};
 use crate::pfs::{self, DirEntry};
 use crate::volume::Volume;
 use bufcache::BlockDevice;
@@ -376,13 +376,11 @@ impl Mount {
             return Ok(());
         }
         // Admit the 64 KiB blocks this write makes pending (at most).
-        let first = offset / disk::DATA_BLOCK_BYTES;
-        let last = (offset.saturating_add(buf.len() as u64) - 1) / disk::DATA_BLOCK_BYTES;
-        let new_blocks = self.with_node(label, inum, |_, n| {
-            Ok((first..=last)
-                .filter(|b| !n.pending.contains_key(&(b * disk::DATA_BLOCK_BYTES)))
-                .count() as u64)
-        })?;
+        let change = PendingChange::Write {
+            offset,
+            len: buf.len() as u64,
+        };
+        let new_blocks = self.with_node(label, inum, |_, n| Ok(n.new_pending_blocks(change)))?;
         self.admit(new_blocks * disk::DATA_BLOCK_BYTES)?;
         self.with_node(label, inum, |vol, n| {
             if n.obj_type() != ObjType::Regfile {
@@ -399,6 +397,13 @@ impl Mount {
 
     pub fn setattr(&mut self, label: &str, inum: u64, a: SetAttr, now: u64) -> Result<InodeMeta> {
         self.writable()?;
+        if let Some(size) = a.size {
+            // A truncate that leaves a partial last block makes it pending.
+            let change = PendingChange::Truncate { size };
+            let new_blocks =
+                self.with_node(label, inum, |_, n| Ok(n.new_pending_blocks(change)))?;
+            self.admit(new_blocks * disk::DATA_BLOCK_BYTES)?;
+        }
         self.with_node(label, inum, |vol, n| {
             if let Some(size) = a.size {
                 // Only regular files have a size to set (DragonFly:

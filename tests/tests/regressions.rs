@@ -131,3 +131,61 @@ fn write_failing_on_a_read_changes_nothing() {
     ));
     flushed_contents(&fault, &dev, m, f, &data);
 }
+
+/// A read-write mount of `dev` whose allocator leaves no room for file
+/// data past the flush reserve (a full disk).
+fn open_full(dev: &Arc<bufcache::MemDevice>) -> hammer2::mount::Mount {
+    let d: Arc<dyn BlockDevice> = dev.clone();
+    let vol = hammer2::Volume::open(d.clone()).unwrap();
+    let mut alloc = hammer2::alloc::Allocator::load(&vol).unwrap();
+    alloc.recover(&vol).unwrap();
+    alloc.set_reserve_bytes(alloc.free_chunk_bytes());
+    hammer2::mount::Mount::open_with(d, Box::new(alloc)).unwrap()
+}
+
+/// A truncate that leaves a partial last block makes that block pending:
+/// on a full disk it once went unadmitted, so the flush, not the
+/// truncate, ran out of space. Now the truncate is refused with NoSpace
+/// (nothing changed) and the flush completes.
+#[test]
+fn truncate_to_a_partial_block_is_admitted_on_a_full_disk() {
+    let dev = new_fs(2);
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let ino = {
+        let mut m = open(&dev);
+        let ino = m
+            .create(
+                "DATA",
+                ROOT_INUM,
+                b"f",
+                ObjType::Regfile,
+                0o644,
+                0,
+                0,
+                (0, 0),
+                T0,
+            )
+            .unwrap();
+        m.write("DATA", ino, 0, &data, T0).unwrap();
+        m.flush().unwrap();
+        ino
+    };
+    let mut m = open_full(&dev);
+    let to = SetAttr {
+        size: Some(4000),
+        ..SetAttr::default()
+    };
+    assert!(matches!(
+        m.setattr("DATA", ino, to, T0),
+        Err(Error::NoSpace { .. })
+    ));
+    // A block-aligned truncate leaves nothing partial: no space needed.
+    let aligned = SetAttr {
+        size: Some(131_072),
+        ..SetAttr::default()
+    };
+    m.setattr("DATA", ino, aligned, T0).unwrap();
+    m.flush().expect("the flush has room");
+    let mut m = open(&dev);
+    assert_eq!(m.read("DATA", ino, 0, 1 << 20).unwrap(), &data[..131_072]);
+}
