@@ -307,6 +307,8 @@ mod tests {
         let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|(_, e)| e)
             .expect("flock");
+        // The lock lives on the open file; the name is not needed.
+        let _ = std::fs::remove_file(&lockfile);
         let v = Arc::new(RwVolume::new(m, "DATA".into(), lock, None));
         Hammer2Fs::new_rw(v, true)
     }

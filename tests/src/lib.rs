@@ -51,12 +51,24 @@ pub fn fixture_names() -> Vec<String> {
     names
 }
 
-/// A scratch directory for this test process, removed at exit by the OS
-/// temp cleaner; each test gets its own subdirectory.
+/// A scratch directory for this test process (`hammer2-tests-PID` in the
+/// temp dir); each test gets its own subdirectory. Those of earlier test
+/// processes that are gone are removed the first time, so a run leaves
+/// at most its own behind (restored fixtures and damaged copies, tens of
+/// MiB per process) for a failure to be looked at.
 pub fn scratch_dir(tag: &str) -> PathBuf {
     static BASE: OnceLock<PathBuf> = OnceLock::new();
     let base = BASE.get_or_init(|| {
-        let p = std::env::temp_dir().join(format!("hammer2-tests-{}", std::process::id()));
+        let tmp = std::env::temp_dir();
+        for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("hammer2-tests-") {
+                if !Path::new("/proc").join(pid).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let p = tmp.join(format!("hammer2-tests-{}", std::process::id()));
         std::fs::create_dir_all(&p).expect("create scratch dir");
         p
     });
