@@ -12,7 +12,6 @@
 //! 25), `H2_BENCH_KEEP=1` keeps the images.
 
 use bufcache::{BlockDevice, FileDevice};
-use hammer2::disk::ObjType;
 use hammer2::mount::{Mount, ROOT_INUM};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +21,7 @@ use std::time::{Duration, Instant};
 const PFS: &str = "DATA";
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
-const T0: u64 = 1_700_000_000_000_000;
+use tests::T0;
 /// Every image has the same size, so only what it holds differs.
 const IMAGE_BYTES: u64 = 64 * GIB;
 /// Flush when this much file data waits, as the mount daemon does.
@@ -100,18 +99,7 @@ fn new_image(path: &Path) -> (Mount, Arc<Timed>) {
 }
 
 fn create(m: &mut Mount, dir: u64, name: &str) -> u64 {
-    m.create(
-        PFS,
-        dir,
-        name.as_bytes(),
-        ObjType::Regfile,
-        0o644,
-        0,
-        0,
-        (0, 0),
-        T0,
-    )
-    .expect("create")
+    tests::create_file(m, PFS, dir, name.as_bytes()).expect("create")
 }
 
 /// `files` files in directories of 1000, `bytes` written in all.

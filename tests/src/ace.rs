@@ -1097,18 +1097,7 @@ fn check_image(
     }
     // The recovered filesystem takes new writes and stays clean.
     let data = pattern(9, 0, 100_000);
-    let f = m
-        .create(
-            LABEL,
-            ROOT_INUM,
-            b"__probe",
-            ObjType::Regfile,
-            0o644,
-            0,
-            0,
-            (0, 0),
-            crate::T0,
-        )
+    let f = crate::create_file(&mut m, LABEL, ROOT_INUM, b"__probe")
         .map_err(|e| format!("probe create: {e}"))?;
     m.write(LABEL, f, 0, &data, crate::T0)
         .map_err(|e| format!("probe write: {e}"))?;

@@ -317,6 +317,27 @@ pub fn new_fs(seed: u64) -> Arc<bufcache::MemDevice> {
     dev
 }
 
+/// Create an empty regular file `name` in directory `dir` of PFS `label`:
+/// mode 0644, owned by root, stamped `T0`.
+pub fn create_file(
+    m: &mut hammer2::mount::Mount,
+    label: &str,
+    dir: u64,
+    name: &[u8],
+) -> hammer2::Result<u64> {
+    m.create(
+        label,
+        dir,
+        name,
+        hammer2::disk::ObjType::Regfile,
+        0o644,
+        0,
+        0,
+        (0, 0),
+        T0,
+    )
+}
+
 /// Open a memory image read-write.
 pub fn open(dev: &Arc<bufcache::MemDevice>) -> hammer2::mount::Mount {
     let d: Arc<dyn BlockDevice> = dev.clone();

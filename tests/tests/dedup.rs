@@ -14,7 +14,7 @@
 //! fsck and makefs.
 
 use bufcache::{BlockDevice, MemDevice};
-use hammer2::disk::{Blockref, BlockrefType, ObjType};
+use hammer2::disk::{Blockref, BlockrefType};
 use hammer2::mount::{Mount, ROOT_INUM};
 use hammer2::pfs::Pfs;
 use hammer2::Volume;
@@ -22,7 +22,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use tests::{new_fs, open, T0};
+use tests::{create_file, new_fs, open, T0};
 
 use tests::freemap_check::*;
 
@@ -31,18 +31,7 @@ const MIB: u64 = 1 << 20;
 const BLOCK: usize = 65536;
 
 fn create(m: &mut Mount, name: &str) -> u64 {
-    m.create(
-        PFS,
-        ROOT_INUM,
-        name.as_bytes(),
-        ObjType::Regfile,
-        0o644,
-        0,
-        0,
-        (0, 0),
-        T0,
-    )
-    .unwrap()
+    create_file(m, PFS, ROOT_INUM, name.as_bytes()).unwrap()
 }
 
 fn lookup(m: &mut Mount, name: &str) -> u64 {

@@ -7,14 +7,14 @@
 //! offset, from the reader and from fsck.
 
 use bufcache::{BlockDevice, MemDevice};
-use hammer2::disk::{check_method as cm, comp_method as cmp, Blockref, BlockrefType, ObjType};
+use hammer2::disk::{check_method as cm, comp_method as cmp, Blockref, BlockrefType};
 use hammer2::fsck::{fsck, Options};
 use hammer2::mount::{Mount, ROOT_INUM};
 use hammer2::pfs::Pfs;
 use hammer2::setmethods::{parse_check, parse_comp, Methods};
 use hammer2::{Error, Volume};
 use std::sync::Arc;
-use tests::{new_fs, open, T0};
+use tests::{create_file, new_fs, open, T0};
 
 const PFS: &str = "DATA";
 
@@ -55,19 +55,7 @@ fn raw(dev: &Arc<MemDevice>, br: &Blockref) -> Vec<u8> {
 }
 
 fn mkfile(m: &mut Mount, dir: u64, name: &str, data: &[u8]) -> u64 {
-    let inum = m
-        .create(
-            PFS,
-            dir,
-            name.as_bytes(),
-            ObjType::Regfile,
-            0o644,
-            0,
-            0,
-            (0, 0),
-            T0,
-        )
-        .unwrap();
+    let inum = create_file(m, PFS, dir, name.as_bytes()).unwrap();
     m.write(PFS, inum, 0, data, T0).unwrap();
     inum
 }

@@ -7,7 +7,7 @@ use hammer2::disk::ObjType;
 use hammer2::mount::{SetAttr, ROOT_INUM};
 use hammer2::Error;
 use std::sync::Arc;
-use tests::{new_fs, open, T0};
+use tests::{create_file, new_fs, open, T0};
 
 /// A size change is for regular files only (DragonFly's setattr:
 /// EINVAL): truncating a symlink once rewrote its target.
@@ -64,19 +64,7 @@ fn four_block_file() -> (
 ) {
     let dev = new_fs(2);
     let mut m = open(&dev);
-    let f = m
-        .create(
-            "DATA",
-            ROOT_INUM,
-            b"f",
-            ObjType::Regfile,
-            0o644,
-            0,
-            0,
-            (0, 0),
-            T0,
-        )
-        .unwrap();
+    let f = create_file(&mut m, "DATA", ROOT_INUM, b"f").unwrap();
     let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8 + 1).collect();
     m.write("DATA", f, 0, &data, T0).unwrap();
     m.flush().unwrap();
@@ -153,19 +141,7 @@ fn truncate_to_a_partial_block_is_admitted_on_a_full_disk() {
     let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     let ino = {
         let mut m = open(&dev);
-        let ino = m
-            .create(
-                "DATA",
-                ROOT_INUM,
-                b"f",
-                ObjType::Regfile,
-                0o644,
-                0,
-                0,
-                (0, 0),
-                T0,
-            )
-            .unwrap();
+        let ino = create_file(&mut m, "DATA", ROOT_INUM, b"f").unwrap();
         m.write("DATA", ino, 0, &data, T0).unwrap();
         m.flush().unwrap();
         ino

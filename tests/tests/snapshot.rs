@@ -24,7 +24,7 @@ mod model {
     include!("support/model.rs");
 }
 use model::*;
-use tests::{new_fs, open, T0};
+use tests::{create_file, new_fs, open, T0};
 
 fn fsck_clean(dev: &Arc<MemDevice>, ctx: &str) {
     let d: Arc<dyn BlockDevice> = dev.clone();
@@ -340,19 +340,7 @@ fn populate(m: &mut Mount, files: usize) -> u64 {
                 .mkdir(PFS, ROOT_INUM, format!("d{i}").as_bytes(), 0o755, 0, 0, T0)
                 .unwrap();
         }
-        let f = m
-            .create(
-                PFS,
-                dir,
-                format!("file{i}").as_bytes(),
-                ObjType::Regfile,
-                0o644,
-                0,
-                0,
-                (0, 0),
-                T0,
-            )
-            .unwrap();
+        let f = create_file(m, PFS, dir, format!("file{i}").as_bytes()).unwrap();
         m.write(PFS, f, 0, format!("contents of {i}\n").as_bytes(), T0)
             .unwrap();
         if i == 0 {
