@@ -37,8 +37,10 @@ pub fn blake3(data: &[u8]) -> [u8; 32] {
     *blake3::hash(data).as_bytes()
 }
 
-pub fn method_name(method: u8) -> &'static str {
-    match method {
+/// The name of a check algorithm (`check_algo`'s low nibble), as
+/// hammer2(8) prints it; `None` for a number no method has.
+pub fn method_name(method: u8) -> Option<&'static str> {
+    Some(match method {
         cm::NONE => "none",
         cm::DISABLED => "disabled",
         cm::ISCSI32 => "crc32",
@@ -46,8 +48,8 @@ pub fn method_name(method: u8) -> &'static str {
         cm::SHA192 => "sha192",
         cm::FREEMAP => "freemap",
         cm::BLAKE3 => "blake3",
-        _ => "unknown",
-    }
+        _ => return None,
+    })
 }
 
 /// Store the check code of `data` in `br.check` per `br`'s check method.

@@ -10,15 +10,17 @@ use crate::disk::comp_method as cmp;
 use crate::error::{Error, Result, Where};
 use std::io::{Read, Write};
 
-pub fn method_name(method: u8) -> &'static str {
-    match method {
+/// The name of a compression algorithm (`comp_algo`'s low nibble), as
+/// hammer2(8) prints it; `None` for a number no method has.
+pub fn method_name(method: u8) -> Option<&'static str> {
+    Some(match method {
         cmp::NONE => "none",
         cmp::AUTOZERO => "autozero",
         cmp::LZ4 => "lz4",
         cmp::ZLIB => "zlib",
         cmp::ZSTD => "zstd",
-        _ => "unknown",
-    }
+        _ => return None,
+    })
 }
 
 /// Expand the physical block `phys` (at image offset `at`) written with
@@ -195,7 +197,7 @@ mod tests {
             .unwrap(),
             data
         );
-        assert_eq!(method_name(cmp::ZSTD), "zstd");
+        assert_eq!(method_name(cmp::ZSTD), Some("zstd"));
         // Garbage inside a valid length is an error naming the method.
         let mut bad = phys.clone();
         bad[8] ^= 0xff;

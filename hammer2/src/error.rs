@@ -178,7 +178,7 @@ impl fmt::Display for Error {
             } => write!(
                 f,
                 "check code mismatch at {at:#x} ({}): stored {expected}, computed {actual}{place}",
-                crate::check::method_name(*method)
+                crate::check::method_name(*method).unwrap_or("unknown")
             ),
             Error::Decompress {
                 at,
@@ -188,7 +188,7 @@ impl fmt::Display for Error {
             } => write!(
                 f,
                 "cannot decompress block at {at:#x} ({}): {detail}{place}",
-                crate::compress::method_name(*method)
+                crate::compress::method_name(*method).unwrap_or("unknown")
             ),
             Error::Unsupported { what, at } => write!(f, "unsupported at {at:#x}: {what}"),
             Error::NotFound { what } => write!(f, "{what}: not found"),

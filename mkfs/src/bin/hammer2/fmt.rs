@@ -1,7 +1,7 @@
 //! Text forms shared by the verbs: the names hammer2(8) prints for
 //! blockref types, check and compression modes, sizes, times and names.
 
-use hammer2::disk::{check_method as cm, comp_method, BlockrefType};
+use hammer2::disk::BlockrefType;
 
 /// The blockref type names DragonFly's `hammer2 show` prints.
 pub fn type_name(t: BlockrefType) -> &'static str {
@@ -19,35 +19,11 @@ pub fn type_name(t: BlockrefType) -> &'static str {
     }
 }
 
-fn check_algo_name(algo: u8) -> Option<&'static str> {
-    Some(match algo {
-        cm::NONE => "none",
-        cm::DISABLED => "disabled",
-        cm::ISCSI32 => "crc32",
-        cm::XXHASH64 => "xxhash64",
-        cm::SHA192 => "sha192",
-        cm::FREEMAP => "freemap",
-        cm::BLAKE3 => "blake3",
-        _ => return None,
-    })
-}
-
-fn comp_algo_name(algo: u8) -> Option<&'static str> {
-    Some(match algo {
-        comp_method::NONE => "none",
-        comp_method::AUTOZERO => "autozero",
-        comp_method::LZ4 => "lz4",
-        comp_method::ZLIB => "zlib",
-        comp_method::ZSTD => "zstd",
-        _ => return None,
-    })
-}
-
 /// A check mode byte (algorithm in the low nibble, level in the high
 /// one, as an inode's `check_algo`): "xxhash64", or "name:level".
 pub fn check_mode(x: u8) -> String {
     let (algo, level) = (x & 15, x >> 4);
-    let name = match check_algo_name(algo) {
+    let name = match hammer2::check::method_name(algo) {
         Some(n) => n.to_string(),
         None => format!("unknown({algo})"),
     };
@@ -61,7 +37,7 @@ pub fn check_mode(x: u8) -> String {
 /// A compression mode byte: "lz4:default", or "zlib:6" with a level.
 pub fn comp_mode(x: u8) -> String {
     let (algo, level) = (x & 15, x >> 4);
-    let name = match comp_algo_name(algo) {
+    let name = match hammer2::compress::method_name(algo) {
         Some(n) => n.to_string(),
         None => format!("unknown({algo})"),
     };
