@@ -42,6 +42,30 @@
 //!   every block newer than `freemap_tid` allocated (the freemap may lag
 //!   the topology by one flush after a crash).
 //!
+//! Freeing at flush time (our addition; DragonFly frees only through
+//! bulkfree): the mount hands each block its committed tree stopped
+//! referencing to `queue_free`, when it can prove nothing else does (see
+//! `Mount`'s flush: born after the PFS's last snapshot, not shared by
+//! dedup). The block stays allocated until every volume header on the
+//! media that may reference it has been overwritten: a block dropped by
+//! the flush with tid N is referenced by the header of N-1 and older,
+//! and the header slots rotate, so it is freed when the header of
+//! N + slots - 1 is written (`committed`). Every header copy on the media
+//! thus keeps a whole tree: a torn newest header falls back to one whose
+//! blocks are all there, and DragonFly's fsck of every copy stays clean.
+//! - Blocks of 16 KiB and more own their bitmap pairs and go back whole.
+//! - Smaller blocks share a 16 KiB pair with others. A pair this session
+//!   took from free for them (`claimed`) counts its live pieces; the pair
+//!   goes back when the count reaches zero. Pieces in pairs taken before
+//!   this session cannot be counted and are left for bulkfree.
+//! - Dedup: a data block dedup handed out this session is recorded
+//!   (`dedup_shared`) and never freed early; a block queued for freeing
+//!   is forgotten by the dedup table, so it is never handed out again.
+//! - Bulkfree: while a pass runs (between `bulkfree_start` and its merge
+//!   or cancel) nothing is freed, as its scan reads the topology it began
+//!   at; the merge drops queued blocks it freed or staged (bulkfree frees
+//!   them), and forgets claims and dedup records of pairs it changed.
+//!
 //! The flush reserve (our addition; DragonFly refuses writes in the VFS
 //! when `allocator_free` drops under 5% (2.5% for root) and has an
 //! emergency mode, but its allocator has no reserve): ordinary
@@ -70,7 +94,7 @@ use crate::freemap::FreemapLeaf;
 use crate::volume::Volume;
 use bmap::{LEAF_BYTES, SEGSIZE};
 use bufcache::BlockDevice;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt;
 use tree::{LeafData, Tree};
 
@@ -204,7 +228,32 @@ pub struct Allocator {
     /// at them, each of which `release_unflushed` drops before the block
     /// itself may go.
     shares: BTreeMap<u64, u32>,
+    /// 16 KiB pairs this session took from free for allocations under
+    /// 16 KiB, with the number of those allocations still live in each
+    /// (see "Freeing at flush time").
+    claimed: BTreeMap<u64, u32>,
+    /// Data blocks dedup handed out this session: never freed early.
+    dedup_shared: HashSet<u64>,
+    /// Committed blocks waiting for the header whose tid is given before
+    /// they may be freed, in tid order.
+    pending_frees: VecDeque<(u64, DataOff)>,
+    /// Bytes of blocks the topology stopped referencing that were not
+    /// freed early (bulkfree's work), since the last bulkfree merge.
+    possibly_free: u64,
+    /// `possibly_free` when the running bulkfree pass started.
+    possibly_free_at_start: u64,
+    /// Bytes freed early since the allocator was loaded.
+    early_freed: u64,
 }
+
+/// Most 16 KiB pairs `claimed` tracks (one per 16 live small blocks at
+/// best; about 40 MiB of map at the cap). Pairs claimed beyond it are
+/// left to bulkfree.
+const CLAIMED_MAX: usize = 1 << 20;
+/// Most dedup shares recorded in a session (one per 64 KiB block shared
+/// at best: 64 GiB of shared data, about 40 MiB of set); past it, dedup
+/// stops sharing until a bulkfree merge forgets what it freed.
+const DEDUP_SHARED_MAX: usize = 1 << 20;
 
 /// The 64 KiB chunk and 16 KiB block arithmetic of an allocation.
 fn blocks_of(off: DataOff) -> impl Iterator<Item = u64> {
@@ -280,6 +329,12 @@ impl Allocator {
             bulkfree_recent: None,
             dedup: DedupTable::default(),
             shares: BTreeMap::new(),
+            claimed: BTreeMap::new(),
+            dedup_shared: HashSet::new(),
+            pending_frees: VecDeque::new(),
+            possibly_free: 0,
+            possibly_free_at_start: 0,
+            early_freed: 0,
         };
         a.set_reserve_bytes((total_size / RESERVE_DIVISOR).clamp(RESERVE_MIN, RESERVE_MAX));
         a.sanitize_leaves();
@@ -431,6 +486,15 @@ impl Allocator {
                 assert!(was.is_none(), "fresh block {b:#x} reused");
             } else if let Some(c) = self.fresh.get_mut(&b) {
                 *c += 1;
+            }
+            if radix < FREEMAP_BLOCK_RADIX {
+                if bgsize != 0 {
+                    if self.claimed.len() < CLAIMED_MAX {
+                        self.claimed.insert(b, 1);
+                    }
+                } else if let Some(c) = self.claimed.get_mut(&b) {
+                    *c += 1;
+                }
             }
         }
         log::debug!("alloc {} {size} -> {d:?}", req.btype.name());
@@ -592,34 +656,39 @@ impl Allocator {
         }
         self.unflushed.remove(&off.offset());
         self.dedup.forget(off.offset());
+        let small = off.bytes() < FREEMAP_BLOCK_SIZE;
+        let mut freed_any = false;
+        for b in blocks_of(off) {
+            let mut free = false;
+            if let Some(c) = self.fresh.get_mut(&b) {
+                *c -= 1;
+                if *c == 0 {
+                    self.fresh.remove(&b);
+                    free = true;
+                }
+            }
+            if small {
+                // The piece leaves the pair's count; a pair whose pieces
+                // are all gone holds nothing any header references.
+                if let Some(c) = self.claimed.get_mut(&b) {
+                    *c -= 1;
+                    if *c == 0 {
+                        self.claimed.remove(&b);
+                        free = true;
+                    }
+                }
+            }
+            if free {
+                self.fresh.remove(&b);
+                self.claimed.remove(&b);
+                self.free_pair(b);
+                freed_any = true;
+            }
+        }
         let zone = zone_of(off.offset());
         let idx = self.tree.by_zone[&zone];
         let n = ((off.offset() - zone) / SEGSIZE) as usize;
         let base = zone + n as u64 * SEGSIZE;
-        let mut freed_any = false;
-        for b in blocks_of(off) {
-            let Some(c) = self.fresh.get_mut(&b) else {
-                continue;
-            };
-            *c -= 1;
-            if *c > 0 {
-                continue;
-            }
-            self.fresh.remove(&b);
-            freed_any = true;
-            let within = b - base;
-            self.with_bmap(idx, n, |bm| {
-                let old = bmap::set_block(bm, within, BMAP_FREE);
-                assert_eq!(old, BMAP_ALLOCATED, "fresh block {b:#x} not allocated");
-                bm.avail = bm.avail.wrapping_add(FREEMAP_BLOCK_SIZE as u32);
-                // Never leave the cursor inside a block that is free again.
-                let lin = bm.linear as u64;
-                if bm.linear > 0 && lin & !(FREEMAP_BLOCK_SIZE - 1) == within {
-                    bm.linear = within as i32;
-                }
-            });
-            self.allocator_free += FREEMAP_BLOCK_SIZE;
-        }
         let size = off.bytes();
         let within = off.offset() - base;
         if !freed_any && size < FREEMAP_BLOCK_SIZE && within & (FREEMAP_BLOCK_SIZE - 1) != 0 {
@@ -629,14 +698,145 @@ impl Allocator {
                 }
             });
         }
-        if freed_any {
-            let br = &mut self.tree.nodes[idx].bref;
-            let avail = br.freemap_avail();
-            br.set_freemap_hints(u32::MAX, avail);
-            self.relaxed = false;
-        }
         log::debug!("release {off:?} (space returned: {freed_any})");
         Ok(())
+    }
+
+    /// Put the 16 KiB pair at `b` (allocated, holding nothing any header
+    /// references) back to free, keeping `avail`, `allocator_free`, the
+    /// leaf's hints and the `linear` cursor right.
+    fn free_pair(&mut self, b: u64) {
+        let zone = zone_of(b);
+        let Some(&idx) = self.tree.by_zone.get(&zone) else {
+            return;
+        };
+        let n = ((b - zone) / SEGSIZE) as usize;
+        let within = b - zone - n as u64 * SEGSIZE;
+        self.with_bmap(idx, n, |bm| {
+            let old = bmap::set_block(bm, within, BMAP_FREE);
+            assert_eq!(old, BMAP_ALLOCATED, "freed block {b:#x} not allocated");
+            bm.avail = bm.avail.wrapping_add(FREEMAP_BLOCK_SIZE as u32);
+            // Never leave the cursor inside a block that is free again.
+            let lin = bm.linear as u64;
+            if bm.linear > 0 && lin & !(FREEMAP_BLOCK_SIZE - 1) == within {
+                bm.linear = within as i32;
+            }
+        });
+        self.allocator_free += FREEMAP_BLOCK_SIZE;
+        let br = &mut self.tree.nodes[idx].bref;
+        let avail = br.freemap_avail();
+        br.set_freemap_hints(u32::MAX, avail);
+        self.relaxed = false;
+    }
+
+    /// Queue the committed block `off`, which the tree being committed no
+    /// longer references and nothing else can (the caller's proof: see
+    /// "Freeing at flush time"), to be freed once the header with tid
+    /// `free_at` is on the media. `data`: a file data block, which dedup
+    /// may have shared. Returns whether it was queued; a block that is
+    /// not is counted as possibly free (left for bulkfree).
+    pub fn queue_free(&mut self, off: DataOff, data: bool, free_at: u64) -> bool {
+        let ok = !self.poisoned
+            && self.early_freeable(off)
+            && !(data && self.dedup_shared.contains(&off.offset()));
+        if ok {
+            self.dedup.forget(off.offset());
+            self.pending_frees.push_back((free_at, off));
+        } else {
+            self.note_possibly_free(off.bytes());
+        }
+        ok
+    }
+
+    /// Count `bytes` the topology stopped referencing that only bulkfree
+    /// can give back.
+    pub fn note_possibly_free(&mut self, bytes: u64) {
+        self.possibly_free = self.possibly_free.saturating_add(bytes);
+    }
+
+    /// Whether the block `off` is one this allocator can give back by
+    /// itself: inside the managed space, and whole pairs or pieces of a
+    /// pair it claimed this session, every pair allocated.
+    fn early_freeable(&self, off: DataOff) -> bool {
+        let radix = off.radix();
+        let (at, bytes) = (off.offset(), off.bytes());
+        if !(RADIX_MIN..=RADIX_MAX).contains(&radix)
+            || at < self.allocator_beg
+            || at + bytes > self.total_size
+            || (at & (PBUFSIZE - 1)) + bytes > PBUFSIZE
+            || at & (LEAF_BYTES - 1) < ZONE_SEG
+            || at & (bytes - 1) != 0
+        {
+            return false;
+        }
+        if bytes < FREEMAP_BLOCK_SIZE
+            && !self.claimed.contains_key(&(at & !(FREEMAP_BLOCK_SIZE - 1)))
+        {
+            return false;
+        }
+        blocks_of(off).all(|b| self.block_state(b) == Some(BMAP_ALLOCATED))
+    }
+
+    /// The header with tid `tid` is on the media: free every queued block
+    /// that waited for it, unless a bulkfree pass is running (its scan
+    /// reads the topology it began at; the frees wait for its merge).
+    /// Returns the bytes given back.
+    pub fn committed(&mut self, tid: u64) -> u64 {
+        if self.poisoned || self.bulkfree_recent.is_some() {
+            return 0;
+        }
+        let mut returned = 0;
+        while let Some(&(at, off)) = self.pending_frees.front() {
+            if at > tid {
+                break;
+            }
+            self.pending_frees.pop_front();
+            returned += self.free_committed(off);
+        }
+        self.early_freed += returned;
+        returned
+    }
+
+    /// Free one queued block; returns the bytes that went back to free.
+    fn free_committed(&mut self, off: DataOff) -> u64 {
+        if !self.early_freeable(off) {
+            // A bulkfree merge or a recovery changed it meanwhile.
+            self.note_possibly_free(off.bytes());
+            return 0;
+        }
+        if off.bytes() >= FREEMAP_BLOCK_SIZE {
+            for b in blocks_of(off) {
+                self.free_pair(b);
+            }
+            return off.bytes();
+        }
+        let b = off.offset() & !(FREEMAP_BLOCK_SIZE - 1);
+        let Some(c) = self.claimed.get_mut(&b) else {
+            return 0;
+        };
+        *c -= 1;
+        if *c > 0 {
+            return 0;
+        }
+        self.claimed.remove(&b);
+        self.free_pair(b);
+        FREEMAP_BLOCK_SIZE
+    }
+
+    /// Blocks waiting in the free queue for a header.
+    pub fn pending_frees(&self) -> usize {
+        self.pending_frees.len()
+    }
+
+    /// Bytes the topology stopped referencing since the last bulkfree
+    /// merge that were not freed early: what a bulkfree may give back.
+    pub fn possibly_free_bytes(&self) -> u64 {
+        self.possibly_free
+    }
+
+    /// Bytes freed early since the allocator was loaded.
+    pub fn early_freed_bytes(&self) -> u64 {
+        self.early_freed
     }
 
     /// Mark a block allocated (a block written by others, or recovery).
@@ -681,6 +881,7 @@ impl Allocator {
         for b in blocks_of(off) {
             // Someone else owns it now: never give it back.
             self.fresh.remove(&b);
+            self.claimed.remove(&b);
         }
         if let Some(recent) = self.bulkfree_recent.as_mut() {
             recent.mark(BlockrefType::Data, off);
@@ -814,7 +1015,9 @@ impl Allocator {
     /// True when a flush has something to write (a merged bulkfree pass
     /// counts: its `bulkfree_tid` goes into the next header).
     pub fn is_dirty(&self) -> bool {
-        self.tree.is_dirty() || self.bulkfree_applied > self.bulkfree_flushed
+        self.tree.is_dirty()
+            || self.bulkfree_applied > self.bulkfree_flushed
+            || !self.pending_frees.is_empty()
     }
 
     pub fn stats(&self) -> AllocStats {
@@ -849,6 +1052,9 @@ impl Allocator {
         if self.poisoned {
             return None;
         }
+        if self.dedup_shared.len() >= DEDUP_SHARED_MAX {
+            return None;
+        }
         let off = self.dedup.lookup(fp)?;
         let valid = off.bytes() == u64::from(fp.bytes)
             && blocks_of(off).all(|b| self.block_state(b) == Some(BMAP_ALLOCATED))
@@ -867,6 +1073,7 @@ impl Allocator {
         if let Some(recent) = self.bulkfree_recent.as_mut() {
             recent.mark(BlockrefType::Data, off);
         }
+        self.dedup_shared.insert(off.offset());
         Some((off, durable))
     }
 

@@ -16,6 +16,13 @@
 //! Nothing here allocates or writes: `flush` hands each modified indirect
 //! block to a `BlockSink`, bottom-up, and puts the blockref it gets back in
 //! place of the old one.
+//!
+//! Every blockref that leaves the tree (a leaf replaced or deleted, an
+//! indirect block rewritten by `flush` or removed by deletion) is kept in
+//! the table's drop list (`take_dropped`): the blocks the last durable
+//! tree may still reference and this one no longer does, which the flush
+//! hands to the allocator for freeing once no volume header on the media
+//! references them (see `alloc.rs`, "Freeing at flush time").
 
 use crate::disk::{
     Blockref, BlockrefType, DataOff, BLOCKREF_BYTES, BLOCKREF_LEAF_MAX, IND_BYTES_MIN,
@@ -117,6 +124,18 @@ pub struct BlockTable {
     /// Loaded indirect children, by their key.
     children: BTreeMap<u64, Indirect>,
     dirty: bool,
+    /// Blockrefs with a block on the media that left the tree (kept only
+    /// at the top level; the recursion hands them up).
+    dropped: Vec<Blockref>,
+}
+
+/// Record `br` as dropped from the tree when it points at a block (a
+/// dirent with an embedded name, or an indirect block never written,
+/// has none).
+fn note_drop(dropped: &mut Vec<Blockref>, br: Blockref) {
+    if !br.is_empty() && br.data_off.radix() != 0 && br.data_off.offset() != 0 {
+        dropped.push(br);
+    }
 }
 
 /// Deepest tree the insert path will build (a 64-bit key space needs
@@ -130,7 +149,14 @@ impl BlockTable {
             entries,
             children: BTreeMap::new(),
             dirty: false,
+            dropped: Vec::new(),
         }
+    }
+
+    /// Blockrefs dropped from the tree since the last call (see the
+    /// module header), emptying the list.
+    pub fn take_dropped(&mut self) -> Vec<Blockref> {
+        std::mem::take(&mut self.dropped)
     }
 
     pub fn entries(&self) -> &[Blockref] {
@@ -248,7 +274,10 @@ impl BlockTable {
         in_inode: bool,
         leaf: Blockref,
     ) -> Result<Option<Blockref>> {
-        self.insert_depth(src, kind, in_inode, leaf, 0)
+        let mut dropped = std::mem::take(&mut self.dropped);
+        let r = self.insert_depth(src, kind, in_inode, leaf, 0, &mut dropped);
+        self.dropped = dropped;
+        r
     }
 
     fn insert_depth(
@@ -258,6 +287,7 @@ impl BlockTable {
         in_inode: bool,
         leaf: Blockref,
         depth: usize,
+        dropped: &mut Vec<Blockref>,
     ) -> Result<Option<Blockref>> {
         if depth >= DEPTH_MAX {
             return Err(Error::corrupt(
@@ -269,6 +299,9 @@ impl BlockTable {
         {
             let old = std::mem::replace(&mut self.entries[slot], leaf);
             self.dirty = true;
+            if old.data_off != leaf.data_off {
+                note_drop(dropped, old);
+            }
             return Ok(Some(old));
         }
         loop {
@@ -276,7 +309,7 @@ impl BlockTable {
                 let child = self.load(src, slot)?;
                 let old = child
                     .table
-                    .insert_depth(src, kind, false, leaf, depth + 1)?;
+                    .insert_depth(src, kind, false, leaf, depth + 1, dropped)?;
                 self.dirty = true;
                 return Ok(old);
             }
@@ -348,6 +381,7 @@ impl BlockTable {
             entries: ientries,
             children: ichildren,
             dirty: true,
+            dropped: Vec::new(),
         };
         let slot = self.entries.iter().position(|b| b.is_empty()).unwrap_or(0);
         self.entries[slot] = ibref;
@@ -359,7 +393,10 @@ impl BlockTable {
     /// Remove the leaf at `key`. Indirect blocks left empty are removed,
     /// and one sparse enough is folded back into its parent.
     pub fn delete(&mut self, src: &dyn BlockSource, key: u64) -> Result<Option<Blockref>> {
-        self.delete_depth(src, key, 0)
+        let mut dropped = std::mem::take(&mut self.dropped);
+        let r = self.delete_depth(src, key, 0, &mut dropped);
+        self.dropped = dropped;
+        r
     }
 
     fn delete_depth(
@@ -367,13 +404,13 @@ impl BlockTable {
         src: &dyn BlockSource,
         key: u64,
         depth: usize,
+        dropped: &mut Vec<Blockref>,
     ) -> Result<Option<Blockref>> {
         if let Some(slot) = self.slot_of(|b| b.btype != BlockrefType::Indirect && b.key == key) {
             self.dirty = true;
-            return Ok(Some(std::mem::replace(
-                &mut self.entries[slot],
-                Blockref::EMPTY,
-            )));
+            let old = std::mem::replace(&mut self.entries[slot], Blockref::EMPTY);
+            note_drop(dropped, old);
+            return Ok(Some(old));
         }
         let Some(slot) = self.covering_indirect(key) else {
             return Ok(None);
@@ -387,10 +424,10 @@ impl BlockTable {
         let removed = self
             .load(src, slot)?
             .table
-            .delete_depth(src, key, depth + 1)?;
+            .delete_depth(src, key, depth + 1, dropped)?;
         if removed.is_some() {
             self.dirty = true;
-            self.maintain(slot);
+            self.maintain(slot, dropped);
         }
         Ok(removed)
     }
@@ -398,7 +435,7 @@ impl BlockTable {
     /// `hammer2_chain_indirect_maintenance` for the indirect at `slot`:
     /// delete it when empty; fold its entries into this table when they
     /// fit and it is at most three quarters full.
-    fn maintain(&mut self, slot: usize) {
+    fn maintain(&mut self, slot: usize, dropped: &mut Vec<Blockref>) {
         let br = self.entries[slot];
         let Some(child) = self.children.get(&br.key) else {
             return;
@@ -407,6 +444,7 @@ impl BlockTable {
         if child_live == 0 {
             self.children.remove(&br.key);
             self.entries[slot] = Blockref::EMPTY;
+            note_drop(dropped, br);
             return;
         }
         if self.live() + child_live - 1 > self.capacity()
@@ -418,6 +456,7 @@ impl BlockTable {
             return;
         };
         self.entries[slot] = Blockref::EMPTY;
+        note_drop(dropped, br);
         let mut free = self
             .entries
             .iter()
@@ -461,6 +500,13 @@ impl BlockTable {
     /// dirty; this table itself is dirty if anything changed (its owner
     /// writes it).
     pub fn flush(&mut self, sink: &mut dyn BlockSink) -> Result<()> {
+        let mut dropped = std::mem::take(&mut self.dropped);
+        let r = self.flush_into(sink, &mut dropped);
+        self.dropped = dropped;
+        r
+    }
+
+    fn flush_into(&mut self, sink: &mut dyn BlockSink, dropped: &mut Vec<Blockref>) -> Result<()> {
         let keys: Vec<u64> = self
             .children
             .iter()
@@ -471,11 +517,12 @@ impl BlockTable {
             let Some(child) = self.children.get_mut(&key) else {
                 continue;
             };
-            child.table.flush(sink)?;
+            child.table.flush_into(sink, dropped)?;
             child.table.sort();
             let mut template = child.bref;
             SetStats::of(&child.table.entries).apply(&mut template);
             let newbr = sink.write_indirect(&template, &child.table.entries)?;
+            note_drop(dropped, child.bref);
             child.bref = newbr;
             child.table.dirty = false;
             if let Some(slot) = self

@@ -36,10 +36,12 @@ use crate::alloc::{ScanMap, SyncStats};
 use crate::chain::read_node;
 use crate::disk::{Blockref, BlockrefType, InodeData, SET_COUNT};
 use crate::error::{Error, Result};
+use crate::flush::SpaceMap;
 use crate::mount::{lock_space, Mount};
 use crate::volume::Volume;
 use std::collections::HashSet;
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
 /// Deeper than any real topology: file and inode-index indirect levels,
 /// inodes, PFS roots and the super-root together stay well under it.
@@ -131,6 +133,19 @@ pub struct BulkfreeScan {
     map: ScanMap,
     pub stats: ScanStats,
     done: bool,
+    /// The allocator, to abandon the pass when the scan is dropped
+    /// unmerged (a failed scan): it stops recording allocations and
+    /// lets the frees it held go on.
+    space: Arc<Mutex<Box<dyn SpaceMap>>>,
+}
+
+impl Drop for BulkfreeScan {
+    fn drop(&mut self) {
+        let token = self.map.token();
+        if let Some(a) = lock_space(&self.space).allocator_mut() {
+            a.bulkfree_cancel(token);
+        }
+    }
 }
 
 impl BulkfreeScan {
@@ -300,6 +315,7 @@ impl Mount {
             map,
             stats: ScanStats::default(),
             done: false,
+            space: self.space.clone(),
         })
     }
 
@@ -323,7 +339,7 @@ impl Mount {
         self.vol.header.bulkfree_tid = scan.tid;
         Ok(BulkfreeStats {
             tid: scan.tid,
-            scan: scan.stats,
+            scan: scan.stats.clone(),
             sync,
             free_before,
             free_after,

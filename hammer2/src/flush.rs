@@ -70,6 +70,26 @@ pub trait SpaceMap: Send {
     }
     /// Remember that the block `off`, just written, holds `fp`.
     fn dedup_record(&mut self, _fp: crate::dedup::DedupKey, _off: DataOff) {}
+    /// Queue the committed block `off`, which the tree being committed
+    /// no longer references and nothing else can, to be freed once the
+    /// header with tid `free_at` is on the media (see alloc.rs, "Freeing
+    /// at flush time"); `data` for file data blocks. Returns whether it
+    /// was queued; maps that never free early return false.
+    fn queue_free(&mut self, _off: DataOff, _data: bool, _free_at: u64) -> bool {
+        false
+    }
+    /// Count bytes the topology stopped referencing that only bulkfree
+    /// can give back.
+    fn note_possibly_free(&mut self, _bytes: u64) {}
+    /// The header with tid `tid` is on the media: free what waited for
+    /// it. Returns the bytes given back.
+    fn committed(&mut self, _tid: u64) -> u64 {
+        0
+    }
+    /// Blocks queued by `queue_free` still waiting for a header.
+    fn pending_frees(&self) -> usize {
+        0
+    }
     /// The freemap allocator behind this map, for bulkfree, which works
     /// on the freemap itself; `None` for maps that are not one.
     fn allocator_mut(&mut self) -> Option<&mut crate::alloc::Allocator> {
@@ -114,6 +134,18 @@ impl SpaceMap for crate::alloc::Allocator {
     }
     fn allocator_mut(&mut self) -> Option<&mut crate::alloc::Allocator> {
         Some(self)
+    }
+    fn queue_free(&mut self, off: DataOff, data: bool, free_at: u64) -> bool {
+        crate::alloc::Allocator::queue_free(self, off, data, free_at)
+    }
+    fn note_possibly_free(&mut self, bytes: u64) {
+        crate::alloc::Allocator::note_possibly_free(self, bytes)
+    }
+    fn committed(&mut self, tid: u64) -> u64 {
+        crate::alloc::Allocator::committed(self, tid)
+    }
+    fn pending_frees(&self) -> usize {
+        crate::alloc::Allocator::pending_frees(self)
     }
     fn dedup(
         &mut self,

@@ -29,7 +29,7 @@ use crate::inode::{InodeNode, PendingChange};
 use crate::pfs::{self, DirEntry};
 use crate::volume::Volume;
 use bufcache::BlockDevice;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The PFS root's inode number.
@@ -51,6 +51,9 @@ pub(crate) struct PfsState {
     /// Pin counts (see `Mount::pin`): an inode whose last link goes
     /// while it is pinned stays until its last pin goes.
     pub(crate) pins: BTreeMap<u64, u32>,
+    /// Blockrefs dropped from the trees of inodes that left memory
+    /// before the flush (see `BlockTable::take_dropped`).
+    dropped: Vec<Blockref>,
 }
 
 /// Attributes to change in `setattr`; `None` leaves a field alone.
@@ -87,6 +90,9 @@ pub struct FlushStats {
     pub blocks: u64,
     pub bytes: u64,
     pub header_slot: usize,
+    /// Bytes an earlier flush dropped that went back to free once this
+    /// one's header was written.
+    pub freed: u64,
 }
 
 impl PfsState {
@@ -98,6 +104,14 @@ impl PfsState {
             inodes: BTreeMap::new(),
             removed: BTreeSet::new(),
             pins: BTreeMap::new(),
+            dropped: Vec::new(),
+        }
+    }
+
+    /// Take inode `inum` out of memory, keeping what its tree dropped.
+    fn forget_inode(&mut self, inum: u64) {
+        if let Some(mut n) = self.inodes.remove(&inum) {
+            self.dropped.extend(n.table.take_dropped());
         }
     }
 }
@@ -116,6 +130,10 @@ pub struct Mount {
     pub(crate) sroot: InodeNode,
     pub(crate) pfs: BTreeMap<String, PfsState>,
     poisoned: Option<String>,
+    /// The tid of the header this mount opened: file data blocks with a
+    /// later `modify_tid` were written by this mount, which knows every
+    /// block its dedup shared (see `flush_inner`).
+    session_tid: u64,
 }
 
 fn new_meta(
@@ -168,7 +186,9 @@ impl Mount {
         let vol = Volume::open(dev)?;
         let s = pfs::super_root(&vol)?;
         let sroot = InodeNode::from_disk(s.bref, s.data);
+        let session_tid = vol.header.mirror_tid;
         Ok(Mount {
+            session_tid,
             vol,
             space: Arc::new(Mutex::new(space)),
             flushing: false,
@@ -224,6 +244,7 @@ impl Mount {
                     inodes: BTreeMap::new(),
                     removed: BTreeSet::new(),
                     pins: BTreeMap::new(),
+                    dropped: Vec::new(),
                 },
             );
         }
@@ -659,7 +680,7 @@ impl Mount {
         if gone {
             let p = self.pfs_mut(label)?;
             if !p.pins.contains_key(&inum) {
-                p.inodes.remove(&inum);
+                p.forget_inode(inum);
                 p.removed.insert(inum);
             }
         }
@@ -702,7 +723,7 @@ impl Mount {
         };
         if nlinks == 0 {
             let p = self.pfs_mut(label)?;
-            p.inodes.remove(&inum);
+            p.forget_inode(inum);
             p.removed.insert(inum);
         }
         Ok(())
@@ -1104,6 +1125,7 @@ impl Mount {
                 blocks,
                 bytes,
                 header_slot: self.vol.header_index,
+                freed: 0,
             });
         }
         let mut stats = self.flush_inner()?;
@@ -1114,6 +1136,13 @@ impl Mount {
 
     fn flush_inner(&mut self) -> Result<FlushStats> {
         let tid = self.vol.header.mirror_tid + 1;
+        // A block this flush drops is referenced by the headers before
+        // it; the header slots rotate, so the last of those is gone once
+        // the header of tid + slots - 1 is written (see alloc.rs,
+        // "Freeing at flush time").
+        let nslots = disk::volhdr_count(self.vol.header.volu_size) as u64;
+        let free_at = tid + nslots.max(1) - 1;
+        let session_tid = self.session_tid;
         let space_arc = self.space.clone();
         let mut space = lock_space(&space_arc);
         let Mount {
@@ -1126,10 +1155,14 @@ impl Mount {
             blocks: 0,
             bytes: 0,
         };
+        let mut seen = HashSet::new();
         for p in pfs.values_mut() {
+            let mut drops = std::mem::take(&mut p.dropped);
             let removed = std::mem::take(&mut p.removed);
             for inum in removed {
-                p.root.table.delete(w.vol, inum)?;
+                if let Some(ibr) = p.root.table.delete(w.vol, inum)? {
+                    inode_tree_drops(w.vol, &ibr, &mut drops, w.space);
+                }
                 p.root.dirty = true;
             }
             for (inum, node) in p.inodes.iter_mut().filter(|(_, n)| n.dirty) {
@@ -1139,6 +1172,9 @@ impl Mount {
                     .insert(w.vol, crate::blocktable::TreeKind::Directory, true, br)?;
                 p.root.dirty = true;
             }
+            for node in p.inodes.values_mut() {
+                drops.extend(node.table.take_dropped());
+            }
             p.inodes.retain(|_, n| n.dirty || !n.pending.is_empty());
             if p.root.dirty {
                 let br = flush_inode(&mut w, &mut p.root, p.key, BREF_FLAG_PFSROOT)?;
@@ -1147,11 +1183,21 @@ impl Mount {
                     .insert(w.vol, crate::blocktable::TreeKind::Directory, true, br)?;
                 sroot.dirty = true;
             }
+            drops.extend(p.root.table.take_dropped());
+            let lsnap = p.root.data.meta.pfs_lsnap_tid;
+            queue_drops(w.space, drops, Some(lsnap), session_tid, free_at, &mut seen);
         }
         // A flush that changed only the freemap (bulkfree, recovery)
         // leaves the super-root where it is.
         let sroot_br = if sroot.dirty {
-            flush_inode(&mut w, sroot, 0, 0)?
+            let old = sroot.bref;
+            let br = flush_inode(&mut w, sroot, 0, 0)?;
+            let mut drops = sroot.table.take_dropped();
+            drops.push(old);
+            // Nothing but the volume header points into the super-root's
+            // tree (PFS roots are copied, never shared): no snapshot rule.
+            queue_drops(w.space, drops, None, session_tid, free_at, &mut seen);
+            br
         } else {
             sroot.bref
         };
@@ -1186,13 +1232,139 @@ impl Mount {
         })?;
         vol.header = disk::VolumeHeader::decode(&raw, at)?;
         vol.header_index = slot;
-        log::info!("flush {tid:#x}: {blocks} blocks, {bytes} bytes, volume header {slot}");
+        let freed = space.committed(tid);
+        log::info!(
+            "flush {tid:#x}: {blocks} blocks, {bytes} bytes, volume header {slot}, \
+             {freed} bytes freed"
+        );
         Ok(FlushStats {
             tid,
             blocks,
             bytes,
             header_slot: slot,
+            freed,
         })
+    }
+
+    /// Commit until no freed block waits for a header (each commit
+    /// writes the freemap, if changed, and a header), so space dropped
+    /// by earlier flushes is free now; for a writer about to fail with
+    /// ENOSPC and for unmount. Returns the bytes given back.
+    pub fn reclaim(&mut self) -> Result<u64> {
+        self.writable()?;
+        if self.flushing {
+            return Err(Error::InvalidArgument {
+                what: "a flush is in progress".into(),
+            });
+        }
+        let mut freed = 0;
+        // At most one commit per header slot releases the whole queue.
+        for _ in 0..=disk::volhdr_count(self.vol.header.volu_size) {
+            if lock_space(&self.space).pending_frees() == 0 {
+                break;
+            }
+            freed += self.flush_inner()?.freed;
+        }
+        Ok(freed)
+    }
+}
+
+/// Hand the blocks a tree dropped to the allocator. A block is queued
+/// for freeing when nothing but the tree it left can reference it:
+/// - not modified in place in an emergency (DragonFly's EMERG_MIP);
+/// - in a PFS (`lsnap` is its `pfs_lsnap_tid`), born after its last
+///   snapshot: a snapshot shares exactly the blocks of the flushed tree
+///   it copied, all with tids up to `pfs_lsnap_tid` (DragonFly allows
+///   overwriting in place by the same rule); the super-root's own blocks
+///   (`lsnap` None) are never shared;
+/// - file data: written by this mount (dedup, ours or DragonFly's, may
+///   point other blockrefs at older data blocks; this mount's allocator
+///   records every block its dedup shares and never frees those).
+///
+/// Everything else is counted as possibly free, bulkfree's work.
+fn queue_drops(
+    space: &mut dyn SpaceMap,
+    drops: Vec<Blockref>,
+    lsnap: Option<u64>,
+    session_tid: u64,
+    free_at: u64,
+    seen: &mut HashSet<u64>,
+) {
+    for br in drops {
+        if br.data_off.radix() == 0 || !seen.insert(br.data_off.offset()) {
+            continue;
+        }
+        let unshared = br.flags & disk::BREF_FLAG_EMERG_MIP == 0
+            && lsnap.is_none_or(|l| br.modify_tid > l)
+            && match br.btype {
+                BlockrefType::Data => br.modify_tid > session_tid,
+                BlockrefType::Inode | BlockrefType::Indirect | BlockrefType::Dirent => true,
+                _ => false,
+            };
+        if unshared {
+            space.queue_free(br.data_off, br.btype == BlockrefType::Data, free_at);
+        } else {
+            space.note_possibly_free(br.data_off.bytes());
+        }
+    }
+}
+
+/// The blocks under a removed inode (`ibr`, its blockref in the inode
+/// index, which the index's own drop list holds): every indirect,
+/// data and dirent block of its last flushed tree. A block that cannot
+/// be read ends the walk of its subtree; what lies below is left for
+/// bulkfree.
+fn inode_tree_drops(
+    vol: &Volume,
+    ibr: &Blockref,
+    out: &mut Vec<Blockref>,
+    space: &mut dyn SpaceMap,
+) {
+    let ino = match pfs::read_inode(vol, ibr) {
+        Ok(i) => i,
+        Err(e) => {
+            log::warn!(
+                "removed inode at {:#x} unreadable, its blocks are left for bulkfree: {e}",
+                ibr.data_off.offset()
+            );
+            space.note_possibly_free(ibr.data_count());
+            return;
+        }
+    };
+    if ino.data.meta.has_direct_data() {
+        return;
+    }
+    let mut stack: Vec<(Blockref, usize)> = ino
+        .data
+        .blockset()
+        .into_iter()
+        .filter(|b| !b.is_empty())
+        .map(|b| (b, 0))
+        .collect();
+    while let Some((br, depth)) = stack.pop() {
+        if br.data_off.radix() == 0 || br.data_off.offset() == 0 {
+            continue;
+        }
+        out.push(br);
+        if br.btype != BlockrefType::Indirect {
+            continue;
+        }
+        if depth >= crate::chain::DEPTH_MAX {
+            space.note_possibly_free(br.data_count());
+            continue;
+        }
+        match crate::chain::read_node(vol, &br) {
+            Ok(set) => stack.extend(
+                set.into_iter()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| (b, depth + 1)),
+            ),
+            Err(e) => {
+                log::warn!("indirect block at {:#x} of a removed inode unreadable, what is below is left for bulkfree: {e}",
+                    br.data_off.offset());
+                space.note_possibly_free(br.data_count());
+            }
+        }
     }
 }
 

@@ -306,7 +306,13 @@ pub const T0: u64 = 1_700_000_000_000_000;
 /// A fresh 2 GiB image made by mkfs on a memory device: version 1 for
 /// even seeds, 2 for odd ones; times T0, UUIDs from the seed.
 pub fn new_fs(seed: u64) -> Arc<bufcache::MemDevice> {
-    let dev = Arc::new(bufcache::MemDevice::new(2 << 30));
+    new_fs_bytes(seed, 2 << 30)
+}
+
+/// `new_fs` of `bytes` (2 GiB + 4 MiB and more hold two volume header
+/// copies, 6 GiB + 4 MiB and more all four).
+pub fn new_fs_bytes(seed: u64, bytes: u64) -> Arc<bufcache::MemDevice> {
+    let dev = Arc::new(bufcache::MemDevice::new(bytes));
     let opts = mkfs::newfs::NewfsOptions {
         version: if seed.is_multiple_of(2) { 1 } else { 2 },
         now_us: Some(T0),

@@ -48,6 +48,7 @@
 
 use super::bmap::{self, SEGSIZE};
 use super::Allocator;
+use crate::disk::freemap::BMAP_ALLOCATED;
 use crate::disk::freemap::{BmapData, BMAP_ELEMENTS};
 use crate::disk::{
     BlockrefType, DataOff, FREEMAP_BLOCK_RADIX, FREEMAP_BLOCK_SIZE, FREEMAP_COUNT,
@@ -105,6 +106,11 @@ impl ScanMap {
     }
 
     /// The scan's view of bmap `n` of the zone at `zone`.
+    /// The pass this map belongs to.
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
     pub fn bmap(&self, zone: u64, n: usize) -> BmapData {
         match self.zones.get(&zone) {
             Some(z) => z[n],
@@ -332,7 +338,54 @@ impl Allocator {
         self.bulkfree_started += 1;
         let token = self.bulkfree_started;
         self.bulkfree_recent = Some(ScanMap::new(token, self.allocator_beg, self.total_size));
+        self.possibly_free_at_start = self.possibly_free;
         ScanMap::new(token, self.allocator_beg, self.total_size)
+    }
+
+    /// Abandon the pass `token` (its scan failed or was dropped): stop
+    /// recording allocations for it, and let frees held for it go on.
+    pub fn bulkfree_cancel(&mut self, token: u64) {
+        if self
+            .bulkfree_recent
+            .as_ref()
+            .is_some_and(|r| r.token == token)
+        {
+            self.bulkfree_recent = None;
+            log::info!("bulkfree pass {token} abandoned");
+        }
+    }
+
+    /// After a merge: forget what it may have changed under the early
+    /// frees (claims and dedup records of pairs no longer allocated,
+    /// queued blocks it freed or staged: bulkfree gives those back).
+    fn after_merge(&mut self) {
+        let allocated = |a: &Allocator, b: u64| a.block_state(b) == Some(BMAP_ALLOCATED);
+        let gone: Vec<u64> = self
+            .claimed
+            .keys()
+            .copied()
+            .filter(|&b| !allocated(self, b))
+            .collect();
+        for b in gone {
+            self.claimed.remove(&b);
+        }
+        let gone: Vec<u64> = self
+            .dedup_shared
+            .iter()
+            .copied()
+            .filter(|&b| !allocated(self, b))
+            .collect();
+        for b in gone {
+            self.dedup_shared.remove(&b);
+        }
+        let queue = std::mem::take(&mut self.pending_frees);
+        self.pending_frees = queue
+            .into_iter()
+            .filter(|(_, off)| super::blocks_of(*off).all(|b| allocated(self, b)))
+            .collect();
+        self.possibly_free = self
+            .possibly_free
+            .saturating_sub(self.possibly_free_at_start);
     }
 
     /// Merge a finished scan into the freemap in memory (the next flush
@@ -397,6 +450,7 @@ impl Allocator {
                 log::warn!("bulkfree: referenced blocks in zone {zone:#x}, which has no leaf");
             }
         }
+        self.after_merge();
         self.allocator_free = if st.free_delta >= 0 {
             self.allocator_free.saturating_add(st.free_delta as u64)
         } else {
