@@ -49,6 +49,10 @@ pub trait SpaceMap: Send {
     /// Bytes new file data may take: whole free 64 KiB chunks less the
     /// flush reserve.
     fn available_bytes(&self) -> u64;
+    /// The flush reserve.
+    fn reserve_bytes(&self) -> u64 {
+        0
+    }
     /// The volume header's `allocator_free` after the last flush.
     fn allocator_free(&self) -> u64 {
         self.free_bytes()
@@ -124,7 +128,11 @@ impl SpaceMap for crate::alloc::Allocator {
     }
     fn available_bytes(&self) -> u64 {
         // File data goes in 64 KiB blocks, which need whole free chunks.
-        self.free_chunk_bytes().saturating_sub(self.reserve_bytes())
+        self.free_chunk_bytes()
+            .saturating_sub(crate::alloc::Allocator::reserve_bytes(self))
+    }
+    fn reserve_bytes(&self) -> u64 {
+        crate::alloc::Allocator::reserve_bytes(self)
     }
     fn allocator_free(&self) -> u64 {
         crate::alloc::Allocator::allocator_free(self)

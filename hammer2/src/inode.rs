@@ -15,6 +15,7 @@ use crate::disk::{
 };
 use crate::error::{Error, Result};
 use crate::pfs::{DIRENT_EMBEDDED_NAME_MAX, NAME_MAX};
+use crate::reserve::BlockRanges;
 use crate::volume::Volume;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -49,6 +50,9 @@ pub struct InodeNode {
     pub dirty: bool,
     /// Whether the flush tries to compress this file's next block.
     pub comp_heuristic: crate::flush::CompHeuristic,
+    /// 64 KiB blocks fallocate reserved room for (`reserve.rs`), by
+    /// block number.
+    pub reserved: BlockRanges,
 }
 
 impl InodeNode {
@@ -66,6 +70,7 @@ impl InodeNode {
             pending_dirents: BTreeMap::new(),
             dirty: false,
             comp_heuristic: Default::default(),
+            reserved: BlockRanges::default(),
         }
     }
 
@@ -216,13 +221,20 @@ impl InodeNode {
     /// make pending: what the mount admits before it changes anything.
     /// Leaving embedded data moves it to a pending block 0 as well.
     pub fn new_pending_blocks(&self, change: PendingChange) -> u64 {
-        let not_pending = |lbase: u64| !self.pending.contains_key(&lbase);
+        // A reserved block was admitted when fallocate reserved it.
+        let not_pending = |lbase: u64| {
+            !self.pending.contains_key(&lbase) && !self.reserved.contains(lbase / BLOCK)
+        };
         let old = self.size();
         let leaves_direct =
             |end: u64| self.direct() && end > EMBEDDED_BYTES as u64 && old > 0 && not_pending(0);
         match change {
             PendingChange::Write { offset, len } => {
                 let end = offset.saturating_add(len);
+                if self.direct() && end <= EMBEDDED_BYTES as u64 {
+                    // Stays in the inode.
+                    return 0;
+                }
                 let first = offset / BLOCK;
                 let last = (end - 1) / BLOCK;
                 let touched = (first..=last).filter(|b| not_pending(b * BLOCK)).count() as u64;
@@ -280,8 +292,57 @@ impl InodeNode {
             blk[(pos - lbase) as usize..(hi - lbase) as usize].copy_from_slice(src);
             pos = hi;
         }
+        // The blocks written are pending now: their reservation passed
+        // to them.
+        self.reserved.remove(first / BLOCK, last / BLOCK + 1);
         self.data.meta.size = self.size().max(end);
         Ok(())
+    }
+
+    /// Bytes of room reserved by fallocate and not yet written.
+    pub fn reserved_bytes(&self) -> u64 {
+        self.reserved.len() * BLOCK
+    }
+
+    /// Reserve room for the blocks of `[offset, end)` not yet pending
+    /// (`new_reserved_blocks` says how many; the mount admits them
+    /// first).
+    pub fn reserve(&mut self, offset: u64, end: u64) {
+        if end <= offset {
+            return;
+        }
+        let (first, last) = (offset / BLOCK, (end - 1) / BLOCK);
+        let mut b = first;
+        while b <= last {
+            // Skip pending blocks: their room is admitted already.
+            if self.pending.contains_key(&(b * BLOCK)) {
+                b += 1;
+                continue;
+            }
+            let mut e = b + 1;
+            while e <= last && !self.pending.contains_key(&(e * BLOCK)) {
+                e += 1;
+            }
+            self.reserved.insert(b, e);
+            b = e;
+        }
+    }
+
+    /// How many blocks of `[offset, end)` `reserve` would add.
+    pub fn new_reserved_blocks(&self, offset: u64, end: u64) -> u64 {
+        if end <= offset {
+            return 0;
+        }
+        let (first, last) = (offset / BLOCK, (end - 1) / BLOCK);
+        let span = last - first + 1;
+        let pending = self.pending.range(first * BLOCK..=last * BLOCK).count() as u64;
+        let reserved_not_pending = self.reserved.count_in(first, last + 1)
+            - self
+                .pending
+                .range(first * BLOCK..=last * BLOCK)
+                .filter(|(k, _)| self.reserved.contains(*k / BLOCK))
+                .count() as u64;
+        span - pending - reserved_not_pending
     }
 
     /// Bytes of file data waiting for the flush.
@@ -303,6 +364,11 @@ impl InodeNode {
             });
         }
         let old = self.size();
+        if size < old {
+            // fallocate's room past the new end goes (KEEP_SIZE room past
+            // the old end too, as other filesystems free it).
+            self.reserved.remove(size.div_ceil(BLOCK), u64::MAX);
+        }
         if self.direct() {
             if size <= EMBEDDED_BYTES as u64 {
                 self.dirty = true;
@@ -345,6 +411,112 @@ impl InodeNode {
         }
         self.dirty = true;
         self.data.meta.size = size;
+        Ok(())
+    }
+
+    /// The blocks a hole punch of `[offset, end)` (end within the size)
+    /// covers only in part, with the range covered in each: the punch
+    /// zeroes those in a pending copy and drops the others whole. A
+    /// block covered up to the end of the file counts as whole.
+    fn punch_edges(&self, offset: u64, end: u64) -> Vec<(u64, u64, u64)> {
+        let size = self.size();
+        let mut edges = Vec::new();
+        let first = offset & !(BLOCK - 1);
+        let last = (end - 1) & !(BLOCK - 1);
+        for lbase in [first, last] {
+            if edges.iter().any(|&(b, _, _)| b == lbase) {
+                continue;
+            }
+            let (lo, hi) = (offset.max(lbase), end.min(lbase + BLOCK));
+            let whole = lo == lbase && (hi == lbase + BLOCK || hi >= size);
+            if !whole {
+                edges.push((lbase, lo, hi));
+            }
+        }
+        edges
+    }
+
+    /// Blocks a hole punch of `[offset, offset + len)` would make pending
+    /// (the partly covered first and last blocks), for admission.
+    pub fn punch_pending_blocks(&self, offset: u64, len: u64) -> u64 {
+        let end = offset.saturating_add(len).min(self.size());
+        if self.direct() || end <= offset {
+            return 0;
+        }
+        self.punch_edges(offset, end)
+            .into_iter()
+            .filter(|&(b, _, _)| {
+                !self.pending.contains_key(&b) && !self.reserved.contains(b / BLOCK)
+            })
+            .count() as u64
+    }
+
+    /// FALLOC_FL_PUNCH_HOLE | KEEP_SIZE: zero `[offset, offset + len)`
+    /// within the size. Whole blocks become holes at once (their blocks
+    /// leave the tree, pending data is dropped); the partly covered
+    /// first and last blocks are zeroed in a pending copy (the flush
+    /// makes an all-zero block a hole). Every read happens first, so a
+    /// read error leaves the file as it was.
+    pub fn punch(&mut self, vol: &Volume, offset: u64, len: u64) -> Result<()> {
+        let end = offset.saturating_add(len).min(self.size());
+        if end <= offset {
+            return Ok(());
+        }
+        if self.direct() {
+            let (lo, hi) = (offset as usize, end.min(EMBEDDED_BYTES as u64) as usize);
+            if lo < hi {
+                self.data.u[lo..hi].fill(0);
+                self.dirty = true;
+            }
+            return Ok(());
+        }
+        let edges = self.punch_edges(offset, end);
+        let is_edge = |lbase: u64| edges.iter().any(|&(b, _, _)| b == lbase);
+        let (first, last) = (offset & !(BLOCK - 1), (end - 1) & !(BLOCK - 1));
+        let doomed: Vec<u64> = self
+            .table
+            .range(vol, first, last + BLOCK - 1)?
+            .iter()
+            .filter(|b| b.btype == BlockrefType::Data && !is_edge(b.key))
+            .map(|b| b.key)
+            .collect();
+        // Read the edge blocks that hold data before changing anything.
+        let mut with_data = Vec::new();
+        for &(lbase, _, _) in &edges {
+            let has_data = self.pending.contains_key(&lbase)
+                || self
+                    .table
+                    .lookup(vol, lbase)?
+                    .is_some_and(|b| b.btype == BlockrefType::Data);
+            if has_data {
+                self.pending_block(vol, lbase, false, 0)?;
+                with_data.push(lbase);
+            }
+        }
+        self.dirty = true;
+        let whole: Vec<u64> = self
+            .pending
+            .range(first..=last)
+            .map(|(k, _)| *k)
+            .filter(|&k| !is_edge(k))
+            .collect();
+        for k in whole {
+            self.pending.remove(&k);
+        }
+        for k in doomed {
+            self.table.delete(vol, k)?;
+        }
+        for (lbase, lo, hi) in edges {
+            if !with_data.contains(&lbase) {
+                continue;
+            }
+            let blk = self.pending_block(vol, lbase, false, 0)?;
+            let (a, b) = ((lo - lbase) as usize, (hi - lbase) as usize);
+            if a < blk.len() {
+                let b = b.min(blk.len());
+                blk[a..b].fill(0);
+            }
+        }
         Ok(())
     }
 

@@ -25,6 +25,7 @@ pub mod fsck;
 pub mod inode;
 pub mod mount;
 pub mod pfsops;
+pub mod reserve;
 pub mod setmethods;
 
 pub use error::{Error, Result};

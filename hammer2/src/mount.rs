@@ -35,9 +35,35 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// The PFS root's inode number.
 pub const ROOT_INUM: u64 = 1;
 
-/// Space admitted for each new inode: its 1 KiB block, a 1 KiB block for
-/// a long name, and a share of the indirect blocks above them.
-const INODE_ADMIT_BYTES: u64 = 4096;
+/// Admission (see `Mount::admit`): what the flush may allocate for a
+/// change, held against the space available before anything changes,
+/// so a full volume fails the operation with ENOSPC and never the
+/// flush. Counted generously (the flush shares indirect blocks between
+/// changes); a writer refused with a flush waiting gets the room back
+/// when it commits (the daemon flushes and retries once).
+///
+/// An inode the flush will rewrite, counted once between flushes: its
+/// 1 KiB block and the leaf of the inode index that holds it.
+const INODE_ADMIT_BYTES: u64 = 1024 + disk::IND_BYTES_NOM as u64;
+/// A directory entry added or removed: the leaf of the directory's tree
+/// it is in, and the 1 KiB block of a long name.
+const DIRENT_ADMIT_BYTES: u64 = disk::IND_BYTES_NOM as u64 + 1024;
+/// A file data block: itself and its share of the file's indirect
+/// blocks (a 16 KiB indirect block holds 128 blockrefs).
+const DATA_ADMIT_BYTES: u64 = disk::DATA_BLOCK_BYTES + disk::IND_BYTES_NOM as u64 / 128;
+/// Stands for an inode an operation creates, in `admit_change`.
+const NEW_INODE: u64 = 0;
+
+/// Which share of the space an operation may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tier {
+    /// Everything but the flush reserve.
+    Normal,
+    /// Operations that give space back (unlink, rmdir, truncating,
+    /// punching holes) may also take half the reserve, so a full volume
+    /// can still be emptied; the flush keeps the other half.
+    Delete,
+}
 
 /// One PFS opened for writing.
 pub(crate) struct PfsState {
@@ -79,7 +105,11 @@ pub struct RenameFlags {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StatFs {
     pub bytes_total: u64,
+    /// Free, the flush reserve included.
     pub bytes_free: u64,
+    /// What ordinary writes may still take: whole free 64 KiB chunks
+    /// less the flush reserve and what is admitted for the next flush.
+    pub bytes_avail: u64,
     pub inodes_used: u64,
 }
 
@@ -402,7 +432,7 @@ impl Mount {
             len: buf.len() as u64,
         };
         let new_blocks = self.with_node(label, inum, |_, n| Ok(n.new_pending_blocks(change)))?;
-        self.admit(new_blocks * disk::DATA_BLOCK_BYTES)?;
+        self.admit_change(label, &[inum], 0, new_blocks, Tier::Normal)?;
         self.with_node(label, inum, |vol, n| {
             if n.obj_type() != ObjType::Regfile {
                 return Err(Error::InvalidArgument {
@@ -418,13 +448,19 @@ impl Mount {
 
     pub fn setattr(&mut self, label: &str, inum: u64, a: SetAttr, now: u64) -> Result<InodeMeta> {
         self.writable()?;
+        let (mut blocks, mut tier) = (0, Tier::Normal);
         if let Some(size) = a.size {
             // A truncate that leaves a partial last block makes it pending.
             let change = PendingChange::Truncate { size };
-            let new_blocks =
-                self.with_node(label, inum, |_, n| Ok(n.new_pending_blocks(change)))?;
-            self.admit(new_blocks * disk::DATA_BLOCK_BYTES)?;
+            let (new_blocks, old) = self.with_node(label, inum, |_, n| {
+                Ok((n.new_pending_blocks(change), n.size()))
+            })?;
+            blocks = new_blocks;
+            if size < old {
+                tier = Tier::Delete;
+            }
         }
+        self.admit_change(label, &[inum], 0, blocks, tier)?;
         self.with_node(label, inum, |vol, n| {
             if let Some(size) = a.size {
                 // Only regular files have a size to set (DragonFly:
@@ -470,9 +506,60 @@ impl Mount {
         })
     }
 
-    /// Admit `bytes` more of pending writes, or fail with NoSpace.
-    fn admit(&mut self, bytes: u64) -> Result<()> {
-        let available = lock_space(&self.space).available_bytes();
+    /// Whether inode `inum` already waits for the flush (its rewrite is
+    /// admitted).
+    fn inode_dirty(&self, label: &str, inum: u64) -> bool {
+        self.pfs.get(label).is_some_and(|p| {
+            if inum == ROOT_INUM {
+                p.root.dirty
+            } else {
+                p.inodes.get(&inum).is_some_and(|n| n.dirty)
+            }
+        })
+    }
+
+    /// Admit a change before making it: the inodes it will rewrite (each
+    /// counted unless already dirty; `NEW_INODE` for one it creates), the
+    /// directory entries it adds or removes, and the file data blocks it
+    /// makes pending. Fails with NoSpace, changing nothing.
+    fn admit_change(
+        &mut self,
+        label: &str,
+        inodes: &[u64],
+        dirents: u64,
+        blocks: u64,
+        tier: Tier,
+    ) -> Result<()> {
+        let mut counted: Vec<u64> = Vec::with_capacity(inodes.len());
+        let mut n = 0u64;
+        for &inum in inodes {
+            if inum == NEW_INODE {
+                n += 1;
+            } else if !counted.contains(&inum) {
+                counted.push(inum);
+                n += u64::from(!self.inode_dirty(label, inum));
+            }
+        }
+        let bytes = n * INODE_ADMIT_BYTES
+            + dirents * DIRENT_ADMIT_BYTES
+            + blocks.saturating_mul(DATA_ADMIT_BYTES);
+        self.admit(bytes, tier)
+    }
+
+    /// Admit the rewrite of inode `inum` alone (a change to its meta).
+    pub(crate) fn admit_inode_change(&mut self, label: &str, inum: u64) -> Result<()> {
+        self.admit_change(label, &[inum], 0, 0, Tier::Normal)
+    }
+
+    /// Admit `bytes` more for the next flush, or fail with NoSpace.
+    fn admit(&mut self, bytes: u64, tier: Tier) -> Result<()> {
+        let (mut available, reserve) = {
+            let space = lock_space(&self.space);
+            (space.available_bytes(), space.reserve_bytes())
+        };
+        if tier == Tier::Delete {
+            available += reserve / 2;
+        }
         if self.admitted.saturating_add(bytes) > available {
             return Err(Error::NoSpace {
                 bytes,
@@ -481,6 +568,21 @@ impl Mount {
         }
         self.admitted += bytes;
         Ok(())
+    }
+
+    /// What stays admitted once a flush has committed: data written
+    /// since it took its batch, and fallocate's reservations.
+    fn held_after_commit(&self) -> u64 {
+        self.pfs
+            .values()
+            .flat_map(|p| p.inodes.values())
+            .map(|n| {
+                (n.dirty_bytes() / disk::DATA_BLOCK_BYTES
+                    + n.reserved_bytes() / disk::DATA_BLOCK_BYTES)
+                    * DATA_ADMIT_BYTES
+                    + if n.dirty { INODE_ADMIT_BYTES } else { 0 }
+            })
+            .sum()
     }
 
     /// The next inode number of PFS `label`, from its root's allocator.
@@ -566,7 +668,7 @@ impl Mount {
             });
         }
         self.check_new_name(label, dir, name)?;
-        self.admit(INODE_ADMIT_BYTES)?;
+        self.admit_change(label, &[dir, NEW_INODE], 1, 0, Tier::Normal)?;
         let inum = self.alloc_inum(label)?;
         let mut data = new_meta(obj_type, inum, &dmeta, mode, uid, gid, now);
         if matches!(obj_type, ObjType::Cdev | ObjType::Bdev) {
@@ -598,7 +700,7 @@ impl Mount {
             });
         }
         self.check_new_name(label, dir, name)?;
-        self.admit(INODE_ADMIT_BYTES)?;
+        self.admit_change(label, &[dir, NEW_INODE], 1, 0, Tier::Normal)?;
         let inum = self.alloc_inum(label)?;
         let data = new_meta(ObjType::Directory, inum, &dmeta, mode, uid, gid, now);
         self.pfs_mut(label)?
@@ -623,6 +725,11 @@ impl Mount {
             return Err(Error::InvalidArgument {
                 what: format!("symlink target of {} bytes", target.len()),
             });
+        }
+        if target.len() > disk::EMBEDDED_BYTES {
+            // The target leaves the inode for a data block.
+            self.writable()?;
+            self.admit(DATA_ADMIT_BYTES, Tier::Normal)?;
         }
         let inum = self.create(
             label,
@@ -654,6 +761,7 @@ impl Mount {
             });
         }
         self.check_new_name(label, dir, name)?;
+        self.admit_change(label, &[inum, dir], 1, 0, Tier::Normal)?;
         self.add_entry(label, dir, name, inum, m.obj_type, now)?;
         self.with_node(label, inum, |_, n| {
             n.data.meta.nlinks += 1;
@@ -762,6 +870,7 @@ impl Mount {
                 what: String::from_utf8_lossy(name).into_owned(),
             });
         }
+        self.admit_change(label, &[dir, inum], 1, 0, Tier::Delete)?;
         self.remove_entry(label, dir, name, now)?;
         self.drop_link(label, inum, now)
     }
@@ -787,6 +896,7 @@ impl Mount {
                 what: String::from_utf8_lossy(name).into_owned(),
             });
         }
+        self.admit_change(label, &[dir, inum], 1, 0, Tier::Delete)?;
         self.remove_entry(label, dir, name, now)?;
         self.drop_link(label, inum, now)
     }
@@ -859,6 +969,7 @@ impl Mount {
                     what: "cannot move a directory into itself".into(),
                 });
             }
+            self.admit_change(label, &[odir, ndir, src, dst], 4, 0, Tier::Normal)?;
             self.remove_entry(label, odir, oname, now)?;
             self.remove_entry(label, ndir, nname, now)?;
             self.add_entry(label, odir, oname, dst, dmeta.obj_type, now)?;
@@ -900,8 +1011,11 @@ impl Mount {
                 }
                 (false, false) => {}
             }
+            self.admit_change(label, &[odir, ndir, src, dst], 3, 0, Tier::Normal)?;
             self.remove_entry(label, ndir, nname, now)?;
             self.drop_link(label, dst, now)?;
+        } else {
+            self.admit_change(label, &[odir, ndir, src], 2, 0, Tier::Normal)?;
         }
         self.remove_entry(label, odir, oname, now)?;
         self.add_entry(label, ndir, nname, src, smeta.obj_type, now)?;
@@ -913,6 +1027,90 @@ impl Mount {
             n.data.meta.iparent = dir;
             n.data.meta.ctime = now;
             n.dirty = true;
+            Ok(())
+        })
+    }
+
+    /// fallocate(2) without flags (and with FALLOC_FL_KEEP_SIZE when
+    /// `keep_size`): reserve room for every 64 KiB block of
+    /// `[offset, offset + len)` that has none yet, so writes there cannot
+    /// fail for lack of space while this mount lives (see `reserve.rs`),
+    /// and grow the file to the end of the range unless `keep_size`
+    /// (the new range reads as zeros). NoSpace when the volume cannot
+    /// hold it, changing nothing.
+    pub fn fallocate(
+        &mut self,
+        label: &str,
+        inum: u64,
+        offset: u64,
+        len: u64,
+        keep_size: bool,
+        now: u64,
+    ) -> Result<()> {
+        self.writable()?;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= i64::MAX as u64 && len > 0)
+            .ok_or_else(|| Error::InvalidArgument {
+                what: format!("fallocate of {len} bytes at {offset}"),
+            })?;
+        let (t, size, reserve, grow) = self.with_node(label, inum, |_, n| {
+            let grow = if !keep_size && end > n.size() {
+                n.new_pending_blocks(PendingChange::Truncate { size: end })
+            } else {
+                0
+            };
+            Ok((
+                n.obj_type(),
+                n.size(),
+                n.new_reserved_blocks(offset, end),
+                grow,
+            ))
+        })?;
+        if t != ObjType::Regfile {
+            return Err(Error::InvalidArgument {
+                what: format!("fallocate on a {}", t.name()),
+            });
+        }
+        self.admit_change(label, &[inum], 0, reserve + grow, Tier::Normal)?;
+        self.with_node(label, inum, |vol, n| {
+            if !keep_size && end > size {
+                n.truncate(vol, end)?;
+                n.data.meta.mtime = now;
+                n.data.meta.ctime = now;
+            }
+            n.reserve(offset, end);
+            Ok(())
+        })
+    }
+
+    /// FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: `[offset,
+    /// offset + len)` reads as zeros and holds no data blocks (whole
+    /// blocks at once, partly covered ones once the flush finds them all
+    /// zeros). Takes space only for the partly covered blocks, and may
+    /// use the share of the reserve that deletions may.
+    pub fn punch_hole(
+        &mut self,
+        label: &str,
+        inum: u64,
+        offset: u64,
+        len: u64,
+        now: u64,
+    ) -> Result<()> {
+        self.writable()?;
+        let (t, blocks) = self.with_node(label, inum, |_, n| {
+            Ok((n.obj_type(), n.punch_pending_blocks(offset, len)))
+        })?;
+        if t != ObjType::Regfile {
+            return Err(Error::InvalidArgument {
+                what: format!("hole punch in a {}", t.name()),
+            });
+        }
+        self.admit_change(label, &[inum], 0, blocks, Tier::Delete)?;
+        self.with_node(label, inum, |vol, n| {
+            n.punch(vol, offset, len)?;
+            n.data.meta.mtime = now;
+            n.data.meta.ctime = now;
             Ok(())
         })
     }
@@ -934,9 +1132,11 @@ impl Mount {
     pub fn statfs(&mut self, label: &str) -> Result<StatFs> {
         let used = self.pfs_mut(label)?.root.bref.inode_count();
         let vh = &self.vol.header;
+        let space = lock_space(&self.space);
         Ok(StatFs {
             bytes_total: vh.allocator_size,
-            bytes_free: lock_space(&self.space).free_bytes(),
+            bytes_free: space.free_bytes(),
+            bytes_avail: space.available_bytes().saturating_sub(self.admitted),
             inodes_used: used,
         })
     }
@@ -980,7 +1180,8 @@ impl Mount {
     /// flushes.
     pub fn release_clean(&mut self) {
         for p in self.pfs.values_mut() {
-            p.inodes.retain(|_, n| n.dirty || !n.pending.is_empty());
+            p.inodes
+                .retain(|_, n| n.dirty || !n.pending.is_empty() || n.reserved_bytes() > 0);
         }
     }
 
@@ -1050,14 +1251,7 @@ impl Mount {
         let result = self.flush_commit_inner(batch);
         self.flushing = false;
         if result.is_ok() {
-            // What is still pending was written after the batch was taken.
-            let pending: u64 = self
-                .pfs
-                .values()
-                .flat_map(|p| p.inodes.values())
-                .map(|n| n.dirty_bytes())
-                .sum();
-            self.admitted = pending;
+            self.admitted = self.held_after_commit();
         }
         if let Err(e) = &result {
             if matches!(e, Error::Io { .. }) {
@@ -1175,7 +1369,8 @@ impl Mount {
             for node in p.inodes.values_mut() {
                 drops.extend(node.table.take_dropped());
             }
-            p.inodes.retain(|_, n| n.dirty || !n.pending.is_empty());
+            p.inodes
+                .retain(|_, n| n.dirty || !n.pending.is_empty() || n.reserved_bytes() > 0);
             if p.root.dirty {
                 let br = flush_inode(&mut w, &mut p.root, p.key, BREF_FLAG_PFSROOT)?;
                 sroot
@@ -1431,14 +1626,9 @@ impl FlushBatch {
             let fp = DedupKey::of(&phys, methods);
             let placed = {
                 let mut space = lock_space(&self.space);
-                place_data(
-                    space.as_mut(),
-                    self.dev.as_ref(),
-                    &fp,
-                    &phys,
-                    b.lbase,
-                    false,
-                )
+                // Admitted when written: a flush allocation, which may
+                // use the reserve (`SpaceMap::alloc`).
+                place_data(space.as_mut(), self.dev.as_ref(), &fp, &phys, b.lbase, true)
             };
             let off = match placed {
                 Ok(Placed::New(off)) => {

@@ -116,6 +116,7 @@ impl Mount {
     pub fn set_inode_methods(&mut self, label: &str, inum: u64, m: Methods) -> Result<ObjType> {
         validate(m)?;
         self.writable()?;
+        self.admit_inode_change(label, inum)?;
         self.with_node(label, inum, |_, n| {
             let meta = &mut n.data.meta;
             let mut changed = false;

@@ -349,3 +349,20 @@ pub fn open(dev: &Arc<bufcache::MemDevice>) -> hammer2::mount::Mount {
     let d: Arc<dyn BlockDevice> = dev.clone();
     hammer2::mount::Mount::open(d).expect("open read-write")
 }
+
+/// A read-write mount of `dev` with `chunks` whole free 64 KiB chunks
+/// left, all of them the flush reserve (the rest taken as if by data
+/// never linked in): a full volume whose flush still has `chunks`.
+pub fn open_nearly_full(dev: &Arc<bufcache::MemDevice>, chunks: u64) -> hammer2::mount::Mount {
+    let d: Arc<dyn BlockDevice> = dev.clone();
+    let vol = hammer2::Volume::open(d.clone()).expect("open volume");
+    let mut alloc = hammer2::alloc::Allocator::load(&vol).expect("load freemap");
+    alloc.recover(&vol).expect("recover freemap");
+    while alloc.free_chunk_bytes() > chunks * 65536 {
+        alloc
+            .alloc_flush(hammer2::disk::BlockrefType::Data, 65536)
+            .expect("fill");
+    }
+    alloc.set_reserve_bytes(alloc.free_chunk_bytes());
+    hammer2::mount::Mount::open_with(d, Box::new(alloc)).expect("open read-write")
+}

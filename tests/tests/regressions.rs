@@ -120,21 +120,13 @@ fn write_failing_on_a_read_changes_nothing() {
     flushed_contents(&fault, &dev, m, f, &data);
 }
 
-/// A read-write mount of `dev` whose allocator leaves no room for file
-/// data past the flush reserve (a full disk).
-fn open_full(dev: &Arc<bufcache::MemDevice>) -> hammer2::mount::Mount {
-    let d: Arc<dyn BlockDevice> = dev.clone();
-    let vol = hammer2::Volume::open(d.clone()).unwrap();
-    let mut alloc = hammer2::alloc::Allocator::load(&vol).unwrap();
-    alloc.recover(&vol).unwrap();
-    alloc.set_reserve_bytes(alloc.free_chunk_bytes());
-    hammer2::mount::Mount::open_with(d, Box::new(alloc)).unwrap()
-}
-
 /// A truncate that leaves a partial last block makes that block pending:
 /// on a full disk it once went unadmitted, so the flush, not the
-/// truncate, ran out of space. Now the truncate is refused with NoSpace
-/// (nothing changed) and the flush completes.
+/// truncate, ran out of space. Shrinking is a deletion, which may take
+/// half the flush reserve (so a full volume can still be emptied): with
+/// a reserve of two chunks, the partial block (64 KiB) and the inode do
+/// not fit in one, and the truncate is refused with NoSpace (nothing
+/// changed); a block-aligned one fits, and the flush completes.
 #[test]
 fn truncate_to_a_partial_block_is_admitted_on_a_full_disk() {
     let dev = new_fs(2);
@@ -146,7 +138,7 @@ fn truncate_to_a_partial_block_is_admitted_on_a_full_disk() {
         m.flush().unwrap();
         ino
     };
-    let mut m = open_full(&dev);
+    let mut m = tests::open_nearly_full(&dev, 2);
     let to = SetAttr {
         size: Some(4000),
         ..SetAttr::default()
@@ -155,7 +147,7 @@ fn truncate_to_a_partial_block_is_admitted_on_a_full_disk() {
         m.setattr("DATA", ino, to, T0),
         Err(Error::NoSpace { .. })
     ));
-    // A block-aligned truncate leaves nothing partial: no space needed.
+    // A block-aligned truncate leaves nothing partial: only the inode.
     let aligned = SetAttr {
         size: Some(131_072),
         ..SetAttr::default()
