@@ -242,6 +242,7 @@ pub fn open_rw(
         .getattr(label, ROOT_INUM)
         .map_err(|e| Failure::Mount(format!("{shown}@{label}: {e}")))?;
     let vol = RwVolume::new(mount, label.to_string(), lock.writer, options.sync_interval);
+    vol.set_autobulkfree(options.autobulkfree);
     Ok(Some((Arc::new(vol), lock.mounted)))
 }
 

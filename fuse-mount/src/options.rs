@@ -18,6 +18,10 @@ pub const READ_WRITE_BY_DEFAULT: bool = true;
 /// read-write mount.
 pub const SYNC_INTERVAL_DEFAULT: Duration = Duration::from_secs(5);
 
+/// `autobulkfree` default: a read-write mount runs bulkfree by itself
+/// when less than this share of the volume (percent) is free.
+pub const AUTOBULKFREE_DEFAULT: u8 = 10;
+
 /// The smallest `cache_size=` (the page layer's floor).
 pub const CACHE_SIZE_MIN: u64 = 4 << 20;
 
@@ -57,6 +61,10 @@ pub struct Options {
     /// `log_writes=FILE`: log every write, barrier and mark reaching the
     /// image to FILE (`bufcache::logwrites`), for `hammer2 replay-log`.
     pub log_writes: Option<PathBuf>,
+    /// `autobulkfree[=PERCENT]` (the default) / `noautobulkfree`: run
+    /// bulkfree in the background when less than PERCENT of the volume
+    /// is free, and before failing a write with ENOSPC (`rw::Reclaim`).
+    pub autobulkfree: Option<u8>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +102,7 @@ impl Default for Options {
             writeback_cache: false,
             snapdir: false,
             log_writes: None,
+            autobulkfree: Some(AUTOBULKFREE_DEFAULT),
         }
     }
 }
@@ -148,6 +157,8 @@ pub fn parse<S: AsRef<str>>(args: &[S], sloppy: bool) -> Result<Options, String>
             "noatime" => o.atime = false,
             "writeback_cache" => o.writeback_cache = true,
             "snapdir" => o.snapdir = true,
+            "autobulkfree" => o.autobulkfree = Some(AUTOBULKFREE_DEFAULT),
+            "noautobulkfree" => o.autobulkfree = None,
             "nowriteback_cache" => o.writeback_cache = false,
             "sync" => o.sync = Some(Sync::Sync),
             "async" => o.sync = Some(Sync::Async),
@@ -185,6 +196,18 @@ pub fn parse<S: AsRef<str>>(args: &[S], sloppy: bool) -> Result<Options, String>
                         )
                     })?;
                 o.cache_size = Some(bytes);
+            }
+            _ if opt.starts_with("autobulkfree=") => {
+                let v = &opt["autobulkfree=".len()..];
+                let pct: u8 = v
+                    .trim_end_matches('%')
+                    .parse()
+                    .ok()
+                    .filter(|&p| (1..=90).contains(&p))
+                    .ok_or_else(|| {
+                        format!("autobulkfree={v}: expected a percentage of free space, 1 to 90")
+                    })?;
+                o.autobulkfree = Some(pct);
             }
             _ if opt.starts_with("log_writes=") => {
                 let v = &opt["log_writes=".len()..];
@@ -315,6 +338,36 @@ mod tests {
             parse(&["defaults"], false).unwrap().read_write,
             READ_WRITE_BY_DEFAULT
         );
+    }
+
+    #[test]
+    fn autobulkfree() {
+        assert_eq!(parse::<&str>(&[], false).unwrap().autobulkfree, Some(10));
+        assert_eq!(
+            parse(&["noautobulkfree"], false).unwrap().autobulkfree,
+            None
+        );
+        assert_eq!(
+            parse(&["noautobulkfree,autobulkfree=25%"], false)
+                .unwrap()
+                .autobulkfree,
+            Some(25)
+        );
+        assert_eq!(
+            parse(&["autobulkfree=5,noautobulkfree,autobulkfree"], false)
+                .unwrap()
+                .autobulkfree,
+            Some(10)
+        );
+        for bad in [
+            "autobulkfree=0",
+            "autobulkfree=95",
+            "autobulkfree=x",
+            "autobulkfree=",
+        ] {
+            let e = parse(&[bad], false).unwrap_err();
+            assert!(e.contains("autobulkfree"), "{bad}: {e}");
+        }
     }
 
     #[test]

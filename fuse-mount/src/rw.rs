@@ -20,11 +20,21 @@
 //! fsync that waited for it gets its errno, and every later write,
 //! fsync and close gets EIO until the image is mounted again. What is on
 //! disk stays the last completed flush.
+//!
+//! Space (`make_room`, `maybe_autobulkfree`): a change refused with
+//! ENOSPC gets one retry after the daemon has made room: a flush (what
+//! was admitted for it is free again once it commits), the commits that
+//! free blocks earlier flushes dropped (`Mount::reclaim`), and, with
+//! `autobulkfree` and something for it to find, a bulkfree run to its
+//! end; a shortage gets one bulkfree, then writes fail. After each
+//! flush, when less than the `autobulkfree` share of the volume is free
+//! and enough space waits for bulkfree, a bulkfree starts in the
+//! background.
 
 use hammer2::ctl::{bulkfree_state, BulkfreeStatus};
 use hammer2::mount::Mount;
 use std::fs::File;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -67,9 +77,19 @@ pub struct RwVolume {
     /// The online bulkfree (`hammer2 bulkfree MOUNTPOINT`): its state,
     /// as `hammer2 bulkfree` polls it.
     bulkfree: Mutex<BulkfreeStatus>,
+    /// `autobulkfree=PERCENT`: 0 when off.
+    autobulkfree: AtomicU8,
+    /// What bulkfree could find (`StatFs::bytes_possibly_free`) when a
+    /// shortage last ran one: a shortage runs it again only when more
+    /// has been dropped since.
+    shortage_bulkfree: Mutex<Option<u64>>,
     /// The exclusive lock on the image, held for the mount's life.
     _lock: nix::fcntl::Flock<File>,
 }
+
+/// A background bulkfree starts only when at least this much (or 1% of
+/// the volume, if less) waits for it.
+const AUTOBULKFREE_MIN_BYTES: u64 = 256 << 20;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panicking operation leaves the Mount as consistent as a failed
@@ -94,7 +114,93 @@ impl RwVolume {
             dirty: AtomicU64::new(0),
             written: AtomicU64::new(0),
             bulkfree: Mutex::new(BulkfreeStatus::default()),
+            autobulkfree: AtomicU8::new(0),
+            shortage_bulkfree: Mutex::new(None),
             _lock: lock,
+        }
+    }
+
+    /// `autobulkfree=PERCENT` (`None`: `noautobulkfree`).
+    pub fn set_autobulkfree(&self, percent: Option<u8>) {
+        self.autobulkfree
+            .store(percent.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// A change was refused with ENOSPC: make room before the caller
+    /// retries it once (see the module header). Returns false when
+    /// retrying is pointless (the mount refuses writes).
+    pub fn make_room(self: &Arc<Self>) -> bool {
+        if self.writable().is_err() {
+            return false;
+        }
+        if self.sync().is_err() {
+            return false;
+        }
+        match self.between_flushes(|m| m.reclaim()) {
+            Ok(freed) if freed > 0 => {
+                log::info!("out of space: {freed} bytes freed by the flushes that waited");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                log::error!("out of space, and freeing what earlier flushes dropped failed: {e}");
+                return false;
+            }
+        }
+        if self.autobulkfree.load(Ordering::Relaxed) == 0 {
+            return true;
+        }
+        let possibly = match self.mount().statfs(&self.label) {
+            Ok(s) => s.bytes_possibly_free,
+            Err(_) => return true,
+        };
+        {
+            let mut last = lock(&self.shortage_bulkfree);
+            if possibly == 0 || last.is_some_and(|l| possibly <= l) {
+                return true;
+            }
+            *last = Some(possibly);
+        }
+        log::info!("out of space: running bulkfree ({possibly} bytes may be free)");
+        self.run_bulkfree_to_end();
+        true
+    }
+
+    /// Start a two-pass bulkfree unless one runs, and wait for the one
+    /// running to end.
+    fn run_bulkfree_to_end(self: &Arc<Self>) {
+        if let Err(e) = self.bulkfree_start(2) {
+            log::debug!("bulkfree: {e}; waiting for it");
+        }
+        while self.bulkfree_status().state == bulkfree_state::RUNNING {
+            if lock(&self.flush).stop {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// After a flush: start a background bulkfree when free space is
+    /// below the `autobulkfree` share and enough waits for it.
+    fn maybe_autobulkfree(self: &Arc<Self>) {
+        let pct = u64::from(self.autobulkfree.load(Ordering::Relaxed));
+        if pct == 0 || self.bulkfree_status().state == bulkfree_state::RUNNING {
+            return;
+        }
+        let Ok(s) = self.mount().statfs(&self.label) else {
+            return;
+        };
+        let low = s.bytes_free < s.bytes_total / 100 * pct;
+        let worth = s.bytes_possibly_free >= AUTOBULKFREE_MIN_BYTES.min(s.bytes_total / 100);
+        if low && worth {
+            log::info!(
+                "{} of {} bytes free, {} may be: starting bulkfree",
+                s.bytes_free,
+                s.bytes_total,
+                s.bytes_possibly_free
+            );
+            if let Err(e) = self.bulkfree_start(2) {
+                log::debug!("automatic bulkfree: {e}");
+            }
         }
     }
 
@@ -192,7 +298,7 @@ impl RwVolume {
             .spawn(move || me.flusher())
     }
 
-    fn flusher(&self) {
+    fn flusher(self: &Arc<Self>) {
         loop {
             let target = {
                 let mut st = lock(&self.flush);
@@ -222,6 +328,7 @@ impl RwVolume {
                 st.requested
             };
             self.flush_and_record(target);
+            self.maybe_autobulkfree();
         }
     }
 
@@ -293,6 +400,17 @@ impl RwVolume {
         }
         let target = lock(&self.flush).requested;
         self.flush_and_record(target);
+        // Blocks the last flushes dropped wait for headers still to be
+        // written: write them, so the freemap left shows them free.
+        if self.writable().is_ok() {
+            if let Err(e) = self.between_flushes(|m| m.reclaim()) {
+                log::error!(
+                    "{}: freeing what the last flushes dropped failed: {e}",
+                    self.label
+                );
+                lock(&self.flush).poisoned = Some((crate::errno::errno(&e), e.to_string()));
+            }
+        }
         let st = lock(&self.flush);
         log::info!(
             "{}: {} flushes, {} bytes written",

@@ -351,12 +351,27 @@ impl Hammer2Fs {
     /// mount, EIO once a flush has failed.
     fn modify<T>(
         &self,
-        f: impl FnOnce(&mut Mount, &str, u64) -> Result<T, Errno>,
+        mut f: impl FnMut(&mut Mount, &str, u64) -> Result<T, Errno>,
     ) -> Result<T, Errno> {
         let v = self.rw()?;
         v.writable().map_err(Errno::from_i32)?;
-        let mut m = v.mount();
-        f(&mut m, &v.label, now_us())
+        self.with_room(v, |m| f(m, &v.label, now_us()))
+    }
+
+    /// Run `f` on the mount; when it is refused for lack of space (the
+    /// library changes nothing then), make room (`RwVolume::make_room`:
+    /// a flush, the frees waiting for it, a bulkfree) and run it once
+    /// more.
+    fn with_room<T>(
+        &self,
+        v: &Arc<RwVolume>,
+        mut f: impl FnMut(&mut Mount) -> Result<T, Errno>,
+    ) -> Result<T, Errno> {
+        let r = f(&mut v.mount());
+        if r.as_ref().err() == Some(&Errno::ENOSPC) && v.make_room() {
+            return f(&mut v.mount());
+        }
+        r
     }
 
     /// The inode behind a node id, read-only store: the root, a cached
@@ -709,37 +724,21 @@ impl Hammer2Fs {
     /// Zero `[offset, offset + len)` of a file, within its size, through
     /// the library: only where there is data (holes stay), a chunk per
     /// mount lock. The flush turns the zeroed blocks into holes.
-    fn punch_hole(&self, v: &RwVolume, inum: u64, offset: u64, len: u64) -> Result<(), Errno> {
-        static ZEROS: [u8; CHUNK_BYTES as usize] = [0; CHUNK_BYTES as usize];
-        let size = self.h(v.mount().getattr(&v.label, inum))?.size;
-        let end = offset.saturating_add(len).min(size);
+    fn punch_hole(&self, v: &Arc<RwVolume>, inum: u64, offset: u64, len: u64) -> Result<(), Errno> {
+        // A bounded range per hold of the mount: whole blocks are
+        // dropped in memory, so this is cheap, but a huge range should
+        // not stall every other request.
+        const PUNCH_CHUNK: u64 = 1 << 30;
+        let end = offset.saturating_add(len);
         let mut pos = offset;
         while pos < end {
-            let (data, hole) = {
-                let mut m = v.mount();
-                let Some(data) = self.h(m.seek_data(&v.label, inum, pos))? else {
-                    break;
-                };
-                let hole = self.h(m.seek_hole(&v.label, inum, data))?;
-                (data, hole)
-            };
-            if data >= end {
-                break;
-            }
-            let stop = hole.min(end);
-            let mut p = data;
-            while p < stop {
-                let n = (stop - p).min(CHUNK_BYTES);
-                v.writable().map_err(Errno::from_i32)?;
-                let mut m = v.mount();
-                let r = m.write(&v.label, inum, p, &ZEROS[..n as usize], now_us());
-                self.h(r)?;
-                v.note_written(&m, n);
-                drop(m);
-                v.throttle();
-                p += n;
-            }
-            pos = stop.max(pos + 1);
+            v.writable().map_err(Errno::from_i32)?;
+            let n = (end - pos).min(PUNCH_CHUNK);
+            self.with_room(v, |m| {
+                let r = m.punch_hole(&v.label, inum, pos, n, now_us());
+                self.h(r)
+            })?;
+            pos += n;
         }
         Ok(())
     }
@@ -1243,11 +1242,12 @@ impl Filesystem for Hammer2Fs {
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
         let r = self.rw().and_then(|v| {
             v.writable().map_err(Errno::from_i32)?;
-            let mut m = v.mount();
-            let r = m.write(&v.label, self.ids.inum(ino.0), offset, data, now_us());
-            self.h(r)?;
-            v.note_written(&m, data.len() as u64);
-            drop(m);
+            self.with_room(v, |m| {
+                let r = m.write(&v.label, self.ids.inum(ino.0), offset, data, now_us());
+                self.h(r)?;
+                v.note_written(m, data.len() as u64);
+                Ok(())
+            })?;
             v.throttle();
             Ok(())
         });
@@ -1519,17 +1519,22 @@ impl Filesystem for Hammer2Fs {
         self.fsync(req, ino, fh, datasync, reply);
     }
 
-    /// In 64 KiB blocks: the volume's size and free space (read-only:
-    /// from the volume header; read-write: from the allocator); inodes:
-    /// this PFS's count, and as many more as 1 KiB inode blocks fit in
-    /// the free space.
+    /// In 64 KiB blocks: the volume's size, free space (read-only: from
+    /// the volume header; read-write: from the allocator) and available
+    /// space (free less the flush reserve, which ordinary writes cannot
+    /// take, and, read-write, less what is admitted for the next flush);
+    /// inodes: this PFS's count, and as many more as 1 KiB inode blocks
+    /// fit in the available space.
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let r = match &self.store {
             Store::ReadOnly { pfs, root } => {
                 let h = &pfs.volume().header;
+                let free = h.allocator_free.min(h.allocator_size);
                 Ok((
                     h.allocator_size,
-                    h.allocator_free.min(h.allocator_size),
+                    free,
+                    // What a read-write mount would let writes take.
+                    free.saturating_sub(hammer2::alloc::reserve_for(h.allocator_size)),
                     root.bref.inode_count(),
                 ))
             }
@@ -1539,21 +1544,22 @@ impl Filesystem for Hammer2Fs {
                     (
                         s.bytes_total,
                         s.bytes_free.min(s.bytes_total),
+                        s.bytes_avail.min(s.bytes_total),
                         s.inodes_used,
                     )
                 })
             }
         };
-        let (total, free, inodes) = match r {
+        let (total, free, avail, inodes) = match r {
             Ok(x) => x,
             Err(e) => return reply.error(e),
         };
         let bs = u64::from(BLOCK_BYTES);
-        let files_free = free / INODE_BYTES;
+        let files_free = avail / INODE_BYTES;
         reply.statfs(
             total / bs,
             free / bs,
-            free / bs,
+            avail / bs,
             inodes.saturating_add(files_free),
             files_free,
             BLOCK_BYTES,
@@ -1634,11 +1640,12 @@ impl Filesystem for Hammer2Fs {
         }
     }
 
-    /// fallocate: mode 0 extends the size (the new range reads as zeros
-    /// and takes no space until written); KEEP_SIZE alone does nothing
-    /// (space is allocated when data is flushed: nothing can be
-    /// reserved); PUNCH_HOLE|KEEP_SIZE zeroes the range, which the next
-    /// flush stores as holes. Other modes: EOPNOTSUPP.
+    /// fallocate: mode 0 and KEEP_SIZE reserve room for every block of
+    /// the range (`Mount::fallocate`: writes there cannot fail for lack
+    /// of space while mounted; ENOSPC when the volume cannot hold it),
+    /// mode 0 also extends the size (the new range reads as zeros);
+    /// PUNCH_HOLE|KEEP_SIZE drops the range's blocks and zeroes partial
+    /// ones (`Mount::punch_hole`). Other modes: EOPNOTSUPP.
     fn fallocate(
         &self,
         _req: &Request,
@@ -1655,24 +1662,16 @@ impl Filesystem for Hammer2Fs {
             let v = self.rw()?;
             v.writable().map_err(Errno::from_i32)?;
             let inum = self.ids.inum(ino.0);
-            let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
+            offset.checked_add(length).ok_or(Errno::EFBIG)?;
             let meta = self.h(v.mount().getattr(&v.label, inum))?;
             if meta.obj_type != ObjType::Regfile {
                 return Err(Errno::ENODEV);
             }
             match mode {
-                0 => {
-                    if end > meta.size {
-                        let a = SetAttr {
-                            size: Some(end),
-                            ..SetAttr::default()
-                        };
-                        let r = v.mount().setattr(&v.label, inum, a, now_us());
-                        self.h(r)?;
-                    }
-                    Ok(())
-                }
-                KEEP => Ok(()),
+                0 | KEEP => self.with_room(v, |m| {
+                    let r = m.fallocate(&v.label, inum, offset, length, mode == KEEP, now_us());
+                    self.h(r)
+                }),
                 m if m == PUNCH | KEEP => self.punch_hole(v, inum, offset, length),
                 _ => Err(Errno::EOPNOTSUPP),
             }
@@ -1785,15 +1784,21 @@ impl Filesystem for Hammer2Fs {
             while done < len {
                 v.writable().map_err(Errno::from_i32)?;
                 let n = (len - done).min(CHUNK_BYTES) as usize;
-                let mut m = v.mount();
-                let data = self.h(m.read(&v.label, src, offset_in + done, n))?;
+                let data = self.h(v.mount().read(&v.label, src, offset_in + done, n))?;
                 if data.is_empty() {
                     break;
                 }
-                let r = m.write(&v.label, dst, offset_out + done, &data, now_us());
-                self.h(r)?;
-                v.note_written(&m, data.len() as u64);
-                drop(m);
+                let r = self.with_room(v, |m| {
+                    let r = m.write(&v.label, dst, offset_out + done, &data, now_us());
+                    self.h(r)?;
+                    v.note_written(m, data.len() as u64);
+                    Ok(())
+                });
+                match r {
+                    // Short copy: what was copied stands.
+                    Err(e) if e == Errno::ENOSPC && done > 0 => break,
+                    r => r?,
+                }
                 v.throttle();
                 done += data.len() as u64;
             }

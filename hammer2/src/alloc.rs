@@ -122,6 +122,11 @@ const RESERVE_DIVISOR: u64 = 64;
 const RESERVE_MIN: u64 = 16 << 20;
 const RESERVE_MAX: u64 = 512 << 20;
 
+/// The flush reserve of a volume of `total_size` bytes.
+pub fn reserve_for(total_size: u64) -> u64 {
+    (total_size / RESERVE_DIVISOR).clamp(RESERVE_MIN, RESERVE_MAX)
+}
+
 /// Who is asking: ordinary (frontend) allocations stop at the reserve,
 /// flush allocations may use it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -336,7 +341,7 @@ impl Allocator {
             possibly_free_at_start: 0,
             early_freed: 0,
         };
-        a.set_reserve_bytes((total_size / RESERVE_DIVISOR).clamp(RESERVE_MIN, RESERVE_MAX));
+        a.set_reserve_bytes(reserve_for(total_size));
         a.sanitize_leaves();
         a.count_free();
         log::info!("{}", a.stats());

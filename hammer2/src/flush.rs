@@ -94,6 +94,11 @@ pub trait SpaceMap: Send {
     fn pending_frees(&self) -> usize {
         0
     }
+    /// Bytes the topology stopped referencing that only bulkfree can
+    /// give back (since the last bulkfree merge).
+    fn possibly_free_bytes(&self) -> u64 {
+        0
+    }
     /// The freemap allocator behind this map, for bulkfree, which works
     /// on the freemap itself; `None` for maps that are not one.
     fn allocator_mut(&mut self) -> Option<&mut crate::alloc::Allocator> {
@@ -154,6 +159,9 @@ impl SpaceMap for crate::alloc::Allocator {
     }
     fn pending_frees(&self) -> usize {
         crate::alloc::Allocator::pending_frees(self)
+    }
+    fn possibly_free_bytes(&self) -> u64 {
+        crate::alloc::Allocator::possibly_free_bytes(self)
     }
     fn dedup(
         &mut self,

@@ -105,6 +105,10 @@ pub struct RenameFlags {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StatFs {
     pub bytes_total: u64,
+    /// Bytes the tree stopped referencing that only bulkfree can give
+    /// back (shared with snapshots or by dedup, or small pieces of
+    /// 16 KiB blocks earlier mounts allocated), since the last bulkfree.
+    pub bytes_possibly_free: u64,
     /// Free, the flush reserve included.
     pub bytes_free: u64,
     /// What ordinary writes may still take: whole free 64 KiB chunks
@@ -1135,6 +1139,7 @@ impl Mount {
         let space = lock_space(&self.space);
         Ok(StatFs {
             bytes_total: vh.allocator_size,
+            bytes_possibly_free: space.possibly_free_bytes(),
             bytes_free: space.free_bytes(),
             bytes_avail: space.available_bytes().saturating_sub(self.admitted),
             inodes_used: used,
@@ -1459,6 +1464,11 @@ impl Mount {
                 break;
             }
             freed += self.flush_inner()?.freed;
+        }
+        if freed > 0 {
+            // The last commit freed blocks in memory: put the freemap
+            // that shows them free on the media too.
+            self.flush_inner()?;
         }
         Ok(freed)
     }

@@ -238,8 +238,11 @@ impl Mount {
                 what: format!("PFS {label} has files open"),
             });
         }
-        // Changes not flushed go with it.
+        // Changes not flushed go with it. What it alone held is for
+        // bulkfree (its blocks may be shared with snapshots).
         self.pfs.remove(label);
+        crate::mount::lock_space(&self.space)
+            .note_possibly_free(br.data_count().saturating_add(br.data_off.bytes()));
         let Mount { vol, sroot, .. } = self;
         sroot.table.delete(&*vol, br.key)?;
         sroot.dirty = true;

@@ -44,6 +44,14 @@ const READY: &str = "ready\n";
                   fsync, when 64 MiB wait, and at unmount; fsync returns once a flush \
                   that started after it is on disk. An image is mounted read-write once \
                   at a time.\n\n\
+                  Space: blocks a flush stops using go back to free space by \
+                  themselves when nothing else can use them; the rest (blocks shared \
+                  with snapshots or by dedup, data written before this mount) comes back \
+                  through bulkfree, which the mount runs by itself (autobulkfree, the \
+                  default: in the background when less than 10% of the volume is free, \
+                  autobulkfree=PERCENT to change that, and before a write fails with \
+                  ENOSPC; noautobulkfree turns it off). fallocate reserves room: writes \
+                  into the range cannot fail for lack of space while mounted.\n\n\
                   writeback_cache lets the kernel cache writes (off by default: with it \
                   SEEK_DATA/SEEK_HOLE see no holes).\n\n\
                   snapdir: the volume's snapshots, read-only, under .snapshot/NAME at \
