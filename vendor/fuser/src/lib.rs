@@ -409,6 +409,23 @@ pub trait Filesystem: Send + Sync + 'static {
     /// Called on filesystem exit.
     fn destroy(&mut self) {}
 
+    /// LOCAL: the kernel sent FUSE_DESTROY; it is answered when this
+    /// returns. On a fuseblk mount umount(2) waits for that answer (the
+    /// kernel sends DESTROY to fuseblk and virtiofs connections only), so
+    /// what the filesystem writes here is on its device when umount
+    /// returns. Other threads may still be serving requests meanwhile.
+    fn destroy_request(&self) {}
+
+    /// LOCAL: synchronize the whole filesystem, for `syncfs(2)` and
+    /// `sync(2)`: reply once everything written before the request is
+    /// durable. `ino` is the root inode. The kernel sends this only on
+    /// fuseblk (Linux 6.18 and later) and virtiofs connections; leaving it
+    /// unimplemented answers ENOSYS, after which the kernel stops asking.
+    fn syncfs(&self, _req: &Request, ino: INodeNo, reply: ReplyEmpty) {
+        warn!("[Not Implemented] syncfs(ino: {ino:#x?})");
+        reply.error(Errno::ENOSYS);
+    }
+
     /// Look up a directory entry by name and get its attributes.
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         warn!("[Not Implemented] lookup(parent: {parent:#x?}, name {name:?})");

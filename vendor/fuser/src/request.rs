@@ -87,6 +87,9 @@ impl<'a> RequestWithSender<'a> {
                     | ll::Operation::Write(_)
                     | ll::Operation::FSync(_)
                     | ll::Operation::FSyncDir(_)
+                    // LOCAL: sync(2) by any user asks every filesystem to
+                    // write what it holds; it reveals nothing, as FSync.
+                    | ll::Operation::SyncFs(_)
                     | ll::Operation::Release(_)
                     | ll::Operation::ReleaseDir(_) => {}
                     ll::Operation::ReadDirPlus(_) => {}
@@ -519,6 +522,10 @@ impl<'a> RequestWithSender<'a> {
                     x.flags(),
                     self.reply(),
                 );
+            }
+            // LOCAL
+            ll::Operation::SyncFs(_) => {
+                filesystem.syncfs(self.request_header(), self.request.nodeid(), self.reply());
             }
             #[cfg(target_os = "macos")]
             ll::Operation::SetVolName(x) => {

@@ -534,6 +534,11 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
                     // Dispatch request
                     Some(req) => {
                         if let Ok(Operation::Destroy(_)) = req.request.operation() {
+                            // LOCAL: answer only once the filesystem has
+                            // done what umount(2) must wait for.
+                            if let Some(fs) = &self.filesystem.fs {
+                                fs.destroy_request();
+                            }
                             req.reply::<ReplyEmpty>().ok();
                             return Ok(());
                         } else {

@@ -1564,6 +1564,19 @@ mod op {
         }
     }
 
+    /// LOCAL: synchronize the whole filesystem (`syncfs(2)`, and `sync(2)`
+    /// for every filesystem). The kernel sends it on fuseblk (Linux 6.18 and
+    /// later) and virtiofs connections only; it carries nothing beyond the
+    /// root inode it is addressed to.
+    #[derive(Debug)]
+    pub(crate) struct SyncFs<'a> {
+        #[expect(dead_code)]
+        header: &'a fuse_in_header,
+        /// Fetched to check the length the kernel sent; reserved.
+        #[expect(dead_code)]
+        arg: &'a fuse_syncfs_in,
+    }
+
     /// `MacOS` only: Rename the volume. Set `fuse_init_out.flags` during init to
     /// `FUSE_VOL_RENAME` to enable
     #[cfg(target_os = "macos")]
@@ -1852,6 +1865,11 @@ mod op {
                 header,
                 arg: data.fetch()?,
             }),
+            // LOCAL
+            fuse_opcode::FUSE_SYNCFS => Operation::SyncFs(SyncFs {
+                header,
+                arg: data.fetch()?,
+            }),
 
             #[cfg(target_os = "macos")]
             fuse_opcode::FUSE_SETVOLNAME => Operation::SetVolName(SetVolName {
@@ -1926,6 +1944,8 @@ pub(crate) enum Operation<'a> {
     Rename2(Rename2<'a>),
     Lseek(Lseek<'a>),
     CopyFileRange(CopyFileRange<'a>),
+    // LOCAL
+    SyncFs(SyncFs<'a>),
 
     #[cfg(target_os = "macos")]
     SetVolName(SetVolName<'a>),
@@ -2102,6 +2122,8 @@ impl fmt::Display for Operation<'_> {
                 x.dest(),
                 x.len()
             ),
+            // LOCAL
+            Operation::SyncFs(_) => write!(f, "SYNCFS"),
 
             #[cfg(target_os = "macos")]
             Operation::SetVolName(x) => write!(f, "SETVOLNAME name {:?}", x.name()),
