@@ -57,6 +57,11 @@ pub struct Options {
     /// `log_writes=FILE`: log every write, barrier and mark reaching the
     /// image to FILE (`bufcache::logwrites`), for `hammer2 replay-log`.
     pub log_writes: Option<PathBuf>,
+    /// `blkdev` (the default) / `noblkdev`: mount read-write as fuseblk,
+    /// over the block device named or a loop device over the image file,
+    /// so that sync(2) and syncfs(2) reach the daemon and umount waits
+    /// for its last flush; `noblkdev` mounts plain FUSE (see `mount`).
+    pub blkdev: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +99,7 @@ impl Default for Options {
             writeback_cache: false,
             snapdir: false,
             log_writes: None,
+            blkdev: true,
         }
     }
 }
@@ -148,6 +154,8 @@ pub fn parse<S: AsRef<str>>(args: &[S], sloppy: bool) -> Result<Options, String>
             "noatime" => o.atime = false,
             "writeback_cache" => o.writeback_cache = true,
             "snapdir" => o.snapdir = true,
+            "blkdev" => o.blkdev = true,
+            "noblkdev" => o.blkdev = false,
             "nowriteback_cache" => o.writeback_cache = false,
             "sync" => o.sync = Some(Sync::Sync),
             "async" => o.sync = Some(Sync::Async),
@@ -359,6 +367,13 @@ mod tests {
         assert_eq!(o.sync_interval, None);
         let e = parse(&["log_writes="], false).unwrap_err();
         assert!(e.contains("log_writes"), "{e}");
+    }
+
+    #[test]
+    fn blkdev_is_the_default_and_noblkdev_turns_it_off() {
+        assert!(parse::<&str>(&[], false).unwrap().blkdev);
+        assert!(!parse(&["rw,noblkdev"], false).unwrap().blkdev);
+        assert!(parse(&["noblkdev", "blkdev"], false).unwrap().blkdev);
     }
 
     #[test]
