@@ -291,7 +291,8 @@ fn write_two_partitions(img: &Path) {
 /// The locks follow the bytes of partitions too: two partitions of one
 /// loop device (`losetup -P`) mount read-write side by side; the same
 /// partition through a second loop device over the file is refused, and
-/// so is mkfs over the whole file.
+/// so is mkfs over the whole file; the whole loop device holds a
+/// partition table, which mkfs refuses without -f.
 #[test]
 fn partitions_of_loop_devices_lock_by_their_bytes() {
     require_fuse();
@@ -328,7 +329,11 @@ fn partitions_of_loop_devices_lock_by_their_bytes() {
     assert!(err.contains("already mounted read-write on"), "{err}");
     drop(m1);
     drop(m2);
+    // The partitions' mounts are gone; the whole loop device is free and
+    // holds a partition table.
     b.detach();
+    let out = tool("mkfs-hammer2", &[a.s()]);
+    refused(&out, 1, "already holds a partition table of type dos");
     let out = tool("fsck-hammer2", &[p2.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
     assert!(text(&out.stderr).is_empty(), "{}", text(&out.stderr));

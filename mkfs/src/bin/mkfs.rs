@@ -188,6 +188,17 @@ fn run(args: &Args) -> Result<(), String> {
                 "{shown} already holds a HAMMER2 filesystem (volume header at {at:#x}); use -f to overwrite it"
             ));
         }
+        // As mkfs.ext4: not over any other filesystem or partition table
+        // either.
+        match mkfs::signatures::other_signature(&args.image) {
+            Ok(None) => {}
+            Ok(Some(what)) => {
+                return Err(format!(
+                    "{shown} already holds {what} (found by blkid); use -f to overwrite it"
+                ))
+            }
+            Err(why) => return Err(format!("{shown}: {why}; use -f to make it anyway")),
+        }
     }
     let summary = newfs(&dev, &opts).map_err(|e| cleanup(format!("{shown}: {e}")))?;
     println!(
