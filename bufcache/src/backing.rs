@@ -285,7 +285,7 @@ pub fn claimed(dev: &Path) -> bool {
     matches!(claim(dev, false), Err(e) if e.raw_os_error() == Some(libc::EBUSY))
 }
 
-/// The mountpoint of a `mount.hammer2` mount (read-write over a block
+/// The mountpoint of a read-write `mount.hammer2` mount (over a block
 /// device, `fuseblk.hammer2`, or plain `fuse.hammer2`) whose image shares
 /// bytes with `b`, if one is in this mount namespace. A plain mount
 /// named with `fsname=` cannot be matched.
@@ -294,6 +294,10 @@ pub fn mounted_on(b: &Backing) -> Option<PathBuf> {
     info.lines().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
         let left: Vec<&str> = left.split(' ').collect();
+        // Read-only mounts (field 6 starts with "ro") write nothing.
+        if left.get(5)?.split(',').next()? != "rw" {
+            return None;
+        }
         let mut right = right.split(' ');
         let (fstype, source) = (right.next()?, unescape(right.next()?));
         let mnt = PathBuf::from(unescape(left.get(4)?));

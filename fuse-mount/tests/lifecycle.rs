@@ -249,12 +249,21 @@ fn one_image_by_two_names_has_one_writer() {
     let ro = Mounted::adopt(&mnt2);
     assert!(text(&out.stderr).contains(&format!("is {on1}")));
     assert_eq!(fs::read(mnt2.join("hello")).unwrap(), b"world");
+    // The read-only mount is not taken for the writer.
+    refused(
+        &tool("mkfs-hammer2", &["-f", img_s]),
+        1,
+        &format!("already {on1}"),
+    );
     drop(ro);
     drop(m);
     assert_eq!(on_disk(&img, "hello").as_deref(), Some(&b"world"[..]));
     fsck_clean(&img);
 
-    // The other way round.
+    // The other way round, with a read-only mount made first (listed
+    // before the writer in /proc/self/mountinfo; not named as the writer).
+    let mnt3 = scratch("names-3");
+    let ro = mount(img_s, &mnt3, "ro");
     let m = mount(lo.s(), &mnt2, "rw");
     fs::write(mnt2.join("second"), "name").unwrap();
     let on2 = format!("already mounted read-write on {mnt2_s}");
@@ -265,6 +274,7 @@ fn one_image_by_two_names_has_one_writer() {
     refused(&tool("mkfs-hammer2", &["-f", img_s]), 1, &on2);
     refused(&tool("hammer2", &["pfs-create", img_s, "NEW"]), 1, &on2);
     drop(m);
+    drop(ro);
     assert_eq!(on_disk(&img, "second").as_deref(), Some(&b"name"[..]));
     lo.detach();
     // Free again.
