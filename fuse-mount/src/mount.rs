@@ -401,6 +401,13 @@ fn mount_kernel(
         true => (source, FSTYPE_BLK),
         false => (options.fsname.as_deref().unwrap_or(source), FSTYPE),
     };
+    // fuseblk: the block size the kernel gives the superblock; it must be
+    // at least the device's logical block size (4 KiB on 4Kn disks) and at
+    // most a page.
+    let data = match blk {
+        true => format!("{data},blksize=4096"),
+        false => data,
+    };
     nix::mount::mount(
         Some(source),
         mnt,

@@ -456,7 +456,8 @@ fn umount_cmd(mnt: &Path) {
 
 /// `umount` returns only once the image is final: a copy taken right
 /// after it has the last writes, with umount(8), with umount(2), and
-/// mounted through a loop device that is detached right after.
+/// mounted through a loop device (with 4 KiB sectors) that is detached
+/// right after.
 #[test]
 fn umount_returns_once_the_image_is_final() {
     require_fuse();
@@ -466,7 +467,8 @@ fn umount_returns_once_the_image_is_final() {
     last_writes_survive("final-sys", img_s, &img, &|m| {
         nix::mount::umount(m).expect("umount(2)")
     });
-    let lo = LoopDev::attach(&img, &[]);
+    // With 4 KiB sectors, as a 4Kn disk has.
+    let lo = LoopDev::attach(&img, &["-b", "4096"]);
     last_writes_survive("final-loop", lo.s(), &img, &|m| {
         umount_cmd(m);
         lo.detach();
