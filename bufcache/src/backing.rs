@@ -285,17 +285,18 @@ pub fn claimed(dev: &Path) -> bool {
     matches!(claim(dev, false), Err(e) if e.raw_os_error() == Some(libc::EBUSY))
 }
 
-/// The mountpoint of a read-write `mount.hammer2` mount (over a block
-/// device, `fuseblk.hammer2`, or plain `fuse.hammer2`) whose image shares
-/// bytes with `b`, if one is in this mount namespace. A plain mount
-/// named with `fsname=` cannot be matched.
-pub fn mounted_on(b: &Backing) -> Option<PathBuf> {
+/// The mountpoint of a `mount.hammer2` mount (over a block device,
+/// `fuseblk.hammer2`, or plain `fuse.hammer2`), read-write or read-only
+/// as `read_write` asks, whose image shares bytes with `b`, if one is in
+/// this mount namespace. A plain mount named with `fsname=` cannot be
+/// matched.
+pub fn mounted_on(b: &Backing, read_write: bool) -> Option<PathBuf> {
     let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
     info.lines().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
         let left: Vec<&str> = left.split(' ').collect();
-        // Read-only mounts (field 6 starts with "ro") write nothing.
-        if left.get(5)?.split(',').next()? != "rw" {
+        // Field 6 starts with "rw" or "ro".
+        if (left.get(5)?.split(',').next()? == "rw") != read_write {
             return None;
         }
         let mut right = right.split(' ');

@@ -1,6 +1,7 @@
-//! Who is writing an image: the locks every writer of an image holds (a
+//! Who is using an image: the locks every writer of an image holds (a
 //! read-write mount, mkfs.hammer2, the writing `hammer2` verbs,
-//! replay-log), and how other tools wait for a mount that is ending.
+//! replay-log) and every read-only mount, and how other tools wait for a
+//! mount that is ending.
 //!
 //! The locks follow the data, not the name: they are taken on the regular
 //! file or whole block device that holds the image's bytes, over the
@@ -8,26 +9,36 @@
 //! by its path, through a loop device (`losetup -f IMG`), through a
 //! partition of one, or as a partition of a disk, takes the same lock;
 //! two loop devices over different ranges of one file do not conflict.
-//! Both are open file description locks (`F_OFD_SETLK`), which belong to
-//! an open file and go away when it is closed (a killed writer leaves
-//! none behind):
+//! They are open file description locks (`F_OFD_SETLK`), which belong to
+//! an open file and go away when it is closed (a killed holder leaves
+//! none behind), on four copies of the image's range, `SPAN` apart (so
+//! they never meet):
 //!
-//! - the writer lock, a write lock on the image's range, for the writer's
+//! - the writer lock (`Region::Writer`), a write lock, for a writer's
 //!   whole life (a mount: through its last flush): nothing else may write
 //!   the image meanwhile;
-//! - the live lock (`mounted`), a read lock on the same range shifted by
-//!   `SPAN` (so the two never meet), while the writer is live: a mount
-//!   drops it when the kernel has ended its session, a tool when it
-//!   exits. Others test for it by asking for a write lock.
+//! - the writer's live lock (`Region::WriterLive`), a read lock, while the
+//!   writer is live: a mount drops it when the kernel has ended its
+//!   session, a tool when it exits. Others test for it by asking for a
+//!   write lock;
+//! - the reader lock (`Region::Reader`), a read lock, for a read-only
+//!   mount's whole life, and its live lock (`Region::ReaderLive`) while
+//!   it is mounted. A writer that rewrites blocks in place (mkfs,
+//!   replay-log: "exclusive") takes a write lock on the reader region, so
+//!   it refuses an image mounted read-only, and a read-only mount refuses
+//!   an image such a writer is at work on. Copy-on-write writers (a
+//!   read-write mount, the verbs) leave a read-only mount beside them
+//!   alone: they never overwrite what its flush reaches.
 //!
-//! A writer lock held without the live lock means "a mount that was
-//! unmounted is finishing its last flush". A read-write mount over a
-//! block device (fuseblk) writes that flush before umount returns, but a
-//! plain FUSE mount (`noblkdev`) does not, nor does a lazy `umount -l`:
-//! a new writer and fsck wait for it (up to `WAIT_FOR_EXITING`), so
-//! `umount MNT; fsck IMG` sees the image as the unmount left it. A writer
-//! lock held with the live lock is a live writer: a second writer fails
-//! at once (after `GRACE`, the time a daemon takes to notice an unmount).
+//! A life lock held without its live lock means "a mount that was
+//! unmounted is finishing" (a read-write one: writing its last flush). A
+//! read-write mount over a block device (fuseblk) writes that flush
+//! before umount returns, but a plain FUSE mount (`noblkdev`, and every
+//! read-only mount) does not, nor does a lazy `umount -l`: a new writer
+//! and fsck wait for it (up to `WAIT_FOR_EXITING`), so `umount MNT; fsck
+//! IMG` sees the image as the unmount left it. A life lock held with its
+//! live lock is a live holder: a conflicting writer fails at once (after
+//! `GRACE`, the time a daemon takes to notice an unmount).
 //!
 //! A writer also opens a block device it is named by exclusively
 //! (`backing::claim`, which the kernel refuses while anything is mounted
@@ -55,9 +66,18 @@ pub const GRACE: Duration = Duration::from_secs(1);
 
 const POLL: Duration = Duration::from_millis(20);
 
-/// The live lock's range is the writer lock's shifted by this much; image
-/// ranges are clamped below it (2 EiB).
-const SPAN: u64 = 1 << 61;
+/// The regions are copies of the image's range this far apart; image
+/// ranges are clamped below it (1 EiB).
+const SPAN: u64 = 1 << 60;
+
+/// Which copy of the image's range a lock is on (see the module comment).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Region {
+    Writer = 0,
+    WriterLive = 1,
+    Reader = 2,
+    ReaderLive = 3,
+}
 
 /// Who holds an image.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,7 +89,7 @@ pub enum Holder {
     Mounted(Option<PathBuf>),
 }
 
-/// Why the writer lock was not taken.
+/// Why a lock was not taken.
 #[derive(Debug)]
 pub enum LockError {
     /// A live writer holds the image: a read-write mount (on this
@@ -77,6 +97,16 @@ pub enum LockError {
     Mounted {
         image: Box<Backing>,
         on: Option<PathBuf>,
+    },
+    /// An exclusive writer (mkfs, replay-log) found the image mounted
+    /// read-only (on this mountpoint, when one is found).
+    ReadOnly {
+        image: Box<Backing>,
+        on: Option<PathBuf>,
+    },
+    /// A read-only mount found an exclusive writer at work.
+    Rewriting {
+        image: Box<Backing>,
     },
     /// A block device with the image's bytes is held exclusively by
     /// something that does not take these locks (a mounted filesystem,
@@ -109,6 +139,25 @@ impl std::fmt::Display for LockError {
                 f,
                 "{} is already being written (mounted read-write by mount.hammer2, \
                  or a hammer2 tool or mkfs.hammer2 is at work on it)",
+                image.describe()
+            ),
+            LockError::ReadOnly {
+                image,
+                on: Some(on),
+            } => write!(
+                f,
+                "{} is mounted read-only on {}",
+                image.describe(),
+                on.display()
+            ),
+            LockError::ReadOnly { image, on: None } => write!(
+                f,
+                "{} is mounted read-only by mount.hammer2",
+                image.describe()
+            ),
+            LockError::Rewriting { image } => write!(
+                f,
+                "{} is being rewritten (mkfs.hammer2 or hammer2 replay-log is at work on it)",
                 image.describe()
             ),
             LockError::Busy { image, device } if image.via.first() == Some(device) => write!(
@@ -148,16 +197,26 @@ pub struct WriterLock {
     pub writer: RangeLock,
     /// The live lock: a mount drops it once the filesystem is unmounted.
     pub mounted: RangeLock,
+    /// An exclusive writer's write lock on the reader region.
+    pub exclusive: Option<RangeLock>,
     /// The block device named, opened exclusively (a mount drops it just
     /// before mount(2), which claims the device itself).
     pub claim: Option<File>,
 }
 
-/// `(start, len)` of the writer lock for `b`.
-fn writer_range(b: &Backing) -> (u64, u64) {
+/// The locks of a read-only mount.
+pub struct ReaderLock {
+    /// For the daemon's life.
+    pub reader: RangeLock,
+    /// While mounted.
+    pub live: RangeLock,
+}
+
+/// `(start, len)` of the image's range in `region`.
+fn range(b: &Backing, region: Region) -> (u64, u64) {
     let start = b.start.min(SPAN - 1);
     let end = b.end.unwrap_or(SPAN).clamp(start + 1, SPAN);
-    (start, end - start)
+    (region as u64 * SPAN + start, end - start)
 }
 
 fn lock_of(l_type: i32, (start, len): (u64, u64)) -> libc::flock {
@@ -171,33 +230,35 @@ fn lock_of(l_type: i32, (start, len): (u64, u64)) -> libc::flock {
     }
 }
 
-/// Would a lock of `l_type` on `range` conflict with one held through
+/// Would a lock of `l_type` on `region` conflict with one held through
 /// another open file description?
-fn conflicts(f: &File, l_type: i32, range: (u64, u64)) -> io::Result<bool> {
-    let mut l = lock_of(l_type, range);
+fn conflicts(f: &File, b: &Backing, l_type: i32, region: Region) -> io::Result<bool> {
+    let mut l = lock_of(l_type, range(b, region));
     fcntl(f, FcntlArg::F_OFD_GETLK(&mut l)).map_err(io::Error::from)?;
     Ok(l.l_type != libc::F_UNLCK as libc::c_short)
 }
 
-/// Is the writer lock held? (A write lock conflicts with a read lock.)
-fn writer_held(probe: &File, b: &Backing) -> io::Result<bool> {
-    conflicts(probe, libc::F_RDLCK, writer_range(b))
+/// Is a write lock held on `region`? (It conflicts with a read lock.)
+fn write_locked(probe: &File, b: &Backing, region: Region) -> io::Result<bool> {
+    conflicts(probe, b, libc::F_RDLCK, region)
 }
 
-/// Is the live lock held? (A read lock conflicts with a write lock.)
-fn live_held(probe: &File, b: &Backing) -> io::Result<bool> {
-    let (start, len) = writer_range(b);
-    conflicts(probe, libc::F_WRLCK, (SPAN + start, len))
+/// Is any lock held on `region`? (Any conflicts with a write lock.)
+fn locked(probe: &File, b: &Backing, region: Region) -> io::Result<bool> {
+    conflicts(probe, b, libc::F_WRLCK, region)
 }
 
-/// Take a lock of `l_type` on `range` of `b.data` through a new open
+/// Take a lock of `l_type` on `region` of `b.data` through a new open
 /// file description (read-write for a write lock); `None` if it is held.
-fn try_lock(b: &Backing, l_type: i32, range: (u64, u64)) -> io::Result<Option<RangeLock>> {
+fn try_lock(b: &Backing, l_type: i32, region: Region) -> io::Result<Option<RangeLock>> {
     let file = OpenOptions::new()
         .read(true)
         .write(l_type == libc::F_WRLCK)
         .open(&b.data)?;
-    match fcntl(&file, FcntlArg::F_OFD_SETLK(&lock_of(l_type, range))) {
+    match fcntl(
+        &file,
+        FcntlArg::F_OFD_SETLK(&lock_of(l_type, range(b, region))),
+    ) {
         Ok(_) => Ok(Some(RangeLock { _file: file })),
         Err(nix::errno::Errno::EAGAIN) => Ok(None),
         Err(e) => Err(io::Error::from(e)),
@@ -209,10 +270,11 @@ fn resolve(image: &Path) -> Result<Backing, LockError> {
 }
 
 /// Poll until `take` succeeds: `Ok(Some)` with what it took, `Ok(None)`
-/// when a live writer holds the image. `waiting` is called once if an
-/// ending daemon is waited for.
-fn poll_writer<T>(
+/// when a live holder (a lock on `live`) stands in the way. `waiting` is
+/// called once if an ending daemon is waited for.
+fn poll<T>(
     b: &Backing,
+    live: Region,
     mut take: impl FnMut() -> io::Result<Option<T>>,
     waiting: &mut dyn FnMut(),
 ) -> Result<Option<T>, LockError> {
@@ -226,7 +288,7 @@ fn poll_writer<T>(
             return Ok(Some(t));
         }
         let now = Instant::now();
-        if live_held(&probe, b).map_err(io)? {
+        if locked(&probe, b, live).map_err(io)? {
             let since = *live_since.get_or_insert(now);
             if now - since >= GRACE {
                 return Ok(None);
@@ -251,16 +313,22 @@ fn poll_writer<T>(
 /// Take the locks of a writer of `image`, waiting for an unmounted
 /// daemon to finish (`waiting` is called if that takes more than a
 /// moment); if `image` is a block device, open it exclusively too; and
-/// refuse bytes a loop device exposes to an exclusive holder.
-pub fn lock_writer(image: &Path, mut waiting: impl FnMut()) -> Result<WriterLock, LockError> {
+/// refuse bytes a loop device exposes to an exclusive holder. An
+/// `exclusive` writer (one that overwrites blocks in place: mkfs,
+/// replay-log) also refuses an image mounted read-only.
+pub fn lock_writer(
+    image: &Path,
+    exclusive: bool,
+    mut waiting: impl FnMut(),
+) -> Result<WriterLock, LockError> {
     let b = resolve(image)?;
-    let range = writer_range(&b);
-    let take = || try_lock(&b, libc::F_WRLCK, range);
-    let writer = match poll_writer(&b, take, &mut waiting)? {
+    let io = |e| LockError::Io(image.to_path_buf(), e);
+    let take = || try_lock(&b, libc::F_WRLCK, Region::Writer);
+    let writer = match poll(&b, Region::WriterLive, take, &mut waiting)? {
         Some(w) => w,
         None => {
             return Err(LockError::Mounted {
-                on: backing::mounted_on(&b),
+                on: backing::mounted_on(&b, true),
                 image: Box::new(b),
             })
         }
@@ -274,7 +342,7 @@ pub fn lock_writer(image: &Path, mut waiting: impl FnMut()) -> Result<WriterLock
                     image: Box::new(b),
                 })
             }
-            Err(e) => return Err(LockError::Io(image.to_path_buf(), e)),
+            Err(e) => return Err(io(e)),
         }
     } else {
         None
@@ -291,20 +359,30 @@ pub fn lock_writer(image: &Path, mut waiting: impl FnMut()) -> Result<WriterLock
             device: dev,
         });
     }
-    let (start, len) = range;
-    let mounted = try_lock(&b, libc::F_RDLCK, (SPAN + start, len))
-        .map_err(|e| LockError::Io(image.to_path_buf(), e))?
+    let exclusive = match exclusive {
+        false => None,
+        true => {
+            let take = || try_lock(&b, libc::F_WRLCK, Region::Reader);
+            match poll(&b, Region::ReaderLive, take, &mut waiting)? {
+                Some(l) => Some(l),
+                None => {
+                    return Err(LockError::ReadOnly {
+                        on: backing::mounted_on(&b, false),
+                        image: Box::new(b),
+                    })
+                }
+            }
+        }
+    };
+    let mounted = try_lock(&b, libc::F_RDLCK, Region::WriterLive)
+        .map_err(io)?
         // Nobody takes a write lock there: a read lock is always granted.
-        .ok_or_else(|| {
-            LockError::Io(
-                image.to_path_buf(),
-                io::Error::other("the live lock was refused"),
-            )
-        })?;
+        .ok_or_else(|| io(io::Error::other("the live lock was refused")))?;
     Ok(WriterLock {
         backing: b,
         writer,
         mounted,
+        exclusive,
         claim,
     })
 }
@@ -316,11 +394,29 @@ pub fn lock_writer(image: &Path, mut waiting: impl FnMut()) -> Result<WriterLock
 pub fn wait_for_writer(image: &Path, mut waiting: impl FnMut()) -> Result<Holder, LockError> {
     let b = resolve(image)?;
     let probe = File::open(&b.data).map_err(|e| LockError::Io(image.to_path_buf(), e))?;
-    let take = || Ok((!writer_held(&probe, &b)?).then_some(()));
-    Ok(match poll_writer(&b, take, &mut waiting)? {
+    let take = || Ok((!write_locked(&probe, &b, Region::Writer)?).then_some(()));
+    Ok(match poll(&b, Region::WriterLive, take, &mut waiting)? {
         Some(()) => Holder::Nobody,
-        None => Holder::Mounted(backing::mounted_on(&b)),
+        None => Holder::Mounted(backing::mounted_on(&b, true)),
     })
+}
+
+/// For a read-only mount: as `wait_for_writer`, then take the reader
+/// locks, refusing an image an exclusive writer (mkfs, replay-log) is at
+/// work on.
+pub fn lock_reader(image: &Path, waiting: impl FnMut()) -> Result<(Holder, ReaderLock), LockError> {
+    let holder = wait_for_writer(image, waiting)?;
+    let b = resolve(image)?;
+    let io = |e| LockError::Io(image.to_path_buf(), e);
+    let reader = match try_lock(&b, libc::F_RDLCK, Region::Reader).map_err(io)? {
+        Some(l) => l,
+        None => return Err(LockError::Rewriting { image: Box::new(b) }),
+    };
+    let live = try_lock(&b, libc::F_RDLCK, Region::ReaderLive)
+        .map_err(io)?
+        // Nobody takes a write lock there: a read lock is always granted.
+        .ok_or_else(|| io(io::Error::other("the live lock was refused")))?;
+    Ok((holder, ReaderLock { reader, live }))
 }
 
 #[cfg(test)]
@@ -342,9 +438,9 @@ mod tests {
             wait_for_writer(&img, || panic!("waited")).unwrap(),
             Holder::Nobody
         );
-        let held = lock_writer(&img, || panic!("waited")).unwrap();
+        let held = lock_writer(&img, false, || panic!("waited")).unwrap();
         let t = Instant::now();
-        let e = lock_writer(&img, || panic!("waited")).err().unwrap();
+        let e = lock_writer(&img, false, || panic!("waited")).err().unwrap();
         assert!(matches!(e, LockError::Mounted { on: None, .. }), "{e}");
         assert!(e.to_string().contains("already being written"), "{e}");
         assert_eq!(
@@ -353,7 +449,7 @@ mod tests {
         );
         assert!(t.elapsed() < WAIT_FOR_EXITING);
         drop(held);
-        let again = lock_writer(&img, || panic!("waited")).unwrap();
+        let again = lock_writer(&img, false, || panic!("waited")).unwrap();
         drop(again);
         std::fs::remove_file(&img).unwrap();
     }
@@ -364,9 +460,9 @@ mod tests {
         let link = img.with_extension("link");
         let _ = std::fs::remove_file(&link);
         std::fs::hard_link(&img, &link).unwrap();
-        let held = lock_writer(&img, || panic!("waited")).unwrap();
+        let held = lock_writer(&img, false, || panic!("waited")).unwrap();
         assert!(matches!(
-            lock_writer(&link, || panic!("waited")),
+            lock_writer(&link, false, || panic!("waited")),
             Err(LockError::Mounted { .. })
         ));
         assert_eq!(
@@ -388,25 +484,58 @@ mod tests {
             ..whole.clone()
         };
         let (a, b, c) = (part(0, 1 << 20), part(1 << 20, 2 << 20), part(4096, 8192));
-        let wa = try_lock(&a, libc::F_WRLCK, writer_range(&a)).unwrap();
+        let wa = try_lock(&a, libc::F_WRLCK, Region::Writer).unwrap();
         assert!(wa.is_some());
         let probe = File::open(&img).unwrap();
-        assert!(!writer_held(&probe, &b).unwrap());
-        assert!(writer_held(&probe, &c).unwrap());
-        assert!(writer_held(&probe, &whole).unwrap());
-        assert!(try_lock(&b, libc::F_WRLCK, writer_range(&b))
+        assert!(!write_locked(&probe, &b, Region::Writer).unwrap());
+        assert!(write_locked(&probe, &c, Region::Writer).unwrap());
+        assert!(write_locked(&probe, &whole, Region::Writer).unwrap());
+        // The regions never meet.
+        assert!(!locked(&probe, &whole, Region::WriterLive).unwrap());
+        assert!(!locked(&probe, &whole, Region::Reader).unwrap());
+        assert!(try_lock(&b, libc::F_WRLCK, Region::Writer)
             .unwrap()
             .is_some());
-        assert!(try_lock(&c, libc::F_WRLCK, writer_range(&c))
+        assert!(try_lock(&c, libc::F_WRLCK, Region::Writer)
             .unwrap()
             .is_none());
         std::fs::remove_file(&img).unwrap();
     }
 
     #[test]
+    fn read_only_mounts_keep_out_exclusive_writers_only() {
+        let img = image("readers");
+        let (holder, ro) = lock_reader(&img, || panic!("waited")).unwrap();
+        assert_eq!(holder, Holder::Nobody);
+        let (_, ro2) = lock_reader(&img, || panic!("waited")).unwrap();
+        // A copy-on-write writer beside them, and readers beside it.
+        let cow = lock_writer(&img, false, || panic!("waited")).unwrap();
+        let (holder, ro3) = lock_reader(&img, || panic!("waited")).unwrap();
+        assert_eq!(holder, Holder::Mounted(None));
+        drop((cow, ro3, ro2));
+        let e = lock_writer(&img, true, || panic!("waited")).err().unwrap();
+        assert!(matches!(e, LockError::ReadOnly { on: None, .. }), "{e}");
+        assert!(e.to_string().contains("mounted read-only"), "{e}");
+        // Unmounted (the live lock gone), exiting: waited for.
+        drop(ro.live);
+        let reader = ro.reader;
+        let exiting = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(300));
+            drop(reader);
+        });
+        let ex = lock_writer(&img, true, || {}).unwrap();
+        exiting.join().unwrap();
+        let e = lock_reader(&img, || panic!("waited")).err().unwrap();
+        assert!(matches!(e, LockError::Rewriting { .. }), "{e}");
+        drop(ex);
+        assert!(lock_reader(&img, || panic!("waited")).is_ok());
+        std::fs::remove_file(&img).unwrap();
+    }
+
+    #[test]
     fn an_unmounted_writer_is_waited_for() {
         let img = image("exiting");
-        let held = lock_writer(&img, || {}).unwrap();
+        let held = lock_writer(&img, false, || {}).unwrap();
         drop(held.mounted);
         let released = Arc::new(AtomicBool::new(false));
         let r = released.clone();
@@ -422,7 +551,7 @@ mod tests {
         assert_eq!(told, 1);
         exiting.join().unwrap();
 
-        let held = lock_writer(&img, || {}).unwrap();
+        let held = lock_writer(&img, false, || {}).unwrap();
         drop(held.mounted);
         let r = released.clone();
         r.store(false, Ordering::SeqCst);
@@ -432,7 +561,7 @@ mod tests {
             r.store(true, Ordering::SeqCst);
             drop(writer);
         });
-        let next = lock_writer(&img, || {}).unwrap();
+        let next = lock_writer(&img, false, || {}).unwrap();
         assert!(released.load(Ordering::SeqCst));
         exiting.join().unwrap();
         drop(next);

@@ -25,9 +25,10 @@
 //! umount(2) involves the daemon; after the session ends the live lock
 //! is dropped and `RwVolume::shutdown` flushes what is left before the
 //! process exits, and a new mount, fsck and the writing tools wait for
-//! that ending daemon. Read-only mounts are plain FUSE mounts and take
-//! no lock (they read the last flush and never write), but they too wait
-//! for an ending daemon.
+//! that ending daemon. Read-only mounts are plain FUSE mounts (they read
+//! the last flush and never write); they too wait for an ending daemon,
+//! and hold the reader locks, which keep out the writers that overwrite
+//! in place (mkfs, replay-log) and not copy-on-write ones.
 //!
 //! Threads: `serve` blocks those signals in the calling thread before it
 //! starts any other, so every thread inherits the mask and only the
@@ -42,7 +43,7 @@ use crate::loopdev::{self, LoopDevice};
 use crate::options::Options;
 use crate::rw::RwVolume;
 use crate::vnops::Hammer2Fs;
-use bufcache::imagelock::{self, Holder, LockError};
+use bufcache::imagelock::{self, Holder, LockError, ReaderLock};
 use bufcache::{BlockDevice, FileDevice};
 use hammer2::mount::{Mount, ROOT_INUM};
 use hammer2::pfs::{pfs_list, Pfs};
@@ -189,23 +190,25 @@ fn check_label(image: &Path, vol: &Volume, label: &str) -> Result<(), Failure> {
 
 /// For a read-only mount: wait for a mount of `image` that was unmounted
 /// to finish its last flush (saying so if that takes more than a
-/// moment), and say so if the image is being written.
-fn wait_for_ending_mount(image: &Path) -> Result<(), Failure> {
+/// moment), say so if the image is being written, and take the reader
+/// locks (refused while mkfs or replay-log rewrites the image; they keep
+/// those out in turn). `None`: the image cannot be opened, which fails
+/// next with its own message.
+fn lock_read_only(image: &Path) -> Result<Option<ReaderLock>, Failure> {
     let shown = image.display();
-    match imagelock::wait_for_writer(image, || {
+    match imagelock::lock_reader(image, || {
         log::warn!("{shown}: waiting for the mount that was unmounted to write its last flush")
     }) {
-        Ok(Holder::Nobody) => Ok(()),
-        Ok(Holder::Mounted(on)) => {
+        Ok((Holder::Nobody, lock)) => Ok(Some(lock)),
+        Ok((Holder::Mounted(on), lock)) => {
             let on = on.map_or(String::new(), |m| format!(" on {}", m.display()));
             log::warn!(
                 "{shown} is mounted read-write{on}: this read-only mount shows its last \
                  flush as of now, not later ones"
             );
-            Ok(())
+            Ok(Some(lock))
         }
-        // An image that cannot be opened fails next, with its own message.
-        Err(LockError::Io(..)) => Ok(()),
+        Err(LockError::Io(..)) => Ok(None),
         Err(e) => Err(Failure::Mount(e.to_string())),
     }
 }
@@ -243,7 +246,7 @@ pub fn open_rw(image: &Path, label: &str, options: &Options) -> Result<Option<Op
             )))
         }
     };
-    let mut lock = imagelock::lock_writer(image, || {
+    let mut lock = imagelock::lock_writer(image, false, || {
         log::warn!("{shown}: waiting for the mount that was unmounted to write its last flush")
     })
     .map_err(|e| Failure::Mount(e.to_string()))?;
@@ -489,7 +492,7 @@ pub fn serve(req: &Request, ready: impl FnOnce()) -> Result<(), Failure> {
     signals
         .thread_block()
         .map_err(|e| Failure::System(format!("cannot block signals: {e}")))?;
-    let (session, dev, mnt, rw) = mount(req)?;
+    let (session, dev, mnt, rw, reader) = mount(req)?;
     if let Some(v) = &rw {
         v.start_flusher().map_err(|e| {
             let _ = nix::mount::umount2(&mnt, MntFlags::MNT_DETACH);
@@ -498,6 +501,8 @@ pub fn serve(req: &Request, ready: impl FnOnce()) -> Result<(), Failure> {
     }
     ready();
     let end = start_threads(session, signals).and_then(|events| wait_for_end(&events, &mnt, &dev));
+    // Read-only: unmounted; the reader lock goes when the process does.
+    let _reader = reader.map(|r| r.reader);
     match rw {
         Some(v) => finish_rw(&v, end),
         None => end,
@@ -525,6 +530,7 @@ type Mounted = (
     File,
     PathBuf,
     Option<Arc<RwVolume>>,
+    Option<ReaderLock>,
 );
 
 /// What the kernel mounts for a read-write mount with `blkdev`: the
@@ -583,9 +589,10 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
             req.image.display()
         )));
     }
-    if rw.is_none() {
-        wait_for_ending_mount(&req.image)?;
-    }
+    let reader = match rw {
+        None => lock_read_only(&req.image)?,
+        Some(_) => None,
+    };
     o.read_write = rw.is_some();
     // What /proc/mounts shows as the source, as mount(8) would.
     let image = req
@@ -660,7 +667,7 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
     if let Some(bytes) = o.cache_size {
         log::info!("buffer cache of {} MiB", bytes >> 20);
     }
-    Ok((session, dev, mnt, rw))
+    Ok((session, dev, mnt, rw, reader))
 }
 
 /// The session's threads, and one that turns blocked signals into events.

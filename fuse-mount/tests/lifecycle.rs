@@ -181,7 +181,8 @@ fn refused(out: &Output, code: i32, what: &str) -> String {
 /// either name; fsck and the reading verbs warn that it is mounted; a
 /// read-only mount beside it works (and says what it shows). Then the
 /// other way round: mounted through the loop device, the path is
-/// refused. The image comes out as written, fsck-clean.
+/// refused. A read-only mount alone keeps out mkfs and replay-log. The
+/// image comes out as written, fsck-clean.
 #[test]
 fn one_image_by_two_names_has_one_writer() {
     require_fuse();
@@ -274,6 +275,16 @@ fn one_image_by_two_names_has_one_writer() {
     refused(&tool("mkfs-hammer2", &["-f", img_s]), 1, &on2);
     refused(&tool("hammer2", &["pfs-create", img_s, "NEW"]), 1, &on2);
     drop(m);
+    // The read-only mount alone: copy-on-write verbs may go on beside it
+    // (it shows its flush), mkfs and replay-log, which overwrite in
+    // place, may not.
+    let ro_on = format!("mounted read-only on {}", mnt3.display());
+    refused(&tool("mkfs-hammer2", &["-f", lo.s()]), 1, &ro_on);
+    refused(
+        &tool("hammer2", &["replay-log", log.to_str().unwrap(), img_s]),
+        1,
+        &ro_on,
+    );
     drop(ro);
     assert_eq!(on_disk(&img, "second").as_deref(), Some(&b"name"[..]));
     lo.detach();

@@ -144,19 +144,22 @@ fn open_target(path: &Path, size: Option<u64>) -> Result<(FileDevice, bool), Str
     }
 }
 
-/// Take the image's writer locks (`bufcache::imagelock`): never over an
-/// image something writes, by any name (a read-write mount of it or of a
-/// loop device over it, a hammer2 tool), nor over a block device anything
-/// holds (a mounted filesystem), -f or not.
+/// Take the image's writer locks, exclusive (`bufcache::imagelock`):
+/// never over an image something writes or a read-only mount shows, by
+/// any name (a mount of it or of a loop device over it, a hammer2 tool),
+/// nor over a block device anything holds (a mounted filesystem), -f or
+/// not.
 fn lock(image: &Path) -> Result<WriterLock, String> {
-    bufcache::imagelock::lock_writer(image, || {
+    bufcache::imagelock::lock_writer(image, true, || {
         eprintln!(
             "mkfs.hammer2: {}: waiting for the mount that was unmounted to write its last flush",
             image.display()
         )
     })
     .map_err(|e| match e {
-        LockError::Mounted { on: Some(_), .. } => format!("{e}; unmount it first"),
+        LockError::Mounted { on: Some(_), .. } | LockError::ReadOnly { on: Some(_), .. } => {
+            format!("{e}; unmount it first")
+        }
         e => e.to_string(),
     })
 }

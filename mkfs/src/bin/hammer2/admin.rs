@@ -47,7 +47,7 @@ pub fn split_spec(spec: &str) -> (PathBuf, Option<String>) {
 pub fn open_rw(path: &Path) -> Result<(Image, Mount), CmdError> {
     let dev = FileDevice::open(path, true)
         .map_err(|e| CmdError::Fail(format!("{}: {e}", path.display())))?;
-    let lock = bufcache::imagelock::lock_writer(path, || {
+    let lock = bufcache::imagelock::lock_writer(path, false, || {
         eprintln!(
             "hammer2: {}: waiting for the mount that was unmounted to write its last flush",
             path.display()

@@ -106,10 +106,11 @@ pub fn run(log: &Path, img: &Path, plan: &Plan, out: &mut dyn Write) -> Result<u
     let upto = index.resolve(&plan.stop).map_err(CmdError::Fail)?;
     let shown = img.display();
     let file = File::open(img).map_err(|e| CmdError::Fail(format!("{shown}: {e}")))?;
-    // Replaying writes the image: not while anything else writes it, by
-    // any name (a mount of it, of a loop device over it, a tool); held
-    // to the end, checks included (an fsck run by --check sees it held).
-    let _lock = bufcache::imagelock::lock_writer(img, || {
+    // Replaying writes the image, in place: not while anything else
+    // writes it or a read-only mount shows it, by any name (a mount of
+    // it, of a loop device over it, a tool); held to the end, checks
+    // included (an fsck run by --check sees it held).
+    let _lock = bufcache::imagelock::lock_writer(img, true, || {
         eprintln!(
             "hammer2: {shown}: waiting for the mount that was unmounted to write its last flush"
         )
