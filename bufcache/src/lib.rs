@@ -8,8 +8,10 @@
 //!
 //! Modules: `device` (the trait, file and memory devices), `cached` (a
 //! `BlockDevice` through the cache), `recording`
-//! (recording and fault devices), `imagelock` (the locks of a read-write
-//! mount, and waiting for one that is ending), `logwrites` (a device that
+//! (recording and fault devices), `backing` (where an image's bytes
+//! live, whatever it is named: file, loop device, partition),
+//! `imagelock` (the locks every writer of an image holds, on those
+//! bytes, and waiting for a mount that is ending), `logwrites` (a device that
 //! logs every write, barrier and mark to a file, as dm-log-writes, and its
 //! replay), `cache` (getblk, bread, releases,
 //! read-ahead, dirty accounting), `flush` (the coalescing writer, flush and
@@ -17,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backing;
 mod cache;
 pub mod cached;
 pub mod device;

@@ -299,17 +299,11 @@ mod tests {
 
     /// A read-write `Hammer2Fs` of PFS DATA on a fresh 1 GiB volume over
     /// `dev` (newfs'd here), as mount.hammer2 builds one.
-    fn fs_over(dev: Arc<dyn BlockDevice>, tag: &str) -> Hammer2Fs {
+    fn fs_over(dev: Arc<dyn BlockDevice>) -> Hammer2Fs {
         mkfs::newfs::newfs(dev.as_ref(), &mkfs::newfs::NewfsOptions::default()).expect("newfs");
         let m = Mount::open(dev).expect("open");
-        let lockfile = std::env::temp_dir().join(format!("h2ctl-{}-{tag}", std::process::id()));
-        let f = std::fs::File::create(&lockfile).expect("lock file");
-        let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
-            .map_err(|(_, e)| e)
-            .expect("flock");
-        // The lock lives on the open file; the name is not needed.
-        let _ = std::fs::remove_file(&lockfile);
-        let v = Arc::new(RwVolume::new(m, "DATA".into(), lock, None));
+        // A device in memory: nothing else can reach it, nothing to lock.
+        let v = Arc::new(RwVolume::new(m, "DATA".into(), None, None));
         Hammer2Fs::new_rw(v, true)
     }
 
@@ -322,7 +316,7 @@ mod tests {
     #[test]
     fn a_mark_lands_in_a_recording_devices_log_between_flushes() {
         let rec = Arc::new(RecordingDevice::new(1 << 30));
-        let fs = fs_over(rec.clone(), "mark");
+        let fs = fs_over(rec.clone());
         let before = rec.position();
         let r = ask(&fs, 0, Request::Mark { name: "m1".into() });
         assert_eq!(r, Reply::Ok);
@@ -343,7 +337,7 @@ mod tests {
 
     #[test]
     fn a_device_without_a_write_log_refuses_a_mark_clearly() {
-        let fs = fs_over(Arc::new(MemDevice::new(1 << 30)), "nolog");
+        let fs = fs_over(Arc::new(MemDevice::new(1 << 30)));
         match ask(&fs, 0, Request::Mark { name: "m1".into() }) {
             Reply::Error { errno, message } => {
                 assert_eq!(errno, libc::EOPNOTSUPP);
@@ -355,7 +349,7 @@ mod tests {
 
     #[test]
     fn a_buffer_of_another_version_gets_eproto() {
-        let fs = fs_over(Arc::new(MemDevice::new(1 << 30)), "proto");
+        let fs = fs_over(Arc::new(MemDevice::new(1 << 30)));
         let mut b = Request::MountInfo.encode().unwrap();
         b[4] = 0x7f;
         let out = serve(&fs, 0, 1, &b);

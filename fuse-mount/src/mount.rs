@@ -3,16 +3,32 @@
 //! unmount on SIGTERM, SIGINT or SIGHUP.
 //!
 //! Read-write: the image is opened read-write and locked (see
-//! `bufcache::imagelock`: a writer lock for the process's life and a
-//! mounted lock while mounted), so a second read-write mount of it fails
-//! at once; a flusher thread runs from the mount to the end, and after
-//! the session ends (however it ends) the mounted lock is dropped and
-//! `RwVolume::shutdown` flushes what is left before the process exits.
-//! A FUSE umount returns before that last flush, so a new mount (and
-//! fsck) of the image waits until the ending daemon has written it and
-//! let go of the writer lock. Read-only mounts take no lock (they read
-//! the last flush and never write), but they too wait for an ending
-//! daemon.
+//! `bufcache::imagelock`: a writer lock and a live lock on the bytes of
+//! the image, whatever name it was given: its path, a loop device over
+//! it, a partition), so a second writer of it, by any name, fails at
+//! once; a flusher thread runs from the mount to the end.
+//!
+//! A read-write mount is a fuseblk mount (`blkdev`, the default): over
+//! the block device named, or over a loop device attached to the image
+//! file (`loopdev`, cleared by the kernel when the mount goes), since
+//! only on fuseblk connections does the kernel send FUSE_SYNCFS for
+//! sync(2) and syncfs(2) (Linux 6.18 and later) and wait, in umount(2),
+//! for the answer to FUSE_DESTROY. The daemon answers SYNCFS after a
+//! flush (`RwVolume::sync`, as fsync) and DESTROY after the last flush
+//! and the release of the locks (`vnops::destroy_request`), so `sync`
+//! makes every write before it durable and `umount` returns with the
+//! image final. The kernel holds the block device exclusively while
+//! mounted (the daemon, which opened it first, still writes it), so
+//! nothing that opens devices exclusively (mkfs, a kernel mount) can use
+//! it meanwhile. With `noblkdev`, or when no loop device can be had (a
+//! warning says so), the mount is plain FUSE: neither sync(2) nor
+//! umount(2) involves the daemon; after the session ends the live lock
+//! is dropped and `RwVolume::shutdown` flushes what is left before the
+//! process exits, and a new mount, fsck and the writing tools wait for
+//! that ending daemon. Read-only mounts are plain FUSE mounts (they read
+//! the last flush and never write); they too wait for an ending daemon,
+//! and hold the reader locks, which keep out the writers that overwrite
+//! in place (mkfs, replay-log) and not copy-on-write ones.
 //!
 //! Threads: `serve` blocks those signals in the calling thread before it
 //! starts any other, so every thread inherits the mask and only the
@@ -23,10 +39,11 @@
 //! leaves open files working, and the session ends when the last of them
 //! is closed; a second signal ends the process at once.
 
+use crate::loopdev::{self, LoopDevice};
 use crate::options::Options;
 use crate::rw::RwVolume;
 use crate::vnops::Hammer2Fs;
-use bufcache::imagelock::{self, LockError, MountedLock};
+use bufcache::imagelock::{self, Holder, LockError, ReaderLock};
 use bufcache::{BlockDevice, FileDevice};
 use hammer2::mount::{Mount, ROOT_INUM};
 use hammer2::pfs::{pfs_list, Pfs};
@@ -43,7 +60,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread;
 
 /// Why a mount did not happen, with mount(8)'s exit codes.
 #[derive(Debug)]
@@ -85,7 +102,9 @@ pub struct Request {
     pub options: Options,
 }
 
-/// The filesystem type mount(2) gets and /proc/mounts shows.
+/// The filesystem type mount(2) gets and /proc/mounts shows: a
+/// read-write mount over a block device, and any other.
+pub const FSTYPE_BLK: &str = "fuseblk.hammer2";
 pub const FSTYPE: &str = "fuse.hammer2";
 
 /// The label used when `IMG` has no `@LABEL`.
@@ -169,31 +188,48 @@ fn check_label(image: &Path, vol: &Volume, label: &str) -> Result<(), Failure> {
     )))
 }
 
-/// Wait for a mount of `image` that was unmounted to finish its last
-/// flush (saying so if that takes more than a moment).
-fn wait_for_ending_mount(image: &Path) -> Result<(), Failure> {
+/// For a read-only mount: wait for a mount of `image` that was unmounted
+/// to finish its last flush (saying so if that takes more than a
+/// moment), say so if the image is being written, and take the reader
+/// locks (refused while mkfs or replay-log rewrites the image; they keep
+/// those out in turn). `None`: the image cannot be opened, which fails
+/// next with its own message.
+fn lock_read_only(image: &Path) -> Result<Option<ReaderLock>, Failure> {
     let shown = image.display();
-    match imagelock::wait_for_writer(image, || {
+    match imagelock::lock_reader(image, || {
         log::warn!("{shown}: waiting for the mount that was unmounted to write its last flush")
     }) {
-        // An image that cannot be opened fails next, with its own message.
-        Ok(_) | Err(LockError::Io(_)) => Ok(()),
-        Err(e) => Err(Failure::Mount(format!("{shown}: {e}"))),
+        Ok((Holder::Nobody, lock)) => Ok(Some(lock)),
+        Ok((Holder::Mounted(on), lock)) => {
+            let on = on.map_or(String::new(), |m| format!(" on {}", m.display()));
+            log::warn!(
+                "{shown} is mounted read-write{on}: this read-only mount shows its last \
+                 flush as of now, not later ones"
+            );
+            Ok(Some(lock))
+        }
+        Err(LockError::Io(..)) => Ok(None),
+        Err(e) => Err(Failure::Mount(e.to_string())),
     }
 }
 
-/// Open the image read-write, lock it against a second read-write
-/// mount (waiting for one that was unmounted to finish its last flush),
-/// and open the write path (`Mount`) on PFS `label`. `None` when the
-/// image cannot be written at all (a read-only file, device or
+/// A read-write volume ready to mount: its state (holding the image
+/// locks), and the block device named, opened exclusively until
+/// mount(2) claims it.
+pub struct OpenRw {
+    pub volume: Arc<RwVolume>,
+    pub claim: Option<File>,
+    /// The image is a block device (mounted as such with `blkdev`).
+    pub block_device: bool,
+}
+
+/// Open the image read-write, lock it against any other writer by any
+/// name (waiting for a mount that was unmounted to finish its last
+/// flush), and open the write path (`Mount`) on PFS `label`. `None` when
+/// the image cannot be written at all (a read-only file, device or
 /// filesystem): the caller mounts it read-only, as mount(8) does with a
-/// write-protected device. With the volume, the mounted lock to drop at
-/// the end of the session.
-pub fn open_rw(
-    image: &Path,
-    label: &str,
-    options: &Options,
-) -> Result<Option<(Arc<RwVolume>, MountedLock)>, Failure> {
+/// write-protected device.
+pub fn open_rw(image: &Path, label: &str, options: &Options) -> Result<Option<OpenRw>, Failure> {
     let shown = image.display();
     match OpenOptions::new().read(true).write(true).open(image) {
         Ok(f) => drop(f),
@@ -210,22 +246,17 @@ pub fn open_rw(
             )))
         }
     };
-    let lock = imagelock::lock_writer(image, || {
+    let mut lock = imagelock::lock_writer(image, false, || {
         log::warn!("{shown}: waiting for the mount that was unmounted to write its last flush")
     })
-    .map_err(|e| match e {
-        LockError::Mounted => Failure::Mount(format!(
-            "{shown} is already mounted read-write (another mount.hammer2 holds its lock)"
-        )),
-        e => Failure::Mount(format!("{shown}: {e}")),
-    })?;
+    .map_err(|e| Failure::Mount(e.to_string()))?;
     let dev = FileDevice::open(image, true)
         .map_err(|e| Failure::Mount(format!("cannot open {shown} read-write: {e}")))?;
     let dev: Arc<dyn BlockDevice> = Arc::new(dev);
     // With log_writes= every write reaching the image is logged: the log
     // device sits right above it, under the buffer cache.
     let dev = match &options.log_writes {
-        Some(log) => open_log(image, &lock.writer, dev, log)?,
+        Some(log) => open_log(image, dev, log)?,
         None => dev,
     };
     let vol = open_volume(image, dev.clone())?;
@@ -241,9 +272,15 @@ pub fn open_rw(
     mount
         .getattr(label, ROOT_INUM)
         .map_err(|e| Failure::Mount(format!("{shown}@{label}: {e}")))?;
-    let vol = RwVolume::new(mount, label.to_string(), lock.writer, options.sync_interval);
-    vol.set_autobulkfree(options.autobulkfree);
-    Ok(Some((Arc::new(vol), lock.mounted)))
+    let claim = lock.claim.take();
+    let block_device = lock.backing.block_device;
+    let volume = RwVolume::new(mount, label.to_string(), Some(lock), options.sync_interval);
+    volume.set_autobulkfree(options.autobulkfree);
+    Ok(Some(OpenRw {
+        volume: Arc::new(volume),
+        claim,
+        block_device,
+    }))
 }
 
 /// Start a write log at `log` for the image open as `file` and `dev`.
@@ -251,11 +288,12 @@ pub fn open_rw(
 /// that a replay can refuse any other base.
 fn open_log(
     image: &Path,
-    file: &File,
     dev: Arc<dyn BlockDevice>,
     log: &Path,
 ) -> Result<Arc<dyn BlockDevice>, Failure> {
     let shown = log.display();
+    let file = File::open(image)
+        .map_err(|e| Failure::Mount(format!("cannot open {}: {e}", image.display())))?;
     if let (Ok(a), Ok(b)) = (std::fs::metadata(log), file.metadata()) {
         if a.dev() == b.dev() && a.ino() == b.ino() {
             return Err(Failure::Usage(format!(
@@ -264,7 +302,7 @@ fn open_log(
         }
     }
     let started = std::time::Instant::now();
-    let fp = bufcache::logwrites::fingerprint_file(file).map_err(|e| {
+    let fp = bufcache::logwrites::fingerprint_file(&file).map_err(|e| {
         Failure::Mount(format!(
             "cannot read {} to fingerprint it for the write log: {e}",
             image.display()
@@ -343,7 +381,16 @@ fn open_dev_fuse() -> Result<File, Failure> {
 /// `umount` it unmounts the path again, which fails with EINVAL, or
 /// unmounts whatever was mounted there since. With the mount ours, fuser
 /// only serves the connection (`Session::from_fd`) and never unmounts.
-fn mount_kernel(dev: &File, mnt: &Path, source: &str, options: &Options) -> Result<(), Failure> {
+/// `blk`: a fuseblk mount of the block device `source` (the kernel opens
+/// it exclusively for the mount's life); otherwise a plain one, showing
+/// `source` (or `fsname=`).
+fn mount_kernel(
+    dev: &File,
+    mnt: &Path,
+    source: &str,
+    blk: bool,
+    options: &Options,
+) -> Result<(), Failure> {
     let shown = mnt.display();
     let rootmode = std::fs::metadata(mnt)
         .map_err(|e| Failure::Mount(format!("mountpoint {shown}: {e}")))?
@@ -354,17 +401,31 @@ fn mount_kernel(dev: &File, mnt: &Path, source: &str, options: &Options) -> Resu
         nix::unistd::getuid().as_raw(),
         nix::unistd::getgid().as_raw(),
     );
-    let source = options.fsname.as_deref().unwrap_or(source);
+    let (source, fstype) = match blk {
+        true => (source, FSTYPE_BLK),
+        false => (options.fsname.as_deref().unwrap_or(source), FSTYPE),
+    };
+    // fuseblk: the block size the kernel gives the superblock; it must be
+    // at least the device's logical block size (4 KiB on 4Kn disks) and at
+    // most a page.
+    let data = match blk {
+        true => format!("{data},blksize=4096"),
+        false => data,
+    };
     nix::mount::mount(
         Some(source),
         mnt,
-        Some(FSTYPE),
+        Some(fstype),
         options.ms_flags(),
         Some(data.as_str()),
     )
     .map_err(|e| match e {
         Errno::EPERM => Failure::Mount(format!(
             "cannot mount on {shown}: permission denied (mount.hammer2 must run as root)"
+        )),
+        Errno::EBUSY if blk => Failure::Mount(format!(
+            "cannot mount {source} on {shown}: the device is in use (something mounted it, \
+             or another program holds it exclusively)"
         )),
         e => Failure::Mount(format!("cannot mount on {shown}: {e}")),
     })
@@ -432,31 +493,30 @@ pub fn serve(req: &Request, ready: impl FnOnce()) -> Result<(), Failure> {
     signals
         .thread_block()
         .map_err(|e| Failure::System(format!("cannot block signals: {e}")))?;
-    let (session, dev, mnt, rw, mounted) = mount(req)?;
-    let flusher = match &rw {
-        Some(v) => Some(v.start_flusher().map_err(|e| {
+    let (session, dev, mnt, rw, reader) = mount(req)?;
+    if let Some(v) = &rw {
+        v.start_flusher().map_err(|e| {
             let _ = nix::mount::umount2(&mnt, MntFlags::MNT_DETACH);
             Failure::System(format!("cannot start the flusher: {e}"))
-        })?),
-        None => None,
-    };
+        })?;
+    }
     ready();
     let end = start_threads(session, signals).and_then(|events| wait_for_end(&events, &mnt, &dev));
-    // Unmounted: a new mount or fsck now waits for the last flush.
-    drop(mounted);
+    // Read-only: unmounted; the reader lock goes when the process does.
+    let _reader = reader.map(|r| r.reader);
     match rw {
-        Some(v) => finish_rw(&v, flusher, end),
+        Some(v) => finish_rw(&v, end),
         None => end,
     }
 }
 
-/// After a read-write session: the last flush, whatever ended it.
-fn finish_rw(
-    v: &RwVolume,
-    flusher: Option<JoinHandle<()>>,
-    end: Result<(), Failure>,
-) -> Result<(), Failure> {
-    let flushed = v.shutdown(flusher);
+/// After a read-write session: the last flush, whatever ended it (on a
+/// fuseblk mount FUSE_DESTROY has done all this already).
+fn finish_rw(v: &RwVolume, end: Result<(), Failure>) -> Result<(), Failure> {
+    // Unmounted: a new mount or fsck now waits for the last flush.
+    v.unmounted();
+    let flushed = v.shutdown();
+    v.release();
     end?;
     flushed.map_err(|why| {
         Failure::System(format!(
@@ -471,8 +531,33 @@ type Mounted = (
     File,
     PathBuf,
     Option<Arc<RwVolume>>,
-    Option<MountedLock>,
+    Option<ReaderLock>,
 );
+
+/// What the kernel mounts for a read-write mount with `blkdev`: the
+/// block device named, or a loop device attached over the image file.
+/// `None`: a plain FUSE mount (a warning says why, when it was asked for
+/// and could not be had).
+fn block_device_for(image: &Path, is_block_device: bool) -> Option<(PathBuf, Option<LoopDevice>)> {
+    if is_block_device {
+        return Some((
+            image.canonicalize().unwrap_or_else(|_| image.to_path_buf()),
+            None,
+        ));
+    }
+    match loopdev::attach(image) {
+        Ok(l) => Some((l.path.clone(), Some(l))),
+        Err(e) => {
+            log::warn!(
+                "cannot attach a loop device to {} ({e}): mounting it as plain FUSE, over \
+                 which sync(2) and syncfs(2) do not reach this daemon and umount returns \
+                 before its last flush (fsync still works; see -o noblkdev)",
+                image.display()
+            );
+            None
+        }
+    }
+}
 
 /// Open everything, mount, and shake hands with the kernel. Returns the
 /// session to run, the /dev/fuse descriptor to watch, the canonical
@@ -487,9 +572,17 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
         }
         check_log_outside(log, &check_mountpoint(&req.mountpoint)?)?;
     }
-    let (rw, mounted) = match o.read_write {
-        true => open_rw(&req.image, &req.label, &o)?.unzip(),
-        false => (None, None),
+    let opened = match o.read_write {
+        true => open_rw(&req.image, &req.label, &o)?,
+        false => None,
+    };
+    let (rw, claim, block_device) = match opened {
+        Some(OpenRw {
+            volume,
+            claim,
+            block_device,
+        }) => (Some(volume), claim, block_device),
+        None => (None, None, false),
     };
     if o.log_writes.is_some() && rw.is_none() {
         return Err(Failure::Mount(format!(
@@ -497,9 +590,10 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
             req.image.display()
         )));
     }
-    if rw.is_none() {
-        wait_for_ending_mount(&req.image)?;
-    }
+    let reader = match rw {
+        None => lock_read_only(&req.image)?,
+        Some(_) => None,
+    };
     o.read_write = rw.is_some();
     // What /proc/mounts shows as the source, as mount(8) would.
     let image = req
@@ -518,9 +612,29 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
     .with_snapdir(o.snapdir);
     let mnt = check_mountpoint(&req.mountpoint)?;
     let dev = open_dev_fuse()?;
-    let source = image.display().to_string();
     let (acl, config) = o.session_config(n_threads());
-    mount_kernel(&dev, &mnt, &source, &o)?;
+    let blk = match rw.is_some() && o.blkdev {
+        true => block_device_for(&req.image, block_device),
+        false => None,
+    };
+    let source = match &blk {
+        Some((device, _)) => {
+            if o.fsname.is_some() {
+                log::info!(
+                    "fsname= is not shown: a read-write mount shows its block device, {}",
+                    device.display()
+                );
+            }
+            device.display().to_string()
+        }
+        None => image.display().to_string(),
+    };
+    // The kernel claims the device for the mount: let go of ours first.
+    drop(claim);
+    mount_kernel(&dev, &mnt, &source, blk.is_some(), &o)?;
+    // The mount holds the loop device now (and the kernel clears it when
+    // the mount lets go); ours can go.
+    let over = blk.map(|(device, _)| device);
     // fuser takes a duplicate; `dev` stays to watch the connection.
     let session = dev
         .try_clone()
@@ -533,8 +647,14 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
         let interval = o
             .sync_interval
             .map_or("off".to_string(), |i| format!("{} s", i.as_secs()));
+        let kind = match &over {
+            Some(device) if !block_device => format!(", fuseblk over {}", device.display()),
+            Some(_) => ", fuseblk".to_string(),
+            None => String::new(),
+        };
         log::info!(
-            "mounted {source}@{} on {} read-write (sync_interval {interval})",
+            "mounted {}@{} on {} read-write (sync_interval {interval}{kind})",
+            image.display(),
             req.label,
             mnt.display()
         );
@@ -548,7 +668,7 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
     if let Some(bytes) = o.cache_size {
         log::info!("buffer cache of {} MiB", bytes >> 20);
     }
-    Ok((session, dev, mnt, rw, mounted))
+    Ok((session, dev, mnt, rw, reader))
 }
 
 /// The session's threads, and one that turns blocked signals into events.

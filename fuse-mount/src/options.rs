@@ -65,6 +65,11 @@ pub struct Options {
     /// bulkfree in the background when less than PERCENT of the volume
     /// is free, and before failing a write with ENOSPC (`rw::Reclaim`).
     pub autobulkfree: Option<u8>,
+    /// `blkdev` (the default) / `noblkdev`: mount read-write as fuseblk,
+    /// over the block device named or a loop device over the image file,
+    /// so that sync(2) and syncfs(2) reach the daemon and umount waits
+    /// for its last flush; `noblkdev` mounts plain FUSE (see `mount`).
+    pub blkdev: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,6 +108,7 @@ impl Default for Options {
             snapdir: false,
             log_writes: None,
             autobulkfree: Some(AUTOBULKFREE_DEFAULT),
+            blkdev: true,
         }
     }
 }
@@ -159,6 +165,8 @@ pub fn parse<S: AsRef<str>>(args: &[S], sloppy: bool) -> Result<Options, String>
             "snapdir" => o.snapdir = true,
             "autobulkfree" => o.autobulkfree = Some(AUTOBULKFREE_DEFAULT),
             "noautobulkfree" => o.autobulkfree = None,
+            "blkdev" => o.blkdev = true,
+            "noblkdev" => o.blkdev = false,
             "nowriteback_cache" => o.writeback_cache = false,
             "sync" => o.sync = Some(Sync::Sync),
             "async" => o.sync = Some(Sync::Async),
@@ -412,6 +420,13 @@ mod tests {
         assert_eq!(o.sync_interval, None);
         let e = parse(&["log_writes="], false).unwrap_err();
         assert!(e.contains("log_writes"), "{e}");
+    }
+
+    #[test]
+    fn blkdev_is_the_default_and_noblkdev_turns_it_off() {
+        assert!(parse::<&str>(&[], false).unwrap().blkdev);
+        assert!(!parse(&["rw,noblkdev"], false).unwrap().blkdev);
+        assert!(parse(&["noblkdev", "blkdev"], false).unwrap().blkdev);
     }
 
     #[test]

@@ -30,10 +30,18 @@
 //! flush, when less than the `autobulkfree` share of the volume is free
 //! and enough space waits for bulkfree, a bulkfree starts in the
 //! background.
+//!
+//! The end: `unmounted` drops the image's live lock once the kernel has
+//! let go of the filesystem, `shutdown` stops the flusher and writes the
+//! last flush, `release` drops the writer lock, after which nothing is
+//! flushed. On a fuseblk mount all three run before FUSE_DESTROY is
+//! answered (`vnops::destroy_request`), so umount(2) returns with the
+//! image final and free; `mount::serve` runs them again (no-ops then)
+//! when the session ends, which covers the other ways it can end.
 
+use bufcache::imagelock::{RangeLock, WriterLock};
 use hammer2::ctl::{bulkfree_state, BulkfreeStatus};
 use hammer2::mount::Mount;
-use std::fs::File;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -55,6 +63,8 @@ struct FlushState {
     /// Dirty data passed `DIRTY_KICK_BYTES`.
     kicked: bool,
     stop: bool,
+    /// The writer lock is gone: nothing may be written any more.
+    released: bool,
     /// Why the mount refuses writes, and the errno of the failure.
     poisoned: Option<(i32, String)>,
     flushes: u64,
@@ -83,8 +93,12 @@ pub struct RwVolume {
     /// shortage last ran one: a shortage runs it again only when more
     /// has been dropped since.
     shortage_bulkfree: Mutex<Option<u64>>,
-    /// The exclusive lock on the image, held for the mount's life.
-    _lock: nix::fcntl::Flock<File>,
+    /// The image's writer lock, held until the last flush is written.
+    writer: Mutex<Option<RangeLock>>,
+    /// The image's live lock, held while mounted.
+    live: Mutex<Option<RangeLock>>,
+    /// The flusher thread, once started, until `shutdown` joins it.
+    flusher: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// A background bulkfree starts only when at least this much (or 1% of
@@ -98,12 +112,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl RwVolume {
+    /// The volume of `mount` serving PFS `label`, holding `lock`'s
+    /// writer and live locks (`None`: an image nothing else can reach,
+    /// in tests).
     pub fn new(
         mount: Mount,
         label: String,
-        lock: nix::fcntl::Flock<File>,
+        lock: Option<WriterLock>,
         sync_interval: Option<Duration>,
     ) -> RwVolume {
+        let (writer, live) = lock.map(|l| (l.writer, l.mounted)).unzip();
         RwVolume {
             mount: Mutex::new(mount),
             label,
@@ -116,7 +134,9 @@ impl RwVolume {
             bulkfree: Mutex::new(BulkfreeStatus::default()),
             autobulkfree: AtomicU8::new(0),
             shortage_bulkfree: Mutex::new(None),
-            _lock: lock,
+            writer: Mutex::new(writer),
+            live: Mutex::new(live),
+            flusher: Mutex::new(None),
         }
     }
 
@@ -290,12 +310,14 @@ impl RwVolume {
         }
     }
 
-    /// Start the flusher thread.
-    pub fn start_flusher(self: &Arc<Self>) -> std::io::Result<JoinHandle<()>> {
+    /// Start the flusher thread (`shutdown` stops it).
+    pub fn start_flusher(self: &Arc<Self>) -> std::io::Result<()> {
         let me = self.clone();
-        std::thread::Builder::new()
+        let t = std::thread::Builder::new()
             .name("flusher".into())
-            .spawn(move || me.flusher())
+            .spawn(move || me.flusher())?;
+        *lock(&self.flusher) = Some(t);
+        Ok(())
     }
 
     fn flusher(self: &Arc<Self>) {
@@ -332,12 +354,25 @@ impl RwVolume {
         }
     }
 
-    /// Flush (unless poisoned), then mark requests up to `target` done.
+    /// Flush (unless poisoned or released), then mark requests up to
+    /// `target` done.
     fn flush_and_record(&self, target: u64) {
         let _serial = lock(&self.serial);
-        let poisoned = lock(&self.flush).poisoned.is_some();
+        let (poisoned, released) = {
+            let st = lock(&self.flush);
+            (st.poisoned.is_some(), st.released)
+        };
         let r = if poisoned {
             Ok(0)
+        } else if released {
+            // Only after the last flush and the end of the session; a
+            // change now is one the unmount did not wait for.
+            match self.mount().is_dirty() {
+                true => Err(hammer2::Error::Poisoned {
+                    why: "a change came after the last flush of the unmount".into(),
+                }),
+                false => Ok(0),
+            }
         } else {
             // A panic in the flush (a broken invariant) must not leave
             // fsync waiting forever: it poisons the mount like an error.
@@ -388,12 +423,19 @@ impl RwVolume {
         Ok(stats.bytes)
     }
 
-    /// At unmount: stop the flusher and flush what is left. Returns the
-    /// error that poisoned the mount, if any did.
-    pub fn shutdown(&self, flusher: Option<JoinHandle<()>>) -> Result<(), String> {
-        lock(&self.flush).stop = true;
+    /// The filesystem is unmounted: drop the live lock, so that a new
+    /// mount or fsck waits for the last flush rather than fail.
+    pub fn unmounted(&self) {
+        lock(&self.live).take();
+    }
+
+    /// At unmount: stop the flusher and flush what is left (once; later
+    /// calls only report). Returns the error that poisoned the mount, if
+    /// any did.
+    pub fn shutdown(&self) -> Result<(), String> {
+        let first = !std::mem::replace(&mut lock(&self.flush).stop, true);
         self.cv.notify_all();
-        if let Some(t) = flusher {
+        if let Some(t) = lock(&self.flusher).take() {
             if t.join().is_err() {
                 log::error!("the flusher thread panicked");
             }
@@ -401,8 +443,10 @@ impl RwVolume {
         let target = lock(&self.flush).requested;
         self.flush_and_record(target);
         // Blocks the last flushes dropped wait for headers still to be
-        // written: write them, so the freemap left shows them free.
-        if self.writable().is_ok() {
+        // written: write them, so the freemap left shows them free (not
+        // once the writer lock is released: nothing is written then).
+        let released = lock(&self.flush).released;
+        if self.writable().is_ok() && !released {
             if let Err(e) = self.between_flushes(|m| m.reclaim()) {
                 log::error!(
                     "{}: freeing what the last flushes dropped failed: {e}",
@@ -412,16 +456,27 @@ impl RwVolume {
             }
         }
         let st = lock(&self.flush);
-        log::info!(
-            "{}: {} flushes, {} bytes written",
-            self.label,
-            st.flushes,
-            st.bytes
-        );
+        if first {
+            log::info!(
+                "{}: {} flushes, {} bytes written",
+                self.label,
+                st.flushes,
+                st.bytes
+            );
+        }
         match &st.poisoned {
             Some((_, why)) => Err(why.clone()),
             None => Ok(()),
         }
+    }
+
+    /// After `shutdown`: drop the writer lock. Nothing is flushed after
+    /// this; the image is final.
+    pub fn release(&self) {
+        let _serial = lock(&self.serial);
+        lock(&self.flush).released = true;
+        lock(&self.live).take();
+        lock(&self.writer).take();
     }
 
     /// The online bulkfree's state.

@@ -1297,6 +1297,28 @@ impl Filesystem for Hammer2Fs {
         reply.ok();
     }
 
+    /// syncfs(2), and sync(2) for every filesystem (the kernel sends it on
+    /// fuseblk mounts, Linux 6.18 and later): as fsync, a flush of
+    /// everything, started after the call.
+    fn syncfs(&self, req: &Request, ino: INodeNo, reply: ReplyEmpty) {
+        self.fsync(req, ino, FileHandle(0), false, reply);
+    }
+
+    /// FUSE_DESTROY, which umount(2) of a fuseblk mount waits for: write
+    /// the last flush and let go of the image before it is answered, so
+    /// that when umount returns the image is final and free for the next
+    /// mount, fsck, or a copy. (The session's end runs the same steps
+    /// again in `mount::serve`, as no-ops.)
+    fn destroy_request(&self) {
+        if let Store::ReadWrite(v) = &self.store {
+            v.unmounted();
+            if let Err(why) = v.shutdown() {
+                log::debug!("last flush at FUSE_DESTROY: {why}");
+            }
+            v.release();
+        }
+    }
+
     /// fsync and fdatasync: a flush of everything (HAMMER2 commits the
     /// whole filesystem at once), started after the call.
     fn fsync(

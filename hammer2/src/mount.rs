@@ -1463,14 +1463,29 @@ impl Mount {
             if lock_space(&self.space).pending_frees() == 0 {
                 break;
             }
-            freed += self.flush_inner()?.freed;
+            freed += self.commit_now()?.freed;
         }
-        if freed > 0 {
-            // The last commit freed blocks in memory: put the freemap
-            // that shows them free on the media too.
-            self.flush_inner()?;
+        if self.is_dirty() {
+            // What the last commit freed (or anything else changed) goes
+            // on the media too: the mount is clean after this.
+            freed += self.commit_now()?.freed;
         }
         Ok(freed)
+    }
+
+    /// One whole flush, not pipelined, with `flush_commit`'s
+    /// bookkeeping (admission reset, poisoning on a device error).
+    fn commit_now(&mut self) -> Result<FlushStats> {
+        let r = self.flush_inner();
+        match &r {
+            Ok(_) => self.admitted = self.held_after_commit(),
+            Err(e @ Error::Io { .. }) => {
+                log::error!("flush failed, refusing further writes: {e}");
+                self.poisoned = Some(e.to_string());
+            }
+            Err(_) => {}
+        }
+        r
     }
 }
 

@@ -148,3 +148,77 @@ fn existing_file_is_grown_to_the_size_asked() {
     assert_fsck_clean(&img);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Run a system tool (mkfs.ext4, mkswap: e2fsprogs and util-linux) and
+/// require success.
+fn tool(cmd: &str, args: &[&str], target: &Path) {
+    let out = Command::new(cmd)
+        .args(args)
+        .arg(target)
+        .output()
+        .unwrap_or_else(|e| panic!("run {cmd} (e2fsprogs, util-linux): {e}"));
+    assert!(out.status.success(), "{cmd}: {}", text(&out.stderr));
+}
+
+/// A DOS partition table as fdisk writes one: one Linux partition from
+/// sector 2048, and the 0x55AA signature.
+fn write_mbr(img: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    let mut entry = [0u8; 16];
+    entry[4] = 0x83;
+    entry[8..12].copy_from_slice(&2048u32.to_le_bytes());
+    entry[12..16].copy_from_slice(&(64u32 << 11).to_le_bytes());
+    f.write_all_at(&entry, 446).unwrap();
+    f.write_all_at(&[0x55, 0xaa], 510).unwrap();
+}
+
+/// As mkfs.ext4: without -f, mkfs.hammer2 refuses a target holding any
+/// filesystem or partition table blkid knows, not only HAMMER2, and says
+/// what it found; nothing is written. -f makes the filesystem.
+#[test]
+fn other_filesystems_and_partition_tables_need_f() {
+    let dir = scratch("others");
+    type Case<'a> = (&'a str, &'a dyn Fn(&Path), &'a str);
+    let cases: [Case; 3] = [
+        (
+            "ext4",
+            &|p| tool("mkfs.ext4", &["-q", "-F"], p),
+            "a filesystem of type ext4",
+        ),
+        ("swap", &|p| tool("mkswap", &[], p), "a swap area"),
+        ("mbr", &|p| write_mbr(p), "a partition table of type dos"),
+    ];
+    for (name, make, what) in cases {
+        let img = dir.join(format!("{name}.img"));
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(128 << 20)
+            .unwrap();
+        make(&img);
+        let before = std::fs::read(&img).unwrap();
+        let out = mkfs(&[], &img);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        assert!(
+            err.contains(&format!("already holds {what}")),
+            "{name}: {err}"
+        );
+        assert!(err.contains("use -f"), "{name}: {err}");
+        assert_eq!(err.lines().count(), 1, "{name}: {err}");
+        assert!(std::fs::read(&img).unwrap() == before, "{name}: changed");
+        let out = mkfs(&["-f"], &img);
+        assert_eq!(out.status.code(), Some(0), "{name}: {}", text(&out.stderr));
+        assert_fsck_clean(&img);
+        std::fs::remove_file(&img).unwrap();
+    }
+    // Zeros hold nothing: no -f needed.
+    let img = dir.join("zeros.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    let out = mkfs(&[], &img);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

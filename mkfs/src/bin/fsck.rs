@@ -71,10 +71,11 @@ fn run(args: &Args) -> u8 {
         eprintln!("fsck.hammer2: {name}: waiting for the mount that was unmounted to write its last flush")
     };
     match bufcache::imagelock::wait_for_writer(&args.image, waiting) {
-        Ok(Holder::Nobody) | Err(LockError::Io(_)) => {}
-        Ok(Holder::Mounted) => eprintln!(
-            "fsck.hammer2: warning: {name} is mounted read-write: checking its last flush, \
-             which the mount may be replacing meanwhile"
+        Ok(Holder::Nobody) | Err(LockError::Io(..)) => {}
+        Ok(Holder::Mounted(on)) => eprintln!(
+            "fsck.hammer2: warning: {}: checking its last flush, which the writer may be \
+             replacing meanwhile",
+            mkfs::held_by(&name, on.as_deref())
         ),
         Err(e) => {
             eprintln!("fsck.hammer2: {name}: {e}");

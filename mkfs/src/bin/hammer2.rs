@@ -38,6 +38,7 @@ mod show;
 #[path = "hammer2/volhdr.rs"]
 mod volhdr;
 
+use bufcache::imagelock::{self, Holder, LockError};
 use bufcache::logwrites::Stop;
 use bufcache::{BlockDevice, FileDevice};
 use clap::{CommandFactory, Parser, Subcommand};
@@ -273,6 +274,32 @@ pub struct Image {
 }
 
 impl Image {
+    /// An image named directly, to read: first wait for a mount of it
+    /// that was unmounted to write its last flush, and warn when a live
+    /// writer holds it (what is read is its last flush).
+    fn open_named(path: &Path) -> Result<Image, CmdError> {
+        let shown = path.display().to_string();
+        match imagelock::wait_for_writer(path, || {
+            eprintln!(
+                "hammer2: {shown}: waiting for the mount that was unmounted to write its last flush"
+            )
+        }) {
+            Ok(Holder::Nobody) | Err(LockError::Io(..)) => {}
+            Ok(Holder::Mounted(on)) => {
+                let hint = match &on {
+                    Some(mnt) => format!(" (name {} for its state as of now)", mnt.display()),
+                    None => String::new(),
+                };
+                eprintln!(
+                    "hammer2: warning: {}: reading its last flush{hint}",
+                    mkfs::held_by(&shown, on.as_deref())
+                )
+            }
+            Err(e) => return Err(CmdError::Fail(e.to_string())),
+        }
+        Image::open(path)
+    }
+
     fn open(path: &Path) -> Result<Image, CmdError> {
         let dev = FileDevice::open(path, false)
             .map_err(|e| CmdError::Fail(format!("{}: {e}", path.display())))?;
@@ -421,7 +448,7 @@ fn image_arg(own: Option<PathBuf>, select: &Option<PathBuf>) -> Result<PathBuf, 
 fn image_or_mount(path: &Path) -> Result<Image, CmdError> {
     match online::channel(path)? {
         Some(ch) => online::flushed_image(&ch),
-        None => Image::open(path),
+        None => Image::open_named(path),
     }
 }
 
@@ -439,7 +466,7 @@ fn run(cli: Cli, out: &mut dyn Write) -> Result<u64, CmdError> {
             let p = path(p);
             match online::channel(&p)? {
                 Some(ch) => online::pfs_list(&ch, out),
-                None => pfs::list(&Image::open(&p)?, out),
+                None => pfs::list(&Image::open_named(&p)?, out),
             }
         }
         Verb::Info { img: p } => pfs::info(&img(p)?, out),

@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+use bufcache::imagelock::{LockError, WriterLock};
 use bufcache::FileDevice;
 use clap::Parser;
 use hammer2::disk::{AUX_MAX_BYTES, BOOT_MAX_BYTES};
@@ -143,9 +144,34 @@ fn open_target(path: &Path, size: Option<u64>) -> Result<(FileDevice, bool), Str
     }
 }
 
+/// Take the image's writer locks, exclusive (`bufcache::imagelock`):
+/// never over an image something writes or a read-only mount shows, by
+/// any name (a mount of it or of a loop device over it, a hammer2 tool),
+/// nor over a block device anything holds (a mounted filesystem), -f or
+/// not.
+fn lock(image: &Path) -> Result<WriterLock, String> {
+    bufcache::imagelock::lock_writer(image, true, || {
+        eprintln!(
+            "mkfs.hammer2: {}: waiting for the mount that was unmounted to write its last flush",
+            image.display()
+        )
+    })
+    .map_err(|e| match e {
+        LockError::Mounted { on: Some(_), .. } | LockError::ReadOnly { on: Some(_), .. } => {
+            format!("{e}; unmount it first")
+        }
+        e => e.to_string(),
+    })
+}
+
 fn run(args: &Args) -> Result<(), String> {
     let opts = args.options();
     opts.validate().map_err(|e| e.to_string())?;
+    // Locked before anything is changed (an image file grown to -s).
+    let early = match std::fs::metadata(&args.image) {
+        Ok(_) => Some(lock(&args.image)?),
+        Err(_) => None,
+    };
     let (dev, created) = open_target(&args.image, args.size)?;
     let shown = args.image.display();
     let cleanup = |msg: String| {
@@ -154,12 +180,27 @@ fn run(args: &Args) -> Result<(), String> {
         }
         msg
     };
-    if !args.force {
-        let found = find_hammer2(&dev).map_err(|e| cleanup(e.to_string()))?;
+    let _lock = match early {
+        Some(l) => l,
+        None => lock(&args.image).map_err(cleanup)?,
+    };
+    if !args.force && !created {
+        let found = find_hammer2(&dev).map_err(|e| e.to_string())?;
         if let Some(at) = found {
             return Err(format!(
                 "{shown} already holds a HAMMER2 filesystem (volume header at {at:#x}); use -f to overwrite it"
             ));
+        }
+        // As mkfs.ext4: not over any other filesystem or partition table
+        // either.
+        match mkfs::signatures::other_signature(&args.image) {
+            Ok(None) => {}
+            Ok(Some(what)) => {
+                return Err(format!(
+                    "{shown} already holds {what} (found by blkid); use -f to overwrite it"
+                ))
+            }
+            Err(why) => return Err(format!("{shown}: {why}; use -f to make it anyway")),
         }
     }
     let summary = newfs(&dev, &opts).map_err(|e| cleanup(format!("{shown}: {e}")))?;

@@ -8,6 +8,7 @@
 
 use crate::fmt::{self, GIB};
 use crate::{CmdError, Image};
+use bufcache::imagelock::LockError;
 use bufcache::{BlockDevice, FileDevice};
 use hammer2::bulkfree::{BulkfreeStats, Progress};
 use hammer2::mount::Mount;
@@ -38,39 +39,26 @@ pub fn split_spec(spec: &str) -> (PathBuf, Option<String>) {
     }
 }
 
-/// The mountpoint where mount.hammer2 serves `image`, if it does (the
-/// source /proc/mounts shows is the canonical image path, unless
-/// `fsname=` changed it).
-fn mounted_at(image: &Path) -> Option<String> {
-    let canon = image.canonicalize().ok()?;
-    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
-    mounts.lines().find_map(|line| {
-        let mut f = line.split(' ');
-        let (src, mnt, fstype) = (f.next()?, f.next()?, f.next()?);
-        let src = src.replace("\\040", " ").replace("\\011", "\t");
-        (fstype.starts_with("fuse.hammer2") && Path::new(&src) == canon).then(|| mnt.to_string())
-    })
-}
-
-/// Open `path` read-write as a `Mount`.
+/// Open `path` read-write as a `Mount`, holding the image's writer locks
+/// (`bufcache::imagelock`), so that an image mounted read-write, by this
+/// name or any other (a loop device over it, say), or written by another
+/// tool, is refused; a mount that was unmounted is waited for until it
+/// has written its last flush.
 pub fn open_rw(path: &Path) -> Result<(Image, Mount), CmdError> {
-    if let Some(mnt) = mounted_at(path) {
-        return Err(CmdError::Fail(format!(
-            "{} is mounted on {mnt}; name the mountpoint to run this verb through the mount",
-            path.display()
-        )));
-    }
     let dev = FileDevice::open(path, true)
         .map_err(|e| CmdError::Fail(format!("{}: {e}", path.display())))?;
-    // Also when mounted under another name (fsname=); waits for a mount
-    // that was unmounted to write its last flush.
-    let lock = bufcache::imagelock::lock_writer(path, || {
+    let lock = bufcache::imagelock::lock_writer(path, false, || {
         eprintln!(
             "hammer2: {}: waiting for the mount that was unmounted to write its last flush",
             path.display()
         )
     })
-    .map_err(|e| CmdError::Fail(format!("{}: {e}", path.display())))?;
+    .map_err(|e| match e {
+        LockError::Mounted { on: Some(_), .. } => CmdError::Fail(format!(
+            "{e}; name the mountpoint to run this verb through the mount"
+        )),
+        e => CmdError::Fail(e.to_string()),
+    })?;
     let dev: Arc<dyn BlockDevice> = Arc::new(dev);
     let img = Image {
         path: path.to_path_buf(),

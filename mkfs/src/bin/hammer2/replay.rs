@@ -106,6 +106,16 @@ pub fn run(log: &Path, img: &Path, plan: &Plan, out: &mut dyn Write) -> Result<u
     let upto = index.resolve(&plan.stop).map_err(CmdError::Fail)?;
     let shown = img.display();
     let file = File::open(img).map_err(|e| CmdError::Fail(format!("{shown}: {e}")))?;
+    // Replaying writes the image, in place: not while anything else
+    // writes it or a read-only mount shows it, by any name (a mount of
+    // it, of a loop device over it, a tool); held to the end, checks
+    // included (an fsck run by --check sees it held).
+    let _lock = bufcache::imagelock::lock_writer(img, true, || {
+        eprintln!(
+            "hammer2: {shown}: waiting for the mount that was unmounted to write its last flush"
+        )
+    })
+    .map_err(|e| CmdError::Fail(e.to_string()))?;
     let fp = fingerprint_file(&file).map_err(|e| CmdError::Fail(format!("{shown}: {e}")))?;
     if fp != index.header.base_fingerprint {
         return Err(CmdError::Fail(format!(
