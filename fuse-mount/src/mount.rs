@@ -241,6 +241,11 @@ pub fn open_rw(
     mount
         .getattr(label, ROOT_INUM)
         .map_err(|e| Failure::Mount(format!("{shown}@{label}: {e}")))?;
+    // Files unlinked while open when the system went down: removed now
+    // (the library logs how many), so the first flush drops them.
+    if let Err(e) = mount.reclaim_orphans(label) {
+        log::warn!("{shown}@{label}: orphaned inodes not reclaimed: {e}");
+    }
     let vol = RwVolume::new(mount, label.to_string(), lock.writer, options.sync_interval);
     Ok(Some((Arc::new(vol), lock.mounted)))
 }
