@@ -2,9 +2,13 @@
 //! blockref of every PFS and of the freemap, every check code, key
 //! ranges, types, the embedded statistics (`leaf_count`, `data_count`,
 //! `inode_count`), the directory structure (dirent names against their
-//! hash, dirents against inodes, link counts), and a cross-check of the
-//! freemap against the topology: every block the tree references must be
-//! marked allocated.
+//! hash, dirents against inodes, link counts, entries naming the PFS
+//! root or their own directory, directories with two parents or cut off
+//! from the root in a cycle), whatever the reader would refuse behind
+//! good check codes (`pfs::meta_damage`, node shapes, unknown
+//! compression), and a cross-check of the freemap against the topology:
+//! every block the tree references must be marked allocated. Orphans are
+//! listed apart: they are not damage.
 //!
 //! The checker never stops at the first problem: it records each with
 //! its image offset and the PFS, inode and path where known, skips what
