@@ -28,7 +28,7 @@
 //! | 6..8 | reserved, 0 |
 //! | 8..16 | sequence number: 1 for the first entry, then +1 |
 //! | 16..24 | write: device offset; others 0 |
-//! | 24..32 | payload length: write data bytes, mark name bytes (UTF-8), barrier 0 |
+//! | 24..32 | payload length: write data bytes (at most 16 MiB, `WRITE_ENTRY_MAX`: a longer write is logged as several entries), mark name bytes (UTF-8, at most 1024), barrier 0 |
 //! | 32..36 | CRC32C of the payload |
 //! | 36..40 | CRC32C of header bytes 0..36 |
 //!
@@ -65,6 +65,10 @@ pub const ENTRY_MAGIC: u32 = 0x4532_4857;
 pub const ENTRY_HEADER_BYTES: usize = 40;
 /// The longest mark name, in bytes.
 pub const MARK_NAME_MAX: usize = 1024;
+/// The largest payload of a write entry: a longer write is logged as
+/// consecutive entries, and the reader refuses a longer one, so a
+/// damaged or hostile log cannot make it allocate more.
+pub const WRITE_ENTRY_MAX: usize = 16 << 20;
 /// The unit the base fingerprint hashes: chunks of zeros are skipped.
 pub const FINGERPRINT_CHUNK: u64 = 65536;
 
@@ -373,7 +377,11 @@ impl BlockDevice for LogWritesDevice {
         let mut st = self.state();
         Self::check(&st)?;
         self.inner.write_at(buf, offset)?;
-        Self::append(&mut st, KIND_WRITE, offset, buf, false)
+        for (i, piece) in buf.chunks(WRITE_ENTRY_MAX).enumerate() {
+            let at = offset + (i * WRITE_ENTRY_MAX) as u64;
+            Self::append(&mut st, KIND_WRITE, at, piece, false)?;
+        }
+        Ok(())
     }
 
     fn barrier(&self) -> io::Result<()> {
@@ -559,9 +567,12 @@ impl LogReader {
             )));
         }
         let ok_shape = match kind {
-            KIND_WRITE => offset
-                .checked_add(len)
-                .is_some_and(|end| end <= self.header.device_size),
+            KIND_WRITE => {
+                len <= WRITE_ENTRY_MAX as u64
+                    && offset
+                        .checked_add(len)
+                        .is_some_and(|end| end <= self.header.device_size)
+            }
             KIND_BARRIER => len == 0 && offset == 0,
             KIND_MARK => len > 0 && len as usize <= MARK_NAME_MAX && offset == 0,
             _ => false,
@@ -1081,6 +1092,53 @@ mod tests {
             LogReader::open(&dir.join("empty")),
             Err(LogError::Header(_))
         ));
+    }
+
+    #[test]
+    fn writes_past_the_entry_limit_are_split_and_longer_entries_refused() {
+        let dir = scratch("big");
+        let size = 3 * WRITE_ENTRY_MAX as u64;
+        let base = MemDevice::new(size);
+        let log = dir.join("log");
+        let inner = Arc::new(MemDevice::new(size));
+        let dev = LogWritesDevice::create(inner.clone(), &log, fingerprint_device(&base).unwrap())
+            .unwrap();
+        let data: Vec<u8> = (0..WRITE_ENTRY_MAX + 5000).map(|i| i as u8).collect();
+        dev.write_at(&data, 4096).unwrap();
+        dev.barrier().unwrap();
+        drop(dev);
+        let mut r = LogReader::open(&log).unwrap();
+        let mut writes = Vec::new();
+        while let Some(e) = r.next_entry().unwrap() {
+            if let EntryKind::Write { offset, data } = e.kind {
+                writes.push((offset, data.len()));
+            }
+        }
+        assert_eq!(
+            writes,
+            [
+                (4096, WRITE_ENTRY_MAX),
+                (4096 + WRITE_ENTRY_MAX as u64, 5000)
+            ]
+        );
+        assert!(r.torn_tail().is_none());
+        let img = MemDevice::new(size);
+        replay(&log, &img, 3, |_| true, |_| {}).unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(same(&img, inner.as_ref()));
+
+        // One entry past the limit (whole, with good CRCs) is refused
+        // before its payload is read.
+        let payload = vec![7u8; WRITE_ENTRY_MAX + 1];
+        let mut f = OpenOptions::new().append(true).open(&log).unwrap();
+        f.write_all(&entry_header(KIND_WRITE, 4, 0, &payload))
+            .unwrap();
+        f.write_all(&payload).unwrap();
+        drop(f);
+        let mut r = LogReader::open(&log).unwrap();
+        while r.next_entry().unwrap().is_some() {}
+        let why = &r.torn_tail().expect("the long entry is refused").why;
+        assert!(why.contains("make no sense"), "{why}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

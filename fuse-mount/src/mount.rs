@@ -272,6 +272,11 @@ pub fn open_rw(image: &Path, label: &str, options: &Options) -> Result<Option<Op
     mount
         .getattr(label, ROOT_INUM)
         .map_err(|e| Failure::Mount(format!("{shown}@{label}: {e}")))?;
+    // Files unlinked while open when the system went down: removed now
+    // (the library logs how many), so the first flush drops them.
+    if let Err(e) = mount.reclaim_orphans(label) {
+        log::warn!("{shown}@{label}: orphaned inodes not reclaimed: {e}");
+    }
     let claim = lock.claim.take();
     let block_device = lock.backing.block_device;
     let volume = RwVolume::new(mount, label.to_string(), Some(lock), options.sync_interval);

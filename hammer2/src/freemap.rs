@@ -53,7 +53,7 @@ pub fn leaves(vol: &Volume) -> Result<BTreeMap<u64, FreemapLeaf>> {
     let mut out = BTreeMap::new();
     let set = vol.header.freemap_blockset;
     let mut failure = None;
-    chain::scan(vol, &set, 0, u64::MAX, &mut |br| {
+    chain::scan_freemap(vol, &set, &mut |br| {
         if br.btype != BlockrefType::FreemapLeaf {
             failure = Some(Error::corrupt(
                 format!("{} blockref in the freemap tree", br.btype.name()),

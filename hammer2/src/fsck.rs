@@ -2,16 +2,20 @@
 //! blockref of every PFS and of the freemap, every check code, key
 //! ranges, types, the embedded statistics (`leaf_count`, `data_count`,
 //! `inode_count`), the directory structure (dirent names against their
-//! hash, dirents against inodes, link counts), and a cross-check of the
-//! freemap against the topology: every block the tree references must be
-//! marked allocated.
+//! hash, dirents against inodes, link counts, entries naming the PFS
+//! root or their own directory, directories with two parents or cut off
+//! from the root in a cycle), whatever the reader would refuse behind
+//! good check codes (`pfs::meta_damage`, node shapes, unknown
+//! compression), and a cross-check of the freemap against the topology:
+//! every block the tree references must be marked allocated. Orphans are
+//! listed apart: they are not damage.
 //!
 //! The checker never stops at the first problem: it records each with
 //! its image offset and the PFS, inode and path where known, skips what
 //! lies beneath a damaged block, and goes on. It never writes.
 
 use crate::blocktable::SetStats;
-use crate::chain::{decode_set, DEPTH_MAX};
+use crate::chain::{check_node, decode_set, DEPTH_MAX};
 use crate::compress;
 use crate::dirhash::dirhash;
 use crate::disk::freemap::BMAP_ALLOCATED;
@@ -21,10 +25,10 @@ use crate::disk::{
 };
 use crate::error::{Error, Result};
 use crate::freemap::{self, FreemapLeaf};
-use crate::pfs::{DIRENT_EMBEDDED_NAME_MAX, DIRENT_NAME_MAX};
+use crate::pfs::{meta_damage, DIRENT_EMBEDDED_NAME_MAX, DIRENT_NAME_MAX};
 use crate::volume::{header_slots, read_header_slot, HeaderSlot, Volume};
 use bufcache::BlockDevice;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -110,6 +114,17 @@ pub struct Options<'a> {
     pub verbose: bool,
 }
 
+/// An inode in no directory. One with nlinks 0 was unlinked while open
+/// and left by a crash: a read-write mount of its PFS removes it. One
+/// with links lost its entry otherwise (DragonFly's `hammer2 destroy`,
+/// or damage) and stays until removed by hand.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Orphan {
+    pub pfs: String,
+    pub inum: u64,
+    pub nlinks: u64,
+}
+
 /// What fsck found.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -117,6 +132,8 @@ pub struct Report {
     /// Things worth knowing that are not damage: orphaned inodes (space
     /// lost until removed), as DragonFly leaves after a crash or destroy.
     pub warnings: Vec<Problem>,
+    /// The orphaned inodes of those warnings, in PFS and inode order.
+    pub orphans: Vec<Orphan>,
     pub stats: Stats,
     /// The header copy in use, and its mirror_tid.
     pub header_index: Option<usize>,
@@ -133,10 +150,18 @@ impl Report {
 }
 
 /// Check the image on `dev`. `Err` only when the device cannot be read
-/// at all; damage of any kind is reported in `Report::problems`.
+/// at all, or holds no HAMMER2 volume (no header copy has the magic: an
+/// image of something else, or nothing); damage of any kind is reported
+/// in `Report::problems`.
 pub fn fsck(dev: Arc<dyn BlockDevice>, opts: Options<'_>) -> Result<Report> {
     let mut report = Report::default();
     let size = dev.size_bytes();
+    if header_slots(size) == 0 {
+        return Err(Error::corrupt(
+            format!("not a HAMMER2 filesystem: {size} bytes hold no volume header"),
+            0,
+        ));
+    }
     // A device that cannot be read at its start is an operational error.
     let mut probe = [0u8; 512];
     dev.read_at(&mut probe, 0).map_err(|source| Error::Io {
@@ -145,7 +170,15 @@ pub fn fsck(dev: Arc<dyn BlockDevice>, opts: Options<'_>) -> Result<Report> {
         source,
     })?;
 
-    check_header_copies(dev.as_ref(), &mut report);
+    if !check_header_copies(dev.as_ref(), &mut report) {
+        return Err(Error::corrupt(
+            format!(
+                "not a HAMMER2 filesystem: no volume header copy has the HAMMER2 magic \
+                 ({size} bytes)"
+            ),
+            0,
+        ));
+    }
     let vol = match Volume::open(dev) {
         Ok(v) => v,
         Err(e) => {
@@ -182,7 +215,9 @@ pub fn fsck(dev: Arc<dyn BlockDevice>, opts: Options<'_>) -> Result<Report> {
     Ok(report)
 }
 
-fn check_header_copies(dev: &dyn BlockDevice, report: &mut Report) {
+/// Report the damaged header copies. False when no copy is HAMMER2's at
+/// all (none decodes with the magic, CRCs aside).
+fn check_header_copies(dev: &dyn BlockDevice, report: &mut Report) -> bool {
     let n = header_slots(dev.size_bytes());
     report.stats.headers_total = n;
     // The copies that should exist depend on the volume size, which the
@@ -231,6 +266,7 @@ fn check_header_copies(dev: &dyn BlockDevice, report: &mut Report) {
             HeaderSlot::Invalid(_) => {}
         }
     }
+    slots.iter().any(|s| !matches!(s, HeaderSlot::Invalid(_)))
 }
 
 fn check_header_fields(vol: &Volume, dev_size: u64, report: &mut Report) {
@@ -608,6 +644,9 @@ impl Checker<'_, '_> {
                             "indirect blocks nested too deep".into(),
                         );
                         false
+                    } else if let Err(e) = check_node(br) {
+                        self.problem(pfs.as_deref_mut(), at, Some(inum), e.to_string());
+                        false
                     } else if br.keybits >= parent.keybits && parent.btype == BlockrefType::Indirect
                     {
                         let what = format!(
@@ -760,13 +799,16 @@ impl Checker<'_, '_> {
                 format!("inode has invalid type {}", m.obj_type.to_u8()),
             );
         }
-        if m.has_direct_data() && m.size > disk::EMBEDDED_BYTES as u64 {
-            self.problem(
-                Some(pfs),
-                at,
-                inum,
-                format!("inode with direct data has size {}", m.size),
+        if let Some(why) = meta_damage(m) {
+            self.problem(Some(pfs), at, inum, format!("inode: {why}"));
+        }
+        if br.data_off.bytes() != disk::INODE_BYTES as u64 {
+            let what = format!(
+                "inode blockref key {:#x} points at a block of {} bytes",
+                br.key,
+                br.data_off.bytes()
             );
+            self.problem(Some(pfs), at, inum, what);
         }
         if m.name_len as usize > disk::INODE_MAXNAME {
             self.problem(
@@ -943,10 +985,10 @@ impl Checker<'_, '_> {
             return false;
         };
         let comp = br.comp_method();
-        if matches!(
-            comp,
-            disk::comp_method::LZ4 | disk::comp_method::ZLIB | disk::comp_method::ZSTD
-        ) {
+        // Every method but the two that store the bytes as they are is
+        // decompressed, so an unknown one is reported as the read path
+        // would refuse it.
+        if !matches!(comp, disk::comp_method::NONE | disk::comp_method::AUTOZERO) {
             if let Err(e) = compress::decompress(
                 comp,
                 &phys,
@@ -965,66 +1007,169 @@ impl Checker<'_, '_> {
         true
     }
 
-    /// Dirents against inodes: every dirent names an inode of its type,
-    /// every inode but the root is named, and link counts agree.
+    /// Dirents against inodes: every dirent names an inode of its type
+    /// (never the PFS root, never its own directory), every directory
+    /// has one parent and reaches the root through its parents, every
+    /// inode but the root is named, and link counts agree.
     fn cross_check_pfs(&mut self, mut st: PfsState) {
+        let label = st.label.clone();
+        let problem = |at: u64, inum: u64, what: String| Problem {
+            at: Some(at),
+            pfs: Some(label.clone()),
+            inum: Some(inum),
+            path: None,
+            what,
+        };
         let mut names: HashMap<u64, u64> = HashMap::new();
         let mut parent: HashMap<u64, (u64, Vec<u8>)> = HashMap::new();
+        // Directory -> the directories naming it.
+        let mut dir_parents: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        let mut found = Vec::new();
         for (dir, name, target, otype, at) in &st.dirents {
+            let shown = String::from_utf8_lossy(name);
             *names.entry(*target).or_default() += 1;
+            if *target == 1 {
+                found.push(problem(
+                    *at,
+                    *dir,
+                    format!("dirent \"{shown}\" names the PFS root"),
+                ));
+                continue;
+            }
+            if target == dir {
+                found.push(problem(
+                    *at,
+                    *dir,
+                    format!("dirent \"{shown}\" names its own directory"),
+                ));
+                continue;
+            }
             parent.entry(*target).or_insert((*dir, name.clone()));
             match st.inodes.get(target) {
-                None => st.problems.push(Problem {
-                    at: Some(*at),
-                    pfs: Some(st.label.clone()),
-                    inum: Some(*dir),
-                    path: None,
-                    what: format!(
-                        "dirent \"{}\" names inode {target}, which does not exist",
-                        String::from_utf8_lossy(name)
-                    ),
-                }),
-                Some((t, _, _)) if t != otype => st.problems.push(Problem {
-                    at: Some(*at),
-                    pfs: Some(st.label.clone()),
-                    inum: Some(*dir),
-                    path: None,
-                    what: format!(
-                        "dirent \"{}\" says type {} but inode {target} is {}",
-                        String::from_utf8_lossy(name),
-                        otype.name(),
-                        t.name()
-                    ),
-                }),
-                Some(_) => {}
+                None => found.push(problem(
+                    *at,
+                    *dir,
+                    format!("dirent \"{shown}\" names inode {target}, which does not exist"),
+                )),
+                Some((t, _, _)) => {
+                    if t != otype {
+                        found.push(problem(
+                            *at,
+                            *dir,
+                            format!(
+                                "dirent \"{shown}\" says type {} but inode {target} is {}",
+                                otype.name(),
+                                t.name()
+                            ),
+                        ));
+                    }
+                    if *t == ObjType::Directory {
+                        dir_parents.entry(*target).or_default().push(*dir);
+                    }
+                }
             }
         }
+        for (d, parents) in &dir_parents {
+            if parents.len() > 1 {
+                let at = st.inodes.get(d).map_or(0, |i| i.2);
+                let list: Vec<String> = parents.iter().map(|p| p.to_string()).collect();
+                found.push(problem(
+                    at,
+                    *d,
+                    format!(
+                        "directory inode {d} has {} parents (entries in directories {})",
+                        parents.len(),
+                        list.join(", ")
+                    ),
+                ));
+            }
+        }
+        // Each directory must reach the root through its (first) parent;
+        // a chain that comes back on itself is a cycle cut off from it.
+        let mut reaches_root: HashMap<u64, bool> = HashMap::new();
+        for &d in dir_parents.keys() {
+            let mut chain = Vec::new();
+            let mut on_chain = HashSet::new();
+            let mut cur = d;
+            let ok = loop {
+                if cur == 1 {
+                    break true;
+                }
+                if let Some(&known) = reaches_root.get(&cur) {
+                    break known;
+                }
+                if !on_chain.insert(cur) {
+                    break false;
+                }
+                chain.push(cur);
+                match dir_parents.get(&cur).and_then(|p| p.first()) {
+                    Some(&p) => cur = p,
+                    // Not named by any directory: an orphan, below.
+                    None => break true,
+                }
+            };
+            for c in chain {
+                reaches_root.insert(c, ok);
+            }
+        }
+        for (&d, &ok) in &reaches_root {
+            if !ok {
+                let at = st.inodes.get(&d).map_or(0, |i| i.2);
+                found.push(problem(
+                    at,
+                    d,
+                    format!(
+                        "directory inode {d} does not reach the root: its parents form a cycle"
+                    ),
+                ));
+            }
+        }
+        let mut orphans: Vec<(u64, ObjType, u64, u64)> = Vec::new();
         for (inum, (t, nlinks, at)) in &st.inodes {
             if *inum == 1 {
                 continue;
             }
             let n = names.get(inum).copied().unwrap_or(0);
             if n == 0 {
-                self.report.warnings.push(Problem {
-                    at: Some(*at),
-                    pfs: Some(st.label.clone()),
-                    inum: Some(*inum),
-                    path: None,
-                    what: format!(
-                        "inode {inum} ({}, nlinks {nlinks}) is in no directory: orphaned",
-                        t.name()
-                    ),
-                });
+                orphans.push((*inum, *t, *nlinks, *at));
+            } else if *nlinks == 0 {
+                found.push(problem(
+                    *at,
+                    *inum,
+                    format!("inode {inum} has nlinks 0 but {n} directory entries"),
+                ));
             } else if *t != ObjType::Directory && *nlinks != n {
-                st.problems.push(Problem {
-                    at: Some(*at),
-                    pfs: Some(st.label.clone()),
-                    inum: Some(*inum),
-                    path: None,
-                    what: format!("inode {inum} has nlinks {nlinks} but {n} directory entries"),
-                });
+                found.push(problem(
+                    *at,
+                    *inum,
+                    format!("inode {inum} has nlinks {nlinks} but {n} directory entries"),
+                ));
             }
         }
+        orphans.sort_unstable_by_key(|o| o.0);
+        for (inum, t, nlinks, at) in orphans {
+            let fate = if nlinks == 0 {
+                "unlinked while open; removed at the next read-write mount of the PFS"
+            } else {
+                "its entry was removed without it (hammer2 destroy, or damage)"
+            };
+            self.report.warnings.push(Problem {
+                at: Some(at),
+                pfs: Some(st.label.clone()),
+                inum: Some(inum),
+                path: None,
+                what: format!(
+                    "inode {inum} ({}, nlinks {nlinks}) is in no directory: orphaned, {fate}",
+                    t.name()
+                ),
+            });
+            self.report.orphans.push(Orphan {
+                pfs: st.label.clone(),
+                inum,
+                nlinks,
+            });
+        }
+        st.problems.extend(found);
         let path_of = |inum: u64| -> Option<String> {
             let mut parts = Vec::new();
             let mut cur = inum;
@@ -1101,7 +1246,9 @@ impl Checker<'_, '_> {
             }
             match br.btype {
                 BlockrefType::FreemapNode if depth < DEPTH_MAX => {
-                    if let Some(buf) = self.read(None, None, br) {
+                    if let Err(e) = check_node(br) {
+                        self.problem(None, at, None, e.to_string());
+                    } else if let Some(buf) = self.read(None, None, br) {
                         let children = decode_set(&buf);
                         self.walk_freemap_set(br, &children, depth + 1, leaves);
                     }

@@ -14,7 +14,7 @@ use crate::disk::{
     EMBEDDED_BYTES, OPFLAG_DIRECTDATA, SET_COUNT,
 };
 use crate::error::{Error, Result};
-use crate::pfs::{DIRENT_EMBEDDED_NAME_MAX, NAME_MAX};
+use crate::pfs::{check_data_leaf, DIRENT_EMBEDDED_NAME_MAX, NAME_MAX};
 use crate::reserve::BlockRanges;
 use crate::volume::Volume;
 use std::collections::BTreeMap;
@@ -105,17 +105,27 @@ impl InodeNode {
     }
 
     /// The logical block at `lbase` as stored on disk, at most 64 KiB
-    /// (the bytes past its end are zeros; empty for a hole).
+    /// (the bytes past its end are zeros; empty for a hole). Anything in
+    /// the block's key range but one DATA blockref at `lbase` is damage.
     fn disk_block(&mut self, vol: &Volume, lbase: u64) -> Result<Vec<u8>> {
-        match self.table.lookup(vol, lbase)? {
-            Some(br) if br.btype == BlockrefType::Data => {
-                let mut b = vol
-                    .read_block(&br)
-                    .map_err(|e| e.with_place(None, Some(self.inum()), Some(lbase)))?;
+        let inum = self.inum();
+        let place = |e: Error| e.with_place(None, Some(inum), Some(lbase));
+        let leaves = self
+            .table
+            .range(vol, lbase, lbase + (BLOCK - 1))
+            .map_err(place)?;
+        match leaves.as_slice() {
+            [] => Ok(Vec::new()),
+            [br] => {
+                check_data_leaf(br).map_err(place)?;
+                let mut b = vol.read_block(br).map_err(place)?;
                 b.truncate(BLOCK as usize);
                 Ok(b)
             }
-            _ => Ok(Vec::new()),
+            [_, second, ..] => Err(place(Error::corrupt(
+                format!("several blockrefs in the 64 KiB block at file offset {lbase:#x}"),
+                second.data_off.offset(),
+            ))),
         }
     }
 
@@ -392,11 +402,12 @@ impl InodeNode {
             if partial {
                 self.pending_block(vol, lbase, false, 0)?;
             }
+            // Every leaf past the new end goes (a damaged one too: a
+            // file's tree holds nothing but data).
             let doomed: Vec<u64> = self
                 .table
                 .range(vol, keep_end, u64::MAX)?
                 .iter()
-                .filter(|b| b.btype == BlockrefType::Data)
                 .map(|b| b.key)
                 .collect();
             self.dirty = true;
@@ -588,7 +599,8 @@ impl InodeNode {
     pub fn dir_lookup(&mut self, vol: &Volume, name: &[u8]) -> Result<Option<(u64, DirentHead)>> {
         let h = dirhash(name);
         for br in self.table.range(vol, h, h | DIRHASH_LOMASK)? {
-            if br.btype == BlockrefType::Dirent && self.dirent_name(vol, &br)? == name {
+            dirent_leaf(&br)?;
+            if self.dirent_name(vol, &br)? == name {
                 return Ok(Some((br.key, br.dirent())));
             }
         }
@@ -603,9 +615,8 @@ impl InodeNode {
             .table
             .range(vol, from.max(disk::DIRHASH_VISIBLE), u64::MAX)?
         {
-            if br.btype == BlockrefType::Dirent {
-                out.push((br.key, self.dirent_name(vol, &br)?, br.dirent()));
-            }
+            dirent_leaf(&br)?;
+            out.push((br.key, self.dirent_name(vol, &br)?, br.dirent()));
         }
         Ok(out)
     }
@@ -670,10 +681,40 @@ impl InodeNode {
 
     /// True when the directory has no entries.
     pub fn dir_is_empty(&mut self, vol: &Volume) -> Result<bool> {
-        Ok(self
+        match self
             .table
             .range(vol, disk::DIRHASH_VISIBLE, u64::MAX)?
-            .iter()
-            .all(|b| b.btype != BlockrefType::Dirent))
+            .first()
+        {
+            Some(br) => dirent_leaf(br).map(|()| false),
+            None => Ok(true),
+        }
+    }
+}
+
+/// A leaf in a directory's entry range must be a DIRENT. An INODE there
+/// is an entry of DragonFly's pre-2017 layout (inodes filed by name),
+/// which the read-only view reads but this write path does not; anything
+/// else is damage.
+fn dirent_leaf(br: &Blockref) -> Result<()> {
+    match br.btype {
+        BlockrefType::Dirent => Ok(()),
+        BlockrefType::Inode => Err(Error::Unsupported {
+            what: format!(
+                "directory entry key {:#x} of the pre-2017 layout (an inode filed by name) \
+                 on a read-write mount",
+                br.key
+            ),
+            at: br.data_off.offset(),
+        }),
+        other => Err(Error::corrupt(
+            format!(
+                "{} blockref (type {}) key {:#x} among a directory's entries",
+                other.name(),
+                other.to_u8(),
+                br.key
+            ),
+            br.data_off.offset(),
+        )),
     }
 }

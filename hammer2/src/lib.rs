@@ -24,6 +24,7 @@ pub mod freemap;
 pub mod fsck;
 pub mod inode;
 pub mod mount;
+pub mod orphans;
 pub mod pfsops;
 pub mod reserve;
 pub mod setmethods;

@@ -71,9 +71,9 @@ pub(crate) struct PfsState {
     key: u64,
     pub(crate) root: InodeNode,
     /// Inodes loaded or created, by number.
-    inodes: BTreeMap<u64, InodeNode>,
+    pub(crate) inodes: BTreeMap<u64, InodeNode>,
     /// Inodes to remove from the index at the next flush.
-    removed: BTreeSet<u64>,
+    pub(crate) removed: BTreeSet<u64>,
     /// Pin counts (see `Mount::pin`): an inode whose last link goes
     /// while it is pinned stays until its last pin goes.
     pub(crate) pins: BTreeMap<u64, u32>,
@@ -258,7 +258,14 @@ impl Mount {
             let vol = &self.vol;
             for br in self.sroot.table.range(vol, 0, u64::MAX)? {
                 if br.btype != BlockrefType::Inode {
-                    continue;
+                    return Err(Error::corrupt(
+                        format!(
+                            "{} blockref key {:#x} in the super-root",
+                            br.btype.name(),
+                            br.key
+                        ),
+                        br.data_off.offset(),
+                    ));
                 }
                 let ino = pfs::read_inode(vol, &br)?;
                 if ino.data.name() == label.as_bytes() {
@@ -307,10 +314,15 @@ impl Mount {
                 .root
                 .table
                 .lookup(&*vol, inum)?
-                .filter(|b| b.btype == BlockrefType::Inode)
                 .ok_or_else(|| Error::NotFound {
                     what: format!("inode {inum}"),
                 })?;
+            if br.btype != BlockrefType::Inode {
+                return Err(Error::corrupt(
+                    format!("{} blockref at inode index key {inum}", br.btype.name()),
+                    br.data_off.offset(),
+                ));
+            }
             let ino = pfs::read_inode(vol, &br)?;
             if ino.inum() != inum {
                 return Err(Error::corrupt(
@@ -372,7 +384,13 @@ impl Mount {
                     what: format!("inode {dir}"),
                 });
             }
-            Ok(d.dir_lookup(vol, name)?.map(|(_, h)| h.inum))
+            match d.dir_lookup(vol, name)? {
+                Some((key, h)) => {
+                    check_named(dir, key, name, h.inum)?;
+                    Ok(Some(h.inum))
+                }
+                None => Ok(None),
+            }
         })
     }
 
@@ -385,15 +403,18 @@ impl Mount {
                     what: format!("inode {dir}"),
                 });
             }
-            Ok(d.dir_list(vol, from)?
+            d.dir_list(vol, from)?
                 .into_iter()
-                .map(|(key, name, h)| DirEntry {
-                    name,
-                    inum: h.inum,
-                    obj_type: ObjType::from_u8(h.obj_type),
-                    key,
+                .map(|(key, name, h)| {
+                    check_named(dir, key, &name, h.inum)?;
+                    Ok(DirEntry {
+                        name,
+                        inum: h.inum,
+                        obj_type: ObjType::from_u8(h.obj_type),
+                        key,
+                    })
                 })
-                .collect())
+                .collect()
         })
     }
 
@@ -412,6 +433,14 @@ impl Mount {
                 return Err(Error::NotSymlink {
                     what: format!("inode {inum}"),
                 });
+            }
+            // Bounded when the inode was read (`pfs::meta_damage`), and
+            // by `symlink` for one made here.
+            if n.size() > pfs::SYMLINK_MAX {
+                return Err(Error::corrupt(
+                    format!("symlink inode {inum} has a target of {} bytes", n.size()),
+                    n.bref.data_off.offset(),
+                ));
             }
             let size = n.size() as usize;
             n.read(vol, 0, size)
@@ -590,11 +619,51 @@ impl Mount {
     }
 
     /// The next inode number of PFS `label`, from its root's allocator.
+    /// The counter comes from disk: one past the inode number space
+    /// (keys from 2^63 are directory entries in the PFS root) or behind
+    /// an inode in use (the new one would replace it) is damage.
     fn alloc_inum(&mut self, label: &str) -> Result<u64> {
-        let root = &mut self.node(label, ROOT_INUM)?.data.meta;
-        let inum = root.pfs_inum.max(INODE_START - 1) + 1;
-        root.pfs_inum = inum;
+        let root = self.node(label, ROOT_INUM)?;
+        let at = root.bref.data_off.offset();
+        let last = root.data.meta.pfs_inum.max(INODE_START - 1);
+        let inum = last
+            .checked_add(1)
+            .filter(|&i| !crate::dirhash::is_dirent_key(i))
+            .ok_or_else(|| {
+                Error::corrupt(
+                    format!(
+                        "PFS {label}: inode allocator pfs_inum {last:#x} is past the inode numbers"
+                    ),
+                    at,
+                )
+            })?;
+        let Mount { vol, pfs, .. } = self;
+        let p = pfs.get_mut(label).ok_or_else(|| Error::NotFound {
+            what: format!("PFS {label}"),
+        })?;
+        if p.inodes.contains_key(&inum) || p.root.table.lookup(&*vol, inum)?.is_some() {
+            return Err(Error::corrupt(
+                format!("PFS {label}: inode allocator pfs_inum {last} is behind inode {inum}, which is in use"),
+                at,
+            ));
+        }
+        p.root.data.meta.pfs_inum = inum;
         Ok(inum)
+    }
+
+    /// The transaction id of the next flush. It comes from disk: a
+    /// header at the largest tid is damage.
+    pub(crate) fn next_tid(&self) -> Result<u64> {
+        let vh = &self.vol.header;
+        vh.mirror_tid.checked_add(1).ok_or_else(|| {
+            Error::corrupt(
+                format!(
+                    "volume header mirror_tid {:#x} is at its maximum",
+                    vh.mirror_tid
+                ),
+                disk::volhdr_offset(self.vol.header_index),
+            )
+        })
     }
 
     fn check_new_name(&mut self, label: &str, dir: u64, name: &[u8]) -> Result<()> {
@@ -725,7 +794,7 @@ impl Mount {
         gid: u32,
         now: u64,
     ) -> Result<u64> {
-        if target.is_empty() || target.len() > 4096 {
+        if target.is_empty() || target.len() as u64 > pfs::SYMLINK_MAX {
             return Err(Error::InvalidArgument {
                 what: format!("symlink target of {} bytes", target.len()),
             });
@@ -765,6 +834,13 @@ impl Mount {
             });
         }
         self.check_new_name(label, dir, name)?;
+        // The count comes from disk: refused before anything changes.
+        if m.nlinks == u64::MAX {
+            return Err(Error::corrupt(
+                format!("inode {inum} has nlinks {}", m.nlinks),
+                0,
+            ));
+        }
         self.admit_change(label, &[inum, dir], 1, 0, Tier::Normal)?;
         self.add_entry(label, dir, name, inum, m.obj_type, now)?;
         self.with_node(label, inum, |_, n| {
@@ -1219,6 +1295,7 @@ impl Mount {
                 what: "a flush is already in progress".into(),
             });
         }
+        let tid = self.next_tid()?;
         self.flushing = true;
         let mut blocks = Vec::new();
         let mut heuristics = HashMap::new();
@@ -1242,7 +1319,7 @@ impl Mount {
             }
         }
         Ok(FlushBatch {
-            tid: self.vol.header.mirror_tid + 1,
+            tid,
             dev: self.vol.device().clone(),
             space: self.space.clone(),
             blocks,
@@ -1334,7 +1411,7 @@ impl Mount {
     }
 
     fn flush_inner(&mut self) -> Result<FlushStats> {
-        let tid = self.vol.header.mirror_tid + 1;
+        let tid = self.next_tid()?;
         // A block this flush drops is referenced by the headers before
         // it; the header slots rotate, so the last of those is gone once
         // the header of tid + slots - 1 is written (see alloc.rs,
@@ -1586,6 +1663,26 @@ fn inode_tree_drops(
             }
         }
     }
+}
+
+/// An entry of `dir` naming the PFS root or `dir` itself is damage that
+/// would make every walk of the tree a cycle (see `pfs::check_entry`).
+fn check_named(dir: u64, key: u64, name: &[u8], inum: u64) -> Result<()> {
+    if inum == ROOT_INUM || inum == dir {
+        return Err(Error::corrupt(
+            format!(
+                "entry {:?} (key {key:#x}) of directory inode {dir} names {}",
+                String::from_utf8_lossy(name),
+                if inum == ROOT_INUM {
+                    "the PFS root"
+                } else {
+                    "its own directory"
+                }
+            ),
+            0,
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn lock_space(space: &Mutex<Box<dyn SpaceMap>>) -> MutexGuard<'_, Box<dyn SpaceMap>> {

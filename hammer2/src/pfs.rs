@@ -4,19 +4,55 @@
 
 use crate::chain;
 use crate::dirhash::{dirhash_range, is_dirent_key};
-use crate::disk::{Blockref, BlockrefType, InodeData, InodeMeta, ObjType, DIRHASH_VISIBLE};
+use crate::disk::{
+    Blockref, BlockrefType, InodeData, InodeMeta, ObjType, DATA_BLOCK_BYTES, DATA_BLOCK_RADIX,
+    DIRHASH_VISIBLE, EMBEDDED_BYTES, INODE_BYTES,
+};
 use crate::error::{Error, Result};
 use crate::volume::Volume;
 use std::sync::Arc;
 
 /// Dirent names up to this length sit in the blockref's check area.
 pub const DIRENT_EMBEDDED_NAME_MAX: usize = 64;
-/// The longest name a dirent may carry (DragonFly's DESIGN allows 1023).
-pub const DIRENT_NAME_MAX: usize = 1023;
+/// The longest name a dirent may carry: DragonFly asserts a name is
+/// shorter than `HAMMER2_INODE_MAXNAME` (256), and Linux's NAME_MAX is
+/// the same 255. A longer one on disk is damage.
+pub const DIRENT_NAME_MAX: usize = 255;
 /// Linux's limit, which the library enforces for names it is given.
 pub const NAME_MAX: usize = 255;
 /// The largest file `Pfs::read_all` reads in one piece.
 pub const READ_ALL_MAX: u64 = 1 << 30;
+/// The longest symlink target served: Linux's PATH_MAX (DragonFly's
+/// MAXPATHLEN is 1024; the FUSE kernel refuses a target past a page).
+pub const SYMLINK_MAX: u64 = 4096;
+/// The largest file size: Linux's `MAX_LFS_FILESIZE` (the kernel refuses
+/// an attribute past it).
+pub const FILE_SIZE_MAX: u64 = i64::MAX as u64;
+
+/// Why an inode's meta cannot be served: a size past the largest file,
+/// direct data longer than the 512 bytes an inode holds, a symlink
+/// target longer than a path. `None` for a sound inode. Every read of an
+/// inode refuses such a one (EIO through a mount) and fsck reports it.
+pub fn meta_damage(m: &InodeMeta) -> Option<String> {
+    if m.size > FILE_SIZE_MAX {
+        Some(format!(
+            "size {} exceeds the largest file size {FILE_SIZE_MAX}",
+            m.size
+        ))
+    } else if m.has_direct_data() && m.size > EMBEDDED_BYTES as u64 {
+        Some(format!(
+            "direct data of {} bytes exceeds the {EMBEDDED_BYTES} an inode holds",
+            m.size
+        ))
+    } else if m.obj_type == ObjType::Softlink && m.size > SYMLINK_MAX {
+        Some(format!(
+            "symlink target of {} bytes exceeds {SYMLINK_MAX}",
+            m.size
+        ))
+    } else {
+        None
+    }
+}
 
 /// An inode read from disk, with the blockref that pointed to it.
 #[derive(Clone, Debug)]
@@ -60,8 +96,25 @@ pub fn read_inode(vol: &Volume, br: &Blockref) -> Result<Inode> {
             br.data_off.offset(),
         ));
     }
+    let at = br.data_off.offset();
+    if br.data_off.bytes() != INODE_BYTES as u64 {
+        return Err(Error::corrupt(
+            format!(
+                "inode blockref key {:#x} points at a block of {} bytes",
+                br.key,
+                br.data_off.bytes()
+            ),
+            at,
+        ));
+    }
     let buf = vol.read_physical(br)?;
-    let data = InodeData::decode(&buf, br.data_off.offset())?;
+    let data = InodeData::decode(&buf, at)?;
+    if let Some(why) = meta_damage(&data.meta) {
+        return Err(Error::corrupt(
+            format!("inode {}: {why}", data.meta.inum),
+            at,
+        ));
+    }
     Ok(Inode { bref: *br, data })
 }
 
@@ -89,7 +142,17 @@ pub fn pfs_list(vol: &Volume) -> Result<Vec<PfsInfo>> {
     let sroot = super_root(vol)?;
     let brefs = chain::collect(vol, &sroot.blockset(), 0, u64::MAX)?;
     let mut out = Vec::new();
-    for br in brefs.iter().filter(|b| b.btype == BlockrefType::Inode) {
+    for br in &brefs {
+        if br.btype != BlockrefType::Inode {
+            return Err(Error::corrupt(
+                format!(
+                    "{} blockref key {:#x} in the super-root",
+                    br.btype.name(),
+                    br.key
+                ),
+                br.data_off.offset(),
+            ));
+        }
         let root = read_inode(vol, br)?;
         let label = String::from_utf8_lossy(root.data.name()).into_owned();
         out.push(PfsInfo { label, root });
@@ -132,6 +195,7 @@ pub fn dirent_name(vol: &Volume, br: &Blockref) -> Result<Vec<u8>> {
 
 /// The entry a directory-range blockref stands for: a DIRENT, or an
 /// INODE filed by name (the super-root, and pre-2017 directories).
+/// Anything else there is damage.
 fn entry_of(vol: &Volume, br: &Blockref) -> Result<Option<DirEntry>> {
     match br.btype {
         BlockrefType::Dirent => {
@@ -152,8 +216,36 @@ fn entry_of(vol: &Volume, br: &Blockref) -> Result<Option<DirEntry>> {
                 key: br.key,
             }))
         }
-        _ => Ok(None),
+        other => Err(Error::corrupt(
+            format!(
+                "{} blockref key {:#x} among a directory's entries",
+                other.name(),
+                br.key
+            ),
+            br.data_off.offset(),
+        )),
     }
+}
+
+/// An entry of directory `dir` may not name the PFS root (inode 1) or
+/// `dir` itself: either makes the tree a cycle, which every walk of it
+/// would follow for ever. (fsck reports both.)
+pub fn check_entry(dir: u64, e: &DirEntry, br: &Blockref) -> Result<()> {
+    if e.inum == 1 || e.inum == dir {
+        return Err(Error::corrupt(
+            format!(
+                "entry {:?} of directory inode {dir} names {}",
+                String::from_utf8_lossy(&e.name),
+                if e.inum == 1 {
+                    "the PFS root".to_string()
+                } else {
+                    "its own directory".to_string()
+                }
+            ),
+            br.data_off.offset(),
+        ));
+    }
+    Ok(())
 }
 
 /// A mounted (for reading) PFS.
@@ -196,7 +288,13 @@ impl Pfs {
         }
         let mut found = None;
         chain::scan(&self.vol, &self.root.blockset(), inum, inum, &mut |br| {
-            if br.btype == BlockrefType::Inode && br.key == inum {
+            if br.key == inum {
+                if br.btype != BlockrefType::Inode {
+                    return Err(Error::corrupt(
+                        format!("{} blockref at inode index key {inum}", br.btype.name()),
+                        br.data_off.offset(),
+                    ));
+                }
                 found = Some(*br);
                 return Ok(false);
             }
@@ -231,6 +329,7 @@ impl Pfs {
         chain::scan(vol, &dir.blockset(), beg, end, &mut |br| {
             if let Some(e) = entry_of(vol, br)? {
                 if e.name == name {
+                    check_entry(dir.inum(), &e, br)?;
                     found = Some(e);
                     return Ok(false);
                 }
@@ -262,6 +361,7 @@ impl Pfs {
             u64::MAX,
             &mut |br| {
                 if let Some(e) = entry_of(vol, br)? {
+                    check_entry(dir.inum(), &e, br)?;
                     out.push(e);
                 }
                 Ok(true)
@@ -298,16 +398,24 @@ impl Pfs {
                 what: format!("inode {}", ino.inum()),
             });
         }
+        if let Some(why) = meta_damage(ino.meta()) {
+            return Err(Error::corrupt(
+                format!("inode {}: {why}", ino.inum()),
+                ino.bref.data_off.offset(),
+            ));
+        }
         self.read_all(ino)
     }
 
     /// Read a whole file.
     pub fn read_all(&self, ino: &Inode) -> Result<Vec<u8>> {
         let size = ino.meta().size;
-        let len = usize::try_from(size).map_err(|_| Error::InvalidArgument {
-            what: format!("file of {size} bytes is too large to read whole"),
-        })?;
-        self.read(ino, 0, len)
+        if size > READ_ALL_MAX {
+            return Err(Error::InvalidArgument {
+                what: format!("file of {size} bytes is too large to read whole"),
+            });
+        }
+        self.read(ino, 0, size as usize)
     }
 
     /// Read up to `len` bytes at `offset`; short at end of file. Holes
@@ -317,6 +425,12 @@ impl Pfs {
         let size = ino.meta().size;
         if offset >= size || len == 0 {
             return Ok(Vec::new());
+        }
+        if let Some(why) = meta_damage(ino.meta()) {
+            return Err(Error::corrupt(
+                format!("inode {}: {why}", ino.inum()),
+                ino.bref.data_off.offset(),
+            ));
         }
         let end = size.min(offset.saturating_add(len as u64));
         let mut out = vec![0u8; (end - offset) as usize];
@@ -331,7 +445,8 @@ impl Pfs {
             |e: Error, key: Option<u64>| e.with_place(Some(&self.label), Some(ino.inum()), key);
         let blocks = chain::collect(&self.vol, &ino.blockset(), offset, end - 1)
             .map_err(|e| place(e, Some(offset)))?;
-        for br in blocks.iter().filter(|b| b.btype == BlockrefType::Data) {
+        for br in &blocks {
+            check_data_leaf(br).map_err(|e| place(e, Some(br.key)))?;
             let data = self
                 .vol
                 .read_block(br)
@@ -348,4 +463,31 @@ impl Pfs {
         }
         Ok(out)
     }
+}
+
+/// A leaf of a file's tree must be a 64 KiB DATA block at a 64 KiB key
+/// (DragonFly's logical block); anything else there (an inode, a dirent,
+/// an unknown type, another size) is damage, never a hole.
+pub fn check_data_leaf(br: &Blockref) -> Result<()> {
+    if br.btype != BlockrefType::Data {
+        return Err(Error::corrupt(
+            format!(
+                "{} blockref (type {}) at file offset {:#x}",
+                br.btype.name(),
+                br.btype.to_u8(),
+                br.key
+            ),
+            br.data_off.offset(),
+        ));
+    }
+    if br.keybits != DATA_BLOCK_RADIX || !br.key.is_multiple_of(DATA_BLOCK_BYTES) {
+        return Err(Error::corrupt(
+            format!(
+                "data blockref key {:#x}/{} is not a 64 KiB block",
+                br.key, br.keybits
+            ),
+            br.data_off.offset(),
+        ));
+    }
+    Ok(())
 }

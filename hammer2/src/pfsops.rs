@@ -89,7 +89,14 @@ impl Mount {
         let mut out = Vec::new();
         for br in sroot.table.range(&*vol, 0, u64::MAX)? {
             if br.btype != BlockrefType::Inode {
-                continue;
+                return Err(Error::corrupt(
+                    format!(
+                        "{} blockref key {:#x} in the super-root",
+                        br.btype.name(),
+                        br.key
+                    ),
+                    br.data_off.offset(),
+                ));
             }
             let ino = pfs::read_inode(vol, &br)?;
             out.push((String::from_utf8_lossy(ino.data.name()).into_owned(), br));
@@ -161,7 +168,7 @@ impl Mount {
         self.pfs_mut(label)?;
         // DragonFly syncs the PFS first: the snapshot is the flushed state.
         self.flush()?;
-        let tid = self.vol.header.mirror_tid + 1;
+        let tid = self.next_tid()?;
         let origin = self.pfs_mut(label)?;
         debug_assert!(!origin.root.dirty, "PFS root dirty after a flush");
         origin.root.data.meta.pfs_lsnap_tid = tid;

@@ -149,10 +149,24 @@ impl Mount {
         self.writable()?;
         let mut count = 0;
         // Depth-first with an explicit stack: a deep tree cannot exhaust
-        // the thread's stack.
+        // the thread's stack. A directory is entered once: meeting one
+        // again means a damaged tree (an entry naming an ancestor, or a
+        // directory with two parents), which would loop for ever.
+        let mut entered = std::collections::HashSet::new();
         let mut stack = vec![(inum, Vec::new())];
         while let Some((ino, path)) = stack.pop() {
-            let is_dir = self.set_inode_methods(label, ino, m)? == ObjType::Directory;
+            let is_dir = self.getattr(label, ino)?.obj_type == ObjType::Directory;
+            if recursive && is_dir && !entered.insert(ino) {
+                return Err(Error::corrupt(
+                    format!(
+                        "directory inode {ino} is met again at {:?}: the tree is damaged \
+                         (a cycle, or a directory with two parents); run fsck.hammer2",
+                        String::from_utf8_lossy(&path)
+                    ),
+                    0,
+                ));
+            }
+            self.set_inode_methods(label, ino, m)?;
             count += 1;
             seen(&path, ino);
             if !(recursive && is_dir) {

@@ -176,8 +176,17 @@ impl Volume {
         if br.btype != BlockrefType::Data {
             return Ok(phys);
         }
-        let keybits = br.keybits.clamp(disk::RADIX_MIN, disk::PBUFRADIX);
-        let logical = 1usize << keybits;
+        // The logical size bounds what decompression may produce.
+        if !(disk::RADIX_MIN..=disk::DATA_BLOCK_RADIX).contains(&br.keybits) {
+            return Err(Error::corrupt(
+                format!(
+                    "data blockref key {:#x} has keybits {} (a logical block is 1 KiB to 64 KiB)",
+                    br.key, br.keybits
+                ),
+                br.data_off.offset(),
+            ));
+        }
+        let logical = 1usize << br.keybits;
         compress::decompress(br.comp_method(), &phys, logical, br.data_off.offset())
     }
 }

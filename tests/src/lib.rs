@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ace;
+pub mod craft;
 pub mod freemap_check;
 pub mod sim;
 

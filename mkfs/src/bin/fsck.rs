@@ -127,12 +127,8 @@ fn run(args: &Args) -> u8 {
         for w in &report.warnings {
             println!("warning: {w}");
         }
-    } else if !report.warnings.is_empty() {
-        println!(
-            "{} warnings (orphaned inodes); -v lists them",
-            report.warnings.len()
-        );
     }
+    print_orphans(&report.orphans);
     let s = &report.stats;
     println!(
         "{} blockrefs ({} inode, {} indirect, {} data, {} dirent, {} freemap node, {} freemap leaf), {} in {:.1}s",
@@ -155,5 +151,46 @@ fn run(args: &Args) -> u8 {
             report.problems.len()
         );
         EXIT_ERRORS_LEFT
+    }
+}
+
+/// Orphans are not damage (exit 0) but are always reported: how many,
+/// and their inode numbers per PFS, split by what becomes of them.
+fn print_orphans(orphans: &[hammer2::fsck::Orphan]) {
+    if orphans.is_empty() {
+        return;
+    }
+    let mut labels: Vec<&str> = orphans.iter().map(|o| o.pfs.as_str()).collect();
+    labels.dedup();
+    for (unlinked, what) in [
+        (
+            true,
+            "unlinked while open (nlinks 0): removed at the next read-write mount of their PFS",
+        ),
+        (
+            false,
+            "with links but no directory entry (left by hammer2 destroy, or damage): \
+             not removed automatically",
+        ),
+    ] {
+        let mut lists = Vec::new();
+        let mut count = 0;
+        for label in &labels {
+            let inums: Vec<String> = orphans
+                .iter()
+                .filter(|o| o.pfs == *label && (o.nlinks == 0) == unlinked)
+                .map(|o| o.inum.to_string())
+                .collect();
+            if !inums.is_empty() {
+                count += inums.len();
+                lists.push(format!("PFS {label}: inodes {}", inums.join(", ")));
+            }
+        }
+        if count > 0 {
+            println!(
+                "warning: {count} orphaned inodes {what}; {}",
+                lists.join("; ")
+            );
+        }
     }
 }

@@ -121,7 +121,11 @@ fn online_tree(
     recursive: bool,
     out: &mut dyn Write,
 ) -> Result<(), CmdError> {
+    use std::os::unix::fs::MetadataExt;
     let mut stack: Vec<PathBuf> = vec![top.to_path_buf()];
+    // Directories entered, by (device, inode): one met again is a loop
+    // (as chmod -R and find report one) and is not entered twice.
+    let mut entered = std::collections::HashSet::new();
     while let Some(path) = stack.pop() {
         let ch = online::channel(&path)?.ok_or_else(|| {
             CmdError::Fail(format!("{}: not on the mount any more", path.display()))
@@ -148,6 +152,13 @@ fn online_tree(
             .map_err(|e| CmdError::Fail(format!("{}: {e}", path.display())))?;
         if !meta.is_dir() {
             continue;
+        }
+        if !entered.insert((meta.dev(), meta.ino())) {
+            return Err(CmdError::Fail(format!(
+                "{}: file system loop detected (this directory was already walked); \
+                 the image is damaged: run fsck.hammer2",
+                path.display()
+            )));
         }
         let mut children = Vec::new();
         for e in std::fs::read_dir(&path)
