@@ -152,9 +152,10 @@ pub fn st_mode(m: &InodeMeta) -> u32 {
     m.obj_type.mode_bits() | (m.mode & 0o7777)
 }
 
-/// The attributes of an inode; `None` for an object type no file can
+/// The attributes of an inode whose blocks take `bytes` on disk
+/// (`hammer2::pfs::stored_bytes`); `None` for an object type no file can
 /// have (the inode is damaged).
-pub fn attr_of(ino: u64, m: &InodeMeta) -> Option<FileAttr> {
+pub fn attr_of(ino: u64, m: &InodeMeta, bytes: u64) -> Option<FileAttr> {
     let kind = file_type(m.obj_type)?;
     let rdev = match m.obj_type {
         ObjType::Cdev | ObjType::Bdev => rdev_of(m.rmajor, m.rminor),
@@ -163,8 +164,8 @@ pub fn attr_of(ino: u64, m: &InodeMeta) -> Option<FileAttr> {
     Some(FileAttr {
         ino: INodeNo(ino),
         size: m.size,
-        // From the size, in 512-byte units (st_blocks).
-        blocks: m.size.div_ceil(512),
+        // The space stored, in 512-byte units (st_blocks).
+        blocks: bytes.div_ceil(512),
         atime: time_of(m.atime),
         mtime: time_of(m.mtime),
         ctime: time_of(m.ctime),

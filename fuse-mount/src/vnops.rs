@@ -388,10 +388,30 @@ impl Hammer2Fs {
         }
     }
 
-    /// The attributes of node `ino` from its inode, the link count of a
-    /// directory aside.
-    fn attr_of_meta(&self, ino: u64, m: &InodeMeta) -> Result<FileAttr, Errno> {
-        attr_of(ino, m).ok_or_else(|| {
+    /// The meta of node `ino` and the bytes its blocks take on disk
+    /// (`st_blocks`).
+    fn stat(&self, ino: INodeNo) -> Result<(InodeMeta, u64), Errno> {
+        if is_snap(ino.0) {
+            return self.snap()?.stat(ino.0, || self.meta(INodeNo::ROOT));
+        }
+        match &self.store {
+            Store::ReadOnly { pfs, root } => {
+                let i = self.inode(pfs, root, ino)?;
+                Ok((*i.meta(), i.stored_bytes()))
+            }
+            Store::ReadWrite(v) => {
+                let inum = self.ids.inum(ino.0);
+                let mut m = v.mount();
+                let meta = self.h(m.getattr(&v.label, inum))?;
+                Ok((meta, self.h(m.stored_bytes(&v.label, inum))?))
+            }
+        }
+    }
+
+    /// The attributes of node `ino` from its inode (whose blocks take
+    /// `bytes`), the link count of a directory aside.
+    fn attr_of_meta(&self, ino: u64, m: &InodeMeta, bytes: u64) -> Result<FileAttr, Errno> {
+        attr_of(ino, m, bytes).ok_or_else(|| {
             self.fail(&hammer2::Error::corrupt(
                 format!("inode {} has object type {}", m.inum, m.obj_type.name()),
                 0,
@@ -402,22 +422,22 @@ impl Hammer2Fs {
     /// The attributes of node `ino`, a directory's link count counted
     /// (see `dirlinks`); read-write, the mount must not be locked by the
     /// caller (`attr_locked` is for that).
-    fn attr(&self, ino: u64, m: &InodeMeta) -> Result<FileAttr, Errno> {
+    fn attr(&self, ino: u64, m: &InodeMeta, bytes: u64) -> Result<FileAttr, Errno> {
         // `.snapshot` and what is under it are read views with their own
         // inode numbers: they keep the link counts on disk.
         if m.obj_type != ObjType::Directory || is_snap(ino) {
-            return self.attr_of_meta(ino, m);
+            return self.attr_of_meta(ino, m, bytes);
         }
         match &self.store {
             Store::ReadOnly { pfs, root } => {
-                let mut a = self.attr_of_meta(ino, m)?;
+                let mut a = self.attr_of_meta(ino, m, bytes)?;
                 a.nlink = self.dirlinks.nlink(m.inum, || {
                     let dir = self.inode(pfs, root, INodeNo(ino))?;
                     Ok::<_, Errno>(subdirs(&self.h(pfs.readdir_from(&dir, 0))?))
                 })?;
                 Ok(a)
             }
-            Store::ReadWrite(v) => self.attr_locked(&mut v.mount(), &v.label, ino, m),
+            Store::ReadWrite(v) => self.attr_locked(&mut v.mount(), &v.label, ino, m, bytes),
         }
     }
 
@@ -428,8 +448,9 @@ impl Hammer2Fs {
         label: &str,
         ino: u64,
         m: &InodeMeta,
+        bytes: u64,
     ) -> Result<FileAttr, Errno> {
-        let mut a = self.attr_of_meta(ino, m)?;
+        let mut a = self.attr_of_meta(ino, m, bytes)?;
         if m.obj_type == ObjType::Directory {
             a.nlink = self.dirlinks.nlink(m.inum, || {
                 Ok::<_, Errno>(subdirs(&self.h(mount.readdir(label, m.inum, 0))?))
@@ -440,8 +461,10 @@ impl Hammer2Fs {
 
     /// Node `ino`'s attributes from the mount, locked by the caller.
     fn attr_in(&self, m: &mut Mount, label: &str, ino: u64) -> Result<FileAttr, Errno> {
-        let meta = self.h(m.getattr(label, self.ids.inum(ino)))?;
-        self.attr_locked(m, label, ino, &meta)
+        let inum = self.ids.inum(ino);
+        let meta = self.h(m.getattr(label, inum))?;
+        let bytes = self.h(m.stored_bytes(label, inum))?;
+        self.attr_locked(m, label, ino, &meta, bytes)
     }
 
     /// May the caller do `mask` (R=4, W=2, X=1)? Always, with
@@ -822,8 +845,8 @@ impl Filesystem for Hammer2Fs {
             }
             if parent == INodeNo::ROOT && name.as_bytes() == snapdir::NAME && self.snapdir.is_some()
             {
-                let root = self.meta(parent)?;
-                return self.attr(snapdir::SNAP_BIT, &SnapDir::dir_meta(&root));
+                let (m, bytes) = self.stat(INodeNo(snapdir::SNAP_BIT))?;
+                return self.attr(snapdir::SNAP_BIT, &m, bytes);
             }
             match &self.store {
                 Store::ReadOnly { pfs, root } => {
@@ -837,7 +860,7 @@ impl Filesystem for Hammer2Fs {
                         .ok_or(Errno::ENOENT)?;
                     let ino = self.ids.ino(e.inum);
                     let inode = self.inode(pfs, root, INodeNo(ino))?;
-                    let attr = self.attr(ino, inode.meta())?;
+                    let attr = self.attr(ino, inode.meta(), inode.stored_bytes())?;
                     self.inodes.remember(ino, Some(inode));
                     Ok(attr)
                 }
@@ -850,7 +873,7 @@ impl Filesystem for Hammer2Fs {
                     self.check(req, &dir, 1)?;
                     let meta = self.entry_meta(&mut m, &v.label, parent, name)?;
                     let ino = self.ids.ino(meta.inum);
-                    let attr = self.attr_locked(&mut m, &v.label, ino, &meta)?;
+                    let attr = self.attr_in(&mut m, &v.label, ino)?;
                     self.inodes.remember(ino, None);
                     Ok(attr)
                 }
@@ -869,7 +892,7 @@ impl Filesystem for Hammer2Fs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.meta(ino).and_then(|m| self.attr(ino.0, &m)) {
+        match self.stat(ino).and_then(|(m, b)| self.attr(ino.0, &m, b)) {
             Ok(attr) => reply.attr(&self.ttl, &attr),
             Err(e) => reply.error(e),
         }
@@ -915,8 +938,8 @@ impl Filesystem for Hammer2Fs {
                 ctime: ctime.map(micros),
             };
             self.check_setattr(req, &meta, &mut a, times_now, fh.is_some())?;
-            let meta = self.h(m.setattr(label, inum, a, now))?;
-            self.attr_locked(m, label, ino.0, &meta)
+            self.h(m.setattr(label, inum, a, now))?;
+            self.attr_in(m, label, ino.0)
         });
         match r {
             Ok(attr) => reply.attr(&self.ttl, &attr),
@@ -1397,7 +1420,9 @@ impl Filesystem for Hammer2Fs {
                 // "." and ".." take no reference; their attributes are
                 // ignored but must still be some node's.
                 let dots = name == OsStr::new(".") || name == OsStr::new("..");
-                let attr = self.meta(INodeNo(child)).and_then(|m| self.attr(child, &m));
+                let attr = self
+                    .stat(INodeNo(child))
+                    .and_then(|(m, b)| self.attr(child, &m, b));
                 let (attr, ttl) = match attr {
                     Ok(a) => (a, self.ttl),
                     Err(_) if dots => {
@@ -1414,7 +1439,7 @@ impl Filesystem for Hammer2Fs {
         }
         let r = self.listed_dir(ino).and_then(|dir| {
             let (entries, start) = self.entries_from(fh, ino, offset)?;
-            let attr = self.attr(ino.0, &dir)?;
+            let attr = self.attr(ino.0, &dir, hammer2::pfs::stored_bytes(&dir, 0))?;
             Ok((dir, attr, entries, start))
         });
         let (dir, dir_attr, entries, start) = match r {
@@ -1455,7 +1480,7 @@ impl Filesystem for Hammer2Fs {
             let (inode, attr) = match (&self.store, mount.as_mut()) {
                 (Store::ReadOnly { pfs, root }, _) => match self.inode(pfs, root, INodeNo(child)) {
                     Ok(i) => {
-                        let a = self.attr(child, i.meta()).ok();
+                        let a = self.attr(child, i.meta(), i.stored_bytes()).ok();
                         (Some(i), a)
                     }
                     Err(_) => (None, None),
@@ -1685,16 +1710,17 @@ impl Filesystem for Hammer2Fs {
 
     /// SEEK_DATA and SEEK_HOLE (the kernel answers the other whences):
     /// data is every 64 KiB block the file has; a hole is anything else,
-    /// up to the size.
+    /// up to the size. The same answer read-only (`Pfs::seek_data`), in
+    /// `.snapshot`, and read-write (`Mount::seek_data`, where blocks
+    /// written since the last flush count as data).
     ///
-    /// ENOSYS read-only (no data map in the read view) and with the
-    /// writeback cache; the kernel then answers itself, for good, with
-    /// its own size: all data, the only hole at the end. The writeback
-    /// cache needs that because the kernel asks without writing back
-    /// its dirty pages first (fs/fuse/file.c, `fuse_lseek`): a file just
-    /// written would look like a hole here, and cp(1), which copies by
-    /// SEEK_DATA, would copy zeros. That is why the writeback cache is
-    /// not the default.
+    /// ENOSYS with the writeback cache; the kernel then answers itself,
+    /// for good, with its own size: all data, the only hole at the end.
+    /// The writeback cache needs that because the kernel asks without
+    /// writing back its dirty pages first (fs/fuse/file.c, `fuse_lseek`):
+    /// a file just written would look like a hole here, and cp(1), which
+    /// copies by SEEK_DATA, would copy zeros. That is why the writeback
+    /// cache is not the default.
     fn lseek(
         &self,
         _req: &Request,
@@ -1705,40 +1731,43 @@ impl Filesystem for Hammer2Fs {
         reply: ReplyLseek,
     ) {
         let r = (|| {
-            if is_snap(ino.0) {
-                // A snapshot's file reads as all data: no holes shown
-                // (POSIX allows it), since an ENOSYS here would turn
-                // lseek off for the whole mount.
-                let offset = u64::try_from(offset).map_err(|_| Errno::ENXIO)?;
-                let size = self.snap()?.size(ino.0)?;
-                if offset >= size {
-                    return Err(Errno::ENXIO);
-                }
-                let at = match whence {
-                    libc::SEEK_DATA => offset,
-                    libc::SEEK_HOLE => size,
-                    _ => return Err(Errno::EINVAL),
-                };
-                return i64::try_from(at).map_err(|_| Errno::EOVERFLOW);
-            }
-            let v = match &self.store {
-                Store::ReadWrite(v) if !self.writeback_cache => v,
-                _ => return Err(Errno::ENOSYS),
-            };
-            let offset = u64::try_from(offset).map_err(|_| Errno::ENXIO)?;
-            let inum = self.ids.inum(ino.0);
-            let mut m = v.mount();
-            let size = self.h(m.getattr(&v.label, inum))?.size;
-            if offset >= size {
-                return Err(Errno::ENXIO);
-            }
-            let at = match whence {
-                libc::SEEK_DATA => self
-                    .h(m.seek_data(&v.label, inum, offset))?
-                    .ok_or(Errno::ENXIO)?,
-                libc::SEEK_HOLE => self.h(m.seek_hole(&v.label, inum, offset))?,
+            let data = match whence {
+                libc::SEEK_DATA => true,
+                libc::SEEK_HOLE => false,
                 _ => return Err(Errno::EINVAL),
             };
+            let offset = u64::try_from(offset).map_err(|_| Errno::ENXIO)?;
+            let at = if is_snap(ino.0) {
+                self.snap()?.seek(ino.0, offset, data)?
+            } else {
+                match &self.store {
+                    Store::ReadOnly { pfs, root } => {
+                        let i = self.inode(pfs, root, ino)?;
+                        if data {
+                            self.h(pfs.seek_data(&i, offset))?
+                        } else if offset < i.meta().size {
+                            Some(self.h(pfs.seek_hole(&i, offset))?)
+                        } else {
+                            None
+                        }
+                    }
+                    Store::ReadWrite(v) if !self.writeback_cache => {
+                        let inum = self.ids.inum(ino.0);
+                        let mut m = v.mount();
+                        let size = self.h(m.getattr(&v.label, inum))?.size;
+                        if data {
+                            self.h(m.seek_data(&v.label, inum, offset))?
+                        } else if offset < size {
+                            Some(self.h(m.seek_hole(&v.label, inum, offset))?)
+                        } else {
+                            None
+                        }
+                    }
+                    Store::ReadWrite(_) => return Err(Errno::ENOSYS),
+                }
+            };
+            // At or past the end, and SEEK_DATA with only holes after.
+            let at = at.ok_or(Errno::ENXIO)?;
             i64::try_from(at).map_err(|_| Errno::EOVERFLOW)
         })();
         match r {
