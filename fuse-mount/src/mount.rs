@@ -515,6 +515,22 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
     }
     .with_image(image.clone())
     .with_snapdir(o.snapdir);
+    // One rule for `.snapshot`: with snapdir it is the snapshots'
+    // directory only, so a real entry of that name (which it would hide,
+    // and which lookup, readdir and unlink would disagree about) refuses
+    // the mount.
+    if o.snapdir {
+        let real = fs
+            .has_real_snapdir()
+            .map_err(|e| Failure::Mount(format!("{}@{}: {e}", req.image.display(), req.label)))?;
+        if real {
+            return Err(Failure::Mount(format!(
+                "{}@{} has a real .snapshot at its root, which -o snapdir would hide:                  mount it without snapdir and rename it first",
+                req.image.display(),
+                req.label
+            )));
+        }
+    }
     let mnt = check_mountpoint(&req.mountpoint)?;
     let dev = open_dev_fuse()?;
     let source = image.display().to_string();

@@ -31,8 +31,10 @@
 //!
 //! Permissions: with `default_permissions` the kernel checks the mode
 //! bits (with supplementary groups) and calls none of the checks here;
-//! without it, `check`, `check_sticky` and `check_setattr` apply the
-//! Unix rules with the caller's uid and primary gid.
+//! without it, `check`, `check_sticky`, `check_setattr` and
+//! `check_hardlink_source` apply the Unix rules with the caller's uid
+//! and groups (the supplementary ones read from /proc when they decide),
+//! and `fs.protected_hardlinks`.
 
 use crate::cookie;
 use crate::dirlinks::DirLinks;
@@ -144,11 +146,27 @@ fn now_us() -> u64 {
     micros(SystemTime::now())
 }
 
-/// A time in microseconds since the epoch; times before it are clamped
-/// to it (the format stores unsigned times).
+/// A time as the format stores it, in unsigned microseconds since the
+/// epoch, for every time a caller sets (utimensat, touch -d, the ctime
+/// the kernel sends) and the times of new inodes. A time it cannot hold
+/// is clamped, as Linux clamps every filesystem's times to its range
+/// (`timestamp_truncate`): before 1970 to the epoch, past 2^64 - 1
+/// microseconds (year 586,524) to that. The first clamp is logged (a
+/// daemon serves one mount).
 fn micros(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+    static LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let (us, clamped) = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => u64::try_from(d.as_micros()).map_or((u64::MAX, true), |us| (us, false)),
+        Err(_) => (0, true),
+    };
+    if clamped && !LOGGED.swap(true, Ordering::Relaxed) {
+        log::warn!(
+            "a time outside what HAMMER2 stores (unsigned microseconds since 1970) was set: \
+             stored as {us} microseconds (times before 1970 are stored as 1970-01-01 00:00:00 \
+             UTC); further clamps are not logged"
+        );
+    }
+    us
 }
 
 /// FUSE's 32-bit `dev_t` (the kernel's `new_encode_dev`) as major, minor.
@@ -171,6 +189,13 @@ fn mknod_type(mode: u32) -> Option<ObjType> {
     }
 }
 
+/// Is the caller of `req` in group `gid` (its primary group, or one of
+/// its supplementary groups, the kernel's `in_group_p`)? The
+/// supplementary groups are read only when the primary one differs.
+fn in_group(req: &Request, gid: u32) -> bool {
+    gid == req.gid() || inode::supplementary_groups(req.pid()).contains(&gid)
+}
+
 /// Owner and mode of a new node in a directory (the kernel's
 /// `inode_init_owner`): the caller's uid; the directory's gid when it
 /// is setgid (a new directory stays setgid), else the caller's gid; a
@@ -187,7 +212,7 @@ fn new_owner(req: &Request, dir: &InodeMeta, mode: u32, is_dir: bool) -> (u32, u
         req.gid()
     };
     let sgid_exec = S_ISGID | S_IXGRP;
-    if !is_dir && mode & sgid_exec == sgid_exec && gid != req.gid() && req.uid() != 0 {
+    if !is_dir && mode & sgid_exec == sgid_exec && !in_group(req, gid) && req.uid() != 0 {
         mode &= !S_ISGID;
     }
     (req.uid(), gid, mode)
@@ -470,7 +495,7 @@ impl Hammer2Fs {
     /// May the caller do `mask` (R=4, W=2, X=1)? Always, with
     /// `default_permissions` (the kernel has checked).
     fn check(&self, req: &Request, m: &InodeMeta, mask: u32) -> Result<(), Errno> {
-        if !self.check_permissions || inode::permitted(m, req.uid(), req.gid(), mask) {
+        if !self.check_permissions || inode::permitted(m, req.uid(), |g| in_group(req, g), mask) {
             Ok(())
         } else {
             Err(Errno::EACCES)
@@ -492,6 +517,57 @@ impl Hammer2Fs {
             || uid == victim.uid_unix()
             || uid == dir.uid_unix()
         {
+            Ok(())
+        } else {
+            Err(Errno::EPERM)
+        }
+    }
+
+    /// With `-o snapdir`, `.snapshot` at the root is the snapshots'
+    /// directory (the mount refuses an image with a real entry of that
+    /// name, see `has_real_snapdir`): making that name fails with EEXIST
+    /// (`making`), removing or renaming it with EROFS, as any change
+    /// there.
+    fn snapdir_entry(&self, parent: INodeNo, name: &OsStr, making: bool) -> Result<(), Errno> {
+        if self.snapdir.is_some() && parent == INodeNo::ROOT && name.as_bytes() == snapdir::NAME {
+            return Err(if making { Errno::EEXIST } else { Errno::EROFS });
+        }
+        Ok(())
+    }
+
+    /// Whether the PFS root has a real entry named `.snapshot`, which
+    /// `-o snapdir` would hide (the mount is refused then).
+    pub fn has_real_snapdir(&self) -> hammer2::Result<bool> {
+        match &self.store {
+            Store::ReadOnly { pfs, root } => Ok(pfs.lookup(root, snapdir::NAME)?.is_some()),
+            Store::ReadWrite(v) => {
+                let root = hammer2::mount::ROOT_INUM;
+                Ok(v.mount().lookup(&v.label, root, snapdir::NAME)?.is_some())
+            }
+        }
+    }
+
+    /// `fs.protected_hardlinks` (the kernel's `may_linkat`), for a mount
+    /// without `default_permissions`: the kernel asks the filesystem for
+    /// the read and write permission that rule needs, and without
+    /// `default_permissions` FUSE grants it, so the check is here. When
+    /// the sysctl is 1, a caller who neither is root nor owns the source
+    /// may link only a regular file that is not set-user-ID, not
+    /// set-group-ID and group-executable, and that they may read and
+    /// write (EPERM otherwise).
+    fn check_hardlink_source(&self, req: &Request, src: &InodeMeta) -> Result<(), Errno> {
+        if !self.check_permissions || req.uid() == 0 || req.uid() == src.uid_unix() {
+            return Ok(());
+        }
+        if !protected_hardlinks() {
+            return Ok(());
+        }
+        let mode = src.mode;
+        let safe = src.obj_type == ObjType::Regfile
+            && mode & S_ISUID == 0
+            && mode & (S_ISGID | S_IXGRP) != (S_ISGID | S_IXGRP)
+            && inode::permitted(src, req.uid(), |g| in_group(req, g), 6);
+        if safe {
             Ok(())
         } else {
             Err(Errno::EPERM)
@@ -565,7 +641,7 @@ impl Hammer2Fs {
                 return Err(Errno::EPERM);
             }
             let gid = a.gid.unwrap_or(m.gid_unix());
-            if gid != req.gid() {
+            if !in_group(req, gid) {
                 *mode &= !S_ISGID;
             }
         }
@@ -573,7 +649,7 @@ impl Hammer2Fs {
             return Err(Errno::EPERM);
         }
         if a.gid
-            .is_some_and(|g| g != m.gid_unix() && !(owner && g == req.gid()))
+            .is_some_and(|g| g != m.gid_unix() && !(owner && in_group(req, g)))
         {
             return Err(Errno::EPERM);
         }
@@ -709,6 +785,7 @@ impl Hammer2Fs {
         pin: bool,
     ) -> Result<FileAttr, Errno> {
         self.modify(|m, label, now| {
+            self.snapdir_entry(parent, name, true)?;
             let dir = self.dir_for_change(req, m, label, parent)?;
             let is_dir = obj_type == ObjType::Directory;
             let (uid, gid, mode) = new_owner(req, &dir, mode, is_dir);
@@ -766,6 +843,13 @@ impl Hammer2Fs {
         }
         Ok(())
     }
+}
+
+/// `fs.protected_hardlinks` as the kernel has it now (read at each
+/// link, as the kernel does); on when it cannot be read, the side that
+/// refuses.
+fn protected_hardlinks() -> bool {
+    std::fs::read_to_string("/proc/sys/fs/protected_hardlinks").map_or(true, |v| v.trim() != "0")
 }
 
 /// How many of a directory's entries are directories.
@@ -995,6 +1079,7 @@ impl Filesystem for Hammer2Fs {
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let r = self.modify(|m, label, now| {
+            self.snapdir_entry(parent, name, false)?;
             let dir = self.dir_for_change(req, m, label, parent)?;
             let victim = self.entry_meta(m, label, parent, name)?;
             self.check_sticky(req, &dir, &victim)?;
@@ -1008,6 +1093,7 @@ impl Filesystem for Hammer2Fs {
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let r = self.modify(|m, label, now| {
+            self.snapdir_entry(parent, name, false)?;
             let dir = self.dir_for_change(req, m, label, parent)?;
             let victim = self.entry_meta(m, label, parent, name)?;
             self.check_sticky(req, &dir, &victim)?;
@@ -1032,6 +1118,7 @@ impl Filesystem for Hammer2Fs {
         reply: ReplyEntry,
     ) {
         let r = self.modify(|m, label, now| {
+            self.snapdir_entry(parent, link_name, true)?;
             let dir = self.dir_for_change(req, m, label, parent)?;
             let (uid, gid, _) = new_owner(req, &dir, 0o777, false);
             let target = target.as_os_str().as_bytes();
@@ -1063,6 +1150,8 @@ impl Filesystem for Hammer2Fs {
             if flags.contains(RenameFlags::RENAME_WHITEOUT) {
                 return Err(Errno::EINVAL);
             }
+            self.snapdir_entry(parent, name, false)?;
+            self.snapdir_entry(newparent, newname, false)?;
             let odir = self.dir_for_change(req, m, label, parent)?;
             let ndir = self.dir_for_change(req, m, label, newparent)?;
             let src = self.entry_meta(m, label, parent, name)?;
@@ -1130,8 +1219,10 @@ impl Filesystem for Hammer2Fs {
             return reply.error(Errno::EXDEV);
         }
         let r = self.modify(|m, label, now| {
+            self.snapdir_entry(newparent, newname, true)?;
             self.dir_for_change(req, m, label, newparent)?;
             let inum = self.ids.inum(ino.0);
+            self.check_hardlink_source(req, &self.h(m.getattr(label, inum))?)?;
             let ndir = self.ids.inum(newparent.0);
             self.h(m.link(label, inum, ndir, Self::new_name(newname)?, now))?;
             self.attr_in(m, label, ino.0)
@@ -1855,8 +1946,11 @@ mod tests {
     }
 
     #[test]
-    fn times_before_the_epoch_clamp_to_it() {
+    fn times_outside_the_format_clamp_to_its_range() {
         assert_eq!(micros(UNIX_EPOCH - Duration::from_secs(5)), 0);
         assert_eq!(micros(UNIX_EPOCH + Duration::from_micros(1500)), 1500);
+        let last = UNIX_EPOCH + Duration::from_micros(u64::MAX);
+        assert_eq!(micros(last), u64::MAX);
+        assert_eq!(micros(last + Duration::from_secs(1)), u64::MAX);
     }
 }

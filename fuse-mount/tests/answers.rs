@@ -16,7 +16,7 @@ use common::*;
 use bufcache::{BlockDevice, FileDevice};
 use hammer2::disk::{Blockref, BlockrefType};
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
@@ -358,4 +358,236 @@ fn seek_data_and_hole_answer_the_same_on_every_view() {
     let _ro = Mounted::new(img.to_str().unwrap(), &mnt, &["-o", "ro,snapdir"]);
     check_seeks(&mnt, "read-only");
     check_seeks(&mnt.join(".snapshot/S"), "read-only .snapshot");
+}
+
+/// The errno of a failed call.
+fn errno_of<T: std::fmt::Debug>(r: nix::Result<T>) -> i32 {
+    r.expect_err("should have failed") as i32
+}
+
+/// Run `sh -c script` in `dir`, as `who` (setpriv arguments).
+fn sh_as(dir: &Path, who: &[&str], script: &str) -> std::process::Output {
+    Command::new("setpriv")
+        .args(who)
+        .args(["sh", "-c", script])
+        .current_dir(dir)
+        .output()
+        .expect("run setpriv")
+}
+
+/// The names in a directory.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Snapshot PFS DATA of an image (not mounted) as `name`, through the
+/// library.
+fn snapshot_offline(img: &Path, name: &str) {
+    let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(img, true).unwrap());
+    let mut m = hammer2::mount::Mount::open(dev).unwrap();
+    m.snapshot("DATA", name, 1).unwrap();
+    m.flush().unwrap();
+}
+
+/// With `-o snapdir`, `.snapshot` at the root is the snapshots'
+/// directory and nothing else: a PFS whose root has a real `.snapshot`
+/// is not mounted with snapdir (read-write or read-only); on a snapdir
+/// mount the name is never listed, cannot be made (EEXIST), removed or
+/// renamed (EROFS), and `rm -rf` of it deletes nothing.
+#[test]
+fn snapdir_and_a_real_snapshot_entry_never_meet() {
+    require_fuse();
+    let img = new_image("snapdir-real");
+    let mnt = scratch("snapdir-real-mnt");
+    let m = RwMount::new(&img, &mnt, "");
+    fs::create_dir(mnt.join(".snapshot")).unwrap();
+    fs::write(mnt.join(".snapshot/keep"), b"kept").unwrap();
+    m.unmount();
+
+    for opts in ["rw,snapdir", "ro,snapdir"] {
+        // Unmounted again should it mount.
+        let _guard = Mounted::adopt(&mnt);
+        let out = run(&["-o", opts, img.to_str().unwrap(), mnt.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(32), "{opts}: {err}");
+        assert!(err.contains("real .snapshot"), "{opts}: {err}");
+        assert!(!is_mounted(&mnt));
+    }
+
+    let m = RwMount::new(&img, &mnt, "");
+    fs::rename(mnt.join(".snapshot"), mnt.join("real")).unwrap();
+    m.unmount();
+    snapshot_offline(&img, "S");
+
+    let m = RwMount::new(&img, &mnt, "snapdir");
+    let p = |s: &str| mnt.join(s);
+    assert_eq!(names(&mnt), ["real"]);
+    assert!(fs::metadata(p(".snapshot")).unwrap().is_dir());
+    assert_eq!(names(&p(".snapshot")), ["S"]);
+    assert_eq!(
+        errno_of(nix::unistd::mkdir(
+            &p(".snapshot"),
+            nix::sys::stat::Mode::from_bits_truncate(0o755)
+        )),
+        libc::EEXIST
+    );
+    assert_eq!(
+        std::os::unix::fs::symlink("real", p(".snapshot"))
+            .unwrap_err()
+            .raw_os_error()
+            .unwrap(),
+        libc::EEXIST
+    );
+    fs::write(p("f"), b"f").unwrap();
+    assert_eq!(
+        fs::hard_link(p("f"), p(".snapshot"))
+            .unwrap_err()
+            .raw_os_error()
+            .unwrap(),
+        libc::EEXIST
+    );
+    let rmdir = fs::remove_dir(p(".snapshot")).unwrap_err();
+    assert_eq!(rmdir.raw_os_error(), Some(libc::EROFS));
+    // (A file over it is the kernel's EISDIR.)
+    for (from, to, errno) in [
+        (".snapshot", "x", libc::EROFS),
+        ("real", ".snapshot", libc::EROFS),
+        ("f", ".snapshot", libc::EISDIR),
+    ] {
+        let e = fs::rename(p(from), p(to)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(errno), "rename {from} {to}");
+    }
+    let out = Command::new("rm")
+        .arg("-rf")
+        .arg(p(".snapshot"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "rm -rf .snapshot succeeded");
+    assert_eq!(names(&p(".snapshot")), ["S"]);
+    assert_eq!(names(&mnt), ["f", "real"]);
+    m.unmount();
+
+    let pfs = pfs_of(&img, "DATA");
+    let keep = pfs.resolve("real/keep").expect("real/keep");
+    assert_eq!(pfs.read_all(&keep).unwrap(), b"kept");
+    assert!(pfs.resolve(".snapshot").is_err());
+}
+
+/// Without `default_permissions` the daemon applies the rules the kernel
+/// would: a user may hard-link a file they neither own nor may read and
+/// write only when `fs.protected_hardlinks` is 0 (set-user-ID files and
+/// set-group-ID executables never); supplementary groups count for the
+/// group bits. The same answers with the kernel checking.
+#[test]
+fn hard_links_and_groups_follow_the_kernels_rules() {
+    require_fuse();
+    let protected = fs::read_to_string("/proc/sys/fs/protected_hardlinks")
+        .expect("read fs.protected_hardlinks")
+        .trim()
+        != "0";
+    let nobody = ["--reuid=65534", "--regid=65534", "--clear-groups"];
+    let member = ["--reuid=65534", "--regid=65534", "--groups=4242"];
+    for opts in ["allow_other", "allow_other,default_permissions"] {
+        let img = new_image(&format!("links-{opts}"));
+        let mnt = scratch(&format!("links-mnt-{opts}"));
+        let m = RwMount::new(&img, &mnt, opts);
+        let p = |s: &str| mnt.join(s);
+        fs::create_dir(p("d")).unwrap();
+        fs::set_permissions(p("d"), fs::Permissions::from_mode(0o777)).unwrap();
+        for (name, mode) in [
+            ("secret", 0o600),
+            ("open", 0o666),
+            ("suid", 0o4777),
+            ("sgid", 0o2777),
+        ] {
+            fs::write(p(name), name).unwrap();
+            fs::set_permissions(p(name), fs::Permissions::from_mode(mode)).unwrap();
+        }
+        fs::write(p("grp"), "grp").unwrap();
+        std::os::unix::fs::chown(p("grp"), Some(0), Some(4242)).unwrap();
+        fs::set_permissions(p("grp"), fs::Permissions::from_mode(0o660)).unwrap();
+
+        let link = |who: &[&str], src: &str, dst: &str| {
+            sh_as(&mnt, who, &format!("ln {src} d/{dst}"))
+                .status
+                .success()
+        };
+        assert_eq!(link(&nobody, "secret", "l1"), !protected, "{opts}: secret");
+        assert!(link(&nobody, "open", "l2"), "{opts}: open");
+        assert_eq!(
+            link(&nobody, "suid", "l3"),
+            !protected,
+            "{opts}: set-user-ID"
+        );
+        assert_eq!(
+            link(&nobody, "sgid", "l4"),
+            !protected,
+            "{opts}: set-group-ID executable"
+        );
+        assert_eq!(
+            link(&nobody, "grp", "l5"),
+            !protected,
+            "{opts}: group file, not a member"
+        );
+        assert!(link(&member, "grp", "l6"), "{opts}: group file, a member");
+        assert!(
+            sh_as(&mnt, &member, "cat grp").status.success(),
+            "{opts}: member reads"
+        );
+        assert!(
+            !sh_as(&mnt, &nobody, "cat grp").status.success(),
+            "{opts}: other reads"
+        );
+        m.unmount();
+    }
+}
+
+/// HAMMER2 stores times as unsigned microseconds since 1970: a time set
+/// outside that is clamped (before 1970 to the epoch, past the largest
+/// to it), the same through utimensat and after a remount, and the
+/// daemon says so in its log.
+#[test]
+fn times_outside_the_format_are_clamped_and_logged() {
+    require_fuse();
+    let img = new_image("times");
+    let mnt = scratch("times-mnt");
+    let log = mnt.with_extension("log");
+    let m = RwMount::new(&img, &mnt, "");
+    let p = |s: &str| mnt.join(s);
+    fs::write(p("old"), b"x").unwrap();
+    fs::write(p("far"), b"x").unwrap();
+    let touch = |when: &str, f: &str| {
+        let out = Command::new("touch")
+            .args(["-d", when])
+            .arg(p(f))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "touch -d {when}: {out:?}");
+    };
+    let mtime = |f: &str| {
+        let out = Command::new("stat")
+            .args(["--cached=never", "-c", "%Y"])
+            .arg(p(f))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<i64>()
+            .unwrap()
+    };
+    touch("1960-01-01 00:00:00 UTC", "old");
+    assert_eq!(mtime("old"), 0);
+    touch("@20000000000000", "far");
+    assert_eq!(mtime("far"), (u64::MAX / 1_000_000) as i64);
+    let logged = fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("outside what HAMMER2 stores"), "{logged}");
+    m.unmount();
+    let pfs = pfs_of(&img, "DATA");
+    assert_eq!(pfs.resolve("old").unwrap().meta().mtime, 0);
+    assert_eq!(pfs.resolve("far").unwrap().meta().mtime, u64::MAX);
 }
