@@ -150,6 +150,20 @@ impl SnapDir {
         Ok((*i.meta(), i.stored_bytes()))
     }
 
+    /// The label of the snapshot node `ino` is in (not `.snapshot`
+    /// itself).
+    pub fn label_of(&self, ino: u64) -> Result<String, Errno> {
+        let n = (ino & !SNAP_BIT) >> VIEW_SHIFT;
+        let views = lock(&self.views);
+        let v = usize::try_from(n)
+            .ok()
+            .and_then(|n| n.checked_sub(1))
+            .and_then(|i| views.get(i))
+            .filter(|v| v.pfs.is_some())
+            .ok_or(Errno::ESTALE)?;
+        Ok(v.label.clone())
+    }
+
     /// The inode behind node `ino` (not `.snapshot` itself).
     pub fn inode(&self, ino: u64) -> Result<Inode, Errno> {
         Ok(self.node(ino)?.2)

@@ -591,3 +591,79 @@ fn times_outside_the_format_are_clamped_and_logged() {
     assert_eq!(pfs.resolve("old").unwrap().meta().mtime, 0);
     assert_eq!(pfs.resolve("far").unwrap().meta().mtime, u64::MAX);
 }
+
+/// The `hammer2` tool, built beside mount.hammer2.
+fn hammer2_tool(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    let bin = Path::new(BIN).with_file_name("hammer2");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the tools first (cargo build --workspace --bins)",
+        bin.display()
+    );
+    Command::new(bin).args(args).output().expect("run hammer2")
+}
+
+fn os(s: &str) -> &std::ffi::OsStr {
+    std::ffi::OsStr::new(s)
+}
+
+/// Names: `mount.hammer2 mail@x.img MNT` mounts the file of that name;
+/// through the mount, snapshot names `.`, `..` and ones with a newline
+/// are refused; `hammer2 snapshot MNT/.snapshot/S X` snapshots S (not
+/// the mounted PFS), with S's name in the default one; `.snapshot`
+/// itself is no PFS to snapshot, and setcomp there is refused.
+#[test]
+fn names_and_snapshots_through_the_mount() {
+    require_fuse();
+    let dir = scratch("names");
+    let img = dir.join("mail@x.img");
+    fs::rename(new_image("names-img"), &img).unwrap();
+    let mnt = scratch("names-mnt");
+    let m = RwMount::new(&img, &mnt, "snapdir");
+    let p = |s: &str| mnt.join(s);
+    fs::write(p("v"), b"one").unwrap();
+    let tool = |args: &[&std::ffi::OsStr]| hammer2_tool(args);
+    let ok = |args: &[&std::ffi::OsStr]| {
+        let out = tool(args);
+        assert!(out.status.success(), "hammer2 {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let refused = |args: &[&std::ffi::OsStr], why: &str| {
+        let out = tool(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "hammer2 {args:?}: {err}");
+        assert!(err.contains(why), "hammer2 {args:?}: {err}");
+    };
+    ok(&[os("snapshot"), mnt.as_os_str(), os("S")]);
+    fs::write(p("v"), b"two").unwrap();
+    for bad in [".", "..", "a\nb"] {
+        refused(&[os("snapshot"), mnt.as_os_str(), os(bad)], "PFS label");
+    }
+    // Under .snapshot/S: a snapshot of S.
+    ok(&[os("snapshot"), p(".snapshot/S").as_os_str(), os("X")]);
+    assert_eq!(fs::read(p(".snapshot/X/v")).unwrap(), b"one");
+    let out = ok(&[os("snapshot"), p(".snapshot/S/v").as_os_str()]);
+    assert!(out.starts_with("created snapshot S."), "{out}");
+    refused(
+        &[os("snapshot"), p(".snapshot").as_os_str(), os("Y")],
+        ".snapshot is not a PFS",
+    );
+    refused(
+        &[os("setcomp"), os("lz4"), p(".snapshot/S/v").as_os_str()],
+        "read-only",
+    );
+    m.unmount();
+    let labels: Vec<String> = hammer2::pfs::pfs_list(pfs_of(&img, "DATA").volume())
+        .unwrap()
+        .into_iter()
+        .map(|p| p.label)
+        .collect();
+    assert!(
+        !labels
+            .iter()
+            .any(|l| l == "Y" || l == "." || l.contains('\n')),
+        "{labels:?}"
+    );
+    let _ro = Mounted::new(img.to_str().unwrap(), &mnt, &["-o", "ro"]);
+    assert_eq!(fs::read(p("v")).unwrap(), b"two");
+}

@@ -27,15 +27,12 @@ pub fn now_micros() -> u64 {
         .unwrap_or(0)
 }
 
-/// Split `IMG@LABEL` as mount.hammer2 does: the label is what follows
-/// the last `@`, unless that contains a `/`.
+/// Split `IMG@LABEL` as mount.hammer2 does
+/// (`hammer2::pfsops::split_image_spec`): a spec naming an existing file
+/// is the image; otherwise the label is what follows the last `@`,
+/// unless that contains a `/`.
 pub fn split_spec(spec: &str) -> (PathBuf, Option<String>) {
-    match spec.rsplit_once('@') {
-        Some((img, label)) if !label.contains('/') && !img.is_empty() => {
-            (PathBuf::from(img), Some(label.to_string()))
-        }
-        _ => (PathBuf::from(spec), None),
-    }
+    hammer2::pfsops::split_image_spec(spec, |p| p.exists())
 }
 
 /// The mountpoint where mount.hammer2 serves `image`, if it does (the
@@ -60,6 +57,7 @@ pub fn open_rw(path: &Path) -> Result<(Image, Mount), CmdError> {
             path.display()
         )));
     }
+    crate::check_image_path(path)?;
     let dev = FileDevice::open(path, true)
         .map_err(|e| CmdError::Fail(format!("{}: {e}", path.display())))?;
     // Also when mounted under another name (fsname=); waits for a mount
@@ -77,7 +75,9 @@ pub fn open_rw(path: &Path) -> Result<(Image, Mount), CmdError> {
         dev: dev.clone(),
         _lock: Some(lock),
     };
-    let m = Mount::open(dev).map_err(|e| img.fail("cannot open volume read-write", &e))?;
+    let m = Mount::open(dev.clone()).map_err(|e| {
+        crate::volume_error(path, dev.as_ref(), "cannot open volume read-write", &e)
+    })?;
     Ok((img, m))
 }
 
