@@ -77,7 +77,12 @@ fn rw(fs: &Hammer2Fs) -> Result<&Arc<RwVolume>, Failed> {
 fn handle(fs: &Hammer2Fs, inum: u64, req: Request) -> Result<Reply, Failed> {
     match req {
         Request::MountInfo => Ok(Reply::MountInfo(MountInfo {
-            label: fs.label.clone(),
+            // A path under `.snapshot/S` is in S (the default name of a
+            // snapshot asked there is S's).
+            label: match snapshot_of(fs, inum) {
+                Ok(Some(label)) => label,
+                _ => fs.label.clone(),
+            },
             image: fs.image.as_os_str().as_bytes().to_vec(),
             read_write: matches!(fs.store, Store::ReadWrite(_)),
             snapdir: fs.snapdir.is_some(),
@@ -104,8 +109,13 @@ fn handle(fs: &Hammer2Fs, inum: u64, req: Request) -> Result<Reply, Failed> {
             let v = rw(fs)?;
             v.writable()
                 .map_err(|e| (e, "a flush failed; the mount refuses writes".into()))?;
+            // Asked on a path under `.snapshot/S`: a snapshot of S.
+            let origin = match snapshot_of(fs, inum)? {
+                Some(label) => label,
+                None => v.label.clone(),
+            };
             let now = now_micros();
-            v.between_flushes(|m| m.snapshot(&v.label, &name, now))
+            v.between_flushes(|m| m.snapshot(&origin, &name, now))
                 .map_err(|e| failed(&e))?;
             Ok(Reply::Ok)
         }
@@ -138,6 +148,9 @@ fn handle(fs: &Hammer2Fs, inum: u64, req: Request) -> Result<Reply, Failed> {
         Request::Stat => stat(fs, inum),
         Request::SetMethods { comp, check } => {
             let v = rw(fs)?;
+            if crate::snapdir::is_snap(inum) {
+                return Err((libc::EROFS, "under .snapshot, which is read-only".into()));
+            }
             v.writable()
                 .map_err(|e| (e, "a flush failed; the mount refuses writes".into()))?;
             let methods = hammer2::setmethods::Methods { comp, check };
@@ -163,6 +176,27 @@ fn handle(fs: &Hammer2Fs, inum: u64, req: Request) -> Result<Reply, Failed> {
             Ok(Reply::Bulkfree(v.bulkfree_status()))
         }
     }
+}
+
+/// The snapshot a node of `.snapshot` belongs to (`None` for the
+/// mounted PFS's own nodes); `.snapshot` itself is no PFS (EINVAL).
+fn snapshot_of(fs: &Hammer2Fs, inum: u64) -> Result<Option<String>, Failed> {
+    if !crate::snapdir::is_snap(inum) {
+        return Ok(None);
+    }
+    let sd = fs
+        .snapdir
+        .as_ref()
+        .ok_or((libc::ENOENT, "no .snapshot".into()))?;
+    if inum == crate::snapdir::SNAP_BIT {
+        return Err((
+            libc::EINVAL,
+            ".snapshot is not a PFS: name the mount, or a snapshot under .snapshot".into(),
+        ));
+    }
+    sd.label_of(inum)
+        .map(Some)
+        .map_err(|e| (i32::from(e), "the snapshot was deleted".into()))
 }
 
 fn now_micros() -> u64 {

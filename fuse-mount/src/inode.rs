@@ -152,9 +152,10 @@ pub fn st_mode(m: &InodeMeta) -> u32 {
     m.obj_type.mode_bits() | (m.mode & 0o7777)
 }
 
-/// The attributes of an inode; `None` for an object type no file can
+/// The attributes of an inode whose blocks take `bytes` on disk
+/// (`hammer2::pfs::stored_bytes`); `None` for an object type no file can
 /// have (the inode is damaged).
-pub fn attr_of(ino: u64, m: &InodeMeta) -> Option<FileAttr> {
+pub fn attr_of(ino: u64, m: &InodeMeta, bytes: u64) -> Option<FileAttr> {
     let kind = file_type(m.obj_type)?;
     let rdev = match m.obj_type {
         ObjType::Cdev | ObjType::Bdev => rdev_of(m.rmajor, m.rminor),
@@ -163,8 +164,8 @@ pub fn attr_of(ino: u64, m: &InodeMeta) -> Option<FileAttr> {
     Some(FileAttr {
         ino: INodeNo(ino),
         size: m.size,
-        // From the size, in 512-byte units (st_blocks).
-        blocks: m.size.div_ceil(512),
+        // The space stored, in 512-byte units (st_blocks).
+        blocks: bytes.div_ceil(512),
         atime: time_of(m.atime),
         mtime: time_of(m.mtime),
         ctime: time_of(m.ctime),
@@ -203,31 +204,79 @@ pub fn placeholder_attr(ino: u64, kind: FileType) -> FileAttr {
     }
 }
 
-/// May a caller with `uid`/`gid` do `mask` (R=4, W=2, X=1) to an inode?
-/// Unix rules on the owner, group and other bits; root may read and
-/// search anything and execute what has any execute bit. Supplementary
-/// groups are not known here (the kernel checks them with
-/// `default_permissions`), so a caller relying on one is refused: the
-/// check errs on the side of refusing.
-pub fn permitted(m: &InodeMeta, uid: u32, gid: u32, mask: u32) -> bool {
+/// May a caller with `uid`, in the groups `in_group` accepts, do `mask`
+/// (R=4, W=2, X=1) to an inode? Unix rules on the owner, group and
+/// other bits; root may read and search anything and execute what has
+/// any execute bit. `in_group` is asked only when the answer depends on
+/// it (the group and other bits disagree), since it may read /proc.
+pub fn permitted(m: &InodeMeta, uid: u32, in_group: impl Fn(u32) -> bool, mask: u32) -> bool {
     let mode = st_mode(m);
     if uid == 0 {
         let any_x = mode & 0o111 != 0 || m.obj_type == ObjType::Directory;
         return mask & 1 == 0 || any_x;
     }
-    let bits = if uid == m.uid_unix() {
-        (mode >> 6) & 7
-    } else if gid == m.gid_unix() {
-        (mode >> 3) & 7
+    let grants = |bits: u32| bits & mask == mask;
+    if uid == m.uid_unix() {
+        return grants((mode >> 6) & 7);
+    }
+    let (group, other) = (grants((mode >> 3) & 7), grants(mode & 7));
+    if group == other {
+        return other;
+    }
+    if in_group(m.gid_unix()) {
+        group
     } else {
-        mode & 7
+        other
+    }
+}
+
+/// The supplementary groups of process (or thread) `pid`, from
+/// `/proc/PID/status` (as libfuse's `fuse_req_getgroups`); none when it
+/// cannot be read (it exited), the side that refuses.
+pub fn supplementary_groups(pid: u32) -> Vec<u32> {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
     };
-    bits & mask == mask
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_bits_apply_to_members_only_and_membership_is_asked_only_when_it_matters() {
+        let m = InodeMeta {
+            obj_type: ObjType::Regfile,
+            mode: 0o604,
+            uid: hammer2::disk::Uuid::from_unix_id(10),
+            gid: hammer2::disk::Uuid::from_unix_id(20),
+            ..InodeMeta::default()
+        };
+        let asked = std::cell::Cell::new(0);
+        let member = |g: u32| {
+            asked.set(asked.get() + 1);
+            g == 20
+        };
+        // A member of group 20 gets the group bits (none), even where
+        // other bits would grant.
+        assert!(!permitted(&m, 11, member, 4));
+        assert!(permitted(&m, 11, |_| false, 4));
+        assert!(permitted(&m, 10, |_| panic!("owner"), 6));
+        // Writing: neither group nor other bits grant, so membership
+        // is not asked.
+        asked.set(0);
+        assert!(!permitted(&m, 11, member, 2));
+        assert_eq!(asked.get(), 0);
+    }
 
     #[test]
     fn ids_map_the_root_to_node_one() {

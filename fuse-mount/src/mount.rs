@@ -110,20 +110,22 @@ pub const FSTYPE: &str = "fuse.hammer2";
 /// The label used when `IMG` has no `@LABEL`.
 pub const DEFAULT_LABEL: &str = "DATA";
 
-/// Split `IMG[@LABEL]`. The label is what follows the last `@`, unless
-/// that contains a `/` (then the `@` belongs to a directory name).
+/// Split `IMG[@LABEL]` (`hammer2::pfsops::split_image_spec`): a source
+/// that names an existing file is the image; otherwise the label is what
+/// follows the last `@`, unless that contains a `/` (then the `@`
+/// belongs to a directory name).
 pub fn split_source(source: &str) -> Result<(PathBuf, String), Failure> {
-    match source.rsplit_once('@') {
-        Some((img, label)) if !label.contains('/') => {
-            if img.is_empty() || label.is_empty() {
+    let (img, label) = hammer2::pfsops::split_image_spec(source, |p| p.exists());
+    if label.is_none() && !img.exists() {
+        if let Some((i, l)) = source.rsplit_once('@') {
+            if !l.contains('/') && (i.is_empty() || l.is_empty()) {
                 return Err(Failure::Usage(format!(
                     "{source:?}: expected IMG or IMG@LABEL"
                 )));
             }
-            Ok((PathBuf::from(img), label.to_string()))
         }
-        _ => Ok((PathBuf::from(source), DEFAULT_LABEL.to_string())),
     }
+    Ok((img, label.unwrap_or_else(|| DEFAULT_LABEL.to_string())))
 }
 
 /// Open the image and its PFS `label`, read-only (through a buffer
@@ -615,6 +617,22 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
     }
     .with_image(image.clone())
     .with_snapdir(o.snapdir);
+    // One rule for `.snapshot`: with snapdir it is the snapshots'
+    // directory only, so a real entry of that name (which it would hide,
+    // and which lookup, readdir and unlink would disagree about) refuses
+    // the mount.
+    if o.snapdir {
+        let real = fs
+            .has_real_snapdir()
+            .map_err(|e| Failure::Mount(format!("{}@{}: {e}", req.image.display(), req.label)))?;
+        if real {
+            return Err(Failure::Mount(format!(
+                "{}@{} has a real .snapshot at its root, which -o snapdir would hide:                  mount it without snapdir and rename it first",
+                req.image.display(),
+                req.label
+            )));
+        }
+    }
     let mnt = check_mountpoint(&req.mountpoint)?;
     let dev = open_dev_fuse()?;
     let (acl, config) = o.session_config(n_threads());

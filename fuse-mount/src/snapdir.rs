@@ -122,8 +122,8 @@ impl SnapDir {
         Ok(SNAP_BIT | n << VIEW_SHIFT | inum)
     }
 
-    fn attr(ino: u64, m: &InodeMeta) -> Result<FileAttr, Errno> {
-        attr_of(ino, m).ok_or(Errno::EIO)
+    fn attr(ino: u64, i: &Inode) -> Result<FileAttr, Errno> {
+        attr_of(ino, i.meta(), i.stored_bytes()).ok_or(Errno::EIO)
     }
 
     /// The meta of node `ino`; `root` is the mount root's meta (for
@@ -133,10 +133,35 @@ impl SnapDir {
         ino: u64,
         root: impl FnOnce() -> Result<InodeMeta, Errno>,
     ) -> Result<InodeMeta, Errno> {
+        Ok(self.stat(ino, root)?.0)
+    }
+
+    /// The meta of node `ino` and the bytes its blocks take on disk.
+    pub fn stat(
+        &self,
+        ino: u64,
+        root: impl FnOnce() -> Result<InodeMeta, Errno>,
+    ) -> Result<(InodeMeta, u64), Errno> {
         if ino == SNAP_BIT {
-            return Ok(Self::dir_meta(&root()?));
+            let m = Self::dir_meta(&root()?);
+            return Ok((m, hammer2::pfs::stored_bytes(&m, 0)));
         }
-        Ok(*self.node(ino)?.2.meta())
+        let i = self.node(ino)?.2;
+        Ok((*i.meta(), i.stored_bytes()))
+    }
+
+    /// The label of the snapshot node `ino` is in (not `.snapshot`
+    /// itself).
+    pub fn label_of(&self, ino: u64) -> Result<String, Errno> {
+        let n = (ino & !SNAP_BIT) >> VIEW_SHIFT;
+        let views = lock(&self.views);
+        let v = usize::try_from(n)
+            .ok()
+            .and_then(|n| n.checked_sub(1))
+            .and_then(|i| views.get(i))
+            .filter(|v| v.pfs.is_some())
+            .ok_or(Errno::ESTALE)?;
+        Ok(v.label.clone())
     }
 
     /// The inode behind node `ino` (not `.snapshot` itself).
@@ -144,9 +169,18 @@ impl SnapDir {
         Ok(self.node(ino)?.2)
     }
 
-    /// The size of file node `ino`.
-    pub fn size(&self, ino: u64) -> Result<u64, Errno> {
-        Ok(self.node(ino)?.2.meta().size)
+    /// SEEK_DATA (`data`) or SEEK_HOLE from `offset` in file node
+    /// `ino`, as `Pfs::seek_data` and `seek_hole` answer; `None` at or
+    /// past the size, or for SEEK_DATA with only holes after.
+    pub fn seek(&self, ino: u64, offset: u64, data: bool) -> Result<Option<u64>, Errno> {
+        let (pfs, _, inode) = self.node(ino)?;
+        if data {
+            h(pfs.seek_data(&inode, offset))
+        } else if offset < inode.meta().size {
+            h(pfs.seek_hole(&inode, offset)).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     /// Look up `name` in directory node `parent` of this namespace.
@@ -160,7 +194,7 @@ impl SnapDir {
             let label = std::str::from_utf8(name).map_err(|_| Errno::ENOENT)?;
             let n = self.open(label, source)?;
             let pfs = self.view(n)?;
-            return Self::attr(Self::ino_of(n, pfs.root.inum())?, pfs.root.meta());
+            return Self::attr(Self::ino_of(n, pfs.root.inum())?, &pfs.root);
         }
         let (pfs, n, dir) = self.node(parent)?;
         if !dir.is_dir() {
@@ -168,7 +202,7 @@ impl SnapDir {
         }
         let e = h(pfs.lookup(&dir, name))?.ok_or(Errno::ENOENT)?;
         let child = h(pfs.inode(e.inum))?;
-        Self::attr(Self::ino_of(n, e.inum)?, child.meta())
+        Self::attr(Self::ino_of(n, e.inum)?, &child)
     }
 
     /// The view of snapshot `label`, opened now if it was not (its index).

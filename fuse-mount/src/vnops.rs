@@ -31,8 +31,10 @@
 //!
 //! Permissions: with `default_permissions` the kernel checks the mode
 //! bits (with supplementary groups) and calls none of the checks here;
-//! without it, `check`, `check_sticky` and `check_setattr` apply the
-//! Unix rules with the caller's uid and primary gid.
+//! without it, `check`, `check_sticky`, `check_setattr` and
+//! `check_hardlink_source` apply the Unix rules with the caller's uid
+//! and groups (the supplementary ones read from /proc when they decide),
+//! and `fs.protected_hardlinks`.
 
 use crate::cookie;
 use crate::dirlinks::DirLinks;
@@ -144,11 +146,27 @@ fn now_us() -> u64 {
     micros(SystemTime::now())
 }
 
-/// A time in microseconds since the epoch; times before it are clamped
-/// to it (the format stores unsigned times).
+/// A time as the format stores it, in unsigned microseconds since the
+/// epoch, for every time a caller sets (utimensat, touch -d, the ctime
+/// the kernel sends) and the times of new inodes. A time it cannot hold
+/// is clamped, as Linux clamps every filesystem's times to its range
+/// (`timestamp_truncate`): before 1970 to the epoch, past 2^64 - 1
+/// microseconds (year 586,524) to that. The first clamp is logged (a
+/// daemon serves one mount).
 fn micros(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+    static LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let (us, clamped) = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => u64::try_from(d.as_micros()).map_or((u64::MAX, true), |us| (us, false)),
+        Err(_) => (0, true),
+    };
+    if clamped && !LOGGED.swap(true, Ordering::Relaxed) {
+        log::warn!(
+            "a time outside what HAMMER2 stores (unsigned microseconds since 1970) was set: \
+             stored as {us} microseconds (times before 1970 are stored as 1970-01-01 00:00:00 \
+             UTC); further clamps are not logged"
+        );
+    }
+    us
 }
 
 /// FUSE's 32-bit `dev_t` (the kernel's `new_encode_dev`) as major, minor.
@@ -171,6 +189,13 @@ fn mknod_type(mode: u32) -> Option<ObjType> {
     }
 }
 
+/// Is the caller of `req` in group `gid` (its primary group, or one of
+/// its supplementary groups, the kernel's `in_group_p`)? The
+/// supplementary groups are read only when the primary one differs.
+fn in_group(req: &Request, gid: u32) -> bool {
+    gid == req.gid() || inode::supplementary_groups(req.pid()).contains(&gid)
+}
+
 /// Owner and mode of a new node in a directory (the kernel's
 /// `inode_init_owner`): the caller's uid; the directory's gid when it
 /// is setgid (a new directory stays setgid), else the caller's gid; a
@@ -187,7 +212,7 @@ fn new_owner(req: &Request, dir: &InodeMeta, mode: u32, is_dir: bool) -> (u32, u
         req.gid()
     };
     let sgid_exec = S_ISGID | S_IXGRP;
-    if !is_dir && mode & sgid_exec == sgid_exec && gid != req.gid() && req.uid() != 0 {
+    if !is_dir && mode & sgid_exec == sgid_exec && !in_group(req, gid) && req.uid() != 0 {
         mode &= !S_ISGID;
     }
     (req.uid(), gid, mode)
@@ -403,10 +428,30 @@ impl Hammer2Fs {
         }
     }
 
-    /// The attributes of node `ino` from its inode, the link count of a
-    /// directory aside.
-    fn attr_of_meta(&self, ino: u64, m: &InodeMeta) -> Result<FileAttr, Errno> {
-        attr_of(ino, m).ok_or_else(|| {
+    /// The meta of node `ino` and the bytes its blocks take on disk
+    /// (`st_blocks`).
+    fn stat(&self, ino: INodeNo) -> Result<(InodeMeta, u64), Errno> {
+        if is_snap(ino.0) {
+            return self.snap()?.stat(ino.0, || self.meta(INodeNo::ROOT));
+        }
+        match &self.store {
+            Store::ReadOnly { pfs, root } => {
+                let i = self.inode(pfs, root, ino)?;
+                Ok((*i.meta(), i.stored_bytes()))
+            }
+            Store::ReadWrite(v) => {
+                let inum = self.ids.inum(ino.0);
+                let mut m = v.mount();
+                let meta = self.h(m.getattr(&v.label, inum))?;
+                Ok((meta, self.h(m.stored_bytes(&v.label, inum))?))
+            }
+        }
+    }
+
+    /// The attributes of node `ino` from its inode (whose blocks take
+    /// `bytes`), the link count of a directory aside.
+    fn attr_of_meta(&self, ino: u64, m: &InodeMeta, bytes: u64) -> Result<FileAttr, Errno> {
+        attr_of(ino, m, bytes).ok_or_else(|| {
             self.fail(&hammer2::Error::corrupt(
                 format!("inode {} has object type {}", m.inum, m.obj_type.name()),
                 0,
@@ -417,22 +462,22 @@ impl Hammer2Fs {
     /// The attributes of node `ino`, a directory's link count counted
     /// (see `dirlinks`); read-write, the mount must not be locked by the
     /// caller (`attr_locked` is for that).
-    fn attr(&self, ino: u64, m: &InodeMeta) -> Result<FileAttr, Errno> {
+    fn attr(&self, ino: u64, m: &InodeMeta, bytes: u64) -> Result<FileAttr, Errno> {
         // `.snapshot` and what is under it are read views with their own
         // inode numbers: they keep the link counts on disk.
         if m.obj_type != ObjType::Directory || is_snap(ino) {
-            return self.attr_of_meta(ino, m);
+            return self.attr_of_meta(ino, m, bytes);
         }
         match &self.store {
             Store::ReadOnly { pfs, root } => {
-                let mut a = self.attr_of_meta(ino, m)?;
+                let mut a = self.attr_of_meta(ino, m, bytes)?;
                 a.nlink = self.dirlinks.nlink(m.inum, || {
                     let dir = self.inode(pfs, root, INodeNo(ino))?;
                     Ok::<_, Errno>(subdirs(&self.h(pfs.readdir_from(&dir, 0))?))
                 })?;
                 Ok(a)
             }
-            Store::ReadWrite(v) => self.attr_locked(&mut v.mount(), &v.label, ino, m),
+            Store::ReadWrite(v) => self.attr_locked(&mut v.mount(), &v.label, ino, m, bytes),
         }
     }
 
@@ -443,8 +488,9 @@ impl Hammer2Fs {
         label: &str,
         ino: u64,
         m: &InodeMeta,
+        bytes: u64,
     ) -> Result<FileAttr, Errno> {
-        let mut a = self.attr_of_meta(ino, m)?;
+        let mut a = self.attr_of_meta(ino, m, bytes)?;
         if m.obj_type == ObjType::Directory {
             a.nlink = self.dirlinks.nlink(m.inum, || {
                 Ok::<_, Errno>(subdirs(&self.h(mount.readdir(label, m.inum, 0))?))
@@ -455,14 +501,16 @@ impl Hammer2Fs {
 
     /// Node `ino`'s attributes from the mount, locked by the caller.
     fn attr_in(&self, m: &mut Mount, label: &str, ino: u64) -> Result<FileAttr, Errno> {
-        let meta = self.h(m.getattr(label, self.ids.inum(ino)))?;
-        self.attr_locked(m, label, ino, &meta)
+        let inum = self.ids.inum(ino);
+        let meta = self.h(m.getattr(label, inum))?;
+        let bytes = self.h(m.stored_bytes(label, inum))?;
+        self.attr_locked(m, label, ino, &meta, bytes)
     }
 
     /// May the caller do `mask` (R=4, W=2, X=1)? Always, with
     /// `default_permissions` (the kernel has checked).
     fn check(&self, req: &Request, m: &InodeMeta, mask: u32) -> Result<(), Errno> {
-        if !self.check_permissions || inode::permitted(m, req.uid(), req.gid(), mask) {
+        if !self.check_permissions || inode::permitted(m, req.uid(), |g| in_group(req, g), mask) {
             Ok(())
         } else {
             Err(Errno::EACCES)
@@ -484,6 +532,57 @@ impl Hammer2Fs {
             || uid == victim.uid_unix()
             || uid == dir.uid_unix()
         {
+            Ok(())
+        } else {
+            Err(Errno::EPERM)
+        }
+    }
+
+    /// With `-o snapdir`, `.snapshot` at the root is the snapshots'
+    /// directory (the mount refuses an image with a real entry of that
+    /// name, see `has_real_snapdir`): making that name fails with EEXIST
+    /// (`making`), removing or renaming it with EROFS, as any change
+    /// there.
+    fn snapdir_entry(&self, parent: INodeNo, name: &OsStr, making: bool) -> Result<(), Errno> {
+        if self.snapdir.is_some() && parent == INodeNo::ROOT && name.as_bytes() == snapdir::NAME {
+            return Err(if making { Errno::EEXIST } else { Errno::EROFS });
+        }
+        Ok(())
+    }
+
+    /// Whether the PFS root has a real entry named `.snapshot`, which
+    /// `-o snapdir` would hide (the mount is refused then).
+    pub fn has_real_snapdir(&self) -> hammer2::Result<bool> {
+        match &self.store {
+            Store::ReadOnly { pfs, root } => Ok(pfs.lookup(root, snapdir::NAME)?.is_some()),
+            Store::ReadWrite(v) => {
+                let root = hammer2::mount::ROOT_INUM;
+                Ok(v.mount().lookup(&v.label, root, snapdir::NAME)?.is_some())
+            }
+        }
+    }
+
+    /// `fs.protected_hardlinks` (the kernel's `may_linkat`), for a mount
+    /// without `default_permissions`: the kernel asks the filesystem for
+    /// the read and write permission that rule needs, and without
+    /// `default_permissions` FUSE grants it, so the check is here. When
+    /// the sysctl is 1, a caller who neither is root nor owns the source
+    /// may link only a regular file that is not set-user-ID, not
+    /// set-group-ID and group-executable, and that they may read and
+    /// write (EPERM otherwise).
+    fn check_hardlink_source(&self, req: &Request, src: &InodeMeta) -> Result<(), Errno> {
+        if !self.check_permissions || req.uid() == 0 || req.uid() == src.uid_unix() {
+            return Ok(());
+        }
+        if !protected_hardlinks() {
+            return Ok(());
+        }
+        let mode = src.mode;
+        let safe = src.obj_type == ObjType::Regfile
+            && mode & S_ISUID == 0
+            && mode & (S_ISGID | S_IXGRP) != (S_ISGID | S_IXGRP)
+            && inode::permitted(src, req.uid(), |g| in_group(req, g), 6);
+        if safe {
             Ok(())
         } else {
             Err(Errno::EPERM)
@@ -557,7 +656,7 @@ impl Hammer2Fs {
                 return Err(Errno::EPERM);
             }
             let gid = a.gid.unwrap_or(m.gid_unix());
-            if gid != req.gid() {
+            if !in_group(req, gid) {
                 *mode &= !S_ISGID;
             }
         }
@@ -565,7 +664,7 @@ impl Hammer2Fs {
             return Err(Errno::EPERM);
         }
         if a.gid
-            .is_some_and(|g| g != m.gid_unix() && !(owner && g == req.gid()))
+            .is_some_and(|g| g != m.gid_unix() && !(owner && in_group(req, g)))
         {
             return Err(Errno::EPERM);
         }
@@ -701,6 +800,7 @@ impl Hammer2Fs {
         pin: bool,
     ) -> Result<FileAttr, Errno> {
         self.modify(|m, label, now| {
+            self.snapdir_entry(parent, name, true)?;
             let dir = self.dir_for_change(req, m, label, parent)?;
             let is_dir = obj_type == ObjType::Directory;
             let (uid, gid, mode) = new_owner(req, &dir, mode, is_dir);
@@ -742,6 +842,13 @@ impl Hammer2Fs {
         }
         Ok(())
     }
+}
+
+/// `fs.protected_hardlinks` as the kernel has it now (read at each
+/// link, as the kernel does); on when it cannot be read, the side that
+/// refuses.
+fn protected_hardlinks() -> bool {
+    std::fs::read_to_string("/proc/sys/fs/protected_hardlinks").map_or(true, |v| v.trim() != "0")
 }
 
 /// How many of a directory's entries are directories.
@@ -821,8 +928,8 @@ impl Filesystem for Hammer2Fs {
             }
             if parent == INodeNo::ROOT && name.as_bytes() == snapdir::NAME && self.snapdir.is_some()
             {
-                let root = self.meta(parent)?;
-                return self.attr(snapdir::SNAP_BIT, &SnapDir::dir_meta(&root));
+                let (m, bytes) = self.stat(INodeNo(snapdir::SNAP_BIT))?;
+                return self.attr(snapdir::SNAP_BIT, &m, bytes);
             }
             match &self.store {
                 Store::ReadOnly { pfs, root } => {
@@ -836,7 +943,7 @@ impl Filesystem for Hammer2Fs {
                         .ok_or(Errno::ENOENT)?;
                     let ino = self.ids.ino(e.inum);
                     let inode = self.inode(pfs, root, INodeNo(ino))?;
-                    let attr = self.attr(ino, inode.meta())?;
+                    let attr = self.attr(ino, inode.meta(), inode.stored_bytes())?;
                     self.inodes.remember(ino, Some(inode));
                     Ok(attr)
                 }
@@ -849,7 +956,7 @@ impl Filesystem for Hammer2Fs {
                     self.check(req, &dir, 1)?;
                     let meta = self.entry_meta(&mut m, &v.label, parent, name)?;
                     let ino = self.ids.ino(meta.inum);
-                    let attr = self.attr_locked(&mut m, &v.label, ino, &meta)?;
+                    let attr = self.attr_in(&mut m, &v.label, ino)?;
                     self.inodes.remember(ino, None);
                     Ok(attr)
                 }
@@ -868,7 +975,7 @@ impl Filesystem for Hammer2Fs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.meta(ino).and_then(|m| self.attr(ino.0, &m)) {
+        match self.stat(ino).and_then(|(m, b)| self.attr(ino.0, &m, b)) {
             Ok(attr) => reply.attr(&self.ttl, &attr),
             Err(e) => reply.error(e),
         }
@@ -914,8 +1021,8 @@ impl Filesystem for Hammer2Fs {
                 ctime: ctime.map(micros),
             };
             self.check_setattr(req, &meta, &mut a, times_now, fh.is_some())?;
-            let meta = self.h(m.setattr(label, inum, a, now))?;
-            self.attr_locked(m, label, ino.0, &meta)
+            self.h(m.setattr(label, inum, a, now))?;
+            self.attr_in(m, label, ino.0)
         });
         match r {
             Ok(attr) => reply.attr(&self.ttl, &attr),
@@ -971,6 +1078,7 @@ impl Filesystem for Hammer2Fs {
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let r = self.modify(|m, label, now| {
+            self.snapdir_entry(parent, name, false)?;
             let dir = self.dir_for_change(req, m, label, parent)?;
             let victim = self.entry_meta(m, label, parent, name)?;
             self.check_sticky(req, &dir, &victim)?;
@@ -984,6 +1092,7 @@ impl Filesystem for Hammer2Fs {
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let r = self.modify(|m, label, now| {
+            self.snapdir_entry(parent, name, false)?;
             let dir = self.dir_for_change(req, m, label, parent)?;
             let victim = self.entry_meta(m, label, parent, name)?;
             self.check_sticky(req, &dir, &victim)?;
@@ -1008,6 +1117,7 @@ impl Filesystem for Hammer2Fs {
         reply: ReplyEntry,
     ) {
         let r = self.modify(|m, label, now| {
+            self.snapdir_entry(parent, link_name, true)?;
             let dir = self.dir_for_change(req, m, label, parent)?;
             let (uid, gid, _) = new_owner(req, &dir, 0o777, false);
             let target = target.as_os_str().as_bytes();
@@ -1039,6 +1149,8 @@ impl Filesystem for Hammer2Fs {
             if flags.contains(RenameFlags::RENAME_WHITEOUT) {
                 return Err(Errno::EINVAL);
             }
+            self.snapdir_entry(parent, name, false)?;
+            self.snapdir_entry(newparent, newname, false)?;
             let odir = self.dir_for_change(req, m, label, parent)?;
             let ndir = self.dir_for_change(req, m, label, newparent)?;
             let src = self.entry_meta(m, label, parent, name)?;
@@ -1106,8 +1218,10 @@ impl Filesystem for Hammer2Fs {
             return reply.error(Errno::EXDEV);
         }
         let r = self.modify(|m, label, now| {
+            self.snapdir_entry(newparent, newname, true)?;
             self.dir_for_change(req, m, label, newparent)?;
             let inum = self.ids.inum(ino.0);
+            self.check_hardlink_source(req, &self.h(m.getattr(label, inum))?)?;
             let ndir = self.ids.inum(newparent.0);
             self.h(m.link(label, inum, ndir, Self::new_name(newname)?, now))?;
             self.attr_in(m, label, ino.0)
@@ -1419,7 +1533,9 @@ impl Filesystem for Hammer2Fs {
                 // "." and ".." take no reference; their attributes are
                 // ignored but must still be some node's.
                 let dots = name == OsStr::new(".") || name == OsStr::new("..");
-                let attr = self.meta(INodeNo(child)).and_then(|m| self.attr(child, &m));
+                let attr = self
+                    .stat(INodeNo(child))
+                    .and_then(|(m, b)| self.attr(child, &m, b));
                 let (attr, ttl) = match attr {
                     Ok(a) => (a, self.ttl),
                     Err(_) if dots => {
@@ -1436,7 +1552,7 @@ impl Filesystem for Hammer2Fs {
         }
         let r = self.listed_dir(ino).and_then(|dir| {
             let (entries, start) = self.entries_from(fh, ino, offset)?;
-            let attr = self.attr(ino.0, &dir)?;
+            let attr = self.attr(ino.0, &dir, hammer2::pfs::stored_bytes(&dir, 0))?;
             Ok((dir, attr, entries, start))
         });
         let (dir, dir_attr, entries, start) = match r {
@@ -1477,7 +1593,7 @@ impl Filesystem for Hammer2Fs {
             let (inode, attr) = match (&self.store, mount.as_mut()) {
                 (Store::ReadOnly { pfs, root }, _) => match self.inode(pfs, root, INodeNo(child)) {
                     Ok(i) => {
-                        let a = self.attr(child, i.meta()).ok();
+                        let a = self.attr(child, i.meta(), i.stored_bytes()).ok();
                         (Some(i), a)
                     }
                     Err(_) => (None, None),
@@ -1706,16 +1822,17 @@ impl Filesystem for Hammer2Fs {
 
     /// SEEK_DATA and SEEK_HOLE (the kernel answers the other whences):
     /// data is every 64 KiB block the file has; a hole is anything else,
-    /// up to the size.
+    /// up to the size. The same answer read-only (`Pfs::seek_data`), in
+    /// `.snapshot`, and read-write (`Mount::seek_data`, where blocks
+    /// written since the last flush count as data).
     ///
-    /// ENOSYS read-only (no data map in the read view) and with the
-    /// writeback cache; the kernel then answers itself, for good, with
-    /// its own size: all data, the only hole at the end. The writeback
-    /// cache needs that because the kernel asks without writing back
-    /// its dirty pages first (fs/fuse/file.c, `fuse_lseek`): a file just
-    /// written would look like a hole here, and cp(1), which copies by
-    /// SEEK_DATA, would copy zeros. That is why the writeback cache is
-    /// not the default.
+    /// ENOSYS with the writeback cache; the kernel then answers itself,
+    /// for good, with its own size: all data, the only hole at the end.
+    /// The writeback cache needs that because the kernel asks without
+    /// writing back its dirty pages first (fs/fuse/file.c, `fuse_lseek`):
+    /// a file just written would look like a hole here, and cp(1), which
+    /// copies by SEEK_DATA, would copy zeros. That is why the writeback
+    /// cache is not the default.
     fn lseek(
         &self,
         _req: &Request,
@@ -1726,40 +1843,43 @@ impl Filesystem for Hammer2Fs {
         reply: ReplyLseek,
     ) {
         let r = (|| {
-            if is_snap(ino.0) {
-                // A snapshot's file reads as all data: no holes shown
-                // (POSIX allows it), since an ENOSYS here would turn
-                // lseek off for the whole mount.
-                let offset = u64::try_from(offset).map_err(|_| Errno::ENXIO)?;
-                let size = self.snap()?.size(ino.0)?;
-                if offset >= size {
-                    return Err(Errno::ENXIO);
-                }
-                let at = match whence {
-                    libc::SEEK_DATA => offset,
-                    libc::SEEK_HOLE => size,
-                    _ => return Err(Errno::EINVAL),
-                };
-                return i64::try_from(at).map_err(|_| Errno::EOVERFLOW);
-            }
-            let v = match &self.store {
-                Store::ReadWrite(v) if !self.writeback_cache => v,
-                _ => return Err(Errno::ENOSYS),
-            };
-            let offset = u64::try_from(offset).map_err(|_| Errno::ENXIO)?;
-            let inum = self.ids.inum(ino.0);
-            let mut m = v.mount();
-            let size = self.h(m.getattr(&v.label, inum))?.size;
-            if offset >= size {
-                return Err(Errno::ENXIO);
-            }
-            let at = match whence {
-                libc::SEEK_DATA => self
-                    .h(m.seek_data(&v.label, inum, offset))?
-                    .ok_or(Errno::ENXIO)?,
-                libc::SEEK_HOLE => self.h(m.seek_hole(&v.label, inum, offset))?,
+            let data = match whence {
+                libc::SEEK_DATA => true,
+                libc::SEEK_HOLE => false,
                 _ => return Err(Errno::EINVAL),
             };
+            let offset = u64::try_from(offset).map_err(|_| Errno::ENXIO)?;
+            let at = if is_snap(ino.0) {
+                self.snap()?.seek(ino.0, offset, data)?
+            } else {
+                match &self.store {
+                    Store::ReadOnly { pfs, root } => {
+                        let i = self.inode(pfs, root, ino)?;
+                        if data {
+                            self.h(pfs.seek_data(&i, offset))?
+                        } else if offset < i.meta().size {
+                            Some(self.h(pfs.seek_hole(&i, offset))?)
+                        } else {
+                            None
+                        }
+                    }
+                    Store::ReadWrite(v) if !self.writeback_cache => {
+                        let inum = self.ids.inum(ino.0);
+                        let mut m = v.mount();
+                        let size = self.h(m.getattr(&v.label, inum))?.size;
+                        if data {
+                            self.h(m.seek_data(&v.label, inum, offset))?
+                        } else if offset < size {
+                            Some(self.h(m.seek_hole(&v.label, inum, offset))?)
+                        } else {
+                            None
+                        }
+                    }
+                    Store::ReadWrite(_) => return Err(Errno::ENOSYS),
+                }
+            };
+            // At or past the end, and SEEK_DATA with only holes after.
+            let at = at.ok_or(Errno::ENXIO)?;
             i64::try_from(at).map_err(|_| Errno::EOVERFLOW)
         })();
         match r {
@@ -1853,8 +1973,11 @@ mod tests {
     }
 
     #[test]
-    fn times_before_the_epoch_clamp_to_it() {
+    fn times_outside_the_format_clamp_to_its_range() {
         assert_eq!(micros(UNIX_EPOCH - Duration::from_secs(5)), 0);
         assert_eq!(micros(UNIX_EPOCH + Duration::from_micros(1500)), 1500);
+        let last = UNIX_EPOCH + Duration::from_micros(u64::MAX);
+        assert_eq!(micros(last), u64::MAX);
+        assert_eq!(micros(last + Duration::from_secs(1)), u64::MAX);
     }
 }

@@ -242,7 +242,14 @@ fn readdir_continues_across_calls_and_statfs_matches_the_header() {
     let md = std::fs::symlink_metadata(mnt.join("rand_70000.bin")).expect("stat");
     assert_eq!(md.ino(), ino.inum());
     assert_eq!(md.size(), 70000);
-    assert_eq!(md.blocks(), 70000u64.div_ceil(512));
+    // st_blocks: the space its blocks take (two data blocks, no
+    // indirect block), summed from its blockrefs.
+    let stored: u64 = ino.blockset().iter().map(|b| b.data_off.bytes()).sum();
+    assert!(ino
+        .blockset()
+        .iter()
+        .all(|b| b.btype != BlockrefType::Indirect));
+    assert_eq!(md.blocks() * 512, stored);
     assert_eq!(md.blksize(), 65536);
     assert_eq!(md.mtime() as u64, ino.meta().mtime / 1_000_000);
     assert_eq!(md.nlink(), ino.meta().nlinks);

@@ -537,6 +537,30 @@ impl BlockTable {
         Ok(())
     }
 
+    /// The statistics this table adds up to now, as the next flush
+    /// would store them in its parent: loaded indirect blocks are
+    /// counted from their entries in memory, the others from their
+    /// blockrefs. Reads nothing. An indirect block not yet written
+    /// counts at the size it will be written at.
+    pub fn stats_now(&self) -> SetStats {
+        let mut s = SetStats::default();
+        for br in self.entries.iter().filter(|b| !b.is_empty()) {
+            match self.children.get(&br.key) {
+                Some(c) if br.btype == BlockrefType::Indirect => {
+                    let sub = c.table.stats_now();
+                    s.data_count = s
+                        .data_count
+                        .wrapping_add(br.data_off.bytes())
+                        .wrapping_add(sub.data_count);
+                    s.inode_count = s.inode_count.wrapping_add(sub.inode_count);
+                    s.leaf_count += sub.leaf_count;
+                }
+                _ => s.add_child(br),
+            }
+        }
+        s
+    }
+
     /// Drop loaded indirect blocks that are clean, to bound memory.
     pub fn release_clean(&mut self) {
         self.children.retain(|_, c| {
@@ -736,7 +760,11 @@ mod tests {
                 let old = table.delete(&store, k).unwrap();
                 assert_eq!(old, model.remove(&k), "seed {seed} op {i}");
             } else {
+                // What the table adds up to in memory is what the flush
+                // stores.
+                let now = table.stats_now();
                 table.flush(&mut Sink(&store)).unwrap();
+                assert_eq!(now, SetStats::of(table.entries()), "seed {seed} op {i}");
                 if rng.gen_bool(0.5) {
                     table = BlockTable::new(table.entries().to_vec());
                 }

@@ -70,7 +70,8 @@ pub enum Request {
     Mark {
         name: String,
     },
-    /// Flush, then snapshot the mounted PFS as `name`.
+    /// Flush, then snapshot the mounted PFS as `name` (asked on a path
+    /// under `.snapshot/S`: snapshot S).
     Snapshot {
         name: String,
     },
@@ -106,7 +107,7 @@ pub enum Request {
 /// What the daemon serves.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MountInfo {
-    /// The PFS mounted.
+    /// The PFS mounted; asked on a path under `.snapshot/S`, S.
     pub label: String,
     /// The image or device, as the daemon opened it (absolute).
     pub image: Vec<u8>,

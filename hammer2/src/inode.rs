@@ -365,6 +365,30 @@ impl InodeNode {
         self.pending.values().map(|b| b.len() as u64).sum()
     }
 
+    /// The bytes this inode's blocks take on disk (`pfs::stored_bytes`,
+    /// what `st_blocks` reports), as of now: the tree in memory (indirect
+    /// blocks changed since the last flush counted as they will be
+    /// written), with each block written since the last flush counted
+    /// at its uncompressed size in place of the block it replaces. Exact
+    /// once flushed (the flush compresses, and turns zero blocks into holes).
+    /// Replaced blocks are looked up in the tree, which may read
+    /// indirect blocks; one that cannot be read counts as none.
+    pub fn stored_bytes(&mut self, vol: &Volume) -> u64 {
+        if self.obj_type() == ObjType::Directory || self.direct() {
+            return crate::pfs::stored_bytes(&self.data.meta, 0);
+        }
+        let mut bytes = self.table.stats_now().data_count;
+        let size = self.size();
+        let keys: Vec<u64> = self.pending.range(..size).map(|(k, _)| *k).collect();
+        for lbase in keys {
+            bytes = bytes.wrapping_add(crate::flush::physical_block_size(size, lbase));
+            if let Ok(Some(old)) = self.table.lookup(vol, lbase) {
+                bytes = bytes.wrapping_sub(old.data_off.bytes());
+            }
+        }
+        bytes
+    }
+
     /// Set the file size: drop whole blocks past it, zero the tail of
     /// the last one, leave holes when growing.
     pub fn truncate(&mut self, vol: &Volume, size: u64) -> Result<()> {

@@ -364,6 +364,12 @@ impl Mount {
         Ok(self.node(label, inum)?.data.meta)
     }
 
+    /// The bytes an inode's blocks take on disk, as of now (see
+    /// `InodeNode::stored_bytes`): what `st_blocks` reports.
+    pub fn stored_bytes(&mut self, label: &str, inum: u64) -> Result<u64> {
+        self.with_node(label, inum, |vol, n| Ok(n.stored_bytes(vol)))
+    }
+
     /// An inode's meta, the blockref it was last flushed through (EMPTY
     /// if it never was) and its file data waiting for a flush, for
     /// `hammer2 stat`.

@@ -78,6 +78,11 @@ impl Inode {
     pub fn st_mode(&self) -> u32 {
         self.obj_type().mode_bits() | (self.data.meta.mode & 0o7777)
     }
+    /// The bytes the inode's blocks take on disk, for `st_blocks`
+    /// (DragonFly's `va_bytes`, see `stored_bytes`).
+    pub fn stored_bytes(&self) -> u64 {
+        stored_bytes(self.meta(), self.bref.data_count())
+    }
     /// The blockset of an inode without direct data.
     pub fn blockset(&self) -> Vec<Blockref> {
         if self.data.meta.has_direct_data() {
@@ -85,6 +90,21 @@ impl Inode {
         } else {
             self.data.blockset().to_vec()
         }
+    }
+}
+
+/// What `stat` reports as the space an inode takes (DragonFly's
+/// `hammer2_vop_getattr`: `va_bytes`): for a directory one inode block
+/// (its `data_count` would be no measure: a PFS root's counts every
+/// inode of the PFS, which lives under it); for anything else
+/// `data_count`, the physical bytes of every block below the inode (data
+/// blocks as compressed, indirect blocks), as of the flush that wrote
+/// the blockref. Data embedded in the inode takes none.
+pub fn stored_bytes(meta: &InodeMeta, data_count: u64) -> u64 {
+    if meta.obj_type == ObjType::Directory {
+        crate::disk::INODE_BYTES as u64
+    } else {
+        data_count
     }
 }
 
@@ -416,6 +436,51 @@ impl Pfs {
             });
         }
         self.read(ino, 0, size as usize)
+    }
+
+    /// The first data offset at or after `offset` (SEEK_DATA); `None`
+    /// at or past the size, or when only holes follow. Data is every
+    /// 64 KiB block the file has; embedded data is all data. The same
+    /// answer as `Mount::seek_data` gives for a flushed file.
+    pub fn seek_data(&self, ino: &Inode, offset: u64) -> Result<Option<u64>> {
+        let size = ino.meta().size;
+        if offset >= size {
+            return Ok(None);
+        }
+        if ino.meta().has_direct_data() {
+            return Ok(Some(offset));
+        }
+        let mut found = None;
+        chain::scan(&self.vol, &ino.blockset(), offset, size - 1, &mut |br| {
+            if br.btype == BlockrefType::Data && br.key < size {
+                found = Some(br.key.max(offset));
+                return Ok(false);
+            }
+            Ok(true)
+        })
+        .map_err(|e| e.with_place(Some(&self.label), Some(ino.inum()), Some(offset)))?;
+        Ok(found)
+    }
+
+    /// The first hole offset at or after `offset` (SEEK_HOLE): the size
+    /// when no hole comes before it. The same answer as
+    /// `Mount::seek_hole` gives for a flushed file.
+    pub fn seek_hole(&self, ino: &Inode, offset: u64) -> Result<u64> {
+        let size = ino.meta().size;
+        if offset >= size || ino.meta().has_direct_data() {
+            return Ok(size);
+        }
+        let block = crate::disk::DATA_BLOCK_BYTES;
+        let mut pos = offset & !(block - 1);
+        chain::scan(&self.vol, &ino.blockset(), pos, size - 1, &mut |br| {
+            if br.btype != BlockrefType::Data || br.key > pos {
+                return Ok(false);
+            }
+            pos = pos.max(br.key.saturating_add(block));
+            Ok(pos < size)
+        })
+        .map_err(|e| e.with_place(Some(&self.label), Some(ino.inum()), Some(offset)))?;
+        Ok(pos.max(offset).min(size))
     }
 
     /// Read up to `len` bytes at `offset`; short at end of file. Holes

@@ -67,19 +67,59 @@ impl PfsIds {
     }
 }
 
-/// A label DragonFly takes and `IMG@LABEL` can name (mount.hammer2
-/// splits at the last `@`, unless what follows holds a `/`): 1 to 255
-/// bytes, no NUL, `/` or `@`.
-fn check_label(label: &str) -> Result<()> {
-    if label.is_empty() || label.contains(['\0', '/', '@']) {
-        return Err(Error::InvalidArgument {
-            what: format!("PFS label {label:?}"),
-        });
+/// What is wrong with `label` as the name of a new PFS or snapshot, if
+/// anything: the one rule for every place a label is made (mkfs.hammer2
+/// `-L`, pfs-create, snapshot, offline or through a mount). A label is
+/// 1 to 255 bytes; it has no `/` or `@`, so that `IMG@LABEL` names it
+/// (and `IMG@LABEL:/PATH`); it is not `.` or `..` and has no NUL or
+/// other control character, since it is a name under `.snapshot` and a
+/// line of `pfs-list`.
+pub fn label_problem(label: &str) -> Option<&'static str> {
+    if label.is_empty() {
+        Some("is empty")
+    } else if label.len() > LABEL_MAX {
+        Some("is longer than 255 bytes")
+    } else if label == "." || label == ".." {
+        Some("is . or ..")
+    } else if label.contains(['/', '@']) {
+        Some("holds a '/' or '@' (IMG@LABEL could not name it)")
+    } else if label.chars().any(char::is_control) {
+        Some("holds a control character")
+    } else {
+        None
     }
-    if label.len() > LABEL_MAX {
-        return Err(Error::NameTooLong { len: label.len() });
+}
+
+/// Split `IMG[@LABEL]` as every tool does (mount.hammer2, the `hammer2`
+/// verbs): a `spec` that names an existing file (`exists`) is the image
+/// whole, so `mail@x.img` mounts the file of that name; otherwise the
+/// label is what follows the last `@`, unless that is empty or holds a
+/// `/` (then the `@` belongs to a directory name) or nothing precedes
+/// it. Labels have no `@` (`label_problem`), so the last one is the
+/// split.
+pub fn split_image_spec(
+    spec: &str,
+    exists: impl Fn(&std::path::Path) -> bool,
+) -> (std::path::PathBuf, Option<String>) {
+    if !exists(std::path::Path::new(spec)) {
+        if let Some((img, label)) = spec.rsplit_once('@') {
+            if !img.is_empty() && !label.is_empty() && !label.contains('/') {
+                return (img.into(), Some(label.to_string()));
+            }
+        }
     }
-    Ok(())
+    (spec.into(), None)
+}
+
+/// `label_problem` as an error (EINVAL; ENAMETOOLONG when too long).
+pub fn check_label(label: &str) -> Result<()> {
+    match label_problem(label) {
+        None => Ok(()),
+        Some(_) if label.len() > LABEL_MAX => Err(Error::NameTooLong { len: label.len() }),
+        Some(why) => Err(Error::InvalidArgument {
+            what: format!("PFS label {label:?} {why}"),
+        }),
+    }
 }
 
 impl Mount {
@@ -256,5 +296,56 @@ impl Mount {
         self.flush()?;
         log::info!("PFS {label} deleted");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[test]
+    fn labels_follow_one_rule() {
+        for good in ["DATA", "a.b", "SNAP-1 2", "é", &"x".repeat(255)] {
+            assert_eq!(label_problem(good), None, "{good:?}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "a@b",
+            "a\nb",
+            "a\0b",
+            "\x7f",
+            &"x".repeat(256),
+        ] {
+            assert!(label_problem(bad).is_some(), "{bad:?}");
+            assert!(check_label(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn specs_split_at_the_last_at_unless_the_whole_names_a_file() {
+        let none = |_: &std::path::Path| false;
+        let split = |s: &str| split_image_spec(s, none);
+        assert_eq!(split("disk.img"), (PathBuf::from("disk.img"), None));
+        assert_eq!(split("d.img@S"), (PathBuf::from("d.img"), Some("S".into())));
+        assert_eq!(split("/a@b/d.img"), (PathBuf::from("/a@b/d.img"), None));
+        assert_eq!(
+            split("/a@b/d@x.img@L"),
+            (PathBuf::from("/a@b/d@x.img"), Some("L".into()))
+        );
+        assert_eq!(split("d.img@"), (PathBuf::from("d.img@"), None));
+        assert_eq!(split("@L"), (PathBuf::from("@L"), None));
+        let mail = |p: &std::path::Path| p == std::path::Path::new("mail@x.img");
+        assert_eq!(
+            split_image_spec("mail@x.img", mail),
+            (PathBuf::from("mail@x.img"), None)
+        );
+        assert_eq!(
+            split_image_spec("mail@x.img@L", mail),
+            (PathBuf::from("mail@x.img"), Some("L".into()))
+        );
     }
 }

@@ -263,6 +263,9 @@ impl NewfsOptions {
                     INODE_MAXNAME - 1
                 )));
             }
+            if let Some(why) = hammer2::pfsops::label_problem(label) {
+                return Err(invalid(format!("Volume label {label:?} {why}")));
+            }
             if seen.contains(&label.as_str()) {
                 return Err(invalid(format!(
                     "Volume label '{label}' given twice (LOCAL is always created)"
@@ -994,6 +997,10 @@ mod tests {
         assert!(with(&["A", "A"]).validate().is_err());
         assert!(with(&[&"x".repeat(255)]).validate().is_ok());
         assert!(with(&[&"x".repeat(256)]).validate().is_err());
+        // The labels pfs-create refuses: IMG@LABEL could not name them.
+        for bad in ["a/b", "a@b", ".", "..", "a\nb", "a\tb"] {
+            assert!(with(&[bad]).validate().is_err(), "{bad:?}");
+        }
         let bad_version = NewfsOptions {
             version: 3,
             ..NewfsOptions::default()

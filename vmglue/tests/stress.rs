@@ -7,7 +7,8 @@
 //! - no page is owned twice: an exclusive owner stamps a token in the frame
 //!   and finds it intact at release; shared readers and the pager find no
 //!   token;
-//! - a wired page is never reclaimed.
+//! - a wired page is never reclaimed, nor freed while the thread that
+//!   wired it still holds the wire.
 //!
 //! and at the end `Vm::verify`: every page on exactly one queue or
 //! Offline, counters equal to the lists, index and keys in bijection.
@@ -127,11 +128,23 @@ fn worker(vm: &Vm, obj: ObjectId, seed: u64, ops: usize, errors: &AtomicUsize) {
                 }
             }
             _ => {
+                // Aim at this thread's own wired pages now and then, so the
+                // exact check below runs often.
+                let i = match wired.len() {
+                    n if n > 0 && rng.gen_bool(0.2) => wired[rng.gen_range(0..n)],
+                    _ => i,
+                };
                 if let Some(h) = vm.lookup(key(obj, i)) {
+                    // Only this thread's own wirings are known to hold
+                    // through the free: another thread's may be dropped at
+                    // any moment (unwire needs no busy), so a wire count
+                    // read here can fall to zero before `free` looks.
+                    let wired_here = wired.contains(&i);
                     let b = h.busy_exclusive();
-                    let was_wired = b.wire_count() > 0;
-                    let freed = b.free();
-                    if freed && was_wired {
+                    if wired_here && b.wire_count() == 0 {
+                        fail("page wired by this thread has wire count zero");
+                    }
+                    if b.free() && wired_here {
                         fail("wired page freed");
                     }
                 }

@@ -273,6 +273,62 @@ pub struct Image {
     _lock: Option<bufcache::imagelock::WriterLock>,
 }
 
+/// A path the tool was given that is on no running mount.hammer2, and
+/// so must be an image: a regular file or a block device. A directory is
+/// "not a hammer2 mount" (the caller meant one); anything else is not
+/// an image. A path that does not exist passes (opening it says so).
+pub fn check_image_path(path: &Path) -> Result<(), CmdError> {
+    check_path(path, true)
+}
+
+/// `check_image_path` for a verb that takes an image only (`mounts`
+/// false: a directory is then "not a HAMMER2 image").
+pub fn check_path(path: &Path, mounts: bool) -> Result<(), CmdError> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let t = meta.file_type();
+    if t.is_dir() && !mounts {
+        return Err(CmdError::Fail(format!(
+            "{}: not a HAMMER2 image (a directory)",
+            path.display()
+        )));
+    }
+    if t.is_dir() {
+        return Err(CmdError::Fail(format!(
+            "{}: not a hammer2 mount (a directory on no running mount.hammer2; \
+             name a mountpoint of mount.hammer2, a path in one, or an image)",
+            path.display()
+        )));
+    }
+    if !t.is_file() && !t.is_block_device() {
+        return Err(CmdError::Fail(format!(
+            "{}: not a HAMMER2 image (neither a regular file nor a block device)",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The error for an image whose volume did not open: when no header
+/// slot holds the HAMMER2 magic it is no HAMMER2 image at all (not a
+/// damaged one).
+pub fn volume_error(
+    path: &Path,
+    dev: &dyn BlockDevice,
+    what: &str,
+    e: &hammer2::Error,
+) -> CmdError {
+    match mkfs::newfs::find_hammer2(dev) {
+        Ok(None) => CmdError::Fail(format!(
+            "{}: not a hammer2 mount or HAMMER2 image (no volume header)",
+            path.display()
+        )),
+        _ => CmdError::Fail(format!("{}: {what}: {e}", path.display())),
+    }
+}
+
 impl Image {
     /// An image named directly, to read: first wait for a mount of it
     /// that was unmounted to write its last flush, and warn when a live
@@ -301,6 +357,7 @@ impl Image {
     }
 
     fn open(path: &Path) -> Result<Image, CmdError> {
+        check_image_path(path)?;
         let dev = FileDevice::open(path, false)
             .map_err(|e| CmdError::Fail(format!("{}: {e}", path.display())))?;
         Ok(Image {
@@ -312,7 +369,8 @@ impl Image {
 
     /// The volume, with its header chosen as a mount would.
     pub fn volume(&self) -> Result<Volume, CmdError> {
-        Volume::open(self.dev.clone()).map_err(|e| self.fail("cannot open volume", &e))
+        Volume::open(self.dev.clone())
+            .map_err(|e| volume_error(&self.path, self.dev.as_ref(), "cannot open volume", &e))
     }
 
     /// Every header copy the device has room for.

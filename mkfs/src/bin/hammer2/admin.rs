@@ -28,15 +28,12 @@ pub fn now_micros() -> u64 {
         .unwrap_or(0)
 }
 
-/// Split `IMG@LABEL` as mount.hammer2 does: the label is what follows
-/// the last `@`, unless that contains a `/`.
+/// Split `IMG@LABEL` as mount.hammer2 does
+/// (`hammer2::pfsops::split_image_spec`): a spec naming an existing file
+/// is the image; otherwise the label is what follows the last `@`,
+/// unless that contains a `/`.
 pub fn split_spec(spec: &str) -> (PathBuf, Option<String>) {
-    match spec.rsplit_once('@') {
-        Some((img, label)) if !label.contains('/') && !img.is_empty() => {
-            (PathBuf::from(img), Some(label.to_string()))
-        }
-        _ => (PathBuf::from(spec), None),
-    }
+    hammer2::pfsops::split_image_spec(spec, |p| p.exists())
 }
 
 /// Open `path` read-write as a `Mount`, holding the image's writer locks
@@ -45,6 +42,7 @@ pub fn split_spec(spec: &str) -> (PathBuf, Option<String>) {
 /// tool, is refused; a mount that was unmounted is waited for until it
 /// has written its last flush.
 pub fn open_rw(path: &Path) -> Result<(Image, Mount), CmdError> {
+    crate::check_image_path(path)?;
     let dev = FileDevice::open(path, true)
         .map_err(|e| CmdError::Fail(format!("{}: {e}", path.display())))?;
     let lock = bufcache::imagelock::lock_writer(path, false, || {
@@ -65,7 +63,9 @@ pub fn open_rw(path: &Path) -> Result<(Image, Mount), CmdError> {
         dev: dev.clone(),
         _lock: Some(lock),
     };
-    let m = Mount::open(dev).map_err(|e| img.fail("cannot open volume read-write", &e))?;
+    let m = Mount::open(dev.clone()).map_err(|e| {
+        crate::volume_error(path, dev.as_ref(), "cannot open volume read-write", &e)
+    })?;
     Ok((img, m))
 }
 

@@ -105,6 +105,7 @@ pub fn run(log: &Path, img: &Path, plan: &Plan, out: &mut dyn Write) -> Result<u
     let index = open_log(log)?;
     let upto = index.resolve(&plan.stop).map_err(CmdError::Fail)?;
     let shown = img.display();
+    crate::check_path(img, false)?;
     let file = File::open(img).map_err(|e| CmdError::Fail(format!("{shown}: {e}")))?;
     // Replaying writes the image, in place: not while anything else
     // writes it or a read-only mount shows it, by any name (a mount of
