@@ -69,6 +69,15 @@ pub fn open_rw(path: &Path) -> Result<(Image, Mount), CmdError> {
     Ok((img, m))
 }
 
+/// After a verb's change: the headers that free what its flushes
+/// dropped (`Mount::reclaim`), so the freemap left on the image shows
+/// them free.
+pub fn finish(img: &Image, m: &mut Mount) -> Result<(), CmdError> {
+    m.reclaim()
+        .map(|_| ())
+        .map_err(|e| img.fail("the last flush", &e))
+}
+
 /// DragonFly's default snapshot name: `LABEL.YYYYMMDD.HHMMSS` (here in
 /// UTC; DragonFly uses local time).
 pub fn default_snapshot_name(label: &str, micros: u64) -> String {
@@ -87,6 +96,7 @@ pub fn snapshot(spec: &str, name: Option<&str>, out: &mut dyn Write) -> Result<u
     let t = Instant::now();
     m.snapshot(&label, &name, now)
         .map_err(|e| img.fail(&format!("snapshot of {label} as {name}"), &e))?;
+    finish(&img, &mut m)?;
     writeln!(out, "created snapshot {name}")?;
     log::info!("snapshot took {:?}", t.elapsed());
     Ok(0)
@@ -97,6 +107,7 @@ pub fn pfs_create(path: &Path, label: &str, out: &mut dyn Write) -> Result<u64, 
     let (img, mut m) = open_rw(path)?;
     m.pfs_create(label, now_micros())
         .map_err(|e| img.fail(&format!("pfs_create({label})"), &e))?;
+    finish(&img, &mut m)?;
     writeln!(out, "hammer2: pfs_create({label}): SUCCESS")?;
     Ok(0)
 }
@@ -106,6 +117,7 @@ pub fn pfs_delete(path: &Path, label: &str, out: &mut dyn Write) -> Result<u64, 
     let (img, mut m) = open_rw(path)?;
     m.pfs_delete(label)
         .map_err(|e| img.fail(&format!("pfs_delete({label})"), &e))?;
+    finish(&img, &mut m)?;
     writeln!(out, "hammer2: pfs_delete({label}): SUCCESS")?;
     Ok(0)
 }
@@ -155,6 +167,7 @@ pub fn bulkfree(path: &Path, single_pass: bool, out: &mut dyn Write) -> Result<u
         freed += st.sync.freed;
         staged = st.sync.staged;
     }
+    finish(&img, &mut m)?;
     drop(m);
     space_line(&img, "after", out)?;
     let block = hammer2::disk::FREEMAP_BLOCK_SIZE;

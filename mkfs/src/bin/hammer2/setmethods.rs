@@ -105,6 +105,7 @@ pub fn run(
         .map_err(|e| img.fail(&format!("{name} on {target}"), &e))?;
         m.flush()
             .map_err(|e| img.fail(&format!("flush after {name} on {target}"), &e))?;
+        crate::admin::finish(&img, &mut m)?;
         for l in lines {
             writeln!(out, "{l}")?;
         }
