@@ -577,8 +577,9 @@ impl Inner {
             return;
         }
         let base = (index + 1) * FRAME_BYTES as u64;
-        let mut bounce = vec![0u8; pages.len() * FRAME_BYTES];
-        if let Err(e) = self.dev.read_at(&mut bounce, base) {
+        let mut aligned = crate::aligned::AlignedBuf::new(pages.len() * FRAME_BYTES);
+        let bounce = &mut aligned.as_mut_slice()[..pages.len() * FRAME_BYTES];
+        if let Err(e) = self.dev.read_at(bounce, base) {
             log::debug!("bufcache: read-ahead at {base:#x} failed: {e}");
             for p in pages {
                 p.free();
