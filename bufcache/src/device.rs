@@ -20,6 +20,13 @@ pub trait BlockDevice: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Make all completed writes durable.
     fn barrier(&self) -> io::Result<()>;
+    /// `read_at` if it needs no device I/O: true when `buf` was filled
+    /// from memory, false when reading would have to wait for the device
+    /// (nothing is read then). Devices that hold everything in memory,
+    /// and those without a cache, read and say true.
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        self.read_at(buf, offset).map(|()| true)
+    }
     /// Put a named mark in the device's write log, for devices that keep
     /// one (recording, log-writes). Others refuse with `Unsupported`.
     fn mark(&self, name: &str) -> io::Result<()> {

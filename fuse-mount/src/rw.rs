@@ -73,6 +73,9 @@ struct FlushState {
 
 pub struct RwVolume {
     mount: Mutex<Mount>,
+    /// The device under the mount (through its buffer cache), for
+    /// reading what a locked unit missed (`locked`) without the lock.
+    dev: Arc<dyn bufcache::BlockDevice>,
     /// The PFS served.
     pub label: String,
     flush: Mutex<FlushState>,
@@ -101,6 +104,10 @@ pub struct RwVolume {
     flusher: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// Runs of a locked unit that missed the cache (`RwVolume::locked`)
+/// before it runs with its reads allowed to wait for the device.
+const MISS_RETRIES: usize = 8;
+
 /// A background bulkfree starts only when at least this much (or 1% of
 /// the volume, if less) waits for it.
 const AUTOBULKFREE_MIN_BYTES: u64 = 256 << 20;
@@ -123,6 +130,7 @@ impl RwVolume {
     ) -> RwVolume {
         let (writer, live) = lock.map(|l| (l.writer, l.mounted)).unzip();
         RwVolume {
+            dev: mount.volume().device().clone(),
             mount: Mutex::new(mount),
             label,
             flush: Mutex::new(FlushState::default()),
@@ -224,9 +232,54 @@ impl RwVolume {
         }
     }
 
-    /// The mount, for one operation.
+    /// The mount, for the flusher and administration, which may read
+    /// from the device with it locked (requests use `locked`).
     pub fn mount(&self) -> MutexGuard<'_, Mount> {
         lock(&self.mount)
+    }
+
+    /// Run `f` with the mount locked and no device I/O under the lock
+    /// (`hammer2::volume::cache_only`): when `f` needed a block that is
+    /// not in the buffer cache, it failed before changing anything; the
+    /// block is read with the lock released and `f` runs again. So a
+    /// request never waits for the device while it holds the lock that
+    /// every other request needs. A unit whose blocks keep being evicted
+    /// before it runs again (a tiny cache), or whose read fails, runs once
+    /// more with its reads allowed to wait, so it always ends, with the
+    /// device's own error if it has one.
+    pub fn locked<T>(&self, mut f: impl FnMut(&mut Mount) -> T) -> T {
+        let mut attempt = 0;
+        loop {
+            let cache_only = attempt < MISS_RETRIES;
+            let r = {
+                let mut m = lock(&self.mount);
+                let _mode = cache_only.then(hammer2::volume::cache_only);
+                hammer2::volume::take_miss();
+                f(&mut m)
+            };
+            match hammer2::volume::take_miss() {
+                Some((at, bytes)) if cache_only => {
+                    attempt += 1;
+                    if !self.prefetch(at, bytes) {
+                        attempt = MISS_RETRIES;
+                    }
+                }
+                _ => return r,
+            }
+        }
+    }
+
+    /// Read `bytes` at `at` into the buffer cache (the lock not held).
+    /// False when the read fails.
+    fn prefetch(&self, at: u64, bytes: u64) -> bool {
+        let mut buf = vec![0u8; bytes as usize];
+        match self.dev.read_at(&mut buf, at) {
+            Ok(()) => true,
+            Err(e) => {
+                log::debug!("read of {bytes} bytes at {at:#x} for a request failed: {e}");
+                false
+            }
+        }
     }
 
     /// Run `f` on the mount between two flushes: no pipelined flush is

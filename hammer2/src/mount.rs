@@ -384,6 +384,13 @@ impl Mount {
 
     /// Look `name` up in directory `dir`.
     pub fn lookup(&mut self, label: &str, dir: u64, name: &[u8]) -> Result<Option<u64>> {
+        Ok(self.lookup_key(label, dir, name)?.map(|(_, inum)| inum))
+    }
+
+    /// `lookup`, with the entry's key: (key, inode number). Removing the
+    /// entry by its key reads nothing again (see `volume::CacheOnly`: an
+    /// operation reads before it changes anything).
+    fn lookup_key(&mut self, label: &str, dir: u64, name: &[u8]) -> Result<Option<(u64, u64)>> {
         self.with_node(label, dir, |vol, d| {
             if d.obj_type() != ObjType::Directory {
                 return Err(Error::NotDir {
@@ -393,7 +400,7 @@ impl Mount {
             match d.dir_lookup(vol, name)? {
                 Some((key, h)) => {
                     check_named(dir, key, name, h.inum)?;
-                    Ok(Some(h.inum))
+                    Ok(Some((key, h.inum)))
                 }
                 None => Ok(None),
             }
@@ -471,8 +478,8 @@ impl Mount {
             len: buf.len() as u64,
         };
         let new_blocks = self.with_node(label, inum, |_, n| Ok(n.new_pending_blocks(change)))?;
-        self.admit_change(label, &[inum], 0, new_blocks, Tier::Normal)?;
-        self.with_node(label, inum, |vol, n| {
+        let cost = self.admit_change(label, &[inum], 0, new_blocks, Tier::Normal)?;
+        let r = self.with_node(label, inum, |vol, n| {
             if n.obj_type() != ObjType::Regfile {
                 return Err(Error::InvalidArgument {
                     what: format!("write to a {}", n.obj_type().name()),
@@ -482,7 +489,8 @@ impl Mount {
             n.data.meta.mtime = now;
             n.data.meta.ctime = now;
             Ok(())
-        })
+        });
+        self.unadmit(cost, r)
     }
 
     pub fn setattr(&mut self, label: &str, inum: u64, a: SetAttr, now: u64) -> Result<InodeMeta> {
@@ -499,8 +507,8 @@ impl Mount {
                 tier = Tier::Delete;
             }
         }
-        self.admit_change(label, &[inum], 0, blocks, tier)?;
-        self.with_node(label, inum, |vol, n| {
+        let cost = self.admit_change(label, &[inum], 0, blocks, tier)?;
+        let r = self.with_node(label, inum, |vol, n| {
             if let Some(size) = a.size {
                 // Only regular files have a size to set (DragonFly:
                 // EINVAL for anything else; a directory is EISDIR as
@@ -542,7 +550,8 @@ impl Mount {
             m.ctime = a.ctime.unwrap_or(now);
             n.dirty = true;
             Ok(n.data.meta)
-        })
+        });
+        self.unadmit(cost, r)
     }
 
     /// Whether inode `inum` already waits for the flush (its rewrite is
@@ -568,7 +577,7 @@ impl Mount {
         dirents: u64,
         blocks: u64,
         tier: Tier,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let mut counted: Vec<u64> = Vec::with_capacity(inodes.len());
         let mut n = 0u64;
         for &inum in inodes {
@@ -582,12 +591,24 @@ impl Mount {
         let bytes = n * INODE_ADMIT_BYTES
             + dirents * DIRENT_ADMIT_BYTES
             + blocks.saturating_mul(DATA_ADMIT_BYTES);
-        self.admit(bytes, tier)
+        self.admit(bytes, tier)?;
+        Ok(bytes)
+    }
+
+    /// Give back what `admit_change` admitted for a change that failed
+    /// before it changed anything (a read error, or a block not cached:
+    /// `volume::CacheOnly`), so retries do not count it again.
+    fn unadmit<T>(&mut self, bytes: u64, r: Result<T>) -> Result<T> {
+        if r.is_err() {
+            self.admitted = self.admitted.saturating_sub(bytes);
+        }
+        r
     }
 
     /// Admit the rewrite of inode `inum` alone (a change to its meta).
     pub(crate) fn admit_inode_change(&mut self, label: &str, inum: u64) -> Result<()> {
         self.admit_change(label, &[inum], 0, 0, Tier::Normal)
+            .map(|_| ())
     }
 
     /// Admit `bytes` more for the next flush, or fail with NoSpace.
@@ -748,6 +769,7 @@ impl Mount {
         }
         self.check_new_name(label, dir, name)?;
         self.admit_change(label, &[dir, NEW_INODE], 1, 0, Tier::Normal)?;
+        crate::volume::allow_io();
         let inum = self.alloc_inum(label)?;
         let mut data = new_meta(obj_type, inum, &dmeta, mode, uid, gid, now);
         if matches!(obj_type, ObjType::Cdev | ObjType::Bdev) {
@@ -780,6 +802,7 @@ impl Mount {
         }
         self.check_new_name(label, dir, name)?;
         self.admit_change(label, &[dir, NEW_INODE], 1, 0, Tier::Normal)?;
+        crate::volume::allow_io();
         let inum = self.alloc_inum(label)?;
         let data = new_meta(ObjType::Directory, inum, &dmeta, mode, uid, gid, now);
         self.pfs_mut(label)?
@@ -848,6 +871,7 @@ impl Mount {
             ));
         }
         self.admit_change(label, &[inum, dir], 1, 0, Tier::Normal)?;
+        crate::volume::allow_io();
         self.add_entry(label, dir, name, inum, m.obj_type, now)?;
         self.with_node(label, inum, |_, n| {
             n.data.meta.nlinks += 1;
@@ -931,11 +955,9 @@ impl Mount {
             .unwrap_or(0)
     }
 
-    fn remove_entry(&mut self, label: &str, dir: u64, name: &[u8], now: u64) -> Result<()> {
+    /// Remove the entry at `key` (from `lookup_key`) of directory `dir`.
+    fn remove_entry(&mut self, label: &str, dir: u64, key: u64, now: u64) -> Result<()> {
         self.with_node(label, dir, |vol, d| {
-            let (key, _) = d.dir_lookup(vol, name)?.ok_or_else(|| Error::NotFound {
-                what: String::from_utf8_lossy(name).into_owned(),
-            })?;
             d.dir_remove(vol, key)?;
             d.data.meta.mtime = now;
             d.data.meta.ctime = now;
@@ -946,8 +968,8 @@ impl Mount {
     /// unlink(2): remove a non-directory entry.
     pub fn unlink(&mut self, label: &str, dir: u64, name: &[u8], now: u64) -> Result<()> {
         self.writable()?;
-        let inum = self
-            .lookup(label, dir, name)?
+        let (key, inum) = self
+            .lookup_key(label, dir, name)?
             .ok_or_else(|| Error::NotFound {
                 what: String::from_utf8_lossy(name).into_owned(),
             })?;
@@ -957,15 +979,16 @@ impl Mount {
             });
         }
         self.admit_change(label, &[dir, inum], 1, 0, Tier::Delete)?;
-        self.remove_entry(label, dir, name, now)?;
+        crate::volume::allow_io();
+        self.remove_entry(label, dir, key, now)?;
         self.drop_link(label, inum, now)
     }
 
     /// rmdir(2): remove an empty directory.
     pub fn rmdir(&mut self, label: &str, dir: u64, name: &[u8], now: u64) -> Result<()> {
         self.writable()?;
-        let inum = self
-            .lookup(label, dir, name)?
+        let (key, inum) = self
+            .lookup_key(label, dir, name)?
             .ok_or_else(|| Error::NotFound {
                 what: String::from_utf8_lossy(name).into_owned(),
             })?;
@@ -983,7 +1006,8 @@ impl Mount {
             });
         }
         self.admit_change(label, &[dir, inum], 1, 0, Tier::Delete)?;
-        self.remove_entry(label, dir, name, now)?;
+        crate::volume::allow_io();
+        self.remove_entry(label, dir, key, now)?;
         self.drop_link(label, inum, now)
     }
 
@@ -1025,12 +1049,12 @@ impl Mount {
                 what: "rename target name".into(),
             });
         }
-        let src = self
-            .lookup(label, odir, oname)?
+        let (okey, src) = self
+            .lookup_key(label, odir, oname)?
             .ok_or_else(|| Error::NotFound {
                 what: String::from_utf8_lossy(oname).into_owned(),
             })?;
-        let dst = self.lookup(label, ndir, nname)?;
+        let dst_entry = self.lookup_key(label, ndir, nname)?;
         let smeta = self.getattr(label, src)?;
         if smeta.obj_type == ObjType::Directory && self.is_ancestor(label, src, ndir)? {
             return Err(Error::InvalidArgument {
@@ -1043,7 +1067,7 @@ impl Mount {
             });
         }
         if flags.exchange {
-            let dst = dst.ok_or_else(|| Error::NotFound {
+            let (nkey, dst) = dst_entry.ok_or_else(|| Error::NotFound {
                 what: String::from_utf8_lossy(nname).into_owned(),
             })?;
             if dst == src {
@@ -1056,15 +1080,16 @@ impl Mount {
                 });
             }
             self.admit_change(label, &[odir, ndir, src, dst], 4, 0, Tier::Normal)?;
-            self.remove_entry(label, odir, oname, now)?;
-            self.remove_entry(label, ndir, nname, now)?;
+            crate::volume::allow_io();
+            self.remove_entry(label, odir, okey, now)?;
+            self.remove_entry(label, ndir, nkey, now)?;
             self.add_entry(label, odir, oname, dst, dmeta.obj_type, now)?;
             self.add_entry(label, ndir, nname, src, smeta.obj_type, now)?;
             self.reparent(label, src, ndir, now)?;
             self.reparent(label, dst, odir, now)?;
             return Ok(());
         }
-        if let Some(dst) = dst {
+        if let Some((nkey, dst)) = dst_entry {
             if dst == src {
                 return Ok(());
             }
@@ -1098,12 +1123,14 @@ impl Mount {
                 (false, false) => {}
             }
             self.admit_change(label, &[odir, ndir, src, dst], 3, 0, Tier::Normal)?;
-            self.remove_entry(label, ndir, nname, now)?;
+            crate::volume::allow_io();
+            self.remove_entry(label, ndir, nkey, now)?;
             self.drop_link(label, dst, now)?;
         } else {
             self.admit_change(label, &[odir, ndir, src], 2, 0, Tier::Normal)?;
+            crate::volume::allow_io();
         }
-        self.remove_entry(label, odir, oname, now)?;
+        self.remove_entry(label, odir, okey, now)?;
         self.add_entry(label, ndir, nname, src, smeta.obj_type, now)?;
         self.reparent(label, src, ndir, now)
     }
@@ -1158,8 +1185,8 @@ impl Mount {
                 what: format!("fallocate on a {}", t.name()),
             });
         }
-        self.admit_change(label, &[inum], 0, reserve + grow, Tier::Normal)?;
-        self.with_node(label, inum, |vol, n| {
+        let cost = self.admit_change(label, &[inum], 0, reserve + grow, Tier::Normal)?;
+        let r = self.with_node(label, inum, |vol, n| {
             if !keep_size && end > size {
                 n.truncate(vol, end)?;
                 n.data.meta.mtime = now;
@@ -1167,7 +1194,8 @@ impl Mount {
             }
             n.reserve(offset, end);
             Ok(())
-        })
+        });
+        self.unadmit(cost, r)
     }
 
     /// FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: `[offset,
@@ -1192,13 +1220,14 @@ impl Mount {
                 what: format!("hole punch in a {}", t.name()),
             });
         }
-        self.admit_change(label, &[inum], 0, blocks, Tier::Delete)?;
-        self.with_node(label, inum, |vol, n| {
+        let cost = self.admit_change(label, &[inum], 0, blocks, Tier::Delete)?;
+        let r = self.with_node(label, inum, |vol, n| {
             n.punch(vol, offset, len)?;
             n.data.meta.mtime = now;
             n.data.meta.ctime = now;
             Ok(())
-        })
+        });
+        self.unadmit(cost, r)
     }
 
     /// First data offset at or after `offset` (SEEK_DATA); `None` past
