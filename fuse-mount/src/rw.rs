@@ -638,3 +638,170 @@ impl RwVolume {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bufcache::{BlockDevice, BufCache, CachedDevice, MemDevice};
+    use hammer2::mount::ROOT_INUM;
+    use std::sync::mpsc;
+
+    /// A memory device whose reads of one range wait until released.
+    struct Stalling {
+        mem: MemDevice,
+        /// (start, end) of the stalled range, while armed.
+        armed: Mutex<Option<(u64, u64)>>,
+        cv: Condvar,
+        stalled: AtomicU64,
+    }
+
+    impl Stalling {
+        fn release(&self) {
+            *self.armed.lock().unwrap() = None;
+            self.cv.notify_all();
+        }
+    }
+
+    impl BlockDevice for Stalling {
+        fn size_bytes(&self) -> u64 {
+            self.mem.size_bytes()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            let mut a = self.armed.lock().unwrap();
+            while let Some((s, e)) = *a {
+                if offset >= e || offset + buf.len() as u64 <= s {
+                    break;
+                }
+                self.stalled.fetch_add(1, Ordering::SeqCst);
+                a = self.cv.wait(a).unwrap();
+            }
+            drop(a);
+            self.mem.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.mem.write_at(buf, offset)
+        }
+        fn barrier(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Within `limit`, or the test fails (a watchdog, not a timing).
+    fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(limit)
+            .expect("a request waited behind a read stalled in another request")
+    }
+
+    /// A read that waits for the device forever (a stalled disk, a lost
+    /// network block device) holds no lock: requests on other files go
+    /// on, reads, writes and creations alike, and the stalled one ends
+    /// with the right bytes once the device answers. Before, the reader
+    /// held the mount's lock through its device read.
+    #[test]
+    fn a_stalled_read_does_not_stop_requests_on_other_files() {
+        let dev = Arc::new(Stalling {
+            mem: MemDevice::new(1 << 30),
+            armed: Mutex::new(None),
+            cv: Condvar::new(),
+            stalled: AtomicU64::new(0),
+        });
+        mkfs::newfs::newfs(dev.as_ref(), &mkfs::newfs::NewfsOptions::default()).unwrap();
+        let a_data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (a, b) = {
+            let mut m = Mount::open(dev.clone()).unwrap();
+            let mut mk = |name: &[u8], data: &[u8]| {
+                let f = m
+                    .create(
+                        "DATA",
+                        ROOT_INUM,
+                        name,
+                        hammer2::disk::ObjType::Regfile,
+                        0o644,
+                        0,
+                        0,
+                        (0, 0),
+                        1,
+                    )
+                    .unwrap();
+                m.write("DATA", f, 0, data, 1).unwrap();
+                f
+            };
+            let a = mk(b"a", &a_data);
+            let b = mk(b"b", b"bee");
+            m.flush().unwrap();
+            (a, b)
+        };
+        // A's first data block, from what the flush left on the media.
+        let a_block = {
+            let vol = Arc::new(hammer2::Volume::open(dev.clone()).unwrap());
+            let pfs = hammer2::Pfs::open(vol.clone(), "DATA").unwrap();
+            let ino = pfs.resolve("/a").unwrap();
+            hammer2::chain::collect(&vol, &ino.blockset(), 0, 0)
+                .unwrap()
+                .into_iter()
+                .find(|br| br.key == 0)
+                .expect("a's block 0")
+                .data_off
+        };
+        // A mount with a cold buffer cache over the device.
+        let cache = BufCache::open(dev.clone(), 16 << 20).unwrap();
+        let cached: Arc<dyn BlockDevice> = Arc::new(CachedDevice::new(cache));
+        let v = Arc::new(RwVolume::new(
+            Mount::open(cached).unwrap(),
+            "DATA".into(),
+            None,
+            None,
+        ));
+        // Load A's inode and B's before the device stalls.
+        v.locked(|m| {
+            m.getattr("DATA", a)
+                .map(|_| ())
+                .and(m.getattr("DATA", b).map(|_| ()))
+        })
+        .unwrap();
+        let at = a_block.offset() & !0xffff;
+        *dev.armed.lock().unwrap() = Some((at, at + 65536));
+        let reader = {
+            let v = v.clone();
+            std::thread::spawn(move || v.locked(|m| m.read("DATA", a, 0, 4096)))
+        };
+        while dev.stalled.load(Ordering::SeqCst) == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let w = v.clone();
+        let (b_read, c) = within(Duration::from_secs(30), move || {
+            let r = w.locked(|m| m.read("DATA", b, 0, 3)).unwrap();
+            w.locked(|m| m.write("DATA", b, 3, b"hive", 2)).unwrap();
+            let c = w
+                .locked(|m| {
+                    m.create(
+                        "DATA",
+                        ROOT_INUM,
+                        b"c",
+                        hammer2::disk::ObjType::Regfile,
+                        0o644,
+                        0,
+                        0,
+                        (0, 0),
+                        2,
+                    )
+                })
+                .unwrap();
+            (r, c)
+        });
+        assert_eq!(b_read, b"bee");
+        assert!(c > b);
+        assert!(
+            !reader.is_finished(),
+            "the stalled read ended before its device did"
+        );
+        dev.release();
+        let got = reader.join().unwrap().unwrap();
+        assert_eq!(got, &a_data[..4096]);
+        assert_eq!(v.locked(|m| m.read("DATA", b, 0, 16)).unwrap(), b"beehive");
+    }
+}
