@@ -457,8 +457,11 @@ impl RwVolume {
     }
 
     /// One pipelined flush: take the dirty data (mount locked), write it
-    /// (unlocked), commit with all metadata (locked). Drops clean inodes
-    /// from memory when nothing is dirty. Returns the bytes written.
+    /// (unlocked), write the tree and freemap into the cache (locked),
+    /// wait for the device (barrier, header, barrier: unlocked), adopt
+    /// the header and free what waited for it (locked). Drops clean
+    /// inodes from memory when nothing is dirty. Returns the bytes
+    /// written.
     fn flush_once(&self) -> hammer2::Result<u64> {
         let mut batch = {
             let mut m = self.mount();
@@ -469,8 +472,10 @@ impl RwVolume {
             m.flush_begin()?
         };
         batch.write();
+        let prepared = self.mount().flush_commit_prepare(batch)?;
+        let io = prepared.run();
         let mut m = self.mount();
-        let stats = m.flush_commit(batch)?;
+        let stats = m.flush_commit_finish(prepared, io)?;
         self.dirty.store(m.pending_bytes(), Ordering::Relaxed);
         self.written.store(0, Ordering::Relaxed);
         Ok(stats.bytes)
@@ -698,9 +703,9 @@ mod tests {
 
     /// A read that waits for the device forever (a stalled disk, a lost
     /// network block device) holds no lock: requests on other files go
-    /// on, reads, writes and creations alike, and the stalled one ends
-    /// with the right bytes once the device answers. Before, the reader
-    /// held the mount's lock through its device read.
+    /// on, reads, writes and creations alike, and a flush of them, and
+    /// the stalled one ends with the right bytes once the device answers.
+    /// Before, the reader held the mount's lock through its device read.
     #[test]
     fn a_stalled_read_does_not_stop_requests_on_other_files() {
         let dev = Arc::new(Stalling {
@@ -772,6 +777,7 @@ mod tests {
         while dev.stalled.load(Ordering::SeqCst) == 0 {
             std::thread::sleep(Duration::from_millis(5));
         }
+        v.start_flusher().unwrap();
         let w = v.clone();
         let (b_read, c) = within(Duration::from_secs(30), move || {
             let r = w.locked(|m| m.read("DATA", b, 0, 3)).unwrap();
@@ -791,6 +797,8 @@ mod tests {
                     )
                 })
                 .unwrap();
+            // And a flush of all that, its device writes and barriers.
+            w.sync().unwrap();
             (r, c)
         });
         assert_eq!(b_read, b"bee");
@@ -803,5 +811,6 @@ mod tests {
         let got = reader.join().unwrap().unwrap();
         assert_eq!(got, &a_data[..4096]);
         assert_eq!(v.locked(|m| m.read("DATA", b, 0, 16)).unwrap(), b"beehive");
+        v.shutdown().unwrap();
     }
 }

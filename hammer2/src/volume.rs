@@ -177,6 +177,17 @@ impl Volume {
         &self.dev
     }
 
+    /// A second handle on the same device and header, for reading
+    /// blocks without the owner (a flush's device phase).
+    pub fn reader(&self) -> Volume {
+        Volume {
+            dev: self.dev.clone(),
+            header: self.header.clone(),
+            header_index: self.header_index,
+            slots: Vec::new(),
+        }
+    }
+
     pub fn size(&self) -> u64 {
         self.header.volu_size
     }
