@@ -20,13 +20,11 @@
 mod common;
 use common::*;
 
-use bufcache::{BlockDevice, FileDevice};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,98 +38,6 @@ fn soak_time() -> Duration {
             .and_then(|v| v.parse().ok())
             .unwrap_or(30),
     )
-}
-
-fn new_image(tag: &str, gib: u64) -> PathBuf {
-    let path = scratch(tag).join("disk.img");
-    File::create(&path)
-        .and_then(|f| f.set_len(gib << 30))
-        .expect("create image");
-    let dev = FileDevice::open(&path, true).expect("open image");
-    mkfs::newfs::newfs(&dev, &mkfs::newfs::NewfsOptions::default()).expect("newfs");
-    path
-}
-
-fn fsck_clean(img: &Path) {
-    let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(img, false).expect("open image"));
-    let r = hammer2::fsck::fsck(dev, hammer2::fsck::Options::default()).expect("fsck");
-    let problems: Vec<String> = r.problems.iter().map(|p| p.to_string()).collect();
-    assert!(problems.is_empty(), "fsck: {problems:#?}");
-}
-
-struct Rw {
-    child: Option<Child>,
-    guard: Option<Mounted>,
-    log: PathBuf,
-}
-
-impl Rw {
-    fn new(img: &Path, mnt: &Path, opts: &str) -> Rw {
-        let log = mnt.with_extension("log");
-        let (child, guard) = mount_foreground(img.to_str().unwrap(), mnt, &log, opts);
-        Rw {
-            child: Some(child),
-            guard: Some(guard),
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn unmount(mut self) -> String {
-        let guard = self.guard.take().expect("mounted");
-        nix::mount::umount(&guard.mnt).expect("umount");
-        let mut child = self.child.take().expect("running");
-        let status = wait_exit(&mut child, Duration::from_secs(120));
-        assert!(
-            status.success(),
-            "mount.hammer2 exited {status}:\n{}",
-            self.log()
-        );
-        self.log()
-    }
-}
-
-impl Drop for Rw {
-    fn drop(&mut self) {
-        drop(self.guard.take());
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Incompressible bytes that dedup never matches.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
-/// xorshift64 for choices.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 /// What the soak threads share: the stop flag, the errors no thread may
@@ -336,7 +242,7 @@ fn overwriter(
 #[test]
 fn full_volume_soak() {
     require_fuse();
-    let img = new_image("soak-full", 1);
+    let img = new_volume("soak-full", 1);
     let mnt = scratch("soak-full-mnt");
     let m = Rw::new(&img, &mnt, "rw");
     let sh = Arc::new(Shared::default());
@@ -416,7 +322,7 @@ fn full_volume_soak() {
 #[test]
 fn overwrite_soak_at_80_percent() {
     require_fuse();
-    let img = new_image("soak-80", 2);
+    let img = new_volume("soak-80", 2);
     let mnt = scratch("soak-80-mnt");
     let m = Rw::new(&img, &mnt, "rw");
     let (total, _) = {
