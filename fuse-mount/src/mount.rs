@@ -307,6 +307,10 @@ pub fn open_rw(image: &Path, label: &str, options: &Options) -> Result<Option<Op
     // recovery.
     let mut mount = Mount::open(dev)
         .map_err(|e| Failure::Mount(format!("{shown} cannot be opened read-write: {e}")))?;
+    // Decoded metadata stays in memory across flushes within a quarter
+    // of the cache's budget.
+    let budget = options.cache_size.unwrap_or_else(default_cache_size);
+    mount.set_metadata_limit((budget / 4) as usize);
     mount
         .getattr(label, ROOT_INUM)
         .map_err(|e| Failure::Mount(format!("{shown}@{label}: {e}")))?;

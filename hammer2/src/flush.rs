@@ -432,7 +432,6 @@ pub fn flush_inode(
     w.write(&mut br, &raw)?;
     node.bref = br;
     node.dirty = false;
-    node.table.release_clean();
     Ok(br)
 }
 
