@@ -55,6 +55,10 @@ impl BlockDevice for CachedDevice {
         self.cache.device().size_bytes()
     }
 
+    fn cache_report(&self) -> Option<String> {
+        Some(self.cache.report())
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         for (at, from, n) in pieces(offset, buf.len()) {
             let b = self.cache.bread(at, n).map_err(io_error)?;
