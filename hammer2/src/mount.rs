@@ -18,15 +18,19 @@
 //! modifying call fails with `Error::Poisoned` until the image is opened
 //! again; what is on disk stays the state of the last completed flush.
 
-use crate::dedup::{dedupable, place_data, write_placed, DedupKey, Placed};
+use crate::alloc::SpaceMap;
+use crate::dedup::DedupKey;
 use crate::disk::{
     self, Blockref, BlockrefType, DirentHead, InodeData, InodeMeta, ObjType, Uuid,
     BREF_FLAG_PFSROOT, INODE_START, OPFLAG_DIRECTDATA, VOLUME_BYTES,
 };
 use crate::error::{Error, Result};
-use crate::flush::{data_bref, encode_data_block, flush_inode, CompHeuristic, SpaceMap, Writer};
+use crate::flush::{flush_inode, Writer};
 use crate::inode::{InodeNode, PendingChange};
 use crate::pfs::{self, DirEntry};
+use crate::strategy::{
+    data_bref, dedupable, encode_data_block, place_data, write_placed, CompHeuristic, Placed,
+};
 use crate::volume::Volume;
 use bufcache::BlockDevice;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
