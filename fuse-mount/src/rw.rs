@@ -76,6 +76,8 @@ pub struct RwVolume {
     /// The device under the mount (through its buffer cache), for
     /// reading what a locked unit missed (`locked`) without the lock.
     dev: Arc<dyn bufcache::BlockDevice>,
+    /// The volume as file reads see it without the lock (`read`).
+    reader: hammer2::volume::Volume,
     /// The PFS served.
     pub label: String,
     flush: Mutex<FlushState>,
@@ -131,6 +133,7 @@ impl RwVolume {
         let (writer, live) = lock.map(|l| (l.writer, l.mounted)).unzip();
         RwVolume {
             dev: mount.volume().device().clone(),
+            reader: mount.volume().reader(),
             mount: Mutex::new(mount),
             label,
             flush: Mutex::new(FlushState::default()),
@@ -267,6 +270,18 @@ impl RwVolume {
                 _ => return r,
             }
         }
+    }
+
+    /// Read `len` bytes at `offset` of file `inum`: where they come from
+    /// is taken under the lock (no device I/O there), and the blocks are
+    /// read, decoded and checked without it, so reads of one file run in
+    /// parallel and a slow device stalls only its readers. The ticket
+    /// keeps the blocks from being freed until the reads are done.
+    pub fn read(&self, inum: u64, offset: u64, len: usize) -> hammer2::Result<Vec<u8>> {
+        let (plan, ticket) = self.locked(|m| m.read_plan(&self.label, inum, offset, len))?;
+        let r = plan.run(&self.reader);
+        drop(ticket);
+        r
     }
 
     /// Read `bytes` at `at` into the buffer cache (the lock not held).
@@ -613,6 +628,12 @@ impl RwVolume {
             };
             scan.run(Some(&mut progress))
                 .map_err(|e| format!("pass {pass}: {e}"))?;
+            // Reads that planned before the scan's topology (their
+            // blocks may be among those it found unreferenced) end
+            // before the merge; wait for them without the lock.
+            while !self.mount().readers_done_since(scan.read_epoch()) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
             // Unmounting: the last flush has run or waits for the serial
             // lock; merge nothing after it (checked under that lock).
             let stats = self

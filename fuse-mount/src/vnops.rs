@@ -1329,7 +1329,7 @@ impl Filesystem for Hammer2Fs {
                 .inode(pfs, root, ino)
                 .and_then(|i| self.h(pfs.read(&i, offset, size as usize))),
             Store::ReadWrite(v) => {
-                let r = v.locked(|m| m.read(&v.label, self.ids.inum(ino.0), offset, size as usize));
+                let r = v.read(self.ids.inum(ino.0), offset, size as usize);
                 self.h(r)
             }
         };
@@ -1937,7 +1937,7 @@ impl Filesystem for Hammer2Fs {
             while done < len {
                 v.writable().map_err(Errno::from_i32)?;
                 let n = (len - done).min(CHUNK_BYTES) as usize;
-                let data = self.h(v.locked(|m| m.read(&v.label, src, offset_in + done, n)))?;
+                let data = self.h(v.read(src, offset_in + done, n))?;
                 if data.is_empty() {
                     break;
                 }

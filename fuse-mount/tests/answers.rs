@@ -62,7 +62,7 @@ impl RwMount {
 
     fn unmount(mut self) {
         let guard = self.guard.take().expect("mounted");
-        nix::mount::umount(&guard.mnt).expect("umount");
+        umount_settled(&guard.mnt);
         let mut child = self.child.take().expect("running");
         let status = wait_exit(&mut child, Duration::from_secs(30));
         assert!(

@@ -97,7 +97,7 @@ impl RwMount {
     /// umount, then the daemon's last flush and exit 0.
     fn unmount(mut self) {
         let guard = self.guard.take().expect("mounted");
-        nix::mount::umount(&guard.mnt).expect("umount");
+        umount_settled(&guard.mnt);
         self.wait_exit();
     }
 
@@ -792,7 +792,7 @@ fn fsck_and_a_new_mount_right_after_umount_wait_for_the_last_flush() {
         fs::write(mnt.join(format!("many/{i}")), i.to_string()).unwrap();
     }
     fs::write(mnt.join("first"), &body).unwrap();
-    nix::mount::umount(&mnt).expect("umount");
+    umount_settled(&mnt);
     let out = Command::new(&fsck).arg(&img).output().expect("run fsck");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "fsck exited {}: {stderr}", out.status);
@@ -805,11 +805,11 @@ fn fsck_and_a_new_mount_right_after_umount_wait_for_the_last_flush() {
 
     mount();
     fs::write(mnt.join("second"), &body[..body.len() / 2]).unwrap();
-    nix::mount::umount(&mnt).expect("umount");
+    umount_settled(&mnt);
     mount();
     assert!(fs::read(mnt.join("second")).unwrap() == body[..body.len() / 2]);
     assert!(fs::read(mnt.join("first")).unwrap() == body);
-    nix::mount::umount(&mnt).expect("umount");
+    umount_settled(&mnt);
     // And a read-only mount right after an unmount sees the last flush.
     fs::create_dir_all(&mnt).unwrap();
     let out = Command::new(BIN)
@@ -824,7 +824,7 @@ fn fsck_and_a_new_mount_right_after_umount_wait_for_the_last_flush() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(fs::read(mnt.join("second")).unwrap() == body[..body.len() / 2]);
-    nix::mount::umount(&mnt).expect("umount");
+    umount_settled(&mnt);
     let out = Command::new(&fsck).arg(&img).output().expect("run fsck");
     assert!(
         out.status.success(),
@@ -999,7 +999,7 @@ fn the_buffer_cache_reports_at_the_end() {
     let m = RwMount::new(&img, &mnt, "");
     assert!(fs::read(mnt.join("f")).unwrap() == body);
     let mut m = m;
-    nix::mount::umount(&mnt).expect("umount");
+    umount_settled(&mnt);
     m.wait_exit();
     let log = m.log();
     let line = log

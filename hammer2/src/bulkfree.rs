@@ -137,6 +137,16 @@ pub struct BulkfreeScan {
     /// unmerged (a failed scan): it stops recording allocations and
     /// lets the frees it held go on.
     space: Arc<Mutex<Box<dyn SpaceMap>>>,
+    /// The read gate's epoch when the scan began (`readgate.rs`): the
+    /// merge waits for the readers outside the lock from before it.
+    read_epoch: u64,
+}
+
+impl BulkfreeScan {
+    /// For `Mount::readers_done_since` before `bulkfree_commit`.
+    pub fn read_epoch(&self) -> u64 {
+        self.read_epoch
+    }
 }
 
 impl Drop for BulkfreeScan {
@@ -316,6 +326,7 @@ impl Mount {
             stats: ScanStats::default(),
             done: false,
             space: self.space.clone(),
+            read_epoch: self.read_epoch(),
         })
     }
 
@@ -326,6 +337,15 @@ impl Mount {
         if !scan.done {
             return Err(Error::InvalidArgument {
                 what: "bulkfree scan not run to its end".into(),
+            });
+        }
+        // A reader outside the lock that planned before the scan's
+        // topology may still read a block the scan found unreferenced.
+        if !self.readers_done_since(scan.read_epoch) {
+            return Err(Error::InvalidArgument {
+                what: "reads that began before the bulkfree scan are still running: \
+                       merge once they end (readers_done_since)"
+                    .into(),
             });
         }
         let space = self.space.clone();

@@ -22,6 +22,87 @@ use std::sync::Arc;
 
 const BLOCK: u64 = DATA_BLOCK_BYTES;
 
+/// A file data block read and decoded (check code verified), at most
+/// 64 KiB; errors carry the inode and file offset.
+fn read_data_block(vol: &Volume, br: &Blockref, inum: u64, lbase: u64) -> Result<Vec<u8>> {
+    let mut b = vol
+        .read_block(br)
+        .map_err(|e| e.with_place(None, Some(inum), Some(lbase)))?;
+    b.truncate(BLOCK as usize);
+    Ok(b)
+}
+
+/// Where a read's bytes come from (`InodeNode::read_plan`), so that the
+/// blocks are read and decoded without the mount's lock: copy-on-write
+/// blocks never change under a reader, and every block is verified as
+/// it is read.
+pub struct ReadPlan {
+    inum: u64,
+    /// Bytes already in hand (direct data, or nothing to read).
+    out: Option<Vec<u8>>,
+    out_len: usize,
+    parts: Vec<ReadPart>,
+}
+
+struct ReadPart {
+    /// Where in the result, how many bytes, from where in the block.
+    dst: usize,
+    len: usize,
+    within: usize,
+    lbase: u64,
+    src: ReadSource,
+}
+
+enum ReadSource {
+    /// A pending block: its bytes past its end are zeros.
+    Memory(Arc<Vec<u8>>),
+    Disk(Blockref),
+}
+
+impl ReadPlan {
+    fn ready(inum: u64, out: Vec<u8>) -> ReadPlan {
+        ReadPlan {
+            inum,
+            out_len: out.len(),
+            out: Some(out),
+            parts: Vec::new(),
+        }
+    }
+
+    /// The blocks on disk the plan reads.
+    pub fn disk_blocks(&self) -> usize {
+        self.parts
+            .iter()
+            .filter(|p| matches!(p.src, ReadSource::Disk(_)))
+            .count()
+    }
+
+    /// Read the plan's blocks (through `vol`, which may be a reader of
+    /// the mount's volume) and assemble the bytes; holes read as zeros.
+    pub fn run(self, vol: &Volume) -> Result<Vec<u8>> {
+        if let Some(out) = self.out {
+            return Ok(out);
+        }
+        let mut out = vec![0u8; self.out_len];
+        for p in &self.parts {
+            let dst = &mut out[p.dst..p.dst + p.len];
+            let disk;
+            let b: &[u8] = match &p.src {
+                ReadSource::Memory(b) => b,
+                ReadSource::Disk(br) => {
+                    disk = read_data_block(vol, br, self.inum, p.lbase)?;
+                    &disk
+                }
+            };
+            let end = b.len().min(p.within + p.len);
+            if end > p.within {
+                dst[..end - p.within].copy_from_slice(&b[p.within..end]);
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// A change to a file's data, for `InodeNode::new_pending_blocks`.
 #[derive(Clone, Copy, Debug)]
 pub enum PendingChange {
@@ -108,24 +189,9 @@ impl InodeNode {
     /// (the bytes past its end are zeros; empty for a hole). Anything in
     /// the block's key range but one DATA blockref at `lbase` is damage.
     fn disk_block(&mut self, vol: &Volume, lbase: u64) -> Result<Vec<u8>> {
-        let inum = self.inum();
-        let place = |e: Error| e.with_place(None, Some(inum), Some(lbase));
-        let leaves = self
-            .table
-            .range(vol, lbase, lbase + (BLOCK - 1))
-            .map_err(place)?;
-        match leaves.as_slice() {
-            [] => Ok(Vec::new()),
-            [br] => {
-                check_data_leaf(br).map_err(place)?;
-                let mut b = vol.read_block(br).map_err(place)?;
-                b.truncate(BLOCK as usize);
-                Ok(b)
-            }
-            [_, second, ..] => Err(place(Error::corrupt(
-                format!("several blockrefs in the 64 KiB block at file offset {lbase:#x}"),
-                second.data_off.offset(),
-            ))),
+        match self.disk_leaf(vol, lbase)? {
+            None => Ok(Vec::new()),
+            Some(br) => read_data_block(vol, &br, self.inum(), lbase),
         }
     }
 
@@ -159,55 +225,79 @@ impl InodeNode {
     }
 
     /// Copy `out.len()` bytes of block `lbase` from `within` into `out`.
-    fn read_block_into(
-        &mut self,
-        vol: &Volume,
-        lbase: u64,
-        within: usize,
-        out: &mut [u8],
-    ) -> Result<()> {
-        // `out` arrives zeroed: copy what the block holds of it.
-        let copy = |b: &[u8], out: &mut [u8]| {
-            let end = b.len().min(within + out.len());
-            if end > within {
-                out[..end - within].copy_from_slice(&b[within..end]);
-            }
-        };
-        if let Some(b) = self.pending.get(&lbase) {
-            copy(b, out);
-            return Ok(());
-        }
-        let b = self.disk_block(vol, lbase)?;
-        copy(&b, out);
-        Ok(())
-    }
-
-    /// Read up to `len` bytes at `offset` (short at end of file).
-    pub fn read(&mut self, vol: &Volume, offset: u64, len: usize) -> Result<Vec<u8>> {
+    /// Where the bytes `offset..offset+len` come from (short at end of
+    /// file), for `ReadPlan::run`: pending blocks (shared, not copied),
+    /// the blockrefs of blocks on disk (the tree over the range is
+    /// loaded here; no data block is read), holes. Taken under the
+    /// mount's lock; the plan runs without it.
+    pub fn read_plan(&mut self, vol: &Volume, offset: u64, len: usize) -> Result<ReadPlan> {
+        let inum = self.inum();
         let size = self.size();
         if offset >= size || len == 0 {
-            return Ok(Vec::new());
+            return Ok(ReadPlan::ready(inum, Vec::new()));
         }
         let end = size.min(offset.saturating_add(len as u64));
-        let mut out = Vec::with_capacity((end - offset) as usize);
+        let out_len = (end - offset) as usize;
         if self.direct() {
             let u = &self.data.u;
-            out.extend_from_slice(
-                &u[(offset as usize).min(EMBEDDED_BYTES)..(end as usize).min(EMBEDDED_BYTES)],
-            );
-            out.resize((end - offset) as usize, 0);
-            return Ok(out);
+            let mut out = u
+                [(offset as usize).min(EMBEDDED_BYTES)..(end as usize).min(EMBEDDED_BYTES)]
+                .to_vec();
+            out.resize(out_len, 0);
+            return Ok(ReadPlan::ready(inum, out));
         }
-        out.resize((end - offset) as usize, 0);
+        let mut parts = Vec::new();
         let mut pos = offset;
         while pos < end {
             let lbase = pos & !(BLOCK - 1);
             let hi = end.min(lbase + BLOCK);
-            let dst = &mut out[(pos - offset) as usize..(hi - offset) as usize];
-            self.read_block_into(vol, lbase, (pos - lbase) as usize, dst)?;
+            let part = |src| ReadPart {
+                dst: (pos - offset) as usize,
+                len: (hi - pos) as usize,
+                within: (pos - lbase) as usize,
+                lbase,
+                src,
+            };
+            if let Some(b) = self.pending.get(&lbase) {
+                parts.push(part(ReadSource::Memory(b.clone())));
+            } else if let Some(br) = self.disk_leaf(vol, lbase)? {
+                parts.push(part(ReadSource::Disk(br)));
+            }
             pos = hi;
         }
-        Ok(out)
+        Ok(ReadPlan {
+            inum,
+            out: None,
+            out_len,
+            parts,
+        })
+    }
+
+    /// The blockref of the data block at `lbase` on disk, if any (the
+    /// tree over it loaded, the leaf checked).
+    fn disk_leaf(&mut self, vol: &Volume, lbase: u64) -> Result<Option<Blockref>> {
+        let inum = self.inum();
+        let place = |e: Error| e.with_place(None, Some(inum), Some(lbase));
+        let leaves = self
+            .table
+            .range(vol, lbase, lbase + (BLOCK - 1))
+            .map_err(place)?;
+        match leaves.as_slice() {
+            [] => Ok(None),
+            [br] => {
+                check_data_leaf(br).map_err(place)?;
+                Ok(Some(*br))
+            }
+            [_, second, ..] => Err(place(Error::corrupt(
+                format!("several blockrefs in the 64 KiB block at file offset {lbase:#x}"),
+                second.data_off.offset(),
+            ))),
+        }
+    }
+
+    /// Read up to `len` bytes at `offset` (short at end of file).
+    pub fn read(&mut self, vol: &Volume, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.read_plan(vol, offset, len)?.run(vol)
     }
 
     /// Move direct data into logical block 0 so the file can grow.

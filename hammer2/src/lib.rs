@@ -26,6 +26,7 @@ pub mod inode;
 pub mod mount;
 pub mod orphans;
 pub mod pfsops;
+pub mod readgate;
 pub mod reserve;
 pub mod setmethods;
 pub mod strategy;

@@ -26,8 +26,10 @@ use crate::disk::{
 };
 use crate::error::{Error, Result};
 use crate::flush::{flush_inode, Writer};
+use crate::inode::ReadPlan;
 use crate::inode::{InodeNode, PendingChange};
 use crate::pfs::{self, DirEntry};
+use crate::readgate::{ReadGate, ReadTicket};
 use crate::strategy::{
     data_bref, dedupable, encode_data_block, place_data, write_placed, CompHeuristic, Placed,
 };
@@ -176,6 +178,12 @@ pub struct Mount {
     /// them, the PFS roots' inode indexes) kept in memory across flushes
     /// before the clean part is dropped (`trim_metadata`).
     meta_limit: usize,
+    /// Readers outside the lock (`read_plan`), which queued frees wait
+    /// for (`readgate.rs`), and the tid of the commit at the gate's last
+    /// advance: blocks dropped through it may be freed once the readers
+    /// from before that advance are gone.
+    gate: Arc<ReadGate>,
+    gate_mark: u64,
 }
 
 /// `Mount::meta_limit` unless the caller sets one.
@@ -242,6 +250,8 @@ impl Mount {
             pfs: BTreeMap::new(),
             poisoned: None,
             meta_limit: META_LIMIT_DEFAULT,
+            gate: Arc::new(ReadGate::default()),
+            gate_mark: 0,
         })
     }
 
@@ -1671,7 +1681,10 @@ impl Mount {
         let CommitIo { raw, at, stats, .. } = c;
         self.vol.header = disk::VolumeHeader::decode(&raw, at)?;
         self.vol.header_index = stats.header_slot;
-        let freed = lock_space(&self.space).committed(stats.tid);
+        let freed = match self.frees_allowed_through(stats.tid) {
+            Some(tid) => lock_space(&self.space).committed(tid),
+            None => 0,
+        };
         log::info!(
             "flush {:#x}: {} blocks, {} bytes, volume header {}, {freed} bytes freed",
             stats.tid,
@@ -1680,6 +1693,55 @@ impl Mount {
             stats.header_slot
         );
         Ok(FlushStats { freed, ..stats })
+    }
+
+    /// At the commit of `tid`: the tid through which queued frees may
+    /// go now. With no reader outside the lock, all of them; else those
+    /// dropped through the commit at the gate's last advance, once the
+    /// readers from before it are gone (the gate advances now if they
+    /// are); `None` while they read.
+    fn frees_allowed_through(&mut self, tid: u64) -> Option<u64> {
+        if self.gate.idle() {
+            self.gate.try_advance();
+            self.gate_mark = tid;
+            return Some(tid);
+        }
+        if self.gate.try_advance() {
+            Some(std::mem::replace(&mut self.gate_mark, tid))
+        } else {
+            None
+        }
+    }
+
+    /// The plan of a read of `len` bytes at `offset` of file `inum` and
+    /// the ticket that keeps its blocks from being freed: run the plan
+    /// (`ReadPlan::run`, through `volume().reader()`) without the
+    /// mount's lock, then drop the ticket.
+    pub fn read_plan(
+        &mut self,
+        label: &str,
+        inum: u64,
+        offset: u64,
+        len: usize,
+    ) -> Result<(ReadPlan, ReadTicket)> {
+        let plan = self.with_node(label, inum, |vol, n| match n.obj_type() {
+            ObjType::Directory => Err(Error::IsDir {
+                what: format!("inode {inum}"),
+            }),
+            _ => n.read_plan(vol, offset, len),
+        })?;
+        Ok((plan, self.gate.ticket()))
+    }
+
+    /// Whether every reader outside the lock that started in gate epoch
+    /// `e` or before is done (advancing the gate if it can).
+    pub fn readers_done_since(&mut self, e: u64) -> bool {
+        self.gate.passed(e)
+    }
+
+    /// The gate's epoch now (for `readers_done_since`).
+    pub fn read_epoch(&self) -> u64 {
+        self.gate.epoch()
     }
 
     /// Commit until no freed block waits for a header (each commit
@@ -1694,8 +1756,9 @@ impl Mount {
             });
         }
         let mut freed = 0;
-        // At most one commit per header slot releases the whole queue.
-        for _ in 0..=disk::volhdr_count(self.vol.header.volu_size) {
+        // At most one commit per header slot releases the whole queue
+        // (and one more while readers outside the lock hold the gate).
+        for _ in 0..=disk::volhdr_count(self.vol.header.volu_size) + 1 {
             if lock_space(&self.space).pending_frees() == 0 {
                 break;
             }

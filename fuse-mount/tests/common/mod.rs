@@ -207,6 +207,22 @@ impl Drop for Mounted {
     }
 }
 
+/// umount(2) `mnt`, again while it is EBUSY for a moment: a child
+/// another test forks holds this test's open descriptors (close-on-exec
+/// or not) between its fork and its exec.
+pub fn umount_settled(mnt: &Path) {
+    let mut tries = 0;
+    while let Err(e) = nix::mount::umount(mnt) {
+        tries += 1;
+        assert!(
+            e == nix::errno::Errno::EBUSY && tries < 100,
+            "umount {}: {e}",
+            mnt.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Run mount.hammer2 to completion.
 pub fn run(args: &[&str]) -> Output {
     Command::new(BIN)
@@ -307,7 +323,7 @@ impl Rw {
     /// Unmount and wait (two minutes at most) for a clean exit; the log.
     pub fn unmount(mut self) -> String {
         let guard = self.guard.take().expect("mounted");
-        nix::mount::umount(&guard.mnt).expect("umount");
+        umount_settled(&guard.mnt);
         let mut child = self.child.take().expect("running");
         let status = wait_exit(&mut child, Duration::from_secs(120));
         assert!(
