@@ -27,6 +27,8 @@ mod error;
 mod flush;
 pub mod imagelock;
 pub mod logwrites;
+pub mod nbd;
+pub mod partition;
 pub mod recording;
 
 pub use cache::{parse_cache_size, Buf, BufCache, BufCacheConfig, BufRef, BufShared, CacheStats};

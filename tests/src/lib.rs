@@ -8,6 +8,7 @@
 pub mod ace;
 pub mod craft;
 pub mod freemap_check;
+pub mod nbdserver;
 pub mod sim;
 
 use bufcache::{BlockDevice, FileDevice};
