@@ -876,13 +876,20 @@ impl BlockDevice for NbdDevice {
 
 impl Drop for NbdDevice {
     fn drop(&mut self) {
-        // Tell the server we are done (no reply), then stop the reader.
-        let _ = self.shared.send(CMD_DISC, 0, 0, 0, &[]);
-        {
+        // Closing, not going away: nothing in flight is waited for and
+        // the reader's end of stream is no news.
+        let was_dead = {
             let mut p = lock(&self.shared.pending);
-            if p.dead.is_none() {
-                p.dead = Some("disconnected".into());
-            }
+            p.dead.replace("disconnected".into()).is_some()
+        };
+        if !was_dead {
+            // Tell the server we are done (NBD_CMD_DISC has no reply).
+            let mut req = Vec::with_capacity(28);
+            req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            req.extend_from_slice(&0u16.to_be_bytes());
+            req.extend_from_slice(&CMD_DISC.to_be_bytes());
+            req.extend_from_slice(&[0u8; 20]);
+            let _ = lock(&self.shared.out).write_all(&req);
         }
         lock(&self.shared.out).shutdown();
         if let Some(r) = self.reader.take() {
