@@ -424,7 +424,7 @@ pub fn mounted_on(b: &Backing, read_write: bool) -> Option<PathBuf> {
 }
 
 /// Undo mountinfo's octal escapes (space, tab, newline, backslash).
-fn unescape(s: &str) -> String {
+pub fn unescape(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

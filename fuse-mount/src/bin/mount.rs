@@ -29,6 +29,9 @@ use std::process::{Command, ExitCode, Stdio};
 
 const READY: &str = "ready\n";
 
+/// Set for the daemon child when mount(8) ran its parent.
+const MOUNT8_ENV: &str = "MOUNT_HAMMER2_BY_MOUNT8";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "mount.hammer2",
@@ -95,12 +98,33 @@ struct Cli {
     mountpoint: PathBuf,
 }
 
+/// Was this program run by mount(8) (as `/sbin/mount.hammer2`,
+/// `mount.fuse.hammer2` or `mount.fuseblk.hammer2`)? Its parent is then
+/// the `mount` process.
+fn run_by_mount8() -> bool {
+    let ppid = nix::unistd::getppid();
+    std::fs::read_to_string(format!("/proc/{ppid}/comm")).is_ok_and(|c| c.trim() == "mount")
+}
+
 fn request(cli: &Cli) -> Result<Request, Failure> {
     let (image, label) = match cli.source.to_str() {
         Some(s) => mount::split_source(s)?,
         None => (PathBuf::from(&cli.source), DEFAULT_LABEL.to_string()),
     };
-    let options = options::parse(&cli.options, cli.sloppy).map_err(Failure::Usage)?;
+    // Through mount(8), no nosuid/nodev means suid and dev (it drops
+    // those from the list as the defaults they are); run directly,
+    // nosuid and nodev are the default (FUSE's). The daemon child is
+    // told which by its parent.
+    let defaults = match cli.daemon_child {
+        true => match std::env::var_os(MOUNT8_ENV) {
+            Some(_) => options::Options::mount8_defaults(),
+            None => options::Options::default(),
+        },
+        false if run_by_mount8() => options::Options::mount8_defaults(),
+        false => options::Options::default(),
+    };
+    let options =
+        options::parse_from(defaults, &cli.options, cli.sloppy).map_err(Failure::Usage)?;
     Ok(Request {
         image,
         label,
@@ -113,7 +137,13 @@ fn request(cli: &Cli) -> Result<Request, Failure> {
 fn spawn_daemon() -> Result<(), Failure> {
     let exe = std::env::current_exe()
         .map_err(|e| Failure::System(format!("cannot find this program: {e}")))?;
-    let mut child = Command::new(exe)
+    let mut cmd = Command::new(exe);
+    if run_by_mount8() {
+        cmd.env(MOUNT8_ENV, "1");
+    } else {
+        cmd.env_remove(MOUNT8_ENV);
+    }
+    let mut child = cmd
         .arg("--daemon-child")
         .args(std::env::args_os().skip(1))
         .stdin(Stdio::null())
@@ -155,6 +185,11 @@ fn detach() {
 
 fn run(cli: &Cli) -> Result<(), Failure> {
     let req = request(cli)?;
+    if req.options.remount {
+        // Change the mount on MOUNTPOINT in place; SOURCE is whatever
+        // mount(8) found for it.
+        return fuse_mount::remount::remount(&req.mountpoint, &req.options);
+    }
     if cli.daemon_child {
         // Out of the caller's session: no SIGHUP or ^C from its terminal.
         let _ = nix::unistd::setsid();
