@@ -37,8 +37,12 @@ const MOUNT8_ENV: &str = "MOUNT_HAMMER2_BY_MOUNT8";
     name = "mount.hammer2",
     version,
     about = "Mount a PFS of a HAMMER2 image over FUSE",
-    after_help = "IMG is an image file or block device; LABEL names a PFS or snapshot \
-                  (default DATA). Options: rw (the default), ro, allow_other, \
+    after_help = "IMG is an image file or block device, IMG:PART for a partition of a \
+                  whole disk (s1d as DragonFly names it, p2 as Linux does; without one, \
+                  the partition holding HAMMER2), or an NBD URI (nbd://HOST[:PORT]/EXPORT, \
+                  nbd+unix:///EXPORT?socket=PATH); LABEL names a PFS or snapshot \
+                  (default DATA). remount changes the mount on MOUNTPOINT in place \
+                  (mount -o remount,ro MNT). Options: rw (the default), ro, allow_other, \
                   allow_root, default_permissions, nosuid/suid, nodev/dev, noexec/exec, \
                   noatime, fsname=NAME; fstab bookkeeping (noauto, nofail, _netdev, x-*) \
                   is ignored.\n\n\
@@ -65,6 +69,7 @@ const MOUNT8_ENV: &str = "MOUNT_HAMMER2_BY_MOUNT8";
                   log_writes=FILE (read-write): log every write, barrier and mark \
                   that reaches the image to FILE, for hammer2 replay-log; keep a \
                   copy of the image as it was at mount time to replay onto.\n\n\
+                  See mount.hammer2(8) for every option.\n\n\
                   Exit status: 0 mounted, 1 usage, 2 system error, 32 mount failed."
 )]
 struct Cli {
