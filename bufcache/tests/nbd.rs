@@ -231,3 +231,50 @@ fn a_server_that_goes_away_fails_every_request() {
         .iter()
         .all(|&b| b == 1));
 }
+
+/// FUA writes go out with the FUA flag where the server offers it (as
+/// nbdkit's log filter records), and TRIM is sent where offered:
+/// nbdkit's file plugin punches the range out, so it reads back as
+/// zeros.
+#[test]
+fn fua_writes_and_trim() {
+    need(Server::Nbdkit);
+    let dir = scratch("fua");
+    let img = image(&dir.0);
+    let log = dir.0.join("requests.log");
+    let s = NbdServer::start_with(
+        Server::Nbdkit,
+        &img,
+        "raw",
+        Some(&dir.0),
+        &["--filter=log", &format!("logfile={}", log.display())],
+    );
+    let dev = open(&s, true);
+    assert!(dev.has_fua() && dev.has_trim());
+    dev.write_at(&[8u8; 4096], 0).unwrap();
+    dev.write_at_fua(&[9u8; 1 << 20], 4 << 20).unwrap();
+    let f = std::fs::read(&img).unwrap();
+    assert!(f[4 << 20..5 << 20].iter().all(|&b| b == 9));
+    let requests = std::fs::read_to_string(&log).unwrap();
+    let writes: Vec<&str> = requests.lines().filter(|l| l.contains("Write")).collect();
+    assert!(
+        writes
+            .iter()
+            .any(|l| l.contains("offset=0x400000") && l.contains("fua=1")),
+        "{requests}"
+    );
+    assert!(
+        writes
+            .iter()
+            .any(|l| l.contains("offset=0x0 ") && l.contains("fua=0")),
+        "{requests}"
+    );
+    dev.trim(4 << 20, 1 << 20).unwrap();
+    let mut b = vec![1u8; 1 << 20];
+    dev.read_at(&mut b, 4 << 20).unwrap();
+    assert!(
+        b.iter().all(|&x| x == 0),
+        "trimmed range reads back as data"
+    );
+    assert!(dev.trim(SIZE - 10, 20).is_err());
+}

@@ -3,6 +3,8 @@
 //! dropped. Shared by the bufcache, mkfs and mount tests (included by
 //! path where the `tests` crate is not a dependency).
 
+#![allow(dead_code)]
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
