@@ -26,6 +26,7 @@ mod nbdserver;
 use common::{require_fuse, scratch, BIN};
 use nbdserver::{available, NbdServer, Server};
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -74,9 +75,13 @@ fn make_tree(dir: &Path) -> PathBuf {
             let data: Vec<u8> = (0..len)
                 .map(|i| (i as u32 * 31 + f * 7 + d) as u8)
                 .collect();
-            std::fs::write(sub.join(format!("f{f}.bin")), data).unwrap();
+            let file = sub.join(format!("f{f}.bin"));
+            std::fs::write(&file, data).unwrap();
+            let mode = [0o644, 0o600, 0o755, 0o640][(f % 4) as usize];
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
         }
     }
+    std::fs::set_permissions(t.join("d2"), std::fs::Permissions::from_mode(0o750)).unwrap();
     std::os::unix::fs::symlink("d0/e0/f3.bin", t.join("link")).unwrap();
     t
 }
@@ -116,11 +121,30 @@ fn in_namespace(dir: &Path, script: &str) -> Output {
     c.wait_with_output().unwrap()
 }
 
+/// treecheck's manifest of `tree` (type, mode, owner, mtime, a file's
+/// size and sha256, a symlink's target) as PFS DATA, in a file.
+fn manifest_of(dir: &Path, tree: &Path) -> PathBuf {
+    let o = Command::new("python3")
+        .arg(common::TREECHECK)
+        .arg("manifest")
+        .arg(tree)
+        .output()
+        .expect("run python3 treecheck.py");
+    assert!(o.status.success(), "{}", text(&o));
+    let out = dir.join("tree.json");
+    let m = String::from_utf8(o.stdout).unwrap();
+    std::fs::write(&out, format!("{{\"pfs\": {{\"DATA\": {m}}}}}")).unwrap();
+    out
+}
+
 /// Mount `source` with mount(8) (`-t TYPE`), copy the tree in, check
-/// what findmnt shows, unmount; fsck; then mount it read-only and
-/// compare with the tree.
+/// what findmnt shows, unmount; fsck; mount it read-only and compare
+/// with the tree (contents, types, modes, owners, times, link targets);
+/// mount it read-write again and change it (a file written, one
+/// removed, one renamed), unmount, fsck, and read the changes back.
 fn round_trip(dir: &Path, source: &str, fstype: &str, fsck_spec: &str) {
     let tree = make_tree(dir);
+    let manifest = manifest_of(dir, &tree);
     let mnt = dir.join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     let (t, m) = (tree.display(), mnt.display());
@@ -142,21 +166,57 @@ fn round_trip(dir: &Path, source: &str, fstype: &str, fsck_spec: &str) {
         &format!(
             "mount -t {fstype} -o ro '{source}@DATA' {m}\n\
              findmnt -n -o SOURCE,FSTYPE {m}\n\
-             diff -r {t} {m}/tree\n\
-             echo same\n\
-             umount {m}\n"
+             diff -r --no-dereference {t} {m}/tree\n\
+             python3 {tc} compare {m}/tree {j} DATA\n\
+             umount {m}\n",
+            tc = common::TREECHECK,
+            j = manifest.display()
         ),
     );
     let out = text(&o);
-    assert!(o.status.success() && out.contains("same"), "{out}");
+    assert!(o.status.success(), "{out}");
+    // Every entry of the tree (4 directories of 12 files under 4 more,
+    // and the symlink) compared, none differing.
+    assert!(out.contains("57 entries, 0 differ"), "{out}");
     assert!(out.contains("fuse.hammer2"), "{out}");
+    let o = in_namespace(
+        dir,
+        &format!(
+            "mount -t {fstype} '{source}' {m}\n\
+             head -c 200000 /dev/urandom > {m}/written\n\
+             cp {m}/written {d}/written\n\
+             rm {m}/tree/d1/e7/f4.bin\n\
+             mv {m}/tree/d3/e21/f5.bin {m}/tree/moved\n\
+             umount {m}\n",
+            d = dir.display()
+        ),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    fsck_clean(fsck_spec);
+    let o = in_namespace(
+        dir,
+        &format!(
+            "mount -t {fstype} -o ro '{source}' {m}\n\
+             cmp {m}/written {d}/written\n\
+             cmp {m}/tree/moved {t}/d3/e21/f5.bin\n\
+             test ! -e {m}/tree/d1/e7/f4.bin && test ! -e {m}/tree/d3/e21/f5.bin\n\
+             echo changed\n\
+             umount {m}\n",
+            d = dir.display()
+        ),
+    );
+    assert!(
+        o.status.success() && text(&o).contains("changed"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
 fn an_mbr_disklabel64_disk_through_mount8() {
     let dir = scratch("disk-mbr");
     let img = dir.join("dfly.raw");
-    let (s1a, _, s2, _) = disks::mbr_disklabel64(&img);
+    let (s1a, _, s2, s5) = disks::mbr_disklabel64(&img);
     disks::fill(&img, s1a, 0x5a);
     let s = img.to_str().unwrap();
     assert!(tool("mkfs-hammer2", &[&format!("{s}:s1d")])
@@ -166,7 +226,32 @@ fn an_mbr_disklabel64_disk_through_mount8() {
     let out = fsck_clean(s);
     assert!(out.contains(&format!("checking {s}:s1d")), "{out}");
     assert!(disks::filled(&img, s1a, 0x5a), "s1a was written");
-    let _ = s2;
+    // probe lists every partition, the logical one too, and what the
+    // HAMMER2 one holds.
+    let o = tool("hammer2", &["probe", s]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    let line = |name: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("{s}:{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {out}"))
+            .to_string()
+    };
+    assert!(
+        line("s1").contains("disklabel64 (partitions a, d)"),
+        "{out}"
+    );
+    assert!(line("s1a").contains(&s1a.start.to_string()), "{out}");
+    assert!(
+        line("s1d").contains("disklabel64 HAMMER2") && line("s1d").contains("PFS: DATA, LOCAL"),
+        "{out}"
+    );
+    assert!(line("s2").contains(&s2.start.to_string()), "{out}");
+    assert!(line("s5").contains(&s5.start.to_string()), "{out}");
+    assert!(
+        out.contains(&format!("the tools use {s}:s1d when given {s}")),
+        "{out}"
+    );
 }
 
 #[test]
