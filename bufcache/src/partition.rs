@@ -702,7 +702,10 @@ fn read_gpt_at(dev: &dyn BlockDevice, ss: u64, lba: u64) -> io::Result<Result<Ta
         )));
     }
     let bytes = count as u64 * entsz as u64;
-    let Some(tat) = table_lba.checked_mul(ss).filter(|&s| s + bytes <= size) else {
+    let Some(tat) = table_lba
+        .checked_mul(ss)
+        .filter(|&s| s.checked_add(bytes).is_some_and(|e| e <= size))
+    else {
         return Ok(Err(format!(
             "GPT header at LBA {lba}: entry array outside the disk"
         )));
@@ -1035,6 +1038,27 @@ mod tests {
             dev.write_at(&[0x42], 512 + 40).unwrap();
         }
         dev
+    }
+
+    /// A primary header whose entry array would lie past the end of the
+    /// address space (its CRC right): reported, and the backup used.
+    #[test]
+    fn a_gpt_entry_array_beyond_any_disk_is_a_problem() {
+        let dev = gpt_disk(false);
+        let mut h = vec![0u8; 512];
+        dev.read_at(&mut h, 512).unwrap();
+        h[72..80].copy_from_slice(&(u64::MAX / 512).to_le_bytes());
+        h[16..20].fill(0);
+        let c = crc32fast::hash(&h[..92]);
+        h[16..20].copy_from_slice(&c.to_le_bytes());
+        dev.write_at(&h, 512).unwrap();
+        let t = read_table(&dev).unwrap().unwrap();
+        assert!(
+            t.problems.iter().any(|p| p.contains("outside the disk")),
+            "{:?}",
+            t.problems
+        );
+        assert_eq!(t.partitions.len(), 4, "{t:?}");
     }
 
     #[test]
