@@ -175,19 +175,24 @@ pub fn list_partitions(t: &Table) -> String {
         .join(", ")
 }
 
-/// The lock file of an NBD export (created, sparse, at least `size`
-/// bytes, so that a loop device over it can stand for the export).
-pub fn nbd_lock_file(uri: &NbdUri, size: u64) -> io::Result<PathBuf> {
-    let dir = match fs::create_dir_all(NBD_LOCK_DIR) {
-        Ok(()) => PathBuf::from(NBD_LOCK_DIR),
+/// The directory of NBD lock files: `NBD_LOCK_DIR`, or for a user who
+/// cannot create it, one of their own under the temporary directory.
+fn nbd_lock_dir() -> io::Result<PathBuf> {
+    match fs::create_dir_all(NBD_LOCK_DIR) {
+        Ok(()) => Ok(PathBuf::from(NBD_LOCK_DIR)),
         Err(_) => {
             // Not root: a directory per user (/proc/self belongs to us).
             let uid = fs::metadata("/proc/self").map_or(0, |m| m.uid());
             let d = std::env::temp_dir().join(format!("hammer2-nbd-{uid}"));
             fs::create_dir_all(&d)?;
-            d
+            Ok(d)
         }
-    };
+    }
+}
+
+/// Where the lock file of an NBD export is (named after its
+/// `NbdUri::key`, so every spelling of one export shares it).
+pub fn nbd_lock_path(uri: &NbdUri) -> io::Result<PathBuf> {
     let key = uri.key();
     let mut name: String = key
         .chars()
@@ -200,7 +205,13 @@ pub fn nbd_lock_file(uri: &NbdUri, size: u64) -> io::Result<PathBuf> {
         let h = blake3::hash(key.as_bytes()).to_hex();
         name = format!("{}-{}", &name[..100], &h[..32]);
     }
-    let path = dir.join(name);
+    Ok(nbd_lock_dir()?.join(name))
+}
+
+/// The lock file of an NBD export (created, sparse, at least `size`
+/// bytes, so that a loop device over it can stand for the export).
+pub fn nbd_lock_file(uri: &NbdUri, size: u64) -> io::Result<PathBuf> {
+    let path = nbd_lock_path(uri)?;
     let f = OpenOptions::new()
         .read(true)
         .write(true)

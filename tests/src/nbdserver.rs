@@ -174,5 +174,12 @@ impl Drop for NbdServer {
         if let Listen::Unix(p) = &self.listen {
             let _ = std::fs::remove_file(p);
         }
+        // The tools' lock file of this export (in /run/hammer2/nbd): its
+        // socket or port is never used again.
+        if let Ok(lock) = bufcache::nbd::NbdUri::parse(&self.uri)
+            .and_then(|u| bufcache::source::nbd_lock_path(&u).map_err(|e| e.to_string()))
+        {
+            let _ = std::fs::remove_file(lock);
+        }
     }
 }
