@@ -123,6 +123,9 @@ pub struct Opened {
     pub nbd: Option<Arc<NbdDevice>>,
     /// Opened read-write.
     pub writable: bool,
+    /// An image file or block device opened for direct I/O
+    /// (`open_for_mount`; `FileDevice::open_direct`).
+    pub direct: bool,
 }
 
 impl Opened {
@@ -258,6 +261,19 @@ pub fn open(
     open_spec(spec, writable, pick, is_hammer2)
 }
 
+/// `open` for a mount: an image file or block device is opened for
+/// direct I/O where its file system allows (`FileDevice::open_direct`),
+/// as the mount's buffer cache holds what it reads.
+pub fn open_for_mount(
+    text: &str,
+    writable: bool,
+    pick: Pick,
+    is_hammer2: &dyn Fn(&dyn BlockDevice) -> bool,
+) -> io::Result<Opened> {
+    let spec = Spec::parse(text, |p| p.exists()).map_err(other)?;
+    open_spec_with(spec, writable, pick, is_hammer2, true)
+}
+
 /// `open` of a parsed spec.
 pub fn open_spec(
     spec: Spec,
@@ -265,12 +281,30 @@ pub fn open_spec(
     pick: Pick,
     is_hammer2: &dyn Fn(&dyn BlockDevice) -> bool,
 ) -> io::Result<Opened> {
+    open_spec_with(spec, writable, pick, is_hammer2, false)
+}
+
+/// `open_spec`, with an image file or block device opened for direct
+/// I/O where it allows (`direct`).
+fn open_spec_with(
+    spec: Spec,
+    writable: bool,
+    pick: Pick,
+    is_hammer2: &dyn Fn(&dyn BlockDevice) -> bool,
+    direct: bool,
+) -> io::Result<Opened> {
     let src = spec.source_text();
+    let mut is_direct = false;
     let (whole, nbd): (Arc<dyn BlockDevice>, Option<Arc<NbdDevice>>) = match &spec.location {
-        Location::Path(p) => (
-            Arc::new(FileDevice::open(p, writable).map_err(|e| ctx(&src, e))?),
-            None,
-        ),
+        Location::Path(p) => {
+            let dev = match direct {
+                true => FileDevice::open_direct(p, writable),
+                false => FileDevice::open(p, writable),
+            }
+            .map_err(|e| ctx(&src, e))?;
+            is_direct = dev.is_direct();
+            (Arc::new(dev), None)
+        }
         Location::Nbd(u) => {
             let d = Arc::new(NbdDevice::open(u, writable)?);
             (d.clone(), Some(d))
@@ -308,6 +342,7 @@ pub fn open_spec(
         table,
         nbd,
         writable,
+        direct: is_direct,
     })
 }
 

@@ -136,7 +136,7 @@ pub fn open_source(image: &Path, writable: bool) -> Result<Opened, OpenFailure> 
     let text = image.to_str().ok_or_else(|| {
         OpenFailure::Other(Failure::Usage(format!("{}: not UTF-8", image.display())))
     })?;
-    source::open(
+    let opened = source::open_for_mount(
         text,
         writable,
         Pick::Auto,
@@ -151,7 +151,22 @@ pub fn open_source(image: &Path, writable: bool) -> Result<Opened, OpenFailure> 
         } else {
             OpenFailure::Other(Failure::Mount(format!("cannot open {e}")))
         }
-    })
+    })?;
+    // An image file or block device is opened for direct I/O where its
+    // file system allows, so that it is cached once, in the mount's
+    // buffer cache (see `cached`).
+    if let Location::Path(p) = &opened.spec.location {
+        if opened.direct {
+            log::info!("{}: direct I/O (O_DIRECT)", p.display());
+        } else {
+            log::info!(
+                "{}: its file system refuses direct I/O (O_DIRECT); the kernel's page cache \
+                 holds a second copy of what the buffer cache holds",
+                p.display()
+            );
+        }
+    }
+    Ok(opened)
 }
 
 /// Why `open_source` failed.
@@ -178,8 +193,8 @@ pub fn shown_source(o: &Opened) -> String {
     }
 }
 
-/// Open the PFS `label` of an opened image, read-only (through a buffer
-/// cache of `cache_size` bytes if given), with messages that say what is
+/// Open the PFS `label` of an opened image, read-only (through the
+/// buffer cache, of `cache_size` bytes if given), with messages that say what is
 /// wrong: not HAMMER2, no such label (listing those there are).
 pub fn open_pfs(o: &Opened, label: &str, cache_size: Option<u64>) -> Result<Pfs, Failure> {
     let shown = Path::new(&o.name);
@@ -188,22 +203,41 @@ pub fn open_pfs(o: &Opened, label: &str, cache_size: Option<u64>) -> Result<Pfs,
     Pfs::open(vol, label).map_err(|e| Failure::Mount(format!("{}@{label}: {e}", o.name)))
 }
 
-/// `dev` through a buffer cache of `cache_size` bytes (`cache_size=`),
-/// or as it is: then reads go through the kernel's page cache of the
-/// image.
+/// The buffer cache's budget when `cache_size=` is not given: an eighth
+/// of the machine's memory, 64 MiB to 4 GiB (rounded down to 2 MiB).
+pub fn default_cache_size() -> u64 {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<u64>().ok())
+        })
+        .map_or(1 << 30, |kib| kib << 10);
+    (total / 8).clamp(64 << 20, 4 << 30) & !((2 << 20) - 1)
+}
+
+/// `dev` through the buffer cache, of `cache_size` bytes (`cache_size=`)
+/// or `default_cache_size`: every block the mount reads or writes goes
+/// through it.
 fn cached(
     dev: Arc<dyn BlockDevice>,
     cache_size: Option<u64>,
 ) -> Result<Arc<dyn BlockDevice>, Failure> {
-    Ok(match cache_size {
-        Some(bytes) => {
-            let cache = bufcache::BufCache::open(dev, bytes).map_err(|e| {
-                Failure::Mount(format!("cannot set up a {bytes}-byte buffer cache: {e}"))
-            })?;
-            Arc::new(bufcache::CachedDevice::new(cache))
+    let bytes = cache_size.unwrap_or_else(default_cache_size);
+    let cache = bufcache::BufCache::open(dev, bytes)
+        .map_err(|e| Failure::Mount(format!("cannot set up a {bytes}-byte buffer cache: {e}")))?;
+    log::info!(
+        "buffer cache of {} MiB{}",
+        bytes >> 20,
+        if cache_size.is_some() {
+            ""
+        } else {
+            " (an eighth of memory; cache_size= to set)"
         }
-        None => dev,
-    })
+    );
+    Ok(Arc::new(bufcache::CachedDevice::new(cache)))
 }
 
 fn open_volume(image: &Path, dev: Arc<dyn BlockDevice>) -> Result<Volume, Failure> {
@@ -303,8 +337,8 @@ pub fn open_rw(o: &Opened, label: &str, options: &Options) -> Result<OpenRw, Fai
     let vol = open_volume(shown, dev.clone())?;
     check_label(shown, &vol, label)?;
     drop(vol);
-    // With cache_size= the library reads and writes through the buffer
-    // cache (its barrier is the cache's ordered flush).
+    // The library reads and writes through the buffer cache (its
+    // barrier is the cache's ordered flush).
     let dev = cached(dev, options.cache_size)?;
     // Loads the freemap allocator and runs DragonFly's mount-time
     // recovery.
@@ -755,9 +789,6 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
             req.label,
             mnt.display()
         );
-    }
-    if let Some(bytes) = o.cache_size {
-        log::info!("buffer cache of {} MiB", bytes >> 20);
     }
     Ok((session, dev, mnt, rw, reader))
 }
