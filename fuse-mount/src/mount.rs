@@ -136,7 +136,7 @@ pub fn open_source(image: &Path, writable: bool) -> Result<Opened, OpenFailure> 
     let text = image.to_str().ok_or_else(|| {
         OpenFailure::Other(Failure::Usage(format!("{}: not UTF-8", image.display())))
     })?;
-    let opened = source::open_for_mount(
+    source::open_for_mount(
         text,
         writable,
         Pick::Auto,
@@ -151,12 +151,16 @@ pub fn open_source(image: &Path, writable: bool) -> Result<Opened, OpenFailure> 
         } else {
             OpenFailure::Other(Failure::Mount(format!("cannot open {e}")))
         }
-    })?;
-    // An image file or block device is opened for direct I/O where its
-    // file system allows, so that it is cached once, in the mount's
-    // buffer cache (see `cached`).
-    if let Location::Path(p) = &opened.spec.location {
-        if opened.direct {
+    })
+}
+
+/// Say whether the image file or block device was opened for direct
+/// I/O (`source::open_for_mount`: where its file system allows, so that
+/// it is cached once, in the mount's buffer cache, see `cached`). Once
+/// the image is locked: a refused mount says only why.
+fn log_direct(o: &Opened) {
+    if let Location::Path(p) = &o.spec.location {
+        if o.direct {
             log::info!("{}: direct I/O (O_DIRECT)", p.display());
         } else {
             log::info!(
@@ -166,7 +170,6 @@ pub fn open_source(image: &Path, writable: bool) -> Result<Opened, OpenFailure> 
             );
         }
     }
-    Ok(opened)
 }
 
 /// Why `open_source` failed.
@@ -198,6 +201,7 @@ pub fn shown_source(o: &Opened) -> String {
 /// wrong: not HAMMER2, no such label (listing those there are).
 pub fn open_pfs(o: &Opened, label: &str, cache_size: Option<u64>) -> Result<Pfs, Failure> {
     let shown = Path::new(&o.name);
+    log_direct(o);
     let vol = Arc::new(open_volume(shown, cached(o.dev.clone(), cache_size)?)?);
     check_label(shown, &vol, label)?;
     Pfs::open(vol, label).map_err(|e| Failure::Mount(format!("{}@{label}: {e}", o.name)))
@@ -316,6 +320,7 @@ pub fn open_rw(o: &Opened, label: &str, options: &Options) -> Result<OpenRw, Fai
         )
     })
     .map_err(|e| Failure::Mount(e.to_string()))?;
+    log_direct(o);
     let dev = o.dev.clone();
     // With log_writes= every write reaching the image is logged: the log
     // device sits right above it, under the buffer cache.
