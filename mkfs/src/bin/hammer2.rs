@@ -278,6 +278,10 @@ impl From<io::Error> for CmdError {
     }
 }
 
+/// How many times `Image::volume` reads a header again that failed its
+/// check code (5 ms apart) before calling it damaged.
+const HEADER_REREADS: u32 = 20;
+
 /// An opened image or device.
 pub struct Image {
     pub path: PathBuf,
@@ -368,11 +372,37 @@ impl Image {
                 eprintln!(
                     "hammer2: warning: {}: reading its last flush{hint}",
                     mkfs::held_by(&shown, on.as_deref())
-                )
+                );
+                // Read as the mount writes: with direct I/O.
+                return Image::open_live(path);
             }
             Err(e) => return Err(CmdError::Fail(e.to_string())),
         }
         Ok(img)
+    }
+
+    /// `open` for an image a mount is writing (the mount's own name for
+    /// it): an image file or block device is read with direct I/O, as
+    /// the mount writes it (buffered reads beside direct writes can keep
+    /// pages the writes made stale).
+    pub fn open_live(path: &Path) -> Result<Image, CmdError> {
+        check_image_path(path)?;
+        let s = path
+            .to_str()
+            .ok_or_else(|| CmdError::Fail(format!("{}: not UTF-8", path.display())))?;
+        let o = bufcache::source::open_for_mount(
+            s,
+            false,
+            bufcache::source::Pick::Auto,
+            &mkfs::is_hammer2,
+        )
+        .map_err(|e| CmdError::Fail(e.to_string()))?;
+        Ok(Image {
+            path: PathBuf::from(&o.name),
+            dev: o.dev,
+            backing: Some(o.backing),
+            _lock: None,
+        })
     }
 
     /// Open an image file, block device, partition of a disk (`IMG:PART`,
@@ -388,10 +418,39 @@ impl Image {
         })
     }
 
-    /// The volume, with its header chosen as a mount would.
+    /// The volume, with its header chosen as a mount would. A mount
+    /// writing the image rewrites a header in place (on a volume under 2
+    /// GiB, the only one) with direct I/O: a read that meets the write
+    /// half done fails the header's check code, so a header that fails
+    /// its check code is read again, a few times, before it is called
+    /// damaged.
     pub fn volume(&self) -> Result<Volume, CmdError> {
-        Volume::open(self.dev.clone())
-            .map_err(|e| volume_error(&self.path, self.dev.as_ref(), "cannot open volume", &e))
+        let mut tries = 0;
+        loop {
+            match Volume::open(self.dev.clone()) {
+                Ok(v) => return Ok(v),
+                Err(e) if tries < HEADER_REREADS && self.header_fails_its_check() => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    let _ = e;
+                }
+                Err(e) => {
+                    return Err(volume_error(
+                        &self.path,
+                        self.dev.as_ref(),
+                        "cannot open volume",
+                        &e,
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Does a header slot hold a header whose check code fails?
+    fn header_fails_its_check(&self) -> bool {
+        self.header_slots()
+            .iter()
+            .any(|s| matches!(s, HeaderSlot::BadCrc(..)))
     }
 
     /// Every header copy the device has room for.
