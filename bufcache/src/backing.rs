@@ -18,7 +18,9 @@
 //! Also here: the loop devices whose bytes overlap a range (`loops_over`)
 //! and the exclusive open of a block device (`claim`), which the kernel
 //! refuses while a filesystem is mounted on it (including a fuseblk
-//! mount) or another program holds it exclusively.
+//! mount) or another program holds it exclusively. (Which mount shows
+//! some bytes is `source::mounted_on`, since a mount's source may be a
+//! partition or an NBD export.)
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -111,7 +113,7 @@ pub fn resolve(path: &Path) -> io::Result<Backing> {
 }
 
 /// The block device `rdev` (named `node`), from sysfs.
-fn resolve_block(node: &Path, rdev: u64, depth: usize) -> io::Result<Backing> {
+pub(crate) fn resolve_block(node: &Path, rdev: u64, depth: usize) -> io::Result<Backing> {
     if depth > MAX_DEPTH {
         return Err(bad(format!(
             "{}: loop devices nested more than {MAX_DEPTH} deep",
@@ -191,7 +193,7 @@ fn resolve_block(node: &Path, rdev: u64, depth: usize) -> io::Result<Backing> {
 
 impl Backing {
     /// Keep `len` bytes (all, if `None`) from `offset` of the current range.
-    fn narrow(&mut self, offset: u64, len: Option<u64>) -> io::Result<()> {
+    pub fn narrow(&mut self, offset: u64, len: Option<u64>) -> io::Result<()> {
         let overflow = || bad(format!("{}: range out of bounds", self.data.display()));
         let start = self.start.checked_add(offset).ok_or_else(overflow)?;
         let end = match len {
@@ -209,7 +211,7 @@ impl Backing {
 
 /// `/sys/dev/block/MAJ:MIN`, resolved (e.g. /sys/devices/virtual/block/
 /// loop0/loop0p1).
-fn sysfs_dir(rdev: u64) -> io::Result<PathBuf> {
+pub(crate) fn sysfs_dir(rdev: u64) -> io::Result<PathBuf> {
     let link = PathBuf::from(format!(
         "/sys/dev/block/{}:{}",
         libc::major(rdev),
@@ -238,7 +240,7 @@ fn read_devno(p: &Path) -> io::Result<u64> {
 
 /// `/dev/DEVNAME` of the device whose sysfs directory is `sys`, if that
 /// node is this device.
-fn dev_node(sys: &Path, rdev: u64) -> Option<PathBuf> {
+pub(crate) fn dev_node(sys: &Path, rdev: u64) -> Option<PathBuf> {
     let uevent = fs::read_to_string(sys.join("uevent")).ok()?;
     let name = uevent.lines().find_map(|l| l.strip_prefix("DEVNAME="))?;
     let node = Path::new("/dev").join(name);
@@ -283,61 +285,6 @@ pub fn claim(dev: &Path, write: bool) -> io::Result<File> {
 /// Errors other than EBUSY (the device went away) read as free.
 pub fn claimed(dev: &Path) -> bool {
     matches!(claim(dev, false), Err(e) if e.raw_os_error() == Some(libc::EBUSY))
-}
-
-/// The mountpoint of a `mount.hammer2` mount (over a block device,
-/// `fuseblk.hammer2`, or plain `fuse.hammer2`), read-write or read-only
-/// as `read_write` asks, whose image shares bytes with `b`, if one is in
-/// this mount namespace. A plain mount named with `fsname=` cannot be
-/// matched.
-pub fn mounted_on(b: &Backing, read_write: bool) -> Option<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let left: Vec<&str> = left.split(' ').collect();
-        // Field 6 starts with "rw" or "ro".
-        if (left.get(5)?.split(',').next()? == "rw") != read_write {
-            return None;
-        }
-        let mut right = right.split(' ');
-        let (fstype, source) = (right.next()?, unescape(right.next()?));
-        let mnt = PathBuf::from(unescape(left.get(4)?));
-        let theirs = match fstype {
-            "fuseblk.hammer2" => {
-                // Field 3 is the block device (MAJ:MIN).
-                let (a, m) = left.get(2)?.split_once(':')?;
-                let rdev = libc::makedev(a.parse().ok()?, m.parse().ok()?);
-                let node = sysfs_dir(rdev).ok().and_then(|s| dev_node(&s, rdev));
-                resolve_block(&node.unwrap_or_else(|| PathBuf::from(&source)), rdev, 0).ok()?
-            }
-            "fuse.hammer2" => resolve(Path::new(&source)).ok()?,
-            _ => return None,
-        };
-        theirs.overlaps(b).then_some(mnt)
-    })
-}
-
-/// Undo mountinfo's octal escapes (space, tab, newline, backslash).
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') as u32 * 64
-                + (b[i + 2] - b'0') as u32 * 8
-                + (b[i + 3] - b'0') as u32;
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -386,12 +333,6 @@ mod tests {
         y.narrow(500, Some(1000)).unwrap();
         assert_eq!((y.start, y.end), (500, Some(1000)));
         assert!(b(1, 2, u64::MAX, None).narrow(1, None).is_err());
-    }
-
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape("/mnt/a\\040b\\011c\\134d"), "/mnt/a b\tc\\d");
-        assert_eq!(unescape("/plain\\04"), "/plain\\04");
     }
 
     #[test]

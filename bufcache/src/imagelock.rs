@@ -48,6 +48,7 @@
 //! nothing of these locks.
 
 use crate::backing::{self, Backing};
+use crate::source;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -319,33 +320,46 @@ fn poll<T>(
 pub fn lock_writer(
     image: &Path,
     exclusive: bool,
-    mut waiting: impl FnMut(),
+    waiting: impl FnMut(),
 ) -> Result<WriterLock, LockError> {
     let b = resolve(image)?;
-    let io = |e| LockError::Io(image.to_path_buf(), e);
+    let claim = b.block_device.then_some(image);
+    lock_writer_at(&b, claim, exclusive, waiting)
+}
+
+/// `lock_writer` of bytes already resolved (an image opened by
+/// `source::open`: a partition of a disk, an NBD export); `claim`, if
+/// given, is the block device to open exclusively.
+pub fn lock_writer_at(
+    b: &Backing,
+    claim: Option<&Path>,
+    exclusive: bool,
+    mut waiting: impl FnMut(),
+) -> Result<WriterLock, LockError> {
+    let b = b.clone();
+    let io = |e| LockError::Io(b.named.clone(), e);
     let take = || try_lock(&b, libc::F_WRLCK, Region::Writer);
     let writer = match poll(&b, Region::WriterLive, take, &mut waiting)? {
         Some(w) => w,
         None => {
             return Err(LockError::Mounted {
-                on: backing::mounted_on(&b, true),
+                on: source::mounted_on(&b, true),
                 image: Box::new(b),
             })
         }
     };
-    let claim = if b.block_device {
-        match backing::claim(image, true) {
+    let claim = match claim {
+        Some(dev) => match backing::claim(dev, true) {
             Ok(f) => Some(f),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 return Err(LockError::Busy {
-                    device: image.to_path_buf(),
+                    device: dev.to_path_buf(),
                     image: Box::new(b),
                 })
             }
             Err(e) => return Err(io(e)),
-        }
-    } else {
-        None
+        },
+        None => None,
     };
     // Loop devices over these bytes, other than the ones the image was
     // named through (one of which is claimed above).
@@ -367,7 +381,7 @@ pub fn lock_writer(
                 Some(l) => Some(l),
                 None => {
                     return Err(LockError::ReadOnly {
-                        on: backing::mounted_on(&b, false),
+                        on: source::mounted_on(&b, false),
                         image: Box::new(b),
                     })
                 }
@@ -391,13 +405,17 @@ pub fn lock_writer(
 /// wait for an unmounted daemon to finish its last flush (`waiting` is
 /// called if that takes more than a moment), then say whether a live
 /// writer holds the image (its last flush is what a reader sees).
-pub fn wait_for_writer(image: &Path, mut waiting: impl FnMut()) -> Result<Holder, LockError> {
-    let b = resolve(image)?;
-    let probe = File::open(&b.data).map_err(|e| LockError::Io(image.to_path_buf(), e))?;
-    let take = || Ok((!write_locked(&probe, &b, Region::Writer)?).then_some(()));
-    Ok(match poll(&b, Region::WriterLive, take, &mut waiting)? {
+pub fn wait_for_writer(image: &Path, waiting: impl FnMut()) -> Result<Holder, LockError> {
+    wait_for_writer_at(&resolve(image)?, waiting)
+}
+
+/// `wait_for_writer` of bytes already resolved.
+pub fn wait_for_writer_at(b: &Backing, mut waiting: impl FnMut()) -> Result<Holder, LockError> {
+    let probe = File::open(&b.data).map_err(|e| LockError::Io(b.named.clone(), e))?;
+    let take = || Ok((!write_locked(&probe, b, Region::Writer)?).then_some(()));
+    Ok(match poll(b, Region::WriterLive, take, &mut waiting)? {
         Some(()) => Holder::Nobody,
-        None => Holder::Mounted(backing::mounted_on(&b, true)),
+        None => Holder::Mounted(source::mounted_on(b, true)),
     })
 }
 
@@ -405,14 +423,25 @@ pub fn wait_for_writer(image: &Path, mut waiting: impl FnMut()) -> Result<Holder
 /// locks, refusing an image an exclusive writer (mkfs, replay-log) is at
 /// work on.
 pub fn lock_reader(image: &Path, waiting: impl FnMut()) -> Result<(Holder, ReaderLock), LockError> {
-    let holder = wait_for_writer(image, waiting)?;
-    let b = resolve(image)?;
-    let io = |e| LockError::Io(image.to_path_buf(), e);
-    let reader = match try_lock(&b, libc::F_RDLCK, Region::Reader).map_err(io)? {
+    lock_reader_at(&resolve(image)?, waiting)
+}
+
+/// `lock_reader` of bytes already resolved.
+pub fn lock_reader_at(
+    b: &Backing,
+    waiting: impl FnMut(),
+) -> Result<(Holder, ReaderLock), LockError> {
+    let holder = wait_for_writer_at(b, waiting)?;
+    let io = |e| LockError::Io(b.named.clone(), e);
+    let reader = match try_lock(b, libc::F_RDLCK, Region::Reader).map_err(io)? {
         Some(l) => l,
-        None => return Err(LockError::Rewriting { image: Box::new(b) }),
+        None => {
+            return Err(LockError::Rewriting {
+                image: Box::new(b.clone()),
+            })
+        }
     };
-    let live = try_lock(&b, libc::F_RDLCK, Region::ReaderLive)
+    let live = try_lock(b, libc::F_RDLCK, Region::ReaderLive)
         .map_err(io)?
         // Nobody takes a write lock there: a read lock is always granted.
         .ok_or_else(|| io(io::Error::other("the live lock was refused")))?;

@@ -28,7 +28,10 @@ mod error;
 mod flush;
 pub mod imagelock;
 pub mod logwrites;
+pub mod nbd;
+pub mod partition;
 pub mod recording;
+pub mod source;
 
 pub use cache::{parse_cache_size, Buf, BufCache, BufCacheConfig, BufRef, BufShared, CacheStats};
 pub use cached::CachedDevice;

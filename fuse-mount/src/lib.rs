@@ -30,6 +30,7 @@ pub mod logging;
 pub mod loopdev;
 pub mod mount;
 pub mod options;
+pub mod remount;
 pub mod rw;
 pub mod snapdir;
 pub mod vnops;

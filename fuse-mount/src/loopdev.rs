@@ -67,6 +67,13 @@ pub struct LoopDevice {
 /// kernel once nothing has it open. Tries again if another program takes
 /// the free device first.
 pub fn attach(image: &Path) -> io::Result<LoopDevice> {
+    attach_range(image, 0, 0)
+}
+
+/// `attach` over `sizelimit` bytes (0: to the end) of `image` from
+/// `offset`: a partition of an image file or disk, as `losetup -o OFFSET
+/// --sizelimit SIZE` does.
+pub fn attach_range(image: &Path, offset: u64, sizelimit: u64) -> io::Result<LoopDevice> {
     let control = OpenOptions::new()
         .read(true)
         .write(true)
@@ -95,8 +102,8 @@ pub fn attach(image: &Path) -> io::Result<LoopDevice> {
                 lo_device: 0,
                 lo_inode: 0,
                 lo_rdevice: 0,
-                lo_offset: 0,
-                lo_sizelimit: 0,
+                lo_offset: offset,
+                lo_sizelimit: sizelimit,
                 lo_number: 0,
                 lo_encrypt_type: 0,
                 lo_encrypt_key_size: 0,

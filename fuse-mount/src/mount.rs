@@ -44,7 +44,8 @@ use crate::options::Options;
 use crate::rw::RwVolume;
 use crate::vnops::Hammer2Fs;
 use bufcache::imagelock::{self, Holder, LockError, ReaderLock};
-use bufcache::{BlockDevice, FileDevice};
+use bufcache::source::{self, Location, Opened, Pick};
+use bufcache::BlockDevice;
 use hammer2::mount::{Mount, ROOT_INUM};
 use hammer2::pfs::{pfs_list, Pfs};
 use hammer2::Volume;
@@ -128,34 +129,82 @@ pub fn split_source(source: &str) -> Result<(PathBuf, String), Failure> {
     Ok((img, label.unwrap_or_else(|| DEFAULT_LABEL.to_string())))
 }
 
-/// Open the image and its PFS `label`, read-only (through a buffer
-/// cache of `cache_size` bytes if given), with messages that say what is
-/// wrong: not a file, not HAMMER2, no such label (listing those there
-/// are).
-pub fn open_pfs(image: &Path, label: &str, cache_size: Option<u64>) -> Result<Pfs, Failure> {
-    let shown = image.display();
-    let dev = open_device(image, false)
-        .map_err(|e| Failure::Mount(format!("cannot open {shown}: {e}")))?;
-    let vol = Arc::new(open_volume(image, cached(Arc::new(dev), cache_size)?)?);
-    check_label(image, &vol, label)?;
-    Pfs::open(vol, label).map_err(|e| Failure::Mount(format!("{shown}@{label}: {e}")))
+/// Open what the mount was given (`bufcache::source`: an image file, a
+/// block device, `IMG:PART`, the HAMMER2 partition of a whole disk, an
+/// NBD export), read-only or read-write.
+pub fn open_source(image: &Path, writable: bool) -> Result<Opened, OpenFailure> {
+    let text = image.to_str().ok_or_else(|| {
+        OpenFailure::Other(Failure::Usage(format!("{}: not UTF-8", image.display())))
+    })?;
+    source::open_for_mount(
+        text,
+        writable,
+        Pick::Auto,
+        &hammer2::volume::has_volume_magic,
+    )
+    .map_err(|e| {
+        if writable
+            && (e.kind() == io::ErrorKind::ReadOnlyFilesystem
+                || e.kind() == io::ErrorKind::PermissionDenied)
+        {
+            OpenFailure::WriteProtected(e)
+        } else {
+            OpenFailure::Other(Failure::Mount(format!("cannot open {e}")))
+        }
+    })
 }
 
-/// The image for a mount: opened for direct I/O where its file system
-/// allows, so that it is cached once, in the mount's buffer cache (see
-/// `cached`); else with the kernel's page cache, as the log says.
-fn open_device(image: &Path, writable: bool) -> std::io::Result<FileDevice> {
-    let dev = FileDevice::open_direct(image, writable)?;
-    if dev.is_direct() {
-        log::info!("{}: direct I/O (O_DIRECT)", image.display());
-    } else {
-        log::info!(
-            "{}: its file system refuses direct I/O (O_DIRECT); the kernel's page cache \
-             holds a second copy of what the buffer cache holds",
-            image.display()
-        );
+/// Say whether the image file or block device was opened for direct
+/// I/O (`source::open_for_mount`: where its file system allows, so that
+/// it is cached once, in the mount's buffer cache, see `cached`). Once
+/// the image is locked: a refused mount says only why.
+fn log_direct(o: &Opened) {
+    if let Location::Path(p) = &o.spec.location {
+        if o.direct {
+            log::info!("{}: direct I/O (O_DIRECT)", p.display());
+        } else {
+            log::info!(
+                "{}: its file system refuses direct I/O (O_DIRECT); the kernel's page cache \
+                 holds a second copy of what the buffer cache holds",
+                p.display()
+            );
+        }
     }
-    Ok(dev)
+}
+
+/// Why `open_source` failed.
+pub enum OpenFailure {
+    /// Read-write was asked and refused (a read-only file, device,
+    /// filesystem or NBD export): mount read-only instead.
+    WriteProtected(io::Error),
+    Other(Failure),
+}
+
+/// What /proc/mounts and the control channel show as the image: the
+/// path made absolute, with the partition used (`/srv/disk.img:s1d`),
+/// or the NBD URI.
+pub fn shown_source(o: &Opened) -> String {
+    match &o.spec.location {
+        Location::Path(p) => {
+            let abs = p.canonicalize().unwrap_or_else(|_| p.clone());
+            match &o.partition {
+                Some(part) => format!("{}:{}", abs.display(), part.dfly),
+                None => abs.display().to_string(),
+            }
+        }
+        Location::Nbd(_) => o.name.clone(),
+    }
+}
+
+/// Open the PFS `label` of an opened image, read-only (through the
+/// buffer cache, of `cache_size` bytes if given), with messages that say what is
+/// wrong: not HAMMER2, no such label (listing those there are).
+pub fn open_pfs(o: &Opened, label: &str, cache_size: Option<u64>) -> Result<Pfs, Failure> {
+    let shown = Path::new(&o.name);
+    log_direct(o);
+    let vol = Arc::new(open_volume(shown, cached(o.dev.clone(), cache_size)?)?);
+    check_label(shown, &vol, label)?;
+    Pfs::open(vol, label).map_err(|e| Failure::Mount(format!("{}@{label}: {e}", o.name)))
 }
 
 /// The buffer cache's budget when `cache_size=` is not given: an eighth
@@ -245,15 +294,15 @@ fn check_label(image: &Path, vol: &Volume, label: &str) -> Result<(), Failure> {
     )))
 }
 
-/// For a read-only mount: wait for a mount of `image` that was unmounted
-/// to finish its last flush (saying so if that takes more than a
-/// moment), say so if the image is being written, and take the reader
+/// For a read-only mount: wait for a mount of the image that was
+/// unmounted to finish its last flush (saying so if that takes more than
+/// a moment), say so if the image is being written, and take the reader
 /// locks (refused while mkfs or replay-log rewrites the image; they keep
-/// those out in turn). `None`: the image cannot be opened, which fails
-/// next with its own message.
-fn lock_read_only(image: &Path) -> Result<Option<ReaderLock>, Failure> {
-    let shown = image.display();
-    match imagelock::lock_reader(image, || {
+/// those out in turn). `None`: the bytes cannot be locked (a file we may
+/// not open), which the reads then meet.
+fn lock_read_only(o: &Opened) -> Result<Option<ReaderLock>, Failure> {
+    let shown = &o.name;
+    match imagelock::lock_reader_at(&o.backing, || {
         log::warn!("{shown}: waiting for the mount that was unmounted to write its last flush")
     }) {
         Ok((Holder::Nobody, lock)) => Ok(Some(lock)),
@@ -276,48 +325,41 @@ fn lock_read_only(image: &Path) -> Result<Option<ReaderLock>, Failure> {
 pub struct OpenRw {
     pub volume: Arc<RwVolume>,
     pub claim: Option<File>,
-    /// The image is a block device (mounted as such with `blkdev`).
-    pub block_device: bool,
 }
 
-/// Open the image read-write, lock it against any other writer by any
-/// name (waiting for a mount that was unmounted to finish its last
-/// flush), and open the write path (`Mount`) on PFS `label`. `None` when
-/// the image cannot be written at all (a read-only file, device or
-/// filesystem): the caller mounts it read-only, as mount(8) does with a
-/// write-protected device.
-pub fn open_rw(image: &Path, label: &str, options: &Options) -> Result<Option<OpenRw>, Failure> {
-    let shown = image.display();
-    match OpenOptions::new().read(true).write(true).open(image) {
-        Ok(f) => drop(f),
-        Err(e)
-            if e.raw_os_error() == Some(libc::EROFS)
-                || e.kind() == io::ErrorKind::PermissionDenied =>
-        {
-            log::warn!("{shown} is write-protected ({e}): mounting it read-only");
-            return Ok(None);
-        }
-        Err(e) => {
-            return Err(Failure::Mount(format!(
-                "cannot open {shown} read-write: {e}"
-            )))
-        }
-    };
-    let mut lock = imagelock::lock_writer(image, false, || {
-        log::warn!("{shown}: waiting for the mount that was unmounted to write its last flush")
+/// Lock the opened image against any other writer by any name (waiting
+/// for a mount that was unmounted to finish its last flush), and open the
+/// write path (`Mount`) on PFS `label`.
+pub fn open_rw(o: &Opened, label: &str, options: &Options) -> Result<OpenRw, Failure> {
+    let shown = Path::new(&o.name);
+    let mut lock = imagelock::lock_writer_at(&o.backing, o.claim.as_deref(), false, || {
+        log::warn!(
+            "{}: waiting for the mount that was unmounted to write its last flush",
+            o.name
+        )
     })
     .map_err(|e| Failure::Mount(e.to_string()))?;
-    let dev = open_device(image, true)
-        .map_err(|e| Failure::Mount(format!("cannot open {shown} read-write: {e}")))?;
-    let dev: Arc<dyn BlockDevice> = Arc::new(dev);
+    log_direct(o);
+    let dev = o.dev.clone();
     // With log_writes= every write reaching the image is logged: the log
     // device sits right above it, under the buffer cache.
     let dev = match &options.log_writes {
-        Some(log) => open_log(image, dev, log)?,
+        Some(log) => {
+            let file = match (&o.spec.location, &o.partition) {
+                (Location::Path(p), None) => p.clone(),
+                _ => {
+                    return Err(Failure::Usage(format!(
+                        "log_writes= needs an image file or block device named whole, not {}",
+                        o.name
+                    )))
+                }
+            };
+            open_log(&file, dev, log)?
+        }
         None => dev,
     };
-    let vol = open_volume(image, dev.clone())?;
-    check_label(image, &vol, label)?;
+    let vol = open_volume(shown, dev.clone())?;
+    check_label(shown, &vol, label)?;
     drop(vol);
     // The library reads and writes through the buffer cache (its
     // barrier is the cache's ordered flush).
@@ -325,28 +367,26 @@ pub fn open_rw(image: &Path, label: &str, options: &Options) -> Result<Option<Op
     // Loads the freemap allocator and runs DragonFly's mount-time
     // recovery.
     let mut mount = Mount::open(dev)
-        .map_err(|e| Failure::Mount(format!("{shown} cannot be opened read-write: {e}")))?;
+        .map_err(|e| Failure::Mount(format!("{} cannot be opened read-write: {e}", o.name)))?;
     // Decoded metadata stays in memory across flushes within a quarter
     // of the cache's budget.
     let budget = options.cache_size.unwrap_or_else(default_cache_size);
     mount.set_metadata_limit((budget / 4) as usize);
     mount
         .getattr(label, ROOT_INUM)
-        .map_err(|e| Failure::Mount(format!("{shown}@{label}: {e}")))?;
+        .map_err(|e| Failure::Mount(format!("{}@{label}: {e}", o.name)))?;
     // Files unlinked while open when the system went down: removed now
     // (the library logs how many), so the first flush drops them.
     if let Err(e) = mount.reclaim_orphans(label) {
-        log::warn!("{shown}@{label}: orphaned inodes not reclaimed: {e}");
+        log::warn!("{}@{label}: orphaned inodes not reclaimed: {e}", o.name);
     }
     let claim = lock.claim.take();
-    let block_device = lock.backing.block_device;
     let volume = RwVolume::new(mount, label.to_string(), Some(lock), options.sync_interval);
     volume.set_autobulkfree(options.autobulkfree);
-    Ok(Some(OpenRw {
+    Ok(OpenRw {
         volume: Arc::new(volume),
         claim,
-        block_device,
-    }))
+    })
 }
 
 /// Start a write log at `log` for the image open as `file` and `dev`.
@@ -603,24 +643,39 @@ type Mounted = (
 );
 
 /// What the kernel mounts for a read-write mount with `blkdev`: the
-/// block device named, or a loop device attached over the image file.
-/// `None`: a plain FUSE mount (a warning says why, when it was asked for
-/// and could not be had).
-fn block_device_for(image: &Path, is_block_device: bool) -> Option<(PathBuf, Option<LoopDevice>)> {
-    if is_block_device {
-        return Some((
-            image.canonicalize().unwrap_or_else(|_| image.to_path_buf()),
-            None,
-        ));
+/// block device named whole; otherwise a loop device over the bytes
+/// (attached here, cleared by the kernel when the mount goes): the image
+/// file, or the partition's range of the file or disk (as `losetup -o
+/// --sizelimit`), or for an NBD export its lock file (`bufcache::source`:
+/// a sparse file of the export's size, which nothing reads; the daemon
+/// does its I/O over NBD) with the partition's range. The loop device
+/// names the same bytes as the image locks, so `losetup -l` and the
+/// tools' "mounted on" messages point at the export or partition.
+/// `None`: a plain FUSE mount (a warning says why).
+fn block_device_for(o: &Opened) -> Option<(PathBuf, Option<LoopDevice>)> {
+    if o.claim.is_some() {
+        let p = match &o.spec.location {
+            Location::Path(p) => p.clone(),
+            Location::Nbd(_) => return None,
+        };
+        return Some((p.canonicalize().unwrap_or(p), None));
     }
-    match loopdev::attach(image) {
+    let (file, offset, size) = match o.local_range() {
+        Some((p, start, size)) => (p, start, size.unwrap_or(0)),
+        None => (
+            o.backing.data.clone(),
+            o.backing.start,
+            o.backing.end.map_or(0, |e| e - o.backing.start),
+        ),
+    };
+    match loopdev::attach_range(&file, offset, size) {
         Ok(l) => Some((l.path.clone(), Some(l))),
         Err(e) => {
             log::warn!(
-                "cannot attach a loop device to {} ({e}): mounting it as plain FUSE, over \
+                "cannot attach a loop device for {} ({e}): mounting it as plain FUSE, over \
                  which sync(2) and syncfs(2) do not reach this daemon and umount returns \
                  before its last flush (fsync still works; see -o noblkdev)",
-                image.display()
+                o.name
             );
             None
         }
@@ -640,39 +695,54 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
         }
         check_log_outside(log, &check_mountpoint(&req.mountpoint)?)?;
     }
+    // Read-write unless asked otherwise or the image is write-protected
+    // (then read-only, as mount(8) does with a write-protected device).
     let opened = match o.read_write {
-        true => open_rw(&req.image, &req.label, &o)?,
+        true => match open_source(&req.image, true) {
+            Ok(op) => Some(op),
+            Err(OpenFailure::WriteProtected(e)) => {
+                log::warn!("{e}: write-protected, mounting it read-only");
+                None
+            }
+            Err(OpenFailure::Other(f)) => return Err(f),
+        },
         false => None,
     };
-    let (rw, claim, block_device) = match opened {
-        Some(OpenRw {
-            volume,
-            claim,
-            block_device,
-        }) => (Some(volume), claim, block_device),
-        None => (None, None, false),
-    };
-    if o.log_writes.is_some() && rw.is_none() {
+    if o.log_writes.is_some() && opened.is_none() {
         return Err(Failure::Mount(format!(
             "{} is write-protected: it cannot be mounted read-write with log_writes=",
             req.image.display()
         )));
     }
+    let img = match opened {
+        Some(op) => op,
+        None => match open_source(&req.image, false) {
+            Ok(op) => op,
+            Err(OpenFailure::WriteProtected(e)) => {
+                return Err(Failure::Mount(format!("cannot open {e}")))
+            }
+            Err(OpenFailure::Other(f)) => return Err(f),
+        },
+    };
+    let (rw, claim) = match img.writable {
+        true => {
+            let OpenRw { volume, claim } = open_rw(&img, &req.label, &o)?;
+            (Some(volume), claim)
+        }
+        false => (None, None),
+    };
     let reader = match rw {
-        None => lock_read_only(&req.image)?,
+        None => lock_read_only(&img)?,
         Some(_) => None,
     };
     o.read_write = rw.is_some();
     // What /proc/mounts shows as the source, as mount(8) would.
-    let image = req
-        .image
-        .canonicalize()
-        .unwrap_or_else(|_| req.image.clone());
+    let image = PathBuf::from(shown_source(&img));
     let fs = match &rw {
         Some(v) => Hammer2Fs::new_rw(v.clone(), o.default_permissions)
             .with_writeback_cache(o.writeback_cache),
         None => Hammer2Fs::new(
-            open_pfs(&req.image, &req.label, o.cache_size)?,
+            open_pfs(&img, &req.label, o.cache_size)?,
             o.default_permissions,
         ),
     }
@@ -698,9 +768,10 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
     let dev = open_dev_fuse()?;
     let (acl, config) = o.session_config(n_threads());
     let blk = match rw.is_some() && o.blkdev {
-        true => block_device_for(&req.image, block_device),
+        true => block_device_for(&img),
         false => None,
     };
+    let block_device = img.claim.is_some();
     let source = match &blk {
         Some((device, _)) => {
             if o.fsname.is_some() {

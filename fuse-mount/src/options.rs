@@ -70,6 +70,12 @@ pub struct Options {
     /// so that sync(2) and syncfs(2) reach the daemon and umount waits
     /// for its last flush; `noblkdev` mounts plain FUSE (see `mount`).
     pub blkdev: bool,
+    /// `remount`: change the mount already on the mountpoint
+    /// (`remount::remount`), as `mount -o remount,...` asks.
+    pub remount: bool,
+    /// The options named, in order (a remount warns about those it cannot
+    /// change).
+    pub named: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,7 +115,53 @@ impl Default for Options {
             log_writes: None,
             autobulkfree: Some(AUTOBULKFREE_DEFAULT),
             blkdev: true,
+            remount: false,
+            named: Vec::new(),
         }
+    }
+}
+
+impl Options {
+    /// The defaults when mount(8) runs this program as its helper: it
+    /// drops `suid` and `dev` (and `exec`) from the list it passes, as
+    /// the VFS defaults they are, so the absence of `nosuid` and `nodev`
+    /// means them, as mount.fuse takes it for FUSE filesystems (fuse2fs
+    /// mounted with `mount -t fuse.fuse2fs`).
+    pub fn mount8_defaults() -> Options {
+        Options {
+            suid: true,
+            dev: true,
+            ..Options::default()
+        }
+    }
+
+    /// The options named that only a new mount can set (a remount
+    /// leaves them as they are).
+    pub fn daemon_options(&self) -> Vec<&str> {
+        self.named
+            .iter()
+            .map(String::as_str)
+            .filter(|o| {
+                let key = o.split('=').next().unwrap_or(o);
+                [
+                    "sync_interval",
+                    "cache_size",
+                    "writeback_cache",
+                    "nowriteback_cache",
+                    "autobulkfree",
+                    "noautobulkfree",
+                    "log_writes",
+                    "snapdir",
+                    "blkdev",
+                    "noblkdev",
+                    "allow_other",
+                    "allow_root",
+                    "default_permissions",
+                    "fsname",
+                ]
+                .contains(&key)
+            })
+            .collect()
     }
 }
 
@@ -141,13 +193,24 @@ const IGNORED: &[&str] = &[
 /// options into warnings. Errors are usage errors: the message says what
 /// to change.
 pub fn parse<S: AsRef<str>>(args: &[S], sloppy: bool) -> Result<Options, String> {
-    let mut o = Options::default();
+    parse_from(Options::default(), args, sloppy)
+}
+
+/// `parse` over other defaults (`Options::mount8_defaults`).
+pub fn parse_from<S: AsRef<str>>(
+    defaults: Options,
+    args: &[S],
+    sloppy: bool,
+) -> Result<Options, String> {
+    let mut o = defaults;
     for opt in args
         .iter()
         .flat_map(|a| a.as_ref().split(','))
         .filter(|s| !s.is_empty())
     {
+        o.named.push(opt.to_string());
         match opt {
+            "remount" => o.remount = true,
             "ro" => o.read_write = false,
             "rw" => o.read_write = true,
             "allow_other" => o.access = Access::All,
@@ -179,7 +242,13 @@ pub fn parse<S: AsRef<str>>(args: &[S], sloppy: bool) -> Result<Options, String>
                         .to_string(),
                 )
             }
-            _ if IGNORED.contains(&opt) || opt.starts_with("x-") || opt.starts_with("comment=") => {
+            _ if IGNORED.contains(&opt)
+                || opt.starts_with("x-")
+                || opt.starts_with("comment=")
+                || opt.starts_with("user_id=")
+                || opt.starts_with("group_id=")
+                || opt.starts_with("blksize=") =>
+            {
                 log::debug!("mount option {opt} ignored");
             }
             _ if opt.starts_with("fsname=") => {

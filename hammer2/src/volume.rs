@@ -105,6 +105,18 @@ pub fn read_header_slot(dev: &dyn BlockDevice, i: usize) -> HeaderSlot {
     }
 }
 
+/// Does `dev` hold a HAMMER2 volume header's magic (either byte order)
+/// at the start of any header slot? How the HAMMER2 partition of a whole
+/// disk is told from the others (`bufcache::source`).
+pub fn has_volume_magic(dev: &dyn BlockDevice) -> bool {
+    use disk::volume::{VOLUME_ID_ABO, VOLUME_ID_HBO};
+    (0..header_slots(dev.size_bytes())).any(|i| {
+        let mut magic = [0u8; 8];
+        dev.read_at(&mut magic, disk::volhdr_offset(i)).is_ok()
+            && [VOLUME_ID_HBO, VOLUME_ID_ABO].contains(&u64::from_le_bytes(magic))
+    })
+}
+
 /// Number of header slots a device of `size` bytes holds.
 pub fn header_slots(size: u64) -> usize {
     (0..disk::NUM_VOLHDRS)

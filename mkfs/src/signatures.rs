@@ -12,14 +12,17 @@ use std::process::{Command, Output};
 /// Where blkid may be when it is not on PATH (root's tools).
 const BLKID: &[&str] = &["blkid", "/usr/sbin/blkid", "/sbin/blkid"];
 
-fn run_blkid(target: &Path) -> io::Result<Output> {
+fn run_blkid(target: &Path, range: Option<(u64, u64)>) -> io::Result<Output> {
     let mut last = io::Error::from(io::ErrorKind::NotFound);
     for bin in BLKID {
-        match Command::new(bin)
-            .args(["-p", "-o", "export", "--"])
-            .arg(target)
-            .output()
-        {
+        let mut cmd = Command::new(bin);
+        cmd.args(["-p", "-o", "export"]);
+        if let Some((offset, size)) = range {
+            // Probe the partition's bytes only (and as if the device
+            // ended where it does).
+            cmd.args(["-O", &offset.to_string(), "-S", &size.to_string()]);
+        }
+        match cmd.arg("--").arg(target).output() {
             Ok(out) => return Ok(out),
             Err(e) if e.kind() == io::ErrorKind::NotFound => last = e,
             Err(e) => return Err(e),
@@ -52,7 +55,16 @@ fn describe(export: &str) -> Option<String> {
 /// filesystem of type ext4", "a partition table of type gpt". An error when blkid cannot
 /// be run or fails (the caller refuses then, unless forced).
 pub fn other_signature(target: &Path) -> Result<Option<String>, String> {
-    let out = run_blkid(target).map_err(|e| match e.kind() {
+    other_signature_in(target, None)
+}
+
+/// `other_signature` of `size` bytes of `target` from `offset` (a
+/// partition the tools found in a disk image).
+pub fn other_signature_in(
+    target: &Path,
+    range: Option<(u64, u64)>,
+) -> Result<Option<String>, String> {
+    let out = run_blkid(target, range).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => {
             "blkid (util-linux) is not installed to check it for other filesystems".to_string()
         }

@@ -7,7 +7,9 @@
 
 pub mod ace;
 pub mod craft;
+pub mod disks;
 pub mod freemap_check;
+pub mod nbdserver;
 pub mod sim;
 
 use bufcache::{BlockDevice, FileDevice};

@@ -29,13 +29,20 @@ use std::process::{Command, ExitCode, Stdio};
 
 const READY: &str = "ready\n";
 
+/// Set for the daemon child when mount(8) ran its parent.
+const MOUNT8_ENV: &str = "MOUNT_HAMMER2_BY_MOUNT8";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "mount.hammer2",
     version,
     about = "Mount a PFS of a HAMMER2 image over FUSE",
-    after_help = "IMG is an image file or block device; LABEL names a PFS or snapshot \
-                  (default DATA). Options: rw (the default), ro, allow_other, \
+    after_help = "IMG is an image file or block device, IMG:PART for a partition of a \
+                  whole disk (s1d as DragonFly names it, p2 as Linux does; without one, \
+                  the partition holding HAMMER2), or an NBD URI (nbd://HOST[:PORT]/EXPORT, \
+                  nbd+unix:///EXPORT?socket=PATH); LABEL names a PFS or snapshot \
+                  (default DATA). remount changes the mount on MOUNTPOINT in place \
+                  (mount -o remount,ro MNT). Options: rw (the default), ro, allow_other, \
                   allow_root, default_permissions, nosuid/suid, nodev/dev, noexec/exec, \
                   noatime, fsname=NAME; fstab bookkeeping (noauto, nofail, _netdev, x-*) \
                   is ignored.\n\n\
@@ -63,6 +70,7 @@ const READY: &str = "ready\n";
                   log_writes=FILE (read-write): log every write, barrier and mark \
                   that reaches the image to FILE, for hammer2 replay-log; keep a \
                   copy of the image as it was at mount time to replay onto.\n\n\
+                  See mount.hammer2(8) for every option.\n\n\
                   Exit status: 0 mounted, 1 usage, 2 system error, 32 mount failed."
 )]
 struct Cli {
@@ -96,12 +104,33 @@ struct Cli {
     mountpoint: PathBuf,
 }
 
+/// Was this program run by mount(8) (as `/sbin/mount.hammer2`,
+/// `mount.fuse.hammer2` or `mount.fuseblk.hammer2`)? Its parent is then
+/// the `mount` process.
+fn run_by_mount8() -> bool {
+    let ppid = nix::unistd::getppid();
+    std::fs::read_to_string(format!("/proc/{ppid}/comm")).is_ok_and(|c| c.trim() == "mount")
+}
+
 fn request(cli: &Cli) -> Result<Request, Failure> {
     let (image, label) = match cli.source.to_str() {
         Some(s) => mount::split_source(s)?,
         None => (PathBuf::from(&cli.source), DEFAULT_LABEL.to_string()),
     };
-    let options = options::parse(&cli.options, cli.sloppy).map_err(Failure::Usage)?;
+    // Through mount(8), no nosuid/nodev means suid and dev (it drops
+    // those from the list as the defaults they are); run directly,
+    // nosuid and nodev are the default (FUSE's). The daemon child is
+    // told which by its parent.
+    let defaults = match cli.daemon_child {
+        true => match std::env::var_os(MOUNT8_ENV) {
+            Some(_) => options::Options::mount8_defaults(),
+            None => options::Options::default(),
+        },
+        false if run_by_mount8() => options::Options::mount8_defaults(),
+        false => options::Options::default(),
+    };
+    let options =
+        options::parse_from(defaults, &cli.options, cli.sloppy).map_err(Failure::Usage)?;
     Ok(Request {
         image,
         label,
@@ -114,7 +143,13 @@ fn request(cli: &Cli) -> Result<Request, Failure> {
 fn spawn_daemon() -> Result<(), Failure> {
     let exe = std::env::current_exe()
         .map_err(|e| Failure::System(format!("cannot find this program: {e}")))?;
-    let mut child = Command::new(exe)
+    let mut cmd = Command::new(exe);
+    if run_by_mount8() {
+        cmd.env(MOUNT8_ENV, "1");
+    } else {
+        cmd.env_remove(MOUNT8_ENV);
+    }
+    let mut child = cmd
         .arg("--daemon-child")
         .args(std::env::args_os().skip(1))
         .stdin(Stdio::null())
@@ -156,6 +191,11 @@ fn detach() {
 
 fn run(cli: &Cli) -> Result<(), Failure> {
     let req = request(cli)?;
+    if req.options.remount {
+        // Change the mount on MOUNTPOINT in place; SOURCE is whatever
+        // mount(8) found for it.
+        return fuse_mount::remount::remount(&req.mountpoint, &req.options);
+    }
     if cli.daemon_child {
         // Out of the caller's session: no SIGHUP or ^C from its terminal.
         let _ = nix::unistd::setsid();

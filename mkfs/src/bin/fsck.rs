@@ -10,7 +10,6 @@ use mkfs::progress::{percent, ProgressLine};
 use mkfs::units::human;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Instant;
 
 const EXIT_CLEAN: u8 = 0;
@@ -37,7 +36,9 @@ struct Args {
     /// Do not print progress even on a terminal.
     #[arg(short, long)]
     quiet: bool,
-    /// The image file or block device.
+    /// The image file or block device, IMG:PART for a partition of a disk
+    /// (found by itself when one holds HAMMER2), or an NBD URI.
+    #[arg(value_name = "IMG")]
     image: PathBuf,
 }
 
@@ -64,13 +65,26 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> u8 {
-    let name = args.image.display().to_string();
+    let given = args.image.display().to_string();
+    // A file, a block device, a partition of a disk (IMG:PART, or the
+    // one holding HAMMER2), an NBD export.
+    let opened = match mkfs::open_image(&args.image, false) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("fsck.hammer2: {e}");
+            return EXIT_OPERATIONAL;
+        }
+    };
+    let name = opened.name.clone();
+    if name != given {
+        eprintln!("fsck.hammer2: {given}: checking {name}");
+    }
     // A mount that was just unmounted may still be writing its last
     // flush (a FUSE umount does not wait for it): check what it leaves.
     let waiting = || {
         eprintln!("fsck.hammer2: {name}: waiting for the mount that was unmounted to write its last flush")
     };
-    match bufcache::imagelock::wait_for_writer(&args.image, waiting) {
+    match bufcache::imagelock::wait_for_writer_at(&opened.backing, waiting) {
         Ok(Holder::Nobody) | Err(LockError::Io(..)) => {}
         Ok(Holder::Mounted(on)) => eprintln!(
             "fsck.hammer2: warning: {}: checking its last flush, which the writer may be \
@@ -82,13 +96,7 @@ fn run(args: &Args) -> u8 {
             return EXIT_OPERATIONAL;
         }
     }
-    let dev = match bufcache::FileDevice::open(&args.image, false) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("fsck.hammer2: {name}: {e}");
-            return EXIT_OPERATIONAL;
-        }
-    };
+    let dev = opened.dev.clone();
     let start = Instant::now();
     let mut line = ProgressLine::new(!args.quiet);
     let mut progress = |p: Progress| {
@@ -105,7 +113,7 @@ fn run(args: &Args) -> u8 {
         progress: Some(&mut progress),
         verbose: args.verbose,
     };
-    let report = match fsck(Arc::new(dev), opts) {
+    let report = match fsck(dev, opts) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("fsck.hammer2: {name}: {e}");

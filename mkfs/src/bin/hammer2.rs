@@ -29,6 +29,8 @@ mod freemap;
 mod online;
 #[path = "hammer2/pfs.rs"]
 mod pfs;
+#[path = "hammer2/probe.rs"]
+mod probe;
 #[path = "hammer2/replay.rs"]
 mod replay;
 #[path = "hammer2/setmethods.rs"]
@@ -40,7 +42,7 @@ mod volhdr;
 
 use bufcache::imagelock::{self, Holder, LockError};
 use bufcache::logwrites::Stop;
-use bufcache::{BlockDevice, FileDevice};
+use bufcache::BlockDevice;
 use clap::{CommandFactory, Parser, Subcommand};
 use hammer2::disk::BlockrefType;
 use hammer2::volume::{header_slots, read_header_slot, HeaderSlot};
@@ -53,8 +55,12 @@ use std::sync::Arc;
 
 const AFTER_HELP: &str = "\
 Each verb takes the filesystem after it (or with -s before it): an
-image file or block device (IMG, or IMG@LABEL to name a PFS), or a
-mountpoint of mount.hammer2 or any file or directory in one. Given a
+image file or block device (IMG, or IMG@LABEL to name a PFS), a
+partition of a whole disk (IMG:s1d as DragonFly names it, IMG:p2 as
+Linux does; without one, the partition holding HAMMER2 when exactly one
+does; probe lists them), an NBD export (nbd://HOST[:PORT]/EXPORT,
+nbd+unix:///EXPORT?socket=PATH), or a mountpoint of mount.hammer2 or
+any file or directory in one. Given a
 path in a mount, the verb asks the running daemon through its control
 channel (ioctls on that path, as DragonFly's hammer2(8) does): snapshot
 snapshots the PFS mounted there, pfs-list, pfs-create, pfs-delete and
@@ -72,6 +78,9 @@ the walk first), 2 on a usage error.
 
 Examples:
   hammer2 show disk.img | less
+  hammer2 probe dragonfly-vm.raw        (partitions and what each holds)
+  hammer2 pfs-list dragonfly-vm.raw:s1d
+  hammer2 info nbd+unix:///vm?socket=/run/vm.sock
   hammer2 -s /dev/sdb1 pfs-list
   hammer2 snapshot /mnt/data            (names it DATA.YYYYMMDD.HHMMSS, UTC)
   hammer2 snapshot disk.img@DATA        (the same, offline)
@@ -132,6 +141,10 @@ enum Verb {
     /// Volume summary and free space, then each PFS's ids, counts and
     /// methods
     Info { img: Option<PathBuf> },
+    /// List a disk's partition table and what each partition holds
+    /// (type, size, HAMMER2 version and PFS labels), as blkid and lsblk -f
+    /// would; IMG is a whole disk: a file, a block device or an NBD URI
+    Probe { img: Option<PathBuf> },
     /// Print the directory hash of each name ("%016x name")
     Hash {
         #[arg(required = true)]
@@ -265,10 +278,16 @@ impl From<io::Error> for CmdError {
     }
 }
 
+/// How many times `Image::volume` reads a header again that failed its
+/// check code (5 ms apart) before calling it damaged.
+const HEADER_REREADS: u32 = 20;
+
 /// An opened image or device.
 pub struct Image {
     pub path: PathBuf,
     pub dev: Arc<dyn BlockDevice>,
+    /// The bytes behind it (`bufcache::source`), for the image locks.
+    pub backing: Option<bufcache::backing::Backing>,
     /// Read-write: the image's writer lock, held while the verb runs.
     _lock: Option<bufcache::imagelock::WriterLock>,
 }
@@ -334,8 +353,12 @@ impl Image {
     /// that was unmounted to write its last flush, and warn when a live
     /// writer holds it (what is read is its last flush).
     fn open_named(path: &Path) -> Result<Image, CmdError> {
-        let shown = path.display().to_string();
-        match imagelock::wait_for_writer(path, || {
+        let img = Image::open(path)?;
+        let shown = img.path.display().to_string();
+        let Some(backing) = &img.backing else {
+            return Ok(img);
+        };
+        match imagelock::wait_for_writer_at(backing, || {
             eprintln!(
                 "hammer2: {shown}: waiting for the mount that was unmounted to write its last flush"
             )
@@ -349,28 +372,85 @@ impl Image {
                 eprintln!(
                     "hammer2: warning: {}: reading its last flush{hint}",
                     mkfs::held_by(&shown, on.as_deref())
-                )
+                );
+                // Read as the mount writes: with direct I/O.
+                return Image::open_live(path);
             }
             Err(e) => return Err(CmdError::Fail(e.to_string())),
         }
-        Image::open(path)
+        Ok(img)
     }
 
-    fn open(path: &Path) -> Result<Image, CmdError> {
+    /// `open` for an image a mount is writing (the mount's own name for
+    /// it): an image file or block device is read with direct I/O, as
+    /// the mount writes it (buffered reads beside direct writes can keep
+    /// pages the writes made stale).
+    pub fn open_live(path: &Path) -> Result<Image, CmdError> {
         check_image_path(path)?;
-        let dev = FileDevice::open(path, false)
-            .map_err(|e| CmdError::Fail(format!("{}: {e}", path.display())))?;
+        let s = path
+            .to_str()
+            .ok_or_else(|| CmdError::Fail(format!("{}: not UTF-8", path.display())))?;
+        let o = bufcache::source::open_for_mount(
+            s,
+            false,
+            bufcache::source::Pick::Auto,
+            &mkfs::is_hammer2,
+        )
+        .map_err(|e| CmdError::Fail(e.to_string()))?;
         Ok(Image {
-            path: path.to_path_buf(),
-            dev: Arc::new(dev),
+            path: PathBuf::from(&o.name),
+            dev: o.dev,
+            backing: Some(o.backing),
             _lock: None,
         })
     }
 
-    /// The volume, with its header chosen as a mount would.
+    /// Open an image file, block device, partition of a disk (`IMG:PART`,
+    /// or the one holding HAMMER2) or NBD export, read-only.
+    fn open(path: &Path) -> Result<Image, CmdError> {
+        check_image_path(path)?;
+        let o = mkfs::open_image(path, false).map_err(|e| CmdError::Fail(e.to_string()))?;
+        Ok(Image {
+            path: PathBuf::from(&o.name),
+            dev: o.dev,
+            backing: Some(o.backing),
+            _lock: None,
+        })
+    }
+
+    /// The volume, with its header chosen as a mount would. A mount
+    /// writing the image rewrites a header in place (on a volume under 2
+    /// GiB, the only one) with direct I/O: a read that meets the write
+    /// half done fails the header's check code, so a header that fails
+    /// its check code is read again, a few times, before it is called
+    /// damaged.
     pub fn volume(&self) -> Result<Volume, CmdError> {
-        Volume::open(self.dev.clone())
-            .map_err(|e| volume_error(&self.path, self.dev.as_ref(), "cannot open volume", &e))
+        let mut tries = 0;
+        loop {
+            match Volume::open(self.dev.clone()) {
+                Ok(v) => return Ok(v),
+                Err(e) if tries < HEADER_REREADS && self.header_fails_its_check() => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    let _ = e;
+                }
+                Err(e) => {
+                    return Err(volume_error(
+                        &self.path,
+                        self.dev.as_ref(),
+                        "cannot open volume",
+                        &e,
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Does a header slot hold a header whose check code fails?
+    fn header_fails_its_check(&self) -> bool {
+        self.header_slots()
+            .iter()
+            .any(|s| matches!(s, HeaderSlot::BadCrc(..)))
     }
 
     /// Every header copy the device has room for.
@@ -529,6 +609,7 @@ fn run(cli: Cli, out: &mut dyn Write) -> Result<u64, CmdError> {
         }
         Verb::Info { img: p } => pfs::info(&img(p)?, out),
         Verb::Hash { names } => hash(&names, out),
+        Verb::Probe { img: p } => probe::run(&path(p).display().to_string(), out),
         Verb::Snapshot { spec, name } => {
             // With -s IMG[@LABEL] the one argument is the name, as in
             // DragonFly's `hammer2 -s PATH snapshot [NAME]`.

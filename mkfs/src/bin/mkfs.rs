@@ -6,7 +6,8 @@
 #![forbid(unsafe_code)]
 
 use bufcache::imagelock::{LockError, WriterLock};
-use bufcache::FileDevice;
+use bufcache::partition;
+use bufcache::source::{self, Location, Opened, Pick, Spec};
 use clap::Parser;
 use hammer2::disk::{AUX_MAX_BYTES, BOOT_MAX_BYTES};
 use mkfs::newfs::{
@@ -51,7 +52,8 @@ struct Args {
     #[arg(short = 'f')]
     force: bool,
 
-    /// Image file or block device
+    /// Image file or block device, IMG:PART for a partition of a disk
+    /// (sN[x] as DragonFly names it, pN[x] as Linux does), or an NBD URI
     #[arg(value_name = "IMG")]
     image: PathBuf,
 }
@@ -99,11 +101,11 @@ impl Args {
     }
 }
 
-/// Open the target, creating or growing a regular file to `-s`. Returns
-/// the device and whether this run created the file.
-fn open_target(path: &Path, size: Option<u64>) -> Result<(FileDevice, bool), String> {
+/// Create or grow a regular image file to `-s` (sparse). Returns whether
+/// this run created it.
+fn prepare_file(path: &Path, size: Option<u64>) -> Result<bool, String> {
     let shown = path.display();
-    let created = match std::fs::metadata(path) {
+    match std::fs::metadata(path) {
         Ok(meta) => {
             if let Some(size) = size {
                 if meta.is_file() && meta.len() < size {
@@ -116,7 +118,7 @@ fn open_target(path: &Path, size: Option<u64>) -> Result<(FileDevice, bool), Str
                     f.set_len(size).map_err(|e| format!("{shown}: {e}"))?;
                 }
             }
-            false
+            Ok(false)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let Some(size) = size else {
@@ -129,18 +131,9 @@ fn open_target(path: &Path, size: Option<u64>) -> Result<(FileDevice, bool), Str
                 let _ = std::fs::remove_file(path);
                 format!("{shown}: {e}")
             })?;
-            true
+            Ok(true)
         }
-        Err(e) => return Err(format!("{shown}: {e}")),
-    };
-    match FileDevice::open(path, true) {
-        Ok(dev) => Ok((dev, created)),
-        Err(e) => {
-            if created {
-                let _ = std::fs::remove_file(path);
-            }
-            Err(format!("Unable to open {shown} R+W: {e}"))
-        }
+        Err(e) => Err(format!("{shown}: {e}")),
     }
 }
 
@@ -149,11 +142,11 @@ fn open_target(path: &Path, size: Option<u64>) -> Result<(FileDevice, bool), Str
 /// any name (a mount of it or of a loop device over it, a hammer2 tool),
 /// nor over a block device anything holds (a mounted filesystem), -f or
 /// not.
-fn lock(image: &Path) -> Result<WriterLock, String> {
-    bufcache::imagelock::lock_writer(image, true, || {
+fn lock(o: &Opened) -> Result<WriterLock, String> {
+    bufcache::imagelock::lock_writer_at(&o.backing, o.claim.as_deref(), true, || {
         eprintln!(
             "mkfs.hammer2: {}: waiting for the mount that was unmounted to write its last flush",
-            image.display()
+            o.name
         )
     })
     .map_err(|e| match e {
@@ -164,49 +157,107 @@ fn lock(image: &Path) -> Result<WriterLock, String> {
     })
 }
 
+/// What the target holds that mkfs must not overwrite without -f: a
+/// HAMMER2 volume, a disklabel64 (a DragonFly slice named whole), or
+/// what blkid finds (for an NBD export, which blkid cannot open: a
+/// partition table, or any data in its first MiB).
+fn occupied(o: &Opened) -> Result<Option<String>, String> {
+    let shown = &o.name;
+    if let Some(at) = find_hammer2(o.dev.as_ref()).map_err(|e| e.to_string())? {
+        return Ok(Some(format!(
+            "{shown} already holds a HAMMER2 filesystem (volume header at {at:#x})"
+        )));
+    }
+    if let Some(p) = &o.partition {
+        if p.has_label {
+            let inner: Vec<&str> = o
+                .table
+                .iter()
+                .flat_map(|t| &t.partitions)
+                .filter(|q| q.dfly.starts_with(&p.dfly) && q.dfly.len() > p.dfly.len())
+                .map(|q| q.dfly.as_str())
+                .collect();
+            return Ok(Some(format!(
+                "{shown} is a DragonFly slice holding a disklabel64 (partitions {}): name \
+                 one of them, as {}:{}",
+                inner.join(", "),
+                o.spec.source_text(),
+                inner.first().copied().unwrap_or("s1d")
+            )));
+        }
+    }
+    let found = match o.local_range() {
+        Some((path, start, size)) => {
+            mkfs::signatures::other_signature_in(&path, size.map(|n| (start, n)))
+                .map_err(|why| format!("{shown}: {why}; use -f to make it anyway"))?
+                .map(|what| format!("{what} (found by blkid)"))
+        }
+        None => {
+            if let Some(t) = partition::read_table(o.dev.as_ref()).map_err(|e| e.to_string())? {
+                Some(format!("a partition table of type {}", t.scheme))
+            } else {
+                let n = o.dev.size_bytes().min(1 << 20) as usize;
+                let mut head = vec![0u8; n];
+                o.dev.read_at(&mut head, 0).map_err(|e| e.to_string())?;
+                head.iter()
+                    .any(|&b| b != 0)
+                    .then(|| "data in its first MiB (blkid cannot look into an NBD export)".into())
+            }
+        }
+    };
+    Ok(found.map(|what| format!("{shown} already holds {what}")))
+}
+
 fn run(args: &Args) -> Result<(), String> {
     let opts = args.options();
     opts.validate().map_err(|e| e.to_string())?;
-    // Locked before anything is changed (an image file grown to -s).
-    let early = match std::fs::metadata(&args.image) {
-        Ok(_) => Some(lock(&args.image)?),
-        Err(_) => None,
+    let text = args
+        .image
+        .to_str()
+        .ok_or_else(|| format!("{}: not UTF-8", args.image.display()))?;
+    let spec = Spec::parse(text, |p| p.exists())?;
+    // Only an image file named whole is created or grown to -s.
+    let file = match (&spec.location, spec.part) {
+        (Location::Path(p), None) if !p.exists() || p.is_file() => Some(p.clone()),
+        _ => None,
     };
-    let (dev, created) = open_target(&args.image, args.size)?;
-    let shown = args.image.display();
+    // Locked before anything is changed (an image file grown to -s).
+    let early = match &file {
+        Some(p) if p.exists() => {
+            let o = source::open_spec(spec.clone(), true, Pick::Whole, &mkfs::is_hammer2)
+                .map_err(|e| format!("Unable to open {text} R+W: {e}"))?;
+            Some(lock(&o)?)
+        }
+        _ => None,
+    };
+    let created = match &file {
+        Some(p) => prepare_file(p, args.size)?,
+        None => false,
+    };
     let cleanup = |msg: String| {
         if created {
-            let _ = std::fs::remove_file(&args.image);
+            if let Some(p) = &file {
+                let _ = std::fs::remove_file(p);
+            }
         }
         msg
     };
+    let o = source::open_spec(spec, true, Pick::Whole, &mkfs::is_hammer2)
+        .map_err(|e| cleanup(format!("Unable to open {text} R+W: {e}")))?;
     let _lock = match early {
         Some(l) => l,
-        None => lock(&args.image).map_err(cleanup)?,
+        None => lock(&o).map_err(cleanup)?,
     };
+    let shown = o.name.clone();
     if !args.force && !created {
-        let found = find_hammer2(&dev).map_err(|e| e.to_string())?;
-        if let Some(at) = found {
-            return Err(format!(
-                "{shown} already holds a HAMMER2 filesystem (volume header at {at:#x}); use -f to overwrite it"
-            ));
-        }
-        // As mkfs.ext4: not over any other filesystem or partition table
-        // either.
-        match mkfs::signatures::other_signature(&args.image) {
-            Ok(None) => {}
-            Ok(Some(what)) => {
-                return Err(format!(
-                    "{shown} already holds {what} (found by blkid); use -f to overwrite it"
-                ))
-            }
-            Err(why) => return Err(format!("{shown}: {why}; use -f to make it anyway")),
+        if let Some(what) = occupied(&o).map_err(cleanup)? {
+            return Err(format!("{what}; use -f to overwrite it"));
         }
     }
-    let summary = newfs(&dev, &opts).map_err(|e| cleanup(format!("{shown}: {e}")))?;
+    let summary = newfs(o.dev.as_ref(), &opts).map_err(|e| cleanup(format!("{shown}: {e}")))?;
     println!(
         "Volume {:<15} size {}",
-        shown.to_string(),
+        shown,
         size_string(summary.geometry.total_size)
     );
     println!("---------------------------------------------");

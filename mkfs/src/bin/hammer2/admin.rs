@@ -9,7 +9,7 @@
 use crate::fmt::{self, GIB};
 use crate::{CmdError, Image};
 use bufcache::imagelock::LockError;
-use bufcache::{BlockDevice, FileDevice};
+use bufcache::BlockDevice;
 use hammer2::bulkfree::{BulkfreeStats, Progress};
 use hammer2::mount::Mount;
 use mkfs::progress::{percent, ProgressLine};
@@ -43,12 +43,11 @@ pub fn split_spec(spec: &str) -> (PathBuf, Option<String>) {
 /// has written its last flush.
 pub fn open_rw(path: &Path) -> Result<(Image, Mount), CmdError> {
     crate::check_image_path(path)?;
-    let dev = FileDevice::open(path, true)
-        .map_err(|e| CmdError::Fail(format!("{}: {e}", path.display())))?;
-    let lock = bufcache::imagelock::lock_writer(path, false, || {
+    let o = mkfs::open_image(path, true).map_err(|e| CmdError::Fail(e.to_string()))?;
+    let lock = bufcache::imagelock::lock_writer_at(&o.backing, o.claim.as_deref(), false, || {
         eprintln!(
             "hammer2: {}: waiting for the mount that was unmounted to write its last flush",
-            path.display()
+            o.name
         )
     })
     .map_err(|e| match e {
@@ -57,14 +56,16 @@ pub fn open_rw(path: &Path) -> Result<(Image, Mount), CmdError> {
         )),
         e => CmdError::Fail(e.to_string()),
     })?;
-    let dev: Arc<dyn BlockDevice> = Arc::new(dev);
+    let dev: Arc<dyn BlockDevice> = o.dev.clone();
+    let shown = PathBuf::from(&o.name);
     let img = Image {
-        path: path.to_path_buf(),
+        path: shown.clone(),
         dev: dev.clone(),
+        backing: Some(o.backing),
         _lock: Some(lock),
     };
     let m = Mount::open(dev.clone()).map_err(|e| {
-        crate::volume_error(path, dev.as_ref(), "cannot open volume read-write", &e)
+        crate::volume_error(&shown, dev.as_ref(), "cannot open volume read-write", &e)
     })?;
     Ok((img, m))
 }

@@ -87,7 +87,7 @@ pub fn flushed_image(ch: &Channel) -> Result<Image, CmdError> {
         Err(e) => return Err(fail(ch, "flush", e)),
     }
     let path = PathBuf::from(std::ffi::OsStr::from_bytes(&info.image));
-    Image::open(&path)
+    Image::open_live(&path)
 }
 
 /// `hammer2 snapshot PATH [NAME]`: snapshot the PFS mounted at PATH;

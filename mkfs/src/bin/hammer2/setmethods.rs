@@ -30,7 +30,12 @@ pub enum Field {
 
 /// Split `IMG[@LABEL][:/PATH]` at the first `:/`.
 pub fn split_target(target: &str) -> (String, String) {
-    match target.find(":/") {
+    // An NBD URI's own "://" is not the split.
+    let from = match bufcache::nbd::is_uri(target) {
+        true => target.find("://").map_or(0, |i| i + 3),
+        false => 0,
+    };
+    match target[from..].find(":/").map(|i| i + from) {
         Some(i) => (target[..i].to_string(), target[i + 1..].to_string()),
         None => (target.to_string(), "/".to_string()),
     }
@@ -193,5 +198,14 @@ mod tests {
         );
         assert_eq!(split_target("d.img"), ("d.img".into(), "/".into()));
         assert_eq!(split_target("d.img:/"), ("d.img".into(), "/".into()));
+        assert_eq!(
+            split_target("d.img:s1d@DATA:/x"),
+            ("d.img:s1d@DATA".into(), "/x".into())
+        );
+        assert_eq!(
+            split_target("nbd+unix:///e?socket=/s@DATA:/x"),
+            ("nbd+unix:///e?socket=/s@DATA".into(), "/x".into())
+        );
+        assert_eq!(split_target("nbd://h/e"), ("nbd://h/e".into(), "/".into()));
     }
 }
