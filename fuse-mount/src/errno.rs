@@ -75,6 +75,10 @@ pub fn errno(e: &Error) -> i32 {
             log::debug!("{e}");
             libc::EROFS
         }
+        Error::Cancelled => {
+            log::debug!("{e}");
+            libc::EINTR
+        }
     }
 }
 

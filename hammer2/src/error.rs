@@ -120,6 +120,8 @@ pub enum Error {
     Busy {
         what: String,
     },
+    /// The caller asked to stop (fsck's repairs stop at a commit).
+    Cancelled,
 }
 
 impl Error {
@@ -212,6 +214,7 @@ impl fmt::Display for Error {
             }
             Error::ReadOnly => write!(f, "read-only"),
             Error::Busy { what } => write!(f, "{what}: busy"),
+            Error::Cancelled => write!(f, "cancelled"),
         }
     }
 }

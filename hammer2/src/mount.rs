@@ -233,6 +233,29 @@ impl Mount {
         })
     }
 
+    /// A mount of `vol` at the header the caller chose, with `sroot` as
+    /// its super-root (for fsck's repairs, which may start from an older
+    /// header or a super-root read past its check code; `repair.rs`).
+    pub(crate) fn from_parts(vol: Volume, space: Box<dyn SpaceMap>, sroot: InodeNode) -> Mount {
+        let session_tid = vol.header.mirror_tid;
+        Mount {
+            session_tid,
+            vol,
+            space: Arc::new(Mutex::new(space)),
+            flushing: false,
+            admitted: 0,
+            sroot,
+            pfs: BTreeMap::new(),
+            poisoned: None,
+        }
+    }
+
+    /// Commit now, whether or not anything changed: a new volume header
+    /// in the next slot (fsck's repairs write every slot this way).
+    pub(crate) fn commit(&mut self) -> Result<FlushStats> {
+        self.commit_now()
+    }
+
     pub fn volume(&self) -> &Volume {
         &self.vol
     }
