@@ -232,7 +232,7 @@ pub fn repair(dev: Arc<dyn BlockDevice>, before: fsck::Report, opts: &Options) -
             }
             n
         }
-        None => match newest {
+        None => match roll_forward(dev.clone(), &copies, newest) {
             Some(s) => s,
             // No copy has good CRCs: the newest whose tree verifies.
             None => rewind_targets(dev.clone(), &copies, None)
@@ -250,6 +250,69 @@ pub fn repair(dev: Arc<dyn BlockDevice>, before: fsck::Report, opts: &Options) -
     };
     let mut log = Log::default();
     let mut rewound = None;
+    // A newer copy with bad CRCs that could not be used: its flush is
+    // lost, as by a rewind.
+    if opts.rewind.is_none() {
+        let base_tid = copies
+            .iter()
+            .find(|c| c.0 == base_slot)
+            .map(|c| c.1.mirror_tid);
+        let slots = copies
+            .iter()
+            .find(|c| c.0 == base_slot)
+            .map_or(1, |c| disk::volhdr_count(c.1.volu_size) as u64);
+        let lost = copies
+            .iter()
+            .filter(|c| {
+                !c.2 && base_tid.is_some_and(|t| c.1.mirror_tid > t && c.1.mirror_tid <= t + slots)
+            })
+            .max_by_key(|c| c.1.mirror_tid);
+        if let (Some(bad), Ok(t)) = (lost, rewind::verify_target(dev.clone(), &copies, base_slot)) {
+            let r = rewind::describe(dev.clone(), &copies, Some(bad.0), &t);
+            log.lossy(
+                None,
+                None,
+                Some(disk::volhdr_offset(bad.0)),
+                format!(
+                    "volume header copy {} (tid {:#x}) has bad CRCs and its tree does not \
+                     verify: {}",
+                    bad.0,
+                    bad.1.mirror_tid,
+                    rewind::line(&r)
+                ),
+            );
+            rewound = Some(r);
+        }
+    }
+    // The copy written after the base in rotation unreadable: it may
+    // have held a newer flush (or the oldest state; nothing tells which).
+    // Going on from the base gives that flush up, as a rewind does.
+    let nslots = header_slots(dev.size_bytes());
+    let next = (base_slot + 1) % nslots.max(1);
+    if opts.rewind.is_none()
+        && rewound.is_none()
+        && next != base_slot
+        && !copies.iter().any(|c| c.0 == next)
+    {
+        if let Ok(t) = rewind::verify_target(dev.clone(), &copies, base_slot) {
+            let r = Rewind {
+                from_slot: Some(next),
+                ..rewind::describe(dev.clone(), &copies, Some(base_slot), &t)
+            };
+            log.lossy(
+                None,
+                None,
+                Some(disk::volhdr_offset(next)),
+                format!(
+                    "volume header copy {next} is unreadable: a flush after copy {base_slot}'s \
+                     (tid {:#x}) that it may have held is lost; the volume is as of copy \
+                     {base_slot}",
+                    t.tid
+                ),
+            );
+            rewound = Some(r);
+        }
+    }
     let mut plan = match opts.rewind {
         Some(n) => {
             let t = rewind::verify_target(dev.clone(), &copies, n)?;
@@ -315,6 +378,46 @@ pub fn repair(dev: Arc<dyn BlockDevice>, before: fsck::Report, opts: &Options) -
         refused: None,
         after,
     })
+}
+
+/// The copy to repair from when no rewind is asked for: a copy newer
+/// than every copy with good CRCs whose own CRCs are bad but whose whole
+/// tree verifies (the damage is in the header's unused bytes or its
+/// freemap blockset, which the repair rebuilds) and whose geometry is the
+/// good copies' is taken (its CRCs recomputed), so the last flush is not
+/// lost; else the newest good copy.
+fn roll_forward(
+    dev: Arc<dyn BlockDevice>,
+    copies: &[(usize, VolumeHeader, bool)],
+    newest: Option<usize>,
+) -> Option<usize> {
+    let good = newest.and_then(|n| copies.iter().find(|c| c.0 == n))?;
+    let same_geometry = |h: &VolumeHeader| {
+        let g = &good.1;
+        h.volu_size == g.volu_size
+            && h.version == g.version
+            && h.allocator_beg == g.allocator_beg
+            && h.allocator_size == g.allocator_size
+            && h.fsid == g.fsid
+            && (h.boot_beg, h.boot_end, h.aux_beg, h.aux_end)
+                == (g.boot_beg, g.boot_end, g.aux_beg, g.aux_end)
+    };
+    let slots = disk::volhdr_count(good.1.volu_size) as u64;
+    let mut newer: Vec<&(usize, VolumeHeader, bool)> = copies
+        .iter()
+        .filter(|c| {
+            !c.2 && c.1.mirror_tid > good.1.mirror_tid
+                && c.1.mirror_tid <= good.1.mirror_tid + slots
+                && same_geometry(&c.1)
+        })
+        .collect();
+    newer.sort_by_key(|c| std::cmp::Reverse(c.1.mirror_tid));
+    for c in newer {
+        if rewind::verify_target(dev.clone(), copies, c.0).is_ok() {
+            return Some(c.0);
+        }
+    }
+    newest
 }
 
 /// What `fsck.hammer2 -y` would rewind to: `None` when the newest tree
@@ -473,6 +576,20 @@ fn fix_header_fields(
                 at,
                 format!("volume header boot/aux areas taken from copy {}", o.0),
             );
+        } else {
+            // The four bounds in order (newfs lays the areas out one
+            // after the other below allocator_beg).
+            let mut b = [vh.boot_beg, vh.boot_end, vh.aux_beg, vh.aux_end];
+            b.sort_unstable();
+            if b[3] <= vh.allocator_beg {
+                [vh.boot_beg, vh.boot_end, vh.aux_beg, vh.aux_end] = b;
+                log.safe(
+                    None,
+                    None,
+                    at,
+                    "volume header boot/aux area bounds put back in order".into(),
+                );
+            }
         }
     }
     if vh.allocator_free > vh.allocator_size {

@@ -79,7 +79,10 @@ pub(super) fn reachable(
                 continue;
             }
             let (at, bytes) = (br.data_off.offset(), br.data_off.bytes());
-            if bytes > disk::PBUFSIZE || at.saturating_add(bytes) > end {
+            if bytes > disk::PBUFSIZE
+                || at.saturating_add(bytes) > end
+                || (at & (disk::PBUFSIZE - 1)) + bytes > disk::PBUFSIZE
+            {
                 continue;
             }
             map.mark(br.btype, br.data_off);
@@ -94,9 +97,12 @@ pub(super) fn reachable(
                 if buf.len() < INODE_BYTES {
                     continue;
                 }
+                // The blockset even under a direct-data flag: the flag
+                // may be the damage, and what decodes as junk only costs
+                // a leak until the freemap is made exact.
                 match InodeData::decode(&buf, at) {
-                    Ok(ino) if !ino.meta.has_direct_data() => ino.blockset().to_vec(),
-                    _ => continue,
+                    Ok(ino) => ino.blockset().to_vec(),
+                    Err(_) => continue,
                 }
             } else {
                 decode_set(&buf)

@@ -39,7 +39,7 @@ use crate::compress;
 use crate::dirhash::dirhash;
 use crate::disk::{
     self, check_method, comp_method, Blockref, BlockrefType, DataOff, InodeData, ObjType, Uuid,
-    BLOCKREF_BYTES, BLOCKREF_LEAF_MAX, DIRHASH_HIMASK, DIRHASH_VISIBLE, INODE_BYTES, INODE_MAXNAME,
+    BLOCKREF_LEAF_MAX, DIRHASH_HIMASK, DIRHASH_VISIBLE, INODE_BYTES, INODE_MAXNAME,
 };
 use crate::error::Result;
 use crate::inode::InodeNode;
@@ -59,6 +59,9 @@ pub(crate) struct Walk<'a> {
     pub fatal: Vec<String>,
     /// The highest tid met, so the repair's commits come after it.
     pub max_tid: u64,
+    /// Nodes kept as read above the current one: their entries' keys
+    /// were not verified by a check code.
+    unverified: usize,
 }
 
 /// One PFS being walked.
@@ -67,8 +70,9 @@ struct PfsCtx {
     clid: Uuid,
     root_btime: u64,
     /// Inodes whose number is not their index key, resolved once the
-    /// index is known: (index key, the number the inode claims).
-    misnumbered: Vec<(u64, u64)>,
+    /// index is known: (index key, the number the inode claims, the key
+    /// came from a block kept as read).
+    misnumbered: Vec<(u64, u64, bool)>,
     /// Every inode key walked.
     keys: BTreeSet<u64>,
     /// Data offsets of inode blocks walked, to catch one block filed
@@ -91,6 +95,19 @@ enum Scope<'s> {
         vol: &'s Volume,
     },
     Inode(InodeScope<'s>),
+}
+
+/// Where an inode's content came from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Source {
+    /// It verified where it is.
+    Verified,
+    /// It verified, but lies where no block may: rewritten elsewhere.
+    Moved,
+    /// Read past a failed check code: rewritten, its entries unverified.
+    Salvaged,
+    /// An older copy's.
+    Older,
 }
 
 /// The tree of one inode (not a PFS root).
@@ -164,6 +181,19 @@ impl Scope<'_> {
                 Kind::Other => false,
             },
         }
+    }
+}
+
+fn salvaged_here(s: Source) -> bool {
+    s == Source::Salvaged
+}
+
+/// The last key of a range of `kb` bits at `k`.
+fn key_end(k: u64, kb: u8) -> u64 {
+    if kb >= 64 {
+        u64::MAX
+    } else {
+        k.saturating_add((1u64 << kb) - 1)
     }
 }
 
@@ -306,6 +336,7 @@ impl<'a> Walk<'a> {
             log,
             fatal: Vec::new(),
             max_tid: 0,
+            unverified: 0,
         }
     }
 
@@ -436,18 +467,30 @@ impl<'a> Walk<'a> {
         }
         let mut stats = SetStats::default();
         let mut prev_end: Option<u64> = None;
-        for slot in order {
-            let br = table.entries()[slot];
+        for (pos, &slot) in order.iter().enumerate() {
+            let mut br = table.entries()[slot];
             self.note_tid(&br);
-            if br.key < lo || br.key_end() > hi {
+            if self.unverified > 0 {
+                if let Some(fixed) = self.one_bit(table, slot, scope) {
+                    br = fixed;
+                }
+            }
+            let room = (
+                prev_end.map_or(lo, |e| e.saturating_add(1)).max(lo),
+                keys.get(pos + 1)
+                    .map_or(hi, |k| k.saturating_sub(1))
+                    .min(hi),
+            );
+            let is_node = br.btype == BlockrefType::Indirect;
+            if !is_node && (br.key < lo || br.key_end() > hi) {
                 self.cut(table, slot, scope, "outside its parent's key range");
                 continue;
             }
-            if prev_end.is_some_and(|e| br.key <= e) {
+            if !is_node && prev_end.is_some_and(|e| br.key <= e) {
                 self.cut(table, slot, scope, "overlaps its sibling");
                 continue;
             }
-            if br.mirror_tid > parent_tid && parent.is_some() {
+            if br.mirror_tid > parent_tid {
                 table.touch();
                 self.log.safe(
                     scope.label(),
@@ -461,7 +504,7 @@ impl<'a> Walk<'a> {
                 );
             }
             let kept = match br.btype {
-                BlockrefType::Indirect => self.indirect(table, slot, scope, parent, depth),
+                BlockrefType::Indirect => self.indirect(table, slot, scope, parent, depth, room),
                 t if !scope.holds(t) => {
                     let why = format!("{} blockref in this tree", t.name());
                     self.cut(table, slot, scope, &why);
@@ -486,6 +529,89 @@ impl<'a> Walk<'a> {
         stats
     }
 
+    /// Whether the entry in `slot` is what it says: its block verifies
+    /// as its type must (a short name has no block).
+    fn entry_verifies(vol: &Volume, scope: &Scope, br: &Blockref) -> bool {
+        if br.btype != BlockrefType::Indirect && !scope.holds(br.btype) {
+            return false;
+        }
+        match br.btype {
+            BlockrefType::Indirect => read_indirect(vol, br).is_ok(),
+            BlockrefType::Inode => read_inode_block(vol, br).is_ok(),
+            BlockrefType::Data => verify_data(vol, br).is_ok(),
+            BlockrefType::Dirent => {
+                let n = br.dirent().namlen as usize;
+                n <= DIRENT_EMBEDDED_NAME_MAX || read_name(vol, br).is_ok()
+            }
+            _ => false,
+        }
+    }
+
+    /// In a block kept as read, an entry that does not verify may have
+    /// had one of its own bits flipped: its check code (one bit from what
+    /// its block hashes to), its methods, its type or its data_off. When
+    /// one bit's correction makes it verify, the entry is corrected.
+    fn one_bit(&mut self, table: &mut BlockTable, slot: usize, scope: &Scope) -> Option<Blockref> {
+        let vol = scope.vol();
+        let br = table.entries()[slot];
+        if Self::entry_verifies(vol, scope, &br) {
+            return None;
+        }
+        let mut found: Option<(Blockref, &str)> = None;
+        if let Some(raw) = read_raw(vol, &br) {
+            let mut c = br;
+            crate::check::set_check(&mut c, &raw);
+            let dist: u32 = c
+                .check
+                .iter()
+                .zip(br.check.iter())
+                .map(|(a, b)| (a ^ b).count_ones())
+                .sum();
+            if dist == 1 && Self::entry_verifies(vol, scope, &c) {
+                found = Some((c, "check code"));
+            }
+        }
+        for bit in 0..8 {
+            if found.is_some() {
+                break;
+            }
+            let mut c = br;
+            c.methods ^= 1 << bit;
+            if Self::entry_verifies(vol, scope, &c) {
+                found = Some((c, "methods"));
+            }
+            let mut c = br;
+            c.btype = BlockrefType::from_u8(br.btype.to_u8() ^ (1 << bit));
+            if found.is_none() && Self::entry_verifies(vol, scope, &c) {
+                found = Some((c, "type"));
+            }
+        }
+        for bit in 0..64 {
+            if found.is_some() {
+                break;
+            }
+            let mut c = br;
+            c.data_off = DataOff(br.data_off.0 ^ (1 << bit));
+            if plausible_extent(vol, &c) && Self::entry_verifies(vol, scope, &c) {
+                found = Some((c, "data_off"));
+            }
+        }
+        let (c, field) = found?;
+        table.set_slot(slot, c);
+        self.log.lossy(
+            scope.label(),
+            scope.inum(),
+            Some(br.data_off.offset()),
+            format!(
+                "{} blockref key {:#x} in a block kept as read: one flipped bit of its {field} \
+                 corrected (its block verifies)",
+                c.btype.name(),
+                c.key
+            ),
+        );
+        Some(c)
+    }
+
     /// Compare the counts stored in `br` with `got`; true when they
     /// differ (the owner must be rewritten).
     fn stats_differ(br: &Blockref, got: &SetStats, leaf_count_kept: bool) -> bool {
@@ -497,6 +623,7 @@ impl<'a> Walk<'a> {
             || (leaf_exact && br.leaf_count != got.leaf_count_saturated())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn indirect(
         &mut self,
         table: &mut BlockTable,
@@ -504,78 +631,146 @@ impl<'a> Walk<'a> {
         scope: &mut Scope,
         parent: Option<&Blockref>,
         depth: usize,
+        room: (u64, u64),
     ) -> Option<Blockref> {
-        let br = table.entries()[slot];
+        let mut br = table.entries()[slot];
         if depth >= DEPTH_MAX {
             self.cut(table, slot, scope, "indirect blocks nested too deep");
             return None;
         }
-        if let Some(p) = parent {
-            if br.keybits >= p.keybits {
-                self.cut(table, slot, scope, "keybits not below its parent's");
-                return None;
-            }
-        }
-        let vol_read = read_indirect(scope.vol(), &br);
-        let (use_br, entries, rewrite) = match vol_read {
-            Ok(set) => (br, set, misplaced(scope.vol(), &br)),
+        let max_bits = parent.map_or(64, |p| p.keybits.saturating_sub(1));
+        let vol = scope.vol();
+        let size_ok = (disk::IND_BYTES_MIN as u64..=disk::IND_BYTES_MAX as u64)
+            .contains(&br.data_off.bytes());
+        let read = if size_ok {
+            vol.read_physical(&br).map(|b| decode_set(&b))
+        } else {
+            check_node(&br).map(|_| Vec::new())
+        };
+        let mut salvaged = false;
+        let (use_br, entries, rewrite) = match read {
+            Ok(set) => (br, set, misplaced(vol, &br)),
             Err(e) => {
                 let why = e.to_string();
-                let place = scope.place();
-                let cand = self
-                    .older
-                    .candidates(&place, &br)
-                    .into_iter()
-                    .find_map(|c| read_indirect(scope.vol(), &c).ok().map(|s| (c, s)));
-                if let Some((c, set)) = cand {
-                    table.set_slot(slot, c);
+                if let Some(set) = self.salvage_node(scope, &br) {
                     self.log.lossy(
                         scope.label(),
                         scope.inum(),
                         Some(br.data_off.offset()),
                         format!(
-                            "indirect block of keys {:#x}..{:#x} ({why}) replaced by its copy \
-                             of tid {:#x}",
-                            br.key,
-                            br.key_end(),
-                            c.modify_tid
-                        ),
-                    );
-                    (c, set, false)
-                } else if let Some(set) = self.salvage_node(scope, &br) {
-                    self.log.lossy(
-                        scope.label(),
-                        scope.inum(),
-                        Some(br.data_off.offset()),
-                        format!(
-                            "indirect block of keys {:#x}..{:#x} ({why}) kept as read: every \
-                             blockref in it is sound; rewritten with a good check code",
+                            "indirect block of keys {:#x}..{:#x} ({why}) kept as read: the \
+                             blockrefs in it are sound; rewritten with a good check code",
                             br.key,
                             br.key_end()
                         ),
                     );
+                    salvaged = true;
                     (br, set, true)
                 } else {
-                    self.cut(table, slot, scope, &why);
-                    return None;
+                    let place = scope.place();
+                    let cand = self
+                        .older
+                        .candidates(&place, &br)
+                        .into_iter()
+                        .find_map(|c| read_indirect(vol, &c).ok().map(|s| (c, s)));
+                    match cand {
+                        Some((c, set)) => {
+                            table.set_slot(slot, c);
+                            self.log.lossy(
+                                scope.label(),
+                                scope.inum(),
+                                Some(br.data_off.offset()),
+                                format!(
+                                    "indirect block of keys {:#x}..{:#x} ({why}) replaced by \
+                                     its copy of tid {:#x}",
+                                    br.key,
+                                    br.key_end(),
+                                    c.modify_tid
+                                ),
+                            );
+                            (c, set, false)
+                        }
+                        None => {
+                            self.cut(table, slot, scope, &why);
+                            return None;
+                        }
+                    }
                 }
             }
         };
-        let tid = use_br.mirror_tid;
+        br = use_br;
+        // The key range must hold the entries, be aligned, sit inside the
+        // parent's with fewer keybits and clear of the siblings; an
+        // indirect block whose entries verify says what it holds.
+        let span = entries.iter().filter(|b| !b.is_empty()).fold(
+            None,
+            |acc: Option<(u64, u64, u8)>, b| {
+                Some(match acc {
+                    None => (b.key, b.key_end(), b.keybits),
+                    Some((l, h, k)) => (l.min(b.key), h.max(b.key_end()), k.max(b.keybits)),
+                })
+            },
+        );
+        let fits = |k: u64, kb: u8| {
+            kb <= max_bits
+                && (kb >= 64 || k & ((1u64 << kb) - 1) == 0)
+                && k >= room.0
+                && key_end(k, kb) <= room.1
+        };
+        let holds_all =
+            span.is_none_or(|(l, h, k)| l >= br.key && h <= br.key_end() && k < br.keybits);
+        if !fits(br.key, br.keybits) || !holds_all {
+            let fitted = span.and_then(|(l, h, k)| {
+                (k.saturating_add(1)..=max_bits).find_map(|kb| {
+                    let key = if kb >= 64 { 0 } else { l & !((1u64 << kb) - 1) };
+                    (key_end(key, kb) >= h && fits(key, kb)).then_some((key, kb))
+                })
+            });
+            match fitted {
+                Some((key, kb)) if (key, kb) != (br.key, br.keybits) => {
+                    self.log.safe(
+                        scope.label(),
+                        scope.inum(),
+                        Some(br.data_off.offset()),
+                        format!(
+                            "indirect block key range {:#x}/{} corrected to {key:#x}/{kb}, \
+                             which holds its entries",
+                            br.key, br.keybits
+                        ),
+                    );
+                    br.key = key;
+                    br.keybits = kb;
+                    table.set_slot(slot, br);
+                }
+                _ if !fits(br.key, br.keybits) => {
+                    self.cut(
+                        table,
+                        slot,
+                        scope,
+                        "its key range fits neither its parent nor its entries",
+                    );
+                    return None;
+                }
+                _ => {}
+            }
+        }
+        let tid = br.mirror_tid;
         let child = table.adopt(slot, entries);
-        let sub = self.table(child, scope, Some(&use_br), tid, depth + 1);
+        self.unverified += usize::from(salvaged);
+        let sub = self.table(child, scope, Some(&br), tid, depth + 1);
+        self.unverified -= usize::from(salvaged);
         if rewrite {
             child.touch();
         }
-        if !child.is_dirty() && Self::stats_differ(&use_br, &sub, true) {
+        if !child.is_dirty() && Self::stats_differ(&br, &sub, true) {
             child.touch();
             self.log.safe(
                 scope.label(),
                 scope.inum(),
-                Some(use_br.data_off.offset()),
+                Some(br.data_off.offset()),
                 format!(
                     "indirect block key {:#x}: counts recomputed (data {} inodes {})",
-                    use_br.key, sub.data_count, sub.inode_count
+                    br.key, sub.data_count, sub.inode_count
                 ),
             );
         }
@@ -584,37 +779,38 @@ impl<'a> Walk<'a> {
         } else {
             table.forget_clean_child(slot);
         }
-        let mut b = use_br;
+        let mut b = br;
         sub.apply(&mut b);
         Some(b)
     }
 
-    /// A damaged node whose content is still sound: every live entry of
+    /// A damaged node whose content is still sound: most live entries of
     /// a type its tree holds, inside its key range, pointing at a place
-    /// a block can be, and at least one of them verifying.
+    /// a block can be, and at least one of them verifying (the rest are
+    /// judged one by one by the walk).
     fn salvage_node(&mut self, scope: &Scope, br: &Blockref) -> Option<Vec<Blockref>> {
-        check_node(br).ok()?;
-        let vol = scope.vol();
-        let buf = read_raw(vol, br)?;
-        if buf.len() < BLOCKREF_BYTES {
+        if !(disk::IND_BYTES_MIN as u64..=disk::IND_BYTES_MAX as u64).contains(&br.data_off.bytes())
+        {
             return None;
         }
+        let vol = scope.vol();
+        let buf = read_raw(vol, br)?;
         let set = decode_set(&buf);
         let live: Vec<&Blockref> = set.iter().filter(|b| !b.is_empty()).collect();
         if live.is_empty() {
             return None;
         }
-        let sound = live.iter().all(|b| {
-            (b.btype == BlockrefType::Indirect || scope.holds(b.btype))
-                && b.key >= br.key
-                && b.key_end() <= br.key_end()
-                && b.keybits < br.keybits
-                && plausible_extent(vol, b)
-        });
+        let sound = live
+            .iter()
+            .filter(|b| {
+                (b.btype == BlockrefType::Indirect || scope.holds(b.btype))
+                    && plausible_extent(vol, b)
+            })
+            .count();
         let verifies = live
             .iter()
             .any(|b| b.data_off.bytes() > 0 && vol.read_physical(b).is_ok());
-        (sound && verifies).then_some(set)
+        (sound * 2 > live.len() && verifies).then_some(set)
     }
 
     fn data(&mut self, table: &mut BlockTable, slot: usize, scope: &mut Scope) -> Option<Blockref> {
@@ -811,28 +1007,65 @@ impl<'a> Walk<'a> {
         Some(br)
     }
 
-    /// The content of the inode `br` points at, fixed field by field, or
-    /// `None` when it cannot be saved. `expect` is the number it must
-    /// carry. Returns the blockref to use and whether the block must be
-    /// rewritten.
+    /// The content of the inode `br` points at, fixed field by field
+    /// later, or why it cannot be saved. `expect` is the number it must
+    /// carry. A block that fails its check code is kept as read when its
+    /// fields are all sound (it is rewritten), else replaced by an older
+    /// copy.
     fn inode_content(
         &mut self,
         scope: &Scope,
         br: &Blockref,
         expect: u64,
         what: &str,
-    ) -> std::result::Result<(Blockref, InodeData, bool), String> {
+    ) -> std::result::Result<(Blockref, InodeData, Source), String> {
         let vol = scope.vol();
         let label = scope.label().map(str::to_string);
         let parent_inum = scope.inum();
         match read_inode_block(vol, br) {
-            Ok(d) if anomalies(&d, expect).len() <= 1 => Ok((*br, d, misplaced(vol, br))),
+            Ok(d) if anomalies(&d, expect).len() <= 1 => Ok((
+                *br,
+                d,
+                if misplaced(vol, br) {
+                    Source::Moved
+                } else {
+                    Source::Verified
+                },
+            )),
             Ok(d) => Err(format!(
                 "its block holds no inode: {}",
                 anomalies(&d, expect).join(", ")
             )),
             Err(e) => {
                 let why = e.to_string();
+                let raw = read_raw(vol, br)
+                    .filter(|b| b.len() >= INODE_BYTES)
+                    .and_then(|b| InodeData::decode(&b, br.data_off.offset()).ok())
+                    .filter(|d| anomalies(d, expect).is_empty())
+                    .filter(|d| {
+                        d.meta.has_direct_data()
+                            || d.blockset()
+                                .iter()
+                                .filter(|b| {
+                                    !b.is_empty()
+                                        && (!plausible_extent(vol, b)
+                                            || matches!(b.btype, BlockrefType::Invalid(_)))
+                                })
+                                .count()
+                                <= 1
+                    });
+                if let Some(d) = raw {
+                    self.log.lossy(
+                        label.as_deref(),
+                        parent_inum,
+                        Some(br.data_off.offset()),
+                        format!(
+                            "{what} ({why}) kept as read: its fields are sound; rewritten with \
+                             a good check code"
+                        ),
+                    );
+                    return Ok((*br, d, Source::Salvaged));
+                }
                 let place = scope.place();
                 let cand = self.older.candidates(&place, br).into_iter().find_map(|c| {
                     read_inode_block(vol, &c)
@@ -840,41 +1073,18 @@ impl<'a> Walk<'a> {
                         .filter(|d| anomalies(d, expect).is_empty())
                         .map(|d| (c, d))
                 });
-                if let Some((c, d)) = cand {
-                    self.log.lossy(
-                        label.as_deref(),
-                        parent_inum,
-                        Some(br.data_off.offset()),
-                        format!(
-                            "{what} ({why}) replaced by its copy of tid {:#x}",
-                            c.modify_tid
-                        ),
-                    );
-                    return Ok((c, d, false));
-                }
-                let raw = read_raw(vol, br)
-                    .filter(|b| b.len() >= INODE_BYTES)
-                    .and_then(|b| InodeData::decode(&b, br.data_off.offset()).ok())
-                    .filter(|d| anomalies(d, expect).is_empty())
-                    .filter(|d| {
-                        d.meta.has_direct_data()
-                            || d.blockset().iter().filter(|b| !b.is_empty()).all(|b| {
-                                plausible_extent(vol, b)
-                                    && !matches!(b.btype, BlockrefType::Invalid(_))
-                            })
-                    });
-                match raw {
-                    Some(d) => {
+                match cand {
+                    Some((c, d)) => {
                         self.log.lossy(
                             label.as_deref(),
                             parent_inum,
                             Some(br.data_off.offset()),
                             format!(
-                                "{what} ({why}) kept as read: its fields are sound; rewritten \
-                                 with a good check code"
+                                "{what} ({why}) replaced by its copy of tid {:#x}",
+                                c.modify_tid
                             ),
                         );
-                        Ok((*br, d, true))
+                        Ok((c, d, Source::Older))
                     }
                     None => Err(why),
                 }
@@ -1064,7 +1274,7 @@ impl<'a> Walk<'a> {
             };
         }
         let key = br.key;
-        let (use_br, data, rewrite) =
+        let (use_br, data, source) =
             match self.inode_content(scope, &br, key, &format!("inode {key}")) {
                 Ok(x) => x,
                 Err(why) => {
@@ -1072,6 +1282,7 @@ impl<'a> Walk<'a> {
                     return None;
                 }
             };
+        let rewrite = matches!(source, Source::Moved | Source::Salvaged);
         if use_br != br {
             table.set_slot(slot, use_br);
         }
@@ -1084,7 +1295,11 @@ impl<'a> Walk<'a> {
         let vol: &Volume = vol;
         let label = cx.label.clone();
         if data.meta.inum != key {
-            cx.misnumbered.push((key, data.meta.inum));
+            cx.misnumbered.push((
+                key,
+                data.meta.inum,
+                self.unverified > 0 && !salvaged_here(source),
+            ));
         }
         cx.keys.insert(key);
         cx.max_inum = cx.max_inum.max(key);
@@ -1109,7 +1324,10 @@ impl<'a> Walk<'a> {
             dirty = true;
         }
         dirty |= self.fix_meta(Some(&label), key, &mut node);
+        let salvaged = source == Source::Salvaged;
+        self.unverified += usize::from(salvaged);
         let sub = self.inode_tree(vol, &label, cx.clid, key, &mut node);
+        self.unverified -= usize::from(salvaged);
         if !dirty && !node.dirty && Self::stats_differ(&use_br, &sub, true) {
             self.log.safe(
                 Some(&label),
@@ -1366,7 +1584,32 @@ impl<'a> Walk<'a> {
     /// entry under the other key is cut); otherwise the key is right and
     /// the number is set to it.
     fn resolve_numbers(&mut self, vol: &Volume, state: &mut PfsState, cx: &PfsCtx) {
-        for &(key, claimed) in &cx.misnumbered {
+        for &(key, claimed, key_unverified) in &cx.misnumbered {
+            let free = !cx.keys.contains(&claimed)
+                && claimed >= disk::INODE_START
+                && claimed & DIRHASH_VISIBLE == 0;
+            if key_unverified && free {
+                // The key is what the damaged block held; the inode's
+                // own number passed its check code.
+                if let Some(mut n) = state.inodes.remove(&key) {
+                    if state.root.table.delete(vol, key).is_ok() {
+                        n.dirty = true;
+                        state.inodes.insert(claimed, n);
+                        state.root.dirty = true;
+                        self.log.safe(
+                            Some(&cx.label),
+                            Some(claimed),
+                            None,
+                            format!(
+                                "inode {claimed}, filed under key {key} in a block kept as \
+                                 read, filed again under its number"
+                            ),
+                        );
+                        continue;
+                    }
+                    state.inodes.insert(key, n);
+                }
+            }
             if cx.keys.contains(&claimed) {
                 state.inodes.remove(&key);
                 match state.root.table.delete(vol, key) {
@@ -1447,6 +1690,25 @@ pub(super) fn super_root(vol: &Volume, log: &mut Log) -> Option<InodeNode> {
             raw
         }
     };
+    let mut data = data;
+    if data.meta.has_direct_data() {
+        let set = data.blockset();
+        let plausible = set.iter().filter(|b| !b.is_empty()).all(|b| {
+            matches!(b.btype, BlockrefType::Inode | BlockrefType::Indirect)
+                && plausible_extent(vol, b)
+        });
+        if !plausible {
+            return None;
+        }
+        data.meta.op_flags &= !disk::OPFLAG_DIRECTDATA;
+        log.safe(
+            None,
+            Some(0),
+            Some(br.data_off.offset()),
+            "super-root's direct-data flag cleared: it holds PFS roots".into(),
+        );
+        rewrite = true;
+    }
     let mut node = InodeNode::from_disk(br, data);
     if node.data.meta.pfs_type & 15 != disk::pfs_type::SUPROOT {
         log.safe(
