@@ -7,6 +7,7 @@
 
 pub mod ace;
 pub mod craft;
+pub mod damage;
 pub mod freemap_check;
 pub mod sim;
 
