@@ -1,6 +1,7 @@
-//! fsck.hammer2's repairs (`hammer2::repair`): the damage campaign
-//! sampled (`tests::damage`), preen against -y, rewinds, the exit codes
-//! and the writer lock of the fsck-hammer2 binary.
+//! fsck.hammer2's repairs (`hammer2::repair`) and `hammer2 recover`
+//! (`mkfs::salvage`): the damage campaign sampled (`tests::damage`),
+//! preen against -y, rewinds, the exit codes and the writer lock of the
+//! fsck-hammer2 binary, and recovering files from damaged images.
 
 use bufcache::{BlockDevice, MemDevice};
 use hammer2::fsck::{fsck, Options as FsckOptions};
@@ -472,6 +473,133 @@ fn fsck_cli_rewind() {
     let (code, out, _) = fsck_bin(&["-n", p]);
     assert_eq!(code, 0, "{out}");
     let _ = std::fs::remove_file(&path);
+}
+
+/// Run the hammer2 tool: exit code, stdout, stderr.
+fn hammer2_bin(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin_path("hammer2"))
+        .args(args)
+        .output()
+        .expect("run hammer2");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every regular file under `dir`, by content.
+fn host_files(dir: &Path, out: &mut Vec<(std::path::PathBuf, Vec<u8>)>) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let t = e.file_type().unwrap();
+        if t.is_dir() {
+            host_files(&e.path(), out);
+        } else if t.is_file() {
+            out.push((e.path(), std::fs::read(e.path()).unwrap()));
+        }
+    }
+}
+
+/// `hammer2 recover` where in-place repair would lose files: a block of
+/// a large directory and a file's data block destroyed (one header
+/// copy, so no older tree to take them from). Everything reachable is
+/// copied with its name, the damaged file with a hole where its block
+/// was; the directory's lost entries come back in `lost+found` (found
+/// through the inode index) under the names the snapshot's copy of the
+/// directory still gives them; the image is not written; exit 1 says
+/// something could not be read.
+#[test]
+fn recover_from_a_damaged_image() {
+    let dev = Arc::new(damage::own_image(2, 2 << 30));
+    let d: Arc<dyn BlockDevice> = dev.clone();
+    let before = files_of(&dev);
+    let big = c_inum(&dev, "DATA", "/big");
+    let f6 = c_inum(&dev, "DATA", "/docs/f6");
+    let after_snapshot = c_inum(&dev, "DATA", "/big/after-snapshot");
+    let c = Craft::new(d.clone());
+    let ind = c.bref(c.indirects("DATA", big)[0]);
+    let leaf = c.bref(c.leaves("DATA", f6)[2]);
+    junk(d.as_ref(), ind.data_off.offset(), ind.data_off.bytes());
+    junk(d.as_ref(), leaf.data_off.offset(), leaf.data_off.bytes());
+    let dir = scratch_dir("recover");
+    let img = dir.join("img");
+    save_sparse(&dev, &img);
+    let h = file_hash(&img);
+    let dest = dir.join("out");
+    let (code, out, err) = hammer2_bin(&["recover", img.to_str().unwrap(), dest.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("in lost+found"), "{out}");
+    assert!(err.contains("lost (a hole)"), "{err}");
+    assert_eq!(file_hash(&img), h, "recover wrote to the image");
+
+    // The damaged file: its other blocks, zeros where the block was.
+    let got = std::fs::read(dest.join("DATA/docs/f6")).unwrap();
+    let was = &before[&("DATA".to_string(), f6)];
+    let k = leaf.key as usize;
+    assert_eq!(got.len(), was.len());
+    assert!(got[..k] == was[..k] && got[k + 65536..] == was[k + 65536..]);
+    assert!(got[k..k + 65536].iter().all(|&b| b == 0));
+    // Every other file of every PFS is somewhere in DESTDIR/LABEL with
+    // its bytes.
+    for label in ["DATA", "LOCAL", "SNAP"] {
+        let mut host = Vec::new();
+        host_files(&dest.join(label), &mut host);
+        for ((l, inum), bytes) in &before {
+            if l != label || *inum == f6 {
+                continue;
+            }
+            let t = c_type(&dev, l, *inum);
+            if t != hammer2::disk::ObjType::Regfile {
+                continue;
+            }
+            assert!(
+                host.iter().any(|(_, b)| b == bytes),
+                "{l}:{inum} ({} bytes) not recovered",
+                bytes.len()
+            );
+        }
+    }
+    // The lost entries, by name, in DATA's lost+found.
+    let lf: Vec<String> = std::fs::read_dir(dest.join("DATA/lost+found"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    // Named as the snapshot's directory names them; the file made after
+    // the snapshot has no entry left anywhere: #INUM.
+    assert!(lf.len() > 1);
+    let unnamed = format!("#{after_snapshot}");
+    assert!(lf.contains(&unnamed), "{lf:?}");
+    assert!(
+        lf.iter().all(|n| n.starts_with("entry-") || *n == unnamed),
+        "{lf:?}"
+    );
+
+    // One PFS, one path.
+    let dest2 = dir.join("docs");
+    let spec = format!("{}@DATA", img.display());
+    let (code, out, err) = hammer2_bin(&["recover", &spec, "/docs", dest2.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        std::fs::read(dest2.join("f1")).unwrap()
+            == before[&("DATA".into(), c_inum(&dev, "DATA", "/docs/f1"))]
+    );
+    assert!(std::fs::symlink_metadata(dest2.join("longln"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(!dest2.join("lost+found").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn c_type(dev: &Arc<MemDevice>, label: &str, inum: u64) -> hammer2::disk::ObjType {
+    let d: Arc<dyn BlockDevice> = Arc::new(dev.snapshot());
+    let vol = Arc::new(hammer2::Volume::open(d).unwrap());
+    hammer2::Pfs::open(vol, label)
+        .unwrap()
+        .inode(inum)
+        .unwrap()
+        .obj_type()
 }
 
 /// The newest header copy destroyed: the repair goes on from the next
