@@ -23,7 +23,7 @@ use hammer2::disk::{
     BlockrefType, ObjType, BLOCKREF_BYTES, DIRHASH_HIMASK, DIRHASH_VISIBLE, INODE_BYTES, PBUFSIZE,
 };
 use hammer2::pfs::{
-    check_data_leaf, dirent_name, meta_damage, pfs_list, read_inode, DIRENT_NAME_MAX,
+    check_data_leaf, dirent_name, meta_damage, read_inode, super_root, PfsInfo, DIRENT_NAME_MAX,
 };
 use hammer2::volume::{header_slots, read_header_slot, HeaderSlot};
 use hammer2::{Inode, Pfs, Volume};
@@ -82,8 +82,9 @@ struct Salvager<'a> {
     /// Inodes copied, to their path (hard links, and what the second
     /// pass skips).
     copied: HashMap<Key, PathBuf>,
-    /// Inode numbers copied in any PFS.
-    copied_inums: HashSet<u64>,
+    /// The blocks of the inodes copied (a version of an inode met again
+    /// by the image scan is not copied twice).
+    copied_blocks: HashSet<u64>,
     /// Directory modes and times, set last (a read-only directory would
     /// refuse its entries).
     dir_meta: Vec<(PathBuf, u32, u64)>,
@@ -103,19 +104,11 @@ pub fn recover(
         vol: Arc::new(vol),
         report: Report::default(),
         copied: HashMap::new(),
-        copied_inums: HashSet::new(),
+        copied_blocks: HashSet::new(),
         dir_meta: Vec::new(),
         say,
     };
-    let pfss = match pfs_list(&s.vol) {
-        Ok(l) => l,
-        Err(e) => {
-            s.problem(format!(
-                "the super-root cannot be read ({e}): no PFS walked"
-            ));
-            Vec::new()
-        }
-    };
+    let pfss = s.pfs_roots();
     if let Some(l) = &opts.label {
         if !pfss.iter().any(|p| &p.label == l) && !pfss.is_empty() {
             return Err(format!("no PFS {l} in the image"));
@@ -130,13 +123,7 @@ pub fn recover(
             Some(_) => dest.to_path_buf(),
             None => dest.join(safe_name(info.label.as_bytes(), 1)),
         };
-        let pfs = match Pfs::open(s.vol.clone(), &info.label) {
-            Ok(p) => p,
-            Err(e) => {
-                s.problem(format!("PFS {}: {e}", info.label));
-                continue;
-            }
-        };
+        let pfs = Pfs::from_info(s.vol.clone(), info);
         let start = match &opts.path {
             Some(p) => match pfs.resolve(p) {
                 Ok(i) => i,
@@ -256,6 +243,40 @@ fn leaves(vol: &Volume, set: &[Blockref], what: &str, problems: &mut Vec<String>
 }
 
 impl Salvager<'_> {
+    /// Every PFS root under the super-root that reads; each one that
+    /// does not is a problem line (its inodes are left to the scan).
+    fn pfs_roots(&mut self) -> Vec<PfsInfo> {
+        let sroot = match super_root(&self.vol) {
+            Ok(s) => s,
+            Err(e) => {
+                self.problem(format!(
+                    "the super-root cannot be read ({e}): no PFS walked"
+                ));
+                return Vec::new();
+            }
+        };
+        let mut problems = Vec::new();
+        let brefs = leaves(&self.vol, &sroot.blockset(), "super-root", &mut problems);
+        for p in problems {
+            self.problem(p);
+        }
+        let mut out = Vec::new();
+        for br in brefs {
+            match read_inode(&self.vol, &br) {
+                Ok(root) if br.btype == BlockrefType::Inode => {
+                    let label = String::from_utf8_lossy(root.data.name()).into_owned();
+                    out.push(PfsInfo { label, root });
+                }
+                Ok(_) => {}
+                Err(e) => self.problem(format!(
+                    "PFS root at key {:#x} cannot be read ({e}): its files are left to the scan",
+                    br.key
+                )),
+            }
+        }
+        out
+    }
+
     fn problem(&mut self, line: String) {
         (self.say)(&line);
         self.report.problems.push(line);
@@ -306,7 +327,7 @@ impl Salvager<'_> {
                 }
                 self.report.dirs += 1;
                 self.copied.insert(key, to.to_path_buf());
-                self.copied_inums.insert(ino.inum());
+                self.copied_blocks.insert(ino.bref.data_off.offset());
                 self.dir_meta
                     .push((to.to_path_buf(), ino.meta().mode, ino.meta().mtime));
                 let mut problems = Vec::new();
@@ -382,7 +403,7 @@ impl Salvager<'_> {
                 self.set_meta(to, ino.meta().mode, ino.meta().mtime);
                 self.report.files += 1;
                 self.copied.insert(key, to.to_path_buf());
-                self.copied_inums.insert(ino.inum());
+                self.copied_blocks.insert(ino.bref.data_off.offset());
             }
             ObjType::Softlink => {
                 if ino.meta().size > SYMLINK_MAX {
@@ -398,14 +419,14 @@ impl Salvager<'_> {
                     Ok(()) => {
                         self.report.symlinks += 1;
                         self.copied.insert(key, to.to_path_buf());
-                        self.copied_inums.insert(ino.inum());
+                        self.copied_blocks.insert(ino.bref.data_off.offset());
                     }
                     Err(e) => self.problem(format!("{what}: {e}")),
                 }
             }
             _ => {
                 self.report.skipped += 1;
-                self.copied_inums.insert(ino.inum());
+                self.copied_blocks.insert(ino.bref.data_off.offset());
             }
         }
     }
@@ -551,7 +572,7 @@ impl Salvager<'_> {
         }
         // Inodes no PFS's index reaches.
         scanned.retain(|inum, i| {
-            !self.copied_inums.contains(inum)
+            !self.copied_blocks.contains(&i.bref.data_off.offset())
                 && i.meta().op_flags & hammer2::disk::OPFLAG_PFSROOT == 0
                 && *inum > 1
         });
@@ -591,12 +612,16 @@ impl Salvager<'_> {
             .chain(found.keys().copied().filter(|k| named_by_dir.contains(k)))
             .collect();
         for inum in order {
-            if self.copied.contains_key(&(label.clone(), inum))
-                || (pfs.is_none() && self.copied_inums.contains(&inum))
-            {
+            let ino = &found[&inum];
+            // A PFS's inode is judged by its number there; one the scan
+            // found, by its block (a PFS's or snapshot's copy of it).
+            let done = match pfs {
+                Some(_) => self.copied.contains_key(&(label.clone(), inum)),
+                None => self.copied_blocks.contains(&ino.bref.data_off.offset()),
+            };
+            if done {
                 continue;
             }
-            let ino = &found[&inum];
             let name = names
                 .get(&inum)
                 .map(|n| safe_name(n, inum))

@@ -629,3 +629,51 @@ fn an_unreadable_newest_header_is_reported_as_a_rewind() {
     assert!(o.after.is_clean(), "{:?}", o.after.problems);
     assert!(files_of(&dev) == base.states[&second]);
 }
+
+/// A PFS root destroyed on an image with one header copy: no older tree
+/// holds it and in-place repair loses the PFS. `hammer2 recover` still
+/// copies every other PFS whole, and finds the lost PFS's files by
+/// scanning the image for inodes whose check codes verify: every file
+/// of the PFS is recovered, those changed since the snapshot (which
+/// holds the rest) into lost+found.
+#[test]
+fn recover_a_pfs_whose_root_is_lost() {
+    let dev = Arc::new(damage::own_image(2, 2 << 30));
+    let d: Arc<dyn BlockDevice> = dev.clone();
+    let before = files_of(&dev);
+    let regular: Vec<&(String, u64)> = before
+        .keys()
+        .filter(|(l, i)| c_type(&dev, l, *i) == hammer2::disk::ObjType::Regfile)
+        .collect();
+    let c = Craft::new(d.clone());
+    let root = c.bref(c.pfs_root("DATA"));
+    junk(d.as_ref(), root.data_off.offset(), root.data_off.bytes());
+    let dir = scratch_dir("recover-pfs");
+    let img = dir.join("img");
+    save_sparse(&dev, &img);
+    let dest = dir.join("out");
+    let (code, out, err) = hammer2_bin(&["recover", img.to_str().unwrap(), dest.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("PFS root at key"), "{err}");
+    assert!(!dest.join("DATA").exists());
+    let mut host = Vec::new();
+    host_files(&dest, &mut host);
+    for k in regular {
+        let bytes = &before[k];
+        assert!(
+            host.iter().any(|(_, b)| b == bytes),
+            "{}:{} ({} bytes) not recovered",
+            k.0,
+            k.1,
+            bytes.len()
+        );
+    }
+    assert!(dest.join("lost+found").is_dir());
+
+    // In place, the PFS is cut: its files are gone.
+    let o = repair_yes(d.clone(), Mode::Yes, None);
+    assert!(o.after.is_clean());
+    let after = files_of(&dev);
+    assert!(after.keys().all(|(l, _)| l != "DATA"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
