@@ -507,7 +507,9 @@ impl Salvager<'_> {
         // One read of the image: the names entries give, and the newest
         // version of every inode a blockref anywhere points at.
         let mut names: HashMap<u64, Vec<u8>> = HashMap::new();
-        let mut scanned: BTreeMap<u64, Inode> = BTreeMap::new();
+        // Blockrefs only (an inode is read again when it is copied): 128
+        // bytes per inode found, whatever the image holds.
+        let mut scanned: BTreeMap<u64, (Blockref, bool)> = BTreeMap::new();
         self.scan_image(|br, vol| match br.btype {
             BlockrefType::Dirent => {
                 let d = br.dirent();
@@ -528,9 +530,10 @@ impl Salvager<'_> {
                 if let Ok(i) = read_inode(vol, br) {
                     let newer = scanned
                         .get(&i.inum())
-                        .is_none_or(|o| o.bref.modify_tid < i.bref.modify_tid);
+                        .is_none_or(|o| o.0.modify_tid < br.modify_tid);
                     if newer {
-                        scanned.insert(i.inum(), i);
+                        let root = i.meta().op_flags & hammer2::disk::OPFLAG_PFSROOT != 0;
+                        scanned.insert(i.inum(), (*br, root));
                     }
                 }
             }
@@ -571,12 +574,14 @@ impl Salvager<'_> {
             self.adopt(Some(pfs), found, &lf, &names);
         }
         // Inodes no PFS's index reaches.
-        scanned.retain(|inum, i| {
-            !self.copied_blocks.contains(&i.bref.data_off.offset())
-                && i.meta().op_flags & hammer2::disk::OPFLAG_PFSROOT == 0
-                && *inum > 1
-        });
-        self.adopt(None, scanned, &dest.join("lost+found"), &names);
+        let found: BTreeMap<u64, Inode> = scanned
+            .into_iter()
+            .filter(|(inum, (br, root))| {
+                !root && *inum > 1 && !self.copied_blocks.contains(&br.data_off.offset())
+            })
+            .filter_map(|(inum, (br, _))| read_inode(&self.vol, &br).ok().map(|i| (inum, i)))
+            .collect();
+        self.adopt(None, found, &dest.join("lost+found"), &names);
     }
 
     /// Copy `found` into `lf`: first those no other found directory
