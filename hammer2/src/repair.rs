@@ -284,27 +284,42 @@ pub fn repair(dev: Arc<dyn BlockDevice>, before: fsck::Report, opts: &Options) -
             rewound = Some(r);
         }
     }
-    // The copy written after the base in rotation unreadable: it may
-    // have held a newer flush (or the oldest state; nothing tells which).
-    // Going on from the base gives that flush up, as a rewind does.
-    let nslots = header_slots(dev.size_bytes());
-    let next = (base_slot + 1) % nslots.max(1);
-    if opts.rewind.is_none()
-        && rewound.is_none()
-        && next != base_slot
-        && !copies.iter().any(|c| c.0 == next)
-    {
-        if let Ok(t) = rewind::verify_target(dev.clone(), &copies, base_slot) {
+    // A header copy that is no HAMMER2 header at all (newfs writes every
+    // copy, so it is damage) may have held a flush newer than the base's
+    // (or an older state; nothing tells which). Going on from the base
+    // gives that flush up, as a rewind does: said so.
+    let nslots = copies.iter().find(|c| c.0 == base_slot).map_or(1, |c| {
+        disk::volhdr_count(c.1.volu_size).min(header_slots(dev.size_bytes()))
+    });
+    let unreadable = (0..nslots).find(|i| *i != base_slot && !copies.iter().any(|c| c.0 == *i));
+    if let (None, None, Some(gone)) = (opts.rewind, &rewound, unreadable) {
+        // Reported whether or not the base's own tree verifies (the
+        // repair goes on from it either way).
+        let t = rewind::verify_target(dev.clone(), &copies, base_slot)
+            .ok()
+            .or_else(|| {
+                copies
+                    .iter()
+                    .find(|c| c.0 == base_slot)
+                    .map(|c| RewindTarget {
+                        slot: base_slot,
+                        tid: c.1.mirror_tid,
+                        crc_good: c.2,
+                        newest_time: None,
+                        blocks: 0,
+                    })
+            });
+        if let Some(t) = t {
             let r = Rewind {
-                from_slot: Some(next),
+                from_slot: Some(gone),
                 ..rewind::describe(dev.clone(), &copies, Some(base_slot), &t)
             };
             log.lossy(
                 None,
                 None,
-                Some(disk::volhdr_offset(next)),
+                Some(disk::volhdr_offset(gone)),
                 format!(
-                    "volume header copy {next} is unreadable: a flush after copy {base_slot}'s \
+                    "volume header copy {gone} is unreadable: a flush after copy {base_slot}'s \
                      (tid {:#x}) that it may have held is lost; the volume is as of copy \
                      {base_slot}",
                     t.tid

@@ -677,3 +677,27 @@ fn recover_a_pfs_whose_root_is_lost() {
     assert!(after.keys().all(|(l, _)| l != "DATA"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// DragonFly's image with two header copies written, the newest
+/// destroyed, the older one's tree not whole (blocks the newer flush
+/// freed were reused): the repair goes on from the older copy and
+/// reports the newer flush as given up, never as a repair that lost
+/// nothing (it used to say nothing of the file the flush had made).
+#[test]
+fn an_unreadable_newest_header_is_reported_when_the_older_tree_is_not_whole() {
+    let base = Base::new("v1-4headers-10g", damage::fixture_mem("v1-4headers-10g"));
+    let dev = Arc::new(base.dev.snapshot());
+    let d: Arc<dyn BlockDevice> = dev.clone();
+    let newest = newest_slot(d.as_ref());
+    junk(
+        d.as_ref(),
+        hammer2::disk::volhdr_offset(newest),
+        hammer2::disk::VOLUME_BYTES as u64,
+    );
+    let second = newest_slot(d.as_ref());
+    let o = repair_yes(d.clone(), Mode::Yes, None);
+    let r = o.rewind.as_ref().expect("reported as a rewind");
+    assert_eq!((r.from_slot, r.to_slot), (Some(newest), second));
+    assert!(o.after.is_clean(), "{:?}", o.after.problems);
+    assert!(files_of(&dev) == base.states[&second]);
+}
