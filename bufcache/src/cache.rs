@@ -293,6 +293,37 @@ impl BufCache {
         }
     }
 
+    /// One line for a mount's log: buffer hits and misses, how the
+    /// page lookups went (lockless hash, locked index, not found), and
+    /// the device traffic.
+    pub fn report(&self) -> String {
+        let s = self.stats();
+        let l = self.vm().stats().lookups;
+        let hits = l.fast + l.slow;
+        let share = if hits == 0 {
+            1.0
+        } else {
+            l.fast as f64 / hits as f64
+        };
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        format!(
+            "buffer cache: {} hits, {} misses; page lookups: {} lockless, {} locked \
+             ({:.4} of hits lockless), {} not found; device: {} reads ({:.1} MiB), \
+             {} writes ({:.1} MiB), {} barriers",
+            s.hits,
+            s.misses,
+            l.fast,
+            l.slow,
+            share,
+            l.miss,
+            s.device_reads,
+            mib(s.device_read_bytes),
+            s.device_writes,
+            mib(s.device_write_bytes),
+            s.barriers
+        )
+    }
+
     /// Whether an earlier write or barrier failed.
     pub fn is_poisoned(&self) -> bool {
         self.inner.is_poisoned()
@@ -371,6 +402,32 @@ impl BufCache {
             offset,
             len,
         })
+    }
+
+    /// `bread` without I/O: the buffer busy-shared and wired if it is
+    /// resident with the range valid, else `None` (the caller reads it
+    /// some other time, holding no lock).
+    pub fn bread_resident(&self, offset: u64, len: usize) -> Result<Option<BufShared<'_>>> {
+        let inner = &*self.inner;
+        inner.check_range(offset, len)?;
+        let need = block_mask(within(offset), len);
+        let Some(key) = PageKey::new(inner.object, frame_of(offset)) else {
+            return Ok(None);
+        };
+        let Some(h) = inner.vm.lookup(key) else {
+            return Ok(None);
+        };
+        let s = h.busy_shared();
+        if s.valid() & need != need {
+            return Ok(None);
+        }
+        inner.counters.hits.fetch_add(1, Ordering::Relaxed);
+        s.wire();
+        Ok(Some(BufShared {
+            page: Some(s),
+            offset,
+            len,
+        }))
     }
 
     /// Like `bread`, but busy-exclusive, for modifying in place.
@@ -577,8 +634,9 @@ impl Inner {
             return;
         }
         let base = (index + 1) * FRAME_BYTES as u64;
-        let mut bounce = vec![0u8; pages.len() * FRAME_BYTES];
-        if let Err(e) = self.dev.read_at(&mut bounce, base) {
+        let mut aligned = crate::aligned::AlignedBuf::new(pages.len() * FRAME_BYTES);
+        let bounce = &mut aligned.as_mut_slice()[..pages.len() * FRAME_BYTES];
+        if let Err(e) = self.dev.read_at(bounce, base) {
             log::debug!("bufcache: read-ahead at {base:#x} failed: {e}");
             for p in pages {
                 p.free();

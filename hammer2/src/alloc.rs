@@ -78,11 +78,13 @@ mod bmap;
 mod bulkfree;
 mod rebuild;
 mod recover;
+mod space;
 mod tree;
 
 pub use bulkfree::{ScanMap, SyncStats};
 pub use rebuild::FreemapSets;
 pub use recover::RecoveryStats;
+pub use space::SpaceMap;
 
 use crate::dedup::{DedupKey, DedupTable};
 use crate::disk::freemap::{BmapData, BMAP_ALLOCATED, BMAP_FREE};

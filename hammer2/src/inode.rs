@@ -49,7 +49,7 @@ pub struct InodeNode {
     /// Anything here differs from disk.
     pub dirty: bool,
     /// Whether the flush tries to compress this file's next block.
-    pub comp_heuristic: crate::flush::CompHeuristic,
+    pub comp_heuristic: crate::strategy::CompHeuristic,
     /// 64 KiB blocks fallocate reserved room for (`reserve.rs`), by
     /// block number.
     pub reserved: BlockRanges,
@@ -309,6 +309,15 @@ impl InodeNode {
         Ok(())
     }
 
+    /// Load the file's tree over bytes `lo..=hi` (a direct-data file has
+    /// none), so that changes there, and the flush's, read nothing.
+    pub fn load_range(&mut self, vol: &Volume, lo: u64, hi: u64) -> Result<()> {
+        if !self.direct() {
+            self.table.range(vol, lo & !(BLOCK - 1), hi | (BLOCK - 1))?;
+        }
+        Ok(())
+    }
+
     /// Bytes of room reserved by fallocate and not yet written.
     pub fn reserved_bytes(&self) -> u64 {
         self.reserved.len() * BLOCK
@@ -381,7 +390,7 @@ impl InodeNode {
         let size = self.size();
         let keys: Vec<u64> = self.pending.range(..size).map(|(k, _)| *k).collect();
         for lbase in keys {
-            bytes = bytes.wrapping_add(crate::flush::physical_block_size(size, lbase));
+            bytes = bytes.wrapping_add(crate::strategy::physical_block_size(size, lbase));
             if let Ok(Some(old)) = self.table.lookup(vol, lbase) {
                 bytes = bytes.wrapping_sub(old.data_off.bytes());
             }

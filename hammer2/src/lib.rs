@@ -30,6 +30,7 @@ pub mod pfsops;
 pub mod repair;
 pub mod reserve;
 pub mod setmethods;
+pub mod strategy;
 
 pub use error::{Error, Result};
 pub mod blocktable;
