@@ -81,6 +81,10 @@ pub fn errno(e: &Error) -> i32 {
             log::debug!("{e}");
             libc::EROFS
         }
+        Error::Cancelled => {
+            log::debug!("{e}");
+            libc::EINTR
+        }
         Error::WouldBlock { .. } => {
             // `RwVolume::locked` reads the block and retries; this only
             // reaches a caller that called the library without it.

@@ -177,11 +177,12 @@ fn refused(out: &Output, code: i32, what: &str) -> String {
 /// The image mounted read-write by its path and again through a loop
 /// device (`losetup -f --show IMG`) is one image: the second read-write
 /// mount is refused with a one-line error naming the first, as are
-/// `mkfs.hammer2 -f`, the writing `hammer2` verbs and `replay-log` by
-/// either name; fsck and the reading verbs warn that it is mounted; a
+/// `mkfs.hammer2 -f`, the writing `hammer2` verbs, `replay-log` and
+/// fsck's repairs by either name; fsck and the reading verbs warn that it is mounted; a
 /// read-only mount beside it works (and says what it shows). Then the
 /// other way round: mounted through the loop device, the path is
-/// refused. A read-only mount alone keeps out mkfs and replay-log. The
+/// refused. A read-only mount alone keeps out mkfs, replay-log and
+/// fsck -y. The
 /// image comes out as written, fsck-clean.
 #[test]
 fn one_image_by_two_names_has_one_writer() {
@@ -237,6 +238,10 @@ fn one_image_by_two_names_has_one_writer() {
         let out = tool("hammer2", &["replay-log", log.to_str().unwrap(), name]);
         refused(&out, 1, &format!("already {on1}"));
 
+        // fsck repairs take the writer lock: refused (exit 8).
+        for mode in ["-y", "-p"] {
+            refused(&tool("fsck-hammer2", &[mode, name]), 8, &on1);
+        }
         let out = tool("fsck-hammer2", &[name]);
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
         assert!(text(&out.stderr).contains(&format!("warning: {name} is {on1}")));
@@ -280,6 +285,7 @@ fn one_image_by_two_names_has_one_writer() {
     // place, may not.
     let ro_on = format!("mounted read-only on {}", mnt3.display());
     refused(&tool("mkfs-hammer2", &["-f", lo.s()]), 1, &ro_on);
+    refused(&tool("fsck-hammer2", &["-y", lo.s()]), 8, &ro_on);
     refused(
         &tool("hammer2", &["replay-log", log.to_str().unwrap(), img_s]),
         1,

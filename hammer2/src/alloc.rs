@@ -76,11 +76,13 @@
 
 mod bmap;
 mod bulkfree;
+mod rebuild;
 mod recover;
 mod space;
 mod tree;
 
 pub use bulkfree::{ScanMap, SyncStats};
+pub use rebuild::FreemapSets;
 pub use recover::RecoveryStats;
 pub use space::SpaceMap;
 
@@ -314,7 +316,18 @@ impl Allocator {
             ));
         }
         let tree = Tree::load(vol)?;
-        let mut a = Allocator {
+        let mut a = Allocator::with_tree(vh, total_size, tree);
+        a.set_reserve_bytes(reserve_for(total_size));
+        a.sanitize_leaves();
+        a.count_free();
+        log::info!("{}", a.stats());
+        Ok(a)
+    }
+
+    /// An allocator over `tree`, with the header's allocator fields and
+    /// nothing counted yet (`count_free`).
+    fn with_tree(vh: &VolumeHeader, total_size: u64, tree: Tree) -> Allocator {
+        Allocator {
             tree,
             total_size,
             allocator_beg: vh.allocator_beg,
@@ -342,12 +355,7 @@ impl Allocator {
             possibly_free: 0,
             possibly_free_at_start: 0,
             early_freed: 0,
-        };
-        a.set_reserve_bytes(reserve_for(total_size));
-        a.sanitize_leaves();
-        a.count_free();
-        log::info!("{}", a.stats());
-        Ok(a)
+        }
     }
 
     /// Force the bmaps DragonFly never manages (below `allocator_beg`,

@@ -561,6 +561,61 @@ impl BlockTable {
         s
     }
 
+    // ---- repair (fsck -y, `repair/walk.rs`) ----
+    //
+    // The repair walk verifies each entry itself before anything is
+    // loaded, so these work slot by slot and never read: a damaged block
+    // is replaced or cut without being read through `BlockSource`.
+
+    /// Put `br` in `slot` (EMPTY cuts the entry), forgetting what was
+    /// loaded under the entry it replaces. Nothing is noted as dropped:
+    /// a repair rebuilds the freemap from the topology afterwards.
+    pub fn set_slot(&mut self, slot: usize, br: Blockref) {
+        let old = self.entries[slot];
+        if old.btype == BlockrefType::Indirect {
+            self.children.remove(&old.key);
+        }
+        self.entries[slot] = br;
+        self.dirty = true;
+    }
+
+    /// Make `entries` (decoded and checked by the caller) the loaded
+    /// content of the indirect entry in `slot`, and return its table.
+    pub fn adopt(&mut self, slot: usize, entries: Vec<Blockref>) -> &mut BlockTable {
+        let br = self.entries[slot];
+        let child = self.children.entry(br.key).or_insert(Indirect {
+            bref: br,
+            table: BlockTable::new(Vec::new()),
+        });
+        child.bref = br;
+        child.table = BlockTable::new(entries);
+        &mut child.table
+    }
+
+    /// The loaded table of the indirect entry in `slot`.
+    pub fn child_mut(&mut self, slot: usize) -> Option<&mut BlockTable> {
+        let br = self.entries[slot];
+        if br.btype != BlockrefType::Indirect {
+            return None;
+        }
+        self.children.get_mut(&br.key).map(|c| &mut c.table)
+    }
+
+    /// Forget the loaded table of the indirect entry in `slot` if it is
+    /// clean (it is read again when needed).
+    pub fn forget_clean_child(&mut self, slot: usize) {
+        let key = self.entries[slot].key;
+        if self.children.get(&key).is_some_and(|c| !c.table.dirty) {
+            self.children.remove(&key);
+        }
+    }
+
+    /// Mark this table changed, so the flush rewrites it (and its
+    /// statistics and check code) even though no entry changed.
+    pub fn touch(&mut self) {
+        self.dirty = true;
+    }
+
     /// Bytes of decoded blockrefs this table holds in memory, its
     /// loaded indirect blocks included.
     pub fn loaded_bytes(&self) -> usize {

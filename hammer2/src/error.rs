@@ -120,6 +120,8 @@ pub enum Error {
     Busy {
         what: String,
     },
+    /// The caller asked to stop (fsck's repairs stop at a commit).
+    Cancelled,
     /// Under `volume::cache_only`: the block at `at` is not in memory,
     /// and reading it would wait for the device. Nothing was changed; the
     /// caller reads `bytes` at `at` holding no lock and tries again.
@@ -223,6 +225,7 @@ impl fmt::Display for Error {
             }
             Error::ReadOnly => write!(f, "read-only"),
             Error::Busy { what } => write!(f, "{what}: busy"),
+            Error::Cancelled => write!(f, "cancelled"),
         }
     }
 }

@@ -774,6 +774,10 @@ impl Checker<'_, '_> {
             let what = format!("PFS root has inum {}", ino.meta.inum);
             self.problem(Some(&mut state), at, Some(1), what);
         }
+        if ino.meta.obj_type != ObjType::Directory {
+            let what = format!("PFS root has type {}", ino.meta.obj_type.name());
+            self.problem(Some(&mut state), at, Some(1), what);
+        }
         self.check_inode_meta(&mut state, br, &ino);
         state.inodes.insert(
             1,
@@ -783,6 +787,16 @@ impl Checker<'_, '_> {
             let set = ino.blockset();
             let stats = self.walk_set(Some(&mut state), Owner::PfsRoot, 1, br, &set, 0);
             self.check_stats(Some(&mut state), Some(1), br, stats);
+        }
+        // New inodes take the number after `pfs_inum`: one behind an
+        // inode in use would take its number (the write path refuses).
+        let max = state.inodes.keys().copied().max().unwrap_or(0);
+        if ino.meta.pfs_inum < max {
+            let what = format!(
+                "PFS inode counter pfs_inum {} is behind inode {max}, which is in use",
+                ino.meta.pfs_inum
+            );
+            self.problem(Some(&mut state), at, Some(1), what);
         }
         self.cross_check_pfs(state);
     }

@@ -4,7 +4,8 @@
 //! Layers, bottom up: `disk` (the on-disk structures), `check` and
 //! `compress` (block codes), `dirhash`; then the read engine (`volume`,
 //! `chain`, `inode`, `pfs`) over a `bufcache::BlockDevice`; and `fsck`,
-//! the checker behind `fsck.hammer2`; the write side (`mount`, `flush`,
+//! the checker behind `fsck.hammer2`, and `repair`, its repairs (`-p`,
+//! `-y`); the write side (`mount`, `flush`,
 //! `alloc`), PFS administration and snapshots (`pfsops`) and `bulkfree`;
 //! `ctl`, the wire protocol of the control channel between the `hammer2`
 //! tool and a running mount.
@@ -27,6 +28,7 @@ pub mod mount;
 pub mod orphans;
 pub mod pfsops;
 pub mod readgate;
+pub mod repair;
 pub mod reserve;
 pub mod setmethods;
 pub mod strategy;

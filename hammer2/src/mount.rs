@@ -239,8 +239,15 @@ impl Mount {
         let vol = Volume::open(dev)?;
         let s = pfs::super_root(&vol)?;
         let sroot = InodeNode::from_disk(s.bref, s.data);
+        Ok(Mount::from_parts(vol, space, sroot))
+    }
+
+    /// A mount of `vol` at the header the caller chose, with `sroot` as
+    /// its super-root (for fsck's repairs, which may start from an older
+    /// header or a super-root read past its check code; `repair.rs`).
+    pub(crate) fn from_parts(vol: Volume, space: Box<dyn SpaceMap>, sroot: InodeNode) -> Mount {
         let session_tid = vol.header.mirror_tid;
-        Ok(Mount {
+        Mount {
             session_tid,
             vol,
             space: Arc::new(Mutex::new(space)),
@@ -252,7 +259,13 @@ impl Mount {
             meta_limit: META_LIMIT_DEFAULT,
             gate: Arc::new(ReadGate::default()),
             gate_mark: 0,
-        })
+        }
+    }
+
+    /// Commit now, whether or not anything changed: a new volume header
+    /// in the next slot (fsck's repairs write every slot this way).
+    pub(crate) fn commit(&mut self) -> Result<FlushStats> {
+        self.commit_now()
     }
 
     pub fn volume(&self) -> &Volume {

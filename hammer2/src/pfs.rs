@@ -292,6 +292,16 @@ impl Pfs {
         }
     }
 
+    /// The PFS whose root is `info`'s, without reading the super-root
+    /// again (a reader that lists PFS roots one by one, past damage).
+    pub fn from_info(vol: Arc<Volume>, info: PfsInfo) -> Pfs {
+        Pfs {
+            vol,
+            label: info.label,
+            root: info.root,
+        }
+    }
+
     pub fn volume(&self) -> &Arc<Volume> {
         &self.vol
     }

@@ -185,6 +185,20 @@ impl Volume {
         })
     }
 
+    /// The volume as header copy `index` (`header`, as the caller
+    /// decoded it) describes it, whichever copy `open` would choose: for
+    /// fsck's repairs and rewinds, and for reading an older state.
+    pub fn at_header(dev: Arc<dyn BlockDevice>, header: VolumeHeader, index: usize) -> Volume {
+        let n = header_slots(dev.size_bytes());
+        let slots = (0..n).map(|i| read_header_slot(dev.as_ref(), i)).collect();
+        Volume {
+            dev,
+            header,
+            header_index: index,
+            slots,
+        }
+    }
+
     pub fn device(&self) -> &Arc<dyn BlockDevice> {
         &self.dev
     }

@@ -1,7 +1,8 @@
 //! The command-line tools' library side: `newfs` (the format logic of
 //! `mkfs.hammer2`), `units` (size parsing and human figures),
 //! `progress` (the progress line of long runs), `signatures` (other
-//! filesystems and partition tables on a target, found by blkid), and
+//! filesystems and partition tables on a target, found by blkid),
+//! `salvage` (`hammer2 recover`: files copied out of a damaged image) and
 //! `control`, the `hammer2` tool's side of the control channel to a
 //! running mount.hammer2 (its one syscall std lacks, ioctl(2), in
 //! `ctl_ioctl`). The binaries in `src/bin` parse arguments, open devices
@@ -14,6 +15,7 @@ pub mod control;
 mod ctl_ioctl;
 pub mod newfs;
 pub mod progress;
+pub mod salvage;
 pub mod signatures;
 pub mod units;
 

@@ -7,6 +7,7 @@
 
 pub mod ace;
 pub mod craft;
+pub mod damage;
 pub mod disks;
 pub mod freemap_check;
 pub mod nbdserver;

@@ -683,7 +683,7 @@ fn orphans_are_reported_and_reclaimed_at_the_next_read_write_mount() {
     assert!(
         text.contains(&format!(
             "1 orphaned inodes unlinked while open (nlinks 0): removed at the next \
-             read-write mount of their PFS; PFS DATA: inodes {f}"
+             read-write mount of their PFS (or by fsck -p); PFS DATA: inodes {f}"
         )),
         "{text}"
     );

@@ -105,12 +105,19 @@ impl ScanMap {
         }
     }
 
-    /// The scan's view of bmap `n` of the zone at `zone`.
+    /// A map outside any bulkfree pass (fsck's freemap rebuild, which
+    /// marks every block a topology references and makes the freemap
+    /// exactly that: `Allocator::rebuilt`, `set_exact`).
+    pub fn standalone(allocator_beg: u64, total_size: u64) -> ScanMap {
+        ScanMap::new(0, allocator_beg, total_size)
+    }
+
     /// The pass this map belongs to.
     pub fn token(&self) -> u64 {
         self.token
     }
 
+    /// The scan's view of bmap `n` of the zone at `zone`.
     pub fn bmap(&self, zone: u64, n: usize) -> BmapData {
         match self.zones.get(&zone) {
             Some(z) => z[n],

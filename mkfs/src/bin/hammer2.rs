@@ -2,7 +2,8 @@
 //! in the shape of DragonFly's hammer2(8): verbs that read (show,
 //! volhdr, freemap, pfs-list, info, hash) and verbs that write offline
 //! (snapshot, pfs-create, pfs-delete, bulkfree; `admin.rs`; setcomp,
-//! setcheck; `setmethods.rs`), and the same verbs (plus stat and mark)
+//! setcheck; `setmethods.rs`), recover (files copied out of a damaged
+//! image, `recover.rs` over `mkfs::salvage`), and the same verbs (plus stat and mark)
 //! through a running mount.hammer2 when given a path in its mount
 //! (`online.rs`, over the control channel).
 //!
@@ -31,6 +32,8 @@ mod online;
 mod pfs;
 #[path = "hammer2/probe.rs"]
 mod probe;
+#[path = "hammer2/recover.rs"]
+mod recover;
 #[path = "hammer2/replay.rs"]
 mod replay;
 #[path = "hammer2/setmethods.rs"]
@@ -70,7 +73,8 @@ after the daemon flushed it, and stat and mark work on mounts only.
 Verbs that change a mounted volume need root. Given an image,
 snapshot, pfs-create, pfs-delete and bulkfree work offline and refuse
 an image that mount.hammer2 serves. setcomp and setcheck take files
-and directories in a mount, or IMG[@LABEL][:/PATH] offline.
+and directories in a mount, or IMG[@LABEL][:/PATH] offline. recover
+copies files out of a damaged image and never writes to it.
 
 Exit status: 0 clean, 1 on an error or when damage was found
 (show, volhdr and freemap flag each damaged block inline and finish
@@ -93,6 +97,8 @@ Examples:
   hammer2 mark /mnt/data before-rename   (mounted with -o log_writes=FILE)
   hammer2 replay-log --fsck --to-mark before-rename FILE base-copy.img
   hammer2 hash hello.txt
+  hammer2 recover disk.img /var/tmp/rescue   (every PFS, then lost+found)
+  hammer2 recover disk.img@DATA /home/me /var/tmp/rescue
 
 setcomp methods: none, autozero, lz4 (default), zlib[:1-9], zstd[:1-15].
 setcheck methods: none, disabled, crc32, xxhash64 (default), sha192,
@@ -254,6 +260,20 @@ enum Verb {
         /// the replay there
         #[arg(long)]
         fsck: bool,
+    },
+    /// Copy files out of a damaged image (never writes to it): every
+    /// file and directory reachable (damaged blocks become holes, each
+    /// reported), then the inodes no directory reaches, into
+    /// DESTDIR/lost+found under the names entries still give them.
+    /// Without @LABEL every PFS goes to DESTDIR/LABEL. Exit 1 when
+    /// anything could not be read
+    Recover {
+        /// IMG[@LABEL] [PATH] DESTDIR
+        #[arg(value_name = "IMG[@LABEL] [PATH] DESTDIR", num_args = 2..=3, required = true)]
+        args: Vec<String>,
+        /// Only what the directories reach: no scan for lost inodes
+        #[arg(long)]
+        no_scan: bool,
     },
     /// Show the inode of each file or directory named (online only):
     /// inode number, type, size, methods, blocks as of the last flush
@@ -670,6 +690,7 @@ fn run(cli: Cli, out: &mut dyn Write) -> Result<u64, CmdError> {
         ),
         Verb::Mark { path, name } => online::mark(&path, &name, out),
         Verb::Stat { paths } => online::stat(&paths, out),
+        Verb::Recover { args, no_scan } => recover::run(&args, no_scan, out),
         Verb::ReplayLog {
             log,
             img,
