@@ -491,7 +491,9 @@ impl Hammer2Fs {
         bytes: u64,
     ) -> Result<FileAttr, Errno> {
         let mut a = self.attr_of_meta(ino, m, bytes)?;
-        if m.obj_type == ObjType::Directory {
+        // A directory removed (rmdir, or replaced by a rename) while it
+        // is open has no links: its 0 on disk, not a count.
+        if m.obj_type == ObjType::Directory && m.nlinks != 0 {
             a.nlink = self.dirlinks.nlink(m.inum, || {
                 Ok::<_, Errno>(subdirs(&self.h(mount.readdir(label, m.inum, 0))?))
             })?;
