@@ -39,15 +39,15 @@
 use crate::cookie;
 use crate::dirlinks::DirLinks;
 use crate::errno::errno;
-use crate::inode::{self, attr_of, placeholder_attr, Ids, InodeTable, BLOCK_BYTES};
+use crate::inode::{self, attr_of, generation, placeholder_attr, Ids, InodeTable, BLOCK_BYTES};
 use crate::rw::RwVolume;
 use crate::snapdir::{self, is_snap, SnapDir};
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
-    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner,
-    OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Filesystem, FopenFlags, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenAccMode,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
 };
 use hammer2::disk::{InodeMeta, ObjType};
 use hammer2::mount::{Mount, SetAttr};
@@ -782,7 +782,7 @@ impl Hammer2Fs {
         match r {
             Ok(attr) => {
                 self.inodes.remember(attr.ino.0, None);
-                reply.entry(&self.ttl, &attr, Generation(0))
+                reply.entry(&self.ttl, &attr, generation(&attr))
             }
             Err(e) => reply.error(e),
         }
@@ -821,6 +821,32 @@ impl Hammer2Fs {
             }
             self.attr_in(m, label, self.ids.ino(inum))
         })
+    }
+
+    /// Lookups of "." (`dotdot` false) and ".." in node `node`, which
+    /// the kernel sends only to decode a file handle whose node it no
+    /// longer holds (FUSE_EXPORT_SUPPORT: `open_by_handle_at`, an NFS
+    /// export), never for a path: "." is the node itself, whatever its
+    /// type, ".." a directory's parent (the root's is the root). The
+    /// caller may decode handles (CAP_DAC_READ_SEARCH), so no search
+    /// permission is checked. An inode removed since (no links, no
+    /// opener) is not found: ENOENT, which the kernel turns into ESTALE.
+    fn lookup_dots(&self, node: INodeNo, dotdot: bool) -> Result<FileAttr, Errno> {
+        let target = if !dotdot {
+            node.0
+        } else if is_snap(node.0) {
+            self.snap()?
+                .list(node.0, INodeNo::ROOT.0, || self.snap_source())?
+                .0
+        } else {
+            let dir = self.meta(node)?;
+            if dir.obj_type != ObjType::Directory {
+                return Err(Errno::ENOTDIR);
+            }
+            self.parent_ino(&dir)
+        };
+        let (m, bytes) = self.stat(INodeNo(target))?;
+        self.attr(target, &m, bytes)
     }
 
     /// Zero `[offset, offset + len)` of a file, within its size, through
@@ -875,6 +901,9 @@ impl Filesystem for Hammer2Fs {
             InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_CACHE_SYMLINKS,
+            // File handles outlive the kernel's inode cache: it asks
+            // for "." and ".." by node id (`lookup_dots`).
+            InitFlags::FUSE_EXPORT_SUPPORT,
         ];
         if self.writeback_cache {
             // The kernel keeps written pages and sends them in large
@@ -921,6 +950,9 @@ impl Filesystem for Hammer2Fs {
             if name.len() > max {
                 return Err(Errno::ENAMETOOLONG);
             }
+            if name == "." || name == ".." {
+                return self.lookup_dots(parent, name == "..");
+            }
             if is_snap(parent.0) {
                 let dir = self.meta(parent)?;
                 self.check(req, &dir, 1)?;
@@ -965,7 +997,12 @@ impl Filesystem for Hammer2Fs {
             }
         })();
         match r {
-            Ok(attr) => reply.entry(&self.ttl, &attr, Generation(0)),
+            Ok(attr) => {
+                if name == "." || name == ".." {
+                    self.inodes.remember(attr.ino.0, None);
+                }
+                reply.entry(&self.ttl, &attr, generation(&attr))
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -1297,7 +1334,7 @@ impl Filesystem for Hammer2Fs {
                 reply.created(
                     &self.ttl,
                     &attr,
-                    Generation(0),
+                    generation(&attr),
                     FileHandle(0),
                     FopenFlags::FOPEN_KEEP_CACHE,
                 )
@@ -1545,7 +1582,7 @@ impl Filesystem for Hammer2Fs {
                     }
                     Err(_) => return false,
                 };
-                reply.add(INodeNo(child), next, name, &ttl, &attr, Generation(0))
+                reply.add(INodeNo(child), next, name, &ttl, &attr, generation(&attr))
             });
             return match r {
                 Ok(()) => reply.ok(),
@@ -1561,10 +1598,10 @@ impl Filesystem for Hammer2Fs {
             Ok(x) => x,
             Err(e) => return reply.error(e),
         };
-        let g = Generation(0);
         // The kernel takes no reference for "." and ".." and ignores
         // their attributes; ".." gets the directory's own with the
         // parent's node id.
+        let g = generation(&dir_attr);
         if offset == cookie::START
             && reply.add(ino, cookie::AFTER_DOT, ".", &self.ttl, &dir_attr, g)
         {
@@ -1615,7 +1652,7 @@ impl Filesystem for Hammer2Fs {
                 OsStr::from_bytes(&e.name),
                 &ttl,
                 &attr,
-                g,
+                generation(&attr),
             );
             if full {
                 break;

@@ -137,3 +137,198 @@ fn an_open_removed_directory_has_no_links() {
     m.unmount();
     fsck_clean(&img);
 }
+
+/// A file handle (`struct file_handle`), as `name_to_handle_at` makes
+/// it: its type and opaque bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Handle {
+    htype: i32,
+    bytes: Vec<u8>,
+}
+
+/// `struct file_handle` with room for `MAX_HANDLE_SZ` bytes.
+#[repr(C)]
+struct RawHandle {
+    handle_bytes: u32,
+    handle_type: i32,
+    f_handle: [u8; 128],
+}
+
+/// libc has the call, nix does not: the one unsafe block of the test
+/// (the workspace denies unsafe code elsewhere in this crate).
+#[allow(unsafe_code)]
+fn handle_of(p: &Path) -> Handle {
+    let path = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let mut raw = RawHandle {
+        handle_bytes: 128,
+        handle_type: 0,
+        f_handle: [0; 128],
+    };
+    let mut mount_id = 0;
+    // SAFETY: `raw` is a file_handle with room for handle_bytes bytes.
+    let r = unsafe {
+        libc::name_to_handle_at(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            (&mut raw as *mut RawHandle).cast(),
+            &mut mount_id,
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "name_to_handle_at {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
+    Handle {
+        htype: raw.handle_type,
+        bytes: raw.f_handle[..raw.handle_bytes as usize].to_vec(),
+    }
+}
+
+/// `open_by_handle_at` on the filesystem `mnt` is (its root open as the
+/// mount descriptor).
+#[allow(unsafe_code)]
+fn open_by_handle(mnt: &Path, h: &Handle, flags: i32) -> std::io::Result<File> {
+    use std::os::fd::FromRawFd;
+    let root = File::open(mnt)?;
+    let mut raw = RawHandle {
+        handle_bytes: h.bytes.len() as u32,
+        handle_type: h.htype,
+        f_handle: [0; 128],
+    };
+    raw.f_handle[..h.bytes.len()].copy_from_slice(&h.bytes);
+    // SAFETY: `raw` holds a handle of handle_bytes bytes.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            std::os::fd::AsRawFd::as_raw_fd(&root),
+            (&mut raw as *mut RawHandle).cast(),
+            flags,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Drop the kernel's clean dentries and inodes (the mount's too).
+fn drop_caches() {
+    fs::write("/proc/sys/vm/drop_caches", "3").expect("drop_caches");
+}
+
+/// The path a descriptor is open on, as the kernel names it.
+fn fd_path(f: &File) -> PathBuf {
+    fs::read_link(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(f)
+    ))
+    .expect("readlink /proc/self/fd")
+}
+
+/// generic/426, 467, 477, 756, 777, and an NFS export: file handles
+/// decode after the kernel forgot the inode (drop_caches) and after a
+/// remount (FUSE_EXPORT_SUPPORT: node ids are inode numbers, and the
+/// kernel looks "." and ".." up by node id); a directory's handle
+/// reconnects to its path through "..", and a handle to a removed file
+/// is stale.
+#[test]
+fn file_handles_decode_after_drop_caches_and_a_remount() {
+    require_fuse();
+    let img = new_image("handles");
+    let mnt = scratch("handles-mnt");
+    let m = RwMount::new(&img, &mnt, "");
+    let p = |s: &str| mnt.join(s);
+    fs::create_dir_all(p("a/b/c")).unwrap();
+    fs::write(p("a/b/c/file"), b"by handle").unwrap();
+    fs::write(p("a/gone"), b"removed").unwrap();
+    let file = handle_of(&p("a/b/c/file"));
+    let dir = handle_of(&p("a/b/c"));
+    let root = handle_of(&mnt);
+    let gone = handle_of(&p("a/gone"));
+    fs::remove_file(p("a/gone")).unwrap();
+
+    let check = |when: &str| {
+        drop_caches();
+        let f = open_by_handle(&mnt, &file, libc::O_RDONLY)
+            .unwrap_or_else(|e| panic!("{when}: open the file by handle: {e}"));
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut &f, &mut text).unwrap();
+        assert_eq!(text, "by handle", "{when}");
+        drop(f);
+        drop_caches();
+        let d = open_by_handle(&mnt, &dir, libc::O_RDONLY | libc::O_DIRECTORY)
+            .unwrap_or_else(|e| panic!("{when}: open the directory by handle: {e}"));
+        // A directory is reconnected up to the root ("..", then its
+        // name in the parent).
+        assert_eq!(fd_path(&d), p("a/b/c").canonicalize().unwrap(), "{when}");
+        let r = open_by_handle(&mnt, &root, libc::O_RDONLY | libc::O_DIRECTORY)
+            .unwrap_or_else(|e| panic!("{when}: open the root by handle: {e}"));
+        assert_eq!(fd_path(&r), mnt.canonicalize().unwrap(), "{when}");
+        let e = open_by_handle(&mnt, &gone, libc::O_RDONLY).expect_err("a removed file");
+        assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "{when}: {e}");
+    };
+    check("after drop_caches");
+    m.unmount();
+    fsck_clean(&img);
+
+    let m = RwMount::new(&img, &mnt, "");
+    assert_eq!(handle_of(&p("a/b/c/file")), file, "the same handle");
+    check("after a remount");
+    m.unmount();
+    // Read-only too.
+    let log = mnt.with_extension("ro.log");
+    let (mut child, guard) = mount_foreground(img.to_str().unwrap(), &mnt, &log, "ro");
+    check("read-only");
+    nix::mount::umount(&guard.mnt).expect("umount");
+    drop(guard);
+    assert!(wait_exit(&mut child, Duration::from_secs(30)).success());
+    fsck_clean(&img);
+}
+
+/// A crash loses the inode numbers given since the last flush, and the
+/// next mount gives them again: a handle to a lost file must be stale,
+/// not open the new file that has its number (the generation, from the
+/// inode's creation time, tells them apart).
+#[test]
+fn a_handle_to_a_file_lost_in_a_crash_does_not_open_its_successor() {
+    require_fuse();
+    let img = new_image("handles-crash");
+    let mnt = scratch("handles-crash-mnt");
+    let mut m = RwMount::new(&img, &mnt, "sync_interval=0");
+    let p = |s: &str| mnt.join(s);
+    fs::write(p("kept"), b"kept").unwrap();
+    File::open(p("kept")).unwrap().sync_all().unwrap();
+    fs::write(p("lost"), b"lost").unwrap();
+    let lost = handle_of(&p("lost"));
+    let lost_ino = fs::metadata(p("lost")).unwrap().ino();
+    // The daemon dies before any flush writes "lost".
+    let child = m.child.take().expect("running");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut child = child;
+    child.wait().unwrap();
+    let guard = m.guard.take().expect("mounted");
+    nix::mount::umount2(&guard.mnt, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    drop((m, guard));
+
+    let m = RwMount::new(&img, &mnt, "");
+    assert!(!p("lost").exists());
+    fs::write(p("successor"), b"successor").unwrap();
+    assert_eq!(
+        fs::metadata(p("successor")).unwrap().ino(),
+        lost_ino,
+        "the number is given again"
+    );
+    drop_caches();
+    let e = open_by_handle(&mnt, &lost, libc::O_RDONLY).expect_err("a lost file");
+    assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "{e}");
+    m.unmount();
+    fsck_clean(&img);
+}
