@@ -269,6 +269,24 @@ pub fn supplementary_groups(pid: u32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// Linux's CAP_FSETID, the capability that keeps set-user-ID and
+/// set-group-ID bits through a change of the file's data.
+const CAP_FSETID: u32 = 4;
+
+/// Does process (or thread) `pid`, running as `uid`, hold CAP_FSETID
+/// (its effective set, `CapEff` in `/proc/PID/status`)? When that
+/// cannot be read (it exited), whether it is root.
+pub fn has_cap_fsetid(pid: u32, uid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return uid == 0;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .map_or(uid == 0, |caps| caps & (1 << CAP_FSETID) != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

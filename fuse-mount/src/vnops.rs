@@ -823,6 +823,41 @@ impl Hammer2Fs {
         })
     }
 
+    /// A change of file `inum`'s data by the caller of `req` (write,
+    /// truncate, fallocate): clear set-user-ID and set-group-ID as Linux
+    /// does for local filesystems (`setattr_should_drop_suidgid`) unless
+    /// the caller holds CAP_FSETID: set-user-ID always, set-group-ID
+    /// when the file is group-executable or the caller is not in its
+    /// group. The kernel has FUSE drop set-user-ID, and set-group-ID of a
+    /// group-executable file, itself (a SETATTR before the change), but
+    /// not a set-group-ID bit without group execute
+    /// (fs/fuse/dir.c, `fuse_setattr`): that is left to the filesystem.
+    fn drop_suid_sgid(
+        &self,
+        req: &Request,
+        m: &mut Mount,
+        label: &str,
+        inum: u64,
+    ) -> Result<(), Errno> {
+        let meta = self.h(m.getattr(label, inum))?;
+        if meta.mode & (S_ISUID | S_ISGID) == 0 || meta.obj_type != ObjType::Regfile {
+            return Ok(());
+        }
+        let old = meta.mode & 0o7777;
+        let mut mode = old & !S_ISUID;
+        if old & S_ISGID != 0 && (old & S_IXGRP != 0 || !in_group(req, meta.gid_unix())) {
+            mode &= !S_ISGID;
+        }
+        if mode == old || inode::has_cap_fsetid(req.pid(), req.uid()) {
+            return Ok(());
+        }
+        let a = SetAttr {
+            mode: Some(mode),
+            ..SetAttr::default()
+        };
+        self.h(m.setattr(label, inum, a, now_us())).map(|_| ())
+    }
+
     /// Lookups of "." (`dotdot` false) and ".." in node `node`, which
     /// the kernel sends only to decode a file handle whose node it no
     /// longer holds (FUSE_EXPORT_SUPPORT: `open_by_handle_at`, an NFS
@@ -1061,6 +1096,9 @@ impl Filesystem for Hammer2Fs {
             };
             self.check_setattr(req, &meta, &mut a, times_now, fh.is_some())?;
             self.h(m.setattr(label, inum, a, now))?;
+            if size.is_some() {
+                self.drop_suid_sgid(req, m, label, inum)?;
+            }
             self.attr_in(m, label, ino.0)
         });
         match r {
@@ -1382,7 +1420,7 @@ impl Filesystem for Hammer2Fs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -1396,7 +1434,9 @@ impl Filesystem for Hammer2Fs {
         let r = self.rw().and_then(|v| {
             v.writable().map_err(Errno::from_i32)?;
             self.with_room(v, |m| {
-                let r = m.write(&v.label, self.ids.inum(ino.0), offset, data, now_us());
+                let inum = self.ids.inum(ino.0);
+                self.drop_suid_sgid(req, m, &v.label, inum)?;
+                let r = m.write(&v.label, inum, offset, data, now_us());
                 self.h(r)?;
                 v.note_written(m, data.len() as u64);
                 Ok(())
@@ -1825,7 +1865,7 @@ impl Filesystem for Hammer2Fs {
     /// ones (`Mount::punch_hole`). Other modes: EOPNOTSUPP.
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -1844,6 +1884,10 @@ impl Filesystem for Hammer2Fs {
             if meta.obj_type != ObjType::Regfile {
                 return Err(Errno::ENODEV);
             }
+            if !matches!(mode, 0 | KEEP) && mode != PUNCH | KEEP {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            self.drop_suid_sgid(req, &mut v.mount(), &v.label, inum)?;
             match mode {
                 0 | KEEP => self.with_room(v, |m| {
                     let r = m.fallocate(&v.label, inum, offset, length, mode == KEEP, now_us());

@@ -332,3 +332,123 @@ fn a_handle_to_a_file_lost_in_a_crash_does_not_open_its_successor() {
     m.unmount();
     fsck_clean(&img);
 }
+
+/// The permission bits of `p` in octal, asked of the daemon (statx
+/// with AT_STATX_FORCE_SYNC, not the kernel's attribute cache).
+fn mode_of(p: &Path) -> String {
+    let out = std::process::Command::new("stat")
+        .args(["--cached=never", "-c", "%a"])
+        .arg(p)
+        .output()
+        .expect("run stat");
+    assert!(out.status.success(), "stat {}: {out:?}", p.display());
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Run `args` as user `uid` and group `gid` (std drops the
+/// supplementary groups when root sets a uid).
+fn run_as(uid: u32, gid: u32, args: &[&str]) {
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .unwrap_or_else(|e| panic!("run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} as {uid}:{gid}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const NOBODY: u32 = 65534;
+
+/// generic/683 and 684 (fallocate and hole punch by another user), and
+/// the same for writes and truncation: a change of a file's data by a
+/// caller without CAP_FSETID clears set-user-ID, and set-group-ID when
+/// the file is group-executable or the caller is not in its group, as
+/// on a local filesystem (the kernel leaves the last case to FUSE
+/// filesystems); root keeps both.
+#[test]
+fn unprivileged_data_changes_clear_set_id_bits() {
+    require_fuse();
+    let img = new_image("killpriv");
+    let mnt = scratch("killpriv-mnt");
+    let m = RwMount::new(&img, &mnt, "");
+    let f = mnt.join("f");
+    let fs_ = f.to_str().unwrap();
+    let cases: &[(&str, u32, u32, &[&str], &str)] = &[
+        (
+            "6666",
+            NOBODY,
+            NOBODY,
+            &["fallocate", "-l", "131072", fs_],
+            "666",
+        ),
+        (
+            "6666",
+            NOBODY,
+            NOBODY,
+            &["fallocate", "-p", "-o", "0", "-l", "4096", fs_],
+            "666",
+        ),
+        (
+            "2676",
+            NOBODY,
+            NOBODY,
+            &["fallocate", "-l", "131072", fs_],
+            "676",
+        ),
+        (
+            "6766",
+            NOBODY,
+            NOBODY,
+            &["fallocate", "-p", "-o", "0", "-l", "4096", fs_],
+            "766",
+        ),
+        (
+            "6666",
+            NOBODY,
+            NOBODY,
+            &["sh", "-c", &format!("printf x >> {fs_}")],
+            "666",
+        ),
+        (
+            "6666",
+            NOBODY,
+            NOBODY,
+            &["truncate", "-s", "100", fs_],
+            "666",
+        ),
+        // In the file's group (root): set-group-ID without group
+        // execute stays (set-user-ID goes).
+        (
+            "6666",
+            NOBODY,
+            0,
+            &["fallocate", "-l", "131072", fs_],
+            "2666",
+        ),
+        // Root, with CAP_FSETID.
+        ("6666", 0, 0, &["fallocate", "-l", "131072", fs_], "6666"),
+        (
+            "6777",
+            0,
+            0,
+            &["fallocate", "-p", "-o", "0", "-l", "4096", fs_],
+            "6777",
+        ),
+    ];
+    for (before, uid, gid, cmd, after) in cases {
+        let _ = fs::remove_file(&f);
+        fs::write(&f, vec![0x58; 196608]).unwrap();
+        let mode = u32::from_str_radix(before, 8).unwrap();
+        fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+        assert_eq!(&mode_of(&f), before);
+        run_as(*uid, *gid, cmd);
+        assert_eq!(&mode_of(&f), after, "{before}, {cmd:?} as {uid}:{gid}");
+    }
+    m.unmount();
+    fsck_clean(&img);
+}
