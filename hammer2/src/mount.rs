@@ -32,6 +32,9 @@ use bufcache::BlockDevice;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+mod linux;
+pub use linux::ATIMES_MAX;
+
 /// The PFS root's inode number.
 pub const ROOT_INUM: u64 = 1;
 
@@ -80,6 +83,9 @@ pub(crate) struct PfsState {
     /// Blockrefs dropped from the trees of inodes that left memory
     /// before the flush (see `BlockTable::take_dropped`).
     dropped: Vec<Blockref>,
+    /// Access times waiting for the next flush, by inode (see
+    /// `mount/linux.rs`, `touch_atime`).
+    pub(crate) atimes: BTreeMap<u64, u64>,
 }
 
 /// Attributes to change in `setattr`; `None` leaves a field alone.
@@ -139,6 +145,7 @@ impl PfsState {
             removed: BTreeSet::new(),
             pins: BTreeMap::new(),
             dropped: Vec::new(),
+            atimes: BTreeMap::new(),
         }
     }
 
@@ -286,6 +293,7 @@ impl Mount {
                     removed: BTreeSet::new(),
                     pins: BTreeMap::new(),
                     dropped: Vec::new(),
+                    atimes: BTreeMap::new(),
                 },
             );
         }
@@ -330,7 +338,11 @@ impl Mount {
                     br.data_off.offset(),
                 ));
             }
-            p.inodes.insert(inum, InodeNode::from_disk(br, ino.data));
+            let mut n = InodeNode::from_disk(br, ino.data);
+            if let Some(&t) = p.atimes.get(&inum) {
+                n.data.meta.atime = t;
+            }
+            p.inodes.insert(inum, n);
         }
         p.inodes.get_mut(&inum).ok_or_else(|| Error::NotFound {
             what: format!("inode {inum}"),
@@ -1417,6 +1429,7 @@ impl Mount {
     }
 
     fn flush_inner(&mut self) -> Result<FlushStats> {
+        self.flush_atimes()?;
         let tid = self.next_tid()?;
         // A block this flush drops is referenced by the headers before
         // it; the header slots rotate, so the last of those is gone once
