@@ -609,7 +609,8 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
         .unwrap_or_else(|_| req.image.clone());
     let fs = match &rw {
         Some(v) => Hammer2Fs::new_rw(v.clone(), o.default_permissions)
-            .with_writeback_cache(o.writeback_cache),
+            .with_writeback_cache(o.writeback_cache)
+            .with_atime(o.atime),
         None => Hammer2Fs::new(
             open_pfs(&req.image, &req.label, o.cache_size)?,
             o.default_permissions,

@@ -285,6 +285,9 @@ impl RwVolume {
     /// fsync: wait for a flush that starts after this call, and return
     /// its errno if it failed (EIO if the mount was poisoned before).
     pub fn sync(&self) -> Result<(), i32> {
+        // Access times wait in memory for a flush that happens anyway;
+        // an fsync or sync writes them too.
+        self.hand_over_atimes();
         let mut st = lock(&self.flush);
         if st.poisoned.is_some() {
             return Err(libc::EIO);
@@ -434,6 +437,9 @@ impl RwVolume {
     /// any did.
     pub fn shutdown(&self) -> Result<(), String> {
         let first = !std::mem::replace(&mut lock(&self.flush).stop, true);
+        if first {
+            self.hand_over_atimes();
+        }
         self.cv.notify_all();
         if let Some(t) = lock(&self.flusher).take() {
             if t.join().is_err() {
@@ -467,6 +473,14 @@ impl RwVolume {
         match &st.poisoned {
             Some((_, why)) => Err(why.clone()),
             None => Ok(()),
+        }
+    }
+
+    /// Make the access times kept in memory part of the next flush
+    /// (`Mount::flush_atimes`).
+    fn hand_over_atimes(&self) {
+        if let Err(e) = self.mount().flush_atimes() {
+            log::warn!("{}: access times not written: {e}", self.label);
         }
     }
 

@@ -36,6 +36,7 @@
 //! and groups (the supplementary ones read from /proc when they decide),
 //! and `fs.protected_hardlinks`.
 
+use crate::atime;
 use crate::cookie;
 use crate::dirlinks::DirLinks;
 use crate::errno::errno;
@@ -135,6 +136,8 @@ pub struct Hammer2Fs {
     check_permissions: bool,
     /// FUSE_WRITEBACK_CACHE asked for (read-write only).
     writeback_cache: bool,
+    /// When reads update access times (read-write only; see `atime`).
+    atime: atime::Policy,
     /// `-o snapdir`: the snapshots under `.snapshot` at the root.
     pub(crate) snapdir: Option<SnapDir>,
     ttl: Duration,
@@ -271,6 +274,7 @@ impl Hammer2Fs {
             next_fh: AtomicU64::new(1),
             check_permissions: !default_permissions,
             writeback_cache: false,
+            atime: atime::Policy::default(),
             snapdir: None,
             ttl,
             counters: Counters::default(),
@@ -347,6 +351,33 @@ impl Hammer2Fs {
     pub fn with_writeback_cache(mut self, on: bool) -> Hammer2Fs {
         self.writeback_cache = on && self.read_write();
         self
+    }
+
+    /// The access time rules (`-o relatime`, `strictatime`, `noatime`,
+    /// `nodiratime`); a read-only mount never updates them.
+    pub fn with_atime(mut self, policy: atime::Policy) -> Hammer2Fs {
+        self.atime = policy;
+        self
+    }
+
+    /// Node `inum` was read (its data, or a directory's listing) at
+    /// `now`: update its access time when the policy says so, without
+    /// making the mount dirty (`Mount::touch_atime`). Never an error for
+    /// the read: one is logged at debug level.
+    fn accessed(&self, m: &mut Mount, label: &str, inum: u64, now: u64) {
+        if self.atime.mode == atime::Mode::Never {
+            return;
+        }
+        let r = m.getattr(label, inum).and_then(|meta| {
+            if self.atime.due(&meta, now) {
+                m.touch_atime(label, inum, now)
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = r {
+            log::debug!("access time of inode {inum} not updated: {e}");
+        }
     }
 
     fn read_write(&self) -> bool {
@@ -753,6 +784,11 @@ impl Hammer2Fs {
             _ => {
                 let l = Arc::new(self.list(dir, 0)?);
                 *stream.listing.lock().unwrap_or_else(|p| p.into_inner()) = Some(l.clone());
+                // A listing from the start is an access of the directory.
+                if let Store::ReadWrite(v) = &self.store {
+                    let mut m = v.mount();
+                    self.accessed(&mut m, &v.label, self.ids.inum(dir.0), now_us());
+                }
                 l
             }
         };
@@ -1223,7 +1259,8 @@ impl Filesystem for Hammer2Fs {
         reply: ReplyEmpty,
     ) {
         let r = self.modify(|m, label, now| {
-            if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            let whiteout = flags.contains(RenameFlags::RENAME_WHITEOUT);
+            if whiteout && flags.contains(RenameFlags::RENAME_EXCHANGE) {
                 return Err(Errno::EINVAL);
             }
             self.snapdir_entry(parent, name, false)?;
@@ -1258,15 +1295,25 @@ impl Filesystem for Hammer2Fs {
             let is_dir = |m: &InodeMeta| m.obj_type == ObjType::Directory;
             let moves_dir = is_dir(&src) || dst.as_ref().is_some_and(is_dir);
             let (odinum, ndinum) = (self.ids.inum(parent.0), self.ids.inum(newparent.0));
-            self.h(m.rename(
-                label,
-                odinum,
-                name.as_bytes(),
-                ndinum,
-                Self::new_name(newname)?,
-                f,
-                now,
-            ))?;
+            let newname = Self::new_name(newname)?;
+            if whiteout {
+                // The whiteout left at the old name is the caller's, as
+                // a node made in that directory would be.
+                let (uid, gid, _) = new_owner(req, &odir, 0, false);
+                self.h(m.rename_whiteout(
+                    label,
+                    odinum,
+                    name.as_bytes(),
+                    ndinum,
+                    newname,
+                    f.noreplace,
+                    uid,
+                    gid,
+                    now,
+                ))?;
+            } else {
+                self.h(m.rename(label, odinum, name.as_bytes(), ndinum, newname, f, now))?;
+            }
             // Directories moved or replaced: both parents are recounted.
             if moves_dir {
                 self.dirlinks.forget(odinum);
@@ -1321,7 +1368,7 @@ impl Filesystem for Hammer2Fs {
                 if meta.obj_type == ObjType::Directory {
                     return Err(Errno::EISDIR);
                 }
-                self.check(req, &meta, 4)
+                self.check(req, &meta, 4).map(|()| false)
             })(),
             Store::ReadOnly { pfs, root } => (|| {
                 if mask != 4 {
@@ -1331,7 +1378,7 @@ impl Filesystem for Hammer2Fs {
                 if inode.is_dir() {
                     return Err(Errno::EISDIR);
                 }
-                self.check(req, inode.meta(), 4)
+                self.check(req, inode.meta(), 4).map(|()| false)
             })(),
             Store::ReadWrite(v) => (|| {
                 if mask & 2 != 0 {
@@ -1344,13 +1391,17 @@ impl Filesystem for Hammer2Fs {
                     return Err(Errno::EISDIR);
                 }
                 self.check(req, &meta, mask)?;
-                self.h(m.pin(&v.label, inum))
+                self.h(m.pin(&v.label, inum))?;
+                // Reads that update the access time must reach us, not
+                // the page cache (see `atime`).
+                Ok(mask & 4 != 0 && self.atime.due(&meta, now_us()))
             })(),
         };
         match r {
             // Every change goes through the kernel's page cache, so
             // cached pages stay valid across opens.
-            Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(false) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(true) => reply.opened(FileHandle(0), FopenFlags::empty()),
             Err(e) => reply.error(e),
         }
     }
@@ -1366,6 +1417,41 @@ impl Filesystem for Hammer2Fs {
         reply: ReplyCreate,
     ) {
         let r = self.make_node(req, parent, name, ObjType::Regfile, mode, 0, true);
+        match r {
+            Ok(attr) => {
+                self.inodes.remember(attr.ino.0, None);
+                reply.created(
+                    &self.ttl,
+                    &attr,
+                    generation(&attr),
+                    FileHandle(0),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                )
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// O_TMPFILE: an unnamed file in `parent` (`Mount::tmpfile`), owned
+    /// and moded as `create` makes one, pinned for the open this reply
+    /// makes; `link` names it (`linkat(2)`), its last release removes it
+    /// otherwise.
+    fn tmpfile(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let r = self.modify(|m, label, now| {
+            let dir = self.dir_for_change(req, m, label, parent)?;
+            let (uid, gid, mode) = new_owner(req, &dir, mode, false);
+            let dinum = self.ids.inum(parent.0);
+            let inum = self.h(m.tmpfile(label, dinum, mode, uid, gid, now))?;
+            self.attr_in(m, label, self.ids.ino(inum))
+        });
         match r {
             Ok(attr) => {
                 self.inodes.remember(attr.ino.0, None);
@@ -1401,9 +1487,13 @@ impl Filesystem for Hammer2Fs {
                 .inode(pfs, root, ino)
                 .and_then(|i| self.h(pfs.read(&i, offset, size as usize))),
             Store::ReadWrite(v) => {
-                let r = v
-                    .mount()
-                    .read(&v.label, self.ids.inum(ino.0), offset, size as usize);
+                let inum = self.ids.inum(ino.0);
+                let mut m = v.mount();
+                let r = m.read(&v.label, inum, offset, size as usize);
+                if r.is_ok() {
+                    self.accessed(&mut m, &v.label, inum, now_us());
+                }
+                drop(m);
                 self.h(r)
             }
         };
@@ -1862,7 +1952,11 @@ impl Filesystem for Hammer2Fs {
     /// of space while mounted; ENOSPC when the volume cannot hold it),
     /// mode 0 also extends the size (the new range reads as zeros);
     /// PUNCH_HOLE|KEEP_SIZE drops the range's blocks and zeroes partial
-    /// ones (`Mount::punch_hole`). Other modes: EOPNOTSUPP.
+    /// ones (`Mount::punch_hole`); ZERO_RANGE, with or without KEEP_SIZE,
+    /// does both (`Mount::zero_range`). Other modes: EOPNOTSUPP (the
+    /// kernel refuses COLLAPSE_RANGE and INSERT_RANGE for FUSE itself).
+    /// A caller without CAP_FSETID loses set-user-ID and set-group-ID
+    /// first, as with a write.
     fn fallocate(
         &self,
         req: &Request,
@@ -1875,6 +1969,7 @@ impl Filesystem for Hammer2Fs {
     ) {
         const KEEP: i32 = libc::FALLOC_FL_KEEP_SIZE;
         const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE;
+        const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE;
         let r = (|| {
             let v = self.rw()?;
             v.writable().map_err(Errno::from_i32)?;
@@ -1884,7 +1979,7 @@ impl Filesystem for Hammer2Fs {
             if meta.obj_type != ObjType::Regfile {
                 return Err(Errno::ENODEV);
             }
-            if !matches!(mode, 0 | KEEP) && mode != PUNCH | KEEP {
+            if !matches!(mode, 0 | KEEP) && mode != PUNCH | KEEP && mode & !KEEP != ZERO {
                 return Err(Errno::EOPNOTSUPP);
             }
             self.drop_suid_sgid(req, &mut v.mount(), &v.label, inum)?;
@@ -1894,6 +1989,11 @@ impl Filesystem for Hammer2Fs {
                     self.h(r)
                 }),
                 m if m == PUNCH | KEEP => self.punch_hole(v, inum, offset, length),
+                m if m & !KEEP == ZERO => self.with_room(v, |m| {
+                    let r =
+                        m.zero_range(&v.label, inum, offset, length, mode & KEEP != 0, now_us());
+                    self.h(r)
+                }),
                 _ => Err(Errno::EOPNOTSUPP),
             }
         })();

@@ -452,3 +452,294 @@ fn unprivileged_data_changes_clear_set_id_bits() {
     m.unmount();
     fsck_clean(&img);
 }
+
+/// O_TMPFILE (generic/004, 389, 509, 530...): an unnamed file in a
+/// directory, no links while open, named by linkat(2) with its contents,
+/// gone without a trace when closed unnamed; `O_EXCL` keeps it from ever
+/// being named (the kernel's rule).
+#[test]
+fn o_tmpfile_files_are_unnamed_until_linked() {
+    use nix::fcntl::{open, AtFlags, OFlag};
+    use nix::sys::stat::Mode;
+    require_fuse();
+    let img = new_image("tmpfile");
+    let mnt = scratch("tmpfile-mnt");
+    let m = RwMount::new(&img, &mnt, "");
+    let p = |s: &str| mnt.join(s);
+    fs::create_dir(p("d")).unwrap();
+    let tmp = |flags: OFlag| -> File {
+        let fd = open(
+            &p("d"),
+            OFlag::O_TMPFILE | OFlag::O_RDWR | flags,
+            Mode::from_bits_truncate(0o640),
+        )
+        .expect("open O_TMPFILE");
+        File::from(fd)
+    };
+    let named = tmp(OFlag::empty());
+    let st = named.metadata().unwrap();
+    assert_eq!((st.nlink(), st.mode() & 0o7777), (0, 0o640));
+    assert!(st.is_file());
+    std::io::Write::write_all(&mut &named, b"made unnamed").unwrap();
+    let unnamed = tmp(OFlag::empty());
+    std::io::Write::write_all(&mut &unnamed, &vec![1u8; 300_000]).unwrap();
+    let excl = tmp(OFlag::O_EXCL);
+    assert_eq!(fs::read_dir(p("d")).unwrap().count(), 0, "no names");
+    // A flush while they are open and unnamed.
+    named.sync_all().unwrap();
+
+    let dir = File::open(p("d")).unwrap();
+    nix::unistd::linkat(&named, "", &dir, "now-named", AtFlags::AT_EMPTY_PATH).unwrap();
+    assert_eq!(named.metadata().unwrap().nlink(), 1);
+    let e =
+        nix::unistd::linkat(&excl, "", &dir, "never", AtFlags::AT_EMPTY_PATH).expect_err("O_EXCL");
+    assert_eq!(e, nix::errno::Errno::ENOENT);
+    assert_eq!(fs::read(p("d/now-named")).unwrap(), b"made unnamed");
+    drop((named, unnamed, excl, dir));
+    m.unmount();
+    // No orphan left: fsck_clean refuses warnings.
+    fsck_clean(&img);
+    let m = RwMount::new(&img, &mnt, "");
+    assert_eq!(fs::read(p("d/now-named")).unwrap(), b"made unnamed");
+    assert_eq!(fs::read_dir(p("d")).unwrap().count(), 1);
+    m.unmount();
+    fsck_clean(&img);
+}
+
+/// RENAME_WHITEOUT (generic/078, 626; overlayfs upper directories):
+/// the source name becomes a character device 0/0 with mode 0, the file
+/// moves, in one step; RENAME_EXCHANGE with it is EINVAL.
+#[test]
+fn rename_whiteout_leaves_a_whiteout() {
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+    require_fuse();
+    let img = new_image("whiteout");
+    let mnt = scratch("whiteout-mnt");
+    let m = RwMount::new(&img, &mnt, "");
+    let p = |s: &str| mnt.join(s);
+    fs::write(p("src"), b"moved").unwrap();
+    fs::write(p("over"), b"replaced").unwrap();
+    renameat2(
+        AT_FDCWD,
+        &p("src"),
+        AT_FDCWD,
+        &p("dst"),
+        RenameFlags::RENAME_WHITEOUT,
+    )
+    .unwrap();
+    let w = fs::symlink_metadata(p("src")).unwrap();
+    assert!(
+        std::os::unix::fs::FileTypeExt::is_char_device(&w.file_type()),
+        "{w:?}"
+    );
+    assert_eq!((w.rdev(), w.mode() & 0o7777, w.nlink()), (0, 0, 1));
+    assert_eq!(fs::read(p("dst")).unwrap(), b"moved");
+    fs::write(p("src2"), b"second").unwrap();
+    renameat2(
+        AT_FDCWD,
+        &p("src2"),
+        AT_FDCWD,
+        &p("over"),
+        RenameFlags::RENAME_WHITEOUT,
+    )
+    .unwrap();
+    assert_eq!(fs::read(p("over")).unwrap(), b"second");
+    let e = renameat2(
+        AT_FDCWD,
+        &p("dst"),
+        AT_FDCWD,
+        &p("over"),
+        RenameFlags::RENAME_WHITEOUT | RenameFlags::RENAME_EXCHANGE,
+    )
+    .expect_err("whiteout with exchange");
+    assert_eq!(e, nix::errno::Errno::EINVAL);
+    m.unmount();
+    fsck_clean(&img);
+    let m = RwMount::new(&img, &mnt, "");
+    let w = fs::symlink_metadata(p("src2")).unwrap();
+    assert_eq!((w.rdev(), w.mode() & 0o170000), (0, libc::S_IFCHR));
+    m.unmount();
+}
+
+/// FALLOC_FL_ZERO_RANGE (generic/008, 009, 349...): zeros read back at
+/// once, whole blocks are holes at once, KEEP_SIZE keeps the size and
+/// the plain mode grows it.
+#[test]
+fn zero_range_reads_zeros_and_leaves_holes() {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    use std::os::unix::fs::FileExt;
+    require_fuse();
+    let img = new_image("zero");
+    let mnt = scratch("zero-mnt");
+    let m = RwMount::new(&img, &mnt, "");
+    let f = mnt.join("f");
+    let data: Vec<u8> = (0..4 * 65536u32).map(|i| (i % 253 + 1) as u8).collect();
+    fs::write(&f, &data).unwrap();
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&f)
+        .unwrap();
+    file.sync_all().unwrap();
+    fallocate(
+        &file,
+        FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        100,
+        2 * 65536,
+    )
+    .unwrap();
+    let mut want = data.clone();
+    want[100..100 + 2 * 65536].fill(0);
+    let mut got = vec![0; want.len()];
+    file.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == want, "zeros where zeroed, data elsewhere");
+    assert_eq!(file.metadata().unwrap().len(), data.len() as u64);
+    let hole = nix::unistd::lseek(&file, 0, nix::unistd::Whence::SeekHole).unwrap();
+    assert_eq!(hole, 65536, "the whole block zeroed is a hole at once");
+    fallocate(&file, FallocateFlags::FALLOC_FL_ZERO_RANGE, 6 * 65536, 10).unwrap();
+    assert_eq!(file.metadata().unwrap().len(), 6 * 65536 + 10);
+    drop(file);
+    m.unmount();
+    fsck_clean(&img);
+    let m = RwMount::new(&img, &mnt, "");
+    want.resize(6 * 65536 + 10, 0);
+    assert!(fs::read(&f).unwrap() == want);
+    m.unmount();
+}
+
+/// Access and modification times of `p` as stat prints them (to the
+/// nanosecond), asked of the daemon.
+fn times(p: &Path) -> (String, String) {
+    let out = std::process::Command::new("stat")
+        .args(["--cached=never", "-c", "%x|%y"])
+        .arg(p)
+        .output()
+        .expect("run stat");
+    assert!(out.status.success(), "stat {}: {out:?}", p.display());
+    let s = String::from_utf8_lossy(&out.stdout);
+    let (a, m) = s.trim().split_once('|').expect("two times");
+    (a.to_string(), m.to_string())
+}
+
+fn atime(p: &Path) -> String {
+    times(p).0
+}
+
+/// Read a file whole through a new open (as cat does).
+fn cat(p: &Path) {
+    fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+}
+
+/// List a directory through a new open (as ls does).
+fn ls(p: &Path) {
+    fs::read_dir(p).unwrap().for_each(drop);
+}
+
+/// The transaction id of the image's last flush (its volume header).
+fn last_flush(img: &Path) -> u64 {
+    let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(img, false).expect("open image"));
+    hammer2::Volume::open(dev)
+        .expect("volume")
+        .header
+        .mirror_tid
+}
+
+/// generic/003: reads update access times as the mount options say:
+/// relatime by default (the first read after a change, not the next),
+/// strictatime (every open's reads), noatime (never), nodiratime
+/// (files, not directory listings), read-only (never). An access time
+/// alone starts no flush, is written by the next flush of anything,
+/// and by the unmount.
+#[test]
+fn reads_update_access_times_as_the_mount_options_say() {
+    require_fuse();
+    let img = new_image("atime");
+    let mnt = scratch("atime-mnt");
+    let p = |s: &str| mnt.join(s);
+
+    // relatime (the default), flushing every second when dirty.
+    let m = RwMount::new(&img, &mnt, "sync_interval=1");
+    fs::create_dir(p("d")).unwrap();
+    fs::write(p("d/f"), vec![b'a'; 8192]).unwrap();
+    fs::write(p("g"), b"g").unwrap();
+    let t0 = atime(&p("d/f"));
+    cat(&p("d/f"));
+    let t1 = atime(&p("d/f"));
+    assert!(t1 > t0, "first read after the write: {t0} -> {t1}");
+    cat(&p("d/f"));
+    assert_eq!(atime(&p("d/f")), t1, "second read");
+    fs::write(p("d/f"), vec![b'b'; 8192]).unwrap();
+    cat(&p("d/f"));
+    let t2 = atime(&p("d/f"));
+    assert!(t2 > t1, "first read after a change: {t1} -> {t2}");
+    let (d0, _) = times(&p("d"));
+    ls(&p("d"));
+    let d1 = atime(&p("d"));
+    assert!(d1 > d0, "listing after the directory changed: {d0} -> {d1}");
+    ls(&p("d"));
+    assert_eq!(atime(&p("d")), d1);
+
+    // No flush for an access time alone: the flusher runs every
+    // second, yet the header stays; a change then gets flushed.
+    File::open(p("g")).unwrap().sync_all().unwrap();
+    let flushed = last_flush(&img);
+    cat(&p("g"));
+    let g1 = atime(&p("g"));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(last_flush(&img), flushed, "a flush for an access time");
+    fs::write(p("d/other"), b"x").unwrap();
+    wait_until("the interval flush", Duration::from_secs(20), || {
+        last_flush(&img) > flushed
+    });
+    m.unmount();
+    fsck_clean(&img);
+    let m = RwMount::new(&img, &mnt, "");
+    assert_eq!(atime(&p("g")), g1, "written by the next flush");
+    assert_eq!(atime(&p("d/f")), t2);
+    // Written at unmount.
+    fs::write(p("h"), b"h").unwrap();
+    File::open(p("h")).unwrap().sync_all().unwrap();
+    cat(&p("h"));
+    let h1 = atime(&p("h"));
+    m.unmount();
+    let m = RwMount::new(&img, &mnt, "noatime");
+    assert_eq!(atime(&p("h")), h1, "written by the unmount");
+
+    // noatime: never, not even after a change.
+    fs::write(p("h"), b"changed").unwrap();
+    let n0 = atime(&p("h"));
+    cat(&p("h"));
+    assert_eq!(atime(&p("h")), n0, "noatime");
+    m.unmount();
+
+    // strictatime: each open's reads.
+    let m = RwMount::new(&img, &mnt, "strictatime");
+    cat(&p("h"));
+    let s1 = atime(&p("h"));
+    assert!(s1 > n0);
+    cat(&p("h"));
+    let s2 = atime(&p("h"));
+    assert!(s2 > s1, "strictatime: {s1} -> {s2}");
+    m.unmount();
+
+    // nodiratime: files yes, directory listings no.
+    let m = RwMount::new(&img, &mnt, "strictatime,nodiratime");
+    let dd = atime(&p("d"));
+    ls(&p("d"));
+    assert_eq!(atime(&p("d")), dd, "nodiratime");
+    cat(&p("g"));
+    assert!(atime(&p("g")) > g1);
+    m.unmount();
+    fsck_clean(&img);
+
+    // Read-only: never.
+    let log = mnt.with_extension("ro.log");
+    let (mut child, guard) = mount_foreground(img.to_str().unwrap(), &mnt, &log, "ro,strictatime");
+    let before = atime(&p("g"));
+    cat(&p("g"));
+    ls(&p("d"));
+    assert_eq!(atime(&p("g")), before);
+    nix::mount::umount(&guard.mnt).expect("umount");
+    drop(guard);
+    assert!(wait_exit(&mut child, Duration::from_secs(30)).success());
+}
