@@ -660,6 +660,7 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
     // the mount lets go); ours can go.
     let over = blk.map(|(device, _)| device);
     // fuser takes a duplicate; `dev` stays to watch the connection.
+    let notifier = fs.notifier_slot();
     let session = dev
         .try_clone()
         .and_then(|fd| fuser::Session::from_fd(fs, OwnedFd::from(fd), acl, config))
@@ -667,6 +668,7 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
             let _ = nix::mount::umount2(&mnt, MntFlags::MNT_DETACH);
             Failure::Mount(format!("FUSE handshake on {} failed: {e}", mnt.display()))
         })?;
+    let _ = notifier.set(session.notifier());
     if o.read_write {
         let interval = o
             .sync_interval

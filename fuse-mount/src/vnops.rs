@@ -59,7 +59,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How long the kernel may trust names and attributes without asking
@@ -138,6 +138,9 @@ pub struct Hammer2Fs {
     writeback_cache: bool,
     /// When reads update access times (read-write only; see `atime`).
     atime: atime::Policy,
+    /// The session's channel for notifications to the kernel, set once
+    /// the session exists (`notifier_slot`).
+    notifier: Arc<OnceLock<fuser::Notifier>>,
     /// `-o snapdir`: the snapshots under `.snapshot` at the root.
     pub(crate) snapdir: Option<SnapDir>,
     ttl: Duration,
@@ -275,6 +278,7 @@ impl Hammer2Fs {
             check_permissions: !default_permissions,
             writeback_cache: false,
             atime: atime::Policy::default(),
+            notifier: Arc::default(),
             snapdir: None,
             ttl,
             counters: Counters::default(),
@@ -351,6 +355,24 @@ impl Hammer2Fs {
     pub fn with_writeback_cache(mut self, on: bool) -> Hammer2Fs {
         self.writeback_cache = on && self.read_write();
         self
+    }
+
+    /// Where the mount puts the session's notifier once the session is
+    /// made (the filesystem moves into it first).
+    pub fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
+    }
+
+    /// Node `ino`'s attributes changed in a way the kernel cannot know
+    /// from the request it sent (a set-group-ID bit cleared with a
+    /// write): drop its cached attributes. Only attributes, no pages, so
+    /// it takes no lock the kernel may hold for the request in flight.
+    fn attrs_changed(&self, ino: u64) {
+        if let Some(n) = self.notifier.get() {
+            if let Err(e) = n.inval_inode(INodeNo(ino), -1, 0) {
+                log::debug!("invalidating the attributes of node {ino}: {e}");
+            }
+        }
     }
 
     /// The access time rules (`-o relatime`, `strictatime`, `noatime`,
@@ -891,7 +913,9 @@ impl Hammer2Fs {
             mode: Some(mode),
             ..SetAttr::default()
         };
-        self.h(m.setattr(label, inum, a, now_us())).map(|_| ())
+        self.h(m.setattr(label, inum, a, now_us()))?;
+        self.attrs_changed(self.ids.ino(inum));
+        Ok(())
     }
 
     /// Lookups of "." (`dotdot` false) and ".." in node `node`, which

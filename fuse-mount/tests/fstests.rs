@@ -333,11 +333,15 @@ fn a_handle_to_a_file_lost_in_a_crash_does_not_open_its_successor() {
     fsck_clean(&img);
 }
 
-/// The permission bits of `p` in octal, asked of the daemon (statx
-/// with AT_STATX_FORCE_SYNC, not the kernel's attribute cache).
-fn mode_of(p: &Path) -> String {
+/// The permission bits of `p` in octal, as `stat -c %a` shows them:
+/// from the kernel's attribute cache (statx asking for the mode only,
+/// as fstests does), or asked of the daemon (`fresh`, statx with
+/// AT_STATX_FORCE_SYNC).
+fn mode_of(p: &Path, fresh: bool) -> String {
+    let cached = if fresh { "never" } else { "default" };
     let out = std::process::Command::new("stat")
-        .args(["--cached=never", "-c", "%a"])
+        .arg(format!("--cached={cached}"))
+        .args(["-c", "%a"])
         .arg(p)
         .output()
         .expect("run stat");
@@ -369,7 +373,8 @@ const NOBODY: u32 = 65534;
 /// caller without CAP_FSETID clears set-user-ID, and set-group-ID when
 /// the file is group-executable or the caller is not in its group, as
 /// on a local filesystem (the kernel leaves the last case to FUSE
-/// filesystems); root keeps both.
+/// filesystems); root keeps both. The kernel's cached attributes show it
+/// at once, as fstests looks.
 #[test]
 fn unprivileged_data_changes_clear_set_id_bits() {
     require_fuse();
@@ -421,6 +426,22 @@ fn unprivileged_data_changes_clear_set_id_bits() {
             &["truncate", "-s", "100", fs_],
             "666",
         ),
+        // Set-group-ID alone, no group execute: the kernel asks for
+        // nothing before the change.
+        (
+            "2666",
+            NOBODY,
+            NOBODY,
+            &["fallocate", "-l", "131072", fs_],
+            "666",
+        ),
+        (
+            "2666",
+            NOBODY,
+            NOBODY,
+            &["sh", "-c", &format!("printf x >> {fs_}")],
+            "666",
+        ),
         // In the file's group (root): set-group-ID without group
         // execute stays (set-user-ID goes).
         (
@@ -445,9 +466,18 @@ fn unprivileged_data_changes_clear_set_id_bits() {
         fs::write(&f, vec![0x58; 196608]).unwrap();
         let mode = u32::from_str_radix(before, 8).unwrap();
         fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
-        assert_eq!(&mode_of(&f), before);
+        assert_eq!(&mode_of(&f, false), before);
         run_as(*uid, *gid, cmd);
-        assert_eq!(&mode_of(&f), after, "{before}, {cmd:?} as {uid}:{gid}");
+        assert_eq!(
+            &mode_of(&f, false),
+            after,
+            "{before}, {cmd:?} as {uid}:{gid}"
+        );
+        assert_eq!(
+            &mode_of(&f, true),
+            after,
+            "{before}, {cmd:?} as {uid}:{gid}"
+        );
     }
     m.unmount();
     fsck_clean(&img);
@@ -742,4 +772,39 @@ fn reads_update_access_times_as_the_mount_options_say() {
     nix::mount::umount(&guard.mnt).expect("umount");
     drop(guard);
     assert!(wait_exit(&mut child, Duration::from_secs(30)).success());
+}
+
+/// generic/539 (seek_sanity_test 21): right after a hole punch, before
+/// any flush, SEEK_DATA and SEEK_HOLE see the hole; also in blocks that
+/// were on disk.
+#[test]
+fn seek_sees_a_punched_hole_at_once() {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    use nix::unistd::{lseek, Whence};
+    use std::os::unix::fs::FileExt;
+    require_fuse();
+    let img = new_image("punch-seek");
+    let mnt = scratch("punch-seek-mnt");
+    let m = RwMount::new(&img, &mnt, "sync_interval=0");
+    const B: i64 = 65536;
+    let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    for (name, flushed) in [("pending", false), ("on-disk", true)] {
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(mnt.join(name))
+            .unwrap();
+        f.write_all_at(&vec![b'a'; 3 * B as usize], 0).unwrap();
+        if flushed {
+            f.sync_all().unwrap();
+        }
+        fallocate(&f, punch, B, B).unwrap();
+        assert_eq!(lseek(&f, 0, Whence::SeekData), Ok(0), "{name}");
+        assert_eq!(lseek(&f, 0, Whence::SeekHole), Ok(B), "{name}");
+        assert_eq!(lseek(&f, B, Whence::SeekData), Ok(2 * B), "{name}");
+    }
+    m.unmount();
+    fsck_clean(&img);
 }
