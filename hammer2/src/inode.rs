@@ -373,11 +373,16 @@ impl InodeNode {
     /// once flushed (the flush compresses, and turns zero blocks into holes).
     /// Replaced blocks are looked up in the tree, which may read
     /// indirect blocks; one that cannot be read counts as none.
+    /// The room fallocate reserved and no write has used yet counts too,
+    /// a whole block each, as preallocated blocks count on a local
+    /// filesystem: it is taken from the volume's free space (over a
+    /// stored block too, which a copy-on-write rewrite does not reuse).
     pub fn stored_bytes(&mut self, vol: &Volume) -> u64 {
+        let reserved = self.reserved_bytes();
         if self.obj_type() == ObjType::Directory || self.direct() {
-            return crate::pfs::stored_bytes(&self.data.meta, 0);
+            return crate::pfs::stored_bytes(&self.data.meta, 0).saturating_add(reserved);
         }
-        let mut bytes = self.table.stats_now().data_count;
+        let mut bytes = self.table.stats_now().data_count.wrapping_add(reserved);
         let size = self.size();
         let keys: Vec<u64> = self.pending.range(..size).map(|(k, _)| *k).collect();
         for lbase in keys {

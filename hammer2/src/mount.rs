@@ -376,8 +376,9 @@ impl Mount {
         Ok(self.node(label, inum)?.data.meta)
     }
 
-    /// The bytes an inode's blocks take on disk, as of now (see
-    /// `InodeNode::stored_bytes`): what `st_blocks` reports.
+    /// The bytes an inode's blocks take on disk, as of now, and the room
+    /// fallocate reserved for it (see `InodeNode::stored_bytes`): what
+    /// `st_blocks` reports.
     pub fn stored_bytes(&mut self, label: &str, inum: u64) -> Result<u64> {
         self.with_node(label, inum, |vol, n| Ok(n.stored_bytes(vol)))
     }
