@@ -373,6 +373,32 @@ impl BufCache {
         })
     }
 
+    /// `bread` without I/O: the buffer busy-shared and wired if it is
+    /// resident with the range valid, else `None` (the caller reads it
+    /// some other time, holding no lock).
+    pub fn bread_resident(&self, offset: u64, len: usize) -> Result<Option<BufShared<'_>>> {
+        let inner = &*self.inner;
+        inner.check_range(offset, len)?;
+        let need = block_mask(within(offset), len);
+        let Some(key) = PageKey::new(inner.object, frame_of(offset)) else {
+            return Ok(None);
+        };
+        let Some(h) = inner.vm.lookup(key) else {
+            return Ok(None);
+        };
+        let s = h.busy_shared();
+        if s.valid() & need != need {
+            return Ok(None);
+        }
+        inner.counters.hits.fetch_add(1, Ordering::Relaxed);
+        s.wire();
+        Ok(Some(BufShared {
+            page: Some(s),
+            offset,
+            len,
+        }))
+    }
+
     /// Like `bread`, but busy-exclusive, for modifying in place.
     pub fn bread_mut(&self, offset: u64, len: usize) -> Result<Buf<'_>> {
         let inner = &*self.inner;
@@ -577,8 +603,9 @@ impl Inner {
             return;
         }
         let base = (index + 1) * FRAME_BYTES as u64;
-        let mut bounce = vec![0u8; pages.len() * FRAME_BYTES];
-        if let Err(e) = self.dev.read_at(&mut bounce, base) {
+        let mut aligned = crate::aligned::AlignedBuf::new(pages.len() * FRAME_BYTES);
+        let bounce = &mut aligned.as_mut_slice()[..pages.len() * FRAME_BYTES];
+        if let Err(e) = self.dev.read_at(bounce, base) {
             log::debug!("bufcache: read-ahead at {base:#x} failed: {e}");
             for p in pages {
                 p.free();

@@ -76,6 +76,16 @@ impl BlockDevice for CachedDevice {
         self.cache.flush().map_err(io_error)
     }
 
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        for (at, from, n) in pieces(offset, buf.len()) {
+            match self.cache.bread_resident(at, n).map_err(io_error)? {
+                Some(b) => buf[from..from + n].copy_from_slice(b.data()),
+                None => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
     fn mark(&self, name: &str) -> io::Result<()> {
         self.cache.device().mark(name)
     }

@@ -1,5 +1,6 @@
 //! The `BlockDevice` trait and its file and memory implementations.
 
+use crate::aligned::{is_aligned, AlignedBuf, DIRECT_ALIGN};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -19,6 +20,13 @@ pub trait BlockDevice: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Make all completed writes durable.
     fn barrier(&self) -> io::Result<()>;
+    /// `read_at` if it needs no device I/O: true when `buf` was filled
+    /// from memory, false when reading would have to wait for the device
+    /// (nothing is read then). Devices that hold everything in memory,
+    /// and those without a cache, read and say true.
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        self.read_at(buf, offset).map(|()| true)
+    }
     /// Put a named mark in the device's write log, for devices that keep
     /// one (recording, log-writes). Others refuse with `Unsupported`.
     fn mark(&self, name: &str) -> io::Result<()> {
@@ -44,11 +52,17 @@ fn check_range(offset: u64, len: usize, size: u64) -> io::Result<()> {
     }
 }
 
-/// A regular file or a block device.
+/// A regular file or a block device, with the kernel's page cache
+/// (`open`) or without it (`open_direct`, O_DIRECT: for a device under
+/// the buffer cache, so the image is cached once).
 pub struct FileDevice {
     file: File,
     size: u64,
     writable: bool,
+    /// Opened with O_DIRECT: transfers not aligned to `DIRECT_ALIGN`
+    /// go through an aligned bounce buffer (writes read the sectors
+    /// they cover in part first).
+    direct: bool,
 }
 
 impl FileDevice {
@@ -68,11 +82,109 @@ impl FileDevice {
             file,
             size,
             writable,
+            direct: false,
         })
+    }
+
+    /// `open` with O_DIRECT, where the file system under the file (or
+    /// the block device) allows it: tried with one aligned read. Where
+    /// it does not (tmpfs, some network file systems), the file is
+    /// opened with the page cache and `is_direct` says so.
+    pub fn open_direct(path: &Path, writable: bool) -> io::Result<FileDevice> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let direct = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .custom_flags(libc::O_DIRECT)
+            .open(path);
+        let mut dev = FileDevice::open(path, writable)?;
+        if let Ok(file) = direct {
+            let mut probe = AlignedBuf::new(DIRECT_ALIGN);
+            let n = (dev.size as usize).min(DIRECT_ALIGN) / DIRECT_ALIGN * DIRECT_ALIGN;
+            if n == 0
+                || file
+                    .read_exact_at(&mut probe.as_mut_slice()[..n], 0)
+                    .is_ok()
+            {
+                dev.file = file;
+                dev.direct = true;
+            }
+        }
+        Ok(dev)
     }
 
     pub fn is_writable(&self) -> bool {
         self.writable
+    }
+
+    /// Opened with O_DIRECT (see `open_direct`).
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// A direct read of `buf.len()` bytes at `offset`, bounced through
+    /// an aligned buffer covering the sectors it touches.
+    fn read_bounced(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let a = DIRECT_ALIGN as u64;
+        let start = offset / a * a;
+        let end = (offset + buf.len() as u64).div_ceil(a) * a;
+        let mut bounce = AlignedBuf::new((end - start) as usize);
+        let within = (offset - start) as usize;
+        self.read_direct(&mut bounce.as_mut_slice()[..(end - start) as usize], start)?;
+        buf.copy_from_slice(&bounce.as_slice()[within..within + buf.len()]);
+        Ok(())
+    }
+
+    /// An aligned read; the device's last sector may be short (a size
+    /// that is not a multiple of the alignment): what lies past the end
+    /// reads as zeros.
+    fn read_direct(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    if offset + done as u64 >= self.size {
+                        buf[done..].fill(0);
+                        return Ok(());
+                    }
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "short direct read",
+                    ));
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// A direct write of `buf` at `offset` through an aligned buffer: the
+    /// sectors it covers in part are read first.
+    fn write_bounced(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let a = DIRECT_ALIGN as u64;
+        let start = offset / a * a;
+        let end = (offset + buf.len() as u64).div_ceil(a) * a;
+        let len = (end - start) as usize;
+        let mut bounce = AlignedBuf::new(len);
+        let within = (offset - start) as usize;
+        let b = &mut bounce.as_mut_slice()[..len];
+        if within != 0 {
+            self.read_direct(&mut b[..DIRECT_ALIGN], start)?;
+        }
+        if !(within + buf.len()).is_multiple_of(DIRECT_ALIGN) && (len > DIRECT_ALIGN || within == 0)
+        {
+            self.read_direct(&mut b[len - DIRECT_ALIGN..], end - a)?;
+        }
+        b[within..within + buf.len()].copy_from_slice(buf);
+        self.write_direct(b, start)
+    }
+
+    /// An aligned write. (HAMMER2 volumes are multiples of 8 MiB, so a
+    /// bounced write never reaches past a file's end.)
+    fn write_direct(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
     }
 }
 
@@ -83,6 +195,12 @@ impl BlockDevice for FileDevice {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         check_range(offset, buf.len(), self.size)?;
+        if self.direct {
+            if is_aligned(buf, offset) {
+                return self.read_direct(buf, offset);
+            }
+            return self.read_bounced(buf, offset);
+        }
         self.file.read_exact_at(buf, offset)
     }
 
@@ -93,6 +211,12 @@ impl BlockDevice for FileDevice {
                 io::ErrorKind::PermissionDenied,
                 "device opened read-only",
             ));
+        }
+        if self.direct {
+            if is_aligned(buf, offset) {
+                return self.write_direct(buf, offset);
+            }
+            return self.write_bounced(buf, offset);
         }
         self.file.write_all_at(buf, offset)
     }
@@ -226,6 +350,65 @@ mod tests {
         assert!(zeros.iter().all(|&b| b == 0));
         assert!(dev.read_at(&mut zeros, (1 << 30) - 10).is_err());
         assert!(dev.write_at(&zeros, u64::MAX - 3).is_err());
+    }
+
+    /// O_DIRECT on the test machine's file system (ext4 here; a file
+    /// system without it falls back, which the test reports), against a
+    /// memory device taking the same random writes: transfers of any
+    /// offset and length, aligned ones direct, others bounced.
+    #[test]
+    fn direct_file_device_against_memory() {
+        use rand::rngs::SmallRng;
+        use rand::{Rng, RngCore, SeedableRng};
+        let dir = std::env::temp_dir().join(format!("bufcache-direct-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("img");
+        const SIZE: u64 = 8 << 20;
+        File::create(&path).unwrap().set_len(SIZE).unwrap();
+        let dev = FileDevice::open_direct(&path, true).unwrap();
+        assert!(
+            dev.is_direct(),
+            "O_DIRECT refused on {}: the test needs a file system that takes it",
+            dir.display()
+        );
+        let model = MemDevice::new(SIZE);
+        let mut rng = SmallRng::seed_from_u64(1);
+        for i in 0..3000 {
+            let aligned = rng.gen_bool(0.3);
+            let (off, len) = if aligned {
+                let a = DIRECT_ALIGN as u64;
+                (
+                    rng.gen_range(0..SIZE / a - 17) * a,
+                    rng.gen_range(1..16) * DIRECT_ALIGN,
+                )
+            } else {
+                (rng.gen_range(0..SIZE - 70_000), rng.gen_range(1..70_000))
+            };
+            if rng.gen_bool(0.5) {
+                let mut data = AlignedBuf::new(len);
+                rng.fill_bytes(&mut data.as_mut_slice()[..len]);
+                let data = &data.as_slice()[..len];
+                dev.write_at(data, off).unwrap();
+                model.write_at(data, off).unwrap();
+            } else {
+                let mut got = AlignedBuf::new(len);
+                let mut want = vec![0u8; len];
+                dev.read_at(&mut got.as_mut_slice()[..len], off).unwrap();
+                model.read_at(&mut want, off).unwrap();
+                assert!(
+                    got.as_slice()[..len] == want[..],
+                    "op {i}: read {len} at {off:#x}"
+                );
+            }
+        }
+        dev.barrier().unwrap();
+        // What the file holds, read with the page cache.
+        let buffered = FileDevice::open(&path, false).unwrap();
+        let (mut a, mut b) = (vec![0u8; SIZE as usize], vec![0u8; SIZE as usize]);
+        buffered.read_at(&mut a, 0).unwrap();
+        model.read_at(&mut b, 0).unwrap();
+        assert!(a == b, "the file differs from the model");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -30,11 +30,32 @@ const WRITE_BYTES_MAX: usize = 1 << 20;
 /// Buffers held busy at once by one write group.
 const GROUP_MAX: usize = WRITE_BYTES_MAX / FRAME_BYTES;
 
-/// One dirty frame to write: its index, dirty mask and bytes.
+/// One dirty frame to write: its index, dirty and valid masks and bytes.
 struct DirtyFrame<'a> {
     index: u64,
     dirty: u64,
+    valid: u64,
     data: &'a [u8],
+}
+
+/// Blocks (of 1 KiB) per direct-I/O sector.
+const SECTOR_BLOCKS: usize = crate::aligned::DIRECT_ALIGN / BLOCK_BYTES;
+
+/// The blocks to write for `dirty`: each sector it touches whole when
+/// every block of that sector is valid (the clean ones hold what the
+/// device holds, so writing them changes nothing), so that a device
+/// opened for direct I/O gets aligned writes and needs no
+/// read-modify-write.
+fn sector_mask(dirty: u64, valid: u64) -> u64 {
+    let group = (1u64 << SECTOR_BLOCKS) - 1;
+    let mut out = dirty;
+    for g in (0..64).step_by(SECTOR_BLOCKS) {
+        let m = group << g;
+        if dirty & m != 0 && valid & m == m {
+            out |= m;
+        }
+    }
+    out
 }
 
 impl Inner {
@@ -51,7 +72,7 @@ impl Inner {
         for (fi, f) in frames.iter().enumerate() {
             let base = f.index * FRAME_BYTES as u64;
             let flen = self.frame_len(f.index);
-            for (first, count) in runs(f.dirty) {
+            for (first, count) in runs(sector_mask(f.dirty, f.valid)) {
                 let s = first * BLOCK_BYTES;
                 let e = ((first + count) * BLOCK_BYTES).min(flen);
                 if s >= e {
@@ -98,11 +119,13 @@ impl Inner {
         let res = if pieces.len() == 1 {
             self.dev.write_at(pieces[0].2, offset)
         } else {
-            let mut bounce = Vec::with_capacity(len);
+            let mut bounce = crate::aligned::AlignedBuf::new(len);
+            let mut at = 0;
             for p in pieces {
-                bounce.extend_from_slice(p.2);
+                bounce.as_mut_slice()[at..at + p.2.len()].copy_from_slice(p.2);
+                at += p.2.len();
             }
-            self.dev.write_at(&bounce, offset)
+            self.dev.write_at(&bounce.as_slice()[..len], offset)
         };
         log::trace!("bufcache: write {len} bytes at {offset:#x}");
         if let Err(source) = res {
@@ -134,6 +157,7 @@ impl Inner {
                 .map(|(index, p)| DirtyFrame {
                     index: *index,
                     dirty: p.dirty(),
+                    valid: p.valid(),
                     data: p.data(),
                 })
                 .collect();
@@ -163,6 +187,7 @@ impl Inner {
             .map(|p| DirtyFrame {
                 index: p.key().index(),
                 dirty: p.dirty(),
+                valid: p.valid(),
                 data: p.data(),
             })
             .collect();
@@ -425,5 +450,24 @@ impl Drop for Flusher {
                 log::error!("bufcache: flusher thread panicked");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirty_runs_grow_to_whole_valid_sectors() {
+        // One dirty block in a valid sector: the sector.
+        assert_eq!(sector_mask(0b0010, 0b1111), 0b1111);
+        // Not all valid: only the dirty block.
+        assert_eq!(sector_mask(0b0010, 0b0111), 0b0010);
+        // Sectors without dirty blocks are left out.
+        assert_eq!(sector_mask(0b1 << 8, u64::MAX), 0b1111 << 8);
+        assert_eq!(sector_mask(0, u64::MAX), 0);
+        assert_eq!(sector_mask(u64::MAX, u64::MAX), u64::MAX);
+        // The last sector of a frame.
+        assert_eq!(sector_mask(1 << 63, u64::MAX), 0b1111 << 60);
     }
 }

@@ -19,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod aligned;
 pub mod backing;
 mod cache;
 pub mod cached;

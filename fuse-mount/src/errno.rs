@@ -75,6 +75,12 @@ pub fn errno(e: &Error) -> i32 {
             log::debug!("{e}");
             libc::EROFS
         }
+        Error::WouldBlock { .. } => {
+            // `RwVolume::locked` reads the block and retries; this only
+            // reaches a caller that called the library without it.
+            log::error!("{e}");
+            libc::EAGAIN
+        }
     }
 }
 

@@ -134,29 +134,65 @@ pub fn split_source(source: &str) -> Result<(PathBuf, String), Failure> {
 /// are).
 pub fn open_pfs(image: &Path, label: &str, cache_size: Option<u64>) -> Result<Pfs, Failure> {
     let shown = image.display();
-    let dev = FileDevice::open(image, false)
+    let dev = open_device(image, false)
         .map_err(|e| Failure::Mount(format!("cannot open {shown}: {e}")))?;
     let vol = Arc::new(open_volume(image, cached(Arc::new(dev), cache_size)?)?);
     check_label(image, &vol, label)?;
     Pfs::open(vol, label).map_err(|e| Failure::Mount(format!("{shown}@{label}: {e}")))
 }
 
-/// `dev` through a buffer cache of `cache_size` bytes (`cache_size=`),
-/// or as it is: then reads go through the kernel's page cache of the
-/// image.
+/// The image for a mount: opened for direct I/O where its file system
+/// allows, so that it is cached once, in the mount's buffer cache (see
+/// `cached`); else with the kernel's page cache, as the log says.
+fn open_device(image: &Path, writable: bool) -> std::io::Result<FileDevice> {
+    let dev = FileDevice::open_direct(image, writable)?;
+    if dev.is_direct() {
+        log::info!("{}: direct I/O (O_DIRECT)", image.display());
+    } else {
+        log::info!(
+            "{}: its file system refuses direct I/O (O_DIRECT); the kernel's page cache \
+             holds a second copy of what the buffer cache holds",
+            image.display()
+        );
+    }
+    Ok(dev)
+}
+
+/// The buffer cache's budget when `cache_size=` is not given: an eighth
+/// of the machine's memory, 64 MiB to 4 GiB (rounded down to 2 MiB).
+pub fn default_cache_size() -> u64 {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<u64>().ok())
+        })
+        .map_or(1 << 30, |kib| kib << 10);
+    (total / 8).clamp(64 << 20, 4 << 30) & !((2 << 20) - 1)
+}
+
+/// `dev` through the buffer cache, of `cache_size` bytes (`cache_size=`)
+/// or `default_cache_size`: every block the mount reads or writes goes
+/// through it.
 fn cached(
     dev: Arc<dyn BlockDevice>,
     cache_size: Option<u64>,
 ) -> Result<Arc<dyn BlockDevice>, Failure> {
-    Ok(match cache_size {
-        Some(bytes) => {
-            let cache = bufcache::BufCache::open(dev, bytes).map_err(|e| {
-                Failure::Mount(format!("cannot set up a {bytes}-byte buffer cache: {e}"))
-            })?;
-            Arc::new(bufcache::CachedDevice::new(cache))
+    let bytes = cache_size.unwrap_or_else(default_cache_size);
+    let cache = bufcache::BufCache::open(dev, bytes)
+        .map_err(|e| Failure::Mount(format!("cannot set up a {bytes}-byte buffer cache: {e}")))?;
+    log::info!(
+        "buffer cache of {} MiB{}",
+        bytes >> 20,
+        if cache_size.is_some() {
+            ""
+        } else {
+            " (an eighth of memory; cache_size= to set)"
         }
-        None => dev,
-    })
+    );
+    Ok(Arc::new(bufcache::CachedDevice::new(cache)))
 }
 
 fn open_volume(image: &Path, dev: Arc<dyn BlockDevice>) -> Result<Volume, Failure> {
@@ -252,7 +288,7 @@ pub fn open_rw(image: &Path, label: &str, options: &Options) -> Result<Option<Op
         log::warn!("{shown}: waiting for the mount that was unmounted to write its last flush")
     })
     .map_err(|e| Failure::Mount(e.to_string()))?;
-    let dev = FileDevice::open(image, true)
+    let dev = open_device(image, true)
         .map_err(|e| Failure::Mount(format!("cannot open {shown} read-write: {e}")))?;
     let dev: Arc<dyn BlockDevice> = Arc::new(dev);
     // With log_writes= every write reaching the image is logged: the log
@@ -264,8 +300,8 @@ pub fn open_rw(image: &Path, label: &str, options: &Options) -> Result<Option<Op
     let vol = open_volume(image, dev.clone())?;
     check_label(image, &vol, label)?;
     drop(vol);
-    // With cache_size= the library reads and writes through the buffer
-    // cache (its barrier is the cache's ordered flush).
+    // The library reads and writes through the buffer cache (its
+    // barrier is the cache's ordered flush).
     let dev = cached(dev, options.cache_size)?;
     // Loads the freemap allocator and runs DragonFly's mount-time
     // recovery.
@@ -690,9 +726,6 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
             req.label,
             mnt.display()
         );
-    }
-    if let Some(bytes) = o.cache_size {
-        log::info!("buffer cache of {} MiB", bytes >> 20);
     }
     Ok((session, dev, mnt, rw, reader))
 }

@@ -73,6 +73,9 @@ struct FlushState {
 
 pub struct RwVolume {
     mount: Mutex<Mount>,
+    /// The device under the mount (through its buffer cache), for
+    /// reading what a locked unit missed (`locked`) without the lock.
+    dev: Arc<dyn bufcache::BlockDevice>,
     /// The PFS served.
     pub label: String,
     flush: Mutex<FlushState>,
@@ -101,6 +104,10 @@ pub struct RwVolume {
     flusher: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// Runs of a locked unit that missed the cache (`RwVolume::locked`)
+/// before it runs with its reads allowed to wait for the device.
+const MISS_RETRIES: usize = 8;
+
 /// A background bulkfree starts only when at least this much (or 1% of
 /// the volume, if less) waits for it.
 const AUTOBULKFREE_MIN_BYTES: u64 = 256 << 20;
@@ -123,6 +130,7 @@ impl RwVolume {
     ) -> RwVolume {
         let (writer, live) = lock.map(|l| (l.writer, l.mounted)).unzip();
         RwVolume {
+            dev: mount.volume().device().clone(),
             mount: Mutex::new(mount),
             label,
             flush: Mutex::new(FlushState::default()),
@@ -224,9 +232,54 @@ impl RwVolume {
         }
     }
 
-    /// The mount, for one operation.
+    /// The mount, for the flusher and administration, which may read
+    /// from the device with it locked (requests use `locked`).
     pub fn mount(&self) -> MutexGuard<'_, Mount> {
         lock(&self.mount)
+    }
+
+    /// Run `f` with the mount locked and no device I/O under the lock
+    /// (`hammer2::volume::cache_only`): when `f` needed a block that is
+    /// not in the buffer cache, it failed before changing anything; the
+    /// block is read with the lock released and `f` runs again. So a
+    /// request never waits for the device while it holds the lock that
+    /// every other request needs. A unit whose blocks keep being evicted
+    /// before it runs again (a tiny cache), or whose read fails, runs once
+    /// more with its reads allowed to wait, so it always ends, with the
+    /// device's own error if it has one.
+    pub fn locked<T>(&self, mut f: impl FnMut(&mut Mount) -> T) -> T {
+        let mut attempt = 0;
+        loop {
+            let cache_only = attempt < MISS_RETRIES;
+            let r = {
+                let mut m = lock(&self.mount);
+                let _mode = cache_only.then(hammer2::volume::cache_only);
+                hammer2::volume::take_miss();
+                f(&mut m)
+            };
+            match hammer2::volume::take_miss() {
+                Some((at, bytes)) if cache_only => {
+                    attempt += 1;
+                    if !self.prefetch(at, bytes) {
+                        attempt = MISS_RETRIES;
+                    }
+                }
+                _ => return r,
+            }
+        }
+    }
+
+    /// Read `bytes` at `at` into the buffer cache (the lock not held).
+    /// False when the read fails.
+    fn prefetch(&self, at: u64, bytes: u64) -> bool {
+        let mut buf = vec![0u8; bytes as usize];
+        match self.dev.read_at(&mut buf, at) {
+            Ok(()) => true,
+            Err(e) => {
+                log::debug!("read of {bytes} bytes at {at:#x} for a request failed: {e}");
+                false
+            }
+        }
     }
 
     /// Run `f` on the mount between two flushes: no pipelined flush is
@@ -407,8 +460,11 @@ impl RwVolume {
     }
 
     /// One pipelined flush: take the dirty data (mount locked), write it
-    /// (unlocked), commit with all metadata (locked). Drops clean inodes
-    /// from memory when nothing is dirty. Returns the bytes written.
+    /// (unlocked), write the tree and freemap into the cache (locked),
+    /// wait for the device (barrier, header, barrier: unlocked), adopt
+    /// the header and free what waited for it (locked). Drops clean
+    /// inodes from memory when nothing is dirty. Returns the bytes
+    /// written.
     fn flush_once(&self) -> hammer2::Result<u64> {
         let mut batch = {
             let mut m = self.mount();
@@ -419,8 +475,10 @@ impl RwVolume {
             m.flush_begin()?
         };
         batch.write();
+        let prepared = self.mount().flush_commit_prepare(batch)?;
+        let io = prepared.run();
         let mut m = self.mount();
-        let stats = m.flush_commit(batch)?;
+        let stats = m.flush_commit_finish(prepared, io)?;
         self.dirty.store(m.pending_bytes(), Ordering::Relaxed);
         self.written.store(0, Ordering::Relaxed);
         Ok(stats.bytes)
@@ -479,7 +537,7 @@ impl RwVolume {
     /// Make the access times kept in memory part of the next flush
     /// (`Mount::flush_atimes`).
     fn hand_over_atimes(&self) {
-        if let Err(e) = self.mount().flush_atimes() {
+        if let Err(e) = self.locked(|m| m.flush_atimes()) {
             log::warn!("{}: access times not written: {e}", self.label);
         }
     }
@@ -597,5 +655,176 @@ impl RwVolume {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bufcache::{BlockDevice, BufCache, CachedDevice, MemDevice};
+    use hammer2::mount::ROOT_INUM;
+    use std::sync::mpsc;
+
+    /// A memory device whose reads of one range wait until released.
+    struct Stalling {
+        mem: MemDevice,
+        /// (start, end) of the stalled range, while armed.
+        armed: Mutex<Option<(u64, u64)>>,
+        cv: Condvar,
+        stalled: AtomicU64,
+    }
+
+    impl Stalling {
+        fn release(&self) {
+            *self.armed.lock().unwrap() = None;
+            self.cv.notify_all();
+        }
+    }
+
+    impl BlockDevice for Stalling {
+        fn size_bytes(&self) -> u64 {
+            self.mem.size_bytes()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            let mut a = self.armed.lock().unwrap();
+            while let Some((s, e)) = *a {
+                if offset >= e || offset + buf.len() as u64 <= s {
+                    break;
+                }
+                self.stalled.fetch_add(1, Ordering::SeqCst);
+                a = self.cv.wait(a).unwrap();
+            }
+            drop(a);
+            self.mem.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.mem.write_at(buf, offset)
+        }
+        fn barrier(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Within `limit`, or the test fails (a watchdog, not a timing).
+    fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(limit)
+            .expect("a request waited behind a read stalled in another request")
+    }
+
+    /// A read that waits for the device forever (a stalled disk, a lost
+    /// network block device) holds no lock: requests on other files go
+    /// on, reads, writes and creations alike, and a flush of them, and
+    /// the stalled one ends with the right bytes once the device answers.
+    /// Before, the reader held the mount's lock through its device read.
+    #[test]
+    fn a_stalled_read_does_not_stop_requests_on_other_files() {
+        let dev = Arc::new(Stalling {
+            mem: MemDevice::new(1 << 30),
+            armed: Mutex::new(None),
+            cv: Condvar::new(),
+            stalled: AtomicU64::new(0),
+        });
+        mkfs::newfs::newfs(dev.as_ref(), &mkfs::newfs::NewfsOptions::default()).unwrap();
+        let a_data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (a, b) = {
+            let mut m = Mount::open(dev.clone()).unwrap();
+            let mut mk = |name: &[u8], data: &[u8]| {
+                let f = m
+                    .create(
+                        "DATA",
+                        ROOT_INUM,
+                        name,
+                        hammer2::disk::ObjType::Regfile,
+                        0o644,
+                        0,
+                        0,
+                        (0, 0),
+                        1,
+                    )
+                    .unwrap();
+                m.write("DATA", f, 0, data, 1).unwrap();
+                f
+            };
+            let a = mk(b"a", &a_data);
+            let b = mk(b"b", b"bee");
+            m.flush().unwrap();
+            (a, b)
+        };
+        // A's first data block, from what the flush left on the media.
+        let a_block = {
+            let vol = Arc::new(hammer2::Volume::open(dev.clone()).unwrap());
+            let pfs = hammer2::Pfs::open(vol.clone(), "DATA").unwrap();
+            let ino = pfs.resolve("/a").unwrap();
+            hammer2::chain::collect(&vol, &ino.blockset(), 0, 0)
+                .unwrap()
+                .into_iter()
+                .find(|br| br.key == 0)
+                .expect("a's block 0")
+                .data_off
+        };
+        // A mount with a cold buffer cache over the device.
+        let cache = BufCache::open(dev.clone(), 16 << 20).unwrap();
+        let cached: Arc<dyn BlockDevice> = Arc::new(CachedDevice::new(cache));
+        let v = Arc::new(RwVolume::new(
+            Mount::open(cached).unwrap(),
+            "DATA".into(),
+            None,
+            None,
+        ));
+        // Load A's inode and B's before the device stalls.
+        v.locked(|m| {
+            m.getattr("DATA", a)
+                .map(|_| ())
+                .and(m.getattr("DATA", b).map(|_| ()))
+        })
+        .unwrap();
+        let at = a_block.offset() & !0xffff;
+        *dev.armed.lock().unwrap() = Some((at, at + 65536));
+        let reader = {
+            let v = v.clone();
+            std::thread::spawn(move || v.locked(|m| m.read("DATA", a, 0, 4096)))
+        };
+        while dev.stalled.load(Ordering::SeqCst) == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        v.start_flusher().unwrap();
+        let w = v.clone();
+        let (b_read, c) = within(Duration::from_secs(30), move || {
+            let r = w.locked(|m| m.read("DATA", b, 0, 3)).unwrap();
+            w.locked(|m| m.write("DATA", b, 3, b"hive", 2)).unwrap();
+            let c = w
+                .locked(|m| {
+                    m.create(
+                        "DATA",
+                        ROOT_INUM,
+                        b"c",
+                        hammer2::disk::ObjType::Regfile,
+                        0o644,
+                        0,
+                        0,
+                        (0, 0),
+                        2,
+                    )
+                })
+                .unwrap();
+            // And a flush of all that, its device writes and barriers.
+            w.sync().unwrap();
+            (r, c)
+        });
+        assert_eq!(b_read, b"bee");
+        assert!(c > b);
+        assert!(
+            !reader.is_finished(),
+            "the stalled read ended before its device did"
+        );
+        dev.release();
+        let got = reader.join().unwrap().unwrap();
+        assert_eq!(got, &a_data[..4096]);
+        assert_eq!(v.locked(|m| m.read("DATA", b, 0, 16)).unwrap(), b"beehive");
+        v.shutdown().unwrap();
     }
 }

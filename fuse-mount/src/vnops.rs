@@ -311,11 +311,10 @@ impl Hammer2Fs {
                 volume: pfs.volume().clone(),
             }),
             Store::ReadWrite(v) => {
-                let (snapshots, dev) = {
-                    let m = v.mount();
+                let (snapshots, dev) = v.locked(|m| {
                     let l = snapdir::snapshot_labels(m.volume());
                     (l, m.volume().device().clone())
-                };
+                });
                 let volume = self.h(hammer2::Volume::open(dev))?;
                 Ok(snapdir::Source {
                     snapshots: self.h(snapshots)?,
@@ -445,9 +444,9 @@ impl Hammer2Fs {
         v: &Arc<RwVolume>,
         mut f: impl FnMut(&mut Mount) -> Result<T, Errno>,
     ) -> Result<T, Errno> {
-        let r = f(&mut v.mount());
+        let r = v.locked(&mut f);
         if r.as_ref().err() == Some(&Errno::ENOSPC) && v.make_room() {
-            return f(&mut v.mount());
+            return v.locked(&mut f);
         }
         r
     }
@@ -475,7 +474,7 @@ impl Hammer2Fs {
         match &self.store {
             Store::ReadOnly { pfs, root } => Ok(*self.inode(pfs, root, ino)?.meta()),
             Store::ReadWrite(v) => {
-                let r = v.mount().getattr(&v.label, self.ids.inum(ino.0));
+                let r = v.locked(|m| m.getattr(&v.label, self.ids.inum(ino.0)));
                 self.h(r)
             }
         }
@@ -494,9 +493,10 @@ impl Hammer2Fs {
             }
             Store::ReadWrite(v) => {
                 let inum = self.ids.inum(ino.0);
-                let mut m = v.mount();
-                let meta = self.h(m.getattr(&v.label, inum))?;
-                Ok((meta, self.h(m.stored_bytes(&v.label, inum))?))
+                v.locked(|m| {
+                    let meta = self.h(m.getattr(&v.label, inum))?;
+                    Ok((meta, self.h(m.stored_bytes(&v.label, inum))?))
+                })
             }
         }
     }
@@ -530,7 +530,9 @@ impl Hammer2Fs {
                 })?;
                 Ok(a)
             }
-            Store::ReadWrite(v) => self.attr_locked(&mut v.mount(), &v.label, ino, m, bytes),
+            Store::ReadWrite(v) => {
+                v.locked(|mount| self.attr_locked(mount, &v.label, ino, m, bytes))
+            }
         }
     }
 
@@ -612,7 +614,8 @@ impl Hammer2Fs {
             Store::ReadOnly { pfs, root } => Ok(pfs.lookup(root, snapdir::NAME)?.is_some()),
             Store::ReadWrite(v) => {
                 let root = hammer2::mount::ROOT_INUM;
-                Ok(v.mount().lookup(&v.label, root, snapdir::NAME)?.is_some())
+                Ok(v.locked(|m| m.lookup(&v.label, root, snapdir::NAME))?
+                    .is_some())
             }
         }
     }
@@ -766,7 +769,7 @@ impl Hammer2Fs {
                 self.h(pfs.readdir_from(&dir, from))
             }
             Store::ReadWrite(v) => {
-                let r = v.mount().readdir(&v.label, self.ids.inum(ino.0), from);
+                let r = v.locked(|m| m.readdir(&v.label, self.ids.inum(ino.0), from));
                 self.h(r)
             }
         }
@@ -808,8 +811,8 @@ impl Hammer2Fs {
                 *stream.listing.lock().unwrap_or_else(|p| p.into_inner()) = Some(l.clone());
                 // A listing from the start is an access of the directory.
                 if let Store::ReadWrite(v) = &self.store {
-                    let mut m = v.mount();
-                    self.accessed(&mut m, &v.label, self.ids.inum(dir.0), now_us());
+                    let inum = self.ids.inum(dir.0);
+                    v.locked(|m| self.accessed(m, &v.label, inum, now_us()));
                 }
                 l
             }
@@ -1077,15 +1080,16 @@ impl Filesystem for Hammer2Fs {
                     Ok(attr)
                 }
                 Store::ReadWrite(v) => {
-                    let mut m = v.mount();
-                    let dir = self.h(m.getattr(&v.label, self.ids.inum(parent.0)))?;
-                    if dir.obj_type != ObjType::Directory {
-                        return Err(Errno::ENOTDIR);
-                    }
-                    self.check(req, &dir, 1)?;
-                    let meta = self.entry_meta(&mut m, &v.label, parent, name)?;
-                    let ino = self.ids.ino(meta.inum);
-                    let attr = self.attr_in(&mut m, &v.label, ino)?;
+                    let (ino, attr) = v.locked(|m| {
+                        let dir = self.h(m.getattr(&v.label, self.ids.inum(parent.0)))?;
+                        if dir.obj_type != ObjType::Directory {
+                            return Err(Errno::ENOTDIR);
+                        }
+                        self.check(req, &dir, 1)?;
+                        let meta = self.entry_meta(m, &v.label, parent, name)?;
+                        let ino = self.ids.ino(meta.inum);
+                        Ok((ino, self.attr_in(m, &v.label, ino)?))
+                    })?;
                     self.inodes.remember(ino, None);
                     Ok(attr)
                 }
@@ -1174,7 +1178,7 @@ impl Filesystem for Hammer2Fs {
                 .inode(pfs, root, ino)
                 .and_then(|i| self.h(pfs.readlink(&i))),
             Store::ReadWrite(v) => {
-                let r = v.mount().readlink(&v.label, self.ids.inum(ino.0));
+                let r = v.locked(|m| m.readlink(&v.label, self.ids.inum(ino.0)));
                 self.h(r)
             }
         };
@@ -1408,17 +1412,18 @@ impl Filesystem for Hammer2Fs {
                 if mask & 2 != 0 {
                     v.writable().map_err(Errno::from_i32)?;
                 }
-                let mut m = v.mount();
                 let inum = self.ids.inum(ino.0);
-                let meta = self.h(m.getattr(&v.label, inum))?;
-                if meta.obj_type == ObjType::Directory {
-                    return Err(Errno::EISDIR);
-                }
-                self.check(req, &meta, mask)?;
-                self.h(m.pin(&v.label, inum))?;
-                // Reads that update the access time must reach us, not
-                // the page cache (see `atime`).
-                Ok(mask & 4 != 0 && self.atime.due(&meta, now_us()))
+                v.locked(|m| {
+                    let meta = self.h(m.getattr(&v.label, inum))?;
+                    if meta.obj_type == ObjType::Directory {
+                        return Err(Errno::EISDIR);
+                    }
+                    self.check(req, &meta, mask)?;
+                    self.h(m.pin(&v.label, inum))?;
+                    // Reads that update the access time must reach us, not
+                    // the page cache (see `atime`).
+                    Ok(mask & 4 != 0 && self.atime.due(&meta, now_us()))
+                })
             })(),
         };
         match r {
@@ -1512,12 +1517,13 @@ impl Filesystem for Hammer2Fs {
                 .and_then(|i| self.h(pfs.read(&i, offset, size as usize))),
             Store::ReadWrite(v) => {
                 let inum = self.ids.inum(ino.0);
-                let mut m = v.mount();
-                let r = m.read(&v.label, inum, offset, size as usize);
-                if r.is_ok() {
-                    self.accessed(&mut m, &v.label, inum, now_us());
-                }
-                drop(m);
+                let r = v.locked(|m| {
+                    let r = m.read(&v.label, inum, offset, size as usize);
+                    if r.is_ok() {
+                        self.accessed(m, &v.label, inum, now_us());
+                    }
+                    r
+                });
                 self.h(r)
             }
         };
@@ -1596,7 +1602,7 @@ impl Filesystem for Hammer2Fs {
         reply: ReplyEmpty,
     ) {
         if let (Store::ReadWrite(v), false) = (&self.store, is_snap(ino.0)) {
-            let r = v.mount().unpin(&v.label, self.ids.inum(ino.0));
+            let r = v.locked(|m| m.unpin(&v.label, self.ids.inum(ino.0)));
             if let Err(e) = r {
                 self.fail(&e);
             }
@@ -1650,7 +1656,7 @@ impl Filesystem for Hammer2Fs {
         let r = r.and_then(|()| match &self.store {
             _ if is_snap(ino.0) => Ok(()),
             Store::ReadWrite(v) => {
-                let r = v.mount().pin(&v.label, self.ids.inum(ino.0));
+                let r = v.locked(|m| m.pin(&v.label, self.ids.inum(ino.0)));
                 self.h(r)
             }
             Store::ReadOnly { .. } => Ok(()),
@@ -1775,26 +1781,34 @@ impl Filesystem for Hammer2Fs {
         {
             return reply.ok();
         }
-        let mut mount = match &self.store {
-            Store::ReadWrite(v) => Some((v.mount(), v.label.as_str())),
-            Store::ReadOnly { .. } => None,
-        };
-        for e in &entries[start..] {
+        // Read-write: the attributes of a batch of entries per hold of
+        // the mount (each unit reruns after a cache miss, so nothing is
+        // added to the reply inside it).
+        const ATTR_BATCH: usize = 64;
+        let mut batch: std::collections::VecDeque<Option<FileAttr>> = Default::default();
+        for (i, e) in entries[start..].iter().enumerate() {
             let child = self.ids.ino(e.inum);
             // An inode that cannot be read still lists (by name and
             // type, with a zero TTL); stat on it then gets the error.
-            let (inode, attr) = match (&self.store, mount.as_mut()) {
-                (Store::ReadOnly { pfs, root }, _) => match self.inode(pfs, root, INodeNo(child)) {
+            let (inode, attr) = match &self.store {
+                Store::ReadOnly { pfs, root } => match self.inode(pfs, root, INodeNo(child)) {
                     Ok(i) => {
                         let a = self.attr(child, i.meta(), i.stored_bytes()).ok();
                         (Some(i), a)
                     }
                     Err(_) => (None, None),
                 },
-                (Store::ReadWrite(_), Some((m, label))) => {
-                    (None, self.attr_in(m, label, child).ok())
+                Store::ReadWrite(v) => {
+                    if batch.is_empty() {
+                        let next = &entries[start + i..(start + i + ATTR_BATCH).min(entries.len())];
+                        batch = v.locked(|m| {
+                            next.iter()
+                                .map(|e| self.attr_in(m, &v.label, self.ids.ino(e.inum)).ok())
+                                .collect()
+                        });
+                    }
+                    (None, batch.pop_front().flatten())
                 }
-                (Store::ReadWrite(_), None) => (None, None),
             };
             let (attr, ttl) = match attr {
                 Some(a) => (a, self.ttl),
@@ -1814,7 +1828,6 @@ impl Filesystem for Hammer2Fs {
             self.inodes
                 .remember(child, inode.filter(|_| ttl > Duration::ZERO));
         }
-        drop(mount);
         reply.ok();
     }
 
@@ -1831,7 +1844,7 @@ impl Filesystem for Hammer2Fs {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&fh.0);
         if let (Store::ReadWrite(v), false) = (&self.store, is_snap(ino.0)) {
-            let r = v.mount().unpin(&v.label, self.ids.inum(ino.0));
+            let r = v.locked(|m| m.unpin(&v.label, self.ids.inum(ino.0)));
             if let Err(e) = r {
                 self.fail(&e);
             }
@@ -1870,7 +1883,7 @@ impl Filesystem for Hammer2Fs {
                 ))
             }
             Store::ReadWrite(v) => {
-                let r = v.mount().statfs(&v.label);
+                let r = v.locked(|m| m.statfs(&v.label));
                 self.h(r).map(|s| {
                     (
                         s.bytes_total,
@@ -1999,14 +2012,14 @@ impl Filesystem for Hammer2Fs {
             v.writable().map_err(Errno::from_i32)?;
             let inum = self.ids.inum(ino.0);
             offset.checked_add(length).ok_or(Errno::EFBIG)?;
-            let meta = self.h(v.mount().getattr(&v.label, inum))?;
+            let meta = self.h(v.locked(|m| m.getattr(&v.label, inum)))?;
             if meta.obj_type != ObjType::Regfile {
                 return Err(Errno::ENODEV);
             }
             if !matches!(mode, 0 | KEEP) && mode != PUNCH | KEEP && mode & !KEEP != ZERO {
                 return Err(Errno::EOPNOTSUPP);
             }
-            self.drop_suid_sgid(req, &mut v.mount(), &v.label, inum)?;
+            v.locked(|m| self.drop_suid_sgid(req, m, &v.label, inum))?;
             match mode {
                 0 | KEEP => self.with_room(v, |m| {
                     let r = m.fallocate(&v.label, inum, offset, length, mode == KEEP, now_us());
@@ -2072,15 +2085,16 @@ impl Filesystem for Hammer2Fs {
                     }
                     Store::ReadWrite(v) if !self.writeback_cache => {
                         let inum = self.ids.inum(ino.0);
-                        let mut m = v.mount();
-                        let size = self.h(m.getattr(&v.label, inum))?.size;
-                        if data {
-                            self.h(m.seek_data(&v.label, inum, offset))?
-                        } else if offset < size {
-                            Some(self.h(m.seek_hole(&v.label, inum, offset))?)
-                        } else {
-                            None
-                        }
+                        v.locked(|m| {
+                            let size = self.h(m.getattr(&v.label, inum))?.size;
+                            Ok::<_, Errno>(if data {
+                                self.h(m.seek_data(&v.label, inum, offset))?
+                            } else if offset < size {
+                                Some(self.h(m.seek_hole(&v.label, inum, offset))?)
+                            } else {
+                                None
+                            })
+                        })?
                     }
                     Store::ReadWrite(_) => return Err(Errno::ENOSYS),
                 }
@@ -2133,7 +2147,7 @@ impl Filesystem for Hammer2Fs {
             while done < len {
                 v.writable().map_err(Errno::from_i32)?;
                 let n = (len - done).min(CHUNK_BYTES) as usize;
-                let data = self.h(v.mount().read(&v.label, src, offset_in + done, n))?;
+                let data = self.h(v.locked(|m| m.read(&v.label, src, offset_in + done, n)))?;
                 if data.is_empty() {
                     break;
                 }

@@ -381,7 +381,11 @@ fn sigterm_on_a_busy_mount_detaches_and_exits_when_the_last_file_closes() {
 
     drop(f);
     let status = wait_exit(&mut child, Duration::from_secs(10));
-    assert!(status.success(), "exit after the last close: {status}");
+    assert!(
+        status.success(),
+        "exit after the last close: {status}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! Soaks through a real read-write mount with its default options:
 //!
-//! - `full_volume_soak`: a filler writes files until ENOSPC and deletes
-//!   half of them, again and again, while a churner changes metadata
+//! - `full_volume_soak`: the volume filled first, a filler writes files
+//!   until ENOSPC and deletes half of them, again and again, while a
+//!   churner changes metadata
 //!   (utime, chmod, rename, link, mkdir, rmdir, fsync) and a writer
 //!   overwrites a file in 4 KiB pieces with fsync, on a volume that is
 //!   full most of the time. ENOSPC is the only error allowed: never EIO,
@@ -19,13 +20,11 @@
 mod common;
 use common::*;
 
-use bufcache::{BlockDevice, FileDevice};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,98 +38,6 @@ fn soak_time() -> Duration {
             .and_then(|v| v.parse().ok())
             .unwrap_or(30),
     )
-}
-
-fn new_image(tag: &str, gib: u64) -> PathBuf {
-    let path = scratch(tag).join("disk.img");
-    File::create(&path)
-        .and_then(|f| f.set_len(gib << 30))
-        .expect("create image");
-    let dev = FileDevice::open(&path, true).expect("open image");
-    mkfs::newfs::newfs(&dev, &mkfs::newfs::NewfsOptions::default()).expect("newfs");
-    path
-}
-
-fn fsck_clean(img: &Path) {
-    let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(img, false).expect("open image"));
-    let r = hammer2::fsck::fsck(dev, hammer2::fsck::Options::default()).expect("fsck");
-    let problems: Vec<String> = r.problems.iter().map(|p| p.to_string()).collect();
-    assert!(problems.is_empty(), "fsck: {problems:#?}");
-}
-
-struct Rw {
-    child: Option<Child>,
-    guard: Option<Mounted>,
-    log: PathBuf,
-}
-
-impl Rw {
-    fn new(img: &Path, mnt: &Path, opts: &str) -> Rw {
-        let log = mnt.with_extension("log");
-        let (child, guard) = mount_foreground(img.to_str().unwrap(), mnt, &log, opts);
-        Rw {
-            child: Some(child),
-            guard: Some(guard),
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn unmount(mut self) -> String {
-        let guard = self.guard.take().expect("mounted");
-        nix::mount::umount(&guard.mnt).expect("umount");
-        let mut child = self.child.take().expect("running");
-        let status = wait_exit(&mut child, Duration::from_secs(120));
-        assert!(
-            status.success(),
-            "mount.hammer2 exited {status}:\n{}",
-            self.log()
-        );
-        self.log()
-    }
-}
-
-impl Drop for Rw {
-    fn drop(&mut self) {
-        drop(self.guard.take());
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Incompressible bytes that dedup never matches.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
-/// xorshift64 for choices.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 /// What the soak threads share: the stop flag, the errors no thread may
@@ -335,7 +242,7 @@ fn overwriter(
 #[test]
 fn full_volume_soak() {
     require_fuse();
-    let img = new_image("soak-full", 1);
+    let img = new_volume("soak-full", 1);
     let mnt = scratch("soak-full-mnt");
     let m = Rw::new(&img, &mnt, "rw");
     let sh = Arc::new(Shared::default());
@@ -346,6 +253,21 @@ fn full_volume_soak() {
     let db_len = 16 * MIB;
     write_whole(&mnt.join("db"), 77, db_len).unwrap();
     let model = Arc::new(Mutex::new(fs::read(mnt.join("db")).unwrap()));
+    // Fill the volume first (whatever the machine's speed, the soak
+    // then starts full): 16 MiB files until ENOSPC, the last one gone.
+    for n in 0.. {
+        let path = mnt.join("fill").join(format!("pre{n}"));
+        match write_whole(&path, 1000 + n, 16 * MIB) {
+            Ok(()) => {
+                written.lock().unwrap().insert(path, (1000 + n, 16 * MIB));
+            }
+            Err(e) => {
+                assert!(sh.check("prefill", e, true), "prefill");
+                fs::remove_file(&path).unwrap();
+                break;
+            }
+        }
+    }
     let mut threads = Vec::new();
     {
         let (sh, w, d) = (sh.clone(), written.clone(), mnt.join("fill"));
@@ -376,7 +298,6 @@ fn full_volume_soak() {
         m.log()
     );
     let enospc = sh.enospc.load(Ordering::Relaxed);
-    assert!(enospc > 0, "the volume never filled up");
     eprintln!(
         "full-volume soak: {} operations, {enospc} ENOSPC, {} files live",
         sh.ops.load(Ordering::Relaxed),
@@ -401,7 +322,7 @@ fn full_volume_soak() {
 #[test]
 fn overwrite_soak_at_80_percent() {
     require_fuse();
-    let img = new_image("soak-80", 2);
+    let img = new_volume("soak-80", 2);
     let mnt = scratch("soak-80-mnt");
     let m = Rw::new(&img, &mnt, "rw");
     let (total, _) = {

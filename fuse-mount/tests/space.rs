@@ -10,95 +10,13 @@
 mod common;
 use common::*;
 
-use bufcache::{BlockDevice, FileDevice};
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::Child;
-use std::sync::Arc;
+use std::path::Path;
 use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
-
-/// A new sparse image of `gib` GiB made by the library's newfs.
-fn new_image(tag: &str, gib: u64) -> PathBuf {
-    let path = scratch(tag).join("disk.img");
-    File::create(&path)
-        .and_then(|f| f.set_len(gib << 30))
-        .expect("create image");
-    let dev = FileDevice::open(&path, true).expect("open image");
-    mkfs::newfs::newfs(&dev, &mkfs::newfs::NewfsOptions::default()).expect("newfs");
-    path
-}
-
-fn fsck_clean(img: &Path) {
-    let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(img, false).expect("open image"));
-    let r = hammer2::fsck::fsck(dev, hammer2::fsck::Options::default()).expect("fsck");
-    let problems: Vec<String> = r.problems.iter().map(|p| p.to_string()).collect();
-    assert!(problems.is_empty(), "fsck: {problems:#?}");
-}
-
-/// A foreground read-write mount; `unmount` waits for the daemon's exit.
-struct Rw {
-    child: Option<Child>,
-    guard: Option<Mounted>,
-    log: PathBuf,
-}
-
-impl Rw {
-    fn new(img: &Path, mnt: &Path, opts: &str) -> Rw {
-        let log = mnt.with_extension("log");
-        let (child, guard) = mount_foreground(img.to_str().unwrap(), mnt, &log, opts);
-        Rw {
-            child: Some(child),
-            guard: Some(guard),
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn unmount(mut self) -> String {
-        let guard = self.guard.take().expect("mounted");
-        nix::mount::umount(&guard.mnt).expect("umount");
-        let mut child = self.child.take().expect("running");
-        let status = wait_exit(&mut child, Duration::from_secs(60));
-        assert!(
-            status.success(),
-            "mount.hammer2 exited {status}:\n{}",
-            self.log()
-        );
-        self.log()
-    }
-}
-
-impl Drop for Rw {
-    fn drop(&mut self) {
-        drop(self.guard.take());
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Bytes no compressor shrinks and dedup never matches (xorshift64 from
-/// `seed`).
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
 
 /// Write `len` bytes of noise to `path` in 1 MiB writes; stop at the
 /// first error and return it with the bytes written.
@@ -135,7 +53,7 @@ fn df(mnt: &Path) -> (u64, u64) {
 #[test]
 fn overwrites_and_deletes_come_back_without_bulkfree() {
     require_fuse();
-    let img = new_image("reuse", 1);
+    let img = new_volume("reuse", 1);
     let mnt = scratch("reuse-mnt");
     let m = Rw::new(&img, &mnt, "rw,noautobulkfree");
     let (_, avail0) = df(&mnt);
@@ -182,7 +100,7 @@ fn overwrites_and_deletes_come_back_without_bulkfree() {
 #[test]
 fn autobulkfree_frees_what_an_earlier_mount_wrote() {
     require_fuse();
-    let img = new_image("autobf", 1);
+    let img = new_volume("autobf", 1);
     let mnt = scratch("autobf-mnt");
     let m = Rw::new(&img, &mnt, "rw");
     let (n, err) = write_file(&mnt.join("old"), 1, 600 * MIB);
@@ -230,7 +148,7 @@ fn autobulkfree_frees_what_an_earlier_mount_wrote() {
 #[test]
 fn fallocate_reserves_room() {
     require_fuse();
-    let img = new_image("falloc", 1);
+    let img = new_volume("falloc", 1);
     let mnt = scratch("falloc-mnt");
     let m = Rw::new(&img, &mnt, "rw,noautobulkfree");
     let f = OpenOptions::new()

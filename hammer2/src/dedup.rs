@@ -175,9 +175,11 @@ pub fn place_data(
         let off = space.alloc(BlockrefType::Data, phys.len() as u64, key, flush)?;
         return Ok(Placed::New(off));
     }
+    // The candidate's bytes from memory only (a flush may hold the
+    // mount's lock here): one that is not cached is not shared.
     let mut same = |off: DataOff| {
         let mut buf = vec![0u8; phys.len()];
-        dev.read_at(&mut buf, off.offset()).is_ok() && buf == phys
+        matches!(dev.read_cached(&mut buf, off.offset()), Ok(true)) && buf == phys
     };
     if let Some((off, durable)) = space.dedup(fp, &mut same) {
         return Ok(Placed::Shared { off, durable });

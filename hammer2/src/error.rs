@@ -120,6 +120,13 @@ pub enum Error {
     Busy {
         what: String,
     },
+    /// Under `volume::cache_only`: the block at `at` is not in memory,
+    /// and reading it would wait for the device. Nothing was changed; the
+    /// caller reads `bytes` at `at` holding no lock and tries again.
+    WouldBlock {
+        at: u64,
+        bytes: u64,
+    },
 }
 
 impl Error {
@@ -168,6 +175,10 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Io { op, at, source } => write!(f, "I/O error on {op} at {at:#x}: {source}"),
+            Error::WouldBlock { at, bytes } => write!(
+                f,
+                "{bytes} bytes at {at:#x} are not cached (read them without the mount locked)"
+            ),
             Error::Corrupt { what, at } => write!(f, "corrupt at {at:#x}: {what}"),
             Error::CheckMismatch {
                 at,

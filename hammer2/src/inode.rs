@@ -309,6 +309,15 @@ impl InodeNode {
         Ok(())
     }
 
+    /// Load the file's tree over bytes `lo..=hi` (a direct-data file has
+    /// none), so that changes there, and the flush's, read nothing.
+    pub fn load_range(&mut self, vol: &Volume, lo: u64, hi: u64) -> Result<()> {
+        if !self.direct() {
+            self.table.range(vol, lo & !(BLOCK - 1), hi | (BLOCK - 1))?;
+        }
+        Ok(())
+    }
+
     /// Bytes of room reserved by fallocate and not yet written.
     pub fn reserved_bytes(&self) -> u64 {
         self.reserved.len() * BLOCK

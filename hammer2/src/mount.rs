@@ -397,6 +397,13 @@ impl Mount {
 
     /// Look `name` up in directory `dir`.
     pub fn lookup(&mut self, label: &str, dir: u64, name: &[u8]) -> Result<Option<u64>> {
+        Ok(self.lookup_key(label, dir, name)?.map(|(_, inum)| inum))
+    }
+
+    /// `lookup`, with the entry's key: (key, inode number). Removing the
+    /// entry by its key reads nothing again (see `volume::CacheOnly`: an
+    /// operation reads before it changes anything).
+    fn lookup_key(&mut self, label: &str, dir: u64, name: &[u8]) -> Result<Option<(u64, u64)>> {
         self.with_node(label, dir, |vol, d| {
             if d.obj_type() != ObjType::Directory {
                 return Err(Error::NotDir {
@@ -406,7 +413,7 @@ impl Mount {
             match d.dir_lookup(vol, name)? {
                 Some((key, h)) => {
                     check_named(dir, key, name, h.inum)?;
-                    Ok(Some(h.inum))
+                    Ok(Some((key, h.inum)))
                 }
                 None => Ok(None),
             }
@@ -483,9 +490,15 @@ impl Mount {
             offset,
             len: buf.len() as u64,
         };
-        let new_blocks = self.with_node(label, inum, |_, n| Ok(n.new_pending_blocks(change)))?;
-        self.admit_change(label, &[inum], 0, new_blocks, Tier::Normal)?;
-        self.with_node(label, inum, |vol, n| {
+        // Load the tree over the blocks the flush will insert, so that
+        // the flush reads nothing under the mount's lock.
+        let end = offset.saturating_add(buf.len() as u64 - 1);
+        let new_blocks = self.with_node(label, inum, |vol, n| {
+            n.load_range(vol, offset, end)?;
+            Ok(n.new_pending_blocks(change))
+        })?;
+        let cost = self.admit_change(label, &[inum], 0, new_blocks, Tier::Normal)?;
+        let r = self.with_node(label, inum, |vol, n| {
             if n.obj_type() != ObjType::Regfile {
                 return Err(Error::InvalidArgument {
                     what: format!("write to a {}", n.obj_type().name()),
@@ -495,7 +508,8 @@ impl Mount {
             n.data.meta.mtime = now;
             n.data.meta.ctime = now;
             Ok(())
-        })
+        });
+        self.unadmit(cost, r)
     }
 
     pub fn setattr(&mut self, label: &str, inum: u64, a: SetAttr, now: u64) -> Result<InodeMeta> {
@@ -512,8 +526,8 @@ impl Mount {
                 tier = Tier::Delete;
             }
         }
-        self.admit_change(label, &[inum], 0, blocks, tier)?;
-        self.with_node(label, inum, |vol, n| {
+        let cost = self.admit_change(label, &[inum], 0, blocks, tier)?;
+        let r = self.with_node(label, inum, |vol, n| {
             if let Some(size) = a.size {
                 // Only regular files have a size to set (DragonFly:
                 // EINVAL for anything else; a directory is EISDIR as
@@ -555,7 +569,8 @@ impl Mount {
             m.ctime = a.ctime.unwrap_or(now);
             n.dirty = true;
             Ok(n.data.meta)
-        })
+        });
+        self.unadmit(cost, r)
     }
 
     /// Whether inode `inum` already waits for the flush (its rewrite is
@@ -581,7 +596,7 @@ impl Mount {
         dirents: u64,
         blocks: u64,
         tier: Tier,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let mut counted: Vec<u64> = Vec::with_capacity(inodes.len());
         let mut n = 0u64;
         for &inum in inodes {
@@ -595,12 +610,24 @@ impl Mount {
         let bytes = n * INODE_ADMIT_BYTES
             + dirents * DIRENT_ADMIT_BYTES
             + blocks.saturating_mul(DATA_ADMIT_BYTES);
-        self.admit(bytes, tier)
+        self.admit(bytes, tier)?;
+        Ok(bytes)
+    }
+
+    /// Give back what `admit_change` admitted for a change that failed
+    /// before it changed anything (a read error, or a block not cached:
+    /// `volume::CacheOnly`), so retries do not count it again.
+    fn unadmit<T>(&mut self, bytes: u64, r: Result<T>) -> Result<T> {
+        if r.is_err() {
+            self.admitted = self.admitted.saturating_sub(bytes);
+        }
+        r
     }
 
     /// Admit the rewrite of inode `inum` alone (a change to its meta).
     pub(crate) fn admit_inode_change(&mut self, label: &str, inum: u64) -> Result<()> {
         self.admit_change(label, &[inum], 0, 0, Tier::Normal)
+            .map(|_| ())
     }
 
     /// Admit `bytes` more for the next flush, or fail with NoSpace.
@@ -641,6 +668,26 @@ impl Mount {
     /// The counter comes from disk: one past the inode number space
     /// (keys from 2^63 are directory entries in the PFS root) or behind
     /// an inode in use (the new one would replace it) is damage.
+    /// Load the inode index over the number `alloc_inum` will hand out
+    /// next, so that the flush inserting the new inode reads nothing
+    /// under the mount's lock (and a create reads before it changes).
+    fn load_next_inum(&mut self, label: &str) -> Result<()> {
+        self.pfs_mut(label)?;
+        let Mount { vol, pfs, .. } = self;
+        let Some(p) = pfs.get_mut(label) else {
+            return Ok(());
+        };
+        let next = p
+            .root
+            .data
+            .meta
+            .pfs_inum
+            .max(INODE_START - 1)
+            .saturating_add(1);
+        p.root.table.lookup(&*vol, next)?;
+        Ok(())
+    }
+
     fn alloc_inum(&mut self, label: &str) -> Result<u64> {
         let root = self.node(label, ROOT_INUM)?;
         let at = root.bref.data_off.offset();
@@ -760,7 +807,9 @@ impl Mount {
             });
         }
         self.check_new_name(label, dir, name)?;
+        self.load_next_inum(label)?;
         self.admit_change(label, &[dir, NEW_INODE], 1, 0, Tier::Normal)?;
+        crate::volume::allow_io();
         let inum = self.alloc_inum(label)?;
         let mut data = new_meta(obj_type, inum, &dmeta, mode, uid, gid, now);
         if matches!(obj_type, ObjType::Cdev | ObjType::Bdev) {
@@ -792,7 +841,9 @@ impl Mount {
             });
         }
         self.check_new_name(label, dir, name)?;
+        self.load_next_inum(label)?;
         self.admit_change(label, &[dir, NEW_INODE], 1, 0, Tier::Normal)?;
+        crate::volume::allow_io();
         let inum = self.alloc_inum(label)?;
         let data = new_meta(ObjType::Directory, inum, &dmeta, mode, uid, gid, now);
         self.pfs_mut(label)?
@@ -861,6 +912,7 @@ impl Mount {
             ));
         }
         self.admit_change(label, &[inum, dir], 1, 0, Tier::Normal)?;
+        crate::volume::allow_io();
         self.add_entry(label, dir, name, inum, m.obj_type, now)?;
         self.with_node(label, inum, |_, n| {
             n.data.meta.nlinks += 1;
@@ -944,11 +996,9 @@ impl Mount {
             .unwrap_or(0)
     }
 
-    fn remove_entry(&mut self, label: &str, dir: u64, name: &[u8], now: u64) -> Result<()> {
+    /// Remove the entry at `key` (from `lookup_key`) of directory `dir`.
+    fn remove_entry(&mut self, label: &str, dir: u64, key: u64, now: u64) -> Result<()> {
         self.with_node(label, dir, |vol, d| {
-            let (key, _) = d.dir_lookup(vol, name)?.ok_or_else(|| Error::NotFound {
-                what: String::from_utf8_lossy(name).into_owned(),
-            })?;
             d.dir_remove(vol, key)?;
             d.data.meta.mtime = now;
             d.data.meta.ctime = now;
@@ -959,8 +1009,8 @@ impl Mount {
     /// unlink(2): remove a non-directory entry.
     pub fn unlink(&mut self, label: &str, dir: u64, name: &[u8], now: u64) -> Result<()> {
         self.writable()?;
-        let inum = self
-            .lookup(label, dir, name)?
+        let (key, inum) = self
+            .lookup_key(label, dir, name)?
             .ok_or_else(|| Error::NotFound {
                 what: String::from_utf8_lossy(name).into_owned(),
             })?;
@@ -970,15 +1020,16 @@ impl Mount {
             });
         }
         self.admit_change(label, &[dir, inum], 1, 0, Tier::Delete)?;
-        self.remove_entry(label, dir, name, now)?;
+        crate::volume::allow_io();
+        self.remove_entry(label, dir, key, now)?;
         self.drop_link(label, inum, now)
     }
 
     /// rmdir(2): remove an empty directory.
     pub fn rmdir(&mut self, label: &str, dir: u64, name: &[u8], now: u64) -> Result<()> {
         self.writable()?;
-        let inum = self
-            .lookup(label, dir, name)?
+        let (key, inum) = self
+            .lookup_key(label, dir, name)?
             .ok_or_else(|| Error::NotFound {
                 what: String::from_utf8_lossy(name).into_owned(),
             })?;
@@ -996,7 +1047,8 @@ impl Mount {
             });
         }
         self.admit_change(label, &[dir, inum], 1, 0, Tier::Delete)?;
-        self.remove_entry(label, dir, name, now)?;
+        crate::volume::allow_io();
+        self.remove_entry(label, dir, key, now)?;
         self.drop_link(label, inum, now)
     }
 
@@ -1038,12 +1090,12 @@ impl Mount {
                 what: "rename target name".into(),
             });
         }
-        let src = self
-            .lookup(label, odir, oname)?
+        let (okey, src) = self
+            .lookup_key(label, odir, oname)?
             .ok_or_else(|| Error::NotFound {
                 what: String::from_utf8_lossy(oname).into_owned(),
             })?;
-        let dst = self.lookup(label, ndir, nname)?;
+        let dst_entry = self.lookup_key(label, ndir, nname)?;
         let smeta = self.getattr(label, src)?;
         if smeta.obj_type == ObjType::Directory && self.is_ancestor(label, src, ndir)? {
             return Err(Error::InvalidArgument {
@@ -1056,7 +1108,7 @@ impl Mount {
             });
         }
         if flags.exchange {
-            let dst = dst.ok_or_else(|| Error::NotFound {
+            let (nkey, dst) = dst_entry.ok_or_else(|| Error::NotFound {
                 what: String::from_utf8_lossy(nname).into_owned(),
             })?;
             if dst == src {
@@ -1069,15 +1121,16 @@ impl Mount {
                 });
             }
             self.admit_change(label, &[odir, ndir, src, dst], 4, 0, Tier::Normal)?;
-            self.remove_entry(label, odir, oname, now)?;
-            self.remove_entry(label, ndir, nname, now)?;
+            crate::volume::allow_io();
+            self.remove_entry(label, odir, okey, now)?;
+            self.remove_entry(label, ndir, nkey, now)?;
             self.add_entry(label, odir, oname, dst, dmeta.obj_type, now)?;
             self.add_entry(label, ndir, nname, src, smeta.obj_type, now)?;
             self.reparent(label, src, ndir, now)?;
             self.reparent(label, dst, odir, now)?;
             return Ok(());
         }
-        if let Some(dst) = dst {
+        if let Some((nkey, dst)) = dst_entry {
             if dst == src {
                 return Ok(());
             }
@@ -1111,12 +1164,14 @@ impl Mount {
                 (false, false) => {}
             }
             self.admit_change(label, &[odir, ndir, src, dst], 3, 0, Tier::Normal)?;
-            self.remove_entry(label, ndir, nname, now)?;
+            crate::volume::allow_io();
+            self.remove_entry(label, ndir, nkey, now)?;
             self.drop_link(label, dst, now)?;
         } else {
             self.admit_change(label, &[odir, ndir, src], 2, 0, Tier::Normal)?;
+            crate::volume::allow_io();
         }
-        self.remove_entry(label, odir, oname, now)?;
+        self.remove_entry(label, odir, okey, now)?;
         self.add_entry(label, ndir, nname, src, smeta.obj_type, now)?;
         self.reparent(label, src, ndir, now)
     }
@@ -1171,8 +1226,8 @@ impl Mount {
                 what: format!("fallocate on a {}", t.name()),
             });
         }
-        self.admit_change(label, &[inum], 0, reserve + grow, Tier::Normal)?;
-        self.with_node(label, inum, |vol, n| {
+        let cost = self.admit_change(label, &[inum], 0, reserve + grow, Tier::Normal)?;
+        let r = self.with_node(label, inum, |vol, n| {
             if !keep_size && end > size {
                 n.truncate(vol, end)?;
                 n.data.meta.mtime = now;
@@ -1180,7 +1235,8 @@ impl Mount {
             }
             n.reserve(offset, end);
             Ok(())
-        })
+        });
+        self.unadmit(cost, r)
     }
 
     /// FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: `[offset,
@@ -1205,13 +1261,14 @@ impl Mount {
                 what: format!("hole punch in a {}", t.name()),
             });
         }
-        self.admit_change(label, &[inum], 0, blocks, Tier::Delete)?;
-        self.with_node(label, inum, |vol, n| {
+        let cost = self.admit_change(label, &[inum], 0, blocks, Tier::Delete)?;
+        let r = self.with_node(label, inum, |vol, n| {
             n.punch(vol, offset, len)?;
             n.data.meta.mtime = now;
             n.data.meta.ctime = now;
             Ok(())
-        })
+        });
+        self.unadmit(cost, r)
     }
 
     /// First data offset at or after `offset` (SEEK_DATA); `None` past
@@ -1349,21 +1406,55 @@ impl Mount {
 
     /// Finish a flush started with `flush_begin`.
     pub fn flush_commit(&mut self, batch: FlushBatch) -> Result<FlushStats> {
+        let prepared = self.flush_commit_prepare(batch)?;
+        let io = prepared.run();
+        self.flush_commit_finish(prepared, io)
+    }
+
+    /// The first part of `flush_commit`: everything but waiting for the
+    /// device. The tree and the freemap are written (into the device's
+    /// cache, for a mount), the volume header is ready. The caller may
+    /// unlock the mount, `Prepared::run` the device part (barrier, header,
+    /// barrier), and lock it again for `flush_commit_finish`; operations
+    /// meanwhile change the tree in memory for the next flush, which
+    /// cannot begin before this one finishes.
+    pub fn flush_commit_prepare(&mut self, batch: FlushBatch) -> Result<Prepared> {
         let result = self.flush_commit_inner(batch);
-        self.flushing = false;
-        if result.is_ok() {
-            self.admitted = self.held_after_commit();
-        }
         if let Err(e) = &result {
-            if matches!(e, Error::Io { .. }) {
-                log::error!("flush failed, refusing further writes: {e}");
-                self.poisoned = Some(e.to_string());
-            }
+            self.flushing = false;
+            self.note_flush_error(e);
         }
         result
     }
 
-    fn flush_commit_inner(&mut self, batch: FlushBatch) -> Result<FlushStats> {
+    /// Finish a flush after `Prepared::run`: adopt its header and free
+    /// what waited for it, or poison the mount if the device failed.
+    pub fn flush_commit_finish(
+        &mut self,
+        prepared: Prepared,
+        io: Result<()>,
+    ) -> Result<FlushStats> {
+        self.flushing = false;
+        let result = match prepared {
+            Prepared::Nothing(stats) => io.map(|()| stats),
+            Prepared::Commit(c) => io.and_then(|()| self.adopt_header(*c)),
+        };
+        match &result {
+            Ok(_) => self.admitted = self.held_after_commit(),
+            Err(e) => self.note_flush_error(e),
+        }
+        result
+    }
+
+    /// A failed flush: a device error poisons the mount.
+    fn note_flush_error(&mut self, e: &Error) {
+        if matches!(e, Error::Io { .. }) && self.poisoned.is_none() {
+            log::error!("flush failed, refusing further writes: {e}");
+            self.poisoned = Some(e.to_string());
+        }
+    }
+
+    fn flush_commit_inner(&mut self, batch: FlushBatch) -> Result<Prepared> {
         self.writable()?;
         if let Some(e) = batch.error {
             return Err(e);
@@ -1415,22 +1506,35 @@ impl Mount {
             }
         }
         if !self.is_dirty() {
-            return Ok(FlushStats {
+            return Ok(Prepared::Nothing(FlushStats {
                 tid: self.vol.header.mirror_tid,
                 blocks,
                 bytes,
                 header_slot: self.vol.header_index,
                 freed: 0,
-            });
+            }));
         }
-        let mut stats = self.flush_inner()?;
-        stats.blocks += blocks;
-        stats.bytes += bytes;
-        Ok(stats)
+        let mut c = self.flush_prepare()?;
+        c.stats.blocks += blocks;
+        c.stats.bytes += bytes;
+        Ok(Prepared::Commit(Box::new(c)))
     }
 
+    /// A whole flush with the mount held throughout.
     fn flush_inner(&mut self) -> Result<FlushStats> {
-        self.flush_atimes()?;
+        let c = self.flush_prepare()?;
+        c.run()?;
+        self.adopt_header(c)
+    }
+
+    /// Write the tree and the freemap (`flush.rs` order) and make the
+    /// volume header of the commit, not yet written. The access times
+    /// waiting in memory go with it (`flush_atimes`).
+    fn flush_prepare(&mut self) -> Result<CommitIo> {
+        if let Err(e) = self.flush_atimes() {
+            // An access time is not worth failing the flush for.
+            log::warn!("access times left for a later flush: {e}");
+        }
         let tid = self.next_tid()?;
         // A block this flush drops is referenced by the headers before
         // it; the header slots rotate, so the last of those is gone once
@@ -1452,12 +1556,15 @@ impl Mount {
             bytes: 0,
         };
         let mut seen = HashSet::new();
+        // Removed inodes whose trees the device phase walks (`CommitIo`).
+        let mut removed_trees = Vec::new();
         for p in pfs.values_mut() {
             let mut drops = std::mem::take(&mut p.dropped);
             let removed = std::mem::take(&mut p.removed);
+            let lsnap = p.root.data.meta.pfs_lsnap_tid;
             for inum in removed {
                 if let Some(ibr) = p.root.table.delete(w.vol, inum)? {
-                    inode_tree_drops(w.vol, &ibr, &mut drops, w.space);
+                    removed_trees.push((ibr, lsnap));
                 }
                 p.root.dirty = true;
             }
@@ -1501,11 +1608,6 @@ impl Mount {
         let (blocks, bytes) = (w.blocks, w.bytes);
         let dev = vol.device().clone();
         let freemap_blockset = space.flush(dev.as_ref(), tid)?;
-        dev.barrier().map_err(|source| Error::Io {
-            op: "barrier",
-            at: 0,
-            source,
-        })?;
         let mut vh = vol.header.clone();
         vh.mirror_tid = tid;
         vh.freemap_tid = tid;
@@ -1516,31 +1618,41 @@ impl Mount {
         let slot = (vol.header_index + 1) % nslots;
         let raw = vh.encode();
         debug_assert_eq!(raw.len(), VOLUME_BYTES);
-        let at = disk::volhdr_offset(slot);
-        dev.write_at(&raw, at).map_err(|source| Error::Io {
-            op: "write volume header",
-            at,
-            source,
-        })?;
-        dev.barrier().map_err(|source| Error::Io {
-            op: "barrier",
-            at,
-            source,
-        })?;
-        vol.header = disk::VolumeHeader::decode(&raw, at)?;
-        vol.header_index = slot;
-        let freed = space.committed(tid);
-        log::info!(
-            "flush {tid:#x}: {blocks} blocks, {bytes} bytes, volume header {slot}, \
-             {freed} bytes freed"
-        );
-        Ok(FlushStats {
-            tid,
-            blocks,
-            bytes,
-            header_slot: slot,
-            freed,
+        Ok(CommitIo {
+            dev,
+            raw,
+            reader: vol.reader(),
+            space: space_arc.clone(),
+            removed_trees,
+            seen: Mutex::new(seen),
+            session_tid,
+            free_at,
+            at: disk::volhdr_offset(slot),
+            stats: FlushStats {
+                tid,
+                blocks,
+                bytes,
+                header_slot: slot,
+                freed: 0,
+            },
         })
+    }
+
+    /// A commit's header is on the media: it is the volume's now, and
+    /// the blocks that waited for it are freed.
+    fn adopt_header(&mut self, c: CommitIo) -> Result<FlushStats> {
+        let CommitIo { raw, at, stats, .. } = c;
+        self.vol.header = disk::VolumeHeader::decode(&raw, at)?;
+        self.vol.header_index = stats.header_slot;
+        let freed = lock_space(&self.space).committed(stats.tid);
+        log::info!(
+            "flush {:#x}: {} blocks, {} bytes, volume header {}, {freed} bytes freed",
+            stats.tid,
+            stats.blocks,
+            stats.bytes,
+            stats.header_slot
+        );
+        Ok(FlushStats { freed, ..stats })
     }
 
     /// Commit until no freed block waits for a header (each commit
@@ -1631,12 +1743,7 @@ fn queue_drops(
 /// data and dirent block of its last flushed tree. A block that cannot
 /// be read ends the walk of its subtree; what lies below is left for
 /// bulkfree.
-fn inode_tree_drops(
-    vol: &Volume,
-    ibr: &Blockref,
-    out: &mut Vec<Blockref>,
-    space: &mut dyn SpaceMap,
-) {
+fn inode_tree_drops(vol: &Volume, ibr: &Blockref, out: &mut Vec<Blockref>, unread: &mut u64) {
     let ino = match pfs::read_inode(vol, ibr) {
         Ok(i) => i,
         Err(e) => {
@@ -1644,7 +1751,7 @@ fn inode_tree_drops(
                 "removed inode at {:#x} unreadable, its blocks are left for bulkfree: {e}",
                 ibr.data_off.offset()
             );
-            space.note_possibly_free(ibr.data_count());
+            *unread += ibr.data_count();
             return;
         }
     };
@@ -1667,7 +1774,7 @@ fn inode_tree_drops(
             continue;
         }
         if depth >= crate::chain::DEPTH_MAX {
-            space.note_possibly_free(br.data_count());
+            *unread += br.data_count();
             continue;
         }
         match crate::chain::read_node(vol, &br) {
@@ -1679,7 +1786,7 @@ fn inode_tree_drops(
             Err(e) => {
                 log::warn!("indirect block at {:#x} of a removed inode unreadable, what is below is left for bulkfree: {e}",
                     br.data_off.offset());
-                space.note_possibly_free(br.data_count());
+                *unread += br.data_count();
             }
         }
     }
@@ -1707,6 +1814,71 @@ fn check_named(dir: u64, key: u64, name: &[u8], inum: u64) -> Result<()> {
 
 pub(crate) fn lock_space(space: &Mutex<Box<dyn SpaceMap>>) -> MutexGuard<'_, Box<dyn SpaceMap>> {
     space.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What `flush_commit_prepare` leaves to do.
+pub enum Prepared {
+    /// Nothing changed but the file data already written: no header.
+    Nothing(FlushStats),
+    Commit(Box<CommitIo>),
+}
+
+impl Prepared {
+    /// The device part of the commit: a barrier (everything written
+    /// before is durable), the volume header, a barrier. Needs no lock
+    /// on the mount.
+    pub fn run(&self) -> Result<()> {
+        match self {
+            Prepared::Nothing(_) => Ok(()),
+            Prepared::Commit(c) => c.run(),
+        }
+    }
+}
+
+/// A commit waiting for the device: the new volume header and where it
+/// goes.
+pub struct CommitIo {
+    dev: Arc<dyn BlockDevice>,
+    raw: Vec<u8>,
+    at: u64,
+    stats: FlushStats,
+    /// For the trees of inodes the commit removes: their blocks are
+    /// walked in the device phase (the walk reads them; they stay
+    /// allocated until freed through the queue) and queued for freeing.
+    reader: Volume,
+    space: Arc<Mutex<Box<dyn SpaceMap>>>,
+    removed_trees: Vec<(Blockref, u64)>,
+    /// Blocks the commit queued already (a removed inode's tree holds
+    /// blocks its table dropped before it went): each is queued once.
+    seen: Mutex<HashSet<u64>>,
+    session_tid: u64,
+    free_at: u64,
+}
+
+impl CommitIo {
+    fn run(&self) -> Result<()> {
+        for (ibr, lsnap) in &self.removed_trees {
+            let mut drops = Vec::new();
+            let mut noted = 0;
+            inode_tree_drops(&self.reader, ibr, &mut drops, &mut noted);
+            let mut space = lock_space(&self.space);
+            space.note_possibly_free(noted);
+            queue_drops(
+                space.as_mut(),
+                drops,
+                Some(*lsnap),
+                self.session_tid,
+                self.free_at,
+                &mut self.seen.lock().unwrap_or_else(|p| p.into_inner()),
+            );
+        }
+        let io = |op, at| move |source| Error::Io { op, at, source };
+        self.dev.barrier().map_err(io("barrier", 0))?;
+        self.dev
+            .write_at(&self.raw, self.at)
+            .map_err(io("write volume header", self.at))?;
+        self.dev.barrier().map_err(io("barrier", self.at))
+    }
 }
 
 /// One data block of a pipelined flush.

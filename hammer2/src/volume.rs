@@ -31,6 +31,60 @@ pub struct Volume {
     pub slots: Vec<HeaderSlot>,
 }
 
+thread_local! {
+    static CACHE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The first block a cache-only read missed since `take_miss`.
+    static MISS: std::cell::Cell<Option<(u64, u64)>> = const { std::cell::Cell::new(None) };
+}
+
+/// The block (offset, bytes) a cache-only read on this thread missed
+/// since the last call, if any.
+pub fn take_miss() -> Option<(u64, u64)> {
+    MISS.take()
+}
+
+/// Within a cache-only scope, let the rest of it read from the device:
+/// for an operation past the point where it starts changing things
+/// (after its admission), which must not fail half done. Its reads were
+/// made before, so what remains is normally in memory.
+pub(crate) fn allow_io() {
+    CACHE_ONLY.set(false);
+}
+
+/// While the guard lives, block reads on this thread are served only
+/// from memory (a device's cache, `BlockDevice::read_cached`): one that
+/// would wait for the device fails with `Error::WouldBlock` instead and
+/// is noted (`take_miss`). The mount daemon holds one while it holds the
+/// mount's lock, so no request waits for the device behind another's
+/// lock: the operation fails before it changes anything (every
+/// operation reads before it changes; those that change several things
+/// read with I/O allowed once admitted, `allow_io`), the daemon reads
+/// the block with the lock released, and runs the operation again.
+pub struct CacheOnly {
+    was: bool,
+}
+
+/// Enter cache-only reading on this thread (see `CacheOnly`).
+pub fn cache_only() -> CacheOnly {
+    CacheOnly {
+        was: CACHE_ONLY.replace(true),
+    }
+}
+
+/// Leave cache-only reading for the guard's scope (a part that must do
+/// its I/O, such as a commit that cannot be retried).
+pub fn with_io() -> CacheOnly {
+    CacheOnly {
+        was: CACHE_ONLY.replace(false),
+    }
+}
+
+impl Drop for CacheOnly {
+    fn drop(&mut self) {
+        CACHE_ONLY.set(self.was);
+    }
+}
+
 /// Read the header copy at slot `i`.
 pub fn read_header_slot(dev: &dyn BlockDevice, i: usize) -> HeaderSlot {
     let at = disk::volhdr_offset(i);
@@ -123,6 +177,17 @@ impl Volume {
         &self.dev
     }
 
+    /// A second handle on the same device and header, for reading
+    /// blocks without the owner (a flush's device phase).
+    pub fn reader(&self) -> Volume {
+        Volume {
+            dev: self.dev.clone(),
+            header: self.header.clone(),
+            header_index: self.header_index,
+            slots: Vec::new(),
+        }
+    }
+
     pub fn size(&self) -> u64 {
         self.header.volu_size
     }
@@ -159,11 +224,21 @@ impl Volume {
             ));
         }
         let mut buf = vec![0u8; bytes as usize];
-        self.dev.read_at(&mut buf, at).map_err(|source| Error::Io {
+        let io = |source| Error::Io {
             op: "read",
             at,
             source,
-        })?;
+        };
+        if CACHE_ONLY.get() {
+            if !self.dev.read_cached(&mut buf, at).map_err(io)? {
+                if MISS.get().is_none() {
+                    MISS.set(Some((at, bytes)));
+                }
+                return Err(Error::WouldBlock { at, bytes });
+            }
+        } else {
+            self.dev.read_at(&mut buf, at).map_err(io)?;
+        }
         check::verify(br, &buf)?;
         Ok(buf)
     }

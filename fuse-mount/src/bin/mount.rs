@@ -56,9 +56,10 @@ const READY: &str = "ready\n";
                   SEEK_DATA/SEEK_HOLE see no holes).\n\n\
                   snapdir: the volume's snapshots, read-only, under .snapshot/NAME at \
                   the mount root (hidden from the root's listing; off by default).\n\n\
-                  cache_size=SIZE (K, M or G suffix, at least 4M): the mount reads \
-                  (and, read-write, writes) through a buffer cache of that size \
-                  (without it, through the kernel's page cache of the image).\n\n\
+                  cache_size=SIZE (K, M or G suffix, at least 4M): the memory of the \
+                  buffer cache every block goes through (default an eighth of \
+                  memory, 64M to 4G), over the image opened with O_DIRECT where \
+                  its file system allows.\n\n\
                   log_writes=FILE (read-write): log every write, barrier and mark \
                   that reaches the image to FILE, for hammer2 replay-log; keep a \
                   copy of the image as it was at mount time to replay onto.\n\n\

@@ -257,3 +257,119 @@ pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A fresh volume of `gib` GiB (sparse), made by mkfs with its defaults.
+pub fn new_volume(tag: &str, gib: u64) -> PathBuf {
+    let path = scratch(tag).join("disk.img");
+    File::create(&path)
+        .and_then(|f| f.set_len(gib << 30))
+        .expect("create image");
+    let dev = bufcache::FileDevice::open(&path, true).expect("open image");
+    mkfs::newfs::newfs(&dev, &mkfs::newfs::NewfsOptions::default()).expect("newfs");
+    path
+}
+
+/// fsck of every PFS of `img`, which must find nothing.
+pub fn fsck_clean(img: &Path) {
+    let dev: Arc<dyn bufcache::BlockDevice> =
+        Arc::new(bufcache::FileDevice::open(img, false).expect("open image"));
+    let r = hammer2::fsck::fsck(dev, hammer2::fsck::Options::default()).expect("fsck");
+    let problems: Vec<String> = r.problems.iter().map(|p| p.to_string()).collect();
+    assert!(problems.is_empty(), "fsck: {problems:#?}");
+}
+
+/// A foreground read-write mount; `unmount` waits for the daemon's exit.
+pub struct Rw {
+    pub child: Option<Child>,
+    pub guard: Option<Mounted>,
+    pub log: PathBuf,
+}
+
+impl Rw {
+    pub fn new(img: &Path, mnt: &Path, opts: &str) -> Rw {
+        let log = mnt.with_extension("log");
+        let (child, guard) = mount_foreground(img.to_str().unwrap(), mnt, &log, opts);
+        Rw {
+            child: Some(child),
+            guard: Some(guard),
+            log,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Unmount and wait (two minutes at most) for a clean exit; the log.
+    pub fn unmount(mut self) -> String {
+        let guard = self.guard.take().expect("mounted");
+        nix::mount::umount(&guard.mnt).expect("umount");
+        let mut child = self.child.take().expect("running");
+        let status = wait_exit(&mut child, Duration::from_secs(120));
+        assert!(
+            status.success(),
+            "mount.hammer2 exited {status}:\n{}",
+            self.log()
+        );
+        self.log()
+    }
+
+    /// kill -9 the daemon, as a crash would, and detach its mountpoint.
+    pub fn crash(mut self) -> String {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(g) = self.guard.take() {
+            let _ = nix::mount::umount2(&g.mnt, nix::mount::MntFlags::MNT_DETACH);
+            std::mem::forget(g);
+        }
+        self.log()
+    }
+}
+
+impl Drop for Rw {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Bytes no compressor shrinks and dedup never matches (xorshift64 from
+/// `seed`).
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// xorshift64 for choices.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// Uniform in 0..n (0 for n = 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}

@@ -51,7 +51,9 @@ impl Mount {
                 what: format!("inode {dir}"),
             });
         }
+        self.load_next_inum(label)?;
         self.admit_change(label, &[NEW_INODE], 0, 0, Tier::Normal)?;
+        crate::volume::allow_io();
         let inum = self.alloc_inum(label)?;
         let mut data = new_meta(ObjType::Regfile, inum, &dmeta, mode, uid, gid, now);
         data.meta.nlinks = 0;
@@ -148,8 +150,12 @@ impl Mount {
                 what: format!("zero range in a {}", t.name()),
             });
         }
-        self.admit_change(label, &[inum], 0, blocks, Tier::Normal)?;
-        self.with_node(label, inum, |vol, n| {
+        let cost = self.admit_change(label, &[inum], 0, blocks, Tier::Normal)?;
+        // `punch` reads before it changes anything; a block missing from
+        // the cache fails it (and gives the admission back) so that the
+        // caller runs it again, which punching, growing and reserving the
+        // same range again makes no different.
+        let r = self.with_node(label, inum, |vol, n| {
             n.punch(vol, offset, len)?;
             if !keep_size && end > size {
                 n.truncate(vol, end)?;
@@ -159,7 +165,8 @@ impl Mount {
             n.data.meta.ctime = now;
             n.dirty = true;
             Ok(())
-        })
+        });
+        self.unadmit(cost, r)
     }
 
     /// Set inode `inum`'s access time to `atime` without making it dirty
@@ -169,12 +176,17 @@ impl Mount {
     /// not worth an error.
     pub fn touch_atime(&mut self, label: &str, inum: u64, atime: u64) -> Result<()> {
         self.writable()?;
+        // The inode in memory before anything is admitted (a read that
+        // misses the cache fails here, changing nothing).
+        self.with_node(label, inum, |_, _| Ok(()))?;
         let dirty = self.inode_dirty(label, inum);
         let known = self.pfs_mut(label)?.atimes.contains_key(&inum);
         if !known && !dirty {
             match self.admit_change(label, &[inum], 0, 0, Tier::Normal) {
                 Err(Error::NoSpace { .. }) => return Ok(()),
-                r => r?,
+                r => {
+                    r?;
+                }
             }
         }
         self.with_node(label, inum, |_, n| {
@@ -200,7 +212,8 @@ impl Mount {
 
     /// Hand the access times kept in memory to the next flush: their
     /// inodes become dirty (so `is_dirty` sees them). An inode removed
-    /// since needs nothing.
+    /// since needs nothing; one that cannot be loaded keeps its time
+    /// waiting, and the first such error is returned.
     pub fn flush_atimes(&mut self) -> Result<()> {
         let waiting: Vec<(String, u64, u64)> = self
             .pfs
@@ -222,6 +235,12 @@ impl Mount {
             match r {
                 Ok(()) | Err(Error::NotFound { .. }) => {}
                 Err(e) => {
+                    // Kept for the next try: an inode that is not in the
+                    // cache now (`volume::CacheOnly`, the caller runs again
+                    // once it is) or cannot be read now.
+                    if let Ok(p) = self.pfs_mut(&label) {
+                        p.atimes.entry(inum).or_insert(atime);
+                    }
                     first_error.get_or_insert(e);
                 }
             }
