@@ -529,18 +529,26 @@ impl InodeNode {
             .filter(|b| b.btype == BlockrefType::Data && !is_edge(b.key))
             .map(|b| b.key)
             .collect();
-        // Read the edge blocks that hold data before changing anything.
+        // Read the edge blocks that hold data before changing anything:
+        // all of them, then make them pending, so that a read that fails
+        // (or misses the cache, `volume::CacheOnly`) leaves no edge
+        // pending that the next try would not admit.
         let mut with_data = Vec::new();
+        let mut read = Vec::new();
         for &(lbase, _, _) in &edges {
-            let has_data = self.pending.contains_key(&lbase)
-                || self
-                    .table
-                    .lookup(vol, lbase)?
-                    .is_some_and(|b| b.btype == BlockrefType::Data);
-            if has_data {
-                self.pending_block(vol, lbase, false, 0)?;
+            if self.pending.contains_key(&lbase) {
+                with_data.push(lbase);
+            } else if self
+                .table
+                .lookup(vol, lbase)?
+                .is_some_and(|b| b.btype == BlockrefType::Data)
+            {
+                read.push((lbase, self.disk_block(vol, lbase)?));
                 with_data.push(lbase);
             }
+        }
+        for (lbase, b) in read {
+            self.pending.insert(lbase, Arc::new(b));
         }
         self.dirty = true;
         let whole: Vec<u64> = self

@@ -242,3 +242,175 @@ fn access_times_wait_for_a_flush_without_starting_one() {
     let mut m = open(&dev);
     assert_eq!(m.getattr(L, files[0]).unwrap().atime, T0 + 50);
 }
+
+/// A device whose cache starts cold: `read_cached` answers only for
+/// bytes read before (by `read_at`) or written, as a buffer cache does,
+/// so cache-only reads (`hammer2::volume::cache_only`) miss once per
+/// block.
+struct Cold {
+    dev: Arc<MemDevice>,
+    warm: std::sync::Mutex<std::collections::HashSet<u64>>,
+}
+
+impl Cold {
+    const GRAIN: u64 = 1024;
+
+    fn grains(offset: u64, len: usize) -> std::ops::Range<u64> {
+        offset / Self::GRAIN..(offset + len as u64).div_ceil(Self::GRAIN)
+    }
+
+    fn warm(&self, offset: u64, len: usize) {
+        self.warm.lock().unwrap().extend(Self::grains(offset, len));
+    }
+}
+
+impl BlockDevice for Cold {
+    fn size_bytes(&self) -> u64 {
+        self.dev.size_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.dev.read_at(buf, offset)?;
+        self.warm(offset, buf.len());
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.dev.write_at(buf, offset)?;
+        self.warm(offset, buf.len());
+        Ok(())
+    }
+    fn barrier(&self) -> std::io::Result<()> {
+        self.dev.barrier()
+    }
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> std::io::Result<bool> {
+        let warm = self.warm.lock().unwrap();
+        if !Self::grains(offset, buf.len()).all(|g| warm.contains(&g)) {
+            return Ok(false);
+        }
+        drop(warm);
+        self.dev.read_at(buf, offset).map(|()| true)
+    }
+}
+
+/// As the daemon runs a request (`RwVolume::locked`): cache-only, and
+/// when a read missed, read that block and run the whole unit again.
+/// Returns the result and how many runs missed.
+fn cache_only_unit<T>(
+    m: &mut Mount,
+    cold: &Cold,
+    mut f: impl FnMut(&mut Mount) -> hammer2::Result<T>,
+) -> (hammer2::Result<T>, usize) {
+    let mut misses = 0;
+    loop {
+        let r = {
+            let _only = hammer2::volume::cache_only();
+            hammer2::volume::take_miss();
+            f(m)
+        };
+        match hammer2::volume::take_miss() {
+            Some((at, bytes)) => {
+                misses += 1;
+                assert!(misses < 100, "a unit that never ends");
+                let mut buf = vec![0; bytes as usize];
+                cold.read_at(&mut buf, at).unwrap();
+            }
+            None => return (r, misses),
+        }
+    }
+}
+
+/// The operations of `mount/linux.rs` under the daemon's rule that a
+/// request reads only what the cache holds: one that misses fails before
+/// it changes anything and runs again once the block is read. On a cold
+/// cache each misses at least once, and ends as a single run on a warm
+/// cache does: the same data, size, times, links and the same space
+/// admitted (a retry does not admit twice), fsck clean after the flush.
+#[test]
+fn linux_operations_run_again_after_a_cache_miss_as_if_once() {
+    // The same image, then each operation on a warm and a cold mount.
+    let base = new_fs(5);
+    {
+        let mut m = open(&base);
+        let f = create_file(&mut m, L, ROOT_INUM, b"f").unwrap();
+        let data: Vec<u8> = (0..6 * 65536u32).map(|i| (i % 241 + 1) as u8).collect();
+        m.write(L, f, 0, &data, T0).unwrap();
+        m.mkdir(L, ROOT_INUM, b"d", 0o755, 0, 0, T0).unwrap();
+        create_file(&mut m, L, ROOT_INUM, b"g").unwrap();
+        m.flush().unwrap();
+    }
+    let copy = |dev: &Arc<MemDevice>| {
+        let c = Arc::new(MemDevice::new(dev.size_bytes()));
+        let mut buf = vec![0u8; 4 << 20];
+        let mut at = 0;
+        while at < dev.size_bytes() {
+            dev.read_at(&mut buf, at).unwrap();
+            c.write_at(&buf, at).unwrap();
+            at += buf.len() as u64;
+        }
+        c
+    };
+    type Outcome = (Vec<u8>, u64, u64, u32, u64, u64);
+    let run = |cold_cache: bool| -> (Outcome, usize) {
+        let dev = copy(&base);
+        let cold = Arc::new(Cold {
+            dev: dev.clone(),
+            warm: Default::default(),
+        });
+        let d: Arc<dyn BlockDevice> = cold.clone();
+        let mut m = Mount::open(d).unwrap();
+        if !cold_cache {
+            // Everything read once: nothing misses.
+            let mut buf = vec![0u8; 4 << 20];
+            let mut at = 0;
+            while at < dev.size_bytes() {
+                cold.read_at(&mut buf, at).unwrap();
+                at += buf.len() as u64;
+            }
+        }
+        let f = lookup(&mut m, ROOT_INUM, b"f").unwrap();
+        let g = lookup(&mut m, ROOT_INUM, b"g").unwrap();
+        let dir = lookup(&mut m, ROOT_INUM, b"d").unwrap();
+        let mut misses = 0;
+        let (r, n) = cache_only_unit(&mut m, &cold, |m| {
+            m.zero_range(L, f, 70_000, 3 * 65536, false, T0 + 1)
+        });
+        r.unwrap();
+        misses += n;
+        let (r, n) = cache_only_unit(&mut m, &cold, |m| m.touch_atime(L, g, T0 + 2));
+        r.unwrap();
+        misses += n;
+        let (t, n) = cache_only_unit(&mut m, &cold, |m| m.tmpfile(L, dir, 0o600, 0, 0, T0 + 3));
+        let t = t.unwrap();
+        misses += n;
+        m.link(L, t, dir, b"t", T0 + 3).unwrap();
+        m.unpin(L, t).unwrap();
+        let avail = m.statfs(L).unwrap().bytes_avail;
+        m.flush().unwrap();
+        drop(m);
+        assert!(fsck_problems_free(&dev).is_empty());
+        let mut m = open(&dev);
+        let size = m.getattr(L, f).unwrap().size;
+        let out = (
+            m.read(L, f, 0, size as usize).unwrap(),
+            size,
+            m.getattr(L, g).unwrap().atime,
+            m.getattr(L, t).unwrap().nlinks as u32,
+            t,
+            avail,
+        );
+        (out, misses)
+    };
+    let (warm, warm_misses) = run(false);
+    let (cold, cold_misses) = run(true);
+    assert_eq!(warm_misses, 0);
+    assert!(cold_misses >= 3, "each operation missed: {cold_misses}");
+    let mut want: Vec<u8> = (0..6 * 65536u32).map(|i| (i % 241 + 1) as u8).collect();
+    want[70_000..70_000 + 3 * 65536].fill(0);
+    assert!(warm.0 == want, "zeroed range");
+    assert_eq!((warm.1, warm.2, warm.3), (6 * 65536, T0 + 2, 1));
+    assert!(cold.0 == warm.0, "the same data");
+    assert_eq!(
+        (cold.1, cold.2, cold.3, cold.4, cold.5),
+        (warm.1, warm.2, warm.3, warm.4, warm.5),
+        "size, atime, links, inode number, space admitted"
+    );
+}
