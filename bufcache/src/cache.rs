@@ -293,6 +293,37 @@ impl BufCache {
         }
     }
 
+    /// One line for a mount's log: buffer hits and misses, how the
+    /// page lookups went (lockless hash, locked index, not found), and
+    /// the device traffic.
+    pub fn report(&self) -> String {
+        let s = self.stats();
+        let l = self.vm().stats().lookups;
+        let hits = l.fast + l.slow;
+        let share = if hits == 0 {
+            1.0
+        } else {
+            l.fast as f64 / hits as f64
+        };
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        format!(
+            "buffer cache: {} hits, {} misses; page lookups: {} lockless, {} locked \
+             ({:.4} of hits lockless), {} not found; device: {} reads ({:.1} MiB), \
+             {} writes ({:.1} MiB), {} barriers",
+            s.hits,
+            s.misses,
+            l.fast,
+            l.slow,
+            share,
+            l.miss,
+            s.device_reads,
+            mib(s.device_read_bytes),
+            s.device_writes,
+            mib(s.device_write_bytes),
+            s.barriers
+        )
+    }
+
     /// Whether an earlier write or barrier failed.
     pub fn is_poisoned(&self) -> bool {
         self.inner.is_poisoned()

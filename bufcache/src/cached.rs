@@ -20,8 +20,33 @@ pub struct CachedDevice {
 
 const FRAME: u64 = vmglue::FRAME_BYTES as u64;
 
+/// A shortage of pages is `OutOfMemory` (the library answers EAGAIN
+/// and poisons nothing); anything else is a device error.
 fn io_error(e: crate::Error) -> io::Error {
-    io::Error::other(e.to_string())
+    if e.is_resource() {
+        io::Error::new(io::ErrorKind::OutOfMemory, e.to_string())
+    } else {
+        io::Error::other(e.to_string())
+    }
+}
+
+/// Tries of a buffer operation that met a shortage of pages (each after
+/// the page layer's own wait) before the shortage is reported.
+const RESOURCE_TRIES: usize = 3;
+
+/// `op`, again while it fails for a shortage of pages (pageout and the
+/// cache's flusher free pages meanwhile), `RESOURCE_TRIES` times at most.
+fn retrying<T>(mut op: impl FnMut() -> crate::Result<T>) -> io::Result<T> {
+    let mut tries = 0;
+    loop {
+        match op() {
+            Err(e) if e.is_resource() && tries + 1 < RESOURCE_TRIES => {
+                tries += 1;
+                log::warn!("buffer cache: {e}; trying again ({tries} of {RESOURCE_TRIES})");
+            }
+            r => return r.map_err(io_error),
+        }
+    }
 }
 
 /// Split `[offset, offset+len)` at 64 KiB buffer boundaries.
@@ -55,9 +80,13 @@ impl BlockDevice for CachedDevice {
         self.cache.device().size_bytes()
     }
 
+    fn cache_report(&self) -> Option<String> {
+        Some(self.cache.report())
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         for (at, from, n) in pieces(offset, buf.len()) {
-            let b = self.cache.bread(at, n).map_err(io_error)?;
+            let b = retrying(|| self.cache.bread(at, n))?;
             buf[from..from + n].copy_from_slice(b.data());
         }
         Ok(())
@@ -65,9 +94,11 @@ impl BlockDevice for CachedDevice {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         for (at, from, n) in pieces(offset, buf.len()) {
-            let mut b = self.cache.getblk(at, n).map_err(io_error)?;
-            b.data_mut().copy_from_slice(&buf[from..from + n]);
-            b.bdwrite().map_err(io_error)?;
+            retrying(|| {
+                let mut b = self.cache.getblk(at, n)?;
+                b.data_mut().copy_from_slice(&buf[from..from + n]);
+                b.bdwrite()
+            })?;
         }
         Ok(())
     }

@@ -27,6 +27,12 @@ pub trait BlockDevice: Send + Sync {
     fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
         self.read_at(buf, offset).map(|()| true)
     }
+    /// One line on the device's cache for a mount's log (hits, the
+    /// share of page lookups served without a lock, device traffic), for
+    /// devices that cache; others say nothing.
+    fn cache_report(&self) -> Option<String> {
+        None
+    }
     /// Put a named mark in the device's write log, for devices that keep
     /// one (recording, log-writes). Others refuse with `Unsupported`.
     fn mark(&self, name: &str) -> io::Result<()> {

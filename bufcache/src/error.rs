@@ -35,6 +35,20 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+impl Error {
+    /// A shortage of the page layer (no free page within the wait, dirty
+    /// data over its limit for the whole throttle): nothing failed on
+    /// the device, and the same request may succeed later.
+    pub fn is_resource(&self) -> bool {
+        matches!(
+            self,
+            Error::Throttled { .. }
+                | Error::Vm(vmglue::Error::NoFreePages { .. })
+                | Error::Vm(vmglue::Error::WouldBlock { .. })
+        )
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

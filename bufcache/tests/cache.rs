@@ -352,3 +352,43 @@ fn concurrent_writers_and_readers_keep_their_data() {
     }
     cache.vm().verify().unwrap();
 }
+
+/// Pages all held: a `CachedDevice` read or write that needs another
+/// fails after its tries with `OutOfMemory` (a shortage, which the mount
+/// answers with EAGAIN), not as a device error, and poisons nothing;
+/// once the holds go, the same read and write work.
+#[test]
+fn a_shortage_of_pages_is_not_a_device_error() {
+    let mem = Arc::new(MemDevice::new(64 * MIB));
+    let mut vcfg = VmConfig::new(4 * MIB);
+    vcfg.alloc_wait_max = Duration::from_millis(50);
+    let vm = Vm::new(vcfg).unwrap();
+    let daemon = vm.start_pageout().unwrap();
+    let dev =
+        bufcache::CachedDevice::new(BufCache::new(mem, vm, BufCacheConfig::default()).unwrap());
+    let mut held = Vec::new();
+    let mut i = 0;
+    let short = loop {
+        match dev.cache().bread(i * F, F as usize) {
+            Ok(b) => held.push(b),
+            Err(e) => break e,
+        }
+        i += 1;
+        assert!(i < 1024, "4 MiB of pages never ran out");
+    };
+    assert!(short.is_resource(), "{short}");
+    let far = 32 * MIB;
+    let mut buf = vec![0u8; 4096];
+    let e = dev.read_at(&mut buf, far).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::OutOfMemory, "{e}");
+    let e = dev.write_at(&[7u8; 4096], far).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::OutOfMemory, "{e}");
+    assert!(!dev.cache().is_poisoned());
+    drop(held);
+    dev.write_at(&[7u8; 4096], far).unwrap();
+    dev.read_at(&mut buf, far).unwrap();
+    assert_eq!(buf, [7u8; 4096]);
+    dev.barrier().unwrap();
+    drop(dev);
+    drop(daemon);
+}

@@ -39,6 +39,12 @@ pub fn errno(e: &Error) -> i32 {
             log::debug!("{e}");
             libc::ELOOP
         }
+        // The buffer cache's page layer out of pages for the whole
+        // wait: no device failed, the request may work again later.
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::OutOfMemory => {
+            log::warn!("{e}");
+            libc::EAGAIN
+        }
         Error::Io { .. } => {
             log::error!("{e}");
             libc::EIO
@@ -107,6 +113,17 @@ mod tests {
                     source: std::io::Error::other("gone"),
                 },
                 libc::EIO,
+            ),
+            (
+                Error::Io {
+                    op: "read",
+                    at: 0x1000,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::OutOfMemory,
+                        "page layer: no free page",
+                    ),
+                },
+                libc::EAGAIN,
             ),
             (Error::corrupt(what(), 0x2000), libc::EIO),
             (

@@ -192,7 +192,26 @@ fn cached(
             " (an eighth of memory; cache_size= to set)"
         }
     );
-    Ok(Arc::new(bufcache::CachedDevice::new(cache)))
+    let dev = Arc::new(bufcache::CachedDevice::new(cache));
+    CACHES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(dev.clone());
+    Ok(dev)
+}
+
+/// The buffer caches this daemon made (one per mount it serves), for
+/// the report at its end.
+static CACHES: std::sync::Mutex<Vec<Arc<bufcache::CachedDevice>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Log what each buffer cache did (`BufCache::report`).
+fn log_cache_reports() {
+    for c in CACHES.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        if let Some(r) = c.cache_report() {
+            log::info!("{r}");
+        }
+    }
 }
 
 fn open_volume(image: &Path, dev: Arc<dyn BlockDevice>) -> Result<Volume, Failure> {
@@ -307,6 +326,10 @@ pub fn open_rw(image: &Path, label: &str, options: &Options) -> Result<Option<Op
     // recovery.
     let mut mount = Mount::open(dev)
         .map_err(|e| Failure::Mount(format!("{shown} cannot be opened read-write: {e}")))?;
+    // Decoded metadata stays in memory across flushes within a quarter
+    // of the cache's budget.
+    let budget = options.cache_size.unwrap_or_else(default_cache_size);
+    mount.set_metadata_limit((budget / 4) as usize);
     mount
         .getattr(label, ROOT_INUM)
         .map_err(|e| Failure::Mount(format!("{shown}@{label}: {e}")))?;
@@ -547,10 +570,12 @@ pub fn serve(req: &Request, ready: impl FnOnce()) -> Result<(), Failure> {
     let end = start_threads(session, signals).and_then(|events| wait_for_end(&events, &mnt, &dev));
     // Read-only: unmounted; the reader lock goes when the process does.
     let _reader = reader.map(|r| r.reader);
-    match rw {
+    let r = match rw {
         Some(v) => finish_rw(&v, end),
         None => end,
-    }
+    };
+    log_cache_reports();
+    r
 }
 
 /// After a read-write session: the last flush, whatever ended it (on a

@@ -462,14 +462,14 @@ impl RwVolume {
     /// One pipelined flush: take the dirty data (mount locked), write it
     /// (unlocked), write the tree and freemap into the cache (locked),
     /// wait for the device (barrier, header, barrier: unlocked), adopt
-    /// the header and free what waited for it (locked). Drops clean
-    /// inodes from memory when nothing is dirty. Returns the bytes
-    /// written.
+    /// the header and free what waited for it (locked). Keeps decoded
+    /// metadata within its budget when nothing is dirty
+    /// (`Mount::trim_metadata`). Returns the bytes written.
     fn flush_once(&self) -> hammer2::Result<u64> {
         let mut batch = {
             let mut m = self.mount();
             if !m.is_dirty() {
-                m.release_clean();
+                m.trim_metadata();
                 return Ok(0);
             }
             m.flush_begin()?

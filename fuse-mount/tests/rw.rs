@@ -982,3 +982,53 @@ fn a_tree_written_through_the_buffer_cache_reads_back_identical() {
     m.unmount();
     fsck_clean(&img);
 }
+
+/// The daemon's last words include its buffer cache's report, and the
+/// figures are those of the work done: a 4 MiB file written and then
+/// read back cold through a new mount shows at least 4 MiB read from
+/// the device and a page lookup per 64 KiB block of it.
+#[test]
+fn the_buffer_cache_reports_at_the_end() {
+    require_fuse();
+    let img = new_image("report");
+    let mnt = scratch("report-mnt");
+    let body = noise(9, 4 << 20);
+    let m = RwMount::new(&img, &mnt, "");
+    fs::write(mnt.join("f"), &body).unwrap();
+    m.unmount();
+    let m = RwMount::new(&img, &mnt, "");
+    assert!(fs::read(mnt.join("f")).unwrap() == body);
+    let mut m = m;
+    nix::mount::umount(&mnt).expect("umount");
+    m.wait_exit();
+    let log = m.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("buffer cache: "))
+        .unwrap_or_else(|| panic!("no cache report in the log:\n{log}"));
+    let number_before = |what: &str| -> f64 {
+        let i = line
+            .find(what)
+            .unwrap_or_else(|| panic!("{what:?} in {line}"));
+        line[..i]
+            .trim_end()
+            .rsplit([' ', '('])
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|e| panic!("{what:?} in {line}: {e}"))
+    };
+    let lockless = number_before(" lockless");
+    let locked = number_before(" locked");
+    let not_found = number_before(" not found");
+    assert!(
+        lockless + locked + not_found >= 64.0,
+        "{line}: fewer page lookups than the file's 64 blocks"
+    );
+    let read_mib: f64 = {
+        let i = line.find(" MiB), ").expect("device reads");
+        line[..i].rsplit('(').next().unwrap().parse().unwrap()
+    };
+    assert!(read_mib >= 4.0, "{line}: less than the file read");
+    fsck_clean(&img);
+}

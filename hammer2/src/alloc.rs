@@ -77,10 +77,12 @@
 mod bmap;
 mod bulkfree;
 mod recover;
+mod space;
 mod tree;
 
 pub use bulkfree::{ScanMap, SyncStats};
 pub use recover::RecoveryStats;
+pub use space::SpaceMap;
 
 use crate::dedup::{DedupKey, DedupTable};
 use crate::disk::freemap::{BmapData, BMAP_ALLOCATED, BMAP_FREE};

@@ -561,6 +561,17 @@ impl BlockTable {
         s
     }
 
+    /// Bytes of decoded blockrefs this table holds in memory, its
+    /// loaded indirect blocks included.
+    pub fn loaded_bytes(&self) -> usize {
+        self.entries.len() * std::mem::size_of::<Blockref>()
+            + self
+                .children
+                .values()
+                .map(|c| c.table.loaded_bytes())
+                .sum::<usize>()
+    }
+
     /// Drop loaded indirect blocks that are clean, to bound memory.
     pub fn release_clean(&mut self) {
         self.children.retain(|_, c| {

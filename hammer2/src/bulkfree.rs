@@ -32,11 +32,11 @@
 //! buffer; and `bulkfree_tid` is set to the flush the pass scanned
 //! (DragonFly leaves it 0).
 
+use crate::alloc::SpaceMap;
 use crate::alloc::{ScanMap, SyncStats};
 use crate::chain::read_node;
 use crate::disk::{Blockref, BlockrefType, InodeData, SET_COUNT};
 use crate::error::{Error, Result};
-use crate::flush::SpaceMap;
 use crate::mount::{lock_space, Mount};
 use crate::volume::Volume;
 use std::collections::HashSet;

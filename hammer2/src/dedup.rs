@@ -27,10 +27,7 @@
 //! referenced by as many blockrefs as share it, and bulkfree, which marks
 //! every block any blockref reaches, keeps it while any does.
 
-use crate::disk::{BlockrefType, DataOff};
-use crate::error::{Error, Result};
-use crate::flush::SpaceMap;
-use bufcache::BlockDevice;
+use crate::disk::DataOff;
 use std::collections::{HashMap, VecDeque};
 
 /// Entries kept: 64 Ki fingerprints, about 4 GiB of 64 KiB blocks
@@ -132,70 +129,6 @@ impl DedupTable {
         self.by_off.clear();
         self.order.clear();
     }
-}
-
-/// Where a file data block went.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Placed {
-    /// A new block, to be written (`write_placed`) and then recorded.
-    New(DataOff),
-    /// An existing block with the same bytes; nothing to write.
-    /// `durable`: the block was written by an earlier flush (a share of
-    /// it is not released with `release_unflushed`).
-    Shared { off: DataOff, durable: bool },
-}
-
-impl Placed {
-    pub fn off(&self) -> DataOff {
-        match *self {
-            Placed::New(off) | Placed::Shared { off, .. } => off,
-        }
-    }
-}
-
-/// Blocks with a check code take part; as in DragonFly, blocks with
-/// check NONE or DISABLED do not (DragonFly may overwrite such a block in
-/// place, which a shared block must never be).
-pub fn dedupable(methods: u8) -> bool {
-    crate::disk::dec_check(methods) > crate::disk::check_method::DISABLED
-}
-
-/// Find a block for the file data `phys` (blockref methods `methods`,
-/// file offset `key`): a recent block with the same bytes when the table
-/// has one and the device confirms it, else a new allocation.
-pub fn place_data(
-    space: &mut dyn SpaceMap,
-    dev: &dyn BlockDevice,
-    fp: &DedupKey,
-    phys: &[u8],
-    key: u64,
-    flush: bool,
-) -> Result<Placed> {
-    if !dedupable(fp.methods) {
-        let off = space.alloc(BlockrefType::Data, phys.len() as u64, key, flush)?;
-        return Ok(Placed::New(off));
-    }
-    // The candidate's bytes from memory only (a flush may hold the
-    // mount's lock here): one that is not cached is not shared.
-    let mut same = |off: DataOff| {
-        let mut buf = vec![0u8; phys.len()];
-        matches!(dev.read_cached(&mut buf, off.offset()), Ok(true)) && buf == phys
-    };
-    if let Some((off, durable)) = space.dedup(fp, &mut same) {
-        return Ok(Placed::Shared { off, durable });
-    }
-    let off = space.alloc(BlockrefType::Data, phys.len() as u64, key, flush)?;
-    Ok(Placed::New(off))
-}
-
-/// Write a newly placed block.
-pub fn write_placed(dev: &dyn BlockDevice, off: DataOff, phys: &[u8]) -> Result<()> {
-    dev.write_at(phys, off.offset())
-        .map_err(|source| Error::Io {
-            op: "write",
-            at: off.offset(),
-            source,
-        })
 }
 
 #[cfg(test)]

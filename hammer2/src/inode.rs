@@ -49,7 +49,7 @@ pub struct InodeNode {
     /// Anything here differs from disk.
     pub dirty: bool,
     /// Whether the flush tries to compress this file's next block.
-    pub comp_heuristic: crate::flush::CompHeuristic,
+    pub comp_heuristic: crate::strategy::CompHeuristic,
     /// 64 KiB blocks fallocate reserved room for (`reserve.rs`), by
     /// block number.
     pub reserved: BlockRanges,
@@ -395,7 +395,7 @@ impl InodeNode {
         let size = self.size();
         let keys: Vec<u64> = self.pending.range(..size).map(|(k, _)| *k).collect();
         for lbase in keys {
-            bytes = bytes.wrapping_add(crate::flush::physical_block_size(size, lbase));
+            bytes = bytes.wrapping_add(crate::strategy::physical_block_size(size, lbase));
             if let Ok(Some(old)) = self.table.lookup(vol, lbase) {
                 bytes = bytes.wrapping_sub(old.data_off.bytes());
             }

@@ -28,6 +28,7 @@ pub mod orphans;
 pub mod pfsops;
 pub mod reserve;
 pub mod setmethods;
+pub mod strategy;
 
 pub use error::{Error, Result};
 pub mod blocktable;

@@ -18,15 +18,19 @@
 //! modifying call fails with `Error::Poisoned` until the image is opened
 //! again; what is on disk stays the state of the last completed flush.
 
-use crate::dedup::{dedupable, place_data, write_placed, DedupKey, Placed};
+use crate::alloc::SpaceMap;
+use crate::dedup::DedupKey;
 use crate::disk::{
     self, Blockref, BlockrefType, DirentHead, InodeData, InodeMeta, ObjType, Uuid,
     BREF_FLAG_PFSROOT, INODE_START, OPFLAG_DIRECTDATA, VOLUME_BYTES,
 };
 use crate::error::{Error, Result};
-use crate::flush::{data_bref, encode_data_block, flush_inode, CompHeuristic, SpaceMap, Writer};
+use crate::flush::{flush_inode, Writer};
 use crate::inode::{InodeNode, PendingChange};
 use crate::pfs::{self, DirEntry};
+use crate::strategy::{
+    data_bref, dedupable, encode_data_block, place_data, write_placed, CompHeuristic, Placed,
+};
 use crate::volume::Volume;
 use bufcache::BlockDevice;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -175,7 +179,14 @@ pub struct Mount {
     /// later `modify_tid` were written by this mount, which knows every
     /// block its dedup shared (see `flush_inner`).
     session_tid: u64,
+    /// Bytes of decoded metadata (inodes, the indirect blocks under
+    /// them, the PFS roots' inode indexes) kept in memory across flushes
+    /// before the clean part is dropped (`trim_metadata`).
+    meta_limit: usize,
 }
+
+/// `Mount::meta_limit` unless the caller sets one.
+pub const META_LIMIT_DEFAULT: usize = 64 << 20;
 
 fn new_meta(
     obj_type: ObjType,
@@ -237,6 +248,7 @@ impl Mount {
             sroot,
             pfs: BTreeMap::new(),
             poisoned: None,
+            meta_limit: META_LIMIT_DEFAULT,
         })
     }
 
@@ -1332,13 +1344,45 @@ impl Mount {
             .sum()
     }
 
-    /// Drop clean inodes from memory (they are read again when next
-    /// needed), as a flush does; for a mount that only reads between
-    /// flushes.
+    /// Drop clean metadata from memory (it is read again when next
+    /// needed): clean inodes, and the clean indirect blocks of the
+    /// inodes kept and of the PFS roots' and super-root's indexes.
     pub fn release_clean(&mut self) {
         for p in self.pfs.values_mut() {
             p.inodes
                 .retain(|_, n| n.dirty || !n.pending.is_empty() || n.reserved_bytes() > 0);
+            for n in p.inodes.values_mut() {
+                n.table.release_clean();
+            }
+            p.root.table.release_clean();
+        }
+        self.sroot.table.release_clean();
+    }
+
+    /// Bytes of decoded metadata in memory (an estimate: inode data and
+    /// the blockrefs of every loaded table).
+    pub fn metadata_bytes(&self) -> usize {
+        let node = |n: &InodeNode| std::mem::size_of::<InodeNode>() + n.table.loaded_bytes();
+        node(&self.sroot)
+            + self
+                .pfs
+                .values()
+                .map(|p| node(&p.root) + p.inodes.values().map(node).sum::<usize>())
+                .sum::<usize>()
+    }
+
+    /// The budget of `metadata_bytes` past which `trim_metadata` drops
+    /// what is clean (a mount gives it a share of its cache's budget).
+    pub fn set_metadata_limit(&mut self, bytes: usize) {
+        self.meta_limit = bytes;
+    }
+
+    /// Keep decoded metadata across flushes while it fits the budget;
+    /// past it, drop what is clean. Every flush calls it, and an idle
+    /// mount's flusher.
+    pub fn trim_metadata(&mut self) {
+        if self.metadata_bytes() > self.meta_limit {
+            self.release_clean();
         }
     }
 
@@ -1440,7 +1484,10 @@ impl Mount {
             Prepared::Commit(c) => io.and_then(|()| self.adopt_header(*c)),
         };
         match &result {
-            Ok(_) => self.admitted = self.held_after_commit(),
+            Ok(_) => {
+                self.admitted = self.held_after_commit();
+                self.trim_metadata();
+            }
             Err(e) => self.note_flush_error(e),
         }
         result
@@ -1578,8 +1625,6 @@ impl Mount {
             for node in p.inodes.values_mut() {
                 drops.extend(node.table.take_dropped());
             }
-            p.inodes
-                .retain(|_, n| n.dirty || !n.pending.is_empty() || n.reserved_bytes() > 0);
             if p.root.dirty {
                 let br = flush_inode(&mut w, &mut p.root, p.key, BREF_FLAG_PFSROOT)?;
                 sroot
@@ -1687,7 +1732,10 @@ impl Mount {
     fn commit_now(&mut self) -> Result<FlushStats> {
         let r = self.flush_inner();
         match &r {
-            Ok(_) => self.admitted = self.held_after_commit(),
+            Ok(_) => {
+                self.admitted = self.held_after_commit();
+                self.trim_metadata();
+            }
             Err(e @ Error::Io { .. }) => {
                 log::error!("flush failed, refusing further writes: {e}");
                 self.poisoned = Some(e.to_string());

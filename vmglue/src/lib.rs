@@ -6,14 +6,16 @@
 //!
 //! Modules, one per subsystem (DragonFly's file names without `vm_`):
 //! `page` (the page structure and its atomic protocols), `arena` (the
-//! mapping; the only `unsafe`), `queue` (colored queues and the requeue
+//! mapping; most of the `unsafe`), `queue` (colored queues and the requeue
 //! stack), `hash` (the lockless page hash), `index` (the authoritative
 //! key -> page index), `wait` (sleeping on busy pages), `vm` (the `Vm`,
 //! lookup, allocation, the page guards), `pageout` (the scans, laundering,
 //! the daemon), `budget` (shrinking and growing the budget), `stats`.
 
 // The arena hands out frame slices from a raw mapping; that needs `unsafe`
-// in `arena.rs` (and only there: every other module forbids it below).
+// in `arena.rs`, at the marked frame-access sites of `vm.rs`, `pageout.rs`
+// and `budget.rs`, and for the thread CPU clock in `stats.rs` (those
+// modules deny `unsafe_code` and allow it site by site).
 #![allow(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 

@@ -1,8 +1,7 @@
-//! Counters: lookups that missed the lockless path (slow-path hits and
-//! misses), per thread so that counting writes only the counting thread's
-//! own cache line, and the durations of pageout runs. Fast-path hits are
-//! not counted: the fast path writes nothing but its slot (a caller that
-//! knows how many lookups it made gets the fast share from `slow`).
+//! Counters: lookups by path (lockless hits, slow-path hits, misses),
+//! per thread so that counting writes only the counting thread's own
+//! cache line (no locked instruction, no shared line on the lockless
+//! path), and the durations of pageout runs.
 
 // `unsafe` only for the thread CPU clock (see `thread_cpu_time`).
 #![deny(unsafe_code)]
@@ -19,6 +18,7 @@ const DURATIONS_MAX: usize = 1 << 16;
 #[repr(align(128))]
 #[derive(Default)]
 struct LookupCounters {
+    fast: AtomicU64,
     slow: AtomicU64,
     miss: AtomicU64,
 }
@@ -59,8 +59,9 @@ pub(crate) struct Stats {
 /// Lookup counts by path.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LookupStats {
-    /// Hits that fell back to the locked index (all other hits were
-    /// served by the lockless page hash).
+    /// Hits served by the lockless page hash.
+    pub fast: u64,
+    /// Hits that fell back to the locked index.
     pub slow: u64,
     /// Lookups that found nothing.
     pub miss: u64,
@@ -80,6 +81,11 @@ impl Stats {
         &self.lookups[thread_slot() % SLOTS]
     }
 
+    #[inline]
+    pub fn lookup_fast(&self) {
+        bump(&self.mine().fast);
+    }
+
     pub fn lookup_slow(&self) {
         bump(&self.mine().slow);
     }
@@ -91,6 +97,7 @@ impl Stats {
     pub fn lookups(&self) -> LookupStats {
         let mut s = LookupStats::default();
         for c in self.lookups.iter() {
+            s.fast += c.fast.load(Ordering::Relaxed);
             s.slow += c.slow.load(Ordering::Relaxed);
             s.miss += c.miss.load(Ordering::Relaxed);
         }
@@ -99,6 +106,7 @@ impl Stats {
 
     pub fn reset_lookups(&self) {
         for c in self.lookups.iter() {
+            c.fast.store(0, Ordering::Relaxed);
             c.slow.store(0, Ordering::Relaxed);
             c.miss.store(0, Ordering::Relaxed);
         }

@@ -388,6 +388,7 @@ impl Vm {
     #[inline]
     pub fn lookup(&self, key: PageKey) -> Option<PageHold<'_>> {
         if let Some(hit) = self.hash.lookup(key) {
+            self.stats.lookup_fast();
             return Some(PageHold {
                 vm: self,
                 idx: hit.idx,

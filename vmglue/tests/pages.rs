@@ -304,6 +304,7 @@ fn resident_hits_take_the_lockless_path() {
     let s = vm.stats().lookups;
     assert_eq!(s.miss, 0);
     let hits = 10 * keys;
+    assert_eq!(s.fast + s.slow, hits, "every hit counted once, by its path");
     let share = (hits - s.slow) as f64 / hits as f64;
     assert!(share >= 0.99, "lock-free share {share}");
 }
