@@ -3,8 +3,12 @@
 //! FUSE node ids are HAMMER2 inode numbers: node 1 is the PFS root
 //! (inum 1 in every PFS DragonFly makes; `Ids` maps it whatever it is),
 //! and every other inode keeps its inum (HAMMER2 numbers them from 1024
-//! up, so nothing collides with the root). Inums are never reused, so the
-//! generation is always 0.
+//! up, so nothing collides with the root). Node ids are therefore stable
+//! across remounts, which file handles (`name_to_handle_at`, NFS) need.
+//! A PFS hands out inums from a counter that only grows, but a crash
+//! loses the numbers given since the last flush, which the next mount
+//! gives again; the generation (`generation`) tells such a new inode
+//! from the old one a handle names.
 //!
 //! `InodeTable` keeps, per node, the kernel's lookup count (lookup and
 //! readdirplus add one, forget takes some away) and the decoded inode,
@@ -14,7 +18,7 @@
 //! I/O. A read-write mount caches no decoded inodes here (they change;
 //! the library's `Mount` holds the live ones): only the counts.
 
-use fuser::{FileAttr, FileType, INodeNo};
+use fuser::{FileAttr, FileType, Generation, INodeNo};
 use hammer2::disk::{InodeMeta, ObjType};
 use hammer2::Inode;
 use std::collections::HashMap;
@@ -181,6 +185,23 @@ pub fn attr_of(ino: u64, m: &InodeMeta, bytes: u64) -> Option<FileAttr> {
     })
 }
 
+/// The generation of a node (the kernel's `i_generation`, which every
+/// file handle carries and `open_by_handle_at` compares): the low 32
+/// bits of the inode's creation time in microseconds, which never
+/// changes, so two inodes given the same number (one lost in a crash
+/// before its flush, then its number given again) differ. The root is
+/// 0, as the kernel makes it at mount time.
+pub fn generation(attr: &FileAttr) -> Generation {
+    if attr.ino == INodeNo::ROOT {
+        return Generation(0);
+    }
+    let us = attr
+        .crtime
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    Generation(us as u64 & 0xffff_ffff)
+}
+
 /// Stand-in attributes for an entry whose inode cannot be read: the
 /// type from its directory entry, nothing else (sent with a zero TTL, so
 /// the next stat asks again and gets the error).
@@ -246,6 +267,24 @@ pub fn supplementary_groups(pid: u32) -> Vec<u32> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Linux's CAP_FSETID, the capability that keeps set-user-ID and
+/// set-group-ID bits through a change of the file's data.
+const CAP_FSETID: u32 = 4;
+
+/// Does process (or thread) `pid`, running as `uid`, hold CAP_FSETID
+/// (its effective set, `CapEff` in `/proc/PID/status`)? When that
+/// cannot be read (it exited), whether it is root.
+pub fn has_cap_fsetid(pid: u32, uid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return uid == 0;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .map_or(uid == 0, |caps| caps & (1 << CAP_FSETID) != 0)
 }
 
 #[cfg(test)]

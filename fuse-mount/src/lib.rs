@@ -11,6 +11,8 @@
 //! - `cookie`: readdir offsets from directory keys.
 //! - `ctl`: the control channel the `hammer2` tool talks to (ioctls).
 //! - `dirlinks`: POSIX link counts for directories.
+//! - `atime`: when reads update access times (relatime, strictatime,
+//!   noatime).
 //! - `errno`: the one mapping from `hammer2::Error` to an errno.
 //! - `options`: `-o` options as mount(8) and fstab pass them.
 //! - `mount`: opening the image, mounting, serving, unmounting on signals.
@@ -21,6 +23,7 @@
 // Denied (the workspace lint), not forbidden: `loopdev` allows it.
 #![deny(unsafe_code)]
 
+pub mod atime;
 pub mod cookie;
 pub mod ctl;
 pub mod dirlinks;

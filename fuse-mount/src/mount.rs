@@ -740,7 +740,8 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
     let image = PathBuf::from(shown_source(&img));
     let fs = match &rw {
         Some(v) => Hammer2Fs::new_rw(v.clone(), o.default_permissions)
-            .with_writeback_cache(o.writeback_cache),
+            .with_writeback_cache(o.writeback_cache)
+            .with_atime(o.atime),
         None => Hammer2Fs::new(
             open_pfs(&img, &req.label, o.cache_size)?,
             o.default_permissions,
@@ -791,6 +792,7 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
     // the mount lets go); ours can go.
     let over = blk.map(|(device, _)| device);
     // fuser takes a duplicate; `dev` stays to watch the connection.
+    let notifier = fs.notifier_slot();
     let session = dev
         .try_clone()
         .and_then(|fd| fuser::Session::from_fd(fs, OwnedFd::from(fd), acl, config))
@@ -798,6 +800,7 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
             let _ = nix::mount::umount2(&mnt, MntFlags::MNT_DETACH);
             Failure::Mount(format!("FUSE handshake on {} failed: {e}", mnt.display()))
         })?;
+    let _ = notifier.set(session.notifier());
     if o.read_write {
         let interval = o
             .sync_interval

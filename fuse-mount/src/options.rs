@@ -4,6 +4,7 @@
 //! (a warning with `-s`, mount(8)'s "sloppy" flag), so a typo in fstab
 //! does not silently mount with different semantics.
 
+use crate::atime::{self, Mode};
 use fuser::{Config, SessionACL};
 use nix::mount::MsFlags;
 use std::path::PathBuf;
@@ -35,7 +36,9 @@ pub struct Options {
     pub suid: bool,
     pub dev: bool,
     pub exec: bool,
-    pub atime: bool,
+    /// `relatime` (the default), `strictatime`, `noatime`, `nodiratime`:
+    /// when reads update access times (read-write; see `atime`).
+    pub atime: atime::Policy,
     /// `sync`, `async` or `dirsync`, passed through (nothing is written).
     pub sync: Option<Sync>,
     /// The source name shown in /proc/mounts (default: the image path).
@@ -104,7 +107,7 @@ impl Default for Options {
             suid: false,
             dev: false,
             exec: true,
-            atime: true,
+            atime: atime::Policy::default(),
             sync: None,
             fsname: None,
             read_write: READ_WRITE_BY_DEFAULT,
@@ -166,8 +169,9 @@ impl Options {
 }
 
 /// Options accepted and ignored: mount(8) and fstab bookkeeping that
-/// reaches helpers, and atime policies (reads never update atime; see
-/// README).
+/// reaches helpers; `norelatime`, which leaves Linux's default
+/// (relatime) as it is; `lazytime`, what access times always are here
+/// (kept in memory until a flush happens anyway).
 const IGNORED: &[&str] = &[
     "defaults",
     "auto",
@@ -179,12 +183,7 @@ const IGNORED: &[&str] = &[
     "users",
     "owner",
     "group",
-    "relatime",
     "norelatime",
-    "strictatime",
-    "nostrictatime",
-    "diratime",
-    "nodiratime",
     "lazytime",
     "nolazytime",
 ];
@@ -222,8 +221,17 @@ pub fn parse_from<S: AsRef<str>>(
             "nodev" => o.dev = false,
             "exec" => o.exec = true,
             "noexec" => o.exec = false,
-            "atime" => o.atime = true,
-            "noatime" => o.atime = false,
+            // As the kernel takes them: `atime` and `nostrictatime` undo
+            // `noatime` and `strictatime`, back to relatime.
+            "atime" if o.atime.mode == Mode::Never => o.atime.mode = Mode::Relatime,
+            "atime" => {}
+            "noatime" => o.atime.mode = Mode::Never,
+            "relatime" => o.atime.mode = Mode::Relatime,
+            "strictatime" => o.atime.mode = Mode::Strict,
+            "nostrictatime" if o.atime.mode == Mode::Strict => o.atime.mode = Mode::Relatime,
+            "nostrictatime" => {}
+            "diratime" => o.atime.dirs = true,
+            "nodiratime" => o.atime.dirs = false,
             "writeback_cache" => o.writeback_cache = true,
             "snapdir" => o.snapdir = true,
             "autobulkfree" => o.autobulkfree = Some(AUTOBULKFREE_DEFAULT),
@@ -310,7 +318,9 @@ impl Options {
             (!self.suid, MsFlags::MS_NOSUID),
             (!self.dev, MsFlags::MS_NODEV),
             (!self.exec, MsFlags::MS_NOEXEC),
-            (!self.atime, MsFlags::MS_NOATIME),
+            (self.atime.mode == Mode::Never, MsFlags::MS_NOATIME),
+            (self.atime.mode == Mode::Strict, MsFlags::MS_STRICTATIME),
+            (!self.atime.dirs, MsFlags::MS_NODIRATIME),
             (self.sync == Some(Sync::Sync), MsFlags::MS_SYNCHRONOUS),
             (self.sync == Some(Sync::DirSync), MsFlags::MS_DIRSYNC),
         ];
@@ -505,6 +515,29 @@ mod tests {
         assert!(parse(&["ro,frobnicate"], true).is_ok());
         let e = parse(&["auto_unmount"], false).unwrap_err();
         assert!(e.contains("auto_unmount"), "{e}");
+    }
+
+    #[test]
+    fn atime_policies() {
+        let p = |s: &str| parse(&[s], false).unwrap().atime;
+        assert_eq!(
+            parse::<&str>(&[], false).unwrap().atime,
+            atime::Policy::default()
+        );
+        assert_eq!(p("noatime").mode, Mode::Never);
+        assert_eq!(p("strictatime").mode, Mode::Strict);
+        assert_eq!(p("noatime,relatime").mode, Mode::Relatime);
+        assert_eq!(p("noatime,atime").mode, Mode::Relatime);
+        assert_eq!(p("strictatime,atime").mode, Mode::Strict);
+        assert_eq!(p("strictatime,nostrictatime").mode, Mode::Relatime);
+        assert_eq!(p("strictatime,norelatime,lazytime").mode, Mode::Strict);
+        assert!(!p("nodiratime").dirs);
+        assert!(p("nodiratime,diratime").dirs);
+        let o = parse(&["strictatime,nodiratime"], false).unwrap();
+        assert!(o
+            .ms_flags()
+            .contains(MsFlags::MS_STRICTATIME | MsFlags::MS_NODIRATIME));
+        assert!(!o.ms_flags().contains(MsFlags::MS_NOATIME));
     }
 
     #[test]

@@ -278,7 +278,25 @@ impl RwVolume {
     /// parallel and a slow device stalls only its readers. The ticket
     /// keeps the blocks from being freed until the reads are done.
     pub fn read(&self, inum: u64, offset: u64, len: usize) -> hammer2::Result<Vec<u8>> {
-        let (plan, ticket) = self.locked(|m| m.read_plan(&self.label, inum, offset, len))?;
+        self.read_noting(inum, offset, len, |_| {})
+    }
+
+    /// `read`, with `noted` called under the lock once the plan is taken
+    /// (an access time to update with it).
+    pub fn read_noting(
+        &self,
+        inum: u64,
+        offset: u64,
+        len: usize,
+        mut noted: impl FnMut(&mut Mount),
+    ) -> hammer2::Result<Vec<u8>> {
+        let (plan, ticket) = self.locked(|m| {
+            let r = m.read_plan(&self.label, inum, offset, len);
+            if r.is_ok() {
+                noted(m);
+            }
+            r
+        })?;
         let r = plan.run(&self.reader);
         drop(ticket);
         r
@@ -353,6 +371,9 @@ impl RwVolume {
     /// fsync: wait for a flush that starts after this call, and return
     /// its errno if it failed (EIO if the mount was poisoned before).
     pub fn sync(&self) -> Result<(), i32> {
+        // Access times wait in memory for a flush that happens anyway;
+        // an fsync or sync writes them too.
+        self.hand_over_atimes();
         let mut st = lock(&self.flush);
         if st.poisoned.is_some() {
             return Err(libc::EIO);
@@ -507,6 +528,9 @@ impl RwVolume {
     /// any did.
     pub fn shutdown(&self) -> Result<(), String> {
         let first = !std::mem::replace(&mut lock(&self.flush).stop, true);
+        if first {
+            self.hand_over_atimes();
+        }
         self.cv.notify_all();
         if let Some(t) = lock(&self.flusher).take() {
             if t.join().is_err() {
@@ -540,6 +564,14 @@ impl RwVolume {
         match &st.poisoned {
             Some((_, why)) => Err(why.clone()),
             None => Ok(()),
+        }
+    }
+
+    /// Make the access times kept in memory part of the next flush
+    /// (`Mount::flush_atimes`).
+    fn hand_over_atimes(&self) {
+        if let Err(e) = self.locked(|m| m.flush_atimes()) {
+            log::warn!("{}: access times not written: {e}", self.label);
         }
     }
 

@@ -36,18 +36,19 @@
 //! and groups (the supplementary ones read from /proc when they decide),
 //! and `fs.protected_hardlinks`.
 
+use crate::atime;
 use crate::cookie;
 use crate::dirlinks::DirLinks;
 use crate::errno::errno;
-use crate::inode::{self, attr_of, placeholder_attr, Ids, InodeTable, BLOCK_BYTES};
+use crate::inode::{self, attr_of, generation, placeholder_attr, Ids, InodeTable, BLOCK_BYTES};
 use crate::rw::RwVolume;
 use crate::snapdir::{self, is_snap, SnapDir};
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
-    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner,
-    OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Filesystem, FopenFlags, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenAccMode,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
 };
 use hammer2::disk::{InodeMeta, ObjType};
 use hammer2::mount::{Mount, SetAttr};
@@ -58,7 +59,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How long the kernel may trust names and attributes without asking
@@ -135,6 +136,11 @@ pub struct Hammer2Fs {
     check_permissions: bool,
     /// FUSE_WRITEBACK_CACHE asked for (read-write only).
     writeback_cache: bool,
+    /// When reads update access times (read-write only; see `atime`).
+    atime: atime::Policy,
+    /// The session's channel for notifications to the kernel, set once
+    /// the session exists (`notifier_slot`).
+    notifier: Arc<OnceLock<fuser::Notifier>>,
     /// `-o snapdir`: the snapshots under `.snapshot` at the root.
     pub(crate) snapdir: Option<SnapDir>,
     ttl: Duration,
@@ -271,6 +277,8 @@ impl Hammer2Fs {
             next_fh: AtomicU64::new(1),
             check_permissions: !default_permissions,
             writeback_cache: false,
+            atime: atime::Policy::default(),
+            notifier: Arc::default(),
             snapdir: None,
             ttl,
             counters: Counters::default(),
@@ -346,6 +354,51 @@ impl Hammer2Fs {
     pub fn with_writeback_cache(mut self, on: bool) -> Hammer2Fs {
         self.writeback_cache = on && self.read_write();
         self
+    }
+
+    /// Where the mount puts the session's notifier once the session is
+    /// made (the filesystem moves into it first).
+    pub fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
+    }
+
+    /// Node `ino`'s attributes changed in a way the kernel cannot know
+    /// from the request it sent (a set-group-ID bit cleared with a
+    /// write): drop its cached attributes. Only attributes, no pages, so
+    /// it takes no lock the kernel may hold for the request in flight.
+    fn attrs_changed(&self, ino: u64) {
+        if let Some(n) = self.notifier.get() {
+            if let Err(e) = n.inval_inode(INodeNo(ino), -1, 0) {
+                log::debug!("invalidating the attributes of node {ino}: {e}");
+            }
+        }
+    }
+
+    /// The access time rules (`-o relatime`, `strictatime`, `noatime`,
+    /// `nodiratime`); a read-only mount never updates them.
+    pub fn with_atime(mut self, policy: atime::Policy) -> Hammer2Fs {
+        self.atime = policy;
+        self
+    }
+
+    /// Node `inum` was read (its data, or a directory's listing) at
+    /// `now`: update its access time when the policy says so, without
+    /// making the mount dirty (`Mount::touch_atime`). Never an error for
+    /// the read: one is logged at debug level.
+    fn accessed(&self, m: &mut Mount, label: &str, inum: u64, now: u64) {
+        if self.atime.mode == atime::Mode::Never {
+            return;
+        }
+        let r = m.getattr(label, inum).and_then(|meta| {
+            if self.atime.due(&meta, now) {
+                m.touch_atime(label, inum, now)
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = r {
+            log::debug!("access time of inode {inum} not updated: {e}");
+        }
     }
 
     fn read_write(&self) -> bool {
@@ -493,7 +546,9 @@ impl Hammer2Fs {
         bytes: u64,
     ) -> Result<FileAttr, Errno> {
         let mut a = self.attr_of_meta(ino, m, bytes)?;
-        if m.obj_type == ObjType::Directory {
+        // A directory removed (rmdir, or replaced by a rename) while it
+        // is open has no links: its 0 on disk, not a count.
+        if m.obj_type == ObjType::Directory && m.nlinks != 0 {
             a.nlink = self.dirlinks.nlink(m.inum, || {
                 Ok::<_, Errno>(subdirs(&self.h(mount.readdir(label, m.inum, 0))?))
             })?;
@@ -754,6 +809,11 @@ impl Hammer2Fs {
             _ => {
                 let l = Arc::new(self.list(dir, 0)?);
                 *stream.listing.lock().unwrap_or_else(|p| p.into_inner()) = Some(l.clone());
+                // A listing from the start is an access of the directory.
+                if let Store::ReadWrite(v) = &self.store {
+                    let inum = self.ids.inum(dir.0);
+                    v.locked(|m| self.accessed(m, &v.label, inum, now_us()));
+                }
                 l
             }
         };
@@ -783,7 +843,7 @@ impl Hammer2Fs {
         match r {
             Ok(attr) => {
                 self.inodes.remember(attr.ino.0, None);
-                reply.entry(&self.ttl, &attr, Generation(0))
+                reply.entry(&self.ttl, &attr, generation(&attr))
             }
             Err(e) => reply.error(e),
         }
@@ -822,6 +882,69 @@ impl Hammer2Fs {
             }
             self.attr_in(m, label, self.ids.ino(inum))
         })
+    }
+
+    /// A change of file `inum`'s data by the caller of `req` (write,
+    /// truncate, fallocate): clear set-user-ID and set-group-ID as Linux
+    /// does for local filesystems (`setattr_should_drop_suidgid`) unless
+    /// the caller holds CAP_FSETID: set-user-ID always, set-group-ID
+    /// when the file is group-executable or the caller is not in its
+    /// group. The kernel has FUSE drop set-user-ID, and set-group-ID of a
+    /// group-executable file, itself (a SETATTR before the change), but
+    /// not a set-group-ID bit without group execute
+    /// (fs/fuse/dir.c, `fuse_setattr`): that is left to the filesystem.
+    fn drop_suid_sgid(
+        &self,
+        req: &Request,
+        m: &mut Mount,
+        label: &str,
+        inum: u64,
+    ) -> Result<(), Errno> {
+        let meta = self.h(m.getattr(label, inum))?;
+        if meta.mode & (S_ISUID | S_ISGID) == 0 || meta.obj_type != ObjType::Regfile {
+            return Ok(());
+        }
+        let old = meta.mode & 0o7777;
+        let mut mode = old & !S_ISUID;
+        if old & S_ISGID != 0 && (old & S_IXGRP != 0 || !in_group(req, meta.gid_unix())) {
+            mode &= !S_ISGID;
+        }
+        if mode == old || inode::has_cap_fsetid(req.pid(), req.uid()) {
+            return Ok(());
+        }
+        let a = SetAttr {
+            mode: Some(mode),
+            ..SetAttr::default()
+        };
+        self.h(m.setattr(label, inum, a, now_us()))?;
+        self.attrs_changed(self.ids.ino(inum));
+        Ok(())
+    }
+
+    /// Lookups of "." (`dotdot` false) and ".." in node `node`, which
+    /// the kernel sends only to decode a file handle whose node it no
+    /// longer holds (FUSE_EXPORT_SUPPORT: `open_by_handle_at`, an NFS
+    /// export), never for a path: "." is the node itself, whatever its
+    /// type, ".." a directory's parent (the root's is the root). The
+    /// caller may decode handles (CAP_DAC_READ_SEARCH), so no search
+    /// permission is checked. An inode removed since (no links, no
+    /// opener) is not found: ENOENT, which the kernel turns into ESTALE.
+    fn lookup_dots(&self, node: INodeNo, dotdot: bool) -> Result<FileAttr, Errno> {
+        let target = if !dotdot {
+            node.0
+        } else if is_snap(node.0) {
+            self.snap()?
+                .list(node.0, INodeNo::ROOT.0, || self.snap_source())?
+                .0
+        } else {
+            let dir = self.meta(node)?;
+            if dir.obj_type != ObjType::Directory {
+                return Err(Errno::ENOTDIR);
+            }
+            self.parent_ino(&dir)
+        };
+        let (m, bytes) = self.stat(INodeNo(target))?;
+        self.attr(target, &m, bytes)
     }
 
     /// Zero `[offset, offset + len)` of a file, within its size, through
@@ -876,6 +999,9 @@ impl Filesystem for Hammer2Fs {
             InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_CACHE_SYMLINKS,
+            // File handles outlive the kernel's inode cache: it asks
+            // for "." and ".." by node id (`lookup_dots`).
+            InitFlags::FUSE_EXPORT_SUPPORT,
         ];
         if self.writeback_cache {
             // The kernel keeps written pages and sends them in large
@@ -922,6 +1048,9 @@ impl Filesystem for Hammer2Fs {
             if name.len() > max {
                 return Err(Errno::ENAMETOOLONG);
             }
+            if name == "." || name == ".." {
+                return self.lookup_dots(parent, name == "..");
+            }
             if is_snap(parent.0) {
                 let dir = self.meta(parent)?;
                 self.check(req, &dir, 1)?;
@@ -967,7 +1096,12 @@ impl Filesystem for Hammer2Fs {
             }
         })();
         match r {
-            Ok(attr) => reply.entry(&self.ttl, &attr, Generation(0)),
+            Ok(attr) => {
+                if name == "." || name == ".." {
+                    self.inodes.remember(attr.ino.0, None);
+                }
+                reply.entry(&self.ttl, &attr, generation(&attr))
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -1026,6 +1160,9 @@ impl Filesystem for Hammer2Fs {
             };
             self.check_setattr(req, &meta, &mut a, times_now, fh.is_some())?;
             self.h(m.setattr(label, inum, a, now))?;
+            if size.is_some() {
+                self.drop_suid_sgid(req, m, label, inum)?;
+            }
             self.attr_in(m, label, ino.0)
         });
         match r {
@@ -1150,7 +1287,8 @@ impl Filesystem for Hammer2Fs {
         reply: ReplyEmpty,
     ) {
         let r = self.modify(|m, label, now| {
-            if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            let whiteout = flags.contains(RenameFlags::RENAME_WHITEOUT);
+            if whiteout && flags.contains(RenameFlags::RENAME_EXCHANGE) {
                 return Err(Errno::EINVAL);
             }
             self.snapdir_entry(parent, name, false)?;
@@ -1185,15 +1323,25 @@ impl Filesystem for Hammer2Fs {
             let is_dir = |m: &InodeMeta| m.obj_type == ObjType::Directory;
             let moves_dir = is_dir(&src) || dst.as_ref().is_some_and(is_dir);
             let (odinum, ndinum) = (self.ids.inum(parent.0), self.ids.inum(newparent.0));
-            self.h(m.rename(
-                label,
-                odinum,
-                name.as_bytes(),
-                ndinum,
-                Self::new_name(newname)?,
-                f,
-                now,
-            ))?;
+            let newname = Self::new_name(newname)?;
+            if whiteout {
+                // The whiteout left at the old name is the caller's, as
+                // a node made in that directory would be.
+                let (uid, gid, _) = new_owner(req, &odir, 0, false);
+                self.h(m.rename_whiteout(
+                    label,
+                    odinum,
+                    name.as_bytes(),
+                    ndinum,
+                    newname,
+                    f.noreplace,
+                    uid,
+                    gid,
+                    now,
+                ))?;
+            } else {
+                self.h(m.rename(label, odinum, name.as_bytes(), ndinum, newname, f, now))?;
+            }
             // Directories moved or replaced: both parents are recounted.
             if moves_dir {
                 self.dirlinks.forget(odinum);
@@ -1248,7 +1396,7 @@ impl Filesystem for Hammer2Fs {
                 if meta.obj_type == ObjType::Directory {
                     return Err(Errno::EISDIR);
                 }
-                self.check(req, &meta, 4)
+                self.check(req, &meta, 4).map(|()| false)
             })(),
             Store::ReadOnly { pfs, root } => (|| {
                 if mask != 4 {
@@ -1258,7 +1406,7 @@ impl Filesystem for Hammer2Fs {
                 if inode.is_dir() {
                     return Err(Errno::EISDIR);
                 }
-                self.check(req, inode.meta(), 4)
+                self.check(req, inode.meta(), 4).map(|()| false)
             })(),
             Store::ReadWrite(v) => (|| {
                 if mask & 2 != 0 {
@@ -1271,14 +1419,18 @@ impl Filesystem for Hammer2Fs {
                         return Err(Errno::EISDIR);
                     }
                     self.check(req, &meta, mask)?;
-                    self.h(m.pin(&v.label, inum))
+                    self.h(m.pin(&v.label, inum))?;
+                    // Reads that update the access time must reach us, not
+                    // the page cache (see `atime`).
+                    Ok(mask & 4 != 0 && self.atime.due(&meta, now_us()))
                 })
             })(),
         };
         match r {
             // Every change goes through the kernel's page cache, so
             // cached pages stay valid across opens.
-            Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(false) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(true) => reply.opened(FileHandle(0), FopenFlags::empty()),
             Err(e) => reply.error(e),
         }
     }
@@ -1300,7 +1452,42 @@ impl Filesystem for Hammer2Fs {
                 reply.created(
                     &self.ttl,
                     &attr,
-                    Generation(0),
+                    generation(&attr),
+                    FileHandle(0),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                )
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// O_TMPFILE: an unnamed file in `parent` (`Mount::tmpfile`), owned
+    /// and moded as `create` makes one, pinned for the open this reply
+    /// makes; `link` names it (`linkat(2)`), its last release removes it
+    /// otherwise.
+    fn tmpfile(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let r = self.modify(|m, label, now| {
+            let dir = self.dir_for_change(req, m, label, parent)?;
+            let (uid, gid, mode) = new_owner(req, &dir, mode, false);
+            let dinum = self.ids.inum(parent.0);
+            let inum = self.h(m.tmpfile(label, dinum, mode, uid, gid, now))?;
+            self.attr_in(m, label, self.ids.ino(inum))
+        });
+        match r {
+            Ok(attr) => {
+                self.inodes.remember(attr.ino.0, None);
+                reply.created(
+                    &self.ttl,
+                    &attr,
+                    generation(&attr),
                     FileHandle(0),
                     FopenFlags::FOPEN_KEEP_CACHE,
                 )
@@ -1329,7 +1516,10 @@ impl Filesystem for Hammer2Fs {
                 .inode(pfs, root, ino)
                 .and_then(|i| self.h(pfs.read(&i, offset, size as usize))),
             Store::ReadWrite(v) => {
-                let r = v.read(self.ids.inum(ino.0), offset, size as usize);
+                let inum = self.ids.inum(ino.0);
+                let r = v.read_noting(inum, offset, size as usize, |m| {
+                    self.accessed(m, &v.label, inum, now_us())
+                });
                 self.h(r)
             }
         };
@@ -1346,7 +1536,7 @@ impl Filesystem for Hammer2Fs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -1360,7 +1550,9 @@ impl Filesystem for Hammer2Fs {
         let r = self.rw().and_then(|v| {
             v.writable().map_err(Errno::from_i32)?;
             self.with_room(v, |m| {
-                let r = m.write(&v.label, self.ids.inum(ino.0), offset, data, now_us());
+                let inum = self.ids.inum(ino.0);
+                self.drop_suid_sgid(req, m, &v.label, inum)?;
+                let r = m.write(&v.label, inum, offset, data, now_us());
                 self.h(r)?;
                 v.note_written(m, data.len() as u64);
                 Ok(())
@@ -1546,7 +1738,7 @@ impl Filesystem for Hammer2Fs {
                     }
                     Err(_) => return false,
                 };
-                reply.add(INodeNo(child), next, name, &ttl, &attr, Generation(0))
+                reply.add(INodeNo(child), next, name, &ttl, &attr, generation(&attr))
             });
             return match r {
                 Ok(()) => reply.ok(),
@@ -1562,10 +1754,10 @@ impl Filesystem for Hammer2Fs {
             Ok(x) => x,
             Err(e) => return reply.error(e),
         };
-        let g = Generation(0);
         // The kernel takes no reference for "." and ".." and ignores
         // their attributes; ".." gets the directory's own with the
         // parent's node id.
+        let g = generation(&dir_attr);
         if offset == cookie::START
             && reply.add(ino, cookie::AFTER_DOT, ".", &self.ttl, &dir_attr, g)
         {
@@ -1624,7 +1816,7 @@ impl Filesystem for Hammer2Fs {
                 OsStr::from_bytes(&e.name),
                 &ttl,
                 &attr,
-                g,
+                generation(&attr),
             );
             if full {
                 break;
@@ -1793,10 +1985,14 @@ impl Filesystem for Hammer2Fs {
     /// of space while mounted; ENOSPC when the volume cannot hold it),
     /// mode 0 also extends the size (the new range reads as zeros);
     /// PUNCH_HOLE|KEEP_SIZE drops the range's blocks and zeroes partial
-    /// ones (`Mount::punch_hole`). Other modes: EOPNOTSUPP.
+    /// ones (`Mount::punch_hole`); ZERO_RANGE, with or without KEEP_SIZE,
+    /// does both (`Mount::zero_range`). Other modes: EOPNOTSUPP (the
+    /// kernel refuses COLLAPSE_RANGE and INSERT_RANGE for FUSE itself).
+    /// A caller without CAP_FSETID loses set-user-ID and set-group-ID
+    /// first, as with a write.
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -1806,6 +2002,7 @@ impl Filesystem for Hammer2Fs {
     ) {
         const KEEP: i32 = libc::FALLOC_FL_KEEP_SIZE;
         const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE;
+        const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE;
         let r = (|| {
             let v = self.rw()?;
             v.writable().map_err(Errno::from_i32)?;
@@ -1815,12 +2012,21 @@ impl Filesystem for Hammer2Fs {
             if meta.obj_type != ObjType::Regfile {
                 return Err(Errno::ENODEV);
             }
+            if !matches!(mode, 0 | KEEP) && mode != PUNCH | KEEP && mode & !KEEP != ZERO {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            v.locked(|m| self.drop_suid_sgid(req, m, &v.label, inum))?;
             match mode {
                 0 | KEEP => self.with_room(v, |m| {
                     let r = m.fallocate(&v.label, inum, offset, length, mode == KEEP, now_us());
                     self.h(r)
                 }),
                 m if m == PUNCH | KEEP => self.punch_hole(v, inum, offset, length),
+                m if m & !KEEP == ZERO => self.with_room(v, |m| {
+                    let r =
+                        m.zero_range(&v.label, inum, offset, length, mode & KEEP != 0, now_us());
+                    self.h(r)
+                }),
                 _ => Err(Errno::EOPNOTSUPP),
             }
         })();

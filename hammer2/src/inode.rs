@@ -472,11 +472,16 @@ impl InodeNode {
     /// once flushed (the flush compresses, and turns zero blocks into holes).
     /// Replaced blocks are looked up in the tree, which may read
     /// indirect blocks; one that cannot be read counts as none.
+    /// The room fallocate reserved and no write has used yet counts too,
+    /// a whole block each, as preallocated blocks count on a local
+    /// filesystem: it is taken from the volume's free space (over a
+    /// stored block too, which a copy-on-write rewrite does not reuse).
     pub fn stored_bytes(&mut self, vol: &Volume) -> u64 {
+        let reserved = self.reserved_bytes();
         if self.obj_type() == ObjType::Directory || self.direct() {
-            return crate::pfs::stored_bytes(&self.data.meta, 0);
+            return crate::pfs::stored_bytes(&self.data.meta, 0).saturating_add(reserved);
         }
-        let mut bytes = self.table.stats_now().data_count;
+        let mut bytes = self.table.stats_now().data_count.wrapping_add(reserved);
         let size = self.size();
         let keys: Vec<u64> = self.pending.range(..size).map(|(k, _)| *k).collect();
         for lbase in keys {
@@ -614,18 +619,26 @@ impl InodeNode {
             .filter(|b| b.btype == BlockrefType::Data && !is_edge(b.key))
             .map(|b| b.key)
             .collect();
-        // Read the edge blocks that hold data before changing anything.
+        // Read the edge blocks that hold data before changing anything:
+        // all of them, then make them pending, so that a read that fails
+        // (or misses the cache, `volume::CacheOnly`) leaves no edge
+        // pending that the next try would not admit.
         let mut with_data = Vec::new();
+        let mut read = Vec::new();
         for &(lbase, _, _) in &edges {
-            let has_data = self.pending.contains_key(&lbase)
-                || self
-                    .table
-                    .lookup(vol, lbase)?
-                    .is_some_and(|b| b.btype == BlockrefType::Data);
-            if has_data {
-                self.pending_block(vol, lbase, false, 0)?;
+            if self.pending.contains_key(&lbase) {
+                with_data.push(lbase);
+            } else if self
+                .table
+                .lookup(vol, lbase)?
+                .is_some_and(|b| b.btype == BlockrefType::Data)
+            {
+                read.push((lbase, self.disk_block(vol, lbase)?));
                 with_data.push(lbase);
             }
+        }
+        for (lbase, b) in read {
+            self.pending.insert(lbase, Arc::new(b));
         }
         self.dirty = true;
         let whole: Vec<u64> = self

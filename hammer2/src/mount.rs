@@ -38,6 +38,9 @@ use bufcache::BlockDevice;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+mod linux;
+pub use linux::ATIMES_MAX;
+
 /// The PFS root's inode number.
 pub const ROOT_INUM: u64 = 1;
 
@@ -86,6 +89,9 @@ pub(crate) struct PfsState {
     /// Blockrefs dropped from the trees of inodes that left memory
     /// before the flush (see `BlockTable::take_dropped`).
     dropped: Vec<Blockref>,
+    /// Access times waiting for the next flush, by inode (see
+    /// `mount/linux.rs`, `touch_atime`).
+    pub(crate) atimes: BTreeMap<u64, u64>,
 }
 
 /// Attributes to change in `setattr`; `None` leaves a field alone.
@@ -145,6 +151,7 @@ impl PfsState {
             removed: BTreeSet::new(),
             pins: BTreeMap::new(),
             dropped: Vec::new(),
+            atimes: BTreeMap::new(),
         }
     }
 
@@ -321,6 +328,7 @@ impl Mount {
                     removed: BTreeSet::new(),
                     pins: BTreeMap::new(),
                     dropped: Vec::new(),
+                    atimes: BTreeMap::new(),
                 },
             );
         }
@@ -365,7 +373,11 @@ impl Mount {
                     br.data_off.offset(),
                 ));
             }
-            p.inodes.insert(inum, InodeNode::from_disk(br, ino.data));
+            let mut n = InodeNode::from_disk(br, ino.data);
+            if let Some(&t) = p.atimes.get(&inum) {
+                n.data.meta.atime = t;
+            }
+            p.inodes.insert(inum, n);
         }
         p.inodes.get_mut(&inum).ok_or_else(|| Error::NotFound {
             what: format!("inode {inum}"),
@@ -399,8 +411,9 @@ impl Mount {
         Ok(self.node(label, inum)?.data.meta)
     }
 
-    /// The bytes an inode's blocks take on disk, as of now (see
-    /// `InodeNode::stored_bytes`): what `st_blocks` reports.
+    /// The bytes an inode's blocks take on disk, as of now, and the room
+    /// fallocate reserved for it (see `InodeNode::stored_bytes`): what
+    /// `st_blocks` reports.
     pub fn stored_bytes(&mut self, label: &str, inum: u64) -> Result<u64> {
         self.with_node(label, inum, |vol, n| Ok(n.stored_bytes(vol)))
     }
@@ -1585,8 +1598,13 @@ impl Mount {
     }
 
     /// Write the tree and the freemap (`flush.rs` order) and make the
-    /// volume header of the commit, not yet written.
+    /// volume header of the commit, not yet written. The access times
+    /// waiting in memory go with it (`flush_atimes`).
     fn flush_prepare(&mut self) -> Result<CommitIo> {
+        if let Err(e) = self.flush_atimes() {
+            // An access time is not worth failing the flush for.
+            log::warn!("access times left for a later flush: {e}");
+        }
         let tid = self.next_tid()?;
         // A block this flush drops is referenced by the headers before
         // it; the header slots rotate, so the last of those is gone once

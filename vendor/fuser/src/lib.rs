@@ -872,6 +872,27 @@ pub trait Filesystem: Send + Sync + 'static {
         reply.error(Errno::ENOSYS);
     }
 
+    /// LOCAL: create and open an unnamed regular file in directory
+    /// `parent` (`open(2)` with `O_TMPFILE`; Linux 6.7 and later). Reply as
+    /// `create` does; the file has no link until `link` gives it one
+    /// (`linkat(2)` of the open file). Leaving it unimplemented answers
+    /// ENOSYS, after which the kernel fails O_TMPFILE with EOPNOTSUPP.
+    fn tmpfile(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        warn!(
+            "[Not Implemented] tmpfile(parent: {parent:#x?}, mode: {mode}, \
+            umask: {umask:#x?}, flags: {flags:#x?})"
+        );
+        reply.error(Errno::ENOSYS);
+    }
+
     /// Test for a POSIX file lock.
     fn getlk(
         &self,

@@ -527,6 +527,17 @@ impl<'a> RequestWithSender<'a> {
             ll::Operation::SyncFs(_) => {
                 filesystem.syncfs(self.request_header(), self.request.nodeid(), self.reply());
             }
+            // LOCAL
+            ll::Operation::TmpFile(x) => {
+                filesystem.tmpfile(
+                    self.request_header(),
+                    self.request.nodeid(),
+                    x.mode(),
+                    x.umask(),
+                    x.flags(),
+                    self.reply(),
+                );
+            }
             #[cfg(target_os = "macos")]
             ll::Operation::SetVolName(x) => {
                 filesystem.setvolname(self.request_header(), x.name(), self.reply());

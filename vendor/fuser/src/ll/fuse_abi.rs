@@ -163,6 +163,8 @@ pub(crate) enum fuse_opcode {
     FUSE_COPY_FILE_RANGE = 47,
     // LOCAL: syncfs(2) and sync(2), sent on fuseblk and virtiofs mounts.
     FUSE_SYNCFS = 50,
+    // LOCAL: O_TMPFILE (Linux 6.7 and later), arguments and reply as CREATE.
+    FUSE_TMPFILE = 51,
 
     #[cfg(target_os = "macos")]
     FUSE_SETVOLNAME = 61,

@@ -1257,6 +1257,32 @@ mod op {
         }
     }
 
+    /// LOCAL: create and open an unnamed file in a directory (`open(2)`
+    /// with `O_TMPFILE`, Linux 6.7 and later). The arguments and the reply
+    /// are those of [`Create`]; the name the kernel sends is a
+    /// placeholder ("/"), not a name in the directory. The file has no
+    /// link until `linkat(2)` gives it one.
+    #[derive(Debug)]
+    pub(crate) struct TmpFile<'a> {
+        #[expect(dead_code)]
+        header: &'a fuse_in_header,
+        arg: &'a fuse_create_in,
+        #[expect(dead_code)]
+        name: &'a Path,
+    }
+    impl TmpFile<'_> {
+        pub(crate) fn mode(&self) -> u32 {
+            self.arg.mode
+        }
+        /// Flags as passed to the `open()` call
+        pub(crate) fn flags(&self) -> i32 {
+            self.arg.flags
+        }
+        pub(crate) fn umask(&self) -> u32 {
+            self.arg.umask
+        }
+    }
+
     /// If a process issuing a FUSE filesystem request is interrupted, the
     /// following will happen:
     ///
@@ -1870,6 +1896,12 @@ mod op {
                 header,
                 arg: data.fetch()?,
             }),
+            // LOCAL
+            fuse_opcode::FUSE_TMPFILE => Operation::TmpFile(TmpFile {
+                header,
+                arg: data.fetch()?,
+                name: data.fetch_str()?.as_ref(),
+            }),
 
             #[cfg(target_os = "macos")]
             fuse_opcode::FUSE_SETVOLNAME => Operation::SetVolName(SetVolName {
@@ -1946,6 +1978,8 @@ pub(crate) enum Operation<'a> {
     CopyFileRange(CopyFileRange<'a>),
     // LOCAL
     SyncFs(SyncFs<'a>),
+    // LOCAL
+    TmpFile(TmpFile<'a>),
 
     #[cfg(target_os = "macos")]
     SetVolName(SetVolName<'a>),
@@ -2124,6 +2158,13 @@ impl fmt::Display for Operation<'_> {
             ),
             // LOCAL
             Operation::SyncFs(_) => write!(f, "SYNCFS"),
+            // LOCAL
+            Operation::TmpFile(x) => write!(
+                f,
+                "TMPFILE mode {:#05o}, flags {:#x}",
+                x.mode(),
+                x.flags()
+            ),
 
             #[cfg(target_os = "macos")]
             Operation::SetVolName(x) => write!(f, "SETVOLNAME name {:?}", x.name()),
