@@ -25,18 +25,6 @@ use std::time::Duration;
 const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
 
-/// A new 4 GiB sparse image made by the library's newfs (PFSs LOCAL and
-/// DATA).
-fn new_image(tag: &str) -> PathBuf {
-    let path = scratch(tag).join("disk.img");
-    File::create(&path)
-        .and_then(|f| f.set_len(4 << 30))
-        .expect("create image");
-    let dev = FileDevice::open(&path, true).expect("open image");
-    mkfs::newfs::newfs(&dev, &mkfs::newfs::NewfsOptions::default()).expect("newfs");
-    path
-}
-
 /// A read-write mount in the foreground; `unmount` waits for the daemon
 /// to flush and exit.
 struct RwMount {
@@ -159,7 +147,7 @@ fn walked_bytes(pfs: &hammer2::Pfs, path: &str) -> u64 {
 #[test]
 fn st_blocks_count_the_space_stored() {
     require_fuse();
-    let img = new_image("blocks");
+    let img = new_volume("blocks", 4);
     let mnt = scratch("blocks-mnt");
     let m = RwMount::new(&img, &mnt, "");
     let p = |s: &str| mnt.join(s);
@@ -332,7 +320,7 @@ fn check_seeks(dir: &Path, view: &str) {
 #[test]
 fn seek_data_and_hole_answer_the_same_on_every_view() {
     require_fuse();
-    let img = new_image("seek");
+    let img = new_volume("seek", 4);
     let mnt = scratch("seek-mnt");
     let m = RwMount::new(&img, &mnt, "");
     for (name, size, data) in seek_layout() {
@@ -402,7 +390,7 @@ fn snapshot_offline(img: &Path, name: &str) {
 #[test]
 fn snapdir_and_a_real_snapshot_entry_never_meet() {
     require_fuse();
-    let img = new_image("snapdir-real");
+    let img = new_volume("snapdir-real", 4);
     let mnt = scratch("snapdir-real-mnt");
     let m = RwMount::new(&img, &mnt, "");
     fs::create_dir(mnt.join(".snapshot")).unwrap();
@@ -493,7 +481,7 @@ fn hard_links_and_groups_follow_the_kernels_rules() {
     let nobody = ["--reuid=65534", "--regid=65534", "--clear-groups"];
     let member = ["--reuid=65534", "--regid=65534", "--groups=4242"];
     for opts in ["allow_other", "allow_other,default_permissions"] {
-        let img = new_image(&format!("links-{opts}"));
+        let img = new_volume(&format!("links-{opts}"), 4);
         let mnt = scratch(&format!("links-mnt-{opts}"));
         let m = RwMount::new(&img, &mnt, opts);
         let p = |s: &str| mnt.join(s);
@@ -554,7 +542,7 @@ fn hard_links_and_groups_follow_the_kernels_rules() {
 #[test]
 fn times_outside_the_format_are_clamped_and_logged() {
     require_fuse();
-    let img = new_image("times");
+    let img = new_volume("times", 4);
     let mnt = scratch("times-mnt");
     let log = mnt.with_extension("log");
     let m = RwMount::new(&img, &mnt, "");
@@ -617,7 +605,7 @@ fn names_and_snapshots_through_the_mount() {
     require_fuse();
     let dir = scratch("names");
     let img = dir.join("mail@x.img");
-    fs::rename(new_image("names-img"), &img).unwrap();
+    fs::rename(new_volume("names-img", 4), &img).unwrap();
     let mnt = scratch("names-mnt");
     let m = RwMount::new(&img, &mnt, "snapdir");
     let p = |s: &str| mnt.join(s);

@@ -47,18 +47,6 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// A new sparse image of `gib` GiB made by the library's newfs, with
-/// PFSs LOCAL and DATA.
-fn new_image(tag: &str, gib: u64) -> PathBuf {
-    let path = scratch(tag).join("disk.img");
-    File::create(&path)
-        .and_then(|f| f.set_len(gib << 30))
-        .expect("create image");
-    let dev = FileDevice::open(&path, true).expect("open image");
-    mkfs::newfs::newfs(&dev, &mkfs::newfs::NewfsOptions::default()).expect("newfs");
-    path
-}
-
 /// A foreground read-write mount; `unmount` waits for the daemon's last
 /// flush and its exit.
 struct Daemon {
@@ -115,7 +103,7 @@ impl Drop for Daemon {
 #[test]
 fn mark_without_a_write_log_is_refused_clearly_and_needs_root() {
     require_fuse();
-    let img = new_image("mark", 2);
+    let img = new_volume("mark", 2);
     let mnt = scratch("mark").join("mnt");
     let d = Daemon::new(img.to_str().unwrap(), &mnt, "rw,allow_other");
     fs::write(mnt.join("f"), b"x").expect("write");
@@ -308,16 +296,6 @@ fn writer(root: PathBuf, ops: Vec<Op>, done: Arc<AtomicUsize>) -> std::thread::J
     })
 }
 
-fn fsck_clean(img: &Path) {
-    let dev: Arc<dyn bufcache::BlockDevice> =
-        Arc::new(FileDevice::open(img, false).expect("open image"));
-    let r = hammer2::fsck::fsck(dev, hammer2::fsck::Options::default()).expect("fsck");
-    let problems: Vec<String> = r.problems.iter().map(|p| p.to_string()).collect();
-    assert!(problems.is_empty(), "fsck: {problems:#?}");
-    let warnings: Vec<String> = r.warnings.iter().map(|w| w.to_string()).collect();
-    assert!(warnings.is_empty(), "fsck warnings: {warnings:#?}");
-}
-
 /// Labels `hammer2 pfs-list` prints (the last column, "(mounted)" cut).
 fn pfs_labels(out: &str) -> Vec<String> {
     out.lines()
@@ -329,7 +307,7 @@ fn pfs_labels(out: &str) -> Vec<String> {
 #[test]
 fn an_online_snapshot_is_one_flushed_state_and_stays_so() {
     require_fuse();
-    let img = new_image("snap", 4);
+    let img = new_volume("snap", 4);
     let dir = scratch("snap");
     let mnt = dir.join("mnt");
     let src = img.to_str().unwrap().to_string();
@@ -373,7 +351,7 @@ fn an_online_snapshot_is_one_flushed_state_and_stays_so() {
     let labels = pfs_labels(&String::from_utf8_lossy(&o.stdout));
     assert_eq!(labels, ["DATA", &default, "LOCAL", "S1"]);
     d.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
 
     // The snapshot is one state of the script, between the operations
     // done before the request and those done after it returned.
@@ -403,13 +381,13 @@ fn an_online_snapshot_is_one_flushed_state_and_stays_so() {
     want.insert("d0/in-snapshot".into(), Some(b"only here".to_vec()));
     assert_eq!(read_tree(&smnt), want, "S1 after writes to it");
     drop(s);
-    fsck_clean(&img);
+    fsck_spotless(&img);
 }
 
 #[test]
 fn pfs_create_list_and_delete_online() {
     require_fuse();
-    let img = new_image("pfs", 2);
+    let img = new_volume("pfs", 2);
     let dir = scratch("pfs");
     let mnt = dir.join("mnt");
     let src = img.to_str().unwrap().to_string();
@@ -477,13 +455,13 @@ fn pfs_create_list_and_delete_online() {
         pfs_labels(&String::from_utf8_lossy(&o.stdout)),
         ["DATA", "LOCAL"]
     );
-    fsck_clean(&img);
+    fsck_spotless(&img);
 }
 
 #[test]
 fn stat_shows_the_inode_the_kernel_sees() {
     require_fuse();
-    let img = new_image("stat", 2);
+    let img = new_volume("stat", 2);
     let mnt = scratch("stat").join("mnt");
     let d = Daemon::new(img.to_str().unwrap(), &mnt, "rw");
     let f = mnt.join("file");
@@ -523,7 +501,7 @@ fn stat_shows_the_inode_the_kernel_sees() {
 #[test]
 fn online_bulkfree_with_writers_running_frees_exactly_what_nothing_references() {
     require_fuse();
-    let img = new_image("bulk", 4);
+    let img = new_volume("bulk", 4);
     let offset = {
         let dev = Arc::new(FileDevice::open(&img, false).expect("open"));
         tests::freemap_check::allocator_free_offset(&dev)
@@ -586,7 +564,7 @@ fn online_bulkfree_with_writers_running_frees_exactly_what_nothing_references() 
     assert_eq!(got, want, "the tree after the writer and bulkfree");
     d.unmount();
     // Nothing referenced was freed meanwhile.
-    fsck_clean(&img);
+    fsck_spotless(&img);
     // Quiet now: two more passes leave the freemap exactly the
     // reachability scan.
     let d = Daemon::new(&src, &mnt, "rw");
@@ -596,13 +574,13 @@ fn online_bulkfree_with_writers_running_frees_exactly_what_nothing_references() 
     d.unmount();
     let dev = Arc::new(FileDevice::open(&img, false).expect("open"));
     tests::freemap_check::assert_freemap_is_full_scan(&dev, offset, "after online bulkfree");
-    fsck_clean(&img);
+    fsck_spotless(&img);
 }
 
 #[test]
 fn snapdir_shows_each_snapshot_read_only_and_only_when_asked() {
     require_fuse();
-    let img = new_image("snapdir", 2);
+    let img = new_volume("snapdir", 2);
     let dir = scratch("snapdir");
     let mnt = dir.join("mnt");
     let src = img.to_str().unwrap().to_string();
@@ -674,13 +652,13 @@ fn snapdir_shows_each_snapshot_read_only_and_only_when_asked() {
     let left = fs::read_dir(&snaps).expect("readdir").count();
     assert_eq!(left, 1);
     d.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
 }
 
 #[test]
 fn an_unmount_during_an_online_bulkfree_exits_cleanly() {
     require_fuse();
-    let img = new_image("bulkstop", 2);
+    let img = new_volume("bulkstop", 2);
     let mnt = scratch("bulkstop").join("mnt");
     let d = Daemon::new(img.to_str().unwrap(), &mnt, "rw");
     for i in 0..200 {
@@ -705,7 +683,7 @@ fn an_unmount_during_an_online_bulkfree_exits_cleanly() {
     // Unmount at once: the daemon's last flush and its exit, whatever
     // the pass was doing; the image is clean.
     d.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
     let d = Daemon::new(img.to_str().unwrap(), &mnt, "ro");
     let want: Tree = (100..200)
         .map(|i| (format!("f{i}"), Some(noise(i, 20_000))))
@@ -720,7 +698,7 @@ fn an_unmount_during_an_online_bulkfree_exits_cleanly() {
 #[test]
 fn setcomp_and_setcheck_through_a_mount() {
     require_fuse();
-    let img = new_image("setmethods", 2);
+    let img = new_volume("setmethods", 2);
     let mnt = scratch("setmethods").join("mnt");
     let d = Daemon::new(img.to_str().unwrap(), &mnt, "rw");
     let text: Vec<u8> = (0..300_000u32)
@@ -811,7 +789,7 @@ fn copy_image(src: &Path, dst: &Path) {
 #[test]
 fn a_write_log_replays_to_a_mark_and_to_the_end() {
     require_fuse();
-    let img = new_image("logwrites", 1);
+    let img = new_volume("logwrites", 1);
     let dir = img.parent().unwrap().to_path_buf();
     let base = dir.join("base.img");
     copy_image(&img, &base);
@@ -834,7 +812,7 @@ fn a_write_log_replays_to_a_mark_and_to_the_end() {
     fs::write(mnt.join("b"), &b).expect("write b");
     fs::remove_file(mnt.join("d/a")).expect("rm a");
     d.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
 
     let list = hammer2(&["replay-log", "--list", log.to_str().unwrap()]);
     assert!(list.status.success(), "{}", stderr(&list));
@@ -852,7 +830,7 @@ fn a_write_log_replays_to_a_mark_and_to_the_end() {
         r1.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    fsck_clean(&r1);
+    fsck_spotless(&r1);
     let d = Daemon::new(r1.to_str().unwrap(), &mnt, "ro");
     let want: Tree = [
         ("d".to_string(), None),

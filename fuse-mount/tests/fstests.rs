@@ -30,28 +30,6 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A new 4 GiB sparse image made by the library's newfs (PFSs LOCAL and
-/// DATA).
-fn new_image(tag: &str) -> PathBuf {
-    let path = scratch(tag).join("disk.img");
-    File::create(&path)
-        .and_then(|f| f.set_len(4 << 30))
-        .expect("create image");
-    let dev = FileDevice::open(&path, true).expect("open image");
-    mkfs::newfs::newfs(&dev, &mkfs::newfs::NewfsOptions::default()).expect("newfs");
-    path
-}
-
-/// fsck (with its freemap cross-check): no problems and no warnings.
-fn fsck_clean(img: &Path) {
-    let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(img, false).expect("open image"));
-    let r = hammer2::fsck::fsck(dev, hammer2::fsck::Options::default()).expect("fsck");
-    let problems: Vec<String> = r.problems.iter().map(|p| p.to_string()).collect();
-    assert!(problems.is_empty(), "fsck: {problems:#?}");
-    let warnings: Vec<String> = r.warnings.iter().map(|w| w.to_string()).collect();
-    assert!(warnings.is_empty(), "fsck warnings: {warnings:#?}");
-}
-
 /// A read-write mount in the foreground, `allow_other` so that other
 /// users' processes get in; `unmount` waits for the daemon's last flush
 /// and exit.
@@ -125,7 +103,7 @@ fn open_dir(p: &Path) -> File {
 fn an_open_removed_directory_has_no_links() {
     require_fuse();
     let _serial = serial();
-    let img = new_image("nlink");
+    let img = new_volume("nlink", 4);
     let mnt = scratch("nlink-mnt");
     let m = RwMount::new(&img, &mnt, "");
     let p = |s: &str| mnt.join(s);
@@ -146,7 +124,7 @@ fn an_open_removed_directory_has_no_links() {
     assert_eq!(fs::metadata(p("top")).unwrap().nlink(), 2);
     drop((victim, gone));
     m.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
 }
 
 /// A file handle (`struct file_handle`), as `name_to_handle_at` makes
@@ -250,7 +228,7 @@ fn fd_path(f: &File) -> PathBuf {
 fn file_handles_decode_after_drop_caches_and_a_remount() {
     require_fuse();
     let _serial = serial();
-    let img = new_image("handles");
+    let img = new_volume("handles", 4);
     let mnt = scratch("handles-mnt");
     let m = RwMount::new(&img, &mnt, "");
     let p = |s: &str| mnt.join(s);
@@ -285,7 +263,7 @@ fn file_handles_decode_after_drop_caches_and_a_remount() {
     };
     check("after drop_caches");
     m.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
 
     let m = RwMount::new(&img, &mnt, "");
     assert_eq!(handle_of(&p("a/b/c/file")), file, "the same handle");
@@ -298,7 +276,7 @@ fn file_handles_decode_after_drop_caches_and_a_remount() {
     nix::mount::umount(&guard.mnt).expect("umount");
     drop(guard);
     assert!(wait_exit(&mut child, Duration::from_secs(30)).success());
-    fsck_clean(&img);
+    fsck_spotless(&img);
 }
 
 /// A crash loses the inode numbers given since the last flush, and the
@@ -309,7 +287,7 @@ fn file_handles_decode_after_drop_caches_and_a_remount() {
 fn a_handle_to_a_file_lost_in_a_crash_does_not_open_its_successor() {
     require_fuse();
     let _serial = serial();
-    let img = new_image("handles-crash");
+    let img = new_volume("handles-crash", 4);
     let mnt = scratch("handles-crash-mnt");
     let mut m = RwMount::new(&img, &mnt, "sync_interval=0");
     let p = |s: &str| mnt.join(s);
@@ -343,7 +321,7 @@ fn a_handle_to_a_file_lost_in_a_crash_does_not_open_its_successor() {
     let e = open_by_handle(&mnt, &lost, libc::O_RDONLY).expect_err("a lost file");
     assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "{e}");
     m.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
 }
 
 /// The permission bits of `p` in octal, as `stat -c %a` shows them:
@@ -392,7 +370,7 @@ const NOBODY: u32 = 65534;
 fn unprivileged_data_changes_clear_set_id_bits() {
     require_fuse();
     let _serial = serial();
-    let img = new_image("killpriv");
+    let img = new_volume("killpriv", 4);
     let mnt = scratch("killpriv-mnt");
     let m = RwMount::new(&img, &mnt, "");
     let f = mnt.join("f");
@@ -494,7 +472,7 @@ fn unprivileged_data_changes_clear_set_id_bits() {
         );
     }
     m.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
 }
 
 /// O_TMPFILE (generic/004, 389, 509, 530...): an unnamed file in a
@@ -507,7 +485,7 @@ fn o_tmpfile_files_are_unnamed_until_linked() {
     use nix::sys::stat::Mode;
     require_fuse();
     let _serial = serial();
-    let img = new_image("tmpfile");
+    let img = new_volume("tmpfile", 4);
     let mnt = scratch("tmpfile-mnt");
     let m = RwMount::new(&img, &mnt, "");
     let p = |s: &str| mnt.join(s);
@@ -543,12 +521,12 @@ fn o_tmpfile_files_are_unnamed_until_linked() {
     drop((named, unnamed, excl, dir));
     m.unmount();
     // No orphan left: fsck_clean refuses warnings.
-    fsck_clean(&img);
+    fsck_spotless(&img);
     let m = RwMount::new(&img, &mnt, "");
     assert_eq!(fs::read(p("d/now-named")).unwrap(), b"made unnamed");
     assert_eq!(fs::read_dir(p("d")).unwrap().count(), 1);
     m.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
 }
 
 /// RENAME_WHITEOUT (generic/078, 626; overlayfs upper directories):
@@ -559,7 +537,7 @@ fn rename_whiteout_leaves_a_whiteout() {
     use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
     require_fuse();
     let _serial = serial();
-    let img = new_image("whiteout");
+    let img = new_volume("whiteout", 4);
     let mnt = scratch("whiteout-mnt");
     let m = RwMount::new(&img, &mnt, "");
     let p = |s: &str| mnt.join(s);
@@ -600,7 +578,7 @@ fn rename_whiteout_leaves_a_whiteout() {
     .expect_err("whiteout with exchange");
     assert_eq!(e, nix::errno::Errno::EINVAL);
     m.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
     let m = RwMount::new(&img, &mnt, "");
     let w = fs::symlink_metadata(p("src2")).unwrap();
     assert_eq!((w.rdev(), w.mode() & 0o170000), (0, libc::S_IFCHR));
@@ -616,7 +594,7 @@ fn zero_range_reads_zeros_and_leaves_holes() {
     use std::os::unix::fs::FileExt;
     require_fuse();
     let _serial = serial();
-    let img = new_image("zero");
+    let img = new_volume("zero", 4);
     let mnt = scratch("zero-mnt");
     let m = RwMount::new(&img, &mnt, "");
     let f = mnt.join("f");
@@ -647,7 +625,7 @@ fn zero_range_reads_zeros_and_leaves_holes() {
     assert_eq!(file.metadata().unwrap().len(), 6 * 65536 + 10);
     drop(file);
     m.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
     let m = RwMount::new(&img, &mnt, "");
     want.resize(6 * 65536 + 10, 0);
     assert!(fs::read(&f).unwrap() == want);
@@ -678,7 +656,7 @@ fn fallocated_room_counts_in_st_blocks() {
     use std::os::unix::fs::FileExt;
     require_fuse();
     let _serial = serial();
-    let img = new_image("falloc-blocks");
+    let img = new_volume("falloc-blocks", 4);
     let mnt = scratch("falloc-blocks-mnt");
     let m = RwMount::new(&img, &mnt, "");
     let f = mnt.join("f");
@@ -713,7 +691,7 @@ fn fallocated_room_counts_in_st_blocks() {
     );
     drop(file);
     m.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
     let m = RwMount::new(&img, &mnt, "");
     let flushed = blocks_bytes(&f);
     assert!(
@@ -770,7 +748,7 @@ fn last_flush(img: &Path) -> u64 {
 fn reads_update_access_times_as_the_mount_options_say() {
     require_fuse();
     let _serial = serial();
-    let img = new_image("atime");
+    let img = new_volume("atime", 4);
     let mnt = scratch("atime-mnt");
     let p = |s: &str| mnt.join(s);
 
@@ -820,7 +798,7 @@ fn reads_update_access_times_as_the_mount_options_say() {
         last_flush(&img) > flushed
     });
     m.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
     let m = RwMount::new(&img, &mnt, "");
     assert_eq!(atime(&p("g")), g1, "written by the next flush");
     assert_eq!(atime(&p("d/f")), t2);
@@ -858,7 +836,7 @@ fn reads_update_access_times_as_the_mount_options_say() {
     cat(&p("g"));
     assert!(atime(&p("g")) > g1);
     m.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
 
     // Read-only: never.
     let log = mnt.with_extension("ro.log");
@@ -882,7 +860,7 @@ fn seek_sees_a_punched_hole_at_once() {
     use std::os::unix::fs::FileExt;
     require_fuse();
     let _serial = serial();
-    let img = new_image("punch-seek");
+    let img = new_volume("punch-seek", 4);
     let mnt = scratch("punch-seek-mnt");
     let m = RwMount::new(&img, &mnt, "sync_interval=0");
     const B: i64 = 65536;
@@ -905,5 +883,5 @@ fn seek_sees_a_punched_hole_at_once() {
         assert_eq!(lseek(&f, B, Whence::SeekData), Ok(2 * B), "{name}");
     }
     m.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
 }

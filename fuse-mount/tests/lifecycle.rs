@@ -23,18 +23,6 @@ use std::process::{Child, Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A new sparse image of `gib` GiB made by the library's newfs, with
-/// PFSs LOCAL and DATA.
-fn new_image(tag: &str, gib: u64) -> PathBuf {
-    let path = scratch(tag).join("disk.img");
-    File::create(&path)
-        .and_then(|f| f.set_len(gib << 30))
-        .expect("create image");
-    let dev = FileDevice::open(&path, true).expect("open image");
-    mkfs::newfs::newfs(&dev, &mkfs::newfs::NewfsOptions::default()).expect("newfs");
-    path
-}
-
 /// A binary of the workspace built next to this test.
 fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
@@ -69,15 +57,6 @@ fn on_disk(img: &Path, name: &str) -> Option<Vec<u8>> {
     let pfs = hammer2::Pfs::open(vol, "DATA").unwrap();
     let ino = pfs.resolve(name).ok()?;
     Some(pfs.read_all(&ino).unwrap())
-}
-
-/// fsck through the library: no problems, no warnings.
-fn fsck_clean(img: &Path) {
-    let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(img, false).expect("open image"));
-    let r = hammer2::fsck::fsck(dev, hammer2::fsck::Options::default()).expect("fsck");
-    let problems: Vec<String> = r.problems.iter().map(|p| p.to_string()).collect();
-    assert!(problems.is_empty(), "fsck: {problems:#?}");
-    assert!(r.warnings.is_empty(), "fsck warnings");
 }
 
 fn noise(seed: u64, n: usize) -> Vec<u8> {
@@ -187,7 +166,7 @@ fn refused(out: &Output, code: i32, what: &str) -> String {
 #[test]
 fn one_image_by_two_names_has_one_writer() {
     require_fuse();
-    let img = new_image("names", 4);
+    let img = new_volume("names", 4);
     let (mnt1, mnt2) = (scratch("names-1"), scratch("names-2"));
     let (img_s, mnt1_s, mnt2_s) = (
         img.to_str().unwrap(),
@@ -195,7 +174,7 @@ fn one_image_by_two_names_has_one_writer() {
         mnt2.to_str().unwrap(),
     );
     // A write log of another image, for replay-log below.
-    let other = new_image("names-other", 1);
+    let other = new_volume("names-other", 1);
     let log = scratch("names").join("w.log");
     {
         let _m = mount(
@@ -264,7 +243,7 @@ fn one_image_by_two_names_has_one_writer() {
     drop(ro);
     drop(m);
     assert_eq!(on_disk(&img, "hello").as_deref(), Some(&b"world"[..]));
-    fsck_clean(&img);
+    fsck_spotless(&img);
 
     // The other way round, with a read-only mount made first (listed
     // before the writer in /proc/self/mountinfo; not named as the writer).
@@ -298,7 +277,7 @@ fn one_image_by_two_names_has_one_writer() {
     let m = mount(img_s, &mnt1, "rw");
     assert_eq!(fs::read(mnt1.join("hello")).unwrap(), b"world");
     drop(m);
-    fsck_clean(&img);
+    fsck_spotless(&img);
 }
 
 /// A DOS partition table with two Linux partitions of 64 MiB each.
@@ -380,7 +359,7 @@ fn sigkill(child: &mut Child) {
 #[test]
 fn sync_and_syncfs_are_durable() {
     require_fuse();
-    let img = new_image("sync", 4);
+    let img = new_volume("sync", 4);
     let mnt = scratch("sync-mnt");
     type Way<'a> = (&'a str, &'a dyn Fn(&Path));
     let ways: [Way; 4] = [
@@ -424,7 +403,7 @@ fn sync_and_syncfs_are_durable() {
             "plain" => assert_eq!(got, None, "plain FUSE: kept"),
             _ => assert!(got.as_deref() == Some(&body[..]), "{way}: lost"),
         }
-        fsck_clean(&img);
+        fsck_spotless(&img);
     }
 }
 
@@ -462,7 +441,7 @@ fn last_writes_survive(tag: &str, source: &str, img: &Path, unmount: &dyn Fn(&Pa
         on_disk(&copy, &big).as_deref() == Some(&body[..]),
         "{tag}: the copy misses the last writes"
     );
-    fsck_clean(&copy);
+    fsck_spotless(&copy);
     fs::remove_file(&copy).unwrap();
 }
 
@@ -478,7 +457,7 @@ fn umount_cmd(mnt: &Path) {
 #[test]
 fn umount_returns_once_the_image_is_final() {
     require_fuse();
-    let img = new_image("final", 4);
+    let img = new_volume("final", 4);
     let img_s = img.to_str().unwrap();
     last_writes_survive("final-cmd", img_s, &img, &umount_cmd);
     last_writes_survive("final-sys", img_s, &img, &|m| {
@@ -490,5 +469,5 @@ fn umount_returns_once_the_image_is_final() {
         umount_cmd(m);
         lo.detach();
     });
-    fsck_clean(&img);
+    fsck_spotless(&img);
 }

@@ -39,29 +39,6 @@ const FIXTURE: &str = "v1-lz4-xxhash64";
 
 const B: u64 = 65536;
 
-/// A new 4 GiB sparse image (three volume header slots) made by the
-/// library's newfs, with PFSs LOCAL and DATA.
-fn new_image(tag: &str) -> PathBuf {
-    let path = scratch(tag).join("disk.img");
-    File::create(&path)
-        .and_then(|f| f.set_len(4 << 30))
-        .expect("create image");
-    let dev = FileDevice::open(&path, true).expect("open image");
-    mkfs::newfs::newfs(&dev, &mkfs::newfs::NewfsOptions::default()).expect("newfs");
-    path
-}
-
-/// fsck (with its freemap cross-check): no problems and no warnings (an
-/// orphan would be one).
-fn fsck_clean(img: &Path) {
-    let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(img, false).expect("open image"));
-    let r = hammer2::fsck::fsck(dev, hammer2::fsck::Options::default()).expect("fsck");
-    let problems: Vec<String> = r.problems.iter().map(|p| p.to_string()).collect();
-    assert!(problems.is_empty(), "fsck: {problems:#?}");
-    let warnings: Vec<String> = r.warnings.iter().map(|w| w.to_string()).collect();
-    assert!(warnings.is_empty(), "fsck warnings: {warnings:#?}");
-}
-
 /// A read-write mount in the foreground; `unmount` waits for the daemon
 /// to flush and exit.
 struct RwMount {
@@ -278,7 +255,7 @@ fn require_rsync() {
 fn trees_copied_in_with_cp_tar_and_rsync_read_back_identical() {
     require_fuse();
     require_rsync();
-    let img = new_image("copy");
+    let img = new_volume("copy", 4);
     let src_mnt = scratch("copy-src");
     let _src = Mounted::new(fixture(FIXTURE).to_str().unwrap(), &src_mnt, &["-o", "ro"]);
     let gen = scratch("copy-gen").join("tree");
@@ -300,7 +277,7 @@ fn trees_copied_in_with_cp_tar_and_rsync_read_back_identical() {
     treecheck(&mnt.join("rsync"), &manifest_path(FIXTURE), "DATA");
     treecheck(&mnt.join("cp-gen"), &gen_manifest, "GEN");
     m.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
 
     let m = RwMount::new(&img, &mnt, "");
     for dir in ["cp", "tar", "rsync"] {
@@ -314,7 +291,7 @@ fn trees_copied_in_with_cp_tar_and_rsync_read_back_identical() {
         assert_eq!((a.ino(), a.nlink()), (b.ino(), 2), "{dir}");
     }
     m.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
 }
 
 fn errno_of<T: std::fmt::Debug>(r: nix::Result<T>) -> nix::errno::Errno {
@@ -330,7 +307,7 @@ fn stat(p: &Path) -> fs::Metadata {
 #[test]
 fn namespace_and_attribute_operations() {
     require_fuse();
-    let img = new_image("ops");
+    let img = new_volume("ops", 4);
     let mnt = scratch("ops-mnt");
     let m = RwMount::new(&img, &mnt, "");
     let p = |s: &str| mnt.join(s);
@@ -509,7 +486,7 @@ fn namespace_and_attribute_operations() {
     assert!(st.blocks_free() > 0 && st.blocks_free() <= st.blocks());
 
     m.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
     // On disk, directories keep the one link DragonFly gives them.
     let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&img, false).unwrap());
     let pfs = hammer2::Pfs::open(Arc::new(hammer2::Volume::open(dev).unwrap()), "DATA").unwrap();
@@ -527,7 +504,7 @@ fn namespace_and_attribute_operations() {
     check_attrs(&mnt);
     assert_eq!(stat(&p("sgid/file")).gid(), 4321);
     m.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
 }
 
 fn seek(f: &File, at: u64, whence: Whence) -> nix::Result<u64> {
@@ -540,7 +517,7 @@ fn seek(f: &File, at: u64, whence: Whence) -> nix::Result<u64> {
 #[test]
 fn file_data_operations() {
     require_fuse();
-    let img = new_image("data");
+    let img = new_volume("data", 4);
     let mnt = scratch("data-mnt");
     let m = RwMount::new(&img, &mnt, "");
     let p = |s: &str| mnt.join(s);
@@ -652,7 +629,7 @@ fn file_data_operations() {
     ];
     drop((f, src, dst));
     m.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
     let m = RwMount::new(&img, &mnt, "");
     for (name, want) in &expect {
         assert!(fs::read(p(name)).unwrap() == *want, "{name} after remount");
@@ -661,7 +638,7 @@ fn file_data_operations() {
     assert_eq!(seek(&f, 0, Whence::SeekHole), Ok(B));
     drop(f);
     m.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
 }
 
 /// A file open and unlinked: readable and writable (also across a
@@ -669,7 +646,7 @@ fn file_data_operations() {
 #[test]
 fn an_open_unlinked_file_lives_until_closed() {
     require_fuse();
-    let img = new_image("unlinked");
+    let img = new_volume("unlinked", 4);
     let mnt = scratch("unlinked-mnt");
     let m = RwMount::new(&img, &mnt, "");
     let path = mnt.join("tmp");
@@ -700,7 +677,7 @@ fn an_open_unlinked_file_lives_until_closed() {
     assert_eq!(d.count(), 0);
     drop(f);
     m.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
 }
 
 /// One read-write mount per image: the second gets exit 32 and says
@@ -708,7 +685,7 @@ fn an_open_unlinked_file_lives_until_closed() {
 #[test]
 fn a_second_read_write_mount_is_refused() {
     require_fuse();
-    let img = new_image("twice");
+    let img = new_volume("twice", 4);
     let (mnt1, mnt2) = (scratch("twice-1"), scratch("twice-2"));
     let m = RwMount::new(&img, &mnt1, "");
     fs::write(mnt1.join("hello"), "world").unwrap();
@@ -727,7 +704,7 @@ fn a_second_read_write_mount_is_refused() {
     let m = RwMount::new(&img, &mnt2, "");
     assert_eq!(fs::read(mnt2.join("hello")).unwrap(), b"world");
     m.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
 }
 
 /// Is `name` in the root of PFS DATA on disk (the last flush)?
@@ -765,7 +742,7 @@ fn workspace_bin(name: &str) -> PathBuf {
 #[test]
 fn fsck_and_a_new_mount_right_after_umount_wait_for_the_last_flush() {
     require_fuse();
-    let img = new_image("umount-wait");
+    let img = new_volume("umount-wait", 4);
     let mnt = scratch("umount-wait-mnt");
     let fsck = workspace_bin("fsck-hammer2");
     // Unflushed until the unmount (sync_interval=0, below the dirty
@@ -839,7 +816,7 @@ fn fsck_and_a_new_mount_right_after_umount_wait_for_the_last_flush() {
 #[test]
 fn the_sync_interval_and_sigterm_flush() {
     require_fuse();
-    let img = new_image("sync");
+    let img = new_volume("sync", 4);
     let mnt = scratch("sync-mnt");
     let m = RwMount::new(&img, &mnt, "sync_interval=1");
     fs::write(mnt.join("periodic"), "tick").unwrap();
@@ -861,7 +838,7 @@ fn the_sync_interval_and_sigterm_flush() {
     assert!(!is_mounted(&mnt));
     assert!(m.log().contains("flushes"), "{}", m.log());
     assert_eq!(on_disk(&img, "late").as_deref(), Some(&body[..]));
-    fsck_clean(&img);
+    fsck_spotless(&img);
 }
 
 /// New files belong to the caller; without write permission on the
@@ -872,7 +849,7 @@ fn the_sync_interval_and_sigterm_flush() {
 fn callers_own_what_they_make_and_the_mode_bits_hold() {
     require_fuse();
     for opts in ["allow_other", "allow_other,default_permissions"] {
-        let img = new_image(&format!("owners-{opts}"));
+        let img = new_volume(&format!("owners-{opts}"), 4);
         let mnt = scratch(&format!("owners-mnt-{opts}"));
         let m = RwMount::new(&img, &mnt, opts);
         fs::create_dir(mnt.join("tmp")).unwrap();
@@ -906,7 +883,7 @@ fn callers_own_what_they_make_and_the_mode_bits_hold() {
         let out = as_nobody("rm tmp/nobodys && rmdir tmp/nd");
         assert!(out.status.success(), "{opts}: {out:?}");
         m.unmount();
-        fsck_clean(&img);
+        fsck_spotless(&img);
     }
 }
 
@@ -918,7 +895,7 @@ fn callers_own_what_they_make_and_the_mode_bits_hold() {
 #[test]
 fn a_failed_flush_poisons_the_mount() {
     require_fuse();
-    let img = new_image("poison");
+    let img = new_volume("poison", 4);
     let mnt = scratch("poison-mnt");
     let log = scratch("poison").join("mount.log");
     // SIGXFSZ ignored (inherited across exec), so writes past the
@@ -960,13 +937,13 @@ fn a_failed_flush_poisons_the_mount() {
         "{text}"
     );
     assert_eq!(on_disk(&img, "before"), None);
-    fsck_clean(&img);
+    fsck_spotless(&img);
 }
 
 #[test]
 fn a_tree_written_through_the_buffer_cache_reads_back_identical() {
     require_fuse();
-    let img = new_image("cached");
+    let img = new_volume("cached", 4);
     let src_mnt = scratch("cached-src");
     let _src = Mounted::new(fixture(FIXTURE).to_str().unwrap(), &src_mnt, &["-o", "ro"]);
     let mnt = scratch("cached-mnt");
@@ -976,11 +953,11 @@ fn a_tree_written_through_the_buffer_cache_reads_back_identical() {
     sh(&format!("cp -a {} {}/cp", src_mnt.display(), mnt.display()));
     treecheck(&mnt.join("cp"), &manifest_path(FIXTURE), "DATA");
     m.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
     let m = RwMount::new(&img, &mnt, "");
     treecheck(&mnt.join("cp"), &manifest_path(FIXTURE), "DATA");
     m.unmount();
-    fsck_clean(&img);
+    fsck_spotless(&img);
 }
 
 /// The daemon's last words include its buffer cache's report, and the
@@ -990,7 +967,7 @@ fn a_tree_written_through_the_buffer_cache_reads_back_identical() {
 #[test]
 fn the_buffer_cache_reports_at_the_end() {
     require_fuse();
-    let img = new_image("report");
+    let img = new_volume("report", 4);
     let mnt = scratch("report-mnt");
     let body = noise(9, 4 << 20);
     let m = RwMount::new(&img, &mnt, "");
@@ -1030,5 +1007,5 @@ fn the_buffer_cache_reports_at_the_end() {
         line[..i].rsplit('(').next().unwrap().parse().unwrap()
     };
     assert!(read_mib >= 4.0, "{line}: less than the file read");
-    fsck_clean(&img);
+    fsck_spotless(&img);
 }

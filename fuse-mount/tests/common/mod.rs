@@ -285,13 +285,29 @@ pub fn new_volume(tag: &str, gib: u64) -> PathBuf {
     path
 }
 
-/// fsck of every PFS of `img`, which must find nothing.
+/// fsck of every PFS of `img` (with its freemap cross-check), which
+/// must find no problem.
 pub fn fsck_clean(img: &Path) {
+    fsck_report(img);
+}
+
+/// `fsck_clean`, and no warning either (an orphan would be one).
+pub fn fsck_spotless(img: &Path) {
+    let warnings: Vec<String> = fsck_report(img)
+        .warnings
+        .iter()
+        .map(|w| w.to_string())
+        .collect();
+    assert!(warnings.is_empty(), "fsck warnings: {warnings:#?}");
+}
+
+fn fsck_report(img: &Path) -> hammer2::fsck::Report {
     let dev: Arc<dyn bufcache::BlockDevice> =
         Arc::new(bufcache::FileDevice::open(img, false).expect("open image"));
     let r = hammer2::fsck::fsck(dev, hammer2::fsck::Options::default()).expect("fsck");
     let problems: Vec<String> = r.problems.iter().map(|p| p.to_string()).collect();
     assert!(problems.is_empty(), "fsck: {problems:#?}");
+    r
 }
 
 /// A foreground read-write mount; `unmount` waits for the daemon's exit.
