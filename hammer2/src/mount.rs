@@ -196,6 +196,17 @@ pub struct Mount {
 /// `Mount::meta_limit` unless the caller sets one.
 pub const META_LIMIT_DEFAULT: usize = 64 << 20;
 
+/// The end of a non-empty file range `[offset, offset + len)` that ends
+/// within the largest file offset; `op` names it in the error.
+pub(crate) fn range_end(op: &str, offset: u64, len: u64) -> Result<u64> {
+    offset
+        .checked_add(len)
+        .filter(|&e| e <= i64::MAX as u64 && len > 0)
+        .ok_or_else(|| Error::InvalidArgument {
+            what: format!("{op} of {len} bytes at {offset}"),
+        })
+}
+
 fn new_meta(
     obj_type: ObjType,
     inum: u64,
@@ -1237,12 +1248,7 @@ impl Mount {
         now: u64,
     ) -> Result<()> {
         self.writable()?;
-        let end = offset
-            .checked_add(len)
-            .filter(|&e| e <= i64::MAX as u64 && len > 0)
-            .ok_or_else(|| Error::InvalidArgument {
-                what: format!("fallocate of {len} bytes at {offset}"),
-            })?;
+        let end = range_end("fallocate", offset, len)?;
         let (t, size, reserve, grow) = self.with_node(label, inum, |_, n| {
             let grow = if !keep_size && end > n.size() {
                 n.new_pending_blocks(PendingChange::Truncate { size: end })

@@ -17,7 +17,7 @@
 //! memory they hold (the next interval flush writes them). A crash
 //! loses what no flush wrote, as Linux's `lazytime` does.
 
-use super::{new_meta, Mount, Tier, NEW_INODE};
+use super::{new_meta, range_end, Mount, Tier, NEW_INODE};
 use crate::disk::ObjType;
 use crate::error::{Error, Result};
 use crate::inode::{InodeNode, PendingChange};
@@ -127,12 +127,7 @@ impl Mount {
         now: u64,
     ) -> Result<()> {
         self.writable()?;
-        let end = offset
-            .checked_add(len)
-            .filter(|&e| e <= i64::MAX as u64 && len > 0)
-            .ok_or_else(|| Error::InvalidArgument {
-                what: format!("zero range of {len} bytes at {offset}"),
-            })?;
+        let end = range_end("zero range", offset, len)?;
         let (t, size, blocks) = self.with_node(label, inum, |_, n| {
             let grow = if !keep_size && end > n.size() {
                 n.new_pending_blocks(PendingChange::Truncate { size: end })
