@@ -17,16 +17,46 @@
 //! (`dedup.rs`). Nothing
 //! reachable from the previous header is ever overwritten, so a crash at
 //! any point leaves the previous flush intact.
+//!
+//! Pipelined, so the daemon serves requests meanwhile: `flush_begin`
+//! (mount locked) takes the file data written so far into a
+//! `FlushBatch`, `FlushBatch::write` (unlocked) compresses, places and
+//! writes it, `flush_commit_prepare` (locked) writes what changed since
+//! and the whole tree and freemap into the buffer cache,
+//! `Prepared::run` (unlocked) walks removed inodes' trees for freeing
+//! and does the device part (write-back, barrier, header, barrier), and
+//! `flush_commit_finish` (locked) adopts the header and frees what
+//! waited for it. `flush` runs the steps in a row; `reclaim` commits
+//! until no freed block waits for a header.
 
 use crate::alloc::SpaceMap;
 use crate::blocktable::{BlockSink, SetStats, TreeKind};
 use crate::check;
 use crate::dedup::DedupKey;
 use crate::disk::{self, comp_method, enc_methods, Blockref, BlockrefType, BLOCKREF_BYTES};
+use crate::disk::{BREF_FLAG_PFSROOT, VOLUME_BYTES};
 use crate::error::{Error, Result};
 use crate::inode::InodeNode;
+use crate::mount::{lock_space, Mount};
+use crate::pfs;
+use crate::strategy::CompHeuristic;
 use crate::strategy::{data_bref, dedupable, encode_data_block, place_data, write_placed, Placed};
 use crate::volume::Volume;
+use bufcache::BlockDevice;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+/// What one flush wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlushStats {
+    pub tid: u64,
+    pub blocks: u64,
+    pub bytes: u64,
+    pub header_slot: usize,
+    /// Bytes an earlier flush dropped that went back to free once this
+    /// one's header was written.
+    pub freed: u64,
+}
 
 /// Writes blocks for one flush.
 pub struct Writer<'a> {
@@ -183,4 +213,644 @@ pub fn flush_inode(
     node.bref = br;
     node.dirty = false;
     Ok(br)
+}
+
+impl Mount {
+    /// Commit now, whether or not anything changed: a new volume header
+    /// in the next slot (fsck's repairs write every slot this way).
+    pub(crate) fn commit(&mut self) -> Result<FlushStats> {
+        self.commit_now()
+    }
+
+    /// fsync(2) of a file or directory: everything modified is flushed
+    /// (the flush is volume-wide, so the inode and every inode it depends
+    /// on land together).
+    pub fn fsync(&mut self, label: &str, inum: u64) -> Result<FlushStats> {
+        self.getattr(label, inum)?;
+        self.flush()
+    }
+
+    /// Write everything modified and commit it with a new volume header.
+    pub fn flush(&mut self) -> Result<FlushStats> {
+        let mut batch = self.flush_begin()?;
+        batch.write();
+        self.flush_commit(batch)
+    }
+
+    /// Start a pipelined flush: take the file data written so far into a
+    /// batch whose blocks `FlushBatch::write` compresses and writes
+    /// without this `Mount` (so the frontend can go on), then
+    /// `flush_commit` writes what changed meanwhile and all metadata, and
+    /// commits. The flush commits the state at `flush_commit`: a block
+    /// the frontend rewrote after `flush_begin` is written again there
+    /// and the batch's copy is given back to the allocator.
+    pub fn flush_begin(&mut self) -> Result<FlushBatch> {
+        self.writable()?;
+        if self.flushing {
+            return Err(Error::InvalidArgument {
+                what: "a flush is already in progress".into(),
+            });
+        }
+        let tid = self.next_tid()?;
+        self.flushing = true;
+        let mut blocks = Vec::new();
+        let mut heuristics = HashMap::new();
+        for (label, p) in &self.pfs {
+            for (inum, n) in p.inodes.iter().filter(|(_, n)| !n.pending.is_empty()) {
+                heuristics.insert((label.clone(), *inum), n.comp_heuristic);
+                let size = n.size();
+                for (lbase, blk) in n.pending.range(..size) {
+                    blocks.push(BatchBlock {
+                        label: label.clone(),
+                        inum: *inum,
+                        lbase: *lbase,
+                        blk: blk.clone(),
+                        size,
+                        comp_algo: n.data.meta.comp_algo,
+                        check_algo: n.data.meta.check_algo,
+                        written: None,
+                        shared_durable: false,
+                    });
+                }
+            }
+        }
+        Ok(FlushBatch {
+            tid,
+            dev: self.vol.device().clone(),
+            space: self.space.clone(),
+            blocks,
+            heuristics,
+            error: None,
+        })
+    }
+
+    /// Finish a flush started with `flush_begin`.
+    pub fn flush_commit(&mut self, batch: FlushBatch) -> Result<FlushStats> {
+        let prepared = self.flush_commit_prepare(batch)?;
+        let io = prepared.run();
+        self.flush_commit_finish(prepared, io)
+    }
+
+    /// The first part of `flush_commit`: everything but waiting for the
+    /// device. The tree and the freemap are written (into the device's
+    /// cache, for a mount), the volume header is ready. The caller may
+    /// unlock the mount, `Prepared::run` the device part (barrier, header,
+    /// barrier), and lock it again for `flush_commit_finish`; operations
+    /// meanwhile change the tree in memory for the next flush, which
+    /// cannot begin before this one finishes.
+    pub fn flush_commit_prepare(&mut self, batch: FlushBatch) -> Result<Prepared> {
+        let result = self.flush_commit_inner(batch);
+        if let Err(e) = &result {
+            self.flushing = false;
+            self.note_flush_error(e);
+        }
+        result
+    }
+
+    /// Finish a flush after `Prepared::run`: adopt its header and free
+    /// what waited for it, or poison the mount if the device failed.
+    pub fn flush_commit_finish(
+        &mut self,
+        prepared: Prepared,
+        io: Result<()>,
+    ) -> Result<FlushStats> {
+        self.flushing = false;
+        let result = match prepared {
+            Prepared::Nothing(stats) => io.map(|()| stats),
+            Prepared::Commit(c) => io.and_then(|()| self.adopt_header(*c)),
+        };
+        match &result {
+            Ok(_) => {
+                self.admitted = self.held_after_commit();
+                self.trim_metadata();
+            }
+            Err(e) => self.note_flush_error(e),
+        }
+        result
+    }
+
+    /// A failed flush: a device error poisons the mount.
+    fn note_flush_error(&mut self, e: &Error) {
+        if matches!(e, Error::Io { .. }) && self.poisoned.is_none() {
+            log::error!("flush failed, refusing further writes: {e}");
+            self.poisoned = Some(e.to_string());
+        }
+    }
+
+    fn flush_commit_inner(&mut self, batch: FlushBatch) -> Result<Prepared> {
+        self.writable()?;
+        if let Some(e) = batch.error {
+            return Err(e);
+        }
+        for ((label, inum), h) in batch.heuristics {
+            if let Some(n) = self
+                .pfs
+                .get_mut(&label)
+                .and_then(|p| p.inodes.get_mut(&inum))
+            {
+                n.comp_heuristic = h;
+            }
+        }
+        let (mut blocks, mut bytes) = (0, 0);
+        for b in batch.blocks {
+            let Some(leaf) = b.written else { continue };
+            let vol = &self.vol;
+            let node = self
+                .pfs
+                .get_mut(&b.label)
+                .and_then(|p| p.inodes.get_mut(&b.inum));
+            let current = node.filter(|n| {
+                b.lbase < n.size()
+                    && n.pending
+                        .get(&b.lbase)
+                        .is_some_and(|p| Arc::ptr_eq(p, &b.blk))
+            });
+            match current {
+                Some(n) => {
+                    n.pending.remove(&b.lbase);
+                    match leaf {
+                        Some(br) => {
+                            blocks += 1;
+                            bytes += br.data_off.bytes();
+                            n.table
+                                .insert(vol, crate::blocktable::TreeKind::File, true, br)?;
+                        }
+                        None => {
+                            n.table.delete(vol, b.lbase)?;
+                        }
+                    }
+                }
+                None => {
+                    // Rewritten, truncated or removed meanwhile.
+                    if let Some(br) = leaf.filter(|_| !b.shared_durable) {
+                        lock_space(&self.space).release_unflushed(br.data_off);
+                    }
+                }
+            }
+        }
+        if !self.is_dirty() {
+            return Ok(Prepared::Nothing(FlushStats {
+                tid: self.vol.header.mirror_tid,
+                blocks,
+                bytes,
+                header_slot: self.vol.header_index,
+                freed: 0,
+            }));
+        }
+        let mut c = self.flush_prepare()?;
+        c.stats.blocks += blocks;
+        c.stats.bytes += bytes;
+        Ok(Prepared::Commit(Box::new(c)))
+    }
+
+    /// A whole flush with the mount held throughout.
+    fn flush_inner(&mut self) -> Result<FlushStats> {
+        let c = self.flush_prepare()?;
+        c.run()?;
+        self.adopt_header(c)
+    }
+
+    /// Write the tree and the freemap (`flush.rs` order) and make the
+    /// volume header of the commit, not yet written. The access times
+    /// waiting in memory go with it (`flush_atimes`).
+    fn flush_prepare(&mut self) -> Result<CommitIo> {
+        if let Err(e) = self.flush_atimes() {
+            // An access time is not worth failing the flush for.
+            log::warn!("access times left for a later flush: {e}");
+        }
+        let tid = self.next_tid()?;
+        // A block this flush drops is referenced by the headers before
+        // it; the header slots rotate, so the last of those is gone once
+        // the header of tid + slots - 1 is written (see alloc.rs,
+        // "Freeing at flush time").
+        let nslots = disk::volhdr_count(self.vol.header.volu_size) as u64;
+        let free_at = tid + nslots.max(1) - 1;
+        let session_tid = self.session_tid;
+        let space_arc = self.space.clone();
+        let mut space = lock_space(&space_arc);
+        let Mount {
+            vol, sroot, pfs, ..
+        } = self;
+        let mut w = Writer {
+            vol,
+            space: space.as_mut(),
+            tid,
+            blocks: 0,
+            bytes: 0,
+        };
+        let mut seen = HashSet::new();
+        // Removed inodes whose trees the device phase walks (`CommitIo`).
+        let mut removed_trees = Vec::new();
+        for p in pfs.values_mut() {
+            let mut drops = std::mem::take(&mut p.dropped);
+            let removed = std::mem::take(&mut p.removed);
+            let lsnap = p.root.data.meta.pfs_lsnap_tid;
+            for inum in removed {
+                if let Some(ibr) = p.root.table.delete(w.vol, inum)? {
+                    removed_trees.push((ibr, lsnap));
+                }
+                p.root.dirty = true;
+            }
+            for (inum, node) in p.inodes.iter_mut().filter(|(_, n)| n.dirty) {
+                let br = flush_inode(&mut w, node, *inum, 0)?;
+                p.root
+                    .table
+                    .insert(w.vol, crate::blocktable::TreeKind::Directory, true, br)?;
+                p.root.dirty = true;
+            }
+            for node in p.inodes.values_mut() {
+                drops.extend(node.table.take_dropped());
+            }
+            if p.root.dirty {
+                let br = flush_inode(&mut w, &mut p.root, p.key, BREF_FLAG_PFSROOT)?;
+                sroot
+                    .table
+                    .insert(w.vol, crate::blocktable::TreeKind::Directory, true, br)?;
+                sroot.dirty = true;
+            }
+            drops.extend(p.root.table.take_dropped());
+            let lsnap = p.root.data.meta.pfs_lsnap_tid;
+            queue_drops(w.space, drops, Some(lsnap), session_tid, free_at, &mut seen);
+        }
+        // A flush that changed only the freemap (bulkfree, recovery)
+        // leaves the super-root where it is.
+        let sroot_br = if sroot.dirty {
+            let old = sroot.bref;
+            let br = flush_inode(&mut w, sroot, 0, 0)?;
+            let mut drops = sroot.table.take_dropped();
+            drops.push(old);
+            // Nothing but the volume header points into the super-root's
+            // tree (PFS roots are copied, never shared): no snapshot rule.
+            queue_drops(w.space, drops, None, session_tid, free_at, &mut seen);
+            br
+        } else {
+            sroot.bref
+        };
+        let (blocks, bytes) = (w.blocks, w.bytes);
+        let dev = vol.device().clone();
+        let freemap_blockset = space.flush(dev.as_ref(), tid)?;
+        let mut vh = vol.header.clone();
+        vh.mirror_tid = tid;
+        vh.freemap_tid = tid;
+        vh.sroot_blockset[0] = sroot_br;
+        vh.freemap_blockset = freemap_blockset;
+        vh.allocator_free = space.allocator_free();
+        let nslots = disk::volhdr_count(vh.volu_size);
+        let slot = (vol.header_index + 1) % nslots;
+        let raw = vh.encode();
+        debug_assert_eq!(raw.len(), VOLUME_BYTES);
+        Ok(CommitIo {
+            dev,
+            raw,
+            reader: vol.reader(),
+            space: space_arc.clone(),
+            removed_trees,
+            seen: Mutex::new(seen),
+            session_tid,
+            free_at,
+            at: disk::volhdr_offset(slot),
+            stats: FlushStats {
+                tid,
+                blocks,
+                bytes,
+                header_slot: slot,
+                freed: 0,
+            },
+        })
+    }
+
+    /// A commit's header is on the media: it is the volume's now, and
+    /// the blocks that waited for it are freed.
+    fn adopt_header(&mut self, c: CommitIo) -> Result<FlushStats> {
+        let CommitIo { raw, at, stats, .. } = c;
+        self.vol.header = disk::VolumeHeader::decode(&raw, at)?;
+        self.vol.header_index = stats.header_slot;
+        let freed = match self.frees_allowed_through(stats.tid) {
+            Some(tid) => lock_space(&self.space).committed(tid),
+            None => 0,
+        };
+        log::info!(
+            "flush {:#x}: {} blocks, {} bytes, volume header {}, {freed} bytes freed",
+            stats.tid,
+            stats.blocks,
+            stats.bytes,
+            stats.header_slot
+        );
+        Ok(FlushStats { freed, ..stats })
+    }
+
+    /// At the commit of `tid`: the tid through which queued frees may
+    /// go now. With no reader outside the lock, all of them; else those
+    /// dropped through the commit at the gate's last advance, once the
+    /// readers from before it are gone (the gate advances now if they
+    /// are); `None` while they read.
+    fn frees_allowed_through(&mut self, tid: u64) -> Option<u64> {
+        if self.gate.idle() {
+            self.gate.try_advance();
+            self.gate_mark = tid;
+            return Some(tid);
+        }
+        if self.gate.try_advance() {
+            Some(std::mem::replace(&mut self.gate_mark, tid))
+        } else {
+            None
+        }
+    }
+
+    /// Commit until no freed block waits for a header (each commit
+    /// writes the freemap, if changed, and a header), so space dropped
+    /// by earlier flushes is free now; for a writer about to fail with
+    /// ENOSPC and for unmount. Returns the bytes given back.
+    pub fn reclaim(&mut self) -> Result<u64> {
+        self.writable()?;
+        if self.flushing {
+            return Err(Error::InvalidArgument {
+                what: "a flush is in progress".into(),
+            });
+        }
+        let mut freed = 0;
+        // At most one commit per header slot releases the whole queue
+        // (and one more while readers outside the lock hold the gate).
+        for _ in 0..=disk::volhdr_count(self.vol.header.volu_size) + 1 {
+            if lock_space(&self.space).pending_frees() == 0 {
+                break;
+            }
+            freed += self.commit_now()?.freed;
+        }
+        if self.is_dirty() {
+            // What the last commit freed (or anything else changed) goes
+            // on the media too: the mount is clean after this.
+            freed += self.commit_now()?.freed;
+        }
+        Ok(freed)
+    }
+
+    /// One whole flush, not pipelined, with `flush_commit`'s
+    /// bookkeeping (admission reset, poisoning on a device error).
+    fn commit_now(&mut self) -> Result<FlushStats> {
+        let r = self.flush_inner();
+        match &r {
+            Ok(_) => {
+                self.admitted = self.held_after_commit();
+                self.trim_metadata();
+            }
+            Err(e @ Error::Io { .. }) => {
+                log::error!("flush failed, refusing further writes: {e}");
+                self.poisoned = Some(e.to_string());
+            }
+            Err(_) => {}
+        }
+        r
+    }
+}
+
+/// Hand the blocks a tree dropped to the allocator. A block is queued
+/// for freeing when nothing but the tree it left can reference it:
+/// - not modified in place in an emergency (DragonFly's EMERG_MIP);
+/// - in a PFS (`lsnap` is its `pfs_lsnap_tid`), born after its last
+///   snapshot: a snapshot shares exactly the blocks of the flushed tree
+///   it copied, all with tids up to `pfs_lsnap_tid` (DragonFly allows
+///   overwriting in place by the same rule); the super-root's own blocks
+///   (`lsnap` None) are never shared;
+/// - file data: written by this mount (dedup, ours or DragonFly's, may
+///   point other blockrefs at older data blocks; this mount's allocator
+///   records every block its dedup shares and never frees those).
+///
+/// Everything else is counted as possibly free, bulkfree's work.
+fn queue_drops(
+    space: &mut dyn SpaceMap,
+    drops: Vec<Blockref>,
+    lsnap: Option<u64>,
+    session_tid: u64,
+    free_at: u64,
+    seen: &mut HashSet<u64>,
+) {
+    for br in drops {
+        if br.data_off.radix() == 0 || !seen.insert(br.data_off.offset()) {
+            continue;
+        }
+        let unshared = br.flags & disk::BREF_FLAG_EMERG_MIP == 0
+            && lsnap.is_none_or(|l| br.modify_tid > l)
+            && match br.btype {
+                BlockrefType::Data => br.modify_tid > session_tid,
+                BlockrefType::Inode | BlockrefType::Indirect | BlockrefType::Dirent => true,
+                _ => false,
+            };
+        if unshared {
+            space.queue_free(br.data_off, br.btype == BlockrefType::Data, free_at);
+        } else {
+            space.note_possibly_free(br.data_off.bytes());
+        }
+    }
+}
+
+/// The blocks under a removed inode (`ibr`, its blockref in the inode
+/// index, which the index's own drop list holds): every indirect,
+/// data and dirent block of its last flushed tree. A block that cannot
+/// be read ends the walk of its subtree; what lies below is left for
+/// bulkfree.
+fn inode_tree_drops(vol: &Volume, ibr: &Blockref, out: &mut Vec<Blockref>, unread: &mut u64) {
+    let ino = match pfs::read_inode(vol, ibr) {
+        Ok(i) => i,
+        Err(e) => {
+            log::warn!(
+                "removed inode at {:#x} unreadable, its blocks are left for bulkfree: {e}",
+                ibr.data_off.offset()
+            );
+            *unread += ibr.data_count();
+            return;
+        }
+    };
+    if ino.data.meta.has_direct_data() {
+        return;
+    }
+    let mut stack: Vec<(Blockref, usize)> = ino
+        .data
+        .blockset()
+        .into_iter()
+        .filter(|b| !b.is_empty())
+        .map(|b| (b, 0))
+        .collect();
+    while let Some((br, depth)) = stack.pop() {
+        if br.data_off.radix() == 0 || br.data_off.offset() == 0 {
+            continue;
+        }
+        out.push(br);
+        if br.btype != BlockrefType::Indirect {
+            continue;
+        }
+        if depth >= crate::chain::DEPTH_MAX {
+            *unread += br.data_count();
+            continue;
+        }
+        match crate::chain::read_node(vol, &br) {
+            Ok(set) => stack.extend(
+                set.into_iter()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| (b, depth + 1)),
+            ),
+            Err(e) => {
+                log::warn!("indirect block at {:#x} of a removed inode unreadable, what is below is left for bulkfree: {e}",
+                    br.data_off.offset());
+                *unread += br.data_count();
+            }
+        }
+    }
+}
+
+/// What `flush_commit_prepare` leaves to do.
+pub enum Prepared {
+    /// Nothing changed but the file data already written: no header.
+    Nothing(FlushStats),
+    Commit(Box<CommitIo>),
+}
+
+impl Prepared {
+    /// The device part of the commit: a barrier (everything written
+    /// before is durable), the volume header, a barrier. Needs no lock
+    /// on the mount.
+    pub fn run(&self) -> Result<()> {
+        match self {
+            Prepared::Nothing(_) => Ok(()),
+            Prepared::Commit(c) => c.run(),
+        }
+    }
+}
+
+/// A commit waiting for the device: the new volume header and where it
+/// goes.
+pub struct CommitIo {
+    dev: Arc<dyn BlockDevice>,
+    raw: Vec<u8>,
+    at: u64,
+    stats: FlushStats,
+    /// For the trees of inodes the commit removes: their blocks are
+    /// walked in the device phase (the walk reads them; they stay
+    /// allocated until freed through the queue) and queued for freeing.
+    reader: Volume,
+    space: Arc<Mutex<Box<dyn SpaceMap>>>,
+    removed_trees: Vec<(Blockref, u64)>,
+    /// Blocks the commit queued already (a removed inode's tree holds
+    /// blocks its table dropped before it went): each is queued once.
+    seen: Mutex<HashSet<u64>>,
+    session_tid: u64,
+    free_at: u64,
+}
+
+impl CommitIo {
+    fn run(&self) -> Result<()> {
+        for (ibr, lsnap) in &self.removed_trees {
+            let mut drops = Vec::new();
+            let mut noted = 0;
+            inode_tree_drops(&self.reader, ibr, &mut drops, &mut noted);
+            let mut space = lock_space(&self.space);
+            space.note_possibly_free(noted);
+            queue_drops(
+                space.as_mut(),
+                drops,
+                Some(*lsnap),
+                self.session_tid,
+                self.free_at,
+                &mut self.seen.lock().unwrap_or_else(|p| p.into_inner()),
+            );
+        }
+        let io = |op, at| move |source| Error::Io { op, at, source };
+        self.dev.barrier().map_err(io("barrier", 0))?;
+        self.dev
+            .write_at(&self.raw, self.at)
+            .map_err(io("write volume header", self.at))?;
+        self.dev.barrier().map_err(io("barrier", self.at))
+    }
+}
+
+/// One data block of a pipelined flush.
+struct BatchBlock {
+    label: String,
+    inum: u64,
+    lbase: u64,
+    blk: Arc<Vec<u8>>,
+    size: u64,
+    comp_algo: u8,
+    check_algo: u8,
+    /// After `write`: the new blockref, or `None` for a hole.
+    written: Option<Option<Blockref>>,
+    /// The block written is a durable one shared by dedup: nothing to
+    /// give back if it is superseded.
+    shared_durable: bool,
+}
+
+/// The file data of a flush, written without holding the `Mount`.
+pub struct FlushBatch {
+    tid: u64,
+    dev: Arc<dyn BlockDevice>,
+    space: Arc<Mutex<Box<dyn SpaceMap>>>,
+    blocks: Vec<BatchBlock>,
+    /// Each file's compression heuristic, carried through the batch and
+    /// given back to its inode at commit.
+    heuristics: HashMap<(String, u64), CompHeuristic>,
+    error: Option<Error>,
+}
+
+impl FlushBatch {
+    /// Blocks in the batch.
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// Compress, allocate and write every block. An error is kept for
+    /// `flush_commit`, which reports it (and poisons the mount on I/O).
+    pub fn write(&mut self) {
+        for b in &mut self.blocks {
+            if self.error.is_some() {
+                return;
+            }
+            let heur = self
+                .heuristics
+                .entry((b.label.clone(), b.inum))
+                .or_default();
+            let Some((phys, methods)) =
+                encode_data_block(b.size, b.lbase, &b.blk, b.comp_algo, b.check_algo, heur)
+            else {
+                b.written = Some(None);
+                continue;
+            };
+            let mut br = data_bref(b.lbase, methods);
+            let fp = DedupKey::of(&phys, methods);
+            let placed = {
+                let mut space = lock_space(&self.space);
+                // Admitted when written: a flush allocation, which may
+                // use the reserve (`SpaceMap::alloc`).
+                place_data(space.as_mut(), self.dev.as_ref(), &fp, &phys, b.lbase, true)
+            };
+            let off = match placed {
+                Ok(Placed::New(off)) => {
+                    if let Err(e) = write_placed(self.dev.as_ref(), off, &phys) {
+                        self.error = Some(e);
+                        return;
+                    }
+                    if dedupable(methods) {
+                        lock_space(&self.space).dedup_record(fp, off);
+                    }
+                    off
+                }
+                Ok(Placed::Shared { off, durable }) => {
+                    b.shared_durable = durable;
+                    off
+                }
+                Err(e) => {
+                    self.error = Some(e);
+                    return;
+                }
+            };
+            br.data_off = off;
+            br.mirror_tid = self.tid;
+            br.modify_tid = self.tid;
+            crate::check::set_check(&mut br, &phys);
+            b.written = Some(Some(br));
+        }
+    }
 }

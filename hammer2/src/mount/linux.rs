@@ -17,7 +17,8 @@
 //! memory they hold (the next interval flush writes them). A crash
 //! loses what no flush wrote, as Linux's `lazytime` does.
 
-use super::{new_meta, range_end, Mount, Tier, NEW_INODE};
+use super::vnops::new_meta;
+use super::{range_end, Mount, Tier, NEW_INODE};
 use crate::disk::ObjType;
 use crate::error::{Error, Result};
 use crate::inode::{InodeNode, PendingChange};
