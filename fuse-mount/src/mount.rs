@@ -202,7 +202,9 @@ pub fn shown_source(o: &Opened) -> String {
 pub fn open_pfs(o: &Opened, label: &str, cache_size: Option<u64>) -> Result<Pfs, Failure> {
     let shown = Path::new(&o.name);
     log_direct(o);
-    let vol = Arc::new(open_volume(shown, cached(o.dev.clone(), cache_size)?)?);
+    let (budget, from) = budget_of(cache_size);
+    let dev = cached(o.dev.clone(), budget, &format!(" ({from})"))?;
+    let vol = Arc::new(open_volume(shown, dev)?);
     check_label(shown, &vol, label)?;
     Pfs::open(vol, label).map_err(|e| Failure::Mount(format!("{}@{label}: {e}", o.name)))
 }
@@ -222,31 +224,62 @@ pub fn default_cache_size() -> u64 {
     (total / 8).clamp(64 << 20, 4 << 30) & !((2 << 20) - 1)
 }
 
-/// `dev` through the buffer cache, of `cache_size` bytes (`cache_size=`)
-/// or `default_cache_size`: every block the mount reads or writes goes
-/// through it.
+/// How a read-write mount shares its one memory budget (`cache_size=`
+/// or `default_cache_size`): file data written and waiting for a flush
+/// (a quarter, at most `rw::DIRTY_MAX_BYTES`), decoded metadata kept
+/// across flushes (an eighth), and the buffer cache's pages (the rest,
+/// rounded down to 2 MiB, at least `CACHE_SIZE_MIN`). A read-only mount
+/// gives it all to the pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    pub pages: u64,
+    pub dirty: u64,
+    pub metadata: u64,
+}
+
+impl Budget {
+    pub fn read_write(total: u64) -> Budget {
+        let dirty = (total / 4).min(crate::rw::DIRTY_MAX_BYTES);
+        let metadata = total / 8;
+        let pages = (total.saturating_sub(dirty + metadata) & !((2 << 20) - 1))
+            .max(crate::options::CACHE_SIZE_MIN);
+        Budget {
+            pages,
+            dirty,
+            metadata,
+        }
+    }
+}
+
+/// `dev` through a buffer cache of `pages` bytes: every block the mount
+/// reads or writes goes through it. `what` says in the log where the
+/// figure came from.
 fn cached(
     dev: Arc<dyn BlockDevice>,
-    cache_size: Option<u64>,
+    pages: u64,
+    what: &str,
 ) -> Result<Arc<dyn BlockDevice>, Failure> {
-    let bytes = cache_size.unwrap_or_else(default_cache_size);
-    let cache = bufcache::BufCache::open(dev, bytes)
-        .map_err(|e| Failure::Mount(format!("cannot set up a {bytes}-byte buffer cache: {e}")))?;
-    log::info!(
-        "buffer cache of {} MiB{}",
-        bytes >> 20,
-        if cache_size.is_some() {
-            ""
-        } else {
-            " (an eighth of memory; cache_size= to set)"
-        }
-    );
+    let cache = bufcache::BufCache::open(dev, pages)
+        .map_err(|e| Failure::Mount(format!("cannot set up a {pages}-byte buffer cache: {e}")))?;
+    log::info!("buffer cache of {} MiB{what}", pages >> 20);
     let dev = Arc::new(bufcache::CachedDevice::new(cache));
     CACHES
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .push(dev.clone());
     Ok(dev)
+}
+
+/// The memory budget `cache_size` asks for, or the default, and how the
+/// log names it.
+fn budget_of(cache_size: Option<u64>) -> (u64, &'static str) {
+    match cache_size {
+        Some(b) => (b, "cache_size="),
+        None => (
+            default_cache_size(),
+            "an eighth of memory; cache_size= to set",
+        ),
+    }
 }
 
 /// The buffer caches this daemon made (one per mount it serves), for
@@ -363,15 +396,26 @@ pub fn open_rw(o: &Opened, label: &str, options: &Options) -> Result<OpenRw, Fai
     drop(vol);
     // The library reads and writes through the buffer cache (its
     // barrier is the cache's ordered flush).
-    let dev = cached(dev, options.cache_size)?;
+    let (total, from) = budget_of(options.cache_size);
+    let budget = Budget::read_write(total);
+    let dev = cached(
+        dev,
+        budget.pages,
+        &format!(
+            " of a {} MiB budget ({from}); file data waiting for a flush up to {} MiB, \
+             metadata kept across flushes up to {} MiB",
+            total >> 20,
+            budget.dirty >> 20,
+            budget.metadata >> 20
+        ),
+    )?;
     // Loads the freemap allocator and runs DragonFly's mount-time
     // recovery.
     let mut mount = Mount::open(dev)
         .map_err(|e| Failure::Mount(format!("{} cannot be opened read-write: {e}", o.name)))?;
-    // Decoded metadata stays in memory across flushes within a quarter
-    // of the cache's budget.
-    let budget = options.cache_size.unwrap_or_else(default_cache_size);
-    mount.set_metadata_limit((budget / 4) as usize);
+    // Decoded metadata stays in memory across flushes within its share
+    // of the budget.
+    mount.set_metadata_limit(budget.metadata as usize);
     mount
         .getattr(label, ROOT_INUM)
         .map_err(|e| Failure::Mount(format!("{}@{label}: {e}", o.name)))?;
@@ -383,6 +427,7 @@ pub fn open_rw(o: &Opened, label: &str, options: &Options) -> Result<OpenRw, Fai
     let claim = lock.claim.take();
     let volume = RwVolume::new(mount, label.to_string(), Some(lock), options.sync_interval);
     volume.set_autobulkfree(options.autobulkfree);
+    volume.set_dirty_limit(budget.dirty);
     Ok(OpenRw {
         volume: Arc::new(volume),
         claim,
@@ -910,5 +955,23 @@ mod tests {
         );
         assert!(split_source("disk.img@").is_err());
         assert!(split_source("@DATA").is_err());
+    }
+
+    /// A quarter for dirty data (at most 256 MiB), an eighth for
+    /// metadata, the rest (2 MiB multiples, 4 MiB at least) for pages.
+    #[test]
+    fn the_budget_is_shared_by_pages_dirty_data_and_metadata() {
+        const M: u64 = 1 << 20;
+        let b = Budget::read_write(64 * M);
+        assert_eq!((b.pages, b.dirty, b.metadata), (40 * M, 16 * M, 8 * M));
+        let b = Budget::read_write(4096 * M);
+        assert_eq!((b.pages, b.dirty, b.metadata), (3328 * M, 256 * M, 512 * M));
+        let b = Budget::read_write(100 * M);
+        assert_eq!(
+            (b.pages, b.dirty, b.metadata),
+            (62 * M, 25 * M, 12 * M + M / 2)
+        );
+        let b = Budget::read_write(4 * M);
+        assert_eq!((b.pages, b.dirty, b.metadata), (4 * M, M, M / 2));
     }
 }

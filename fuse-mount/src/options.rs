@@ -49,10 +49,11 @@ pub struct Options {
     /// when something is dirty; `None` (`sync_interval=0`) flushes only
     /// on fsync, past the dirty limit, and at unmount.
     pub sync_interval: Option<Duration>,
-    /// `cache_size=SIZE`: the page layer's memory budget, rounded down
-    /// to 2 MiB. A mount with it reads (and, read-write, writes) through
-    /// the buffer cache of that size; without it, through the kernel's
-    /// page cache of the image file.
+    /// `cache_size=SIZE`: the mount's memory budget, rounded down to
+    /// 2 MiB (`None`: `mount::default_cache_size`). A read-only mount's
+    /// buffer cache gets all of it; a read-write mount shares it with
+    /// the file data waiting for a flush and decoded metadata
+    /// (`mount::Budget`).
     pub cache_size: Option<u64>,
     /// `writeback_cache`: let the kernel keep written pages and send
     /// them later in large writes (FUSE_WRITEBACK_CACHE). Off by

@@ -11,10 +11,12 @@
 //! waiting on the condition variable.
 //!
 //! Flushes happen: every `sync_interval` when something is dirty; when
-//! the file data waiting for a flush passes `DIRTY_KICK_BYTES`; on fsync
-//! and fsyncdir (the caller waits for a flush that started after its
-//! request); and once more at unmount (`shutdown`). A writer that finds
-//! more than `DIRTY_MAX_BYTES` waiting stalls until a flush commits.
+//! the file data waiting for a flush passes a quarter of its limit; on
+//! fsync and fsyncdir (the caller waits for a flush that started after
+//! its request); and once more at unmount (`shutdown`). A writer that
+//! finds more than the limit waiting stalls until a flush commits. The
+//! limit is the dirty share of the mount's memory budget
+//! (`mount::Budget`, at most `DIRTY_MAX_BYTES`; `set_dirty_limit`).
 //!
 //! A failed flush poisons the mount: it is logged at error level, the
 //! fsync that waited for it gets its errno, and every later write,
@@ -48,9 +50,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// File data waiting for a flush (the memory it holds: what was written
-/// of each 64 KiB block) beyond which the flusher is woken.
-pub const DIRTY_KICK_BYTES: u64 = 64 << 20;
-/// File data waiting for a flush beyond which writers wait for one.
+/// of each 64 KiB block) beyond which writers wait for one, at most
+/// (the mount's budget may set less, `set_dirty_limit`); the flusher is
+/// woken past a quarter of the limit.
 pub const DIRTY_MAX_BYTES: u64 = 256 << 20;
 
 /// What the flusher and the threads waiting for it share.
@@ -60,7 +62,7 @@ struct FlushState {
     requested: u64,
     /// The last request generation a completed flush covers.
     done: u64,
-    /// Dirty data passed `DIRTY_KICK_BYTES`.
+    /// Dirty data passed a quarter of the limit (`dirty_max`).
     kicked: bool,
     stop: bool,
     /// The writer lock is gone: nothing may be written any more.
@@ -89,6 +91,8 @@ pub struct RwVolume {
     dirty: AtomicU64,
     /// Bytes written since `dirty` was last brought up to date.
     written: AtomicU64,
+    /// Dirty file data past which writers wait for a flush.
+    dirty_max: AtomicU64,
     /// The online bulkfree (`hammer2 bulkfree MOUNTPOINT`): its state,
     /// as `hammer2 bulkfree` polls it.
     bulkfree: Mutex<BulkfreeStatus>,
@@ -142,6 +146,7 @@ impl RwVolume {
             sync_interval,
             dirty: AtomicU64::new(0),
             written: AtomicU64::new(0),
+            dirty_max: AtomicU64::new(DIRTY_MAX_BYTES),
             bulkfree: Mutex::new(BulkfreeStatus::default()),
             autobulkfree: AtomicU8::new(0),
             shortage_bulkfree: Mutex::new(None),
@@ -149,6 +154,18 @@ impl RwVolume {
             live: Mutex::new(live),
             flusher: Mutex::new(None),
         }
+    }
+
+    /// File data waiting for a flush past which writers wait for one
+    /// (the flusher is woken past a quarter of it): the dirty share of
+    /// the memory budget, at most `DIRTY_MAX_BYTES`, at least 1 MiB.
+    pub fn set_dirty_limit(&self, bytes: u64) {
+        self.dirty_max
+            .store(bytes.clamp(1 << 20, DIRTY_MAX_BYTES), Ordering::Relaxed);
+    }
+
+    fn dirty_kick(&self) -> u64 {
+        self.dirty_max.load(Ordering::Relaxed) / 4
     }
 
     /// `autobulkfree=PERCENT` (`None`: `noautobulkfree`).
@@ -333,28 +350,30 @@ impl RwVolume {
     }
 
     /// After a write of `n` bytes, with the mount still locked: every
-    /// `DIRTY_KICK_BYTES / 4` written, count what waits for a flush and
-    /// wake the flusher past `DIRTY_KICK_BYTES`. (Summing it on every
-    /// write would cost a pass over the inodes in memory each time.)
+    /// quarter of the wake-up mark written, count what waits for a flush
+    /// and wake the flusher past the mark (a quarter of the limit).
+    /// (Summing it on every write would cost a pass over the inodes in
+    /// memory each time.)
     pub fn note_written(&self, m: &Mount, n: u64) {
+        let kick = self.dirty_kick();
         let w = self.written.fetch_add(n, Ordering::Relaxed) + n;
-        if w < DIRTY_KICK_BYTES / 4 {
+        if w < kick / 4 {
             return;
         }
         self.written.store(0, Ordering::Relaxed);
         let dirty = m.pending_bytes();
         self.dirty.store(dirty, Ordering::Relaxed);
-        if dirty > DIRTY_KICK_BYTES {
+        if dirty > kick {
             lock(&self.flush).kicked = true;
             self.cv.notify_all();
         }
     }
 
-    /// Without the mount locked: wait while more than `DIRTY_MAX_BYTES`
+    /// Without the mount locked: wait while more than the limit
     /// waits for a flush.
     pub fn throttle(&self) {
         let mut st = lock(&self.flush);
-        while self.dirty.load(Ordering::Relaxed) > DIRTY_MAX_BYTES
+        while self.dirty.load(Ordering::Relaxed) > self.dirty_max.load(Ordering::Relaxed)
             && st.poisoned.is_none()
             && !st.stop
         {
