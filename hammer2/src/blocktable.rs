@@ -243,7 +243,9 @@ impl BlockTable {
         depth: usize,
     ) -> Result<()> {
         for slot in 0..self.entries.len() {
-            let br = self.entries[slot];
+            // Looked at in place: a blockref is 128 bytes, and most
+            // slots of a big table are outside the range.
+            let br = &self.entries[slot];
             if br.is_empty() || br.key > end || br.key_end() < beg {
                 continue;
             }
@@ -258,7 +260,7 @@ impl BlockTable {
                     .table
                     .range_into(src, beg, end, out, depth + 1)?;
             } else {
-                out.push(br);
+                out.push(*br);
             }
         }
         Ok(())
