@@ -69,6 +69,10 @@ struct FlushState {
     released: bool,
     /// Why the mount refuses writes, and the errno of the failure.
     poisoned: Option<(i32, String)>,
+    /// Writes into blocks whose old bytes could not be read, dropped by
+    /// the flushes so far (`FlushStats::lost`): an fsync that waited for
+    /// a flush that lost one fails with EIO.
+    lost: u64,
     flushes: u64,
     bytes: u64,
 }
@@ -388,7 +392,9 @@ impl RwVolume {
     }
 
     /// fsync: wait for a flush that starts after this call, and return
-    /// its errno if it failed (EIO if the mount was poisoned before).
+    /// its errno if it failed (EIO if the mount was poisoned before, or
+    /// if a flush meanwhile dropped a write it could not merge with its
+    /// damaged block, `FlushStats::lost`).
     pub fn sync(&self) -> Result<(), i32> {
         // Access times wait in memory for a flush that happens anyway;
         // an fsync or sync writes them too.
@@ -399,6 +405,7 @@ impl RwVolume {
         }
         st.requested += 1;
         let want = st.requested;
+        let lost = st.lost;
         if st.stop {
             // Unmounting (a second signal came): no flusher to ask.
             drop(st);
@@ -414,6 +421,7 @@ impl RwVolume {
         }
         match &st.poisoned {
             Some((errno, _)) => Err(*errno),
+            None if st.lost > lost => Err(libc::EIO),
             None => Ok(()),
         }
     }
@@ -471,7 +479,7 @@ impl RwVolume {
             (st.poisoned.is_some(), st.released)
         };
         let r = if poisoned {
-            Ok(0)
+            Ok((0, 0))
         } else if released {
             // Only after the last flush and the end of the session; a
             // change now is one the unmount did not wait for.
@@ -479,7 +487,7 @@ impl RwVolume {
                 true => Err(hammer2::Error::Poisoned {
                     why: "a change came after the last flush of the unmount".into(),
                 }),
-                false => Ok(0),
+                false => Ok((0, 0)),
             }
         } else {
             // A panic in the flush (a broken invariant) must not leave
@@ -493,7 +501,8 @@ impl RwVolume {
         };
         let mut st = lock(&self.flush);
         match r {
-            Ok(bytes) => {
+            Ok((bytes, lost)) => {
+                st.lost += lost;
                 if bytes > 0 {
                     st.flushes += 1;
                     st.bytes += bytes;
@@ -517,12 +526,12 @@ impl RwVolume {
     /// the header and free what waited for it (locked). Keeps decoded
     /// metadata within its budget when nothing is dirty
     /// (`Mount::trim_metadata`). Returns the bytes written.
-    fn flush_once(&self) -> hammer2::Result<u64> {
+    fn flush_once(&self) -> hammer2::Result<(u64, u64)> {
         let mut batch = {
             let mut m = self.mount();
             if !m.is_dirty() {
                 m.trim_metadata();
-                return Ok(0);
+                return Ok((0, 0));
             }
             m.flush_begin()?
         };
@@ -533,7 +542,7 @@ impl RwVolume {
         let stats = m.flush_commit_finish(prepared, io)?;
         self.dirty.store(m.pending_bytes(), Ordering::Relaxed);
         self.written.store(0, Ordering::Relaxed);
-        Ok(stats.bytes)
+        Ok((stats.bytes, stats.lost))
     }
 
     /// The filesystem is unmounted: drop the live lock, so that a new

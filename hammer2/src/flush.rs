@@ -36,7 +36,7 @@ use crate::dedup::DedupKey;
 use crate::disk::{self, comp_method, enc_methods, Blockref, BlockrefType, BLOCKREF_BYTES};
 use crate::disk::{BREF_FLAG_PFSROOT, VOLUME_BYTES};
 use crate::error::{Error, Result};
-use crate::inode::InodeNode;
+use crate::inode::{InodeNode, PendingBlock};
 use crate::mount::{lock_space, Mount};
 use crate::pfs;
 use crate::strategy::CompHeuristic;
@@ -56,6 +56,12 @@ pub struct FlushStats {
     /// Bytes an earlier flush dropped that went back to free once this
     /// one's header was written.
     pub freed: u64,
+    /// Blocks written in part whose old block could not be read to
+    /// merge them with (`PendingBlock`): dropped, each logged with its
+    /// inode and offset, the damaged block left as it was. The daemon
+    /// fails the fsync that waited for this flush with EIO, as Linux
+    /// reports a lost writeback.
+    pub lost: u64,
 }
 
 /// Writes blocks for one flush.
@@ -66,6 +72,8 @@ pub struct Writer<'a> {
     /// Blocks written, for the closing barrier and statistics.
     pub blocks: u64,
     pub bytes: u64,
+    /// Partial blocks that could not be merged (`FlushStats::lost`).
+    pub lost: u64,
 }
 
 impl Writer<'_> {
@@ -136,6 +144,15 @@ impl BlockSink for IndirectSink<'_, '_> {
     }
 }
 
+/// A block written in part whose old block cannot be read is dropped
+/// (`FlushStats::lost`); say which, and why.
+fn log_lost(inum: u64, lbase: u64, e: &Error) {
+    log::error!(
+        "inode {inum}: a write into the 64 KiB block at file offset {lbase:#x} is lost: \
+         its old block, to merge the write with, cannot be read: {e}"
+    );
+}
+
 /// Write an inode's pending data blocks and long names, its indirect
 /// blocks, and the inode block. Returns its new blockref (key `key`,
 /// flags `flags`).
@@ -154,8 +171,24 @@ pub fn flush_inode(
         if lbase >= size {
             continue;
         }
+        let merged;
+        let data: &[u8] = if blk.is_partial() {
+            match blk.merged(w.vol, inum, lbase) {
+                Ok(d) => {
+                    merged = d;
+                    &merged
+                }
+                Err(e) => {
+                    log_lost(inum, lbase, &e);
+                    w.lost += 1;
+                    continue;
+                }
+            }
+        } else {
+            &blk.bytes
+        };
         let heur = &mut node.comp_heuristic;
-        match encode_data_block(size, lbase, &blk, comp_algo, check_algo, heur) {
+        match encode_data_block(size, lbase, data, comp_algo, check_algo, heur) {
             None => {
                 node.table.delete(w.vol, lbase)?;
             }
@@ -269,6 +302,7 @@ impl Mount {
                         comp_algo: n.data.meta.comp_algo,
                         check_algo: n.data.meta.check_algo,
                         written: None,
+                        lost: false,
                         shared_durable: false,
                     });
                 }
@@ -276,6 +310,7 @@ impl Mount {
         }
         Ok(FlushBatch {
             tid,
+            reader: self.vol.reader(),
             dev: self.vol.device().clone(),
             space: self.space.clone(),
             blocks,
@@ -351,8 +386,25 @@ impl Mount {
                 n.comp_heuristic = h;
             }
         }
-        let (mut blocks, mut bytes) = (0, 0);
+        let (mut blocks, mut bytes, mut lost) = (0, 0, 0);
         for b in batch.blocks {
+            if b.lost {
+                // Dropped unless written again meanwhile.
+                if let Some(n) = self
+                    .pfs
+                    .get_mut(&b.label)
+                    .and_then(|p| p.inodes.get_mut(&b.inum))
+                    .filter(|n| {
+                        n.pending
+                            .get(&b.lbase)
+                            .is_some_and(|p| Arc::ptr_eq(p, &b.blk))
+                    })
+                {
+                    n.pending.remove(&b.lbase);
+                    lost += 1;
+                }
+                continue;
+            }
             let Some(leaf) = b.written else { continue };
             let vol = &self.vol;
             let node = self
@@ -395,11 +447,13 @@ impl Mount {
                 bytes,
                 header_slot: self.vol.header_index,
                 freed: 0,
+                lost,
             }));
         }
         let mut c = self.flush_prepare()?;
         c.stats.blocks += blocks;
         c.stats.bytes += bytes;
+        c.stats.lost += lost;
         Ok(Prepared::Commit(Box::new(c)))
     }
 
@@ -437,6 +491,7 @@ impl Mount {
             tid,
             blocks: 0,
             bytes: 0,
+            lost: 0,
         };
         let mut seen = HashSet::new();
         // Removed inodes whose trees the device phase walks (`CommitIo`).
@@ -486,7 +541,7 @@ impl Mount {
         } else {
             sroot.bref
         };
-        let (blocks, bytes) = (w.blocks, w.bytes);
+        let (blocks, bytes, lost) = (w.blocks, w.bytes, w.lost);
         let dev = vol.device().clone();
         let freemap_blockset = space.flush(dev.as_ref(), tid)?;
         let mut vh = vol.header.clone();
@@ -515,6 +570,7 @@ impl Mount {
                 bytes,
                 header_slot: slot,
                 freed: 0,
+                lost,
             },
         })
     }
@@ -768,12 +824,15 @@ struct BatchBlock {
     label: String,
     inum: u64,
     lbase: u64,
-    blk: Arc<Vec<u8>>,
+    blk: Arc<PendingBlock>,
     size: u64,
     comp_algo: u8,
     check_algo: u8,
     /// After `write`: the new blockref, or `None` for a hole.
     written: Option<Option<Blockref>>,
+    /// After `write`: written in part, and its old block could not be
+    /// read to merge with (`FlushStats::lost`).
+    lost: bool,
     /// The block written is a durable one shared by dedup: nothing to
     /// give back if it is superseded.
     shared_durable: bool,
@@ -782,6 +841,8 @@ struct BatchBlock {
 /// The file data of a flush, written without holding the `Mount`.
 pub struct FlushBatch {
     tid: u64,
+    /// Reads the old blocks of blocks written in part.
+    reader: Volume,
     dev: Arc<dyn BlockDevice>,
     space: Arc<Mutex<Box<dyn SpaceMap>>>,
     blocks: Vec<BatchBlock>,
@@ -804,16 +865,43 @@ impl FlushBatch {
     /// Compress, allocate and write every block. An error is kept for
     /// `flush_commit`, which reports it (and poisons the mount on I/O).
     pub fn write(&mut self) {
-        for b in &mut self.blocks {
+        // Blocks written in part last, in the order of the old blocks
+        // they are merged with (one read each, in device order).
+        let mut order: Vec<usize> = (0..self.blocks.len()).collect();
+        order.sort_by_key(|&i| {
+            let b = &self.blocks[i].blk;
+            b.under
+                .as_ref()
+                .map(|u| (1, u.base.data_off.offset(), i))
+                .unwrap_or((0, 0, i))
+        });
+        for i in order {
             if self.error.is_some() {
                 return;
             }
+            let b = &mut self.blocks[i];
+            let merged;
+            let data: &[u8] = if b.blk.is_partial() {
+                match b.blk.merged(&self.reader, b.inum, b.lbase) {
+                    Ok(d) => {
+                        merged = d;
+                        &merged
+                    }
+                    Err(e) => {
+                        log_lost(b.inum, b.lbase, &e);
+                        b.lost = true;
+                        continue;
+                    }
+                }
+            } else {
+                &b.blk.bytes
+            };
             let heur = self
                 .heuristics
                 .entry((b.label.clone(), b.inum))
                 .or_default();
             let Some((phys, methods)) =
-                encode_data_block(b.size, b.lbase, &b.blk, b.comp_algo, b.check_algo, heur)
+                encode_data_block(b.size, b.lbase, data, b.comp_algo, b.check_algo, heur)
             else {
                 b.written = Some(None);
                 continue;

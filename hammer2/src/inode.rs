@@ -32,6 +32,135 @@ fn read_data_block(vol: &Volume, br: &Blockref, inum: u64, lbase: u64) -> Result
     Ok(b)
 }
 
+/// A 64 KiB logical block written since the last flush.
+///
+/// A write that covers part of a block whose old bytes are not in the
+/// buffer cache does not read them (the write would wait for the device):
+/// the block keeps the ranges written and the blockref of the old block
+/// (`under`), and the old bytes are merged in where the block is needed
+/// whole: by a read (`ReadPlan::run`, outside the mount's lock), by the
+/// flush (`merged`, reading in device order), or by an operation that
+/// changes the block otherwise (truncate, hole punch), which completes
+/// it first.
+#[derive(Clone, Debug, Default)]
+pub struct PendingBlock {
+    /// At most 64 KiB; the bytes past its end are zeros. With `under`,
+    /// only the written ranges are the file's.
+    pub bytes: Vec<u8>,
+    pub under: Option<Under>,
+}
+
+/// The old block under a block written in part, and the ranges written.
+#[derive(Clone, Debug)]
+pub struct Under {
+    pub base: Blockref,
+    /// Byte ranges `[lo, hi)` within the block, sorted, disjoint, not
+    /// touching.
+    pub written: Vec<(usize, usize)>,
+}
+
+impl PendingBlock {
+    /// A block whose every byte is the file's.
+    pub fn whole(bytes: Vec<u8>) -> PendingBlock {
+        PendingBlock { bytes, under: None }
+    }
+
+    fn over(base: Blockref) -> PendingBlock {
+        PendingBlock {
+            bytes: Vec::new(),
+            under: Some(Under {
+                base,
+                written: Vec::new(),
+            }),
+        }
+    }
+
+    /// Whether the old block's bytes still have to be merged in.
+    pub fn is_partial(&self) -> bool {
+        self.under.is_some()
+    }
+
+    /// Put `src` at `at` within the block, growing it as needed.
+    fn put(&mut self, at: usize, src: &[u8]) {
+        let end = at + src.len();
+        if self.bytes.len() < end {
+            self.bytes.resize(end, 0);
+        }
+        self.bytes[at..end].copy_from_slice(src);
+        if let Some(u) = &mut self.under {
+            add_range(&mut u.written, at, end);
+        }
+    }
+
+    /// The block's bytes, with the old block's merged under the ranges
+    /// written when it is partial (read through `vol`; `inum` and
+    /// `lbase` name it in errors). Not more than 64 KiB.
+    pub fn merged(&self, vol: &Volume, inum: u64, lbase: u64) -> Result<Vec<u8>> {
+        let Some(u) = &self.under else {
+            return Ok(self.bytes.clone());
+        };
+        let mut out = read_data_block(vol, &u.base, inum, lbase)?;
+        if out.len() < self.bytes.len() {
+            out.resize(self.bytes.len(), 0);
+        }
+        for &(lo, hi) in &u.written {
+            out[lo..hi].copy_from_slice(&self.bytes[lo..hi]);
+        }
+        Ok(out)
+    }
+
+    /// Bytes of memory the block holds.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+/// Add `[lo, hi)` to sorted, disjoint, non-touching `ranges`.
+fn add_range(ranges: &mut Vec<(usize, usize)>, lo: usize, hi: usize) {
+    let (mut lo, mut hi) = (lo, hi);
+    let mut out = Vec::with_capacity(ranges.len() + 1);
+    let mut placed = false;
+    for &(a, b) in ranges.iter() {
+        if b < lo {
+            out.push((a, b));
+        } else if a > hi {
+            if !placed {
+                out.push((lo, hi));
+                placed = true;
+            }
+            out.push((a, b));
+        } else {
+            lo = lo.min(a);
+            hi = hi.max(b);
+        }
+    }
+    if !placed {
+        out.push((lo, hi));
+    }
+    *ranges = out;
+}
+
+/// `read_data_block` if the block is in the buffer cache; `None` when
+/// reading it would wait for the device.
+fn read_cached_block(
+    vol: &Volume,
+    br: &Blockref,
+    inum: u64,
+    lbase: u64,
+) -> Result<Option<Vec<u8>>> {
+    let b = vol
+        .read_block_cached(br)
+        .map_err(|e| e.with_place(None, Some(inum), Some(lbase)))?;
+    Ok(b.map(|mut b| {
+        b.truncate(BLOCK as usize);
+        b
+    }))
+}
+
 /// Where a read's bytes come from (`InodeNode::read_plan`), so that the
 /// blocks are read and decoded without the mount's lock: copy-on-write
 /// blocks never change under a reader, and every block is verified as
@@ -54,8 +183,9 @@ struct ReadPart {
 }
 
 enum ReadSource {
-    /// A pending block: its bytes past its end are zeros.
-    Memory(Arc<Vec<u8>>),
+    /// A pending block: its bytes past its end are zeros (a partial one
+    /// is merged with its old block as it is read).
+    Memory(Arc<PendingBlock>),
     Disk(Blockref),
 }
 
@@ -86,12 +216,16 @@ impl ReadPlan {
         let mut out = vec![0u8; self.out_len];
         for p in &self.parts {
             let dst = &mut out[p.dst..p.dst + p.len];
-            let disk;
+            let read;
             let b: &[u8] = match &p.src {
-                ReadSource::Memory(b) => b,
+                ReadSource::Memory(b) if !b.is_partial() => &b.bytes,
+                ReadSource::Memory(b) => {
+                    read = b.merged(vol, self.inum, p.lbase)?;
+                    &read
+                }
                 ReadSource::Disk(br) => {
-                    disk = read_data_block(vol, br, self.inum, p.lbase)?;
-                    &disk
+                    read = read_data_block(vol, br, self.inum, p.lbase)?;
+                    &read
                 }
             };
             let end = b.len().min(p.within + p.len);
@@ -122,8 +256,9 @@ pub struct InodeNode {
     /// Shared so a pipelined flush can write a block while the frontend
     /// goes on (a write to a block being flushed copies it first). A
     /// block is at most 64 KiB long and may be shorter: the bytes past
-    /// its end are zeros (so a 4 KiB file holds 4 KiB, not 64).
-    pub pending: BTreeMap<u64, Arc<Vec<u8>>>,
+    /// its end are zeros (so a 4 KiB file holds 4 KiB, not 64). A block
+    /// written in part may wait for its old bytes (`PendingBlock`).
+    pub pending: BTreeMap<u64, Arc<PendingBlock>>,
     /// Dirents added since the last flush, by key, with the name when it
     /// is over 64 bytes and still needs its 1 KiB block.
     pub pending_dirents: BTreeMap<u64, Option<Vec<u8>>>,
@@ -195,9 +330,10 @@ impl InodeNode {
         }
     }
 
-    /// The pending copy of block `lbase`, made from disk when absent
-    /// (unless `whole`: the caller overwrites all of it), and at least
-    /// `len` bytes long.
+    /// The pending copy of block `lbase`, whole: made from disk when
+    /// absent (unless `whole`: the caller overwrites all of it), a
+    /// partial one merged with its old bytes first (`complete`); at
+    /// least `len` bytes long.
     fn pending_block(
         &mut self,
         vol: &Volume,
@@ -211,17 +347,35 @@ impl InodeNode {
             } else {
                 self.disk_block(vol, lbase)?
             };
-            self.pending.insert(lbase, Arc::new(b));
+            self.pending.insert(lbase, Arc::new(PendingBlock::whole(b)));
+        } else if !whole {
+            self.complete(vol, lbase)?;
         }
         let blk = self
             .pending
             .get_mut(&lbase)
             .ok_or_else(|| Error::corrupt(format!("pending block {lbase:#x} vanished"), 0))?;
         let blk = Arc::make_mut(blk);
-        if blk.len() < len {
-            blk.resize(len, 0);
+        if whole {
+            // Overwritten whole: the old bytes no longer matter.
+            blk.under = None;
         }
-        Ok(blk)
+        if blk.bytes.len() < len {
+            blk.bytes.resize(len, 0);
+        }
+        Ok(&mut blk.bytes)
+    }
+
+    /// Merge the old bytes into pending block `lbase` if it is partial
+    /// (a read, which fails before anything changes).
+    fn complete(&mut self, vol: &Volume, lbase: u64) -> Result<()> {
+        let inum = self.inum();
+        if let Some(b) = self.pending.get(&lbase).filter(|b| b.is_partial()) {
+            let merged = b.merged(vol, inum, lbase)?;
+            self.pending
+                .insert(lbase, Arc::new(PendingBlock::whole(merged)));
+        }
+        Ok(())
     }
 
     /// Copy `out.len()` bytes of block `lbase` from `within` into `out`.
@@ -311,7 +465,7 @@ impl InodeNode {
         self.data.u = [0; EMBEDDED_BYTES];
         self.table = BlockTable::new(vec![Blockref::EMPTY; SET_COUNT]);
         if n > 0 {
-            self.pending.insert(0, Arc::new(blk));
+            self.pending.insert(0, Arc::new(PendingBlock::whole(blk)));
         }
         self.dirty = true;
     }
@@ -352,8 +506,11 @@ impl InodeNode {
         }
     }
 
-    /// Write `buf` at `offset`, growing the file as needed.
-    pub fn write(&mut self, vol: &Volume, offset: u64, buf: &[u8]) -> Result<()> {
+    /// Write `buf` at `offset`, growing the file as needed. With
+    /// `defer`, a block written in part whose old bytes are not in the
+    /// buffer cache keeps the ranges written and merges the old bytes
+    /// later (`PendingBlock`) instead of reading them now.
+    pub fn write(&mut self, vol: &Volume, offset: u64, buf: &[u8], defer: bool) -> Result<()> {
         if buf.is_empty() {
             return Ok(());
         }
@@ -370,16 +527,44 @@ impl InodeNode {
             return Ok(());
         }
         self.undirect();
-        // Read the partly written first and last blocks before changing
-        // anything, so a read error leaves the file as it was (a write
-        // is applied whole or not at all).
+        // Read (or decide not to read) the partly written first and last
+        // blocks before changing anything, so a read error leaves the
+        // file as it was (a write is applied whole or not at all).
         let first = offset & !(BLOCK - 1);
         let last = (end - 1) & !(BLOCK - 1);
+        let mut edges: Vec<(u64, PendingBlock)> = Vec::new();
         for lbase in [first, last] {
             let whole = offset <= lbase && end >= lbase + BLOCK;
-            if !whole {
-                self.pending_block(vol, lbase, false, 0)?;
+            if whole || edges.iter().any(|(b, _)| *b == lbase) {
+                continue;
             }
+            match self.pending.get(&lbase) {
+                Some(b) if b.is_partial() && !defer => {
+                    edges.push((
+                        lbase,
+                        PendingBlock::whole(b.merged(vol, self.inum(), lbase)?),
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    let blk = match self.disk_leaf(vol, lbase)? {
+                        None => PendingBlock::default(),
+                        Some(br) => match defer {
+                            true => match read_cached_block(vol, &br, self.inum(), lbase)? {
+                                Some(b) => PendingBlock::whole(b),
+                                None => PendingBlock::over(br),
+                            },
+                            false => {
+                                PendingBlock::whole(read_data_block(vol, &br, self.inum(), lbase)?)
+                            }
+                        },
+                    };
+                    edges.push((lbase, blk));
+                }
+            }
+        }
+        for (lbase, blk) in edges {
+            self.pending.insert(lbase, Arc::new(blk));
         }
         self.dirty = true;
         let mut pos = offset;
@@ -387,9 +572,15 @@ impl InodeNode {
             let lbase = pos & !(BLOCK - 1);
             let hi = end.min(lbase + BLOCK);
             let whole = pos == lbase && hi == lbase + BLOCK;
-            let blk = self.pending_block(vol, lbase, whole, (hi - lbase) as usize)?;
             let src = &buf[(pos - offset) as usize..(hi - offset) as usize];
-            blk[(pos - lbase) as usize..(hi - lbase) as usize].copy_from_slice(src);
+            let at = (pos - lbase) as usize;
+            let entry = self.pending.entry(lbase).or_default();
+            let blk = Arc::make_mut(entry);
+            if whole {
+                *blk = PendingBlock::whole(src.to_vec());
+            } else {
+                blk.put(at, src);
+            }
             pos = hi;
         }
         // The blocks written are pending now: their reservation passed
@@ -626,7 +817,10 @@ impl InodeNode {
         let mut with_data = Vec::new();
         let mut read = Vec::new();
         for &(lbase, _, _) in &edges {
-            if self.pending.contains_key(&lbase) {
+            if let Some(b) = self.pending.get(&lbase) {
+                if b.is_partial() {
+                    read.push((lbase, b.merged(vol, self.inum(), lbase)?));
+                }
                 with_data.push(lbase);
             } else if self
                 .table
@@ -638,7 +832,7 @@ impl InodeNode {
             }
         }
         for (lbase, b) in read {
-            self.pending.insert(lbase, Arc::new(b));
+            self.pending.insert(lbase, Arc::new(PendingBlock::whole(b)));
         }
         self.dirty = true;
         let whole: Vec<u64> = self

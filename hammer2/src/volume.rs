@@ -218,12 +218,12 @@ impl Volume {
         self.header.volu_size
     }
 
-    /// Read the physical bytes a blockref references, verifying its
-    /// check code. Radix 0 gives an empty buffer.
-    pub fn read_physical(&self, br: &Blockref) -> Result<Vec<u8>> {
+    /// Where the physical bytes a blockref references lie (offset,
+    /// length), checked against the volume; `None` for radix 0.
+    fn locate(&self, br: &Blockref) -> Result<Option<(u64, u64)>> {
         let bytes = br.data_off.bytes();
         if bytes == 0 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let at = br.data_off.offset();
         let radix = br.data_off.radix();
@@ -249,6 +249,15 @@ impl Volume {
                 at,
             ));
         }
+        Ok(Some((at, bytes)))
+    }
+
+    /// Read the physical bytes a blockref references, verifying its
+    /// check code. Radix 0 gives an empty buffer.
+    pub fn read_physical(&self, br: &Blockref) -> Result<Vec<u8>> {
+        let Some((at, bytes)) = self.locate(br)? else {
+            return Ok(Vec::new());
+        };
         let mut buf = vec![0u8; bytes as usize];
         let io = |source| Error::Io {
             op: "read",
@@ -274,6 +283,34 @@ impl Volume {
     /// stored (DragonFly never compresses metadata).
     pub fn read_block(&self, br: &Blockref) -> Result<Vec<u8>> {
         let phys = self.read_physical(br)?;
+        Self::logical(br, phys)
+    }
+
+    /// `read_block` if the block is in the device's cache (devices
+    /// without one read it); `None`, with nothing read or noted, when
+    /// reading it would wait for the device.
+    pub fn read_block_cached(&self, br: &Blockref) -> Result<Option<Vec<u8>>> {
+        let Some((at, bytes)) = self.locate(br)? else {
+            return Self::logical(br, Vec::new()).map(Some);
+        };
+        let mut buf = vec![0u8; bytes as usize];
+        let hit = self
+            .dev
+            .read_cached(&mut buf, at)
+            .map_err(|source| Error::Io {
+                op: "read",
+                at,
+                source,
+            })?;
+        if !hit {
+            return Ok(None);
+        }
+        check::verify(br, &buf)?;
+        Self::logical(br, buf).map(Some)
+    }
+
+    /// A block's logical content from its physical bytes (`read_block`).
+    fn logical(br: &Blockref, phys: Vec<u8>) -> Result<Vec<u8>> {
         if br.btype != BlockrefType::Data {
             return Ok(phys);
         }

@@ -171,13 +171,17 @@ impl Mount {
             Ok(n.new_pending_blocks(change))
         })?;
         let cost = self.admit_change(label, &[inum], 0, new_blocks, Tier::Normal)?;
+        // A block written in part is not read now (the old bytes merge
+        // in at the flush) unless a pipelined flush has taken the file
+        // data already: its commit would have to read under the lock.
+        let defer = !self.flushing;
         let r = self.with_node(label, inum, |vol, n| {
             if n.obj_type() != ObjType::Regfile {
                 return Err(Error::InvalidArgument {
                     what: format!("write to a {}", n.obj_type().name()),
                 });
             }
-            n.write(vol, offset, buf)?;
+            n.write(vol, offset, buf, defer)?;
             n.data.meta.mtime = now;
             n.data.meta.ctime = now;
             Ok(())
@@ -399,7 +403,7 @@ impl Mount {
             (0, 0),
             now,
         )?;
-        self.with_node(label, inum, |vol, n| n.write(vol, 0, target))?;
+        self.with_node(label, inum, |vol, n| n.write(vol, 0, target, false))?;
         Ok(inum)
     }
 

@@ -42,7 +42,7 @@ use crate::disk::{
     BLOCKREF_LEAF_MAX, DIRHASH_HIMASK, DIRHASH_VISIBLE, INODE_BYTES, INODE_MAXNAME,
 };
 use crate::error::Result;
-use crate::inode::InodeNode;
+use crate::inode::{InodeNode, PendingBlock};
 use crate::mount::{Mount, PfsState, ROOT_INUM};
 use crate::pfs::{meta_damage, DIRENT_EMBEDDED_NAME_MAX, DIRENT_NAME_MAX, FILE_SIZE_MAX};
 use crate::volume::Volume;
@@ -121,7 +121,7 @@ struct InodeScope<'s> {
     /// The end of the last data block kept.
     data_end: &'s mut u64,
     pending_dirents: &'s mut BTreeMap<u64, Option<Vec<u8>>>,
-    pending: &'s mut BTreeMap<u64, Arc<Vec<u8>>>,
+    pending: &'s mut BTreeMap<u64, Arc<PendingBlock>>,
     vol: &'s Volume,
 }
 
@@ -847,7 +847,7 @@ impl<'a> Walk<'a> {
                             let keep = (s.size.saturating_sub(br.key)).min(BLOCK) as usize;
                             let mut c = content;
                             c.truncate(keep.max(1));
-                            s.pending.insert(br.key, Arc::new(c));
+                            s.pending.insert(br.key, Arc::new(PendingBlock::whole(c)));
                         }
                         self.log.safe(
                             Some(label),

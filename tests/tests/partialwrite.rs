@@ -1,0 +1,262 @@
+//! Small writes do not read: a write that covers part of a 64 KiB block
+//! whose old bytes are not in the buffer cache keeps the range written
+//! and the old block's blockref; reads merge the two, and the flush
+//! merges them before it writes the block. The device here answers
+//! `read_cached` only for bytes read or written through it before (as a
+//! buffer cache does) and counts the reads that reach it, independently
+//! of the library. The expected file contents come from a model (the
+//! old bytes with the writes laid over them), and fsck checks the image.
+//!
+//! A block whose old bytes cannot be read when the flush merges them
+//! (damaged on disk) is dropped with an error, counted in the flush's
+//! `lost`, and the damaged block stays as it was (it still reads as an
+//! error); everything else of the flush commits.
+
+use bufcache::{BlockDevice, MemDevice};
+use hammer2::disk::ObjType;
+use hammer2::fsck::{fsck, Options};
+use hammer2::mount::{Mount, ROOT_INUM};
+use hammer2::Error;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tests::craft::Craft;
+
+const NOW: u64 = 1_700_000_000_000_000;
+const L: &str = "DATA";
+const B: usize = 65536;
+const BLOCKS: usize = 16;
+
+/// A memory image behind a cache that starts cold: `read_cached` hits
+/// only bytes read or written before; reads that reach the image are
+/// counted.
+struct Cold {
+    dev: Arc<MemDevice>,
+    warm: Mutex<HashSet<u64>>,
+    reads: AtomicU64,
+}
+
+impl Cold {
+    const GRAIN: u64 = 1024;
+
+    fn over(dev: &Arc<MemDevice>) -> Arc<Cold> {
+        Arc::new(Cold {
+            dev: dev.clone(),
+            warm: Mutex::new(HashSet::new()),
+            reads: AtomicU64::new(0),
+        })
+    }
+
+    fn grains(offset: u64, len: usize) -> std::ops::Range<u64> {
+        offset / Self::GRAIN..(offset + len as u64).div_ceil(Self::GRAIN)
+    }
+
+    fn warm(&self, offset: u64, len: usize) {
+        self.warm.lock().unwrap().extend(Self::grains(offset, len));
+    }
+
+    fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+}
+
+impl BlockDevice for Cold {
+    fn size_bytes(&self) -> u64 {
+        self.dev.size_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.dev.read_at(buf, offset)?;
+        self.warm(offset, buf.len());
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.dev.write_at(buf, offset)?;
+        self.warm(offset, buf.len());
+        Ok(())
+    }
+    fn barrier(&self) -> std::io::Result<()> {
+        self.dev.barrier()
+    }
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> std::io::Result<bool> {
+        let warm = self.warm.lock().unwrap();
+        if !Self::grains(offset, buf.len()).all(|g| warm.contains(&g)) {
+            return Ok(false);
+        }
+        drop(warm);
+        self.dev.read_at(buf, offset).map(|()| true)
+    }
+}
+
+/// Bytes no compressor shrinks (xorshift64 from `seed`).
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A volume with one file of `BLOCKS` blocks of noise, flushed; the
+/// image, the file's inode number and its bytes.
+fn volume() -> (Arc<MemDevice>, u64, Vec<u8>) {
+    let dev = Arc::new(MemDevice::new(1 << 30));
+    let opts = mkfs::newfs::NewfsOptions {
+        now_us: Some(NOW),
+        uuid_seed: Some(5),
+        ..Default::default()
+    };
+    mkfs::newfs::newfs(dev.as_ref(), &opts).unwrap();
+    let d: Arc<dyn BlockDevice> = dev.clone();
+    let mut m = Mount::open(d).unwrap();
+    let f = m
+        .create(
+            L,
+            ROOT_INUM,
+            b"f",
+            ObjType::Regfile,
+            0o644,
+            0,
+            0,
+            (0, 0),
+            NOW,
+        )
+        .unwrap();
+    let data = noise(1, BLOCKS * B);
+    m.write(L, f, 0, &data, NOW).unwrap();
+    m.flush().unwrap();
+    (dev, f, data)
+}
+
+fn fsck_clean(dev: &Arc<MemDevice>) {
+    let d: Arc<dyn BlockDevice> = dev.clone();
+    let r = fsck(d, Options::default()).unwrap();
+    let p: Vec<String> = r.problems.iter().map(|p| p.to_string()).collect();
+    assert!(p.is_empty(), "fsck: {p:#?}");
+}
+
+/// 4 KiB written into the middle of every block, last block first: no
+/// data block is read for the writes (before, each read its 64 KiB
+/// block); reads and the flush merge the old bytes in; the file equals
+/// the model before the flush, after it, and after a remount.
+#[test]
+fn small_writes_into_blocks_not_cached_read_nothing() {
+    let (img, f, mut model) = volume();
+    let cold = Cold::over(&img);
+    let d: Arc<dyn BlockDevice> = cold.clone();
+    let mut m = Mount::open(d.clone()).unwrap();
+    // The file's inode and tree (metadata) are read here, not its data.
+    assert_eq!(m.seek_data(L, f, 0).unwrap(), Some(0));
+    let before = cold.reads();
+    for b in (0..BLOCKS).rev() {
+        let at = b * B + 20_000;
+        let patch = noise(100 + b as u64, 4096);
+        model[at..at + 4096].copy_from_slice(&patch);
+        m.write(L, f, at as u64, &patch, NOW + 1).unwrap();
+    }
+    assert_eq!(cold.reads() - before, 0, "the writes read from the device");
+    // A read across two blocks sees old and new bytes together.
+    let span = (B - 1000) as u64..(2 * B + 30_000) as u64;
+    let got = m
+        .read(L, f, span.start, (span.end - span.start) as usize)
+        .unwrap();
+    assert!(got == model[span.start as usize..span.end as usize]);
+    let stats = m.flush().unwrap();
+    assert_eq!(stats.lost, 0);
+    assert!(m.read(L, f, 0, BLOCKS * B).unwrap() == model);
+    drop(m);
+    let mut m = Mount::open(d).unwrap();
+    assert!(m.read(L, f, 0, BLOCKS * B).unwrap() == model);
+    drop(m);
+    fsck_clean(&img);
+}
+
+/// A block written in part, then written whole, then in part again, and
+/// a truncate into a block written in part: each gives the model's
+/// bytes (a whole write drops the old bytes; a truncate merges first,
+/// then zeroes the tail, which a later growth must read as zeros).
+#[test]
+fn partial_blocks_meet_whole_writes_and_truncates() {
+    let (img, f, mut model) = volume();
+    let cold = Cold::over(&img);
+    let d: Arc<dyn BlockDevice> = cold.clone();
+    let mut m = Mount::open(d.clone()).unwrap();
+    let put = |m: &mut Mount, model: &mut Vec<u8>, at: usize, len: usize, seed: u64| {
+        let p = noise(seed, len);
+        if model.len() < at + len {
+            model.resize(at + len, 0);
+        }
+        model[at..at + len].copy_from_slice(&p);
+        m.write(L, f, at as u64, &p, NOW + 2).unwrap();
+    };
+    // Block 2: in part, whole, in part again.
+    put(&mut m, &mut model, 2 * B + 100, 50, 7);
+    put(&mut m, &mut model, 2 * B, B, 8);
+    put(&mut m, &mut model, 2 * B + 9000, 10, 9);
+    // Block 5: two ranges that touch, one inside another.
+    put(&mut m, &mut model, 5 * B + 1000, 1000, 10);
+    put(&mut m, &mut model, 5 * B + 2000, 1000, 11);
+    put(&mut m, &mut model, 5 * B + 1500, 100, 12);
+    // Block 9: in part, then the file cut inside it and grown again.
+    put(&mut m, &mut model, 9 * B + 40_000, 100, 13);
+    let cut = 9 * B + 30_000;
+    m.setattr(
+        L,
+        f,
+        hammer2::mount::SetAttr {
+            size: Some(cut as u64),
+            ..Default::default()
+        },
+        NOW + 3,
+    )
+    .unwrap();
+    model.truncate(cut);
+    put(&mut m, &mut model, 9 * B + 50_000, 10, 14);
+    assert!(m.read(L, f, 0, model.len()).unwrap() == model);
+    m.flush().unwrap();
+    drop(m);
+    let mut m = Mount::open(d).unwrap();
+    assert_eq!(m.getattr(L, f).unwrap().size, model.len() as u64);
+    assert!(m.read(L, f, 0, model.len()).unwrap() == model);
+    drop(m);
+    fsck_clean(&img);
+}
+
+/// The old block of a block written in part is damaged (its bytes no
+/// longer match its check code): the write succeeds (nothing is read),
+/// a read of the block fails, and the flush drops that write with an
+/// error (`lost` 1) and commits the rest: another block written in the
+/// same flush is on disk, and the damaged block still reads as an error.
+#[test]
+fn a_write_over_a_damaged_block_is_lost_and_counted() {
+    let (img, f, mut model) = volume();
+    let d: Arc<dyn BlockDevice> = img.clone();
+    let c = Craft::new(d);
+    let victim = c.bref(c.leaves(L, f)[3]).data_off.offset();
+    img.write_at(&[0x5a; 64], victim + 100).unwrap();
+    let cold = Cold::over(&img);
+    let d: Arc<dyn BlockDevice> = cold.clone();
+    let mut m = Mount::open(d.clone()).unwrap();
+    m.write(L, f, (3 * B + 10) as u64, b"into the damage", NOW + 1)
+        .unwrap();
+    let at = 6 * B + 10;
+    model[at..at + 5].copy_from_slice(b"fine.");
+    m.write(L, f, at as u64, b"fine.", NOW + 1).unwrap();
+    assert!(matches!(
+        m.read(L, f, (3 * B) as u64, 100),
+        Err(Error::CheckMismatch { .. })
+    ));
+    let stats = m.flush().unwrap();
+    assert_eq!(stats.lost, 1);
+    drop(m);
+    let mut m = Mount::open(d).unwrap();
+    assert!(m.read(L, f, (6 * B) as u64, B).unwrap() == model[6 * B..7 * B]);
+    assert!(matches!(
+        m.read(L, f, (3 * B) as u64, 100),
+        Err(Error::CheckMismatch { .. })
+    ));
+}
