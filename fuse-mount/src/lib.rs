@@ -4,6 +4,9 @@
 //! - `vnops`: the `fuser::Filesystem` impl over one PFS (DragonFly's
 //!   `hammer2_vnops.c`): `hammer2::Pfs` read-only, `hammer2::mount::Mount`
 //!   read-write.
+//! - `store`: the one trait over the read-only store (`hammer2::Pfs`)
+//!   and the read-write one (`hammer2::mount::Mount`) the operations
+//!   call.
 //! - `rw`: a read-write mount's shared state: the `Mount` behind a mutex,
 //!   the image lock, the flusher.
 //! - `snapdir`: `-o snapdir`, the snapshots read-only under `.snapshot`.
@@ -36,6 +39,7 @@ pub mod options;
 pub mod remount;
 pub mod rw;
 pub mod snapdir;
+pub mod store;
 pub mod vnops;
 
 pub use errno::errno;

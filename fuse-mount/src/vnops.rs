@@ -1,16 +1,10 @@
 //! The FUSE operations over one PFS (DragonFly's `hammer2_vnops.c`): one
 //! `Filesystem` impl over the `hammer2` library, read-only or read-write.
 //!
-//! Two stores behind the same operations:
-//!
-//! - read-only: `hammer2::Pfs`, the lock-free read view over an
-//!   `Arc<Volume>`: requests on several threads read in parallel, and
-//!   decoded inodes are cached in `InodeTable` for the nodes the kernel
-//!   holds. The image is opened read-only and nothing can write it.
-//! - read-write: `RwVolume`, the one `hammer2::mount::Mount` of the
-//!   image behind a mutex (see `rw`). Every operation, reads included,
-//!   takes the mutex for one library call, so the library sees one
-//!   caller at a time and a flush takes whole operations.
+//! The operations run on a store (`store::Store`): `hammer2::Pfs`
+//! read-only, `hammer2::mount::Mount` read-write. Each asks the store,
+//! checks permissions, and calls the store; a change starts at
+//! `Nodes::rw`, which a read-only store answers with EROFS.
 //!
 //! Every failure goes through `errno::errno`, the one mapping from
 //! library errors to errnos. The tables here (`InodeTable`, the open
@@ -38,11 +32,11 @@
 
 use crate::atime;
 use crate::cookie;
-use crate::dirlinks::DirLinks;
-use crate::errno::errno;
-use crate::inode::{self, attr_of, generation, placeholder_attr, Ids, InodeTable, BLOCK_BYTES};
+use crate::errno::ErrorCount;
+use crate::inode::{self, generation, placeholder_attr, Ids, InodeTable, BLOCK_BYTES};
 use crate::rw::RwVolume;
 use crate::snapdir::{self, is_snap, SnapDir};
+use crate::store::{self, Nodes, ReadOnly, ReadWrite, Store, Tx};
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
     Filesystem, FopenFlags, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenAccMode,
@@ -51,9 +45,8 @@ use fuser::{
     Request, TimeOrNow, WriteFlags,
 };
 use hammer2::disk::{InodeMeta, ObjType};
-use hammer2::mount::{Mount, SetAttr};
-use hammer2::pfs::DIRENT_NAME_MAX;
-use hammer2::{DirEntry, Inode, Pfs};
+use hammer2::mount::SetAttr;
+use hammer2::{DirEntry, Pfs};
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -61,18 +54,6 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// How long the kernel may trust names and attributes without asking
-/// again, read-only: nothing changes the mount, so this is long; the
-/// kernel still drops entries under memory pressure.
-const TTL_READ_ONLY: Duration = Duration::from_secs(3600);
-
-/// The same, read-write: every change comes through the kernel, which
-/// updates or invalidates what it caches, but some follow-ups (the
-/// ctime of a file whose other name was removed, the link count after a
-/// rename over it) are only right once it asks again. One second, as
-/// libfuse's default.
-const TTL_READ_WRITE: Duration = Duration::from_secs(1);
 
 /// `statfs` name length: Linux's NAME_MAX, which is what DragonFly's VFS
 /// enforces too. The format allows 256 bytes: read-only, such names
@@ -106,7 +87,6 @@ struct Counters {
     writes: AtomicU64,
     bytes_written: AtomicU64,
     readdirs: AtomicU64,
-    errors: AtomicU64,
 }
 
 /// One open directory stream: its listing, read at the first readdir
@@ -115,35 +95,27 @@ struct DirStream {
     listing: Mutex<Option<Arc<Vec<DirEntry>>>>,
 }
 
-pub(crate) enum Store {
-    ReadOnly { pfs: Box<Pfs>, root: Arc<Inode> },
-    ReadWrite(Arc<RwVolume>),
-}
-
 pub struct Hammer2Fs {
-    pub(crate) store: Store,
+    pub(crate) store: Box<dyn Store>,
     pub(crate) label: String,
     /// The image served (absolute), for the control channel.
     pub(crate) image: std::path::PathBuf,
     ids: Ids,
-    inodes: InodeTable,
-    /// Directories' POSIX link counts (see `dirlinks`).
-    dirlinks: DirLinks,
+    /// The nodes the kernel holds (lookup counts; read-only, their
+    /// decoded inodes too).
+    inodes: Arc<InodeTable>,
     dirs: Mutex<HashMap<u64, Arc<DirStream>>>,
     next_fh: AtomicU64,
     /// Without `default_permissions` the kernel checks nothing; then
     /// the operations check the mode bits here.
     check_permissions: bool,
-    /// FUSE_WRITEBACK_CACHE asked for (read-write only).
-    writeback_cache: bool,
-    /// When reads update access times (read-write only; see `atime`).
-    atime: atime::Policy,
     /// The session's channel for notifications to the kernel, set once
     /// the session exists (`notifier_slot`).
     notifier: Arc<OnceLock<fuser::Notifier>>,
     /// `-o snapdir`: the snapshots under `.snapshot` at the root.
     pub(crate) snapdir: Option<SnapDir>,
     ttl: Duration,
+    errors: ErrorCount,
     counters: Counters,
 }
 
@@ -227,60 +199,56 @@ fn new_owner(req: &Request, dir: &InodeMeta, mode: u32, is_dir: bool) -> (u32, u
 impl Hammer2Fs {
     /// A read-only mount of `pfs`.
     pub fn new(pfs: Pfs, default_permissions: bool) -> Hammer2Fs {
-        let root = Arc::new(pfs.root.clone());
-        let ids = Ids {
-            root_inum: root.inum(),
-        };
-        let label = pfs.label.clone();
+        let (label, inodes, errors) = (pfs.label.clone(), Arc::default(), ErrorCount::default());
+        let store = ReadOnly::new(pfs, Arc::clone(&inodes), errors.clone());
+        let ids = store.ids();
         Hammer2Fs::with_store(
-            Store::ReadOnly {
-                pfs: Box::new(pfs),
-                root,
-            },
+            Box::new(store),
             label,
             ids,
+            inodes,
+            errors,
             default_permissions,
-            TTL_READ_ONLY,
         )
     }
 
     /// A read-write mount of the PFS `vol.label`.
     pub fn new_rw(vol: Arc<RwVolume>, default_permissions: bool) -> Hammer2Fs {
-        let ids = Ids {
-            root_inum: hammer2::mount::ROOT_INUM,
-        };
-        let label = vol.label.clone();
+        let (label, errors) = (vol.label.clone(), ErrorCount::default());
+        let store = ReadWrite::new(vol, errors.clone(), now_us);
+        let ids = store.ids();
+        let inodes = Arc::default();
         Hammer2Fs::with_store(
-            Store::ReadWrite(vol),
+            Box::new(store),
             label,
             ids,
+            inodes,
+            errors,
             default_permissions,
-            TTL_READ_WRITE,
         )
     }
 
     fn with_store(
-        store: Store,
+        store: Box<dyn Store>,
         label: String,
         ids: Ids,
+        inodes: Arc<InodeTable>,
+        errors: ErrorCount,
         default_permissions: bool,
-        ttl: Duration,
     ) -> Hammer2Fs {
         Hammer2Fs {
+            ttl: store.ttl(),
             store,
             label,
             image: std::path::PathBuf::new(),
             ids,
-            inodes: InodeTable::default(),
-            dirlinks: DirLinks::default(),
+            inodes,
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             check_permissions: !default_permissions,
-            writeback_cache: false,
-            atime: atime::Policy::default(),
             notifier: Arc::default(),
             snapdir: None,
-            ttl,
+            errors,
             counters: Counters::default(),
         }
     }
@@ -305,23 +273,7 @@ impl Hammer2Fs {
 
     /// The snapshots of the volume, and a volume to open them from.
     fn snap_source(&self) -> Result<snapdir::Source, Errno> {
-        match &self.store {
-            Store::ReadOnly { pfs, .. } => Ok(snapdir::Source {
-                snapshots: self.h(snapdir::snapshot_labels(pfs.volume()))?,
-                volume: pfs.volume().clone(),
-            }),
-            Store::ReadWrite(v) => {
-                let (snapshots, dev) = v.locked(|m| {
-                    let l = snapdir::snapshot_labels(m.volume());
-                    (l, m.volume().device().clone())
-                });
-                let volume = self.h(hammer2::Volume::open(dev))?;
-                Ok(snapdir::Source {
-                    snapshots: self.h(snapshots)?,
-                    volume: Arc::new(volume),
-                })
-            }
-        }
+        self.store.snap_source()
     }
 
     /// Readdir of a `.snapshot` node: every entry from `offset` (an
@@ -352,7 +304,9 @@ impl Hammer2Fs {
 
     /// Let the kernel cache writes (`-o writeback_cache`).
     pub fn with_writeback_cache(mut self, on: bool) -> Hammer2Fs {
-        self.writeback_cache = on && self.read_write();
+        if let Some(s) = self.store.rw_mut() {
+            s.writeback_cache = on;
+        }
         self
     }
 
@@ -377,93 +331,16 @@ impl Hammer2Fs {
     /// The access time rules (`-o relatime`, `strictatime`, `noatime`,
     /// `nodiratime`); a read-only mount never updates them.
     pub fn with_atime(mut self, policy: atime::Policy) -> Hammer2Fs {
-        self.atime = policy;
+        if let Some(s) = self.store.rw_mut() {
+            s.atime = policy;
+        }
         self
     }
 
-    /// Node `inum` was read (its data, or a directory's listing) at
-    /// `now`: update its access time when the policy says so, without
-    /// making the mount dirty (`Mount::touch_atime`). Never an error for
-    /// the read: one is logged at debug level.
-    fn accessed(&self, m: &mut Mount, label: &str, inum: u64, now: u64) {
-        if self.atime.mode == atime::Mode::Never {
-            return;
-        }
-        let r = m.getattr(label, inum).and_then(|meta| {
-            if self.atime.due(&meta, now) {
-                m.touch_atime(label, inum, now)
-            } else {
-                Ok(())
-            }
-        });
-        if let Err(e) = r {
-            log::debug!("access time of inode {inum} not updated: {e}");
-        }
-    }
-
-    fn read_write(&self) -> bool {
-        matches!(self.store, Store::ReadWrite(_))
-    }
-
-    /// Turn a library error into the reply's errno (logged there).
-    fn fail(&self, e: &hammer2::Error) -> Errno {
-        self.counters.errors.fetch_add(1, Ordering::Relaxed);
-        Errno::from_i32(errno(e))
-    }
-
-    /// A library result, its error as an errno.
-    fn h<T>(&self, r: hammer2::Result<T>) -> Result<T, Errno> {
-        r.map_err(|e| self.fail(&e))
-    }
-
-    /// The read-write store, or EROFS.
-    fn rw(&self) -> Result<&Arc<RwVolume>, Errno> {
-        match &self.store {
-            Store::ReadWrite(v) => Ok(v),
-            Store::ReadOnly { .. } => Err(Errno::EROFS),
-        }
-    }
-
-    /// Run a modifying operation on the mount: EROFS on a read-only
-    /// mount, EIO once a flush has failed.
-    fn modify<T>(
-        &self,
-        mut f: impl FnMut(&mut Mount, &str, u64) -> Result<T, Errno>,
-    ) -> Result<T, Errno> {
-        let v = self.rw()?;
-        v.writable().map_err(Errno::from_i32)?;
-        self.with_room(v, |m| f(m, &v.label, now_us()))
-    }
-
-    /// Run `f` on the mount; when it is refused for lack of space (the
-    /// library changes nothing then), make room (`RwVolume::make_room`:
-    /// a flush, the frees waiting for it, a bulkfree) and run it once
-    /// more.
-    fn with_room<T>(
-        &self,
-        v: &Arc<RwVolume>,
-        mut f: impl FnMut(&mut Mount) -> Result<T, Errno>,
-    ) -> Result<T, Errno> {
-        let r = v.locked(&mut f);
-        if r.as_ref().err() == Some(&Errno::ENOSPC) && v.make_room() {
-            return v.locked(&mut f);
-        }
-        r
-    }
-
-    /// The inode behind a node id, read-only store: the root, a cached
-    /// one, or read from the inode index (and cached if the kernel holds
-    /// the node).
-    fn inode(&self, pfs: &Pfs, root: &Arc<Inode>, ino: INodeNo) -> Result<Arc<Inode>, Errno> {
-        if ino == INodeNo::ROOT {
-            return Ok(root.clone());
-        }
-        if let Some(i) = self.inodes.get(ino.0) {
-            return Ok(i);
-        }
-        let i = Arc::new(self.h(pfs.inode(self.ids.inum(ino.0)))?);
-        self.inodes.fill(ino.0, &i);
-        Ok(i)
+    /// The read-write store, where every change starts (EROFS when the
+    /// mount is read-only).
+    fn rw(&self) -> Result<&ReadWrite, Errno> {
+        self.store.rw()
     }
 
     /// The meta of node `ino`.
@@ -471,13 +348,7 @@ impl Hammer2Fs {
         if is_snap(ino.0) {
             return self.snap()?.meta(ino.0, || self.meta(INodeNo::ROOT));
         }
-        match &self.store {
-            Store::ReadOnly { pfs, root } => Ok(*self.inode(pfs, root, ino)?.meta()),
-            Store::ReadWrite(v) => {
-                let r = v.locked(|m| m.getattr(&v.label, self.ids.inum(ino.0)));
-                self.h(r)
-            }
-        }
+        self.store.meta(ino.0)
     }
 
     /// The meta of node `ino` and the bytes its blocks take on disk
@@ -486,82 +357,18 @@ impl Hammer2Fs {
         if is_snap(ino.0) {
             return self.snap()?.stat(ino.0, || self.meta(INodeNo::ROOT));
         }
-        match &self.store {
-            Store::ReadOnly { pfs, root } => {
-                let i = self.inode(pfs, root, ino)?;
-                Ok((*i.meta(), i.stored_bytes()))
-            }
-            Store::ReadWrite(v) => {
-                let inum = self.ids.inum(ino.0);
-                v.locked(|m| {
-                    let meta = self.h(m.getattr(&v.label, inum))?;
-                    Ok((meta, self.h(m.stored_bytes(&v.label, inum))?))
-                })
-            }
-        }
-    }
-
-    /// The attributes of node `ino` from its inode (whose blocks take
-    /// `bytes`), the link count of a directory aside.
-    fn attr_of_meta(&self, ino: u64, m: &InodeMeta, bytes: u64) -> Result<FileAttr, Errno> {
-        attr_of(ino, m, bytes).ok_or_else(|| {
-            self.fail(&hammer2::Error::corrupt(
-                format!("inode {} has object type {}", m.inum, m.obj_type.name()),
-                0,
-            ))
-        })
+        self.store.stat(ino.0)
     }
 
     /// The attributes of node `ino`, a directory's link count counted
-    /// (see `dirlinks`); read-write, the mount must not be locked by the
-    /// caller (`attr_locked` is for that).
+    /// (see `dirlinks`).
     fn attr(&self, ino: u64, m: &InodeMeta, bytes: u64) -> Result<FileAttr, Errno> {
         // `.snapshot` and what is under it are read views with their own
         // inode numbers: they keep the link counts on disk.
-        if m.obj_type != ObjType::Directory || is_snap(ino) {
-            return self.attr_of_meta(ino, m, bytes);
+        if is_snap(ino) {
+            return store::attr_of_meta(&self.errors, ino, m, bytes);
         }
-        match &self.store {
-            Store::ReadOnly { pfs, root } => {
-                let mut a = self.attr_of_meta(ino, m, bytes)?;
-                a.nlink = self.dirlinks.nlink(m.inum, || {
-                    let dir = self.inode(pfs, root, INodeNo(ino))?;
-                    Ok::<_, Errno>(subdirs(&self.h(pfs.readdir_from(&dir, 0))?))
-                })?;
-                Ok(a)
-            }
-            Store::ReadWrite(v) => {
-                v.locked(|mount| self.attr_locked(mount, &v.label, ino, m, bytes))
-            }
-        }
-    }
-
-    /// `attr` with the read-write mount locked by the caller.
-    fn attr_locked(
-        &self,
-        mount: &mut Mount,
-        label: &str,
-        ino: u64,
-        m: &InodeMeta,
-        bytes: u64,
-    ) -> Result<FileAttr, Errno> {
-        let mut a = self.attr_of_meta(ino, m, bytes)?;
-        // A directory removed (rmdir, or replaced by a rename) while it
-        // is open has no links: its 0 on disk, not a count.
-        if m.obj_type == ObjType::Directory && m.nlinks != 0 {
-            a.nlink = self.dirlinks.nlink(m.inum, || {
-                Ok::<_, Errno>(subdirs(&self.h(mount.readdir(label, m.inum, 0))?))
-            })?;
-        }
-        Ok(a)
-    }
-
-    /// Node `ino`'s attributes from the mount, locked by the caller.
-    fn attr_in(&self, m: &mut Mount, label: &str, ino: u64) -> Result<FileAttr, Errno> {
-        let inum = self.ids.inum(ino);
-        let meta = self.h(m.getattr(label, inum))?;
-        let bytes = self.h(m.stored_bytes(label, inum))?;
-        self.attr_locked(m, label, ino, &meta, bytes)
+        self.store.attr(ino, m, bytes)
     }
 
     /// May the caller do `mask` (R=4, W=2, X=1)? Always, with
@@ -610,14 +417,7 @@ impl Hammer2Fs {
     /// Whether the PFS root has a real entry named `.snapshot`, which
     /// `-o snapdir` would hide (the mount is refused then).
     pub fn has_real_snapdir(&self) -> hammer2::Result<bool> {
-        match &self.store {
-            Store::ReadOnly { pfs, root } => Ok(pfs.lookup(root, snapdir::NAME)?.is_some()),
-            Store::ReadWrite(v) => {
-                let root = hammer2::mount::ROOT_INUM;
-                Ok(v.locked(|m| m.lookup(&v.label, root, snapdir::NAME))?
-                    .is_some())
-            }
-        }
+        self.store.has_real_snapdir()
     }
 
     /// `fs.protected_hardlinks` (the kernel's `may_linkat`), for a mount
@@ -658,36 +458,13 @@ impl Hammer2Fs {
     }
 
     /// A directory being changed: write and search permission.
-    fn dir_for_change(
-        &self,
-        req: &Request,
-        m: &mut Mount,
-        label: &str,
-        dir: INodeNo,
-    ) -> Result<InodeMeta, Errno> {
+    fn dir_for_change(&self, req: &Request, tx: &mut Tx, dir: INodeNo) -> Result<InodeMeta, Errno> {
         if is_snap(dir.0) {
             return Err(Errno::EROFS);
         }
-        let d = self.h(m.getattr(label, self.ids.inum(dir.0)))?;
-        if d.obj_type != ObjType::Directory {
-            return Err(Errno::ENOTDIR);
-        }
+        let d = tx.dir(dir.0)?;
         self.check(req, &d, 3)?;
         Ok(d)
-    }
-
-    /// The meta of entry `name` of `dir`.
-    fn entry_meta(
-        &self,
-        m: &mut Mount,
-        label: &str,
-        dir: INodeNo,
-        name: &OsStr,
-    ) -> Result<InodeMeta, Errno> {
-        let inum = self
-            .h(m.lookup(label, self.ids.inum(dir.0), name.as_bytes()))?
-            .ok_or(Errno::ENOENT)?;
-        self.h(m.getattr(label, inum))
     }
 
     /// setattr's permission rules (chmod, chown, truncate, utimes), for
@@ -741,12 +518,7 @@ impl Hammer2Fs {
 
     /// The node id of a directory's parent ("..").
     fn parent_ino(&self, dir: &InodeMeta) -> u64 {
-        let p = dir.iparent;
-        if dir.inum == self.ids.root_inum || p == 0 {
-            INodeNo::ROOT.0
-        } else {
-            self.ids.ino(p)
-        }
+        store::parent_ino(&self.ids, dir)
     }
 
     fn open_stream(&self) -> FileHandle {
@@ -763,16 +535,7 @@ impl Hammer2Fs {
 
     /// The entries of directory `ino` with key at least `from`.
     fn list(&self, ino: INodeNo, from: u64) -> Result<Vec<DirEntry>, Errno> {
-        match &self.store {
-            Store::ReadOnly { pfs, root } => {
-                let dir = self.inode(pfs, root, ino)?;
-                self.h(pfs.readdir_from(&dir, from))
-            }
-            Store::ReadWrite(v) => {
-                let r = v.locked(|m| m.readdir(&v.label, self.ids.inum(ino.0), from));
-                self.h(r)
-            }
-        }
+        self.store.list(ino.0, from)
     }
 
     /// The entries of `dir` from cookie `offset` on (past ".."): from the
@@ -810,10 +573,7 @@ impl Hammer2Fs {
                 let l = Arc::new(self.list(dir, 0)?);
                 *stream.listing.lock().unwrap_or_else(|p| p.into_inner()) = Some(l.clone());
                 // A listing from the start is an access of the directory.
-                if let Store::ReadWrite(v) = &self.store {
-                    let inum = self.ids.inum(dir.0);
-                    v.locked(|m| self.accessed(m, &v.label, inum, now_us()));
-                }
+                self.store.listed(dir.0);
                 l
             }
         };
@@ -862,29 +622,21 @@ impl Hammer2Fs {
         rdev: u32,
         pin: bool,
     ) -> Result<FileAttr, Errno> {
-        self.modify(|m, label, now| {
+        self.rw()?.change(|tx| {
             self.snapdir_entry(parent, name, true)?;
-            let dir = self.dir_for_change(req, m, label, parent)?;
+            let dir = self.dir_for_change(req, tx, parent)?;
             let is_dir = obj_type == ObjType::Directory;
             let (uid, gid, mode) = new_owner(req, &dir, mode, is_dir);
-            let dinum = self.ids.inum(parent.0);
             let name = Self::new_name(name)?;
-            let inum = if is_dir {
-                let inum = self.h(m.mkdir(label, dinum, name, mode, uid, gid, now))?;
-                self.dirlinks.added(dinum);
-                inum
-            } else {
-                let dev = dev_of(rdev);
-                self.h(m.create(label, dinum, name, obj_type, mode, uid, gid, dev, now))?
-            };
+            let ino = tx.make(parent.0, name, obj_type, mode, uid, gid, dev_of(rdev))?;
             if pin {
-                self.h(m.pin(label, inum))?;
+                tx.pin(ino)?;
             }
-            self.attr_in(m, label, self.ids.ino(inum))
+            tx.attr(ino)
         })
     }
 
-    /// A change of file `inum`'s data by the caller of `req` (write,
+    /// A change of file `ino`'s data by the caller of `req` (write,
     /// truncate, fallocate): clear set-user-ID and set-group-ID as Linux
     /// does for local filesystems (`setattr_should_drop_suidgid`) unless
     /// the caller holds CAP_FSETID: set-user-ID always, set-group-ID
@@ -893,14 +645,8 @@ impl Hammer2Fs {
     /// group-executable file, itself (a SETATTR before the change), but
     /// not a set-group-ID bit without group execute
     /// (fs/fuse/dir.c, `fuse_setattr`): that is left to the filesystem.
-    fn drop_suid_sgid(
-        &self,
-        req: &Request,
-        m: &mut Mount,
-        label: &str,
-        inum: u64,
-    ) -> Result<(), Errno> {
-        let meta = self.h(m.getattr(label, inum))?;
+    fn drop_suid_sgid(&self, req: &Request, tx: &mut Tx, ino: u64) -> Result<(), Errno> {
+        let meta = tx.meta(ino)?;
         if meta.mode & (S_ISUID | S_ISGID) == 0 || meta.obj_type != ObjType::Regfile {
             return Ok(());
         }
@@ -916,8 +662,8 @@ impl Hammer2Fs {
             mode: Some(mode),
             ..SetAttr::default()
         };
-        self.h(m.setattr(label, inum, a, now_us()))?;
-        self.attrs_changed(self.ids.ino(inum));
+        tx.setattr(ino, a)?;
+        self.attrs_changed(ino);
         Ok(())
     }
 
@@ -946,28 +692,6 @@ impl Hammer2Fs {
         let (m, bytes) = self.stat(INodeNo(target))?;
         self.attr(target, &m, bytes)
     }
-
-    /// Zero `[offset, offset + len)` of a file, within its size, through
-    /// the library: only where there is data (holes stay), a chunk per
-    /// mount lock. The flush turns the zeroed blocks into holes.
-    fn punch_hole(&self, v: &Arc<RwVolume>, inum: u64, offset: u64, len: u64) -> Result<(), Errno> {
-        // A bounded range per hold of the mount: whole blocks are
-        // dropped in memory, so this is cheap, but a huge range should
-        // not stall every other request.
-        const PUNCH_CHUNK: u64 = 1 << 30;
-        let end = offset.saturating_add(len);
-        let mut pos = offset;
-        while pos < end {
-            v.writable().map_err(Errno::from_i32)?;
-            let n = (end - pos).min(PUNCH_CHUNK);
-            self.with_room(v, |m| {
-                let r = m.punch_hole(&v.label, inum, pos, n, now_us());
-                self.h(r)
-            })?;
-            pos += n;
-        }
-        Ok(())
-    }
 }
 
 /// `fs.protected_hardlinks` as the kernel has it now (read at each
@@ -975,15 +699,6 @@ impl Hammer2Fs {
 /// refuses.
 fn protected_hardlinks() -> bool {
     std::fs::read_to_string("/proc/sys/fs/protected_hardlinks").map_or(true, |v| v.trim() != "0")
-}
-
-/// How many of a directory's entries are directories.
-fn subdirs(entries: &[DirEntry]) -> u32 {
-    let n = entries
-        .iter()
-        .filter(|e| e.obj_type == ObjType::Directory)
-        .count();
-    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 fn entry_kind(e: &DirEntry) -> FileType {
@@ -1003,7 +718,7 @@ impl Filesystem for Hammer2Fs {
             // for "." and ".." by node id (`lookup_dots`).
             InitFlags::FUSE_EXPORT_SUPPORT,
         ];
-        if self.writeback_cache {
+        if self.store.rw().is_ok_and(|s| s.writeback_cache) {
             // The kernel keeps written pages and sends them in large
             // writes (and manages mtime itself); fsync and close flush
             // them to us first.
@@ -1034,18 +749,14 @@ impl Filesystem for Hammer2Fs {
             c.writes.load(Ordering::Relaxed),
             c.bytes_written.load(Ordering::Relaxed),
             c.readdirs.load(Ordering::Relaxed),
-            c.errors.load(Ordering::Relaxed),
+            self.errors.get(),
         );
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.counters.lookups.fetch_add(1, Ordering::Relaxed);
         let r = (|| {
-            let max = match self.store {
-                Store::ReadOnly { .. } => DIRENT_NAME_MAX,
-                Store::ReadWrite(_) => NAME_MAX_REPORTED as usize,
-            };
-            if name.len() > max {
+            if name.len() > self.store.name_max() {
                 return Err(Errno::ENAMETOOLONG);
             }
             if name == "." || name == ".." {
@@ -1063,37 +774,10 @@ impl Filesystem for Hammer2Fs {
                 let (m, bytes) = self.stat(INodeNo(snapdir::SNAP_BIT))?;
                 return self.attr(snapdir::SNAP_BIT, &m, bytes);
             }
-            match &self.store {
-                Store::ReadOnly { pfs, root } => {
-                    let dir = self.inode(pfs, root, parent)?;
-                    if !dir.is_dir() {
-                        return Err(Errno::ENOTDIR);
-                    }
-                    self.check(req, dir.meta(), 1)?;
-                    let e = self
-                        .h(pfs.lookup(&dir, name.as_bytes()))?
-                        .ok_or(Errno::ENOENT)?;
-                    let ino = self.ids.ino(e.inum);
-                    let inode = self.inode(pfs, root, INodeNo(ino))?;
-                    let attr = self.attr(ino, inode.meta(), inode.stored_bytes())?;
-                    self.inodes.remember(ino, Some(inode));
-                    Ok(attr)
-                }
-                Store::ReadWrite(v) => {
-                    let (ino, attr) = v.locked(|m| {
-                        let dir = self.h(m.getattr(&v.label, self.ids.inum(parent.0)))?;
-                        if dir.obj_type != ObjType::Directory {
-                            return Err(Errno::ENOTDIR);
-                        }
-                        self.check(req, &dir, 1)?;
-                        let meta = self.entry_meta(m, &v.label, parent, name)?;
-                        let ino = self.ids.ino(meta.inum);
-                        Ok((ino, self.attr_in(m, &v.label, ino)?))
-                    })?;
-                    self.inodes.remember(ino, None);
-                    Ok(attr)
-                }
-            }
+            let search = |m: &InodeMeta, mask| self.check(req, m, mask);
+            let e = self.store.lookup(parent.0, name.as_bytes(), &search)?;
+            self.inodes.remember(e.attr.ino.0, e.inode);
+            Ok(e.attr)
         })();
         match r {
             Ok(attr) => {
@@ -1140,30 +824,32 @@ impl Filesystem for Hammer2Fs {
         if is_snap(ino.0) {
             return reply.error(Errno::EROFS);
         }
-        let r = self.modify(|m, label, now| {
-            let inum = self.ids.inum(ino.0);
-            let meta = self.h(m.getattr(label, inum))?;
-            let time = |t: TimeOrNow| match t {
-                TimeOrNow::Now => now,
-                TimeOrNow::SpecificTime(t) => micros(t),
-            };
-            let times_now = matches!(atime, Some(TimeOrNow::Now) | None)
-                && matches!(mtime, Some(TimeOrNow::Now) | None);
-            let mut a = SetAttr {
-                mode: mode.map(|m| m & 0o7777),
-                uid,
-                gid,
-                size,
-                atime: atime.map(time),
-                mtime: mtime.map(time),
-                ctime: ctime.map(micros),
-            };
-            self.check_setattr(req, &meta, &mut a, times_now, fh.is_some())?;
-            self.h(m.setattr(label, inum, a, now))?;
-            if size.is_some() {
-                self.drop_suid_sgid(req, m, label, inum)?;
-            }
-            self.attr_in(m, label, ino.0)
+        let r = self.rw().and_then(|s| {
+            s.change(|tx| {
+                let meta = tx.meta(ino.0)?;
+                let now = tx.now;
+                let time = |t: TimeOrNow| match t {
+                    TimeOrNow::Now => now,
+                    TimeOrNow::SpecificTime(t) => micros(t),
+                };
+                let times_now = matches!(atime, Some(TimeOrNow::Now) | None)
+                    && matches!(mtime, Some(TimeOrNow::Now) | None);
+                let mut a = SetAttr {
+                    mode: mode.map(|m| m & 0o7777),
+                    uid,
+                    gid,
+                    size,
+                    atime: atime.map(time),
+                    mtime: mtime.map(time),
+                    ctime: ctime.map(micros),
+                };
+                self.check_setattr(req, &meta, &mut a, times_now, fh.is_some())?;
+                tx.setattr(ino.0, a)?;
+                if size.is_some() {
+                    self.drop_suid_sgid(req, tx, ino.0)?;
+                }
+                tx.attr(ino.0)
+            })
         });
         match r {
             Ok(attr) => reply.attr(&self.ttl, &attr),
@@ -1172,15 +858,10 @@ impl Filesystem for Hammer2Fs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let r = match &self.store {
-            _ if is_snap(ino.0) => self.snap().and_then(|sd| sd.readlink(ino.0)),
-            Store::ReadOnly { pfs, root } => self
-                .inode(pfs, root, ino)
-                .and_then(|i| self.h(pfs.readlink(&i))),
-            Store::ReadWrite(v) => {
-                let r = v.locked(|m| m.readlink(&v.label, self.ids.inum(ino.0)));
-                self.h(r)
-            }
+        let r = if is_snap(ino.0) {
+            self.snap().and_then(|sd| sd.readlink(ino.0))
+        } else {
+            self.store.readlink(ino.0)
         };
         match r {
             Ok(target) => reply.data(&target),
@@ -1218,12 +899,14 @@ impl Filesystem for Hammer2Fs {
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.modify(|m, label, now| {
-            self.snapdir_entry(parent, name, false)?;
-            let dir = self.dir_for_change(req, m, label, parent)?;
-            let victim = self.entry_meta(m, label, parent, name)?;
-            self.check_sticky(req, &dir, &victim)?;
-            self.h(m.unlink(label, self.ids.inum(parent.0), name.as_bytes(), now))
+        let r = self.rw().and_then(|s| {
+            s.change(|tx| {
+                self.snapdir_entry(parent, name, false)?;
+                let dir = self.dir_for_change(req, tx, parent)?;
+                let victim = tx.entry(parent.0, name.as_bytes())?;
+                self.check_sticky(req, &dir, &victim)?;
+                tx.unlink(parent.0, name.as_bytes())
+            })
         });
         match r {
             Ok(()) => reply.ok(),
@@ -1232,16 +915,14 @@ impl Filesystem for Hammer2Fs {
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.modify(|m, label, now| {
-            self.snapdir_entry(parent, name, false)?;
-            let dir = self.dir_for_change(req, m, label, parent)?;
-            let victim = self.entry_meta(m, label, parent, name)?;
-            self.check_sticky(req, &dir, &victim)?;
-            let dinum = self.ids.inum(parent.0);
-            self.h(m.rmdir(label, dinum, name.as_bytes(), now))?;
-            self.dirlinks.removed(dinum);
-            self.dirlinks.forget(victim.inum);
-            Ok(())
+        let r = self.rw().and_then(|s| {
+            s.change(|tx| {
+                self.snapdir_entry(parent, name, false)?;
+                let dir = self.dir_for_change(req, tx, parent)?;
+                let victim = tx.entry(parent.0, name.as_bytes())?;
+                self.check_sticky(req, &dir, &victim)?;
+                tx.rmdir(parent.0, name.as_bytes(), victim.inum)
+            })
         });
         match r {
             Ok(()) => reply.ok(),
@@ -1257,21 +938,15 @@ impl Filesystem for Hammer2Fs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let r = self.modify(|m, label, now| {
-            self.snapdir_entry(parent, link_name, true)?;
-            let dir = self.dir_for_change(req, m, label, parent)?;
-            let (uid, gid, _) = new_owner(req, &dir, 0o777, false);
-            let target = target.as_os_str().as_bytes();
-            let inum = self.h(m.symlink(
-                label,
-                self.ids.inum(parent.0),
-                Self::new_name(link_name)?,
-                target,
-                uid,
-                gid,
-                now,
-            ))?;
-            self.attr_in(m, label, self.ids.ino(inum))
+        let r = self.rw().and_then(|s| {
+            s.change(|tx| {
+                self.snapdir_entry(parent, link_name, true)?;
+                let dir = self.dir_for_change(req, tx, parent)?;
+                let (uid, gid, _) = new_owner(req, &dir, 0o777, false);
+                let target = target.as_os_str().as_bytes();
+                let ino = tx.symlink(parent.0, Self::new_name(link_name)?, target, uid, gid)?;
+                tx.attr(ino)
+            })
         });
         self.reply_entry(r, reply);
     }
@@ -1286,71 +961,54 @@ impl Filesystem for Hammer2Fs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let r = self.modify(|m, label, now| {
-            let whiteout = flags.contains(RenameFlags::RENAME_WHITEOUT);
-            if whiteout && flags.contains(RenameFlags::RENAME_EXCHANGE) {
-                return Err(Errno::EINVAL);
-            }
-            self.snapdir_entry(parent, name, false)?;
-            self.snapdir_entry(newparent, newname, false)?;
-            let odir = self.dir_for_change(req, m, label, parent)?;
-            let ndir = self.dir_for_change(req, m, label, newparent)?;
-            let src = self.entry_meta(m, label, parent, name)?;
-            self.check_sticky(req, &odir, &src)?;
-            let dst = match self.entry_meta(m, label, newparent, newname) {
-                Ok(d) => Some(d),
-                Err(e) if e == Errno::ENOENT => None,
-                Err(e) => return Err(e),
-            };
-            if let Some(d) = &dst {
-                self.check_sticky(req, &ndir, d)?;
-            }
-            // A directory that changes parent has its ".." rewritten.
-            if parent != newparent {
-                if src.obj_type == ObjType::Directory {
-                    self.check(req, &src, 2)?;
+        let r = self.rw().and_then(|s| {
+            s.change(|tx| {
+                let whiteout = flags.contains(RenameFlags::RENAME_WHITEOUT);
+                if whiteout && flags.contains(RenameFlags::RENAME_EXCHANGE) {
+                    return Err(Errno::EINVAL);
                 }
-                if let Some(d) = dst.filter(|_| flags.contains(RenameFlags::RENAME_EXCHANGE)) {
-                    if d.obj_type == ObjType::Directory {
-                        self.check(req, &d, 2)?;
+                self.snapdir_entry(parent, name, false)?;
+                self.snapdir_entry(newparent, newname, false)?;
+                let odir = self.dir_for_change(req, tx, parent)?;
+                let ndir = self.dir_for_change(req, tx, newparent)?;
+                let src = tx.entry(parent.0, name.as_bytes())?;
+                self.check_sticky(req, &odir, &src)?;
+                let dst = match tx.entry(newparent.0, newname.as_bytes()) {
+                    Ok(d) => Some(d),
+                    Err(e) if e == Errno::ENOENT => None,
+                    Err(e) => return Err(e),
+                };
+                if let Some(d) = &dst {
+                    self.check_sticky(req, &ndir, d)?;
+                }
+                // A directory that changes parent has its ".." rewritten.
+                if parent != newparent {
+                    if src.obj_type == ObjType::Directory {
+                        self.check(req, &src, 2)?;
+                    }
+                    if let Some(d) = dst.filter(|_| flags.contains(RenameFlags::RENAME_EXCHANGE)) {
+                        if d.obj_type == ObjType::Directory {
+                            self.check(req, &d, 2)?;
+                        }
                     }
                 }
-            }
-            let f = hammer2::mount::RenameFlags {
-                noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
-                exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
-            };
-            let is_dir = |m: &InodeMeta| m.obj_type == ObjType::Directory;
-            let moves_dir = is_dir(&src) || dst.as_ref().is_some_and(is_dir);
-            let (odinum, ndinum) = (self.ids.inum(parent.0), self.ids.inum(newparent.0));
-            let newname = Self::new_name(newname)?;
-            if whiteout {
+                let f = hammer2::mount::RenameFlags {
+                    noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
+                    exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
+                };
+                let is_dir = |m: &InodeMeta| m.obj_type == ObjType::Directory;
+                let moves_dir = is_dir(&src) || dst.as_ref().is_some_and(is_dir);
+                let replaced_dir = dst.filter(|d| is_dir(d) && !f.exchange).map(|d| d.inum);
+                let newname = Self::new_name(newname)?;
                 // The whiteout left at the old name is the caller's, as
                 // a node made in that directory would be.
-                let (uid, gid, _) = new_owner(req, &odir, 0, false);
-                self.h(m.rename_whiteout(
-                    label,
-                    odinum,
-                    name.as_bytes(),
-                    ndinum,
-                    newname,
-                    f.noreplace,
-                    uid,
-                    gid,
-                    now,
-                ))?;
-            } else {
-                self.h(m.rename(label, odinum, name.as_bytes(), ndinum, newname, f, now))?;
-            }
-            // Directories moved or replaced: both parents are recounted.
-            if moves_dir {
-                self.dirlinks.forget(odinum);
-                self.dirlinks.forget(ndinum);
-                if let Some(d) = dst.filter(|d| is_dir(d) && !f.exchange) {
-                    self.dirlinks.forget(d.inum);
-                }
-            }
-            Ok(())
+                let whiteout = whiteout.then(|| {
+                    let (uid, gid, _) = new_owner(req, &odir, 0, false);
+                    (uid, gid)
+                });
+                let (old, new) = ((parent.0, name.as_bytes()), (newparent.0, newname));
+                tx.rename(old, new, f, whiteout, moves_dir, replaced_dir)
+            })
         });
         match r {
             Ok(()) => reply.ok(),
@@ -1369,14 +1027,14 @@ impl Filesystem for Hammer2Fs {
         if is_snap(ino.0) {
             return reply.error(Errno::EXDEV);
         }
-        let r = self.modify(|m, label, now| {
-            self.snapdir_entry(newparent, newname, true)?;
-            self.dir_for_change(req, m, label, newparent)?;
-            let inum = self.ids.inum(ino.0);
-            self.check_hardlink_source(req, &self.h(m.getattr(label, inum))?)?;
-            let ndir = self.ids.inum(newparent.0);
-            self.h(m.link(label, inum, ndir, Self::new_name(newname)?, now))?;
-            self.attr_in(m, label, ino.0)
+        let r = self.rw().and_then(|s| {
+            s.change(|tx| {
+                self.snapdir_entry(newparent, newname, true)?;
+                self.dir_for_change(req, tx, newparent)?;
+                self.check_hardlink_source(req, &tx.meta(ino.0)?)?;
+                tx.link(ino.0, newparent.0, Self::new_name(newname)?)?;
+                tx.attr(ino.0)
+            })
         });
         self.reply_entry(r, reply);
     }
@@ -1387,8 +1045,8 @@ impl Filesystem for Hammer2Fs {
             OpenAccMode::O_WRONLY => 2,
             OpenAccMode::O_RDWR => 6,
         };
-        let r = match &self.store {
-            _ if is_snap(ino.0) => (|| {
+        let r = (|| {
+            if is_snap(ino.0) {
                 if mask != 4 {
                     return Err(Errno::EROFS);
                 }
@@ -1396,36 +1054,14 @@ impl Filesystem for Hammer2Fs {
                 if meta.obj_type == ObjType::Directory {
                     return Err(Errno::EISDIR);
                 }
-                self.check(req, &meta, 4).map(|()| false)
-            })(),
-            Store::ReadOnly { pfs, root } => (|| {
-                if mask != 4 {
-                    return Err(Errno::EROFS);
-                }
-                let inode = self.inode(pfs, root, ino)?;
-                if inode.is_dir() {
-                    return Err(Errno::EISDIR);
-                }
-                self.check(req, inode.meta(), 4).map(|()| false)
-            })(),
-            Store::ReadWrite(v) => (|| {
-                if mask & 2 != 0 {
-                    v.writable().map_err(Errno::from_i32)?;
-                }
-                let inum = self.ids.inum(ino.0);
-                v.locked(|m| {
-                    let meta = self.h(m.getattr(&v.label, inum))?;
-                    if meta.obj_type == ObjType::Directory {
-                        return Err(Errno::EISDIR);
-                    }
-                    self.check(req, &meta, mask)?;
-                    self.h(m.pin(&v.label, inum))?;
-                    // Reads that update the access time must reach us, not
-                    // the page cache (see `atime`).
-                    Ok(mask & 4 != 0 && self.atime.due(&meta, now_us()))
-                })
-            })(),
-        };
+                return self.check(req, &meta, 4).map(|()| false);
+            }
+            if mask & 2 != 0 {
+                self.rw()?.writable()?;
+            }
+            let may = |m: &InodeMeta| self.check(req, m, mask);
+            self.store.open(ino.0, mask & 4 != 0, &may)
+        })();
         match r {
             // Every change goes through the kernel's page cache, so
             // cached pages stay valid across opens.
@@ -1474,12 +1110,13 @@ impl Filesystem for Hammer2Fs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let r = self.modify(|m, label, now| {
-            let dir = self.dir_for_change(req, m, label, parent)?;
-            let (uid, gid, mode) = new_owner(req, &dir, mode, false);
-            let dinum = self.ids.inum(parent.0);
-            let inum = self.h(m.tmpfile(label, dinum, mode, uid, gid, now))?;
-            self.attr_in(m, label, self.ids.ino(inum))
+        let r = self.rw().and_then(|s| {
+            s.change(|tx| {
+                let dir = self.dir_for_change(req, tx, parent)?;
+                let (uid, gid, mode) = new_owner(req, &dir, mode, false);
+                let ino = tx.tmpfile(parent.0, mode, uid, gid)?;
+                tx.attr(ino)
+            })
         });
         match r {
             Ok(attr) => {
@@ -1508,20 +1145,11 @@ impl Filesystem for Hammer2Fs {
         reply: ReplyData,
     ) {
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
-        let r = match &self.store {
-            _ if is_snap(ino.0) => self
-                .snap()
-                .and_then(|sd| sd.read(ino.0, offset, size as usize)),
-            Store::ReadOnly { pfs, root } => self
-                .inode(pfs, root, ino)
-                .and_then(|i| self.h(pfs.read(&i, offset, size as usize))),
-            Store::ReadWrite(v) => {
-                let inum = self.ids.inum(ino.0);
-                let r = v.read_noting(inum, offset, size as usize, |m| {
-                    self.accessed(m, &v.label, inum, now_us())
-                });
-                self.h(r)
-            }
+        let r = if is_snap(ino.0) {
+            self.snap()
+                .and_then(|sd| sd.read(ino.0, offset, size as usize))
+        } else {
+            self.store.read(ino.0, offset, size as usize)
         };
         match r {
             Ok(data) => {
@@ -1547,18 +1175,10 @@ impl Filesystem for Hammer2Fs {
         reply: ReplyWrite,
     ) {
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
-        let r = self.rw().and_then(|v| {
-            v.writable().map_err(Errno::from_i32)?;
-            self.with_room(v, |m| {
-                let inum = self.ids.inum(ino.0);
-                self.drop_suid_sgid(req, m, &v.label, inum)?;
-                let r = m.write(&v.label, inum, offset, data, now_us());
-                self.h(r)?;
-                v.note_written(m, data.len() as u64);
-                Ok(())
-            })?;
-            v.throttle();
-            Ok(())
+        let r = self.rw().and_then(|s| {
+            s.write(ino.0, offset, data, |tx| {
+                self.drop_suid_sgid(req, tx, ino.0)
+            })
         });
         match r {
             Ok(()) => {
@@ -1581,9 +1201,9 @@ impl Filesystem for Hammer2Fs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        match &self.store {
-            Store::ReadWrite(v) if v.writable().is_err() => reply.error(Errno::EIO),
-            _ => reply.ok(),
+        match self.store.healthy() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -1597,11 +1217,8 @@ impl Filesystem for Hammer2Fs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let (Store::ReadWrite(v), false) = (&self.store, is_snap(ino.0)) {
-            let r = v.locked(|m| m.unpin(&v.label, self.ids.inum(ino.0)));
-            if let Err(e) = r {
-                self.fail(&e);
-            }
+        if !is_snap(ino.0) {
+            self.store.unpin(ino.0);
         }
         reply.ok();
     }
@@ -1619,13 +1236,7 @@ impl Filesystem for Hammer2Fs {
     /// mount, fsck, or a copy. (The session's end runs the same steps
     /// again in `mount::serve`, as no-ops.)
     fn destroy_request(&self) {
-        if let Store::ReadWrite(v) = &self.store {
-            v.unmounted();
-            if let Err(why) = v.shutdown() {
-                log::debug!("last flush at FUSE_DESTROY: {why}");
-            }
-            v.release();
-        }
+        self.store.unmount();
     }
 
     /// fsync and fdatasync: a flush of everything (HAMMER2 commits the
@@ -1638,24 +1249,17 @@ impl Filesystem for Hammer2Fs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match &self.store {
-            Store::ReadWrite(v) => match v.sync() {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(Errno::from_i32(e)),
-            },
-            Store::ReadOnly { .. } => reply.ok(),
+        match self.store.sync() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let r = self.listed_dir(ino).and_then(|d| self.check(req, &d, 4));
-        let r = r.and_then(|()| match &self.store {
-            _ if is_snap(ino.0) => Ok(()),
-            Store::ReadWrite(v) => {
-                let r = v.locked(|m| m.pin(&v.label, self.ids.inum(ino.0)));
-                self.h(r)
-            }
-            Store::ReadOnly { .. } => Ok(()),
+        let r = r.and_then(|()| match is_snap(ino.0) {
+            true => Ok(()),
+            false => self.store.pin(ino.0),
         });
         match r {
             Ok(()) => reply.opened(self.open_stream(), FopenFlags::FOPEN_KEEP_CACHE),
@@ -1777,34 +1381,22 @@ impl Filesystem for Hammer2Fs {
         {
             return reply.ok();
         }
-        // Read-write: the attributes of a batch of entries per hold of
-        // the mount (each unit reruns after a cache miss, so nothing is
-        // added to the reply inside it).
-        const ATTR_BATCH: usize = 64;
-        let mut batch: std::collections::VecDeque<Option<FileAttr>> = Default::default();
+        // The attributes of a batch of entries at once (read-write: per
+        // hold of the mount, and each unit reruns after a cache miss, so
+        // nothing is added to the reply inside it).
+        let batch_len = self.store.attr_batch().max(1);
+        let mut batch: std::collections::VecDeque<Option<store::Entry>> = Default::default();
         for (i, e) in entries[start..].iter().enumerate() {
             let child = self.ids.ino(e.inum);
             // An inode that cannot be read still lists (by name and
             // type, with a zero TTL); stat on it then gets the error.
-            let (inode, attr) = match &self.store {
-                Store::ReadOnly { pfs, root } => match self.inode(pfs, root, INodeNo(child)) {
-                    Ok(i) => {
-                        let a = self.attr(child, i.meta(), i.stored_bytes()).ok();
-                        (Some(i), a)
-                    }
-                    Err(_) => (None, None),
-                },
-                Store::ReadWrite(v) => {
-                    if batch.is_empty() {
-                        let next = &entries[start + i..(start + i + ATTR_BATCH).min(entries.len())];
-                        batch = v.locked(|m| {
-                            next.iter()
-                                .map(|e| self.attr_in(m, &v.label, self.ids.ino(e.inum)).ok())
-                                .collect()
-                        });
-                    }
-                    (None, batch.pop_front().flatten())
-                }
+            if batch.is_empty() {
+                let next = &entries[start + i..(start + i + batch_len).min(entries.len())];
+                batch = self.store.entry_attrs(next).into();
+            }
+            let (attr, inode) = match batch.pop_front().flatten() {
+                Some(found) => (Some(found.attr), found.inode),
+                None => (None, None),
             };
             let (attr, ttl) = match attr {
                 Some(a) => (a, self.ttl),
@@ -1821,8 +1413,7 @@ impl Filesystem for Hammer2Fs {
             if full {
                 break;
             }
-            self.inodes
-                .remember(child, inode.filter(|_| ttl > Duration::ZERO));
+            self.inodes.remember(child, inode);
         }
         reply.ok();
     }
@@ -1839,11 +1430,8 @@ impl Filesystem for Hammer2Fs {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&fh.0);
-        if let (Store::ReadWrite(v), false) = (&self.store, is_snap(ino.0)) {
-            let r = v.locked(|m| m.unpin(&v.label, self.ids.inum(ino.0)));
-            if let Err(e) = r {
-                self.fail(&e);
-            }
+        if !is_snap(ino.0) {
+            self.store.unpin(ino.0);
         }
         reply.ok();
     }
@@ -1866,31 +1454,12 @@ impl Filesystem for Hammer2Fs {
     /// inodes: this PFS's count, and as many more as 1 KiB inode blocks
     /// fit in the available space.
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let r = match &self.store {
-            Store::ReadOnly { pfs, root } => {
-                let h = &pfs.volume().header;
-                let free = h.allocator_free.min(h.allocator_size);
-                Ok((
-                    h.allocator_size,
-                    free,
-                    // What a read-write mount would let writes take.
-                    free.saturating_sub(hammer2::alloc::reserve_for(h.allocator_size)),
-                    root.bref.inode_count(),
-                ))
-            }
-            Store::ReadWrite(v) => {
-                let r = v.locked(|m| m.statfs(&v.label));
-                self.h(r).map(|s| {
-                    (
-                        s.bytes_total,
-                        s.bytes_free.min(s.bytes_total),
-                        s.bytes_avail.min(s.bytes_total),
-                        s.inodes_used,
-                    )
-                })
-            }
-        };
-        let (total, free, avail, inodes) = match r {
+        let store::Space {
+            total,
+            free,
+            avail,
+            inodes,
+        } = match self.store.statfs() {
             Ok(x) => x,
             Err(e) => return reply.error(e),
         };
@@ -1969,8 +1538,11 @@ impl Filesystem for Hammer2Fs {
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         let r = self.meta(ino).and_then(|m| {
-            if mask.contains(AccessFlags::W_OK) && (!self.read_write() || is_snap(ino.0)) {
+            if mask.contains(AccessFlags::W_OK) && is_snap(ino.0) {
                 return Err(Errno::EROFS);
+            }
+            if mask.contains(AccessFlags::W_OK) {
+                self.rw()?;
             }
             self.check(req, &m, mask.bits() as u32 & 0o7)
         });
@@ -2004,29 +1576,22 @@ impl Filesystem for Hammer2Fs {
         const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE;
         const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE;
         let r = (|| {
-            let v = self.rw()?;
-            v.writable().map_err(Errno::from_i32)?;
-            let inum = self.ids.inum(ino.0);
+            let s = self.rw()?;
+            s.writable()?;
             offset.checked_add(length).ok_or(Errno::EFBIG)?;
-            let meta = self.h(v.locked(|m| m.getattr(&v.label, inum)))?;
-            if meta.obj_type != ObjType::Regfile {
+            if s.meta(ino.0)?.obj_type != ObjType::Regfile {
                 return Err(Errno::ENODEV);
             }
             if !matches!(mode, 0 | KEEP) && mode != PUNCH | KEEP && mode & !KEEP != ZERO {
                 return Err(Errno::EOPNOTSUPP);
             }
-            v.locked(|m| self.drop_suid_sgid(req, m, &v.label, inum))?;
+            s.tx(|tx| self.drop_suid_sgid(req, tx, ino.0))?;
             match mode {
-                0 | KEEP => self.with_room(v, |m| {
-                    let r = m.fallocate(&v.label, inum, offset, length, mode == KEEP, now_us());
-                    self.h(r)
-                }),
-                m if m == PUNCH | KEEP => self.punch_hole(v, inum, offset, length),
-                m if m & !KEEP == ZERO => self.with_room(v, |m| {
-                    let r =
-                        m.zero_range(&v.label, inum, offset, length, mode & KEEP != 0, now_us());
-                    self.h(r)
-                }),
+                0 | KEEP => s.change(|tx| tx.fallocate(ino.0, offset, length, mode == KEEP)),
+                m if m == PUNCH | KEEP => s.punch_hole(ino.0, offset, length),
+                m if m & !KEEP == ZERO => {
+                    s.change(|tx| tx.zero_range(ino.0, offset, length, mode & KEEP != 0))
+                }
                 _ => Err(Errno::EOPNOTSUPP),
             }
         })();
@@ -2068,32 +1633,7 @@ impl Filesystem for Hammer2Fs {
             let at = if is_snap(ino.0) {
                 self.snap()?.seek(ino.0, offset, data)?
             } else {
-                match &self.store {
-                    Store::ReadOnly { pfs, root } => {
-                        let i = self.inode(pfs, root, ino)?;
-                        if data {
-                            self.h(pfs.seek_data(&i, offset))?
-                        } else if offset < i.meta().size {
-                            Some(self.h(pfs.seek_hole(&i, offset))?)
-                        } else {
-                            None
-                        }
-                    }
-                    Store::ReadWrite(v) if !self.writeback_cache => {
-                        let inum = self.ids.inum(ino.0);
-                        v.locked(|m| {
-                            let size = self.h(m.getattr(&v.label, inum))?.size;
-                            Ok::<_, Errno>(if data {
-                                self.h(m.seek_data(&v.label, inum, offset))?
-                            } else if offset < size {
-                                Some(self.h(m.seek_hole(&v.label, inum, offset))?)
-                            } else {
-                                None
-                            })
-                        })?
-                    }
-                    Store::ReadWrite(_) => return Err(Errno::ENOSYS),
-                }
+                self.store.seek(ino.0, offset, data)?
             };
             // At or past the end, and SEEK_DATA with only holes after.
             let at = at.ok_or(Errno::ENXIO)?;
@@ -2122,7 +1662,7 @@ impl Filesystem for Hammer2Fs {
         reply: ReplyWrite,
     ) {
         let r = (|| {
-            let v = self.rw()?;
+            let s = self.rw()?;
             if !flags.is_empty() {
                 return Err(Errno::EINVAL);
             }
@@ -2130,37 +1670,9 @@ impl Filesystem for Hammer2Fs {
                 // Across to or from a snapshot: the caller copies itself.
                 return Err(Errno::EXDEV);
             }
-            let (src, dst) = (self.ids.inum(ino_in.0), self.ids.inum(ino_out.0));
             // The reply counts in 32 bits.
             let len = len.min(u64::from(u32::MAX) & !0xfff);
-            if src == dst
-                && offset_in < offset_out.saturating_add(len)
-                && offset_out < offset_in.saturating_add(len)
-            {
-                return Err(Errno::EINVAL);
-            }
-            let mut done = 0u64;
-            while done < len {
-                v.writable().map_err(Errno::from_i32)?;
-                let n = (len - done).min(CHUNK_BYTES) as usize;
-                let data = self.h(v.read(src, offset_in + done, n))?;
-                if data.is_empty() {
-                    break;
-                }
-                let r = self.with_room(v, |m| {
-                    let r = m.write(&v.label, dst, offset_out + done, &data, now_us());
-                    self.h(r)?;
-                    v.note_written(m, data.len() as u64);
-                    Ok(())
-                });
-                match r {
-                    // Short copy: what was copied stands.
-                    Err(e) if e == Errno::ENOSPC && done > 0 => break,
-                    r => r?,
-                }
-                v.throttle();
-                done += data.len() as u64;
-            }
+            let done = s.copy(ino_in.0, offset_in, ino_out.0, offset_out, len, CHUNK_BYTES)?;
             Ok(done as u32)
         })();
         match r {
