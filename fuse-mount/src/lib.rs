@@ -14,6 +14,8 @@
 //! - `cookie`: readdir offsets from directory keys.
 //! - `ctl`: the control channel the `hammer2` tool talks to (ioctls).
 //! - `dirlinks`: POSIX link counts for directories.
+//! - `perm`: the permission rules (mode bits, sticky directories,
+//!   chmod/chown/utimes, set-id bits, protected hardlinks).
 //! - `atime`: when reads update access times (relatime, strictatime,
 //!   noatime).
 //! - `errno`: the one mapping from `hammer2::Error` to an errno.
@@ -36,6 +38,7 @@ pub mod logging;
 pub mod loopdev;
 pub mod mount;
 pub mod options;
+pub mod perm;
 pub mod remount;
 pub mod rw;
 pub mod snapdir;

@@ -23,17 +23,15 @@
 //! in the library (`Mount::pin`) and its release unpins it, so a file
 //! that is unlinked while open lives until its last close.
 //!
-//! Permissions: with `default_permissions` the kernel checks the mode
-//! bits (with supplementary groups) and calls none of the checks here;
-//! without it, `check`, `check_sticky`, `check_setattr` and
-//! `check_hardlink_source` apply the Unix rules with the caller's uid
-//! and groups (the supplementary ones read from /proc when they decide),
-//! and `fs.protected_hardlinks`.
+//! Permissions: each operation asks the request's `perm::Caller`, which
+//! holds every rule (and knows whether `default_permissions` left them
+//! to the kernel).
 
 use crate::atime;
 use crate::cookie;
 use crate::errno::ErrorCount;
 use crate::inode::{self, generation, placeholder_attr, Ids, InodeTable, BLOCK_BYTES};
+use crate::perm::{Caller, R, W, X};
 use crate::rw::RwVolume;
 use crate::snapdir::{self, is_snap, SnapDir};
 use crate::store::{self, Nodes, ReadOnly, ReadWrite, Store, Tx};
@@ -72,11 +70,6 @@ pub const MAX_WRITE_BYTES: u32 = 1 << 20;
 /// Operations that move data through the library (hole punch,
 /// copy_file_range) do it this much per mount lock.
 const CHUNK_BYTES: u64 = 1 << 20;
-
-const S_ISUID: u32 = 0o4000;
-const S_ISGID: u32 = 0o2000;
-const S_ISVTX: u32 = 0o1000;
-const S_IXGRP: u32 = 0o0010;
 
 /// Counters, logged at unmount.
 #[derive(Default)]
@@ -165,35 +158,6 @@ fn mknod_type(mode: u32) -> Option<ObjType> {
         libc::S_IFSOCK => Some(ObjType::Socket),
         _ => None,
     }
-}
-
-/// Is the caller of `req` in group `gid` (its primary group, or one of
-/// its supplementary groups, the kernel's `in_group_p`)? The
-/// supplementary groups are read only when the primary one differs.
-fn in_group(req: &Request, gid: u32) -> bool {
-    gid == req.gid() || inode::supplementary_groups(req.pid()).contains(&gid)
-}
-
-/// Owner and mode of a new node in a directory (the kernel's
-/// `inode_init_owner`): the caller's uid; the directory's gid when it
-/// is setgid (a new directory stays setgid), else the caller's gid; a
-/// setgid, group-executable file keeps S_ISGID only if the caller is in
-/// its group (or root).
-fn new_owner(req: &Request, dir: &InodeMeta, mode: u32, is_dir: bool) -> (u32, u32, u32) {
-    let mut mode = mode & 0o7777;
-    let gid = if dir.mode & S_ISGID != 0 {
-        if is_dir {
-            mode |= S_ISGID;
-        }
-        dir.gid_unix()
-    } else {
-        req.gid()
-    };
-    let sgid_exec = S_ISGID | S_IXGRP;
-    if !is_dir && mode & sgid_exec == sgid_exec && !in_group(req, gid) && req.uid() != 0 {
-        mode &= !S_ISGID;
-    }
-    (req.uid(), gid, mode)
 }
 
 impl Hammer2Fs {
@@ -371,35 +335,9 @@ impl Hammer2Fs {
         self.store.attr(ino, m, bytes)
     }
 
-    /// May the caller do `mask` (R=4, W=2, X=1)? Always, with
-    /// `default_permissions` (the kernel has checked).
-    fn check(&self, req: &Request, m: &InodeMeta, mask: u32) -> Result<(), Errno> {
-        if !self.check_permissions || inode::permitted(m, req.uid(), |g| in_group(req, g), mask) {
-            Ok(())
-        } else {
-            Err(Errno::EACCES)
-        }
-    }
-
-    /// In a sticky directory only root and the owners of the entry or
-    /// the directory may remove or rename it.
-    fn check_sticky(
-        &self,
-        req: &Request,
-        dir: &InodeMeta,
-        victim: &InodeMeta,
-    ) -> Result<(), Errno> {
-        let uid = req.uid();
-        if !self.check_permissions
-            || uid == 0
-            || dir.mode & S_ISVTX == 0
-            || uid == victim.uid_unix()
-            || uid == dir.uid_unix()
-        {
-            Ok(())
-        } else {
-            Err(Errno::EPERM)
-        }
+    /// The caller of `req`, for the permission rules (`perm`).
+    fn caller(&self, req: &Request) -> Caller {
+        Caller::of(req, self.check_permissions)
     }
 
     /// With `-o snapdir`, `.snapshot` at the root is the snapshots'
@@ -420,33 +358,6 @@ impl Hammer2Fs {
         self.store.has_real_snapdir()
     }
 
-    /// `fs.protected_hardlinks` (the kernel's `may_linkat`), for a mount
-    /// without `default_permissions`: the kernel asks the filesystem for
-    /// the read and write permission that rule needs, and without
-    /// `default_permissions` FUSE grants it, so the check is here. When
-    /// the sysctl is 1, a caller who neither is root nor owns the source
-    /// may link only a regular file that is not set-user-ID, not
-    /// set-group-ID and group-executable, and that they may read and
-    /// write (EPERM otherwise).
-    fn check_hardlink_source(&self, req: &Request, src: &InodeMeta) -> Result<(), Errno> {
-        if !self.check_permissions || req.uid() == 0 || req.uid() == src.uid_unix() {
-            return Ok(());
-        }
-        if !protected_hardlinks() {
-            return Ok(());
-        }
-        let mode = src.mode;
-        let safe = src.obj_type == ObjType::Regfile
-            && mode & S_ISUID == 0
-            && mode & (S_ISGID | S_IXGRP) != (S_ISGID | S_IXGRP)
-            && inode::permitted(src, req.uid(), |g| in_group(req, g), 6);
-        if safe {
-            Ok(())
-        } else {
-            Err(Errno::EPERM)
-        }
-    }
-
     /// A name being made (create, mknod, mkdir, symlink, link, rename's
     /// target): at most NAME_MAX bytes.
     fn new_name(name: &OsStr) -> Result<&[u8], Errno> {
@@ -458,62 +369,13 @@ impl Hammer2Fs {
     }
 
     /// A directory being changed: write and search permission.
-    fn dir_for_change(&self, req: &Request, tx: &mut Tx, dir: INodeNo) -> Result<InodeMeta, Errno> {
+    fn dir_for_change(&self, who: &Caller, tx: &mut Tx, dir: INodeNo) -> Result<InodeMeta, Errno> {
         if is_snap(dir.0) {
             return Err(Errno::EROFS);
         }
         let d = tx.dir(dir.0)?;
-        self.check(req, &d, 3)?;
+        who.may(&d, W | X)?;
         Ok(d)
-    }
-
-    /// setattr's permission rules (chmod, chown, truncate, utimes), for
-    /// a mount without `default_permissions`. `fh` is set when the
-    /// kernel acts through an open file (ftruncate, writeback of times),
-    /// whose opening was checked already.
-    fn check_setattr(
-        &self,
-        req: &Request,
-        m: &InodeMeta,
-        a: &mut SetAttr,
-        times_now: bool,
-        fh: bool,
-    ) -> Result<(), Errno> {
-        if !self.check_permissions || req.uid() == 0 {
-            return Ok(());
-        }
-        let owner = req.uid() == m.uid_unix();
-        if let Some(mode) = a.mode.as_mut() {
-            // Dropping set-user-ID and set-group-ID is what the kernel
-            // asks for after a write by anyone, owner or not.
-            let drop_only = *mode == m.mode & 0o7777 & !(S_ISUID | S_ISGID);
-            if !owner && !drop_only {
-                return Err(Errno::EPERM);
-            }
-            let gid = a.gid.unwrap_or(m.gid_unix());
-            if !in_group(req, gid) {
-                *mode &= !S_ISGID;
-            }
-        }
-        if a.uid.is_some_and(|u| u != m.uid_unix()) {
-            return Err(Errno::EPERM);
-        }
-        if a.gid
-            .is_some_and(|g| g != m.gid_unix() && !(owner && in_group(req, g)))
-        {
-            return Err(Errno::EPERM);
-        }
-        if a.size.is_some() && !fh {
-            self.check(req, m, 2)?;
-        }
-        let times = a.atime.is_some() || a.mtime.is_some();
-        if times && !fh && !owner {
-            if !times_now {
-                return Err(Errno::EPERM);
-            }
-            self.check(req, m, 2)?;
-        }
-        Ok(())
     }
 
     /// The node id of a directory's parent ("..").
@@ -622,11 +484,12 @@ impl Hammer2Fs {
         rdev: u32,
         pin: bool,
     ) -> Result<FileAttr, Errno> {
+        let who = self.caller(req);
         self.rw()?.change(|tx| {
             self.snapdir_entry(parent, name, true)?;
-            let dir = self.dir_for_change(req, tx, parent)?;
+            let dir = self.dir_for_change(&who, tx, parent)?;
             let is_dir = obj_type == ObjType::Directory;
-            let (uid, gid, mode) = new_owner(req, &dir, mode, is_dir);
+            let (uid, gid, mode) = who.new_owner(&dir, mode, is_dir);
             let name = Self::new_name(name)?;
             let ino = tx.make(parent.0, name, obj_type, mode, uid, gid, dev_of(rdev))?;
             if pin {
@@ -636,28 +499,13 @@ impl Hammer2Fs {
         })
     }
 
-    /// A change of file `ino`'s data by the caller of `req` (write,
-    /// truncate, fallocate): clear set-user-ID and set-group-ID as Linux
-    /// does for local filesystems (`setattr_should_drop_suidgid`) unless
-    /// the caller holds CAP_FSETID: set-user-ID always, set-group-ID
-    /// when the file is group-executable or the caller is not in its
-    /// group. The kernel has FUSE drop set-user-ID, and set-group-ID of a
-    /// group-executable file, itself (a SETATTR before the change), but
-    /// not a set-group-ID bit without group execute
-    /// (fs/fuse/dir.c, `fuse_setattr`): that is left to the filesystem.
-    fn drop_suid_sgid(&self, req: &Request, tx: &mut Tx, ino: u64) -> Result<(), Errno> {
-        let meta = tx.meta(ino)?;
-        if meta.mode & (S_ISUID | S_ISGID) == 0 || meta.obj_type != ObjType::Regfile {
+    /// A change of file `ino`'s data by `who` (write, truncate,
+    /// fallocate): the set-user-ID and set-group-ID bits it clears
+    /// (`Caller::after_data_change`) cleared, and the kernel told.
+    fn drop_suid_sgid(&self, who: &Caller, tx: &mut Tx, ino: u64) -> Result<(), Errno> {
+        let Some(mode) = who.after_data_change(&tx.meta(ino)?) else {
             return Ok(());
-        }
-        let old = meta.mode & 0o7777;
-        let mut mode = old & !S_ISUID;
-        if old & S_ISGID != 0 && (old & S_IXGRP != 0 || !in_group(req, meta.gid_unix())) {
-            mode &= !S_ISGID;
-        }
-        if mode == old || inode::has_cap_fsetid(req.pid(), req.uid()) {
-            return Ok(());
-        }
+        };
         let a = SetAttr {
             mode: Some(mode),
             ..SetAttr::default()
@@ -692,13 +540,6 @@ impl Hammer2Fs {
         let (m, bytes) = self.stat(INodeNo(target))?;
         self.attr(target, &m, bytes)
     }
-}
-
-/// `fs.protected_hardlinks` as the kernel has it now (read at each
-/// link, as the kernel does); on when it cannot be read, the side that
-/// refuses.
-fn protected_hardlinks() -> bool {
-    std::fs::read_to_string("/proc/sys/fs/protected_hardlinks").map_or(true, |v| v.trim() != "0")
 }
 
 fn entry_kind(e: &DirEntry) -> FileType {
@@ -762,9 +603,10 @@ impl Filesystem for Hammer2Fs {
             if name == "." || name == ".." {
                 return self.lookup_dots(parent, name == "..");
             }
+            let who = self.caller(req);
             if is_snap(parent.0) {
                 let dir = self.meta(parent)?;
-                self.check(req, &dir, 1)?;
+                who.may(&dir, X)?;
                 return self
                     .snap()?
                     .lookup(parent.0, name.as_bytes(), || self.snap_source());
@@ -774,7 +616,7 @@ impl Filesystem for Hammer2Fs {
                 let (m, bytes) = self.stat(INodeNo(snapdir::SNAP_BIT))?;
                 return self.attr(snapdir::SNAP_BIT, &m, bytes);
             }
-            let search = |m: &InodeMeta, mask| self.check(req, m, mask);
+            let search = |m: &InodeMeta, mask| who.may(m, mask);
             let e = self.store.lookup(parent.0, name.as_bytes(), &search)?;
             self.inodes.remember(e.attr.ino.0, e.inode);
             Ok(e.attr)
@@ -824,6 +666,7 @@ impl Filesystem for Hammer2Fs {
         if is_snap(ino.0) {
             return reply.error(Errno::EROFS);
         }
+        let who = self.caller(req);
         let r = self.rw().and_then(|s| {
             s.change(|tx| {
                 let meta = tx.meta(ino.0)?;
@@ -843,10 +686,10 @@ impl Filesystem for Hammer2Fs {
                     mtime: mtime.map(time),
                     ctime: ctime.map(micros),
                 };
-                self.check_setattr(req, &meta, &mut a, times_now, fh.is_some())?;
+                who.may_setattr(&meta, &mut a, times_now, fh.is_some())?;
                 tx.setattr(ino.0, a)?;
                 if size.is_some() {
-                    self.drop_suid_sgid(req, tx, ino.0)?;
+                    self.drop_suid_sgid(&who, tx, ino.0)?;
                 }
                 tx.attr(ino.0)
             })
@@ -899,12 +742,13 @@ impl Filesystem for Hammer2Fs {
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let who = self.caller(req);
         let r = self.rw().and_then(|s| {
             s.change(|tx| {
                 self.snapdir_entry(parent, name, false)?;
-                let dir = self.dir_for_change(req, tx, parent)?;
+                let dir = self.dir_for_change(&who, tx, parent)?;
                 let victim = tx.entry(parent.0, name.as_bytes())?;
-                self.check_sticky(req, &dir, &victim)?;
+                who.may_remove(&dir, &victim)?;
                 tx.unlink(parent.0, name.as_bytes())
             })
         });
@@ -915,12 +759,13 @@ impl Filesystem for Hammer2Fs {
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let who = self.caller(req);
         let r = self.rw().and_then(|s| {
             s.change(|tx| {
                 self.snapdir_entry(parent, name, false)?;
-                let dir = self.dir_for_change(req, tx, parent)?;
+                let dir = self.dir_for_change(&who, tx, parent)?;
                 let victim = tx.entry(parent.0, name.as_bytes())?;
-                self.check_sticky(req, &dir, &victim)?;
+                who.may_remove(&dir, &victim)?;
                 tx.rmdir(parent.0, name.as_bytes(), victim.inum)
             })
         });
@@ -938,11 +783,12 @@ impl Filesystem for Hammer2Fs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let who = self.caller(req);
         let r = self.rw().and_then(|s| {
             s.change(|tx| {
                 self.snapdir_entry(parent, link_name, true)?;
-                let dir = self.dir_for_change(req, tx, parent)?;
-                let (uid, gid, _) = new_owner(req, &dir, 0o777, false);
+                let dir = self.dir_for_change(&who, tx, parent)?;
+                let (uid, gid, _) = who.new_owner(&dir, 0o777, false);
                 let target = target.as_os_str().as_bytes();
                 let ino = tx.symlink(parent.0, Self::new_name(link_name)?, target, uid, gid)?;
                 tx.attr(ino)
@@ -961,6 +807,7 @@ impl Filesystem for Hammer2Fs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let who = self.caller(req);
         let r = self.rw().and_then(|s| {
             s.change(|tx| {
                 let whiteout = flags.contains(RenameFlags::RENAME_WHITEOUT);
@@ -969,26 +816,26 @@ impl Filesystem for Hammer2Fs {
                 }
                 self.snapdir_entry(parent, name, false)?;
                 self.snapdir_entry(newparent, newname, false)?;
-                let odir = self.dir_for_change(req, tx, parent)?;
-                let ndir = self.dir_for_change(req, tx, newparent)?;
+                let odir = self.dir_for_change(&who, tx, parent)?;
+                let ndir = self.dir_for_change(&who, tx, newparent)?;
                 let src = tx.entry(parent.0, name.as_bytes())?;
-                self.check_sticky(req, &odir, &src)?;
+                who.may_remove(&odir, &src)?;
                 let dst = match tx.entry(newparent.0, newname.as_bytes()) {
                     Ok(d) => Some(d),
                     Err(e) if e == Errno::ENOENT => None,
                     Err(e) => return Err(e),
                 };
                 if let Some(d) = &dst {
-                    self.check_sticky(req, &ndir, d)?;
+                    who.may_remove(&ndir, d)?;
                 }
                 // A directory that changes parent has its ".." rewritten.
                 if parent != newparent {
                     if src.obj_type == ObjType::Directory {
-                        self.check(req, &src, 2)?;
+                        who.may(&src, W)?;
                     }
                     if let Some(d) = dst.filter(|_| flags.contains(RenameFlags::RENAME_EXCHANGE)) {
                         if d.obj_type == ObjType::Directory {
-                            self.check(req, &d, 2)?;
+                            who.may(&d, W)?;
                         }
                     }
                 }
@@ -1003,7 +850,7 @@ impl Filesystem for Hammer2Fs {
                 // The whiteout left at the old name is the caller's, as
                 // a node made in that directory would be.
                 let whiteout = whiteout.then(|| {
-                    let (uid, gid, _) = new_owner(req, &odir, 0, false);
+                    let (uid, gid, _) = who.new_owner(&odir, 0, false);
                     (uid, gid)
                 });
                 let (old, new) = ((parent.0, name.as_bytes()), (newparent.0, newname));
@@ -1027,11 +874,12 @@ impl Filesystem for Hammer2Fs {
         if is_snap(ino.0) {
             return reply.error(Errno::EXDEV);
         }
+        let who = self.caller(req);
         let r = self.rw().and_then(|s| {
             s.change(|tx| {
                 self.snapdir_entry(newparent, newname, true)?;
-                self.dir_for_change(req, tx, newparent)?;
-                self.check_hardlink_source(req, &tx.meta(ino.0)?)?;
+                self.dir_for_change(&who, tx, newparent)?;
+                who.may_link(&tx.meta(ino.0)?)?;
                 tx.link(ino.0, newparent.0, Self::new_name(newname)?)?;
                 tx.attr(ino.0)
             })
@@ -1041,26 +889,27 @@ impl Filesystem for Hammer2Fs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let mask = match flags.acc_mode() {
-            OpenAccMode::O_RDONLY => 4,
-            OpenAccMode::O_WRONLY => 2,
-            OpenAccMode::O_RDWR => 6,
+            OpenAccMode::O_RDONLY => R,
+            OpenAccMode::O_WRONLY => W,
+            OpenAccMode::O_RDWR => R | W,
         };
+        let who = self.caller(req);
         let r = (|| {
             if is_snap(ino.0) {
-                if mask != 4 {
+                if mask != R {
                     return Err(Errno::EROFS);
                 }
                 let meta = self.meta(ino)?;
                 if meta.obj_type == ObjType::Directory {
                     return Err(Errno::EISDIR);
                 }
-                return self.check(req, &meta, 4).map(|()| false);
+                return who.may(&meta, R).map(|()| false);
             }
-            if mask & 2 != 0 {
+            if mask & W != 0 {
                 self.rw()?.writable()?;
             }
-            let may = |m: &InodeMeta| self.check(req, m, mask);
-            self.store.open(ino.0, mask & 4 != 0, &may)
+            let may = |m: &InodeMeta| who.may(m, mask);
+            self.store.open(ino.0, mask & R != 0, &may)
         })();
         match r {
             // Every change goes through the kernel's page cache, so
@@ -1110,10 +959,11 @@ impl Filesystem for Hammer2Fs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        let who = self.caller(req);
         let r = self.rw().and_then(|s| {
             s.change(|tx| {
-                let dir = self.dir_for_change(req, tx, parent)?;
-                let (uid, gid, mode) = new_owner(req, &dir, mode, false);
+                let dir = self.dir_for_change(&who, tx, parent)?;
+                let (uid, gid, mode) = who.new_owner(&dir, mode, false);
                 let ino = tx.tmpfile(parent.0, mode, uid, gid)?;
                 tx.attr(ino)
             })
@@ -1175,9 +1025,10 @@ impl Filesystem for Hammer2Fs {
         reply: ReplyWrite,
     ) {
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
+        let who = self.caller(req);
         let r = self.rw().and_then(|s| {
             s.write(ino.0, offset, data, |tx| {
-                self.drop_suid_sgid(req, tx, ino.0)
+                self.drop_suid_sgid(&who, tx, ino.0)
             })
         });
         match r {
@@ -1256,7 +1107,9 @@ impl Filesystem for Hammer2Fs {
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let r = self.listed_dir(ino).and_then(|d| self.check(req, &d, 4));
+        let r = self
+            .listed_dir(ino)
+            .and_then(|d| self.caller(req).may(&d, R));
         let r = r.and_then(|()| match is_snap(ino.0) {
             true => Ok(()),
             false => self.store.pin(ino.0),
@@ -1544,7 +1397,7 @@ impl Filesystem for Hammer2Fs {
             if mask.contains(AccessFlags::W_OK) {
                 self.rw()?;
             }
-            self.check(req, &m, mask.bits() as u32 & 0o7)
+            self.caller(req).may(&m, mask.bits() as u32 & (R | W | X))
         });
         match r {
             Ok(()) => reply.ok(),
@@ -1585,7 +1438,8 @@ impl Filesystem for Hammer2Fs {
             if !matches!(mode, 0 | KEEP) && mode != PUNCH | KEEP && mode & !KEEP != ZERO {
                 return Err(Errno::EOPNOTSUPP);
             }
-            s.tx(|tx| self.drop_suid_sgid(req, tx, ino.0))?;
+            let who = self.caller(req);
+            s.tx(|tx| self.drop_suid_sgid(&who, tx, ino.0))?;
             match mode {
                 0 | KEEP => s.change(|tx| tx.fallocate(ino.0, offset, length, mode == KEEP)),
                 m if m == PUNCH | KEEP => s.punch_hole(ino.0, offset, length),
