@@ -65,7 +65,7 @@ pub fn serve(fs: &Hammer2Fs, uid: u32, inum: u64, input: &[u8]) -> Vec<u8> {
 }
 
 fn rw(fs: &Hammer2Fs) -> Result<&Arc<RwVolume>, Failed> {
-    fs.store.rw().map(|s| &s.vol).map_err(|_| {
+    fs.router.store().rw().map(|s| &s.vol).map_err(|_| {
         (
             libc::EROFS,
             "the mount is read-only: nothing is written through it".into(),
@@ -83,8 +83,8 @@ fn handle(fs: &Hammer2Fs, inum: u64, req: Request) -> Result<Reply, Failed> {
                 _ => fs.label.clone(),
             },
             image: fs.image.as_os_str().as_bytes().to_vec(),
-            read_write: fs.store.rw().is_ok(),
-            snapdir: fs.snapdir.is_some(),
+            read_write: fs.router.store().rw().is_ok(),
+            snapdir: fs.router.snapdir().is_some(),
             daemon: env!("CARGO_PKG_VERSION").into(),
         })),
         Request::Mark { name } => {
@@ -138,7 +138,7 @@ fn handle(fs: &Hammer2Fs, inum: u64, req: Request) -> Result<Reply, Failed> {
                 .map_err(|e| (e, "a flush failed; the mount refuses writes".into()))?;
             v.between_flushes(|m| m.pfs_delete(&label))
                 .map_err(|e| failed(&e))?;
-            if let Some(sd) = &fs.snapdir {
+            if let Some(sd) = fs.router.snapdir() {
                 sd.forget_label(&label);
             }
             Ok(Reply::Ok)
@@ -147,7 +147,7 @@ fn handle(fs: &Hammer2Fs, inum: u64, req: Request) -> Result<Reply, Failed> {
         Request::Stat => stat(fs, inum),
         Request::SetMethods { comp, check } => {
             let v = rw(fs)?;
-            if crate::snapdir::is_snap(inum) {
+            if fs.router.route(inum).rw().is_err() {
                 return Err((libc::EROFS, "under .snapshot, which is read-only".into()));
             }
             v.writable()
@@ -184,8 +184,8 @@ fn snapshot_of(fs: &Hammer2Fs, inum: u64) -> Result<Option<String>, Failed> {
         return Ok(None);
     }
     let sd = fs
-        .snapdir
-        .as_ref()
+        .router
+        .snapdir()
         .ok_or((libc::ENOENT, "no .snapshot".into()))?;
     if inum == crate::snapdir::SNAP_BIT {
         return Err((
@@ -206,7 +206,7 @@ fn now_micros() -> u64 {
 
 /// Every PFS root of the volume as last flushed, in label order.
 fn pfs_entries(fs: &Hammer2Fs) -> Result<Vec<PfsEntry>, Failed> {
-    let list = fs.store.pfs_list().map_err(|e| failed(&e))?;
+    let list = fs.router.store().pfs_list().map_err(|e| failed(&e))?;
     let mut out: Vec<PfsEntry> = list
         .into_iter()
         .map(|p| {
@@ -254,8 +254,8 @@ fn stat(fs: &Hammer2Fs, inum: u64) -> Result<Reply, Failed> {
     // A node of `.snapshot` (inum is the node id there).
     let (meta, bref, dirty) = if crate::snapdir::is_snap(inum) {
         let sd = fs
-            .snapdir
-            .as_ref()
+            .router
+            .snapdir()
             .ok_or((libc::ENOENT, "no .snapshot".into()))?;
         if inum == crate::snapdir::SNAP_BIT {
             return Err((
@@ -268,7 +268,10 @@ fn stat(fs: &Hammer2Fs, inum: u64) -> Result<Reply, Failed> {
             .map_err(|e| (i32::from(e), format!("node {inum:#x}: {e:?}")))?;
         (*i.meta(), i.bref, 0)
     } else {
-        fs.store.inode_state(inum).map_err(|e| failed(&e))?
+        fs.router
+            .store()
+            .inode_state(inum)
+            .map_err(|e| failed(&e))?
     };
     Ok(Reply::Stat(InodeStat {
         inum: meta.inum,

@@ -9,7 +9,9 @@
 //!   call.
 //! - `rw`: a read-write mount's shared state: the `Mount` behind a mutex,
 //!   the image lock, the flusher.
-//! - `snapdir`: `-o snapdir`, the snapshots read-only under `.snapshot`.
+//! - `snapdir`: `-o snapdir`, the snapshots read-only under `.snapshot`,
+//!   a layer of its own.
+//! - `route`: which layer (the store, or `.snapshot`) answers a node id.
 //! - `inode`: node ids, the table of inodes the kernel holds, attributes.
 //! - `cookie`: readdir offsets from directory keys.
 //! - `ctl`: the control channel the `hammer2` tool talks to (ioctls).
@@ -40,6 +42,7 @@ pub mod mount;
 pub mod options;
 pub mod perm;
 pub mod remount;
+pub mod route;
 pub mod rw;
 pub mod snapdir;
 pub mod store;

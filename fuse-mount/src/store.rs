@@ -20,6 +20,9 @@
 //! Permission checks are the caller's (`perm`): the operations that
 //! check inside one hold of the store (lookup's search permission,
 //! open's mode) take them as a `Check`.
+//!
+//! Which layer answers a node id is `route`'s to say: the store, or the
+//! snapshot layer (`snapdir::SnapDir`, which implements `Nodes` too).
 
 pub mod readonly;
 pub mod readwrite;
@@ -75,8 +78,8 @@ pub trait Nodes: Send + Sync {
     /// the directory.
     fn lookup(&self, parent: u64, name: &[u8], search: Check) -> Result<Entry, Errno>;
 
-    /// The node id of directory `dir`'s parent ("..").
-    fn parent(&self, dir: u64) -> Result<u64, Errno>;
+    /// The node id of directory `dir`'s parent (".."), `meta` its meta.
+    fn parent(&self, dir: u64, meta: &InodeMeta) -> Result<u64, Errno>;
 
     fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno>;
 
@@ -103,14 +106,16 @@ pub trait Nodes: Send + Sync {
     /// the end, and for SEEK_DATA with only holes after.
     fn seek(&self, ino: u64, offset: u64, data: bool) -> Result<Option<u64>, Errno>;
 
-    /// The entries of directory `ino` with key at least `from`.
+    /// The entries of directory `ino` with key at least `from`, in key
+    /// order, each `inum` the entry's node id.
     fn list(&self, ino: u64, from: u64) -> Result<Vec<DirEntry>, Errno>;
 
     /// Directory `ino` was listed from its start (its access time).
     fn listed(&self, ino: u64);
 
     /// The entries (`None` for one whose inode cannot be read) of
-    /// `entries`, read together: at most `attr_batch` at once.
+    /// `entries` (from `list`), read together: at most `attr_batch` at
+    /// once.
     fn entry_attrs(&self, entries: &[DirEntry]) -> Vec<Option<Entry>>;
 
     /// How many entries `entry_attrs` reads in one go.
@@ -142,8 +147,8 @@ pub trait Store: Nodes {
     /// FUSE_DESTROY: the last flush written and the image let go.
     fn unmount(&self);
 
-    /// The snapshots of the volume, and a volume to open them from.
-    fn snap_source(&self) -> Result<snapdir::Source, Errno>;
+    /// The volume as the snapshot layer (`-o snapdir`) sees it.
+    fn snap_origin(&self) -> Arc<dyn snapdir::Origin>;
 
     /// Whether the PFS root has a real entry named `.snapshot`.
     fn has_real_snapdir(&self) -> hammer2::Result<bool>;

@@ -1,10 +1,13 @@
 //! The FUSE operations over one PFS (DragonFly's `hammer2_vnops.c`): one
 //! `Filesystem` impl over the `hammer2` library, read-only or read-write.
 //!
-//! The operations run on a store (`store::Store`): `hammer2::Pfs`
-//! read-only, `hammer2::mount::Mount` read-write. Each asks the store,
-//! checks permissions, and calls the store; a change starts at
-//! `Nodes::rw`, which a read-only store answers with EROFS.
+//! Each operation routes, checks permission, calls the store and maps
+//! the errno: `route::Router` names the layer that answers a node id
+//! (the store, `store::Store`: `hammer2::Pfs` read-only,
+//! `hammer2::mount::Mount` read-write; or, with `-o snapdir`, the
+//! snapshot layer), `perm::Caller` the rules, `errno` the mapping. A
+//! change starts at `Nodes::rw`, which a read-only layer answers with
+//! EROFS.
 //!
 //! Every failure goes through `errno::errno`, the one mapping from
 //! library errors to errnos. The tables here (`InodeTable`, the open
@@ -32,8 +35,9 @@ use crate::cookie;
 use crate::errno::ErrorCount;
 use crate::inode::{self, generation, placeholder_attr, Ids, InodeTable, BLOCK_BYTES};
 use crate::perm::{Caller, R, W, X};
+use crate::route::Router;
 use crate::rw::RwVolume;
-use crate::snapdir::{self, is_snap, SnapDir};
+use crate::snapdir::SnapDir;
 use crate::store::{self, Nodes, ReadOnly, ReadWrite, Store, Tx};
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
@@ -89,7 +93,9 @@ struct DirStream {
 }
 
 pub struct Hammer2Fs {
-    pub(crate) store: Box<dyn Store>,
+    /// The store and, with `-o snapdir`, the snapshot layer: which
+    /// answers a node id.
+    pub(crate) router: Router,
     pub(crate) label: String,
     /// The image served (absolute), for the control channel.
     pub(crate) image: std::path::PathBuf,
@@ -105,8 +111,6 @@ pub struct Hammer2Fs {
     /// The session's channel for notifications to the kernel, set once
     /// the session exists (`notifier_slot`).
     notifier: Arc<OnceLock<fuser::Notifier>>,
-    /// `-o snapdir`: the snapshots under `.snapshot` at the root.
-    pub(crate) snapdir: Option<SnapDir>,
     ttl: Duration,
     errors: ErrorCount,
     counters: Counters,
@@ -202,7 +206,7 @@ impl Hammer2Fs {
     ) -> Hammer2Fs {
         Hammer2Fs {
             ttl: store.ttl(),
-            store,
+            router: Router::new(store),
             label,
             image: std::path::PathBuf::new(),
             ids,
@@ -211,7 +215,6 @@ impl Hammer2Fs {
             next_fh: AtomicU64::new(1),
             check_permissions: !default_permissions,
             notifier: Arc::default(),
-            snapdir: None,
             errors,
             counters: Counters::default(),
         }
@@ -226,49 +229,25 @@ impl Hammer2Fs {
 
     /// Serve the snapshots read-only under `.snapshot` (`-o snapdir`).
     pub fn with_snapdir(mut self, on: bool) -> Hammer2Fs {
-        self.snapdir = on.then(SnapDir::default);
+        let origin = self.store().snap_origin();
+        let sd = on.then(|| SnapDir::new(origin, self.errors.clone()));
+        self.router.set_snapdir(sd);
         self
     }
 
-    /// The `.snapshot` namespace (ENOENT when it is off).
-    fn snap(&self) -> Result<&SnapDir, Errno> {
-        self.snapdir.as_ref().ok_or(Errno::ENOENT)
+    /// The mounted PFS's store.
+    fn store(&self) -> &dyn Store {
+        self.router.store()
     }
 
-    /// The snapshots of the volume, and a volume to open them from.
-    fn snap_source(&self) -> Result<snapdir::Source, Errno> {
-        self.store.snap_source()
-    }
-
-    /// Readdir of a `.snapshot` node: every entry from `offset` (an
-    /// index: 1 after ".", 2 after "..", 3 + i after entry i), each given
-    /// to `add` until it reports the buffer full.
-    fn snap_readdir(
-        &self,
-        ino: INodeNo,
-        offset: u64,
-        mut add: impl FnMut(u64, u64, FileType, &OsStr) -> bool,
-    ) -> Result<(), Errno> {
-        let (parent, entries) = self
-            .snap()?
-            .list(ino.0, INodeNo::ROOT.0, || self.snap_source())?;
-        let mut all = vec![
-            (ino.0, FileType::Directory, b".".to_vec()),
-            (parent, FileType::Directory, b"..".to_vec()),
-        ];
-        all.extend(entries);
-        let from = usize::try_from(offset).unwrap_or(usize::MAX);
-        for (i, (child, kind, name)) in all.iter().enumerate().skip(from) {
-            if add(*child, i as u64 + 1, *kind, OsStr::from_bytes(name)) {
-                break;
-            }
-        }
-        Ok(())
+    /// The layer that answers node `ino` (see `route`).
+    fn route(&self, ino: INodeNo) -> &dyn Nodes {
+        self.router.route(ino.0)
     }
 
     /// Let the kernel cache writes (`-o writeback_cache`).
     pub fn with_writeback_cache(mut self, on: bool) -> Hammer2Fs {
-        if let Some(s) = self.store.rw_mut() {
+        if let Some(s) = self.router.store_mut().rw_mut() {
             s.writeback_cache = on;
         }
         self
@@ -295,44 +274,17 @@ impl Hammer2Fs {
     /// The access time rules (`-o relatime`, `strictatime`, `noatime`,
     /// `nodiratime`); a read-only mount never updates them.
     pub fn with_atime(mut self, policy: atime::Policy) -> Hammer2Fs {
-        if let Some(s) = self.store.rw_mut() {
+        if let Some(s) = self.router.store_mut().rw_mut() {
             s.atime = policy;
         }
         self
     }
 
-    /// The read-write store, where every change starts (EROFS when the
-    /// mount is read-only).
-    fn rw(&self) -> Result<&ReadWrite, Errno> {
-        self.store.rw()
-    }
-
-    /// The meta of node `ino`.
-    fn meta(&self, ino: INodeNo) -> Result<InodeMeta, Errno> {
-        if is_snap(ino.0) {
-            return self.snap()?.meta(ino.0, || self.meta(INodeNo::ROOT));
-        }
-        self.store.meta(ino.0)
-    }
-
-    /// The meta of node `ino` and the bytes its blocks take on disk
-    /// (`st_blocks`).
-    fn stat(&self, ino: INodeNo) -> Result<(InodeMeta, u64), Errno> {
-        if is_snap(ino.0) {
-            return self.snap()?.stat(ino.0, || self.meta(INodeNo::ROOT));
-        }
-        self.store.stat(ino.0)
-    }
-
-    /// The attributes of node `ino`, a directory's link count counted
-    /// (see `dirlinks`).
-    fn attr(&self, ino: u64, m: &InodeMeta, bytes: u64) -> Result<FileAttr, Errno> {
-        // `.snapshot` and what is under it are read views with their own
-        // inode numbers: they keep the link counts on disk.
-        if is_snap(ino) {
-            return store::attr_of_meta(&self.errors, ino, m, bytes);
-        }
-        self.store.attr(ino, m, bytes)
+    /// The attributes of node `ino`.
+    fn stat_attr(&self, ino: INodeNo) -> Result<FileAttr, Errno> {
+        let layer = self.route(ino);
+        let (m, bytes) = layer.stat(ino.0)?;
+        layer.attr(ino.0, &m, bytes)
     }
 
     /// The caller of `req`, for the permission rules (`perm`).
@@ -340,22 +292,10 @@ impl Hammer2Fs {
         Caller::of(req, self.check_permissions)
     }
 
-    /// With `-o snapdir`, `.snapshot` at the root is the snapshots'
-    /// directory (the mount refuses an image with a real entry of that
-    /// name, see `has_real_snapdir`): making that name fails with EEXIST
-    /// (`making`), removing or renaming it with EROFS, as any change
-    /// there.
-    fn snapdir_entry(&self, parent: INodeNo, name: &OsStr, making: bool) -> Result<(), Errno> {
-        if self.snapdir.is_some() && parent == INodeNo::ROOT && name.as_bytes() == snapdir::NAME {
-            return Err(if making { Errno::EEXIST } else { Errno::EROFS });
-        }
-        Ok(())
-    }
-
     /// Whether the PFS root has a real entry named `.snapshot`, which
     /// `-o snapdir` would hide (the mount is refused then).
     pub fn has_real_snapdir(&self) -> hammer2::Result<bool> {
-        self.store.has_real_snapdir()
+        self.store().has_real_snapdir()
     }
 
     /// A name being made (create, mknod, mkdir, symlink, link, rename's
@@ -370,17 +310,9 @@ impl Hammer2Fs {
 
     /// A directory being changed: write and search permission.
     fn dir_for_change(&self, who: &Caller, tx: &mut Tx, dir: INodeNo) -> Result<InodeMeta, Errno> {
-        if is_snap(dir.0) {
-            return Err(Errno::EROFS);
-        }
         let d = tx.dir(dir.0)?;
         who.may(&d, W | X)?;
         Ok(d)
-    }
-
-    /// The node id of a directory's parent ("..").
-    fn parent_ino(&self, dir: &InodeMeta) -> u64 {
-        store::parent_ino(&self.ids, dir)
     }
 
     fn open_stream(&self) -> FileHandle {
@@ -393,11 +325,6 @@ impl Hammer2Fs {
             .unwrap_or_else(|p| p.into_inner())
             .insert(fh, stream);
         FileHandle(fh)
-    }
-
-    /// The entries of directory `ino` with key at least `from`.
-    fn list(&self, ino: INodeNo, from: u64) -> Result<Vec<DirEntry>, Errno> {
-        self.store.list(ino.0, from)
     }
 
     /// The entries of `dir` from cookie `offset` on (past ".."): from the
@@ -422,7 +349,7 @@ impl Hammer2Fs {
                 Some(k) => k,
                 None => return Ok((Arc::new(Vec::new()), 0)),
             };
-            return Ok((Arc::new(self.list(dir, from)?), 0));
+            return Ok((Arc::new(self.route(dir).list(dir.0, from)?), 0));
         };
         let cached = stream
             .listing
@@ -432,10 +359,10 @@ impl Hammer2Fs {
         let listing = match cached {
             Some(l) if offset != cookie::START => l,
             _ => {
-                let l = Arc::new(self.list(dir, 0)?);
+                let l = Arc::new(self.route(dir).list(dir.0, 0)?);
                 *stream.listing.lock().unwrap_or_else(|p| p.into_inner()) = Some(l.clone());
                 // A listing from the start is an access of the directory.
-                self.store.listed(dir.0);
+                self.route(dir).listed(dir.0);
                 l
             }
         };
@@ -452,7 +379,7 @@ impl Hammer2Fs {
 
     /// A directory being listed: checked to be one.
     fn listed_dir(&self, ino: INodeNo) -> Result<InodeMeta, Errno> {
-        let dir = self.meta(ino)?;
+        let dir = self.route(ino).meta(ino.0)?;
         if dir.obj_type != ObjType::Directory {
             return Err(Errno::ENOTDIR);
         }
@@ -485,8 +412,8 @@ impl Hammer2Fs {
         pin: bool,
     ) -> Result<FileAttr, Errno> {
         let who = self.caller(req);
-        self.rw()?.change(|tx| {
-            self.snapdir_entry(parent, name, true)?;
+        let s = self.router.change_entry(parent.0, name.as_bytes(), true)?;
+        s.change(|tx| {
             let dir = self.dir_for_change(&who, tx, parent)?;
             let is_dir = obj_type == ObjType::Directory;
             let (uid, gid, mode) = who.new_owner(&dir, mode, is_dir);
@@ -524,21 +451,17 @@ impl Hammer2Fs {
     /// permission is checked. An inode removed since (no links, no
     /// opener) is not found: ENOENT, which the kernel turns into ESTALE.
     fn lookup_dots(&self, node: INodeNo, dotdot: bool) -> Result<FileAttr, Errno> {
-        let target = if !dotdot {
-            node.0
-        } else if is_snap(node.0) {
-            self.snap()?
-                .list(node.0, INodeNo::ROOT.0, || self.snap_source())?
-                .0
-        } else {
-            let dir = self.meta(node)?;
+        let target = if dotdot {
+            let layer = self.route(node);
+            let dir = layer.meta(node.0)?;
             if dir.obj_type != ObjType::Directory {
                 return Err(Errno::ENOTDIR);
             }
-            self.parent_ino(&dir)
+            INodeNo(layer.parent(node.0, &dir)?)
+        } else {
+            node
         };
-        let (m, bytes) = self.stat(INodeNo(target))?;
-        self.attr(target, &m, bytes)
+        self.stat_attr(target)
     }
 }
 
@@ -559,7 +482,7 @@ impl Filesystem for Hammer2Fs {
             // for "." and ".." by node id (`lookup_dots`).
             InitFlags::FUSE_EXPORT_SUPPORT,
         ];
-        if self.store.rw().is_ok_and(|s| s.writeback_cache) {
+        if self.store().rw().is_ok_and(|s| s.writeback_cache) {
             // The kernel keeps written pages and sends them in large
             // writes (and manages mtime itself); fsync and close flush
             // them to us first.
@@ -597,27 +520,16 @@ impl Filesystem for Hammer2Fs {
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.counters.lookups.fetch_add(1, Ordering::Relaxed);
         let r = (|| {
-            if name.len() > self.store.name_max() {
+            if name.len() > self.store().name_max() {
                 return Err(Errno::ENAMETOOLONG);
             }
             if name == "." || name == ".." {
                 return self.lookup_dots(parent, name == "..");
             }
             let who = self.caller(req);
-            if is_snap(parent.0) {
-                let dir = self.meta(parent)?;
-                who.may(&dir, X)?;
-                return self
-                    .snap()?
-                    .lookup(parent.0, name.as_bytes(), || self.snap_source());
-            }
-            if parent == INodeNo::ROOT && name.as_bytes() == snapdir::NAME && self.snapdir.is_some()
-            {
-                let (m, bytes) = self.stat(INodeNo(snapdir::SNAP_BIT))?;
-                return self.attr(snapdir::SNAP_BIT, &m, bytes);
-            }
             let search = |m: &InodeMeta, mask| who.may(m, mask);
-            let e = self.store.lookup(parent.0, name.as_bytes(), &search)?;
+            let layer = self.router.route_entry(parent.0, name.as_bytes());
+            let e = layer.lookup(parent.0, name.as_bytes(), &search)?;
             self.inodes.remember(e.attr.ino.0, e.inode);
             Ok(e.attr)
         })();
@@ -633,13 +545,13 @@ impl Filesystem for Hammer2Fs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        if ino != INodeNo::ROOT && !is_snap(ino.0) {
+        if ino != INodeNo::ROOT {
             self.inodes.forget(ino.0, nlookup);
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.stat(ino).and_then(|(m, b)| self.attr(ino.0, &m, b)) {
+        match self.stat_attr(ino) {
             Ok(attr) => reply.attr(&self.ttl, &attr),
             Err(e) => reply.error(e),
         }
@@ -663,11 +575,8 @@ impl Filesystem for Hammer2Fs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        if is_snap(ino.0) {
-            return reply.error(Errno::EROFS);
-        }
         let who = self.caller(req);
-        let r = self.rw().and_then(|s| {
+        let r = self.route(ino).rw().and_then(|s| {
             s.change(|tx| {
                 let meta = tx.meta(ino.0)?;
                 let now = tx.now;
@@ -701,11 +610,7 @@ impl Filesystem for Hammer2Fs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let r = if is_snap(ino.0) {
-            self.snap().and_then(|sd| sd.readlink(ino.0))
-        } else {
-            self.store.readlink(ino.0)
-        };
+        let r = self.route(ino).readlink(ino.0);
         match r {
             Ok(target) => reply.data(&target),
             Err(e) => reply.error(e),
@@ -743,9 +648,9 @@ impl Filesystem for Hammer2Fs {
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let who = self.caller(req);
-        let r = self.rw().and_then(|s| {
+        let r = self.router.change_entry(parent.0, name.as_bytes(), false);
+        let r = r.and_then(|s| {
             s.change(|tx| {
-                self.snapdir_entry(parent, name, false)?;
                 let dir = self.dir_for_change(&who, tx, parent)?;
                 let victim = tx.entry(parent.0, name.as_bytes())?;
                 who.may_remove(&dir, &victim)?;
@@ -760,9 +665,9 @@ impl Filesystem for Hammer2Fs {
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let who = self.caller(req);
-        let r = self.rw().and_then(|s| {
+        let r = self.router.change_entry(parent.0, name.as_bytes(), false);
+        let r = r.and_then(|s| {
             s.change(|tx| {
-                self.snapdir_entry(parent, name, false)?;
                 let dir = self.dir_for_change(&who, tx, parent)?;
                 let victim = tx.entry(parent.0, name.as_bytes())?;
                 who.may_remove(&dir, &victim)?;
@@ -784,9 +689,11 @@ impl Filesystem for Hammer2Fs {
         reply: ReplyEntry,
     ) {
         let who = self.caller(req);
-        let r = self.rw().and_then(|s| {
+        let r = self
+            .router
+            .change_entry(parent.0, link_name.as_bytes(), true);
+        let r = r.and_then(|s| {
             s.change(|tx| {
-                self.snapdir_entry(parent, link_name, true)?;
                 let dir = self.dir_for_change(&who, tx, parent)?;
                 let (uid, gid, _) = who.new_owner(&dir, 0o777, false);
                 let target = target.as_os_str().as_bytes();
@@ -808,14 +715,15 @@ impl Filesystem for Hammer2Fs {
         reply: ReplyEmpty,
     ) {
         let who = self.caller(req);
-        let r = self.rw().and_then(|s| {
+        let r = self.router.change_entry(parent.0, name.as_bytes(), false);
+        let r = r.and_then(|s| {
+            self.router
+                .change_entry(newparent.0, newname.as_bytes(), false)?;
             s.change(|tx| {
                 let whiteout = flags.contains(RenameFlags::RENAME_WHITEOUT);
                 if whiteout && flags.contains(RenameFlags::RENAME_EXCHANGE) {
                     return Err(Errno::EINVAL);
                 }
-                self.snapdir_entry(parent, name, false)?;
-                self.snapdir_entry(newparent, newname, false)?;
                 let odir = self.dir_for_change(&who, tx, parent)?;
                 let ndir = self.dir_for_change(&who, tx, newparent)?;
                 let src = tx.entry(parent.0, name.as_bytes())?;
@@ -871,13 +779,12 @@ impl Filesystem for Hammer2Fs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        if is_snap(ino.0) {
-            return reply.error(Errno::EXDEV);
-        }
         let who = self.caller(req);
-        let r = self.rw().and_then(|s| {
+        let r = self.router.same_layer(ino.0, newparent.0).and_then(|()| {
+            let s = self
+                .router
+                .change_entry(newparent.0, newname.as_bytes(), true)?;
             s.change(|tx| {
-                self.snapdir_entry(newparent, newname, true)?;
                 self.dir_for_change(&who, tx, newparent)?;
                 who.may_link(&tx.meta(ino.0)?)?;
                 tx.link(ino.0, newparent.0, Self::new_name(newname)?)?;
@@ -895,21 +802,12 @@ impl Filesystem for Hammer2Fs {
         };
         let who = self.caller(req);
         let r = (|| {
-            if is_snap(ino.0) {
-                if mask != R {
-                    return Err(Errno::EROFS);
-                }
-                let meta = self.meta(ino)?;
-                if meta.obj_type == ObjType::Directory {
-                    return Err(Errno::EISDIR);
-                }
-                return who.may(&meta, R).map(|()| false);
-            }
+            let layer = self.route(ino);
             if mask & W != 0 {
-                self.rw()?.writable()?;
+                layer.rw()?.writable()?;
             }
             let may = |m: &InodeMeta| who.may(m, mask);
-            self.store.open(ino.0, mask & R != 0, &may)
+            layer.open(ino.0, mask & R != 0, &may)
         })();
         match r {
             // Every change goes through the kernel's page cache, so
@@ -960,7 +858,7 @@ impl Filesystem for Hammer2Fs {
         reply: ReplyCreate,
     ) {
         let who = self.caller(req);
-        let r = self.rw().and_then(|s| {
+        let r = self.route(parent).rw().and_then(|s| {
             s.change(|tx| {
                 let dir = self.dir_for_change(&who, tx, parent)?;
                 let (uid, gid, mode) = who.new_owner(&dir, mode, false);
@@ -995,12 +893,7 @@ impl Filesystem for Hammer2Fs {
         reply: ReplyData,
     ) {
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
-        let r = if is_snap(ino.0) {
-            self.snap()
-                .and_then(|sd| sd.read(ino.0, offset, size as usize))
-        } else {
-            self.store.read(ino.0, offset, size as usize)
-        };
+        let r = self.route(ino).read(ino.0, offset, size as usize);
         match r {
             Ok(data) => {
                 self.counters
@@ -1026,7 +919,7 @@ impl Filesystem for Hammer2Fs {
     ) {
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
         let who = self.caller(req);
-        let r = self.rw().and_then(|s| {
+        let r = self.route(ino).rw().and_then(|s| {
             s.write(ino.0, offset, data, |tx| {
                 self.drop_suid_sgid(&who, tx, ino.0)
             })
@@ -1052,7 +945,7 @@ impl Filesystem for Hammer2Fs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        match self.store.healthy() {
+        match self.store().healthy() {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -1068,9 +961,7 @@ impl Filesystem for Hammer2Fs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if !is_snap(ino.0) {
-            self.store.unpin(ino.0);
-        }
+        self.route(ino).unpin(ino.0);
         reply.ok();
     }
 
@@ -1087,7 +978,7 @@ impl Filesystem for Hammer2Fs {
     /// mount, fsck, or a copy. (The session's end runs the same steps
     /// again in `mount::serve`, as no-ops.)
     fn destroy_request(&self) {
-        self.store.unmount();
+        self.store().unmount();
     }
 
     /// fsync and fdatasync: a flush of everything (HAMMER2 commits the
@@ -1100,7 +991,7 @@ impl Filesystem for Hammer2Fs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.store.sync() {
+        match self.store().sync() {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -1110,10 +1001,7 @@ impl Filesystem for Hammer2Fs {
         let r = self
             .listed_dir(ino)
             .and_then(|d| self.caller(req).may(&d, R));
-        let r = r.and_then(|()| match is_snap(ino.0) {
-            true => Ok(()),
-            false => self.store.pin(ino.0),
-        });
+        let r = r.and_then(|()| self.route(ino).pin(ino.0));
         match r {
             Ok(()) => reply.opened(self.open_stream(), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(e),
@@ -1128,15 +1016,6 @@ impl Filesystem for Hammer2Fs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        if is_snap(ino.0) {
-            let r = self.snap_readdir(ino, offset, |child, next, kind, name| {
-                reply.add(INodeNo(child), next, kind, name)
-            });
-            return match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            };
-        }
         let r = self.listed_dir(ino).and_then(|dir| {
             let (entries, start) = self.entries_from(fh, ino, offset)?;
             Ok((dir, entries, start))
@@ -1148,19 +1027,18 @@ impl Filesystem for Hammer2Fs {
         if offset == cookie::START && reply.add(ino, cookie::AFTER_DOT, FileType::Directory, ".") {
             return reply.ok();
         }
-        if offset <= cookie::AFTER_DOT
-            && reply.add(
-                INodeNo(self.parent_ino(&dir)),
-                cookie::AFTER_DOTDOT,
-                FileType::Directory,
-                "..",
-            )
-        {
-            return reply.ok();
+        if offset <= cookie::AFTER_DOT {
+            let parent = match self.route(ino).parent(ino.0, &dir) {
+                Ok(p) => INodeNo(p),
+                Err(e) => return reply.error(e),
+            };
+            if reply.add(parent, cookie::AFTER_DOTDOT, FileType::Directory, "..") {
+                return reply.ok();
+            }
         }
         for e in &entries[start..] {
             let full = reply.add(
-                INodeNo(self.ids.ino(e.inum)),
+                INodeNo(e.inum),
                 cookie::after_key(e.key),
                 entry_kind(e),
                 OsStr::from_bytes(&e.name),
@@ -1180,34 +1058,14 @@ impl Filesystem for Hammer2Fs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        if is_snap(ino.0) {
-            let r = self.snap_readdir(ino, offset, |child, next, _kind, name| {
-                // "." and ".." take no reference; their attributes are
-                // ignored but must still be some node's.
-                let dots = name == OsStr::new(".") || name == OsStr::new("..");
-                let attr = self
-                    .stat(INodeNo(child))
-                    .and_then(|(m, b)| self.attr(child, &m, b));
-                let (attr, ttl) = match attr {
-                    Ok(a) => (a, self.ttl),
-                    Err(_) if dots => {
-                        (placeholder_attr(child, FileType::Directory), Duration::ZERO)
-                    }
-                    Err(_) => return false,
-                };
-                reply.add(INodeNo(child), next, name, &ttl, &attr, generation(&attr))
-            });
-            return match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            };
-        }
         let r = self.listed_dir(ino).and_then(|dir| {
             let (entries, start) = self.entries_from(fh, ino, offset)?;
-            let attr = self.attr(ino.0, &dir, hammer2::pfs::stored_bytes(&dir, 0))?;
-            Ok((dir, attr, entries, start))
+            let layer = self.route(ino);
+            let attr = layer.attr(ino.0, &dir, hammer2::pfs::stored_bytes(&dir, 0))?;
+            let parent = layer.parent(ino.0, &dir)?;
+            Ok((parent, attr, entries, start))
         });
-        let (dir, dir_attr, entries, start) = match r {
+        let (parent, dir_attr, entries, start) = match r {
             Ok(x) => x,
             Err(e) => return reply.error(e),
         };
@@ -1221,7 +1079,7 @@ impl Filesystem for Hammer2Fs {
             return reply.ok();
         }
         let mut parent_attr = dir_attr;
-        parent_attr.ino = INodeNo(self.parent_ino(&dir));
+        parent_attr.ino = INodeNo(parent);
         if offset <= cookie::AFTER_DOT
             && reply.add(
                 parent_attr.ino,
@@ -1237,15 +1095,16 @@ impl Filesystem for Hammer2Fs {
         // The attributes of a batch of entries at once (read-write: per
         // hold of the mount, and each unit reruns after a cache miss, so
         // nothing is added to the reply inside it).
-        let batch_len = self.store.attr_batch().max(1);
+        let layer = self.route(ino);
+        let batch_len = layer.attr_batch().max(1);
         let mut batch: std::collections::VecDeque<Option<store::Entry>> = Default::default();
         for (i, e) in entries[start..].iter().enumerate() {
-            let child = self.ids.ino(e.inum);
+            let child = e.inum;
             // An inode that cannot be read still lists (by name and
             // type, with a zero TTL); stat on it then gets the error.
             if batch.is_empty() {
                 let next = &entries[start + i..(start + i + batch_len).min(entries.len())];
-                batch = self.store.entry_attrs(next).into();
+                batch = layer.entry_attrs(next).into();
             }
             let (attr, inode) = match batch.pop_front().flatten() {
                 Some(found) => (Some(found.attr), found.inode),
@@ -1283,9 +1142,7 @@ impl Filesystem for Hammer2Fs {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&fh.0);
-        if !is_snap(ino.0) {
-            self.store.unpin(ino.0);
-        }
+        self.route(ino).unpin(ino.0);
         reply.ok();
     }
 
@@ -1312,7 +1169,7 @@ impl Filesystem for Hammer2Fs {
             free,
             avail,
             inodes,
-        } = match self.store.statfs() {
+        } = match self.store().statfs() {
             Ok(x) => x,
             Err(e) => return reply.error(e),
         };
@@ -1390,12 +1247,10 @@ impl Filesystem for Hammer2Fs {
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        let r = self.meta(ino).and_then(|m| {
-            if mask.contains(AccessFlags::W_OK) && is_snap(ino.0) {
-                return Err(Errno::EROFS);
-            }
+        let layer = self.route(ino);
+        let r = layer.meta(ino.0).and_then(|m| {
             if mask.contains(AccessFlags::W_OK) {
-                self.rw()?;
+                layer.rw()?;
             }
             self.caller(req).may(&m, mask.bits() as u32 & (R | W | X))
         });
@@ -1429,7 +1284,7 @@ impl Filesystem for Hammer2Fs {
         const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE;
         const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE;
         let r = (|| {
-            let s = self.rw()?;
+            let s = self.route(ino).rw()?;
             s.writable()?;
             offset.checked_add(length).ok_or(Errno::EFBIG)?;
             if s.meta(ino.0)?.obj_type != ObjType::Regfile {
@@ -1484,11 +1339,7 @@ impl Filesystem for Hammer2Fs {
                 _ => return Err(Errno::EINVAL),
             };
             let offset = u64::try_from(offset).map_err(|_| Errno::ENXIO)?;
-            let at = if is_snap(ino.0) {
-                self.snap()?.seek(ino.0, offset, data)?
-            } else {
-                self.store.seek(ino.0, offset, data)?
-            };
+            let at = self.route(ino).seek(ino.0, offset, data)?;
             // At or past the end, and SEEK_DATA with only holes after.
             let at = at.ok_or(Errno::ENXIO)?;
             i64::try_from(at).map_err(|_| Errno::EOVERFLOW)
@@ -1516,14 +1367,12 @@ impl Filesystem for Hammer2Fs {
         reply: ReplyWrite,
     ) {
         let r = (|| {
-            let s = self.rw()?;
+            let s = self.route(ino_out).rw()?;
             if !flags.is_empty() {
                 return Err(Errno::EINVAL);
             }
-            if is_snap(ino_in.0) || is_snap(ino_out.0) {
-                // Across to or from a snapshot: the caller copies itself.
-                return Err(Errno::EXDEV);
-            }
+            // Across layers (from a snapshot): the caller copies itself.
+            self.router.same_layer(ino_in.0, ino_out.0)?;
             // The reply counts in 32 bits.
             let len = len.min(u64::from(u32::MAX) & !0xfff);
             let done = s.copy(ino_in.0, offset_in, ino_out.0, offset_out, len, CHUNK_BYTES)?;

@@ -112,12 +112,8 @@ impl Nodes for ReadOnly {
         })
     }
 
-    fn parent(&self, dir: u64) -> Result<u64, Errno> {
-        let m = self.meta(dir)?;
-        if m.obj_type != ObjType::Directory {
-            return Err(Errno::ENOTDIR);
-        }
-        Ok(parent_ino(&self.ids, &m))
+    fn parent(&self, _dir: u64, meta: &InodeMeta) -> Result<u64, Errno> {
+        Ok(parent_ino(&self.ids, meta))
     }
 
     fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {
@@ -162,7 +158,11 @@ impl Nodes for ReadOnly {
 
     fn list(&self, ino: u64, from: u64) -> Result<Vec<DirEntry>, Errno> {
         let dir = self.inode(ino)?;
-        self.h(self.pfs.readdir_from(&dir, from))
+        let mut out = self.h(self.pfs.readdir_from(&dir, from))?;
+        for e in &mut out {
+            e.inum = self.ids.ino(e.inum);
+        }
+        Ok(out)
     }
 
     fn listed(&self, _ino: u64) {}
@@ -171,7 +171,7 @@ impl Nodes for ReadOnly {
         entries
             .iter()
             .map(|e| {
-                let child = self.ids.ino(e.inum);
+                let child = e.inum;
                 let inode = self.inode(child).ok()?;
                 let attr = self.attr(child, inode.meta(), inode.stored_bytes()).ok()?;
                 Some(Entry {
@@ -185,6 +185,27 @@ impl Nodes for ReadOnly {
     fn attr_batch(&self) -> usize {
         // Read as they are added: no more than the reply holds.
         1
+    }
+}
+
+/// The volume as the snapshot layer sees it: as opened (nothing changes
+/// it).
+struct Origin {
+    volume: Arc<hammer2::Volume>,
+    root: Arc<Inode>,
+    errors: ErrorCount,
+}
+
+impl snapdir::Origin for Origin {
+    fn source(&self) -> Result<snapdir::Source, Errno> {
+        Ok(snapdir::Source {
+            snapshots: self.errors.h(snapdir::snapshot_labels(&self.volume))?,
+            volume: self.volume.clone(),
+        })
+    }
+
+    fn root_meta(&self) -> Result<InodeMeta, Errno> {
+        Ok(*self.root.meta())
     }
 }
 
@@ -229,10 +250,11 @@ impl Store for ReadOnly {
 
     fn unmount(&self) {}
 
-    fn snap_source(&self) -> Result<snapdir::Source, Errno> {
-        Ok(snapdir::Source {
-            snapshots: self.h(snapdir::snapshot_labels(self.pfs.volume()))?,
+    fn snap_origin(&self) -> Arc<dyn snapdir::Origin> {
+        Arc::new(Origin {
             volume: self.pfs.volume().clone(),
+            root: self.root.clone(),
+            errors: self.errors.clone(),
         })
     }
 

@@ -520,9 +520,8 @@ impl Nodes for ReadWrite {
         Ok(Entry { attr, inode: None })
     }
 
-    fn parent(&self, dir: u64) -> Result<u64, Errno> {
-        let m = self.tx(|tx| tx.dir(dir))?;
-        Ok(parent_ino(&self.ids, &m))
+    fn parent(&self, _dir: u64, meta: &InodeMeta) -> Result<u64, Errno> {
+        Ok(parent_ino(&self.ids, meta))
     }
 
     fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {
@@ -595,7 +594,11 @@ impl Nodes for ReadWrite {
         let r = self
             .vol
             .locked(|m| m.readdir(&self.vol.label, self.inum(ino), from));
-        self.h(r)
+        let mut out = self.h(r)?;
+        for e in &mut out {
+            e.inum = self.ids.ino(e.inum);
+        }
+        Ok(out)
     }
 
     fn listed(&self, ino: u64) {
@@ -608,7 +611,7 @@ impl Nodes for ReadWrite {
             entries
                 .iter()
                 .map(|e| {
-                    let attr = tx.attr(tx.ino(e.inum)).ok()?;
+                    let attr = tx.attr(e.inum).ok()?;
                     Some(Entry { attr, inode: None })
                 })
                 .collect()
@@ -617,6 +620,35 @@ impl Nodes for ReadWrite {
 
     fn attr_batch(&self) -> usize {
         ATTR_BATCH
+    }
+}
+
+/// The volume as the snapshot layer sees it: the snapshots as last
+/// flushed, opened through a `Volume` of their own (a snapshot never
+/// changes, and its blocks are neither overwritten nor freed while it
+/// exists, so they are read without the mount's lock).
+struct Origin {
+    vol: Arc<RwVolume>,
+    errors: ErrorCount,
+}
+
+impl snapdir::Origin for Origin {
+    fn source(&self) -> Result<snapdir::Source, Errno> {
+        let (snapshots, dev) = self.vol.locked(|m| {
+            let l = snapdir::snapshot_labels(m.volume());
+            (l, m.volume().device().clone())
+        });
+        let volume = self.errors.h(hammer2::Volume::open(dev))?;
+        Ok(snapdir::Source {
+            snapshots: self.errors.h(snapshots)?,
+            volume: Arc::new(volume),
+        })
+    }
+
+    fn root_meta(&self) -> Result<InodeMeta, Errno> {
+        let root = hammer2::mount::ROOT_INUM;
+        let r = self.vol.locked(|m| m.getattr(&self.vol.label, root));
+        self.errors.h(r)
     }
 }
 
@@ -668,15 +700,10 @@ impl Store for ReadWrite {
         self.vol.release();
     }
 
-    fn snap_source(&self) -> Result<snapdir::Source, Errno> {
-        let (snapshots, dev) = self.vol.locked(|m| {
-            let l = snapdir::snapshot_labels(m.volume());
-            (l, m.volume().device().clone())
-        });
-        let volume = self.h(hammer2::Volume::open(dev))?;
-        Ok(snapdir::Source {
-            snapshots: self.h(snapshots)?,
-            volume: Arc::new(volume),
+    fn snap_origin(&self) -> Arc<dyn snapdir::Origin> {
+        Arc::new(Origin {
+            vol: self.vol.clone(),
+            errors: self.errors.clone(),
         })
     }
 
