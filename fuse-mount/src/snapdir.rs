@@ -247,9 +247,11 @@ impl Nodes for SnapDir {
     }
 
     /// `.snapshot` itself is the entry of that name at the mount's root
-    /// (`route` sends it here); under it, `search` on the directory.
+    /// (`route` sends it here); `search` on the directory looked in, the
+    /// root there, as for any name.
     fn lookup(&self, parent: u64, name: &[u8], search: Check) -> Result<Entry, Errno> {
         let attr = if !is_snap(parent) {
+            search(&self.origin.root_meta()?, 1)?;
             let (m, bytes) = self.stat(SNAP_BIT)?;
             self.attr(SNAP_BIT, &m, bytes)?
         } else {
