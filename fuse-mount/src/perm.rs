@@ -121,6 +121,17 @@ impl Caller {
         }
     }
 
+    /// May the caller move `moved` to another directory? A directory
+    /// moved so has its ".." rewritten: write permission on it (the
+    /// kernel's `vfs_rename`); anything else, yes.
+    pub fn may_reparent(&self, moved: &InodeMeta) -> Result<(), Errno> {
+        if moved.obj_type == ObjType::Directory {
+            self.may(moved, W)
+        } else {
+            Ok(())
+        }
+    }
+
     /// `fs.protected_hardlinks` (the kernel's `may_linkat`), for a mount
     /// without `default_permissions`: the kernel asks the filesystem for
     /// the read and write permission that rule needs, and without
@@ -577,6 +588,19 @@ mod tests {
         assert!(caller(OTHER, GROUP, &[])
             .may_remove(&plain, &theirs)
             .is_ok());
+    }
+
+    /// rename(2), EACCES: "oldpath is a directory and does not allow
+    /// write permission (needed to update the .. entry)".
+    #[test]
+    fn moving_a_directory_elsewhere_needs_write_permission_on_it() {
+        let dir = node(ObjType::Directory, 0o755, OWNER, GROUP);
+        let stranger = caller(OTHER, GROUP, &[]);
+        assert_eq!(stranger.may_reparent(&dir), Err(Errno::EACCES));
+        assert!(caller(OWNER, GROUP, &[]).may_reparent(&dir).is_ok());
+        assert!(stranger.may_reparent(&file(0o444)).is_ok());
+        let open = node(ObjType::Directory, 0o777, OWNER, GROUP);
+        assert!(stranger.may_reparent(&open).is_ok());
     }
 
     /// mkdir(2): "If the parent directory has the set-group-ID bit set,

@@ -736,15 +736,10 @@ impl Filesystem for Hammer2Fs {
                 if let Some(d) = &dst {
                     who.may_remove(&ndir, d)?;
                 }
-                // A directory that changes parent has its ".." rewritten.
                 if parent != newparent {
-                    if src.obj_type == ObjType::Directory {
-                        who.may(&src, W)?;
-                    }
+                    who.may_reparent(&src)?;
                     if let Some(d) = dst.filter(|_| flags.contains(RenameFlags::RENAME_EXCHANGE)) {
-                        if d.obj_type == ObjType::Directory {
-                            who.may(&d, W)?;
-                        }
+                        who.may_reparent(&d)?;
                     }
                 }
                 let f = hammer2::mount::RenameFlags {
