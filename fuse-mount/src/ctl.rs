@@ -16,7 +16,7 @@
 //! (`bulkfree`), outside the `Mount` for its scan.
 
 use crate::rw::RwVolume;
-use crate::vnops::{Hammer2Fs, Store};
+use crate::vnops::Hammer2Fs;
 use hammer2::ctl::{self, bulkfree_state, InodeStat, MountInfo, PfsEntry, Reply, Request};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -65,13 +65,12 @@ pub fn serve(fs: &Hammer2Fs, uid: u32, inum: u64, input: &[u8]) -> Vec<u8> {
 }
 
 fn rw(fs: &Hammer2Fs) -> Result<&Arc<RwVolume>, Failed> {
-    match &fs.store {
-        Store::ReadWrite(v) => Ok(v),
-        Store::ReadOnly { .. } => Err((
+    fs.router.store().rw().map(|s| &s.vol).map_err(|_| {
+        (
             libc::EROFS,
             "the mount is read-only: nothing is written through it".into(),
-        )),
-    }
+        )
+    })
 }
 
 fn handle(fs: &Hammer2Fs, inum: u64, req: Request) -> Result<Reply, Failed> {
@@ -84,8 +83,8 @@ fn handle(fs: &Hammer2Fs, inum: u64, req: Request) -> Result<Reply, Failed> {
                 _ => fs.label.clone(),
             },
             image: fs.image.as_os_str().as_bytes().to_vec(),
-            read_write: matches!(fs.store, Store::ReadWrite(_)),
-            snapdir: fs.snapdir.is_some(),
+            read_write: fs.router.store().rw().is_ok(),
+            snapdir: fs.router.snapdir().is_some(),
             daemon: env!("CARGO_PKG_VERSION").into(),
         })),
         Request::Mark { name } => {
@@ -139,7 +138,7 @@ fn handle(fs: &Hammer2Fs, inum: u64, req: Request) -> Result<Reply, Failed> {
                 .map_err(|e| (e, "a flush failed; the mount refuses writes".into()))?;
             v.between_flushes(|m| m.pfs_delete(&label))
                 .map_err(|e| failed(&e))?;
-            if let Some(sd) = &fs.snapdir {
+            if let Some(sd) = fs.router.snapdir() {
                 sd.forget_label(&label);
             }
             Ok(Reply::Ok)
@@ -148,7 +147,7 @@ fn handle(fs: &Hammer2Fs, inum: u64, req: Request) -> Result<Reply, Failed> {
         Request::Stat => stat(fs, inum),
         Request::SetMethods { comp, check } => {
             let v = rw(fs)?;
-            if crate::snapdir::is_snap(inum) {
+            if fs.router.route(inum).rw().is_err() {
                 return Err((libc::EROFS, "under .snapshot, which is read-only".into()));
             }
             v.writable()
@@ -185,8 +184,8 @@ fn snapshot_of(fs: &Hammer2Fs, inum: u64) -> Result<Option<String>, Failed> {
         return Ok(None);
     }
     let sd = fs
-        .snapdir
-        .as_ref()
+        .router
+        .snapdir()
         .ok_or((libc::ENOENT, "no .snapshot".into()))?;
     if inum == crate::snapdir::SNAP_BIT {
         return Err((
@@ -207,14 +206,7 @@ fn now_micros() -> u64 {
 
 /// Every PFS root of the volume as last flushed, in label order.
 fn pfs_entries(fs: &Hammer2Fs) -> Result<Vec<PfsEntry>, Failed> {
-    let list = match &fs.store {
-        Store::ReadWrite(v) => {
-            let m = v.mount();
-            hammer2::pfs::pfs_list(m.volume())
-        }
-        Store::ReadOnly { pfs, .. } => hammer2::pfs::pfs_list(pfs.volume()),
-    }
-    .map_err(|e| failed(&e))?;
+    let list = fs.router.store().pfs_list().map_err(|e| failed(&e))?;
     let mut out: Vec<PfsEntry> = list
         .into_iter()
         .map(|p| {
@@ -259,32 +251,27 @@ fn pfs_page(fs: &Hammer2Fs, cursor: u64) -> Result<Reply, Failed> {
 }
 
 fn stat(fs: &Hammer2Fs, inum: u64) -> Result<Reply, Failed> {
-    let (meta, bref, dirty) = match &fs.store {
-        // A node of `.snapshot` (inum is the node id there).
-        _ if crate::snapdir::is_snap(inum) => {
-            let sd = fs
-                .snapdir
-                .as_ref()
-                .ok_or((libc::ENOENT, "no .snapshot".into()))?;
-            if inum == crate::snapdir::SNAP_BIT {
-                return Err((
-                    libc::EINVAL,
-                    ".snapshot is not an inode of the volume".into(),
-                ));
-            }
-            let i = sd
-                .inode(inum)
-                .map_err(|e| (i32::from(e), format!("node {inum:#x}: {e:?}")))?;
-            (*i.meta(), i.bref, 0)
+    // A node of `.snapshot` (inum is the node id there).
+    let (meta, bref, dirty) = if crate::snapdir::is_snap(inum) {
+        let sd = fs
+            .router
+            .snapdir()
+            .ok_or((libc::ENOENT, "no .snapshot".into()))?;
+        if inum == crate::snapdir::SNAP_BIT {
+            return Err((
+                libc::EINVAL,
+                ".snapshot is not an inode of the volume".into(),
+            ));
         }
-        Store::ReadWrite(v) => {
-            let mut m = v.mount();
-            m.inode_state(&v.label, inum).map_err(|e| failed(&e))?
-        }
-        Store::ReadOnly { pfs, .. } => {
-            let i = pfs.inode(inum).map_err(|e| failed(&e))?;
-            (*i.meta(), i.bref, 0)
-        }
+        let i = sd
+            .inode(inum)
+            .map_err(|e| (i32::from(e), format!("node {inum:#x}: {e:?}")))?;
+        (*i.meta(), i.bref, 0)
+    } else {
+        fs.router
+            .store()
+            .inode_state(inum)
+            .map_err(|e| failed(&e))?
     };
     Ok(Reply::Stat(InodeStat {
         inum: meta.inum,

@@ -7,6 +7,8 @@
 //! conditions (a name that does not exist) at debug level.
 
 use hammer2::Error;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// The errno a failed filesystem operation returns to the caller.
 pub fn errno(e: &Error) -> i32 {
@@ -91,6 +93,30 @@ pub fn errno(e: &Error) -> i32 {
             log::error!("{e}");
             libc::EAGAIN
         }
+    }
+}
+
+/// The errors a mount's replies carried, counted for the unmount
+/// summary; shared by the stores and the operations of one mount.
+#[derive(Clone, Default)]
+pub struct ErrorCount(Arc<AtomicU64>);
+
+impl ErrorCount {
+    /// The reply's errno for library error `e` (logged by `errno`),
+    /// counted.
+    pub fn fail(&self, e: &Error) -> fuser::Errno {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        fuser::Errno::from_i32(errno(e))
+    }
+
+    /// A library result, its error as the reply's errno.
+    pub fn h<T>(&self, r: hammer2::Result<T>) -> Result<T, fuser::Errno> {
+        r.map_err(|e| self.fail(&e))
+    }
+
+    /// How many so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
     }
 }
 

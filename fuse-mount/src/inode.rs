@@ -225,97 +225,9 @@ pub fn placeholder_attr(ino: u64, kind: FileType) -> FileAttr {
     }
 }
 
-/// May a caller with `uid`, in the groups `in_group` accepts, do `mask`
-/// (R=4, W=2, X=1) to an inode? Unix rules on the owner, group and
-/// other bits; root may read and search anything and execute what has
-/// any execute bit. `in_group` is asked only when the answer depends on
-/// it (the group and other bits disagree), since it may read /proc.
-pub fn permitted(m: &InodeMeta, uid: u32, in_group: impl Fn(u32) -> bool, mask: u32) -> bool {
-    let mode = st_mode(m);
-    if uid == 0 {
-        let any_x = mode & 0o111 != 0 || m.obj_type == ObjType::Directory;
-        return mask & 1 == 0 || any_x;
-    }
-    let grants = |bits: u32| bits & mask == mask;
-    if uid == m.uid_unix() {
-        return grants((mode >> 6) & 7);
-    }
-    let (group, other) = (grants((mode >> 3) & 7), grants(mode & 7));
-    if group == other {
-        return other;
-    }
-    if in_group(m.gid_unix()) {
-        group
-    } else {
-        other
-    }
-}
-
-/// The supplementary groups of process (or thread) `pid`, from
-/// `/proc/PID/status` (as libfuse's `fuse_req_getgroups`); none when it
-/// cannot be read (it exited), the side that refuses.
-pub fn supplementary_groups(pid: u32) -> Vec<u32> {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return Vec::new();
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| {
-            g.split_whitespace()
-                .filter_map(|n| n.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Linux's CAP_FSETID, the capability that keeps set-user-ID and
-/// set-group-ID bits through a change of the file's data.
-const CAP_FSETID: u32 = 4;
-
-/// Does process (or thread) `pid`, running as `uid`, hold CAP_FSETID
-/// (its effective set, `CapEff` in `/proc/PID/status`)? When that
-/// cannot be read (it exited), whether it is root.
-pub fn has_cap_fsetid(pid: u32, uid: u32) -> bool {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return uid == 0;
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .map_or(uid == 0, |caps| caps & (1 << CAP_FSETID) != 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn group_bits_apply_to_members_only_and_membership_is_asked_only_when_it_matters() {
-        let m = InodeMeta {
-            obj_type: ObjType::Regfile,
-            mode: 0o604,
-            uid: hammer2::disk::Uuid::from_unix_id(10),
-            gid: hammer2::disk::Uuid::from_unix_id(20),
-            ..InodeMeta::default()
-        };
-        let asked = std::cell::Cell::new(0);
-        let member = |g: u32| {
-            asked.set(asked.get() + 1);
-            g == 20
-        };
-        // A member of group 20 gets the group bits (none), even where
-        // other bits would grant.
-        assert!(!permitted(&m, 11, member, 4));
-        assert!(permitted(&m, 11, |_| false, 4));
-        assert!(permitted(&m, 10, |_| panic!("owner"), 6));
-        // Writing: neither group nor other bits grant, so membership
-        // is not asked.
-        asked.set(0);
-        assert!(!permitted(&m, 11, member, 2));
-        assert_eq!(asked.get(), 0);
-    }
 
     #[test]
     fn ids_map_the_root_to_node_one() {

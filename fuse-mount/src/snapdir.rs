@@ -17,11 +17,20 @@
 //! inode `inum` of the n-th snapshot opened (n from 1) is `SNAP_BIT | n
 //! << 48 | inum`; an inode number of 2^48 or more is refused
 //! (EOVERFLOW).
+//!
+//! The namespace is a layer of its own (`store::Nodes`, which `route`
+//! sends its node ids to): read-only (a change is refused at `rw` with
+//! EROFS), its directories listed with the same cookies as the mount's
+//! (`.snapshot`'s entries carry keys by position, the snapshots' their
+//! own), link counts as on disk. The volume it shows the snapshots of
+//! is its `Origin`, which the mounted store provides.
 
-use crate::inode::{attr_of, file_type};
-use fuser::{Errno, FileAttr, FileType};
-use hammer2::disk::{pfs_subtype, InodeMeta, ObjType};
-use hammer2::{Inode, Pfs, Volume};
+use crate::errno::ErrorCount;
+use crate::inode::attr_of;
+use crate::store::{self, Check, Entry, Nodes, ReadWrite};
+use fuser::{Errno, FileAttr, INodeNo};
+use hammer2::disk::{pfs_subtype, InodeMeta, ObjType, DIRHASH_VISIBLE};
+use hammer2::{DirEntry, Inode, Pfs, Volume};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The hidden directory's name.
@@ -43,13 +52,11 @@ struct View {
     pfs: Option<Arc<Pfs>>,
 }
 
-/// A directory's entries after "." and "..": node id, type, name.
-pub type Entries = Vec<(u64, FileType, Vec<u8>)>;
-
 /// The snapshots opened through `.snapshot`.
-#[derive(Default)]
 pub struct SnapDir {
     views: Mutex<Vec<View>>,
+    origin: Arc<dyn Origin>,
+    errors: ErrorCount,
 }
 
 /// The snapshots of a volume and a volume to open them from, as the
@@ -57,6 +64,22 @@ pub struct SnapDir {
 pub struct Source {
     pub snapshots: Vec<String>,
     pub volume: Arc<Volume>,
+}
+
+/// The mounted volume, as the snapshot layer sees it.
+pub trait Origin: Send + Sync {
+    /// Its snapshots (as of the last flush), and a volume to open them
+    /// from.
+    fn source(&self) -> Result<Source, Errno>;
+
+    /// The meta of the mounted PFS's root (`.snapshot` takes its times).
+    fn root_meta(&self) -> Result<InodeMeta, Errno>;
+}
+
+/// The directory key of entry `i` of `.snapshot` (visible, past the
+/// keys "." and ".." resume at, in listing order).
+fn position_key(i: usize) -> u64 {
+    DIRHASH_VISIBLE | (i as u64 + 2)
 }
 
 fn lock(m: &Mutex<Vec<View>>) -> MutexGuard<'_, Vec<View>> {
@@ -79,6 +102,14 @@ pub fn snapshot_labels(vol: &Volume) -> hammer2::Result<Vec<String>> {
 }
 
 impl SnapDir {
+    pub fn new(origin: Arc<dyn Origin>, errors: ErrorCount) -> SnapDir {
+        SnapDir {
+            views: Mutex::new(Vec::new()),
+            origin,
+            errors,
+        }
+    }
+
     /// `.snapshot`'s meta: a read-only directory owned by root, with
     /// the times of the mount's root.
     pub fn dir_meta(root: &InodeMeta) -> InodeMeta {
@@ -126,30 +157,6 @@ impl SnapDir {
         attr_of(ino, i.meta(), i.stored_bytes()).ok_or(Errno::EIO)
     }
 
-    /// The meta of node `ino`; `root` is the mount root's meta (for
-    /// `.snapshot` itself).
-    pub fn meta(
-        &self,
-        ino: u64,
-        root: impl FnOnce() -> Result<InodeMeta, Errno>,
-    ) -> Result<InodeMeta, Errno> {
-        Ok(self.stat(ino, root)?.0)
-    }
-
-    /// The meta of node `ino` and the bytes its blocks take on disk.
-    pub fn stat(
-        &self,
-        ino: u64,
-        root: impl FnOnce() -> Result<InodeMeta, Errno>,
-    ) -> Result<(InodeMeta, u64), Errno> {
-        if ino == SNAP_BIT {
-            let m = Self::dir_meta(&root()?);
-            return Ok((m, hammer2::pfs::stored_bytes(&m, 0)));
-        }
-        let i = self.node(ino)?.2;
-        Ok((*i.meta(), i.stored_bytes()))
-    }
-
     /// The label of the snapshot node `ino` is in (not `.snapshot`
     /// itself).
     pub fn label_of(&self, ino: u64) -> Result<String, Errno> {
@@ -169,30 +176,11 @@ impl SnapDir {
         Ok(self.node(ino)?.2)
     }
 
-    /// SEEK_DATA (`data`) or SEEK_HOLE from `offset` in file node
-    /// `ino`, as `Pfs::seek_data` and `seek_hole` answer; `None` at or
-    /// past the size, or for SEEK_DATA with only holes after.
-    pub fn seek(&self, ino: u64, offset: u64, data: bool) -> Result<Option<u64>, Errno> {
-        let (pfs, _, inode) = self.node(ino)?;
-        if data {
-            h(pfs.seek_data(&inode, offset))
-        } else if offset < inode.meta().size {
-            h(pfs.seek_hole(&inode, offset)).map(Some)
-        } else {
-            Ok(None)
-        }
-    }
-
     /// Look up `name` in directory node `parent` of this namespace.
-    pub fn lookup(
-        &self,
-        parent: u64,
-        name: &[u8],
-        source: impl FnOnce() -> Result<Source, Errno>,
-    ) -> Result<FileAttr, Errno> {
+    fn lookup_in(&self, parent: u64, name: &[u8]) -> Result<FileAttr, Errno> {
         if parent == SNAP_BIT {
             let label = std::str::from_utf8(name).map_err(|_| Errno::ENOENT)?;
-            let n = self.open(label, source)?;
+            let n = self.open_in(&self.origin.source()?, label)?;
             let pfs = self.view(n)?;
             return Self::attr(Self::ino_of(n, pfs.root.inum())?, &pfs.root);
         }
@@ -203,15 +191,6 @@ impl SnapDir {
         let e = h(pfs.lookup(&dir, name))?.ok_or(Errno::ENOENT)?;
         let child = h(pfs.inode(e.inum))?;
         Self::attr(Self::ino_of(n, e.inum)?, &child)
-    }
-
-    /// The view of snapshot `label`, opened now if it was not (its index).
-    fn open(
-        &self,
-        label: &str,
-        source: impl FnOnce() -> Result<Source, Errno>,
-    ) -> Result<u64, Errno> {
-        self.open_in(&source()?, label)
     }
 
     fn open_in(&self, src: &Source, label: &str) -> Result<u64, Errno> {
@@ -242,47 +221,83 @@ impl SnapDir {
             v.pfs = None;
         }
     }
+}
 
-    /// The entries of directory node `ino` after "." and "..": (node id,
-    /// type, name), and the parent's node id (`mount_root` for
-    /// `.snapshot`).
-    pub fn list(
-        &self,
-        ino: u64,
-        mount_root: u64,
-        source: impl FnOnce() -> Result<Source, Errno>,
-    ) -> Result<(u64, Entries), Errno> {
-        if ino == SNAP_BIT {
-            // Listing opens each snapshot's view, so every entry has its
-            // node id (readdirplus hands them to the kernel).
-            let src = source()?;
-            let mut out = Vec::new();
-            for label in &src.snapshots {
-                let n = self.open_in(&src, label)?;
-                let child = Self::ino_of(n, hammer2::mount::ROOT_INUM)?;
-                out.push((child, FileType::Directory, label.clone().into_bytes()));
-            }
-            return Ok((mount_root, out));
-        }
-        let (pfs, n, dir) = self.node(ino)?;
-        if !dir.is_dir() {
-            return Err(Errno::ENOTDIR);
-        }
-        let parent = if dir.inum() == pfs.root.inum() {
-            SNAP_BIT
-        } else {
-            Self::ino_of(n, dir.meta().iparent)?
-        };
-        let mut out = Vec::new();
-        for e in h(pfs.readdir(&dir))? {
-            let kind = file_type(e.obj_type).unwrap_or(FileType::RegularFile);
-            out.push((Self::ino_of(n, e.inum)?, kind, e.name));
-        }
-        Ok((parent, out))
+impl Nodes for SnapDir {
+    fn rw(&self) -> Result<&ReadWrite, Errno> {
+        Err(Errno::EROFS)
     }
 
-    /// Read from file node `ino`.
-    pub fn read(&self, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
+    fn meta(&self, ino: u64) -> Result<InodeMeta, Errno> {
+        Ok(self.stat(ino)?.0)
+    }
+
+    fn stat(&self, ino: u64) -> Result<(InodeMeta, u64), Errno> {
+        if ino == SNAP_BIT {
+            let m = Self::dir_meta(&self.origin.root_meta()?);
+            return Ok((m, hammer2::pfs::stored_bytes(&m, 0)));
+        }
+        let i = self.node(ino)?.2;
+        Ok((*i.meta(), i.stored_bytes()))
+    }
+
+    /// Read views: the link counts on disk.
+    fn attr(&self, ino: u64, m: &InodeMeta, bytes: u64) -> Result<FileAttr, Errno> {
+        store::attr_of_meta(&self.errors, ino, m, bytes)
+    }
+
+    /// `.snapshot` itself is the entry of that name at the mount's root
+    /// (`route` sends it here); `search` on the directory looked in, the
+    /// root there, as for any name.
+    fn lookup(&self, parent: u64, name: &[u8], search: Check) -> Result<Entry, Errno> {
+        let attr = if !is_snap(parent) {
+            search(&self.origin.root_meta()?, 1)?;
+            let (m, bytes) = self.stat(SNAP_BIT)?;
+            self.attr(SNAP_BIT, &m, bytes)?
+        } else {
+            search(&self.meta(parent)?, 1)?;
+            self.lookup_in(parent, name)?
+        };
+        Ok(Entry { attr, inode: None })
+    }
+
+    fn parent(&self, dir: u64, meta: &InodeMeta) -> Result<u64, Errno> {
+        if dir == SNAP_BIT {
+            return Ok(INodeNo::ROOT.0);
+        }
+        let (pfs, n, _) = self.node(dir)?;
+        if meta.inum == pfs.root.inum() {
+            Ok(SNAP_BIT)
+        } else {
+            Self::ino_of(n, meta.iparent)
+        }
+    }
+
+    fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {
+        let (pfs, _, inode) = self.node(ino)?;
+        h(pfs.readlink(&inode))
+    }
+
+    fn open(
+        &self,
+        ino: u64,
+        _reads: bool,
+        may: &dyn Fn(&InodeMeta) -> Result<(), Errno>,
+    ) -> Result<bool, Errno> {
+        let meta = self.meta(ino)?;
+        if meta.obj_type == ObjType::Directory {
+            return Err(Errno::EISDIR);
+        }
+        may(&meta).map(|()| false)
+    }
+
+    fn pin(&self, _ino: u64) -> Result<(), Errno> {
+        Ok(())
+    }
+
+    fn unpin(&self, _ino: u64) {}
+
+    fn read(&self, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
         let (pfs, _, inode) = self.node(ino)?;
         if inode.is_dir() {
             return Err(Errno::EISDIR);
@@ -290,8 +305,65 @@ impl SnapDir {
         h(pfs.read(&inode, offset, len))
     }
 
-    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {
+    /// As `Pfs::seek_data` and `seek_hole` answer.
+    fn seek(&self, ino: u64, offset: u64, data: bool) -> Result<Option<u64>, Errno> {
         let (pfs, _, inode) = self.node(ino)?;
-        h(pfs.readlink(&inode))
+        if data {
+            h(pfs.seek_data(&inode, offset))
+        } else if offset < inode.meta().size {
+            h(pfs.seek_hole(&inode, offset)).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// `.snapshot` lists every snapshot (opening each view, so every
+    /// entry has its node id), keyed by position; a directory of a
+    /// snapshot lists as the snapshot has it.
+    fn list(&self, ino: u64, from: u64) -> Result<Vec<DirEntry>, Errno> {
+        if ino == SNAP_BIT {
+            let src = self.origin.source()?;
+            let mut out = Vec::new();
+            for (i, label) in src.snapshots.iter().enumerate() {
+                let key = position_key(i);
+                if key < from {
+                    continue;
+                }
+                let n = self.open_in(&src, label)?;
+                out.push(DirEntry {
+                    name: label.clone().into_bytes(),
+                    inum: Self::ino_of(n, hammer2::mount::ROOT_INUM)?,
+                    obj_type: ObjType::Directory,
+                    key,
+                });
+            }
+            return Ok(out);
+        }
+        let (pfs, n, dir) = self.node(ino)?;
+        if !dir.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        let mut out = h(pfs.readdir_from(&dir, from))?;
+        for e in &mut out {
+            e.inum = Self::ino_of(n, e.inum)?;
+        }
+        Ok(out)
+    }
+
+    fn listed(&self, _ino: u64) {}
+
+    fn entry_attrs(&self, entries: &[DirEntry]) -> Vec<Option<Entry>> {
+        entries
+            .iter()
+            .map(|e| {
+                let (m, bytes) = self.stat(e.inum).ok()?;
+                let attr = self.attr(e.inum, &m, bytes).ok()?;
+                Some(Entry { attr, inode: None })
+            })
+            .collect()
+    }
+
+    fn attr_batch(&self) -> usize {
+        1
     }
 }

@@ -466,6 +466,39 @@ fn snapdir_and_a_real_snapshot_entry_never_meet() {
     assert!(pfs.resolve(".snapshot").is_err());
 }
 
+/// `.snapshot` is a name in the root as any other: looking it up needs
+/// search permission on the root, whoever checks it (the daemon without
+/// `default_permissions`, the kernel with it).
+#[test]
+fn the_snapshot_directory_needs_search_permission_on_the_root() {
+    require_fuse();
+    let nobody = ["--reuid=65534", "--regid=65534", "--clear-groups"];
+    for opts in [
+        "allow_other,snapdir",
+        "allow_other,default_permissions,snapdir",
+    ] {
+        let img = new_volume(&format!("snapsearch-{opts}"), 4);
+        let mnt = scratch(&format!("snapsearch-mnt-{opts}"));
+        let m = RwMount::new(&img, &mnt, opts);
+        fs::write(mnt.join("f"), b"f").unwrap();
+        // Refused first, with nothing in the kernel's cache: a name
+        // looked up (or made) there is not asked for again for a while.
+        fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        fs::set_permissions(&mnt, fs::Permissions::from_mode(0o700)).unwrap();
+        let stat = |name: &str| {
+            sh_as(&mnt, &nobody, &format!("stat {name}"))
+                .status
+                .success()
+        };
+        assert!(!stat("f"), "{opts}: f in a root others may not search");
+        assert!(!stat(".snapshot"), "{opts}: .snapshot there");
+        fs::set_permissions(&mnt, fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(stat("f"), "{opts}: f");
+        assert!(stat(".snapshot"), "{opts}: .snapshot");
+        m.unmount();
+    }
+}
+
 /// Without `default_permissions` the daemon applies the rules the kernel
 /// would: a user may hard-link a file they neither own nor may read and
 /// write only when `fs.protected_hardlinks` is 0 (set-user-ID files and

@@ -646,6 +646,19 @@ fn snapdir_shows_each_snapshot_read_only_and_only_when_asked() {
         .expect("a file in S1");
     let e = fs::remove_file(snaps.join("S1").join(&any)).expect_err("unlink in a snapshot");
     assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    // Another layer, as another mount would be: a link either way is
+    // EXDEV, and a copy out falls back to reading and writing.
+    let file = snaps.join("S1").join(&any);
+    let e = fs::hard_link(&file, mnt.join("linked")).expect_err("link out of a snapshot");
+    assert_eq!(e.raw_os_error(), Some(libc::EXDEV), "{e}");
+    let e = fs::hard_link(mnt.join("after"), snaps.join("S1/d0/linked"))
+        .expect_err("link into a snapshot");
+    assert_eq!(e.raw_os_error(), Some(libc::EXDEV), "{e}");
+    fs::copy(&file, mnt.join("copied")).expect("copy out of a snapshot");
+    assert_eq!(
+        fs::read(mnt.join("copied")).unwrap(),
+        fs::read(&file).unwrap()
+    );
     // A deleted snapshot goes away.
     let o = hammer2(&["pfs-delete", &m, "S1"]);
     assert!(o.status.success(), "{}", stderr(&o));

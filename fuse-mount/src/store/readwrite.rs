@@ -1,0 +1,725 @@
+//! The read-write store: the one `hammer2::mount::Mount` of the image
+//! behind `RwVolume`'s mutex (see `rw`). Every operation, reads
+//! included, takes the mutex for one library call or one `Tx`, so the
+//! library sees one caller at a time and a flush takes whole operations
+//! (the write path's reads must see its unflushed state). File reads
+//! only plan under it (`RwVolume::read`).
+//!
+//! A change is a `Tx` (`ReadWrite::change`): refused with EIO once a
+//! flush has failed, run with the mount locked, and run once more after
+//! `RwVolume::make_room` when the library refused it for lack of space
+//! (it changes nothing then). A `Tx` speaks node ids and errnos: it maps
+//! ids to inode numbers, library errors through `errno`, and keeps the
+//! directories' link counts (`dirlinks`) with the changes that move
+//! them.
+
+use super::{attr_of_meta, parent_ino, subdirs, Check, Entry, Nodes, Space, Store};
+use crate::atime;
+use crate::dirlinks::DirLinks;
+use crate::errno::ErrorCount;
+use crate::inode::Ids;
+use crate::rw::RwVolume;
+use crate::snapdir;
+use fuser::{Errno, FileAttr};
+use hammer2::disk::{Blockref, InodeMeta, ObjType};
+use hammer2::mount::{Mount, RenameFlags, SetAttr};
+use hammer2::DirEntry;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long the kernel may trust names and attributes without asking
+/// again: every change comes through the kernel, which updates or
+/// invalidates what it caches, but some follow-ups (the ctime of a file
+/// whose other name was removed, the link count after a rename over it)
+/// are only right once it asks again. One second, as libfuse's default.
+const TTL_READ_WRITE: Duration = Duration::from_secs(1);
+
+/// The longest name made or looked up: Linux's NAME_MAX (see
+/// `vnops::NAME_MAX_REPORTED`).
+const NAME_MAX: usize = 255;
+
+/// Entries of a readdirplus whose attributes are read per hold of the
+/// mount (each unit reruns after a cache miss).
+const ATTR_BATCH: usize = 64;
+
+/// Hole punches go through the library this much per hold of the mount:
+/// whole blocks are dropped in memory, so this is cheap, but a huge
+/// range should not stall every other request.
+const PUNCH_CHUNK: u64 = 1 << 30;
+
+pub struct ReadWrite {
+    pub vol: Arc<RwVolume>,
+    ids: Ids,
+    dirlinks: DirLinks,
+    errors: ErrorCount,
+    /// The time changes are stamped with, in microseconds since the
+    /// epoch.
+    clock: fn() -> u64,
+    /// FUSE_WRITEBACK_CACHE asked for: lseek is left to the kernel.
+    pub writeback_cache: bool,
+    /// When reads update access times (see `atime`).
+    pub atime: atime::Policy,
+}
+
+/// One hold of the mount for a request: node ids in, errnos out.
+pub struct Tx<'a> {
+    m: &'a mut Mount,
+    s: &'a ReadWrite,
+    /// The time of this change.
+    pub now: u64,
+}
+
+impl ReadWrite {
+    pub fn new(vol: Arc<RwVolume>, errors: ErrorCount, clock: fn() -> u64) -> ReadWrite {
+        ReadWrite {
+            vol,
+            ids: Ids {
+                root_inum: hammer2::mount::ROOT_INUM,
+            },
+            dirlinks: DirLinks::default(),
+            errors,
+            clock,
+            writeback_cache: false,
+            atime: atime::Policy::default(),
+        }
+    }
+
+    pub fn ids(&self) -> Ids {
+        self.ids
+    }
+
+    fn h<T>(&self, r: hammer2::Result<T>) -> Result<T, Errno> {
+        self.errors.h(r)
+    }
+
+    fn inum(&self, ino: u64) -> u64 {
+        self.ids.inum(ino)
+    }
+
+    /// EIO once a flush has failed.
+    pub fn writable(&self) -> Result<(), Errno> {
+        self.vol.writable().map_err(Errno::from_i32)
+    }
+
+    /// Run `f` with the mount locked (see `RwVolume::locked`): reads,
+    /// and changes that need no admission retry.
+    pub fn tx<T>(&self, mut f: impl FnMut(&mut Tx) -> T) -> T {
+        self.vol.locked(|m| {
+            f(&mut Tx {
+                m,
+                s: self,
+                now: (self.clock)(),
+            })
+        })
+    }
+
+    /// Run change `f`: EIO once a flush has failed; when the library
+    /// refuses it for lack of space, room is made and it runs once more.
+    pub fn change<T>(&self, mut f: impl FnMut(&mut Tx) -> Result<T, Errno>) -> Result<T, Errno> {
+        self.writable()?;
+        self.with_room(|m| {
+            f(&mut Tx {
+                m,
+                s: self,
+                now: (self.clock)(),
+            })
+        })
+    }
+
+    /// Run `f` on the mount; when it is refused for lack of space (the
+    /// library changes nothing then), make room (`RwVolume::make_room`:
+    /// a flush, the frees waiting for it, a bulkfree) and run it once
+    /// more.
+    fn with_room<T>(&self, mut f: impl FnMut(&mut Mount) -> Result<T, Errno>) -> Result<T, Errno> {
+        let r = self.vol.locked(&mut f);
+        if r.as_ref().err() == Some(&Errno::ENOSPC) && self.vol.make_room() {
+            return self.vol.locked(&mut f);
+        }
+        r
+    }
+
+    /// Node `ino` was read (its data, or a directory's listing) at
+    /// `now`: update its access time when the policy says so, without
+    /// making the mount dirty (`Mount::touch_atime`). Never an error for
+    /// the read: one is logged at debug level.
+    fn accessed(&self, m: &mut Mount, inum: u64, now: u64) {
+        if self.atime.mode == atime::Mode::Never {
+            return;
+        }
+        let label = &self.vol.label;
+        let r = m.getattr(label, inum).and_then(|meta| {
+            if self.atime.due(&meta, now) {
+                m.touch_atime(label, inum, now)
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = r {
+            log::debug!("access time of inode {inum} not updated: {e}");
+        }
+    }
+
+    /// Write `data` at `offset` of file `ino` after `before` (the
+    /// set-id bits a write clears), the flusher told, writers slowed
+    /// past the dirty limit.
+    pub fn write(
+        &self,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+        mut before: impl FnMut(&mut Tx) -> Result<(), Errno>,
+    ) -> Result<(), Errno> {
+        self.change(|tx| {
+            before(tx)?;
+            tx.write(ino, offset, data)
+        })?;
+        self.vol.throttle();
+        Ok(())
+    }
+
+    /// Zero `[offset, offset + len)` of file `ino`, within its size:
+    /// only where there is data (holes stay), a chunk per hold of the
+    /// mount. The flush turns the zeroed blocks into holes.
+    pub fn punch_hole(&self, ino: u64, offset: u64, len: u64) -> Result<(), Errno> {
+        let inum = self.inum(ino);
+        let end = offset.saturating_add(len);
+        let mut pos = offset;
+        while pos < end {
+            let n = (end - pos).min(PUNCH_CHUNK);
+            self.change(|tx| {
+                let r = tx.m.punch_hole(&self.vol.label, inum, pos, n, tx.now);
+                self.h(r)
+            })?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Copy `len` bytes from `offset_in` of file `src` to `offset_out`
+    /// of `dst`, `chunk` bytes per hold of the mount: holes in the
+    /// source are written as zeros, which the flush stores as holes
+    /// again. Short at the source's end, and when space runs out after
+    /// a first chunk (what was copied stands).
+    pub fn copy(
+        &self,
+        src: u64,
+        offset_in: u64,
+        dst: u64,
+        offset_out: u64,
+        len: u64,
+        chunk: u64,
+    ) -> Result<u64, Errno> {
+        let (src, dst) = (self.inum(src), self.inum(dst));
+        if src == dst
+            && offset_in < offset_out.saturating_add(len)
+            && offset_out < offset_in.saturating_add(len)
+        {
+            return Err(Errno::EINVAL);
+        }
+        let mut done = 0u64;
+        while done < len {
+            self.writable()?;
+            let n = (len - done).min(chunk) as usize;
+            let data = self.h(self.vol.read(src, offset_in + done, n))?;
+            if data.is_empty() {
+                break;
+            }
+            let r = self.with_room(|m| {
+                let r = m.write(
+                    &self.vol.label,
+                    dst,
+                    offset_out + done,
+                    &data,
+                    (self.clock)(),
+                );
+                self.h(r)?;
+                self.vol.note_written(m, data.len() as u64);
+                Ok(())
+            });
+            match r {
+                Err(e) if e == Errno::ENOSPC && done > 0 => break,
+                r => r?,
+            }
+            self.vol.throttle();
+            done += data.len() as u64;
+        }
+        Ok(done)
+    }
+
+    /// `attr` with the mount locked by the caller.
+    fn attr_locked(
+        &self,
+        mount: &mut Mount,
+        ino: u64,
+        m: &InodeMeta,
+        bytes: u64,
+    ) -> Result<FileAttr, Errno> {
+        let mut a = attr_of_meta(&self.errors, ino, m, bytes)?;
+        // A directory removed (rmdir, or replaced by a rename) while it
+        // is open has no links: its 0 on disk, not a count.
+        if m.obj_type == ObjType::Directory && m.nlinks != 0 {
+            a.nlink = self.dirlinks.nlink(m.inum, || {
+                let r = mount.readdir(&self.vol.label, m.inum, 0);
+                Ok::<_, Errno>(subdirs(&self.h(r)?))
+            })?;
+        }
+        Ok(a)
+    }
+}
+
+impl Tx<'_> {
+    fn h<T>(&self, r: hammer2::Result<T>) -> Result<T, Errno> {
+        self.s.h(r)
+    }
+
+    fn inum(&self, ino: u64) -> u64 {
+        self.s.inum(ino)
+    }
+
+    /// The node id of inode `inum`.
+    pub fn ino(&self, inum: u64) -> u64 {
+        self.s.ids.ino(inum)
+    }
+
+    pub fn meta(&mut self, ino: u64) -> Result<InodeMeta, Errno> {
+        let r = self.m.getattr(&self.s.vol.label, self.inum(ino));
+        self.h(r)
+    }
+
+    /// Directory `ino`'s meta (ENOTDIR for anything else).
+    pub fn dir(&mut self, ino: u64) -> Result<InodeMeta, Errno> {
+        let d = self.meta(ino)?;
+        if d.obj_type != ObjType::Directory {
+            return Err(Errno::ENOTDIR);
+        }
+        Ok(d)
+    }
+
+    /// The meta of entry `name` of directory `dir` (ENOENT).
+    pub fn entry(&mut self, dir: u64, name: &[u8]) -> Result<InodeMeta, Errno> {
+        let r = self.m.lookup(&self.s.vol.label, self.inum(dir), name);
+        let inum = self.h(r)?.ok_or(Errno::ENOENT)?;
+        let r = self.m.getattr(&self.s.vol.label, inum);
+        self.h(r)
+    }
+
+    /// Node `ino`'s attributes.
+    pub fn attr(&mut self, ino: u64) -> Result<FileAttr, Errno> {
+        let inum = self.inum(ino);
+        let r = self.m.getattr(&self.s.vol.label, inum);
+        let meta = self.h(r)?;
+        let r = self.m.stored_bytes(&self.s.vol.label, inum);
+        let bytes = self.h(r)?;
+        self.s.attr_locked(self.m, ino, &meta, bytes)
+    }
+
+    /// Make a non-directory node (file, fifo, socket, device: `rdev`
+    /// as major, minor) or a directory named `name` in `dir`; its node
+    /// id.
+    #[allow(clippy::too_many_arguments)]
+    pub fn make(
+        &mut self,
+        dir: u64,
+        name: &[u8],
+        obj_type: ObjType,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        rdev: (u32, u32),
+    ) -> Result<u64, Errno> {
+        let (label, dinum, now) = (&self.s.vol.label, self.inum(dir), self.now);
+        let inum = if obj_type == ObjType::Directory {
+            let r = self.m.mkdir(label, dinum, name, mode, uid, gid, now);
+            let inum = self.h(r)?;
+            self.s.dirlinks.added(dinum);
+            inum
+        } else {
+            let r = self
+                .m
+                .create(label, dinum, name, obj_type, mode, uid, gid, rdev, now);
+            self.h(r)?
+        };
+        Ok(self.ino(inum))
+    }
+
+    /// Symlink `name` in `dir` to `target`; its node id.
+    pub fn symlink(
+        &mut self,
+        dir: u64,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> Result<u64, Errno> {
+        let (dinum, now) = (self.inum(dir), self.now);
+        let r = self
+            .m
+            .symlink(&self.s.vol.label, dinum, name, target, uid, gid, now);
+        Ok(self.ino(self.h(r)?))
+    }
+
+    /// An unnamed file in `dir` (O_TMPFILE), pinned; its node id.
+    pub fn tmpfile(&mut self, dir: u64, mode: u32, uid: u32, gid: u32) -> Result<u64, Errno> {
+        let (dinum, now) = (self.inum(dir), self.now);
+        let r = self
+            .m
+            .tmpfile(&self.s.vol.label, dinum, mode, uid, gid, now);
+        Ok(self.ino(self.h(r)?))
+    }
+
+    pub fn link(&mut self, ino: u64, dir: u64, name: &[u8]) -> Result<(), Errno> {
+        let (inum, dinum, now) = (self.inum(ino), self.inum(dir), self.now);
+        let r = self.m.link(&self.s.vol.label, inum, dinum, name, now);
+        self.h(r)
+    }
+
+    pub fn unlink(&mut self, dir: u64, name: &[u8]) -> Result<(), Errno> {
+        let (dinum, now) = (self.inum(dir), self.now);
+        let r = self.m.unlink(&self.s.vol.label, dinum, name, now);
+        self.h(r)
+    }
+
+    /// Remove directory `name` (inode `victim`) from `dir`.
+    pub fn rmdir(&mut self, dir: u64, name: &[u8], victim: u64) -> Result<(), Errno> {
+        let (dinum, now) = (self.inum(dir), self.now);
+        let r = self.m.rmdir(&self.s.vol.label, dinum, name, now);
+        self.h(r)?;
+        self.s.dirlinks.removed(dinum);
+        self.s.dirlinks.forget(victim);
+        Ok(())
+    }
+
+    /// Rename entry `old` (directory node, name) to `new`; `whiteout`
+    /// leaves a whiteout (a character device 0/0 owned by that uid and
+    /// gid) at the old name. When it `moves_dir` (a directory moved or
+    /// replaced), both parents' link counts are recounted, and the
+    /// directory inode it replaces (`replaced_dir`) forgets its own.
+    pub fn rename(
+        &mut self,
+        old: (u64, &[u8]),
+        new: (u64, &[u8]),
+        flags: RenameFlags,
+        whiteout: Option<(u32, u32)>,
+        moves_dir: bool,
+        replaced_dir: Option<u64>,
+    ) -> Result<(), Errno> {
+        let (odinum, ndinum, now) = (self.inum(old.0), self.inum(new.0), self.now);
+        let (name, nname) = (old.1, new.1);
+        let label = &self.s.vol.label;
+        let r = match whiteout {
+            Some((uid, gid)) => self.m.rename_whiteout(
+                label,
+                odinum,
+                name,
+                ndinum,
+                nname,
+                flags.noreplace,
+                uid,
+                gid,
+                now,
+            ),
+            None => self
+                .m
+                .rename(label, odinum, name, ndinum, nname, flags, now),
+        };
+        self.h(r)?;
+        if moves_dir {
+            self.s.dirlinks.forget(odinum);
+            self.s.dirlinks.forget(ndinum);
+            if let Some(d) = replaced_dir {
+                self.s.dirlinks.forget(d);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn setattr(&mut self, ino: u64, a: SetAttr) -> Result<(), Errno> {
+        let (inum, now) = (self.inum(ino), self.now);
+        let r = self.m.setattr(&self.s.vol.label, inum, a, now);
+        self.h(r).map(|_| ())
+    }
+
+    pub fn pin(&mut self, ino: u64) -> Result<(), Errno> {
+        let r = self.m.pin(&self.s.vol.label, self.inum(ino));
+        self.h(r)
+    }
+
+    fn write(&mut self, ino: u64, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        let (inum, now) = (self.inum(ino), self.now);
+        let r = self.m.write(&self.s.vol.label, inum, offset, data, now);
+        self.h(r)?;
+        self.s.vol.note_written(self.m, data.len() as u64);
+        Ok(())
+    }
+
+    /// Reserve room for `[offset, offset + len)` of file `ino`
+    /// (`Mount::fallocate`), extending its size unless `keep_size`.
+    pub fn fallocate(
+        &mut self,
+        ino: u64,
+        offset: u64,
+        len: u64,
+        keep_size: bool,
+    ) -> Result<(), Errno> {
+        let (inum, now) = (self.inum(ino), self.now);
+        let r = self
+            .m
+            .fallocate(&self.s.vol.label, inum, offset, len, keep_size, now);
+        self.h(r)
+    }
+
+    /// FALLOC_FL_ZERO_RANGE (`Mount::zero_range`).
+    pub fn zero_range(
+        &mut self,
+        ino: u64,
+        offset: u64,
+        len: u64,
+        keep_size: bool,
+    ) -> Result<(), Errno> {
+        let (inum, now) = (self.inum(ino), self.now);
+        let r = self
+            .m
+            .zero_range(&self.s.vol.label, inum, offset, len, keep_size, now);
+        self.h(r)
+    }
+}
+
+impl Nodes for ReadWrite {
+    fn rw(&self) -> Result<&ReadWrite, Errno> {
+        Ok(self)
+    }
+
+    fn meta(&self, ino: u64) -> Result<InodeMeta, Errno> {
+        self.tx(|tx| tx.meta(ino))
+    }
+
+    fn stat(&self, ino: u64) -> Result<(InodeMeta, u64), Errno> {
+        let inum = self.inum(ino);
+        let label = &self.vol.label;
+        self.vol.locked(|m| {
+            let meta = self.h(m.getattr(label, inum))?;
+            Ok((meta, self.h(m.stored_bytes(label, inum))?))
+        })
+    }
+
+    fn attr(&self, ino: u64, m: &InodeMeta, bytes: u64) -> Result<FileAttr, Errno> {
+        if m.obj_type != ObjType::Directory {
+            return attr_of_meta(&self.errors, ino, m, bytes);
+        }
+        self.vol
+            .locked(|mount| self.attr_locked(mount, ino, m, bytes))
+    }
+
+    fn lookup(&self, parent: u64, name: &[u8], search: Check) -> Result<Entry, Errno> {
+        let attr = self.tx(|tx| {
+            let dir = tx.dir(parent)?;
+            search(&dir, 1)?;
+            let meta = tx.entry(parent, name)?;
+            tx.attr(tx.ino(meta.inum))
+        })?;
+        Ok(Entry { attr, inode: None })
+    }
+
+    fn parent(&self, _dir: u64, meta: &InodeMeta) -> Result<u64, Errno> {
+        Ok(parent_ino(&self.ids, meta))
+    }
+
+    fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {
+        let inum = self.inum(ino);
+        let r = self.vol.locked(|m| m.readlink(&self.vol.label, inum));
+        self.h(r)
+    }
+
+    fn open(
+        &self,
+        ino: u64,
+        reads: bool,
+        may: &dyn Fn(&InodeMeta) -> Result<(), Errno>,
+    ) -> Result<bool, Errno> {
+        self.tx(|tx| {
+            let meta = tx.meta(ino)?;
+            if meta.obj_type == ObjType::Directory {
+                return Err(Errno::EISDIR);
+            }
+            may(&meta)?;
+            tx.pin(ino)?;
+            // Reads that update the access time must reach us, not the
+            // page cache (see `atime`).
+            Ok(reads && self.atime.due(&meta, tx.now))
+        })
+    }
+
+    fn pin(&self, ino: u64) -> Result<(), Errno> {
+        self.tx(|tx| tx.pin(ino))
+    }
+
+    fn unpin(&self, ino: u64) {
+        let r = self
+            .vol
+            .locked(|m| m.unpin(&self.vol.label, self.inum(ino)));
+        if let Err(e) = r {
+            self.errors.fail(&e);
+        }
+    }
+
+    fn read(&self, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
+        let inum = self.inum(ino);
+        let r = self.vol.read_noting(inum, offset, len, |m| {
+            self.accessed(m, inum, (self.clock)())
+        });
+        self.h(r)
+    }
+
+    /// ENOSYS with the writeback cache: the kernel then answers itself
+    /// (see `vnops::lseek`).
+    fn seek(&self, ino: u64, offset: u64, data: bool) -> Result<Option<u64>, Errno> {
+        if self.writeback_cache {
+            return Err(Errno::ENOSYS);
+        }
+        let inum = self.inum(ino);
+        let label = &self.vol.label;
+        self.vol.locked(|m| {
+            let size = self.h(m.getattr(label, inum))?.size;
+            Ok(if data {
+                self.h(m.seek_data(label, inum, offset))?
+            } else if offset < size {
+                Some(self.h(m.seek_hole(label, inum, offset))?)
+            } else {
+                None
+            })
+        })
+    }
+
+    fn list(&self, ino: u64, from: u64) -> Result<Vec<DirEntry>, Errno> {
+        let r = self
+            .vol
+            .locked(|m| m.readdir(&self.vol.label, self.inum(ino), from));
+        let mut out = self.h(r)?;
+        for e in &mut out {
+            e.inum = self.ids.ino(e.inum);
+        }
+        Ok(out)
+    }
+
+    fn listed(&self, ino: u64) {
+        let inum = self.inum(ino);
+        self.vol.locked(|m| self.accessed(m, inum, (self.clock)()));
+    }
+
+    fn entry_attrs(&self, entries: &[DirEntry]) -> Vec<Option<Entry>> {
+        self.tx(|tx| {
+            entries
+                .iter()
+                .map(|e| {
+                    let attr = tx.attr(e.inum).ok()?;
+                    Some(Entry { attr, inode: None })
+                })
+                .collect()
+        })
+    }
+
+    fn attr_batch(&self) -> usize {
+        ATTR_BATCH
+    }
+}
+
+/// The volume as the snapshot layer sees it: the snapshots as last
+/// flushed, opened through a `Volume` of their own (a snapshot never
+/// changes, and its blocks are neither overwritten nor freed while it
+/// exists, so they are read without the mount's lock).
+struct Origin {
+    vol: Arc<RwVolume>,
+    errors: ErrorCount,
+}
+
+impl snapdir::Origin for Origin {
+    fn source(&self) -> Result<snapdir::Source, Errno> {
+        let (snapshots, dev) = self.vol.locked(|m| {
+            let l = snapdir::snapshot_labels(m.volume());
+            (l, m.volume().device().clone())
+        });
+        let volume = self.errors.h(hammer2::Volume::open(dev))?;
+        Ok(snapdir::Source {
+            snapshots: self.errors.h(snapshots)?,
+            volume: Arc::new(volume),
+        })
+    }
+
+    fn root_meta(&self) -> Result<InodeMeta, Errno> {
+        let root = hammer2::mount::ROOT_INUM;
+        let r = self.vol.locked(|m| m.getattr(&self.vol.label, root));
+        self.errors.h(r)
+    }
+}
+
+impl Store for ReadWrite {
+    fn nodes(&self) -> &dyn Nodes {
+        self
+    }
+
+    fn rw_mut(&mut self) -> Option<&mut ReadWrite> {
+        Some(self)
+    }
+
+    fn name_max(&self) -> usize {
+        NAME_MAX
+    }
+
+    fn ttl(&self) -> Duration {
+        TTL_READ_WRITE
+    }
+
+    /// From the allocator: free, and available (free less the flush
+    /// reserve and what is admitted for the next flush).
+    fn statfs(&self) -> Result<Space, Errno> {
+        let r = self.vol.locked(|m| m.statfs(&self.vol.label));
+        self.h(r).map(|s| Space {
+            total: s.bytes_total,
+            free: s.bytes_free.min(s.bytes_total),
+            avail: s.bytes_avail.min(s.bytes_total),
+            inodes: s.inodes_used,
+        })
+    }
+
+    fn sync(&self) -> Result<(), Errno> {
+        self.vol.sync().map_err(Errno::from_i32)
+    }
+
+    fn healthy(&self) -> Result<(), Errno> {
+        self.writable()
+    }
+
+    /// The end of the mount (`RwVolume::unmounted`, `shutdown`,
+    /// `release`): the live lock dropped, the flusher stopped, the last
+    /// flush written, the writer lock dropped, nothing written after.
+    fn unmount(&self) {
+        self.vol.unmounted();
+        if let Err(why) = self.vol.shutdown() {
+            log::debug!("last flush at FUSE_DESTROY: {why}");
+        }
+        self.vol.release();
+    }
+
+    fn snap_origin(&self) -> Arc<dyn snapdir::Origin> {
+        Arc::new(Origin {
+            vol: self.vol.clone(),
+            errors: self.errors.clone(),
+        })
+    }
+
+    fn has_real_snapdir(&self) -> hammer2::Result<bool> {
+        let root = hammer2::mount::ROOT_INUM;
+        let r = self
+            .vol
+            .locked(|m| m.lookup(&self.vol.label, root, snapdir::NAME));
+        Ok(r?.is_some())
+    }
+
+    fn pfs_list(&self) -> hammer2::Result<Vec<hammer2::pfs::PfsInfo>> {
+        hammer2::pfs::pfs_list(self.vol.mount().volume())
+    }
+
+    fn inode_state(&self, inum: u64) -> hammer2::Result<(InodeMeta, Blockref, u64)> {
+        self.vol.mount().inode_state(&self.vol.label, inum)
+    }
+}
