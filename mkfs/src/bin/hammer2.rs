@@ -299,8 +299,9 @@ impl From<io::Error> for CmdError {
 }
 
 /// How many times `Image::volume` reads a header again that failed its
-/// check code (5 ms apart) before calling it damaged.
-const HEADER_REREADS: u32 = 20;
+/// check code (5 ms apart) before calling it damaged; `space_line` the
+/// freemap likewise.
+pub(crate) const HEADER_REREADS: u32 = 20;
 
 /// An opened image or device.
 pub struct Image {

@@ -126,8 +126,23 @@ pub fn pfs_delete(path: &Path, label: &str, out: &mut dyn Write) -> Result<u64, 
 /// Free, staged and allocated bytes per the freemap, for the lines
 /// `bulkfree` prints before and after.
 pub fn space_line(img: &Image, when: &str, out: &mut dyn Write) -> Result<(), CmdError> {
-    let vol = img.volume()?;
-    let s = crate::pfs::space(&vol).map_err(|e| img.fail("cannot read the freemap", &e))?;
+    // A mount writing the image rewrites the freemap's zone of an older
+    // header in place (DragonFly's rotation): a block failing its check
+    // code may be one met half written, so the volume is opened again
+    // (a newer header) and read again, a few times, before the freemap
+    // is called damaged.
+    let mut tries = 0;
+    let s = loop {
+        let vol = img.volume()?;
+        match crate::pfs::space(&vol) {
+            Ok(s) => break s,
+            Err(hammer2::Error::CheckMismatch { .. }) if tries < crate::HEADER_REREADS => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) => return Err(img.fail("cannot read the freemap", &e)),
+        }
+    };
     let g = |b: u64| b as f64 / GIB;
     writeln!(
         out,
