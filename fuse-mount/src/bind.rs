@@ -12,7 +12,10 @@
 //! not by names, and asked over its control channel which PFS it serves.
 //! The bind is made from a descriptor open on that mount's root (which
 //! also keeps it from going away meanwhile), checked to be on the
-//! filesystem's device. The daemon ends when the last mount of its
+//! filesystem's device: a detached copy of that mount (open_tree), made
+//! private and then attached (move_mount), so that for mount propagation
+//! it is a new mount, as a second mount of a device is, not a peer of the
+//! first (fstests generic/409 to 411). The daemon ends when the last mount of its
 //! filesystem goes (the kernel ends the session then), whichever mount
 //! point was first; on a signal it unmounts them all (`mount::serve`).
 
@@ -23,6 +26,8 @@ use bufcache::source::{self, Hammer2Mount};
 use hammer2::ctl::{MountInfo, Reply, Request};
 use mkfs::control::Channel;
 use nix::mount::MsFlags;
+use rustix::fs::CWD;
+use rustix::mount::{move_mount, open_tree, MoveMountFlags, OpenTreeFlags};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
@@ -96,20 +101,36 @@ pub fn bind(s: &Served, mnt: &Path, o: &Options) -> Result<(), Failure> {
             first.display()
         )));
     }
-    let src = fd_path(&s.root);
-    nix::mount::mount(
-        Some(&src),
-        mnt,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(|e| {
+    let cannot = |e: &dyn std::fmt::Display| {
         Failure::Mount(format!(
             "cannot bind-mount {} on {shown}: {e}",
             first.display()
         ))
-    })?;
+    };
+    // A copy of the mount, detached (open_tree, as `mount --bind` does
+    // with the new mount API), made private before it is attached: so it
+    // is no peer of the first (mounts under one do not propagate to the
+    // other), and under a shared parent it gets a peer group of its own,
+    // as a new mount does; mount(2) MS_BIND would make it the first's peer.
+    let tree = open_tree(
+        &s.root,
+        "",
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_EMPTY_PATH,
+    )
+    .map_err(|e| cannot(&e))?;
+    let tree = File::from(tree);
+    nix::mount::mount(
+        None::<&str>,
+        &fd_path(&tree),
+        None::<&str>,
+        MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| cannot(&e))?;
+    move_mount(&tree, "", CWD, mnt, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
+        .map_err(|e| cannot(&e))?;
     // The flags asked, on this mount point alone (MS_REMOUNT | MS_BIND
     // changes no other mount of the filesystem).
     let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | o.ms_flags();

@@ -289,7 +289,8 @@ fn one_image_by_two_names_has_one_writer() {
 /// A second mount of the PFS a read-write mount serves, by its path or a
 /// loop device, is a bind mount of the first, as a second mount of a
 /// local filesystem's device shares its superblock: one filesystem (one
-/// st_dev), a write through either seen through the other at once; `ro`
+/// st_dev, but no peer of it for mount propagation), a write through
+/// either seen through the other at once; `ro`
 /// gives a read-only bind (EROFS), which sees what is written, not only
 /// the last flush. The first can be unmounted and the others go on with
 /// the same daemon, fsync included; it exits 0 when the last goes, and
@@ -313,6 +314,9 @@ fn a_second_mount_of_the_same_pfs_is_a_bind_mount() {
         fs::metadata(p).unwrap().dev()
     };
     let (mut child, first) = mount_foreground(img_s, &mnt1, &log, "rw,sync_interval=0");
+    fs::create_dir(mnt1.join("d")).unwrap();
+    let shared = nix::mount::MsFlags::MS_SHARED;
+    nix::mount::mount(None::<&str>, &mnt1, None::<&str>, shared, None::<&str>).unwrap();
     let out = run(&["-o", "rw", lo.s(), mnt2_s]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let second = Mounted::adopt(&mnt2);
@@ -325,6 +329,18 @@ fn a_second_mount_of_the_same_pfs_is_a_bind_mount() {
     let said = bound("read-write", mnt2_s);
     assert!(text(&out.stderr).contains(&said), "{}", text(&out.stderr));
     assert_eq!(dev(&mnt1), dev(&mnt2));
+    // A new mount for propagation, as a second mount of a device is: no
+    // peer of the first (a mount under the first does not show under it).
+    let tmpfs = mnt1.join("d");
+    let none = nix::mount::MsFlags::empty();
+    nix::mount::mount(Some("tmpfs"), &tmpfs, Some("tmpfs"), none, None::<&str>).unwrap();
+    assert!(is_mounted(&tmpfs));
+    let propagated = is_mounted(&mnt2.join("d"));
+    umount_settled(&tmpfs);
+    assert!(
+        !propagated,
+        "a mount under the first showed under the second"
+    );
     fs::write(mnt1.join("one"), "1").unwrap();
     assert_eq!(fs::read(mnt2.join("one")).unwrap(), b"1");
     fs::write(mnt2.join("two"), "2").unwrap();
