@@ -14,10 +14,11 @@
 //! also keeps it from going away meanwhile), checked to be on the
 //! filesystem's device: a detached copy of that mount (open_tree), made
 //! private and then attached (move_mount), so that for mount propagation
-//! it is a new mount, as a second mount of a device is, not a peer of the
-//! first (fstests generic/409 to 411). The daemon ends when the last mount of its
-//! filesystem goes (the kernel ends the session then), whichever mount
-//! point was first; on a signal it unmounts them all (`mount::serve`).
+//! it is a new mount, as a second mount of a device is, not a peer of
+//! the first (fstests generic/409 to 411). The daemon ends when the last
+//! mount of its filesystem goes (the kernel ends the session then),
+//! whichever mount point was first; on a signal it unmounts them all
+//! (`mount::serve`).
 
 use crate::mount::Failure;
 use crate::options::Options;
@@ -153,7 +154,8 @@ pub fn bind(s: &Served, mnt: &Path, o: &Options) -> Result<(), Failure> {
     let own = o.daemon_options();
     if !own.is_empty() {
         log::info!(
-            "{} apply to {shown} as they were given for {} (its daemon serves both)",
+            "{} not applied to {shown}: the daemon serving it keeps the options {} was \
+             mounted with",
             own.join(","),
             first.display()
         );
