@@ -434,38 +434,81 @@ fn backing_of_source(text: &str) -> Option<Backing> {
     }
 }
 
+/// A `mount.hammer2` mount in this mount namespace (a line of
+/// /proc/self/mountinfo of type `fuseblk.hammer2` or `fuse.hammer2`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hammer2Mount {
+    pub mountpoint: PathBuf,
+    /// The superblock's device number (MAJ:MIN): one per filesystem,
+    /// shared by its bind mounts; for `fuseblk.hammer2` the block device.
+    pub dev: u64,
+    /// The directory of the filesystem mounted here: `/`, but for a bind
+    /// mount of a directory in it.
+    pub root: String,
+    /// This mount point's own read-write flag (a bind mount may be
+    /// read-only over a read-write filesystem).
+    pub read_write: bool,
+    /// The filesystem (superblock) is read-write.
+    pub fs_read_write: bool,
+    pub fstype: String,
+    pub source: String,
+}
+
+impl Hammer2Mount {
+    /// The bytes its image is: by the block device for `fuseblk.hammer2`,
+    /// by the source for `fuse.hammer2` (`None` if that no longer names
+    /// the image, as with `fsname=`).
+    pub fn backing(&self) -> Option<Backing> {
+        match self.fstype.as_str() {
+            "fuseblk.hammer2" => {
+                let node = backing::sysfs_dir(self.dev)
+                    .ok()
+                    .and_then(|s| backing::dev_node(&s, self.dev));
+                let node = node.unwrap_or_else(|| PathBuf::from(&self.source));
+                backing::resolve_block(&node, self.dev, 0).ok()
+            }
+            _ => backing_of_source(&self.source),
+        }
+    }
+}
+
+/// The `mount.hammer2` mounts in this mount namespace, oldest first.
+pub fn hammer2_mounts() -> Vec<Hammer2Mount> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines().filter_map(parse_mountinfo_line).collect()
+}
+
+/// One line of mountinfo, if it is a `mount.hammer2` mount: "ID PARENT
+/// MAJ:MIN ROOT MOUNTPOINT OPTIONS [TAGS...] - TYPE SOURCE SUPEROPTIONS".
+fn parse_mountinfo_line(line: &str) -> Option<Hammer2Mount> {
+    let (left, right) = line.split_once(" - ")?;
+    let left: Vec<&str> = left.split(' ').collect();
+    let mut right = right.split(' ');
+    let (fstype, source, superopts) = (right.next()?, right.next()?, right.next()?);
+    if fstype != "fuseblk.hammer2" && fstype != "fuse.hammer2" {
+        return None;
+    }
+    let (a, m) = left.get(2)?.split_once(':')?;
+    let rw = |opts: &str| opts.split(',').next() == Some("rw");
+    Some(Hammer2Mount {
+        mountpoint: PathBuf::from(unescape(left.get(4)?)),
+        dev: libc::makedev(a.parse().ok()?, m.parse().ok()?),
+        root: unescape(left.get(3)?),
+        read_write: rw(left.get(5)?),
+        fs_read_write: rw(superopts),
+        fstype: fstype.to_string(),
+        source: unescape(source),
+    })
+}
+
 /// The mountpoint of a `mount.hammer2` mount (over a block device,
 /// `fuseblk.hammer2`, or plain `fuse.hammer2`), read-write or read-only
 /// as `read_write` asks, whose image shares bytes with `b`, if one is in
 /// this mount namespace. A plain mount named with `fsname=` cannot be
 /// matched; one of an NBD export matches any range of that export.
 pub fn mounted_on(b: &Backing, read_write: bool) -> Option<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let left: Vec<&str> = left.split(' ').collect();
-        // Field 6 starts with "rw" or "ro".
-        if (left.get(5)?.split(',').next()? == "rw") != read_write {
-            return None;
-        }
-        let mut right = right.split(' ');
-        let (fstype, source) = (right.next()?, unescape(right.next()?));
-        let mnt = PathBuf::from(unescape(left.get(4)?));
-        let theirs = match fstype {
-            "fuseblk.hammer2" => {
-                // Field 3 is the block device (MAJ:MIN).
-                let (a, m) = left.get(2)?.split_once(':')?;
-                let rdev = libc::makedev(a.parse().ok()?, m.parse().ok()?);
-                let node = backing::sysfs_dir(rdev)
-                    .ok()
-                    .and_then(|s| backing::dev_node(&s, rdev));
-                backing::resolve_block(&node.unwrap_or_else(|| PathBuf::from(&source)), rdev, 0)
-                    .ok()?
-            }
-            "fuse.hammer2" => backing_of_source(&source)?,
-            _ => return None,
-        };
-        theirs.overlaps(b).then_some(mnt)
+    hammer2_mounts().into_iter().find_map(|m| {
+        (m.read_write == read_write && m.backing()?.overlaps(b)).then_some(m.mountpoint)
     })
 }
 
@@ -496,6 +539,29 @@ pub fn unescape(s: &str) -> String {
 mod tests {
     use super::*;
     use crate::nbd::Transport;
+
+    #[test]
+    fn mountinfo_lines_of_hammer2_mounts() {
+        let l = "36 25 7:3 / /mnt/a\\040b ro,nosuid shared:1 - fuseblk.hammer2 /dev/loop3 \
+                 rw,user_id=0,group_id=0,blksize=4096";
+        let m = parse_mountinfo_line(l).unwrap();
+        assert_eq!(m.mountpoint, PathBuf::from("/mnt/a b"));
+        assert_eq!(m.dev, libc::makedev(7, 3));
+        assert_eq!(m.root, "/");
+        assert!(!m.read_write);
+        assert!(m.fs_read_write);
+        assert_eq!(
+            (m.fstype.as_str(), m.source.as_str()),
+            ("fuseblk.hammer2", "/dev/loop3")
+        );
+        let l = "40 25 0:52 /sub /b rw - fuse.hammer2 /x.img ro,user_id=0";
+        let m = parse_mountinfo_line(l).unwrap();
+        assert_eq!(
+            (m.root.as_str(), m.read_write, m.fs_read_write),
+            ("/sub", true, false)
+        );
+        assert!(parse_mountinfo_line("41 25 0:53 / /c rw - ext4 /dev/sda1 rw").is_none());
+    }
 
     #[test]
     fn mountinfo_escapes_are_undone() {

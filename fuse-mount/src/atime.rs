@@ -63,7 +63,11 @@ impl Policy {
             Mode::Never => false,
             Mode::Strict => true,
             Mode::Relatime => {
-                m.mtime >= m.atime || m.ctime >= m.atime || now.saturating_sub(m.atime) >= DAY_US
+                // Times are signed (before 1970 in two's complement).
+                let (atime, now) = (m.atime as i64, now as i64);
+                m.mtime as i64 >= atime
+                    || m.ctime as i64 >= atime
+                    || i128::from(now) - i128::from(atime) >= i128::from(DAY_US)
             }
         }
     }
@@ -101,6 +105,18 @@ mod tests {
         assert!(p.due(&meta(f, T + 5, T, T), T + 5 + DAY_US));
         // Not to the same time.
         assert!(!p.due(&meta(f, T, T, T), T));
+    }
+
+    #[test]
+    fn relatime_reads_times_before_1970_as_signed() {
+        let p = Policy::default();
+        let f = ObjType::Regfile;
+        // 10 s before 1970, in two's complement as stored.
+        let old = 0u64.wrapping_sub(10_000_000);
+        // Changed (1970 + T) after the last read (before 1970).
+        assert!(p.due(&meta(f, old, T, T), T + 10));
+        // Read before 1970, changed before that: more than a day ago.
+        assert!(p.due(&meta(f, old, old - 1, old - 1), T));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use hammer2::disk::{InodeMeta, ObjType};
 use hammer2::Inode;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The block size stat and statfs report: HAMMER2's largest block
 /// (`HAMMER2_PBUFSIZE`), the unit its file data is stored in.
@@ -141,9 +141,10 @@ pub fn file_type(t: ObjType) -> Option<FileType> {
     }
 }
 
-/// A time stored in microseconds since the epoch.
+/// A time as stored: microseconds since the epoch, signed
+/// (`hammer2::disk::inode::system_time`).
 pub fn time_of(micros: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_micros(micros)
+    hammer2::disk::inode::system_time(micros)
 }
 
 /// Linux's `dev_t` encoding as FUSE carries it (32 bits: `new_encode_dev`).

@@ -23,6 +23,7 @@
 //! - `errno`: the one mapping from `hammer2::Error` to an errno.
 //! - `options`: `-o` options as mount(8) and fstab pass them.
 //! - `mount`: opening the image, mounting, serving, unmounting on signals.
+//! - `bind`: a second mount of a PFS served read-write, as a bind mount.
 //! - `loopdev`: a loop device over an image file, for a fuseblk mount
 //!   (the one module with `unsafe`: two ioctls std and nix lack).
 //! - `logging`: stderr, then syslog once a background mount is up.
@@ -31,6 +32,7 @@
 #![deny(unsafe_code)]
 
 pub mod atime;
+pub mod bind;
 pub mod cookie;
 pub mod ctl;
 pub mod dirlinks;

@@ -39,6 +39,7 @@
 //! leaves open files working, and the session ends when the last of them
 //! is closed; a second signal ends the process at once.
 
+use crate::bind;
 use crate::loopdev::{self, LoopDevice};
 use crate::options::Options;
 use crate::rw::RwVolume;
@@ -371,7 +372,14 @@ pub fn open_rw(o: &Opened, label: &str, options: &Options) -> Result<OpenRw, Fai
             o.name
         )
     })
-    .map_err(|e| Failure::Mount(e.to_string()))?;
+    .map_err(|e| match e {
+        LockError::Mounted { .. } => Failure::Mount(bind::other_pfs_refusal(
+            &e.to_string(),
+            label,
+            bind::served(&o.backing).as_ref(),
+        )),
+        e => Failure::Mount(e.to_string()),
+    })?;
     log_direct(o);
     let dev = o.dev.clone();
     // With log_writes= every write reaching the image is logged: the log
@@ -592,14 +600,48 @@ fn connection_gone(dev: &File) -> bool {
             .is_some_and(|r| r.contains(PollFlags::POLLERR))
 }
 
-/// Unmount after a signal. Not if the connection is already gone (an
-/// outside umount came first, and the path may hold another mount by
-/// now); if busy, detach: open files keep working, and the session ends
-/// when the last one is closed.
-fn unmount(mnt: &Path, dev: &File) -> Result<(), Failure> {
+/// The device number of the filesystem just mounted on `mnt` (the last
+/// mount there in mountinfo), which its bind mounts share: read there,
+/// since a stat would wait for the session to start.
+fn fs_device(mnt: &Path) -> Option<u64> {
+    source::hammer2_mounts()
+        .into_iter()
+        .rev()
+        .find(|m| m.mountpoint == mnt)
+        .map(|m| m.dev)
+}
+
+/// Unmount after a signal: every mount point of this filesystem, the
+/// first (`mnt`) and the bind mounts of it (`bind`), known by its device
+/// number `fs_dev`, since the first may be gone and its path hold another
+/// mount by now. Not if the connection is already gone (an outside umount
+/// of the last came first); if busy, detach: open files keep working,
+/// and the session ends when the last one is closed.
+fn unmount(mnt: &Path, fs_dev: Option<u64>, dev: &File) -> Result<(), Failure> {
     if connection_gone(dev) {
         return Ok(());
     }
+    let points: Vec<PathBuf> = match fs_dev {
+        Some(d) => source::hammer2_mounts()
+            .into_iter()
+            .rev()
+            .filter(|m| m.dev == d)
+            .map(|m| m.mountpoint)
+            .collect(),
+        None => vec![mnt.to_path_buf()],
+    };
+    for p in points {
+        // Not a mount stacked on ours there since.
+        if fs_dev.is_some_and(|d| std::fs::metadata(&p).map_or(true, |m| m.dev() != d)) {
+            continue;
+        }
+        unmount_one(&p)?;
+    }
+    Ok(())
+}
+
+/// Unmount `mnt`, or detach it if busy.
+fn unmount_one(mnt: &Path) -> Result<(), Failure> {
     match nix::mount::umount2(mnt, MntFlags::empty()) {
         Ok(()) => Ok(()),
         Err(Errno::EBUSY) => {
@@ -644,7 +686,11 @@ pub fn serve(req: &Request, ready: impl FnOnce()) -> Result<(), Failure> {
     signals
         .thread_block()
         .map_err(|e| Failure::System(format!("cannot block signals: {e}")))?;
-    let (session, dev, mnt, rw, reader) = mount(req)?;
+    let Some((session, dev, mnt, fs_dev, rw, reader)) = mount(req)? else {
+        // A bind mount of a mount of this PFS: its daemon serves it.
+        ready();
+        return Ok(());
+    };
     if let Some(v) = &rw {
         v.start_flusher().map_err(|e| {
             let _ = nix::mount::umount2(&mnt, MntFlags::MNT_DETACH);
@@ -652,7 +698,8 @@ pub fn serve(req: &Request, ready: impl FnOnce()) -> Result<(), Failure> {
         })?;
     }
     ready();
-    let end = start_threads(session, signals).and_then(|events| wait_for_end(&events, &mnt, &dev));
+    let end = start_threads(session, signals)
+        .and_then(|events| wait_for_end(&events, &mnt, fs_dev, &dev));
     // Read-only: unmounted; the reader lock goes when the process does.
     let _reader = reader.map(|r| r.reader);
     let r = match rw {
@@ -679,10 +726,14 @@ fn finish_rw(v: &RwVolume, end: Result<(), Failure>) -> Result<(), Failure> {
     })
 }
 
+/// The session, the /dev/fuse descriptor, the mountpoint, the
+/// filesystem's device number (`fs_device`), and the read-write state or
+/// the read-only mount's locks.
 type Mounted = (
     fuser::Session<Hammer2Fs>,
     File,
     PathBuf,
+    Option<u64>,
     Option<Arc<RwVolume>>,
     Option<ReaderLock>,
 );
@@ -729,8 +780,10 @@ fn block_device_for(o: &Opened) -> Option<(PathBuf, Option<LoopDevice>)> {
 
 /// Open everything, mount, and shake hands with the kernel. Returns the
 /// session to run, the /dev/fuse descriptor to watch, the canonical
-/// mountpoint, and for a read-write mount its state.
-fn mount(req: &Request) -> Result<Mounted, Failure> {
+/// mountpoint, and for a read-write mount its state; `None` when the PFS
+/// was already served read-write and `req.mountpoint` was made a bind
+/// mount of that (`bind`).
+fn mount(req: &Request) -> Result<Option<Mounted>, Failure> {
     let mut o = req.options.clone();
     if let Some(log) = &o.log_writes {
         if !o.read_write {
@@ -769,6 +822,14 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
             Err(OpenFailure::Other(f)) => return Err(f),
         },
     };
+    // A PFS a read-write daemon serves already: bind its mount (the
+    // mount of another PFS is refused below, by the image lock).
+    if let Some(served) = bind::served(&img.backing) {
+        if served.info.label == req.label {
+            bind::bind(&served, &check_mountpoint(&req.mountpoint)?, &o)?;
+            return Ok(None);
+        }
+    }
     let (rw, claim) = match img.writable {
         true => {
             let OpenRw { volume, claim } = open_rw(&img, &req.label, &o)?;
@@ -833,6 +894,7 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
     // The kernel claims the device for the mount: let go of ours first.
     drop(claim);
     mount_kernel(&dev, &mnt, &source, blk.is_some(), &o)?;
+    let fs_dev = fs_device(&mnt);
     // The mount holds the loop device now (and the kernel clears it when
     // the mount lets go); ours can go.
     let over = blk.map(|(device, _)| device);
@@ -868,7 +930,7 @@ fn mount(req: &Request) -> Result<Mounted, Failure> {
             mnt.display()
         );
     }
-    Ok((session, dev, mnt, rw, reader))
+    Ok(Some((session, dev, mnt, fs_dev, rw, reader)))
 }
 
 /// The session's threads, and one that turns blocked signals into events.
@@ -906,7 +968,12 @@ fn start_threads(
 
 /// Until the session ends: by an outside umount, or by ours after a
 /// signal; a second signal does not wait for a busy mount.
-fn wait_for_end(events: &mpsc::Receiver<Event>, mnt: &Path, dev: &File) -> Result<(), Failure> {
+fn wait_for_end(
+    events: &mpsc::Receiver<Event>,
+    mnt: &Path,
+    fs_dev: Option<u64>,
+    dev: &File,
+) -> Result<(), Failure> {
     let mut unmounting = false;
     loop {
         let event = events
@@ -923,7 +990,7 @@ fn wait_for_end(events: &mpsc::Receiver<Event>, mnt: &Path, dev: &File) -> Resul
             Event::Signal(sig) if !unmounting => {
                 log::info!("{sig}: unmounting {}", mnt.display());
                 unmounting = true;
-                unmount(mnt, dev)?;
+                unmount(mnt, fs_dev, dev)?;
             }
             Event::Signal(sig) => {
                 log::warn!(

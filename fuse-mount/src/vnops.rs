@@ -121,27 +121,31 @@ fn now_us() -> u64 {
     micros(SystemTime::now())
 }
 
-/// A time as the format stores it, in unsigned microseconds since the
-/// epoch, for every time a caller sets (utimensat, touch -d, the ctime
-/// the kernel sends) and the times of new inodes. A time it cannot hold
-/// is clamped, as Linux clamps every filesystem's times to its range
-/// (`timestamp_truncate`): before 1970 to the epoch, past 2^64 - 1
-/// microseconds (year 586,524) to that. The first clamp is logged (a
-/// daemon serves one mount).
+/// A time as the format stores it, for every time a caller sets
+/// (utimensat, touch -d, the ctime the kernel sends) and the times of new
+/// inodes: microseconds since the epoch as a signed 64-bit number, a time
+/// before 1970 in two's complement, bit for bit what DragonFly writes
+/// (`hammer2_timespec_to_time`: `(u64)tv_sec * 1000000 + usec`). Below a
+/// microsecond it rounds down, as Linux truncates to a filesystem's
+/// granularity. A time past what that holds (about 292,277 years either
+/// side of 1970) is clamped to the nearest it holds, as Linux clamps
+/// every filesystem's times to its range (`timestamp_truncate`); the
+/// first clamp is logged (a daemon serves one mount).
 fn micros(t: SystemTime) -> u64 {
     static LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    let (us, clamped) = match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => u64::try_from(d.as_micros()).map_or((u64::MAX, true), |us| (us, false)),
-        Err(_) => (0, true),
+    let exact: i128 = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_micros() as i128,
+        Err(e) => -(e.duration().as_nanos().div_ceil(1000) as i128),
     };
-    if clamped && !LOGGED.swap(true, Ordering::Relaxed) {
+    let us = exact.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+    if i128::from(us) != exact && !LOGGED.swap(true, Ordering::Relaxed) {
         log::warn!(
-            "a time outside what HAMMER2 stores (unsigned microseconds since 1970) was set: \
-             stored as {us} microseconds (times before 1970 are stored as 1970-01-01 00:00:00 \
-             UTC); further clamps are not logged"
+            "a time outside what HAMMER2 stores (signed 64-bit microseconds since 1970, about \
+             292,277 years either side) was set: stored as {us} microseconds; further clamps \
+             are not logged"
         );
     }
-    us
+    us as u64
 }
 
 /// FUSE's 32-bit `dev_t` (the kernel's `new_encode_dev`) as major, minor.
@@ -1400,11 +1404,22 @@ mod tests {
     }
 
     #[test]
-    fn times_outside_the_format_clamp_to_its_range() {
-        assert_eq!(micros(UNIX_EPOCH - Duration::from_secs(5)), 0);
+    fn times_are_signed_microseconds_clamped_to_their_range() {
         assert_eq!(micros(UNIX_EPOCH + Duration::from_micros(1500)), 1500);
-        let last = UNIX_EPOCH + Duration::from_micros(u64::MAX);
-        assert_eq!(micros(last), u64::MAX);
-        assert_eq!(micros(last + Duration::from_secs(1)), u64::MAX);
+        // -1.5 s: DragonFly's (u64)-2 * 1000000 + 500000.
+        let before = UNIX_EPOCH - Duration::from_millis(1500);
+        assert_eq!(
+            micros(before),
+            0u64.wrapping_sub(2_000_000).wrapping_add(500_000)
+        );
+        // Below a microsecond rounds down, before 1970 too.
+        assert_eq!(micros(UNIX_EPOCH + Duration::from_nanos(1999)), 1);
+        assert_eq!(micros(UNIX_EPOCH - Duration::from_nanos(1)), u64::MAX);
+        let last = UNIX_EPOCH + Duration::from_micros(i64::MAX as u64);
+        assert_eq!(micros(last), i64::MAX as u64);
+        assert_eq!(micros(last + Duration::from_secs(1)), i64::MAX as u64);
+        let first = UNIX_EPOCH - Duration::from_micros(1 << 63);
+        assert_eq!(micros(first), 1 << 63);
+        assert_eq!(micros(first - Duration::from_secs(1)), 1 << 63);
     }
 }

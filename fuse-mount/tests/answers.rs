@@ -568,20 +568,23 @@ fn hard_links_and_groups_follow_the_kernels_rules() {
     }
 }
 
-/// HAMMER2 stores times as unsigned microseconds since 1970: a time set
-/// outside that is clamped (before 1970 to the epoch, past the largest
-/// to it), the same through utimensat and after a remount, and the
-/// daemon says so in its log.
+/// HAMMER2 stores times as signed microseconds since 1970, a time before
+/// 1970 in two's complement as DragonFly writes it: -1.5 s set through
+/// utimensat reads back as -1.5 s, before and after a remount, and lands
+/// on disk as DragonFly's `(u64)-2 * 1000000 + 500000`. A time past what
+/// 64 bits of microseconds hold is clamped to the nearest one they hold,
+/// and the daemon says so in its log. `hammer2 recover` copies the time.
 #[test]
-fn times_outside_the_format_are_clamped_and_logged() {
+fn times_before_1970_are_kept_and_outside_the_format_clamped() {
     require_fuse();
     let img = new_volume("times", 4);
     let mnt = scratch("times-mnt");
     let log = mnt.with_extension("log");
     let m = RwMount::new(&img, &mnt, "");
     let p = |s: &str| mnt.join(s);
-    fs::write(p("old"), b"x").unwrap();
-    fs::write(p("far"), b"x").unwrap();
+    for f in ["old", "far", "early"] {
+        fs::write(p(f), b"x").unwrap();
+    }
     let touch = |when: &str, f: &str| {
         let out = Command::new("touch")
             .args(["-d", when])
@@ -590,27 +593,46 @@ fn times_outside_the_format_are_clamped_and_logged() {
             .unwrap();
         assert!(out.status.success(), "touch -d {when}: {out:?}");
     };
-    let mtime = |f: &str| {
+    // stat(1) asking the daemon, not the kernel's cache.
+    let stat = |fmt: &str, f: &str| {
         let out = Command::new("stat")
-            .args(["--cached=never", "-c", "%Y"])
+            .args(["--cached=never", "-c", fmt])
             .arg(p(f))
             .output()
             .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse::<i64>()
-            .unwrap()
+        assert!(out.status.success(), "stat {f}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
-    touch("1960-01-01 00:00:00 UTC", "old");
-    assert_eq!(mtime("old"), 0);
+    touch("@-1.5", "old");
+    assert_eq!(stat("%.9X %.9Y", "old"), "-1.500000000 -1.500000000");
     touch("@20000000000000", "far");
-    assert_eq!(mtime("far"), (u64::MAX / 1_000_000) as i64);
+    assert_eq!(stat("%.6Y", "far"), "9223372036854.775807");
+    touch("@-20000000000000", "early");
+    assert_eq!(stat("%.6Y", "early"), "-9223372036854.775808");
     let logged = fs::read_to_string(&log).unwrap();
     assert!(logged.contains("outside what HAMMER2 stores"), "{logged}");
     m.unmount();
     let pfs = pfs_of(&img, "DATA");
-    assert_eq!(pfs.resolve("old").unwrap().meta().mtime, 0);
-    assert_eq!(pfs.resolve("far").unwrap().meta().mtime, u64::MAX);
+    let meta = |f: &str| *pfs.resolve(f).unwrap().meta();
+    let dragonfly = 0u64.wrapping_sub(2 * 1_000_000).wrapping_add(500_000);
+    assert_eq!(
+        (meta("old").atime, meta("old").mtime),
+        (dragonfly, dragonfly)
+    );
+    assert_eq!(meta("far").mtime, 0x7fff_ffff_ffff_ffff);
+    assert_eq!(meta("early").mtime, 0x8000_0000_0000_0000);
+    drop(pfs);
+    let m = RwMount::new(&img, &mnt, "ro");
+    assert_eq!(stat("%.9X %.9Y", "old"), "-1.500000000 -1.500000000");
+    assert_eq!(stat("%.6Y", "early"), "-9223372036854.775808");
+    m.unmount();
+    // hammer2 recover gives the copy the same time.
+    let dest = scratch("times-recovered");
+    let out = hammer2_tool(&[os("recover"), img.as_os_str(), dest.as_os_str()]);
+    assert!(out.status.success(), "hammer2 recover: {out:?}");
+    let copy = fs::metadata(dest.join("DATA/old")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((copy.mtime(), copy.mtime_nsec()), (-2, 500_000_000));
 }
 
 /// The `hammer2` tool, built beside mount.hammer2.

@@ -154,13 +154,13 @@ fn refused(out: &Output, code: i32, what: &str) -> String {
 }
 
 /// The image mounted read-write by its path and again through a loop
-/// device (`losetup -f --show IMG`) is one image: the second read-write
-/// mount is refused with a one-line error naming the first, as are
-/// `mkfs.hammer2 -f`, the writing `hammer2` verbs, `replay-log` and
-/// fsck's repairs by either name; fsck and the reading verbs warn that it is mounted; a
-/// read-only mount beside it works (and says what it shows). Then the
-/// other way round: mounted through the loop device, the path is
-/// refused. A read-only mount alone keeps out mkfs, replay-log and
+/// device (`losetup -f --show IMG`) is one image: a read-write mount of
+/// its other PFS is refused with a one-line error naming the first, as
+/// are `mkfs.hammer2 -f`, the writing `hammer2` verbs, `replay-log` and
+/// fsck's repairs by either name; fsck and the reading verbs warn that
+/// it is mounted; a read-only mount of the same PFS beside it is a
+/// read-only bind mount of it (and says so). Then the other way round:
+/// mounted through the loop device, the path is refused. A read-only mount alone keeps out mkfs, replay-log and
 /// fsck -y. The
 /// image comes out as written, fsck-clean.
 #[test]
@@ -193,8 +193,8 @@ fn one_image_by_two_names_has_one_writer() {
 
     // (Guards: a mount that should have been refused is not left behind.)
     let stray = Mounted::adopt(&mnt2);
-    let out = run(&["-o", "rw", lo.s(), mnt2_s]);
-    refused(&out, 32, &format!("already {on1}"));
+    let out = run(&["-o", "rw", &format!("{}@LOCAL", lo.s()), mnt2_s]);
+    refused(&out, 32, &format!("already {on1} (PFS @DATA)"));
     assert!(!is_mounted(&mnt2));
     drop(stray);
     for name in [lo.s(), img_s] {
@@ -228,11 +228,13 @@ fn one_image_by_two_names_has_one_writer() {
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
         assert!(text(&out.stderr).contains(&format!("warning: {name} is {on1}")));
     }
-    // Read-only beside it, through the loop device: the last flush.
+    // Read-only beside it, through the loop device: a read-only bind
+    // mount of it.
     let out = run(&["-o", "ro", lo.s(), mnt2_s]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let ro = Mounted::adopt(&mnt2);
-    assert!(text(&out.stderr).contains(&format!("is {on1}")));
+    let bound = format!("served by the mount on {mnt1_s}: {mnt2_s} is a bind mount of it");
+    assert!(text(&out.stderr).contains(&bound), "{}", text(&out.stderr));
     assert_eq!(fs::read(mnt2.join("hello")).unwrap(), b"world");
     // The read-only mount is not taken for the writer.
     refused(
@@ -253,7 +255,11 @@ fn one_image_by_two_names_has_one_writer() {
     fs::write(mnt2.join("second"), "name").unwrap();
     let on2 = format!("already mounted read-write on {mnt2_s}");
     let stray = Mounted::adopt(&mnt1);
-    refused(&run(&["-o", "rw", img_s, mnt1_s]), 32, &on2);
+    refused(
+        &run(&["-o", "rw", &format!("{img_s}@LOCAL"), mnt1_s]),
+        32,
+        &on2,
+    );
     assert!(!is_mounted(&mnt1));
     drop(stray);
     refused(&tool("mkfs-hammer2", &["-f", img_s]), 1, &on2);
@@ -280,6 +286,121 @@ fn one_image_by_two_names_has_one_writer() {
     fsck_spotless(&img);
 }
 
+/// A second mount of the PFS a read-write mount serves, by its path or a
+/// loop device, is a bind mount of the first, as a second mount of a
+/// local filesystem's device shares its superblock: one filesystem (one
+/// st_dev, but no peer of it for mount propagation), a write through
+/// either seen through the other at once; `ro`
+/// gives a read-only bind (EROFS), which sees what is written, not only
+/// the last flush. The first can be unmounted and the others go on with
+/// the same daemon, fsync included; it exits 0 when the last goes, and
+/// the image is clean and holds every write. The same mountpoint again
+/// is refused. A SIGTERM after the first was unmounted unmounts the bind
+/// mounts left.
+#[test]
+fn a_second_mount_of_the_same_pfs_is_a_bind_mount() {
+    require_fuse();
+    let img = new_volume("bind", 4);
+    let (mnt1, mnt2, mnt3) = (scratch("bind-1"), scratch("bind-2"), scratch("bind-3"));
+    let (img_s, mnt2_s, mnt3_s) = (
+        img.to_str().unwrap(),
+        mnt2.to_str().unwrap(),
+        mnt3.to_str().unwrap(),
+    );
+    let log = mnt1.with_extension("log");
+    let lo = LoopDev::attach(&img, &[]);
+    let dev = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(p).unwrap().dev()
+    };
+    let (mut child, first) = mount_foreground(img_s, &mnt1, &log, "rw,sync_interval=0");
+    fs::create_dir(mnt1.join("d")).unwrap();
+    let shared = nix::mount::MsFlags::MS_SHARED;
+    nix::mount::mount(None::<&str>, &mnt1, None::<&str>, shared, None::<&str>).unwrap();
+    let out = run(&["-o", "rw", lo.s(), mnt2_s]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let second = Mounted::adopt(&mnt2);
+    let bound = |how: &str, mnt: &str| {
+        format!(
+            "served by the mount on {}: {mnt} is a bind mount of it ({how})",
+            mnt1.display()
+        )
+    };
+    let said = bound("read-write", mnt2_s);
+    assert!(text(&out.stderr).contains(&said), "{}", text(&out.stderr));
+    assert_eq!(dev(&mnt1), dev(&mnt2));
+    // A new mount for propagation, as a second mount of a device is: no
+    // peer of the first (a mount under the first does not show under it).
+    let tmpfs = mnt1.join("d");
+    let none = nix::mount::MsFlags::empty();
+    nix::mount::mount(Some("tmpfs"), &tmpfs, Some("tmpfs"), none, None::<&str>).unwrap();
+    assert!(is_mounted(&tmpfs));
+    let propagated = is_mounted(&mnt2.join("d"));
+    umount_settled(&tmpfs);
+    assert!(
+        !propagated,
+        "a mount under the first showed under the second"
+    );
+    fs::write(mnt1.join("one"), "1").unwrap();
+    assert_eq!(fs::read(mnt2.join("one")).unwrap(), b"1");
+    fs::write(mnt2.join("two"), "2").unwrap();
+    assert_eq!(fs::read(mnt1.join("two")).unwrap(), b"2");
+
+    let out = run(&["-o", "ro", img_s, mnt3_s]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let third = Mounted::adopt(&mnt3);
+    let said = bound("read-only", mnt3_s);
+    assert!(text(&out.stderr).contains(&said), "{}", text(&out.stderr));
+    fs::write(mnt1.join("three"), "3").unwrap();
+    assert_eq!(fs::read(mnt3.join("three")).unwrap(), b"3");
+    let e = fs::write(mnt3.join("x"), "x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    refused(
+        &run(&["-o", "rw", img_s, mnt2_s]),
+        32,
+        &format!("@DATA of this image is already mounted on {mnt2_s}"),
+    );
+
+    // The first unmounted: the others go on, with the same daemon.
+    umount_settled(&mnt1);
+    drop(first);
+    let mut f = File::create(mnt2.join("four")).unwrap();
+    f.write_all(b"4").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    assert_eq!(on_disk(&img, "four").as_deref(), Some(&b"4"[..]));
+    assert_eq!(fs::read(mnt3.join("four")).unwrap(), b"4");
+    assert!(child.try_wait().unwrap().is_none(), "the daemon is gone");
+    umount_settled(&mnt3);
+    drop(third);
+    umount_settled(&mnt2);
+    drop(second);
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    let logged = fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "mount.hammer2 exited {status}:\n{logged}");
+    for (name, body) in [("one", "1"), ("two", "2"), ("three", "3"), ("four", "4")] {
+        assert_eq!(on_disk(&img, name).as_deref(), Some(body.as_bytes()));
+    }
+    fsck_spotless(&img);
+
+    // SIGTERM with the first gone: the bind mount left is unmounted.
+    let (mut child, first) = mount_foreground(img_s, &mnt1, &log, "rw");
+    let out = run(&["-o", "rw", img_s, mnt2_s]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let second = Mounted::adopt(&mnt2);
+    umount_settled(&mnt1);
+    drop(first);
+    fs::write(mnt2.join("five"), "5").unwrap();
+    sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    let logged = fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "mount.hammer2 exited {status}:\n{logged}");
+    assert!(!is_mounted(&mnt2), "{logged}");
+    drop(second);
+    assert_eq!(on_disk(&img, "five").as_deref(), Some(&b"5"[..]));
+    fsck_spotless(&img);
+}
+
 /// A DOS partition table with two Linux partitions of 64 MiB each.
 fn write_two_partitions(img: &Path) {
     use std::os::unix::fs::FileExt;
@@ -295,8 +416,9 @@ fn write_two_partitions(img: &Path) {
 }
 
 /// The locks follow the bytes of partitions too: two partitions of one
-/// loop device (`losetup -P`) mount read-write side by side; the same
-/// partition through a second loop device over the file is refused, and
+/// loop device (`losetup -P`) mount read-write side by side; the other
+/// PFS of the same partition through a second loop device over the file
+/// is refused, and
 /// so is mkfs over the whole file; the whole loop device holds a
 /// partition table, which mkfs refuses without -f.
 #[test]
@@ -322,10 +444,14 @@ fn partitions_of_loop_devices_lock_by_their_bytes() {
     let b = LoopDev::attach(&file, &["-P"]);
     let b1 = b.partition(1);
     let mnt3 = scratch("parts-3");
-    let on1 = format!("already mounted read-write on {}", mnt1.display());
+    let on1 = format!(
+        "already mounted read-write on {} (PFS @DATA)",
+        mnt1.display()
+    );
     let _stray = Mounted::adopt(&mnt3);
+    let b1_local = format!("{}@LOCAL", b1.display());
     refused(
-        &run(&["-o", "rw", b1.to_str().unwrap(), mnt3.to_str().unwrap()]),
+        &run(&["-o", "rw", &b1_local, mnt3.to_str().unwrap()]),
         32,
         &on1,
     );

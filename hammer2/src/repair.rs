@@ -135,7 +135,7 @@ pub struct Rewind {
     pub to_tid: u64,
     /// The newest change time found in the tree rewound to (inode
     /// ctime/mtime, microseconds), the state's "as of".
-    pub to_time: Option<u64>,
+    pub to_time: Option<i64>,
     /// Files and directories the newer tree changed (PFS:path, or
     /// PFS:#INUM where no path could be read), as far as it could be read.
     pub changed: Vec<String>,

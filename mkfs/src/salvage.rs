@@ -18,6 +18,7 @@
 use bufcache::BlockDevice;
 use hammer2::chain::read_node;
 use hammer2::dirhash::dirhash;
+use hammer2::disk::inode::system_time;
 use hammer2::disk::Blockref;
 use hammer2::disk::{
     BlockrefType, ObjType, BLOCKREF_BYTES, DIRHASH_HIMASK, DIRHASH_VISIBLE, INODE_BYTES, PBUFSIZE,
@@ -33,7 +34,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
 
 /// Nodes nested deeper than this are damage (DragonFly's trees are a
 /// few levels deep).
@@ -484,7 +484,7 @@ impl Salvager<'_> {
     fn set_meta(&mut self, path: &Path, mode: u32, mtime: u64) {
         let _ = fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777));
         if let Ok(f) = File::options().write(true).open(path) {
-            let _ = f.set_modified(UNIX_EPOCH + Duration::from_micros(mtime));
+            let _ = f.set_modified(system_time(mtime));
         }
     }
 
@@ -494,7 +494,7 @@ impl Salvager<'_> {
         dirs.sort_by_key(|d| std::cmp::Reverse(d.0.components().count()));
         for (p, mode, mtime) in dirs {
             if let Ok(f) = File::open(&p) {
-                let _ = f.set_modified(UNIX_EPOCH + Duration::from_micros(mtime));
+                let _ = f.set_modified(system_time(mtime));
             }
             let _ = fs::set_permissions(&p, fs::Permissions::from_mode(mode & 0o7777 | 0o700));
         }

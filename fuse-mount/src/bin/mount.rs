@@ -15,8 +15,10 @@
 //! Exit status, as mount(8): 0 mounted (and, with `-f`, unmounted
 //! cleanly), 1 usage error (bad arguments or options), 2 system error
 //! (including a failed last flush at unmount), 32 mount failure (image,
-//! label, mountpoint, /dev/fuse, mount, an image already mounted
-//! read-write).
+//! label, mountpoint, /dev/fuse, mount, another PFS of the image
+//! mounted read-write). A second mount of a PFS mounted read-write is a
+//! bind mount of the first (`fuse_mount::bind`): it exits 0 with no
+//! daemon of its own, `-f` too.
 
 use clap::Parser;
 use fuse_mount::mount::{self, Failure, Request, DEFAULT_LABEL};
@@ -49,8 +51,9 @@ const MOUNT8_ENV: &str = "MOUNT_HAMMER2_BY_MOUNT8";
                   rw: writes are kept in memory and written by a flush every \
                   sync_interval=SECONDS (default 5; 0 = only on fsync and unmount), on \
                   fsync, when 64 MiB wait, and at unmount; fsync returns once a flush \
-                  that started after it is on disk. An image is mounted read-write once \
-                  at a time.\n\n\
+                  that started after it is on disk. An image has one writer: a second \
+                  mount of the PFS mounted read-write is a bind mount of it, another \
+                  PFS is refused.\n\n\
                   Space: blocks a flush stops using go back to free space by \
                   themselves when nothing else can use them; the rest (blocks shared \
                   with snapshots or by dedup, data written before this mount) comes back \

@@ -129,6 +129,20 @@ impl ObjType {
     }
 }
 
+/// An inode time field as a `SystemTime`: microseconds since the epoch,
+/// signed (DragonFly writes `(u64)tv_sec * 1000000 + usec`, so a time
+/// before 1970 lands as its two's complement; DragonFly reads the field
+/// unsigned, so a value of 2^63 or more, which it only writes for a time
+/// before 1970, reads there as after the year 292,277).
+pub fn system_time(us: u64) -> std::time::SystemTime {
+    use std::time::{Duration, UNIX_EPOCH};
+    let us = us as i64;
+    match u64::try_from(us) {
+        Ok(after) => UNIX_EPOCH + Duration::from_micros(after),
+        Err(_) => UNIX_EPOCH - Duration::from_micros(us.unsigned_abs()),
+    }
+}
+
 /// The inode's meta section.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct InodeMeta {
@@ -137,7 +151,8 @@ pub struct InodeMeta {
     pub uflags: u32,
     pub rmajor: u32,
     pub rminor: u32,
-    /// Times in microseconds since the epoch.
+    /// Times in microseconds since the epoch, signed: a time before 1970
+    /// in two's complement, as DragonFly writes it (`system_time`).
     pub ctime: u64,
     pub mtime: u64,
     pub atime: u64,
@@ -379,6 +394,18 @@ impl InodeData {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_read_signed() {
+        use std::time::{Duration, UNIX_EPOCH};
+        assert_eq!(system_time(1500), UNIX_EPOCH + Duration::from_micros(1500));
+        // DragonFly's (u64)-2 * 1000000 + 500000 for -1.5 s.
+        let raw = 0u64.wrapping_sub(2_000_000).wrapping_add(500_000);
+        assert_eq!(system_time(raw), UNIX_EPOCH - Duration::from_millis(1500));
+        assert_eq!(system_time(u64::MAX), UNIX_EPOCH - Duration::from_micros(1));
+        let first = UNIX_EPOCH - Duration::from_micros(1 << 63);
+        assert_eq!(system_time(1 << 63), first);
+    }
 
     #[test]
     fn meta_round_trip_preserves_defined_fields() {

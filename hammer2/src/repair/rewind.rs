@@ -33,7 +33,7 @@ pub struct RewindTarget {
     /// Its CRCs are good (else they are recomputed: its tree verifies).
     pub crc_good: bool,
     /// The newest inode change time in its tree (microseconds).
-    pub newest_time: Option<u64>,
+    pub newest_time: Option<i64>,
     /// Blocks verified.
     pub blocks: u64,
 }
@@ -42,7 +42,7 @@ pub struct RewindTarget {
 #[derive(Default)]
 struct Summary {
     blocks: u64,
-    newest_time: Option<u64>,
+    newest_time: Option<i64>,
 }
 
 /// Verify every block under `vol`'s super-root; the first that fails
@@ -77,7 +77,8 @@ fn verify_tree(vol: &Volume) -> Result<Summary> {
                 }
                 let ino = read_inode(vol, &br)?;
                 let m = &ino.data.meta;
-                let t = m.ctime.max(m.mtime);
+                // Times are signed (before 1970 in two's complement).
+                let t = (m.ctime as i64).max(m.mtime as i64);
                 s.newest_time = Some(s.newest_time.map_or(t, |n| n.max(t)));
                 if !m.has_direct_data() {
                     stack.extend(
@@ -336,11 +337,12 @@ pub(super) fn line(r: &Rewind) -> String {
     )
 }
 
-/// Microseconds since the epoch as `YYYY-MM-DD HH:MM:SS UTC`.
-pub fn fmt_time(us: u64) -> String {
-    let secs = us / 1_000_000;
-    let days = (secs / 86400) as i64;
-    let rem = secs % 86400;
+/// Microseconds since the epoch (signed: before 1970 negative) as
+/// `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn fmt_time(us: i64) -> String {
+    let secs = us.div_euclid(1_000_000);
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
     // Civil from days (Howard Hinnant's algorithm).
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
@@ -358,4 +360,18 @@ pub fn fmt_time(us: u64) -> String {
         (rem / 60) % 60,
         rem % 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fmt_time;
+
+    #[test]
+    fn times_before_and_after_1970() {
+        assert_eq!(fmt_time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(fmt_time(-1), "1969-12-31 23:59:59 UTC");
+        // touch -t 196001010101 (generic/258): -315615540 s.
+        assert_eq!(fmt_time(-315_615_540_000_000), "1960-01-01 01:01:00 UTC");
+        assert_eq!(fmt_time(951_782_400_000_000), "2000-02-29 00:00:00 UTC");
+    }
 }

@@ -41,9 +41,11 @@ pub(crate) fn system_time_from_time(secs: i64, nsecs: u32) -> SystemTime {
     if secs >= 0 {
         SystemTime::UNIX_EPOCH + Duration::new(secs as u64, nsecs)
     } else {
-        // TODO: overflow
-        // TODO: 1_000_000_000 - nsec
-        SystemTime::UNIX_EPOCH - Duration::new((-secs) as u64, nsecs)
+        // LOCAL: a timespec's nanoseconds count forward from its second
+        // (-1.5 s is { -2, 500_000_000 }); 0.18 subtracted them, and
+        // negated i64::MIN. As upstream's fix (cberner/fuser#705).
+        SystemTime::UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+            + Duration::from_nanos(u64::from(nsecs.min(999_999_999)))
     }
 }
 

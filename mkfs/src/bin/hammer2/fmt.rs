@@ -79,12 +79,15 @@ pub fn size_string(bytes: u64) -> String {
 }
 
 /// Microseconds since the epoch as "22-Nov-2026 04:59:30" (UTC; DragonFly
-/// prints local time, which is the same on a machine set to UTC).
+/// prints local time, which is the same on a machine set to UTC). An
+/// inode's times are signed, before 1970 in two's complement as DragonFly
+/// writes them (DragonFly's tool divides unsigned and prints those as
+/// after the year 292,277).
 pub fn time_string(micros: u64) -> String {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
-    let secs = (micros / 1_000_000) as i64;
+    let secs = (micros as i64).div_euclid(1_000_000);
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let (year, month, day) = civil_from_days(days);
@@ -156,6 +159,10 @@ mod tests {
         // 1700000000 s: the mtime the fixtures carry (14-Nov-2023 22:13:20).
         assert_eq!(time_string(1_700_000_000_000_000), "14-Nov-2023 22:13:20");
         assert_eq!(time_string(951_782_400_000_000), "29-Feb-2000 00:00:00");
+        // touch -t 196001010101 (generic/258), -315615540 s as stored.
+        let raw = 0u64.wrapping_sub(315_615_540_000_000);
+        assert_eq!(time_string(raw), "01-Jan-1960 01:01:00");
+        assert_eq!(time_string(u64::MAX), "31-Dec-1969 23:59:59");
         assert_eq!(
             date_stamp(951_782_400_000_000 + 3_723_000_000),
             "20000229.010203"
