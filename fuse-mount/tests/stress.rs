@@ -116,10 +116,36 @@ fn dirs(mnt: &Path, t: usize) -> [PathBuf; 3] {
     ]
 }
 
+/// A file of worker `t` written and made durable (fsync of it, its
+/// directory and the root) before the load, never changed afterwards,
+/// so that the crash test always has durable data to find, however the
+/// random operations left the other files (they drift towards few files,
+/// most changed since their last fsync).
+fn anchor(t: usize, mnt: &Path, rng: &mut Rng) -> std::io::Result<(PathBuf, Vec<u8>)> {
+    let dir = mnt.join("anchors");
+    fs::create_dir_all(&dir)?;
+    let p = dir.join(format!("t{t}"));
+    let data = noise(rng.next(), 100_000);
+    fs::write(&p, &data)?;
+    File::open(&p)?.sync_all()?;
+    File::open(&dir)?.sync_all()?;
+    File::open(mnt)?.sync_all()?;
+    Ok((p, data))
+}
+
 fn worker(t: usize, mnt: PathBuf, sh: Arc<Shared>, model: Arc<Mutex<Model>>) {
     let mut rng = Rng(0x5157_0000 + t as u64 * 7919);
     let dirs = dirs(&mnt, t);
     let mut serial = 0u64;
+    match anchor(t, &mnt, &mut rng) {
+        Ok((p, data)) => {
+            model.lock().unwrap().durable.insert(p, data);
+        }
+        Err(e) => {
+            sh.fail(format!("worker {t}: anchor file: {e}"));
+            return;
+        }
+    }
     while !sh.stopped() {
         let mut m = model.lock().unwrap();
         let paths: Vec<PathBuf> = m.files.keys().cloned().collect();
