@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ace;
+pub mod cold;
 pub mod craft;
 pub mod damage;
 pub mod disks;
@@ -302,6 +303,20 @@ pub fn save_sparse(dev: &bufcache::MemDevice, path: &Path) {
         }
         off += 65536;
     }
+}
+
+/// `len` bytes no compressor shrinks and dedup does not match across
+/// seeds (xorshift64 from `seed`).
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }
 
 /// Inode times the tests stamp on fresh images (microseconds).

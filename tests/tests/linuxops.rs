@@ -10,6 +10,7 @@ use hammer2::fsck::{fsck, Options};
 use hammer2::mount::{Mount, ATIMES_MAX, ROOT_INUM};
 use hammer2::Error;
 use std::sync::Arc;
+use tests::cold::Cold;
 use tests::{create_file, new_fs, open, T0};
 
 const L: &str = "DATA";
@@ -243,54 +244,6 @@ fn access_times_wait_for_a_flush_without_starting_one() {
     assert_eq!(m.getattr(L, files[0]).unwrap().atime, T0 + 50);
 }
 
-/// A device whose cache starts cold: `read_cached` answers only for
-/// bytes read before (by `read_at`) or written, as a buffer cache does,
-/// so cache-only reads (`hammer2::volume::cache_only`) miss once per
-/// block.
-struct Cold {
-    dev: Arc<MemDevice>,
-    warm: std::sync::Mutex<std::collections::HashSet<u64>>,
-}
-
-impl Cold {
-    const GRAIN: u64 = 1024;
-
-    fn grains(offset: u64, len: usize) -> std::ops::Range<u64> {
-        offset / Self::GRAIN..(offset + len as u64).div_ceil(Self::GRAIN)
-    }
-
-    fn warm(&self, offset: u64, len: usize) {
-        self.warm.lock().unwrap().extend(Self::grains(offset, len));
-    }
-}
-
-impl BlockDevice for Cold {
-    fn size_bytes(&self) -> u64 {
-        self.dev.size_bytes()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.dev.read_at(buf, offset)?;
-        self.warm(offset, buf.len());
-        Ok(())
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.dev.write_at(buf, offset)?;
-        self.warm(offset, buf.len());
-        Ok(())
-    }
-    fn barrier(&self) -> std::io::Result<()> {
-        self.dev.barrier()
-    }
-    fn read_cached(&self, buf: &mut [u8], offset: u64) -> std::io::Result<bool> {
-        let warm = self.warm.lock().unwrap();
-        if !Self::grains(offset, buf.len()).all(|g| warm.contains(&g)) {
-            return Ok(false);
-        }
-        drop(warm);
-        self.dev.read_at(buf, offset).map(|()| true)
-    }
-}
-
 /// As the daemon runs a request (`RwVolume::locked`): cache-only, and
 /// when a read missed, read that block and run the whole unit again.
 /// Returns the result and how many runs missed.
@@ -351,10 +304,7 @@ fn linux_operations_run_again_after_a_cache_miss_as_if_once() {
     type Outcome = (Vec<u8>, u64, u64, u32, u64, u64);
     let run = |cold_cache: bool| -> (Outcome, usize) {
         let dev = copy(&base);
-        let cold = Arc::new(Cold {
-            dev: dev.clone(),
-            warm: Default::default(),
-        });
+        let cold = Cold::over(&dev);
         let d: Arc<dyn BlockDevice> = cold.clone();
         let mut m = Mount::open(d).unwrap();
         if !cold_cache {

@@ -13,119 +13,24 @@
 //! error); everything else of the flush commits.
 
 use bufcache::{BlockDevice, MemDevice};
-use hammer2::disk::ObjType;
 use hammer2::fsck::{fsck, Options};
 use hammer2::mount::{Mount, ROOT_INUM};
 use hammer2::Error;
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use tests::cold::Cold;
 use tests::craft::Craft;
+use tests::{create_file, new_fs, noise, open, T0 as NOW};
 
-const NOW: u64 = 1_700_000_000_000_000;
 const L: &str = "DATA";
 const B: usize = 65536;
 const BLOCKS: usize = 16;
 
-/// A memory image behind a cache that starts cold: `read_cached` hits
-/// only bytes read or written before; reads that reach the image are
-/// counted.
-struct Cold {
-    dev: Arc<MemDevice>,
-    warm: Mutex<HashSet<u64>>,
-    reads: AtomicU64,
-}
-
-impl Cold {
-    const GRAIN: u64 = 1024;
-
-    fn over(dev: &Arc<MemDevice>) -> Arc<Cold> {
-        Arc::new(Cold {
-            dev: dev.clone(),
-            warm: Mutex::new(HashSet::new()),
-            reads: AtomicU64::new(0),
-        })
-    }
-
-    fn grains(offset: u64, len: usize) -> std::ops::Range<u64> {
-        offset / Self::GRAIN..(offset + len as u64).div_ceil(Self::GRAIN)
-    }
-
-    fn warm(&self, offset: u64, len: usize) {
-        self.warm.lock().unwrap().extend(Self::grains(offset, len));
-    }
-
-    fn reads(&self) -> u64 {
-        self.reads.load(Ordering::Relaxed)
-    }
-}
-
-impl BlockDevice for Cold {
-    fn size_bytes(&self) -> u64 {
-        self.dev.size_bytes()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        self.dev.read_at(buf, offset)?;
-        self.warm(offset, buf.len());
-        Ok(())
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.dev.write_at(buf, offset)?;
-        self.warm(offset, buf.len());
-        Ok(())
-    }
-    fn barrier(&self) -> std::io::Result<()> {
-        self.dev.barrier()
-    }
-    fn read_cached(&self, buf: &mut [u8], offset: u64) -> std::io::Result<bool> {
-        let warm = self.warm.lock().unwrap();
-        if !Self::grains(offset, buf.len()).all(|g| warm.contains(&g)) {
-            return Ok(false);
-        }
-        drop(warm);
-        self.dev.read_at(buf, offset).map(|()| true)
-    }
-}
-
-/// Bytes no compressor shrinks (xorshift64 from `seed`).
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// A volume with one file of `BLOCKS` blocks of noise, flushed; the
 /// image, the file's inode number and its bytes.
 fn volume() -> (Arc<MemDevice>, u64, Vec<u8>) {
-    let dev = Arc::new(MemDevice::new(1 << 30));
-    let opts = mkfs::newfs::NewfsOptions {
-        now_us: Some(NOW),
-        uuid_seed: Some(5),
-        ..Default::default()
-    };
-    mkfs::newfs::newfs(dev.as_ref(), &opts).unwrap();
-    let d: Arc<dyn BlockDevice> = dev.clone();
-    let mut m = Mount::open(d).unwrap();
-    let f = m
-        .create(
-            L,
-            ROOT_INUM,
-            b"f",
-            ObjType::Regfile,
-            0o644,
-            0,
-            0,
-            (0, 0),
-            NOW,
-        )
-        .unwrap();
+    let dev = new_fs(5);
+    let mut m = open(&dev);
+    let f = create_file(&mut m, L, ROOT_INUM, b"f").unwrap();
     let data = noise(1, BLOCKS * B);
     m.write(L, f, 0, &data, NOW).unwrap();
     m.flush().unwrap();

@@ -11,22 +11,11 @@ use bufcache::{BlockDevice, MemDevice};
 use hammer2::disk::ObjType;
 use hammer2::mount::{Mount, ROOT_INUM};
 use std::sync::Arc;
+use tests::noise;
 
 const NOW: u64 = 1_700_000_000_000_000;
 const L: &str = "DATA";
 const BLOCK: usize = 65536;
-
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// A 1 GiB volume (one volume header, so a dropped block is freed by
 /// the very next commit) with file `f` of four 64 KiB blocks, flushed.
