@@ -43,6 +43,7 @@ use crate::strategy::CompHeuristic;
 use crate::strategy::{data_bref, dedupable, encode_data_block, place_data, write_placed, Placed};
 use crate::volume::Volume;
 use bufcache::BlockDevice;
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -144,13 +145,29 @@ impl BlockSink for IndirectSink<'_, '_> {
     }
 }
 
-/// A block written in part whose old block cannot be read is dropped
-/// (`FlushStats::lost`); say which, and why.
-fn log_lost(inum: u64, lbase: u64, e: &Error) {
-    log::error!(
-        "inode {inum}: a write into the 64 KiB block at file offset {lbase:#x} is lost: \
-         its old block, to merge the write with, cannot be read: {e}"
-    );
+/// The bytes to write for pending block `lbase` of inode `inum`: merged
+/// with its old block (read through `vol`) if it was written in part.
+/// `None` when that old block cannot be read: the write is lost
+/// (`FlushStats::lost`), and the log says which and why.
+fn block_bytes<'a>(
+    blk: &'a PendingBlock,
+    vol: &Volume,
+    inum: u64,
+    lbase: u64,
+) -> Option<Cow<'a, [u8]>> {
+    if !blk.is_partial() {
+        return Some(Cow::Borrowed(&blk.bytes));
+    }
+    match blk.merged(vol, inum, lbase) {
+        Ok(d) => Some(Cow::Owned(d)),
+        Err(e) => {
+            log::error!(
+                "inode {inum}: a write into the 64 KiB block at file offset {lbase:#x} is lost: \
+                 its old block, to merge the write with, cannot be read: {e}"
+            );
+            None
+        }
+    }
 }
 
 /// Write an inode's pending data blocks and long names, its indirect
@@ -171,24 +188,12 @@ pub fn flush_inode(
         if lbase >= size {
             continue;
         }
-        let merged;
-        let data: &[u8] = if blk.is_partial() {
-            match blk.merged(w.vol, inum, lbase) {
-                Ok(d) => {
-                    merged = d;
-                    &merged
-                }
-                Err(e) => {
-                    log_lost(inum, lbase, &e);
-                    w.lost += 1;
-                    continue;
-                }
-            }
-        } else {
-            &blk.bytes
+        let Some(data) = block_bytes(&blk, w.vol, inum, lbase) else {
+            w.lost += 1;
+            continue;
         };
         let heur = &mut node.comp_heuristic;
-        match encode_data_block(size, lbase, data, comp_algo, check_algo, heur) {
+        match encode_data_block(size, lbase, &data, comp_algo, check_algo, heur) {
             None => {
                 node.table.delete(w.vol, lbase)?;
             }
@@ -880,28 +885,16 @@ impl FlushBatch {
                 return;
             }
             let b = &mut self.blocks[i];
-            let merged;
-            let data: &[u8] = if b.blk.is_partial() {
-                match b.blk.merged(&self.reader, b.inum, b.lbase) {
-                    Ok(d) => {
-                        merged = d;
-                        &merged
-                    }
-                    Err(e) => {
-                        log_lost(b.inum, b.lbase, &e);
-                        b.lost = true;
-                        continue;
-                    }
-                }
-            } else {
-                &b.blk.bytes
+            let Some(data) = block_bytes(&b.blk, &self.reader, b.inum, b.lbase) else {
+                b.lost = true;
+                continue;
             };
             let heur = self
                 .heuristics
                 .entry((b.label.clone(), b.inum))
                 .or_default();
             let Some((phys, methods)) =
-                encode_data_block(b.size, b.lbase, data, b.comp_algo, b.check_algo, heur)
+                encode_data_block(b.size, b.lbase, &data, b.comp_algo, b.check_algo, heur)
             else {
                 b.written = Some(None);
                 continue;
