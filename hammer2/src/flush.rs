@@ -44,7 +44,7 @@ use crate::strategy::{data_bref, dedupable, encode_data_block, place_data, write
 use crate::volume::Volume;
 use bufcache::BlockDevice;
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 /// What one flush wrote.
@@ -260,12 +260,44 @@ impl Mount {
         self.commit_now()
     }
 
-    /// fsync(2) of a file or directory: everything modified is flushed
-    /// (the flush is volume-wide, so the inode and every inode it depends
-    /// on land together).
+    /// fsync(2) of a file or directory: a partial commit of the inode's
+    /// dependency groups (`commit_closure`), not pipelined. Every other
+    /// change stays in memory for a later commit.
     pub fn fsync(&mut self, label: &str, inum: u64) -> Result<FlushStats> {
+        let mut batch = self.fsync_begin(label, inum)?;
+        batch.write();
+        self.flush_commit(batch)
+    }
+
+    /// What a partial commit for `inum` of PFS `label` writes: the
+    /// inode's group, and the PFS root's (the root holds the inode index
+    /// every commit rewrites and the root directory's entries, so its
+    /// changes go with every partial commit of the PFS).
+    pub(crate) fn commit_closure(&self, label: &str, inum: u64) -> BTreeSet<u64> {
+        let mut s = BTreeSet::new();
+        s.insert(crate::mount::ROOT_INUM);
+        if let Some(p) = self.pfs.get(label) {
+            p.depend.closure_into(inum, &mut s);
+            p.depend.closure_into(crate::mount::ROOT_INUM, &mut s);
+        }
+        s
+    }
+
+    /// Start a pipelined partial commit for fsync of `inum`: as
+    /// `flush_begin`, for the file data of the inodes of its closure
+    /// (`commit_closure`) alone. It may run while a volume-wide flush
+    /// writes its batch (commits themselves do not overlap: the caller
+    /// serializes `flush_commit_prepare` .. `flush_commit_finish`).
+    pub fn fsync_begin(&mut self, label: &str, inum: u64) -> Result<FlushBatch> {
+        self.writable()?;
         self.getattr(label, inum)?;
-        self.flush()
+        let scope = self.commit_closure(label, inum);
+        let batch = self.begin_batch(Some((label, &scope)))?;
+        self.partials += 1;
+        Ok(FlushBatch {
+            scope: Some((label.to_string(), inum)),
+            ..batch
+        })
     }
 
     /// Write everything modified and commit it with a new volume header.
@@ -289,12 +321,26 @@ impl Mount {
                 what: "a flush is already in progress".into(),
             });
         }
-        let tid = self.next_tid()?;
+        let batch = self.begin_batch(None)?;
         self.flushing = true;
+        Ok(batch)
+    }
+
+    /// The file data of the inodes in `scope` (PFS and inode numbers;
+    /// `None`: all) waiting for a flush, as a batch.
+    fn begin_batch(&self, scope: Option<(&str, &BTreeSet<u64>)>) -> Result<FlushBatch> {
+        let tid = self.next_tid()?;
         let mut blocks = Vec::new();
         let mut heuristics = HashMap::new();
         for (label, p) in &self.pfs {
-            for (inum, n) in p.inodes.iter().filter(|(_, n)| !n.pending.is_empty()) {
+            let nodes: Vec<(&u64, &InodeNode)> = match scope {
+                None => p.inodes.iter().collect(),
+                Some((l, s)) if l == label => {
+                    s.iter().filter_map(|i| p.inodes.get_key_value(i)).collect()
+                }
+                Some(_) => continue,
+            };
+            for (inum, n) in nodes.into_iter().filter(|(_, n)| !n.pending.is_empty()) {
                 heuristics.insert((label.clone(), *inum), n.comp_heuristic);
                 let size = n.size();
                 for (lbase, blk) in n.pending.range(..size) {
@@ -321,10 +367,12 @@ impl Mount {
             blocks,
             heuristics,
             error: None,
+            scope: None,
         })
     }
 
-    /// Finish a flush started with `flush_begin`.
+    /// Finish a flush started with `flush_begin` (or a partial commit
+    /// started with `fsync_begin`).
     pub fn flush_commit(&mut self, batch: FlushBatch) -> Result<FlushStats> {
         let prepared = self.flush_commit_prepare(batch)?;
         let io = prepared.run();
@@ -339,12 +387,33 @@ impl Mount {
     /// meanwhile change the tree in memory for the next flush, which
     /// cannot begin before this one finishes.
     pub fn flush_commit_prepare(&mut self, batch: FlushBatch) -> Result<Prepared> {
+        let partial = batch.scope.is_some();
+        if self.committing {
+            // The batch goes back whole: its blocks stay pending.
+            self.batch_done(partial);
+            return Err(Error::InvalidArgument {
+                what: "a commit is already in progress".into(),
+            });
+        }
         let result = self.flush_commit_inner(batch);
-        if let Err(e) = &result {
-            self.flushing = false;
-            self.note_flush_error(e);
+        match &result {
+            Err(e) => {
+                self.batch_done(partial);
+                self.note_flush_error(e);
+            }
+            Ok(Prepared::Commit(_)) => self.committing = true,
+            Ok(Prepared::Nothing(..)) => {}
         }
         result
+    }
+
+    /// A batch is committed (or failed): it no longer holds file data.
+    fn batch_done(&mut self, partial: bool) {
+        if partial {
+            self.partials = self.partials.saturating_sub(1);
+        } else {
+            self.flushing = false;
+        }
     }
 
     /// Finish a flush after `Prepared::run`: adopt its header and free
@@ -354,10 +423,16 @@ impl Mount {
         prepared: Prepared,
         io: Result<()>,
     ) -> Result<FlushStats> {
-        self.flushing = false;
         let result = match prepared {
-            Prepared::Nothing(stats) => io.map(|()| stats),
-            Prepared::Commit(c) => io.and_then(|()| self.adopt_header(*c)),
+            Prepared::Nothing(stats, partial) => {
+                self.batch_done(partial);
+                io.map(|()| stats)
+            }
+            Prepared::Commit(c) => {
+                self.batch_done(c.partial);
+                self.committing = false;
+                io.and_then(|()| self.adopt_header(*c))
+            }
         };
         match &result {
             Ok(_) => {
@@ -382,6 +457,7 @@ impl Mount {
         if let Some(e) = batch.error {
             return Err(e);
         }
+        let partial = batch.scope.is_some();
         for ((label, inum), h) in batch.heuristics {
             if let Some(n) = self
                 .pfs
@@ -438,24 +514,44 @@ impl Mount {
                     }
                 }
                 None => {
-                    // Rewritten, truncated or removed meanwhile.
+                    // Rewritten, truncated or removed meanwhile (or
+                    // committed by a partial commit that wrote it again).
                     if let Some(br) = leaf.filter(|_| !b.shared_durable) {
-                        lock_space(&self.space).release_unflushed(br.data_off);
+                        let free_at = self.next_tid()?;
+                        let mut space = lock_space(&self.space);
+                        if !space.release_unflushed(br.data_off) {
+                            // A commit since it was allocated made its
+                            // allocation durable; no header references it.
+                            space.queue_free(br.data_off, true, free_at);
+                        }
                     }
                 }
             }
         }
-        if !self.is_dirty() {
-            return Ok(Prepared::Nothing(FlushStats {
-                tid: self.vol.header.mirror_tid,
-                blocks,
-                bytes,
-                header_slot: self.vol.header_index,
-                freed: 0,
-                lost,
-            }));
+        // A partial commit writes the closure as it is now: the groups
+        // may have grown since the batch was taken.
+        let scope = batch
+            .scope
+            .map(|(label, inum)| {
+                let s = self.commit_closure(&label, inum);
+                (label, s)
+            })
+            .filter(|(label, s)| self.scope_dirty(label, s));
+        if (partial && scope.is_none()) || (!partial && !self.is_dirty()) {
+            return Ok(Prepared::Nothing(
+                FlushStats {
+                    tid: self.vol.header.mirror_tid,
+                    blocks,
+                    bytes,
+                    header_slot: self.vol.header_index,
+                    freed: 0,
+                    lost,
+                },
+                partial,
+            ));
         }
-        let mut c = self.flush_prepare()?;
+        let mut c = self.flush_prepare(scope)?;
+        c.partial = partial;
         c.stats.blocks += blocks;
         c.stats.bytes += bytes;
         c.stats.lost += lost;
@@ -464,18 +560,36 @@ impl Mount {
 
     /// A whole flush with the mount held throughout.
     fn flush_inner(&mut self) -> Result<FlushStats> {
-        let c = self.flush_prepare()?;
+        let c = self.flush_prepare(None)?;
         c.run()?;
         self.adopt_header(c)
     }
 
+    /// Whether a partial commit of `scope` (inodes of PFS `label`) has
+    /// anything to write.
+    fn scope_dirty(&self, label: &str, scope: &BTreeSet<u64>) -> bool {
+        let Some(p) = self.pfs.get(label) else {
+            return false;
+        };
+        p.root.dirty
+            || scope.iter().any(|i| {
+                p.removed.contains(i)
+                    || p.dropped.contains_key(i)
+                    || p.inodes.get(i).is_some_and(|n| n.dirty)
+            })
+    }
+
     /// Write the tree and the freemap (`flush.rs` order) and make the
-    /// volume header of the commit, not yet written. The access times
-    /// waiting in memory go with it (`flush_atimes`).
-    fn flush_prepare(&mut self) -> Result<CommitIo> {
-        if let Err(e) = self.flush_atimes() {
-            // An access time is not worth failing the flush for.
-            log::warn!("access times left for a later flush: {e}");
+    /// volume header of the commit, not yet written. `scope`: a partial
+    /// commit of those inodes of that PFS (their data, inodes, removals
+    /// and drops, the PFS root and the super-root); `None`: everything,
+    /// the access times waiting in memory too (`flush_atimes`).
+    fn flush_prepare(&mut self, scope: Option<(String, BTreeSet<u64>)>) -> Result<CommitIo> {
+        if scope.is_none() {
+            if let Err(e) = self.flush_atimes() {
+                // An access time is not worth failing the flush for.
+                log::warn!("access times left for a later flush: {e}");
+            }
         }
         let tid = self.next_tid()?;
         // A block this flush drops is referenced by the headers before
@@ -501,9 +615,29 @@ impl Mount {
         let mut seen = HashSet::new();
         // Removed inodes whose trees the device phase walks (`CommitIo`).
         let mut removed_trees = Vec::new();
-        for p in pfs.values_mut() {
-            let mut drops = std::mem::take(&mut p.dropped);
-            let removed = std::mem::take(&mut p.removed);
+        for (label, p) in pfs.iter_mut() {
+            let members = match &scope {
+                None => None,
+                Some((l, s)) if l == label => Some(s),
+                Some(_) => continue,
+            };
+            let inums: Vec<u64> = match members {
+                None => p.inodes.keys().copied().collect(),
+                Some(s) => s.iter().copied().collect(),
+            };
+            let mut drops = Vec::new();
+            let removed: Vec<u64> = match members {
+                None => {
+                    drops.extend(std::mem::take(&mut p.dropped).into_values().flatten());
+                    std::mem::take(&mut p.removed).into_iter().collect()
+                }
+                Some(s) => {
+                    for i in s {
+                        drops.extend(p.dropped.remove(i).into_iter().flatten());
+                    }
+                    s.iter().filter(|i| p.removed.remove(i)).copied().collect()
+                }
+            };
             let lsnap = p.root.data.meta.pfs_lsnap_tid;
             for inum in removed {
                 if let Some(ibr) = p.root.table.delete(w.vol, inum)? {
@@ -511,15 +645,24 @@ impl Mount {
                 }
                 p.root.dirty = true;
             }
-            for (inum, node) in p.inodes.iter_mut().filter(|(_, n)| n.dirty) {
+            for inum in &inums {
+                let Some(node) = p.inodes.get_mut(inum).filter(|n| n.dirty) else {
+                    continue;
+                };
                 let br = flush_inode(&mut w, node, *inum, 0)?;
                 p.root
                     .table
                     .insert(w.vol, crate::blocktable::TreeKind::Directory, true, br)?;
                 p.root.dirty = true;
             }
-            for node in p.inodes.values_mut() {
-                drops.extend(node.table.take_dropped());
+            for inum in &inums {
+                if let Some(node) = p.inodes.get_mut(inum) {
+                    drops.extend(node.table.take_dropped());
+                }
+            }
+            match members {
+                None => p.depend.clear(),
+                Some(s) => p.depend.committed(s),
             }
             if p.root.dirty {
                 let br = flush_inode(&mut w, &mut p.root, p.key, BREF_FLAG_PFSROOT)?;
@@ -560,6 +703,7 @@ impl Mount {
         let raw = vh.encode();
         debug_assert_eq!(raw.len(), VOLUME_BYTES);
         Ok(CommitIo {
+            partial: false,
             dev,
             raw,
             reader: vol.reader(),
@@ -624,7 +768,7 @@ impl Mount {
     /// ENOSPC and for unmount. Returns the bytes given back.
     pub fn reclaim(&mut self) -> Result<u64> {
         self.writable()?;
-        if self.flushing {
+        if self.flushing || self.partials > 0 || self.committing {
             return Err(Error::InvalidArgument {
                 what: "a flush is in progress".into(),
             });
@@ -762,7 +906,8 @@ fn inode_tree_drops(vol: &Volume, ibr: &Blockref, out: &mut Vec<Blockref>, unrea
 /// What `flush_commit_prepare` leaves to do.
 pub enum Prepared {
     /// Nothing changed but the file data already written: no header.
-    Nothing(FlushStats),
+    /// (The flag: a partial commit's.)
+    Nothing(FlushStats, bool),
     Commit(Box<CommitIo>),
 }
 
@@ -772,7 +917,7 @@ impl Prepared {
     /// on the mount.
     pub fn run(&self) -> Result<()> {
         match self {
-            Prepared::Nothing(_) => Ok(()),
+            Prepared::Nothing(..) => Ok(()),
             Prepared::Commit(c) => c.run(),
         }
     }
@@ -781,6 +926,8 @@ impl Prepared {
 /// A commit waiting for the device: the new volume header and where it
 /// goes.
 pub struct CommitIo {
+    /// A partial commit's (`Mount::fsync_begin`).
+    partial: bool,
     dev: Arc<dyn BlockDevice>,
     raw: Vec<u8>,
     at: u64,
@@ -855,6 +1002,8 @@ pub struct FlushBatch {
     /// given back to its inode at commit.
     heuristics: HashMap<(String, u64), CompHeuristic>,
     error: Option<Error>,
+    /// A partial commit's: the PFS and the inode fsync was called for.
+    scope: Option<(String, u64)>,
 }
 
 impl FlushBatch {

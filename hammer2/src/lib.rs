@@ -17,6 +17,7 @@ pub mod bulkfree;
 pub mod check;
 pub mod compress;
 pub mod dedup;
+mod depend;
 pub mod dirhash;
 pub mod disk;
 pub mod error;

@@ -22,6 +22,7 @@
 //! again; what is on disk stays the state of the last completed flush.
 
 use crate::alloc::SpaceMap;
+use crate::depend::Depend;
 use crate::disk::{self, Blockref, BlockrefType, ObjType, INODE_START};
 use crate::error::{Error, Result};
 
@@ -84,8 +85,11 @@ pub(crate) struct PfsState {
     /// while it is pinned stays until its last pin goes.
     pub(crate) pins: BTreeMap<u64, u32>,
     /// Blockrefs dropped from the trees of inodes that left memory
-    /// before the flush (see `BlockTable::take_dropped`).
-    pub(crate) dropped: Vec<Blockref>,
+    /// before the flush (see `BlockTable::take_dropped`), by inode: a
+    /// partial commit frees only what its groups dropped.
+    pub(crate) dropped: BTreeMap<u64, Vec<Blockref>>,
+    /// Which inodes must be committed together (`depend.rs`).
+    pub(crate) depend: Depend,
     /// Access times waiting for the next flush, by inode (see
     /// `mount/linux.rs`, `touch_atime`).
     pub(crate) atimes: BTreeMap<u64, u64>,
@@ -135,7 +139,8 @@ impl PfsState {
             inodes: BTreeMap::new(),
             removed: BTreeSet::new(),
             pins: BTreeMap::new(),
-            dropped: Vec::new(),
+            dropped: BTreeMap::new(),
+            depend: Depend::default(),
             atimes: BTreeMap::new(),
         }
     }
@@ -143,7 +148,10 @@ impl PfsState {
     /// Take inode `inum` out of memory, keeping what its tree dropped.
     fn forget_inode(&mut self, inum: u64) {
         if let Some(mut n) = self.inodes.remove(&inum) {
-            self.dropped.extend(n.table.take_dropped());
+            let d = n.table.take_dropped();
+            if !d.is_empty() {
+                self.dropped.entry(inum).or_default().extend(d);
+            }
         }
     }
 }
@@ -155,6 +163,12 @@ pub struct Mount {
     pub(crate) space: Arc<Mutex<Box<dyn SpaceMap>>>,
     /// A pipelined flush is between `flush_begin` and `flush_commit`.
     pub(crate) flushing: bool,
+    /// Partial commits (`fsync_begin`) between their begin and commit.
+    pub(crate) partials: u32,
+    /// A commit is between `flush_commit_prepare` and
+    /// `flush_commit_finish` (its header is not the volume's yet):
+    /// commits do not overlap.
+    pub(crate) committing: bool,
     /// Bytes admitted since the last flush (file data blocks and inode
     /// metadata), held against the allocator's available space so a
     /// full disk fails the operation, never the flush.
@@ -223,6 +237,8 @@ impl Mount {
             vol,
             space: Arc::new(Mutex::new(space)),
             flushing: false,
+            partials: 0,
+            committing: false,
             admitted: 0,
             sroot,
             pfs: BTreeMap::new(),
@@ -277,18 +293,8 @@ impl Mount {
                 what: format!("PFS {label}"),
             })?;
             let root = InodeNode::from_disk(br, ino.data);
-            self.pfs.insert(
-                label.to_string(),
-                PfsState {
-                    key: br.key,
-                    root,
-                    inodes: BTreeMap::new(),
-                    removed: BTreeSet::new(),
-                    pins: BTreeMap::new(),
-                    dropped: Vec::new(),
-                    atimes: BTreeMap::new(),
-                },
-            );
+            self.pfs
+                .insert(label.to_string(), PfsState::new(br.key, root));
         }
         self.pfs.get_mut(label).ok_or_else(|| Error::NotFound {
             what: format!("PFS {label}"),
@@ -402,7 +408,19 @@ impl Mount {
             + dirents * DIRENT_ADMIT_BYTES
             + blocks.saturating_mul(DATA_ADMIT_BYTES);
         self.admit(bytes, tier)?;
+        // The inodes one change rewrites reach the disk together
+        // (`depend.rs`); an inode it creates is tied once it has a number.
+        if counted.len() > 1 {
+            self.tie(label, &counted);
+        }
         Ok(bytes)
+    }
+
+    /// Tie inodes of PFS `label` into one dependency group.
+    pub(crate) fn tie(&mut self, label: &str, inums: &[u64]) {
+        if let Some(p) = self.pfs.get_mut(label) {
+            p.depend.tie(inums);
+        }
     }
 
     /// Give back what `admit_change` admitted for a change that failed

@@ -148,7 +148,7 @@ impl Mount {
     /// `label` is taken.
     fn pfs_op_ready(&mut self, new_label: Option<&str>) -> Result<()> {
         self.writable()?;
-        if self.flushing {
+        if self.flushing || self.partials > 0 || self.committing {
             return Err(Error::InvalidArgument {
                 what: "a flush is in progress".into(),
             });

@@ -18,8 +18,9 @@ pub trait SpaceMap: Send {
     /// `available_bytes` when it was written.
     fn alloc(&mut self, btype: BlockrefType, bytes: u64, key: u64, flush: bool) -> Result<DataOff>;
     /// Give back a block allocated since the last `flush` that no
-    /// durable tree references.
-    fn release_unflushed(&mut self, off: DataOff);
+    /// durable tree references. False when it is not one (a commit
+    /// since made its allocation durable).
+    fn release_unflushed(&mut self, off: DataOff) -> bool;
     /// Write the modified freemap copy-on-write; return the new
     /// freemap blockset for the volume header.
     fn flush(&mut self, dev: &dyn BlockDevice, mirror_tid: u64) -> Result<[Blockref; 4]>;
@@ -99,9 +100,13 @@ impl SpaceMap for Allocator {
             purpose,
         })
     }
-    fn release_unflushed(&mut self, off: DataOff) {
-        if let Err(e) = Allocator::release_unflushed(self, off) {
-            log::warn!("release of unflushed block {off:?} refused: {e}");
+    fn release_unflushed(&mut self, off: DataOff) -> bool {
+        match Allocator::release_unflushed(self, off) {
+            Ok(()) => true,
+            Err(e) => {
+                log::debug!("release of unflushed block {off:?} refused: {e}");
+                false
+            }
         }
     }
     fn flush(&mut self, dev: &dyn BlockDevice, mirror_tid: u64) -> Result<[Blockref; 4]> {

@@ -174,7 +174,7 @@ impl Mount {
         // A block written in part is not read now (the old bytes merge
         // in at the flush) unless a pipelined flush has taken the file
         // data already: its commit would have to read under the lock.
-        let defer = !self.flushing;
+        let defer = !self.flushing && self.partials == 0;
         let r = self.with_node(label, inum, |vol, n| {
             if n.obj_type() != ObjType::Regfile {
                 return Err(Error::InvalidArgument {
@@ -336,6 +336,7 @@ impl Mount {
         }
         let p = self.pfs_mut(label)?;
         p.inodes.insert(inum, InodeNode::new(data));
+        p.depend.tie(&[dir, inum]);
         self.add_entry(label, dir, name, inum, obj_type, now)?;
         Ok(inum)
     }
@@ -364,9 +365,9 @@ impl Mount {
         crate::volume::allow_io();
         let inum = self.alloc_inum(label)?;
         let data = new_meta(ObjType::Directory, inum, &dmeta, mode, uid, gid, now);
-        self.pfs_mut(label)?
-            .inodes
-            .insert(inum, InodeNode::new(data));
+        let p = self.pfs_mut(label)?;
+        p.inodes.insert(inum, InodeNode::new(data));
+        p.depend.tie(&[dir, inum]);
         self.add_entry(label, dir, name, inum, ObjType::Directory, now)?;
         Ok(inum)
     }
