@@ -11,11 +11,19 @@
 //! always whole: a barrier orders them.
 //!
 //! The oracle: fsck finds no problem; the image mounts; its tree equals
-//! the state of the last flush whose volume header write is whole in the
-//! image (a torn header may leave either that flush or the one before,
-//! as the header copies' CRCs decide); so everything an fsync, fdatasync
-//! or sync returned from is there exactly; and the recovered filesystem
-//! takes new writes, flushes, and stays fsck-clean.
+//! the state of the last commit whose volume header write is whole in
+//! the image (a torn header may leave either that commit or the one
+//! before, as the header copies' CRCs decide); and the recovered
+//! filesystem takes new writes, flushes, and stays fsck-clean. A sync is
+//! a commit of everything; an fsync or fdatasync a partial commit of the
+//! dependency groups of its target and of the root (`Groups`, which
+//! restates the library's rules from the operations): the state it
+//! leaves (`Committed`) is the last one with those inodes and directory
+//! entries as they are now and everything else as before. So everything
+//! an fsync, fdatasync or sync returned from is there exactly, every
+//! operation is there whole or not at all (an entry never without its
+//! inode, a link count always its entries'), and what nobody fsynced
+//! keeps its last committed state.
 //!
 //! The model is a plain map of paths to inodes (type, mode, contents or
 //! target, links), updated by the workload and snapshotted at each
@@ -304,6 +312,242 @@ impl Model {
                         group: first[i].to_string(),
                     },
                 )
+            })
+            .collect()
+    }
+}
+
+/// The root directory's id in the model (inode ids start at 1).
+pub const MROOT: u64 = 0;
+
+impl Model {
+    /// The inode id of `path` (`MROOT` for the root).
+    pub fn id_of(&self, path: &str) -> Option<u64> {
+        if path.is_empty() {
+            Some(MROOT)
+        } else {
+            self.paths.get(path).copied()
+        }
+    }
+
+    /// The entries of directory `dir`: name to inode id.
+    fn entries(&self, dir: u64) -> BTreeMap<String, u64> {
+        self.paths
+            .iter()
+            .filter(|(p, _)| self.id_of(parent_of(p)) == Some(dir))
+            .map(|(p, i)| (name_of(p).to_string(), *i))
+            .collect()
+    }
+
+    fn links(&self, id: u64) -> u64 {
+        self.paths.values().filter(|&&i| i == id).count() as u64
+    }
+}
+
+/// The dependency groups the model expects (the rules of the library's
+/// `depend.rs`, restated): each operation that changes several inodes
+/// ties them; an fsync commits the groups of its target and of the root.
+#[derive(Clone, Debug, Default)]
+pub struct Groups {
+    parent: HashMap<u64, u64>,
+}
+
+impl Groups {
+    fn find(&mut self, x: u64) -> u64 {
+        let p = *self.parent.entry(x).or_insert(x);
+        if p == x {
+            return x;
+        }
+        let r = self.find(p);
+        self.parent.insert(x, r);
+        r
+    }
+
+    fn tie(&mut self, ids: &[u64]) {
+        if let Some((&first, rest)) = ids.split_first() {
+            let a = self.find(first);
+            for &i in rest {
+                let b = self.find(i);
+                self.parent.insert(b, a);
+            }
+        }
+    }
+
+    /// Record what `op` ties, on `model` as it was before `op` (which
+    /// `after` is after it, `op` having succeeded).
+    pub fn note(&mut self, before: &Model, after: &Model, op: &Op) {
+        let pid = |m: &Model, p: &str| m.id_of(parent_of(p));
+        let ids: Vec<Option<u64>> = match op {
+            Op::Creat(p) | Op::Mkdir(p) | Op::Symlink { path: p, .. } => {
+                vec![pid(after, p), after.id_of(p)]
+            }
+            Op::Link(src, dst) => vec![before.id_of(src), pid(after, dst)],
+            Op::Unlink(p) | Op::Rmdir(p) => vec![pid(before, p), before.id_of(p)],
+            Op::Rename(src, dst) => {
+                if before.paths == after.paths {
+                    // Nothing moved (the same inode under both names).
+                    return;
+                }
+                vec![
+                    pid(before, src),
+                    pid(before, dst),
+                    before.id_of(src),
+                    before.paths.get(dst.as_str()).copied(),
+                ]
+            }
+            _ => return,
+        };
+        let ids: Vec<u64> = ids.into_iter().flatten().collect();
+        self.tie(&ids);
+    }
+
+    /// The inodes an fsync of `target` commits: its group and the root's.
+    pub fn closure(&mut self, target: u64) -> Vec<u64> {
+        let (t, r) = (self.find(target), self.find(MROOT));
+        let mut out: Vec<u64> = self.parent.keys().copied().collect();
+        out.retain(|&x| {
+            let g = self.find(x);
+            g == t || g == r
+        });
+        out.extend([target, MROOT]);
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// The groups of `ids` are committed.
+    pub fn committed(&mut self, ids: &[u64]) {
+        let gone: Vec<u64> = ids.iter().map(|&i| self.find(i)).collect();
+        let members: Vec<u64> = self.parent.keys().copied().collect();
+        let drop: Vec<u64> = members
+            .into_iter()
+            .filter(|&x| gone.contains(&self.find(x)))
+            .collect();
+        for x in drop {
+            self.parent.remove(&x);
+        }
+    }
+}
+
+/// The model as the commits so far left it on disk: the directories'
+/// entries and the inodes (with their link counts) as of the commit
+/// that last included each. A flush commits everything, an fsync the
+/// closure of its target (`Groups::closure`).
+#[derive(Clone, Debug, Default)]
+pub struct Committed {
+    dirs: BTreeMap<u64, BTreeMap<String, u64>>,
+    inodes: BTreeMap<u64, (MInode, u64)>,
+}
+
+impl Committed {
+    /// Everything in `model` committed.
+    pub fn full(model: &Model) -> Committed {
+        let mut c = Committed::default();
+        let all: Vec<u64> = std::iter::once(MROOT)
+            .chain(model.inodes.keys().copied())
+            .collect();
+        c.apply(model, &all);
+        c
+    }
+
+    /// The inodes `ids` committed as `model` has them now.
+    pub fn apply(&mut self, model: &Model, ids: &[u64]) {
+        for &id in ids {
+            let dir = id == MROOT || model.inodes.get(&id).is_some_and(|n| n.kind == MKind::Dir);
+            if dir {
+                self.dirs.insert(id, model.entries(id));
+            } else {
+                self.dirs.remove(&id);
+            }
+            match model.inodes.get(&id) {
+                Some(n) => {
+                    self.inodes.insert(id, (n.clone(), model.links(id)));
+                }
+                None => {
+                    self.inodes.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// The committed state as a model (its ids continuing `like`'s).
+    pub fn to_model(&self, like: &Model) -> Model {
+        let mut paths = BTreeMap::new();
+        let mut stack = vec![(MROOT, String::new())];
+        while let Some((dir, path)) = stack.pop() {
+            for (name, &id) in self.dirs.get(&dir).into_iter().flatten() {
+                let p = if path.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{path}/{name}")
+                };
+                if self.dirs.contains_key(&id) && paths.len() < 100_000 {
+                    stack.push((id, p.clone()));
+                }
+                paths.insert(p, id);
+            }
+        }
+        let inodes = self
+            .inodes
+            .iter()
+            .filter(|(id, _)| paths.values().any(|i| i == *id))
+            .map(|(id, (n, _))| (*id, n.clone()))
+            .collect();
+        Model {
+            paths,
+            inodes,
+            next: like.next,
+        }
+    }
+
+    /// The tree as compared. An entry whose inode was never committed
+    /// (a broken group rule) shows as kind '!', which no tree read back
+    /// has.
+    pub fn tree(&self) -> Tree {
+        let mut raw: Vec<(String, u64)> = Vec::new();
+        let mut stack = vec![(MROOT, String::new())];
+        while let Some((dir, path)) = stack.pop() {
+            for (name, &id) in self.dirs.get(&dir).into_iter().flatten() {
+                let p = if path.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{path}/{name}")
+                };
+                if self.dirs.contains_key(&id) && raw.len() < 100_000 {
+                    stack.push((id, p.clone()));
+                }
+                raw.push((p, id));
+            }
+        }
+        raw.sort();
+        let mut first: HashMap<u64, String> = HashMap::new();
+        raw.into_iter()
+            .map(|(p, id)| {
+                let group = first.entry(id).or_insert_with(|| p.clone()).clone();
+                let e = match self.inodes.get(&id) {
+                    Some((n, links)) => {
+                        let (kind, data, nlink) = match &n.kind {
+                            MKind::File(d) => ('f', d.clone(), *links),
+                            MKind::Dir => ('d', Vec::new(), 0),
+                            MKind::Symlink(t) => ('l', t.clone(), *links),
+                        };
+                        TEntry {
+                            kind,
+                            mode: n.mode,
+                            nlink,
+                            data,
+                            group,
+                        }
+                    }
+                    None => TEntry {
+                        kind: '!',
+                        mode: 0,
+                        nlink: 0,
+                        data: Vec::new(),
+                        group,
+                    },
+                };
+                (p, e)
             })
             .collect()
     }
@@ -1144,11 +1388,17 @@ pub fn record(steps: &[Step], version: u32) -> std::result::Result<Recorded, Str
     let mut m = Mount::open(dev).map_err(|e| format!("open: {e}"))?;
     let mut model = b.model.clone();
     let initial = model.tree();
+    let mut committed = Committed::full(&model);
+    let mut groups = Groups::default();
     let mut commits: Vec<(usize, Tree)> = Vec::new();
     let mut now = crate::T0 + 1_000_000;
     for (i, st) in steps.iter().enumerate() {
         now += 1000;
+        let before = model.clone();
         let want = model.apply(&st.op);
+        if want.is_ok() {
+            groups.note(&before, &model, &st.op);
+        }
         let got = lib_apply(&mut m, &st.op, now);
         match (&want, &got) {
             (Ok(()), Err(e)) => return Err(format!("step {i} failed: {e}")),
@@ -1157,12 +1407,20 @@ pub fn record(steps: &[Step], version: u32) -> std::result::Result<Recorded, Str
         }
         let flushed = match st.persist {
             Persist::Nothing => None,
-            Persist::Sync => Some(m.flush()),
+            Persist::Sync => {
+                committed = Committed::full(&model);
+                groups = Groups::default();
+                Some(m.flush())
+            }
             Persist::Fsync | Persist::Fdatasync => {
-                let target = match resolve(&mut m, fsync_target(&st.op)) {
+                let path = fsync_target(&st.op);
+                let target = match resolve(&mut m, path) {
                     Ok(i) => i,
                     Err(_) => ROOT_INUM,
                 };
+                let ids = groups.closure(model.id_of(path).unwrap_or(MROOT));
+                committed.apply(&model, &ids);
+                groups.committed(&ids);
                 Some(m.fsync(LABEL, target))
             }
         };
@@ -1171,7 +1429,7 @@ pub fn record(steps: &[Step], version: u32) -> std::result::Result<Recorded, Str
             let header = rec.events().iter().rposition(
                 |e| matches!(e, Event::Write { offset, data } if is_header_write(*offset, data.len())),
             );
-            let tree = model.tree();
+            let tree = committed.tree();
             match header {
                 Some(h) if commits.last().is_none_or(|c| c.0 != h) => commits.push((h, tree)),
                 _ => {

@@ -10,7 +10,9 @@
 //! healing and remounting, the image is fsck-clean and holds a state the
 //! model allows. A failure names its seed; the same seed replays it.
 
-use crate::ace::{self, fsck_clean, lib_apply, lib_tree, tree_diff, Model, Op, LABEL};
+use crate::ace::{
+    self, fsck_clean, lib_apply, lib_tree, tree_diff, Committed, Groups, Model, Op, LABEL,
+};
 use bufcache::recording::{Event, FaultDevice, RecordingDevice};
 use bufcache::{BlockDevice, MemDevice};
 use hammer2::mount::{Mount, ROOT_INUM};
@@ -51,9 +53,13 @@ struct Sim {
     m: Option<Mount>,
     /// The model of what the library holds in memory.
     model: Model,
-    /// The state of the last flush, and of the one before it.
+    /// The state of the last commit, and of the one before it.
     durable: Model,
     prev: Model,
+    /// The dependency groups since the last commit, and the committed
+    /// state as partial commits (fsync) build it (`ace::Committed`).
+    groups: Groups,
+    committed: Committed,
     now: u64,
     stats: SimStats,
     /// Recent actions, for the failure report.
@@ -86,7 +92,14 @@ impl Sim {
         self.fault = Arc::new(FaultDevice::new(self.rec.clone()));
         let d: Arc<dyn BlockDevice> = self.fault.clone();
         self.m = Some(Mount::open(d).map_err(|e| format!("mount: {e}"))?);
+        self.fresh_session();
         Ok(())
+    }
+
+    /// A new mount: nothing waits for a commit.
+    fn fresh_session(&mut self) {
+        self.groups = Groups::default();
+        self.committed = Committed::full(&self.model);
     }
 
     /// Remount the device as it is and check it: fsck-clean, and the
@@ -103,6 +116,7 @@ impl Sim {
             Some(a) => {
                 let a = a.clone();
                 self.model = a.clone();
+                self.fresh_session();
                 if a.tree() != self.durable.tree() {
                     self.prev = std::mem::replace(&mut self.durable, a);
                 }
@@ -197,6 +211,7 @@ impl Sim {
         self.note(format!("{op:?} -> {got:?}"));
         match (want, got) {
             (Ok(()), Ok(())) => {
+                self.groups.note(&self.model, &next, &op);
                 self.model = next;
                 Ok(())
             }
@@ -223,25 +238,50 @@ impl Sim {
             .next_back()
     }
 
+    /// A flush of everything, or an fsync of a random path (a partial
+    /// commit of its groups and the root's).
     fn flush(&mut self) -> R<()> {
+        let all = self.rng.gen_bool(0.5);
+        self.commit(all)
+    }
+
+    /// A flush of everything: the model is the durable state after it.
+    fn flush_all(&mut self) -> R<()> {
+        self.commit(true)
+    }
+
+    fn commit(&mut self, all: bool) -> R<()> {
         let start = self.rec.position();
-        let r = if self.rng.gen_bool(0.5) {
+        let r = if all {
+            self.committed = Committed::full(&self.model);
+            self.groups = Groups::default();
             self.m().flush().map(|_| ())
         } else {
             let paths = self.model.paths();
-            let inum = if paths.is_empty() {
-                ROOT_INUM
+            let (inum, id) = if paths.is_empty() {
+                (ROOT_INUM, ace::MROOT)
             } else {
                 let p = paths[self.rng.gen_range(0..paths.len())].0.clone();
-                ace::resolve(self.m(), &p).map_err(|e| format!("resolve {p}: {e}"))?
+                let inum = ace::resolve(self.m(), &p).map_err(|e| format!("resolve {p}: {e}"))?;
+                (inum, self.model.id_of(&p).unwrap_or(ace::MROOT))
             };
+            let ids = self.groups.closure(id);
+            self.committed.apply(&self.model, &ids);
+            self.groups.committed(&ids);
+            self.note(format!("fsync of {ids:?}"));
             self.m().fsync(LABEL, inum).map(|_| ())
         };
         r.map_err(|e| format!("flush: {e}"))?;
         self.stats.flushes += 1;
         self.note("flush".into());
+        let now_durable = self.committed.to_model(&self.model);
         if self.header_since(start).is_some() {
-            self.prev = std::mem::replace(&mut self.durable, self.model.clone());
+            self.prev = std::mem::replace(&mut self.durable, now_durable);
+        } else if now_durable.tree() != self.durable.tree() {
+            return Err(format!(
+                "a commit wrote no header, but the committed state changed: {}",
+                tree_diff(&self.durable.tree(), &now_durable.tree())
+            ));
         }
         // What the library shows equals the model.
         let t = lib_tree(self.m()).map_err(|e| format!("reading: {e}"))?;
@@ -262,6 +302,8 @@ impl Sim {
         let before = self.durable.clone();
         let after = self.model.clone();
         self.m().flush().map_err(|e| format!("flush: {e}"))?;
+        self.committed = Committed::full(&self.model);
+        self.groups = Groups::default();
         let header = self.header_since(start);
         let events = self.rec.events();
         // Epoch boundaries after `start`.
@@ -314,6 +356,8 @@ impl Sim {
         match self.m().flush() {
             Ok(_) => {
                 // The flush needed fewer writes than allowed.
+                self.committed = Committed::full(&self.model);
+                self.groups = Groups::default();
                 self.fault.heal();
                 if self.header_since(start).is_some() {
                     self.prev = std::mem::replace(&mut self.durable, self.model.clone());
@@ -346,7 +390,7 @@ impl Sim {
     /// error; an operation that failed is not half done.
     fn read_fault(&mut self) -> R<()> {
         self.stats.read_faults += 1;
-        self.flush()?;
+        self.flush_all()?;
         let img = self.image();
         self.remount_on(img)?;
         let n = self.rng.gen_range(0..40);
@@ -413,7 +457,7 @@ impl Sim {
         self.stats.bit_flips += 1;
         self.op()?;
         let start = self.rec.position();
-        self.flush()?;
+        self.flush_all()?;
         let writes: Vec<(u64, usize)> = self
             .rec
             .events()
@@ -468,7 +512,7 @@ impl Sim {
     /// the flush still completes.
     fn enospc(&mut self) -> R<()> {
         self.stats.enospc += 1;
-        self.flush()?;
+        self.flush_all()?;
         let img = self.image();
         self.m = None;
         self.rec = Arc::new(RecordingDevice::from_mem(img));
@@ -481,6 +525,7 @@ impl Sim {
         alloc.set_reserve_bytes(alloc.free_chunk_bytes().saturating_sub(room));
         self.note(format!("disk with {room} bytes of room"));
         self.m = Some(Mount::open_with(d, Box::new(alloc)).map_err(|e| e.to_string())?);
+        self.fresh_session();
         let mut refused = 0;
         for _ in 0..12 {
             let op = self.random_op();
@@ -500,7 +545,7 @@ impl Sim {
         }
         self.stats.errors_seen += refused;
         // A refused operation changed nothing the flush writes.
-        self.flush()?;
+        self.flush_all()?;
         let keep = self.model.clone();
         self.verify(&[keep], "a full disk")
     }
@@ -537,6 +582,8 @@ pub fn run(seed: u64, steps: usize) -> std::result::Result<SimStats, String> {
             model: base.model.clone(),
             durable: base.model.clone(),
             prev: Model::default(),
+            groups: Groups::default(),
+            committed: Committed::full(&base.model),
             now: crate::T0 + 1_000_000,
             stats: SimStats::default(),
             trail: Vec::new(),
