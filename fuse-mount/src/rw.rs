@@ -75,6 +75,10 @@ struct FlushState {
     lost: u64,
     flushes: u64,
     bytes: u64,
+    /// Partial commits (`fsync`) that wrote something, and the blocks
+    /// they wrote.
+    partial_commits: u64,
+    partial_blocks: u64,
 }
 
 pub struct RwVolume {
@@ -90,6 +94,10 @@ pub struct RwVolume {
     cv: Condvar,
     /// Held for each flush: `Mount` takes one pipelined flush at a time.
     serial: Mutex<()>,
+    /// Held from a commit's prepare to its finish (`Mount`'s commits do
+    /// not overlap): flushes and partial commits (`fsync`) take turns
+    /// here, and a partial commit does not wait for a flush's data.
+    commit: Mutex<()>,
     sync_interval: Option<Duration>,
     /// Dirty file data as of the last check (see `note_written`).
     dirty: AtomicU64,
@@ -147,6 +155,7 @@ impl RwVolume {
             flush: Mutex::new(FlushState::default()),
             cv: Condvar::new(),
             serial: Mutex::new(()),
+            commit: Mutex::new(()),
             sync_interval,
             dirty: AtomicU64::new(0),
             written: AtomicU64::new(0),
@@ -341,6 +350,7 @@ impl RwVolume {
     /// `f` runs, and none starts until it returns.
     pub fn between_flushes<T>(&self, f: impl FnOnce(&mut Mount) -> T) -> T {
         let _serial = lock(&self.serial);
+        let _commit = lock(&self.commit);
         let mut m = self.mount();
         f(&mut m)
     }
@@ -424,6 +434,73 @@ impl RwVolume {
             None if st.lost > lost => Err(libc::EIO),
             None => Ok(()),
         }
+    }
+
+    /// fsync and fdatasync of inode `inum` (and fsync of a directory): a
+    /// partial commit of its dependency groups (`Mount::fsync_begin`),
+    /// pipelined as a flush is, which does not wait for the data of a
+    /// flush under way (only for its commit step) nor write other files'
+    /// changes. Errors as `sync`. While the mount stops, a flush.
+    pub fn fsync(&self, inum: u64) -> Result<(), i32> {
+        let lost = {
+            let st = lock(&self.flush);
+            if st.poisoned.is_some() {
+                return Err(libc::EIO);
+            }
+            if st.stop || st.released {
+                drop(st);
+                return self.sync();
+            }
+            st.lost
+        };
+        let r =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.partial_commit(inum)))
+                .unwrap_or_else(|_| {
+                    Err(hammer2::Error::Poisoned {
+                        why: "the partial commit panicked".into(),
+                    })
+                });
+        let mut st = lock(&self.flush);
+        match r {
+            Ok(stats) => {
+                st.lost += stats.lost;
+                if stats.blocks > 0 {
+                    st.partial_commits += 1;
+                    st.partial_blocks += stats.blocks;
+                }
+            }
+            Err(hammer2::Error::NotFound { .. }) => {
+                // An inode gone from the index: nothing of it to commit.
+            }
+            Err(e) => {
+                log::error!(
+                    "fsync of inode {inum} of {} failed; refusing writes until remounted: {e}",
+                    self.label
+                );
+                st.poisoned = Some((crate::errno::errno(&e), e.to_string()));
+            }
+        }
+        match &st.poisoned {
+            Some((errno, _)) => Err(*errno),
+            None if st.lost > lost => Err(libc::EIO),
+            None => Ok(()),
+        }
+    }
+
+    /// The steps of a partial commit: take the closure's file data
+    /// (mount locked), write it (unlocked), then, in turn with other
+    /// commits, write its metadata into the cache (locked), the device
+    /// part (unlocked), and adopt the header (locked).
+    fn partial_commit(&self, inum: u64) -> hammer2::Result<hammer2::flush::FlushStats> {
+        let mut batch = self.locked(|m| m.fsync_begin(&self.label, inum))?;
+        batch.write();
+        let _commit = lock(&self.commit);
+        let prepared = self.mount().flush_commit_prepare(batch)?;
+        let io = prepared.run();
+        let mut m = self.mount();
+        let stats = m.flush_commit_finish(prepared, io)?;
+        self.dirty.store(m.pending_bytes(), Ordering::Relaxed);
+        Ok(stats)
     }
 
     /// Start the flusher thread (`shutdown` stops it).
@@ -536,6 +613,7 @@ impl RwVolume {
             m.flush_begin()?
         };
         batch.write();
+        let _commit = lock(&self.commit);
         let prepared = self.mount().flush_commit_prepare(batch)?;
         let io = prepared.run();
         let mut m = self.mount();
@@ -583,10 +661,12 @@ impl RwVolume {
         let st = lock(&self.flush);
         if first {
             log::info!(
-                "{}: {} flushes, {} bytes written",
+                "{}: {} flushes, {} bytes written; {} partial commits (fsync), {} blocks written by them",
                 self.label,
                 st.flushes,
-                st.bytes
+                st.bytes,
+                st.partial_commits,
+                st.partial_blocks
             );
         }
         match &st.poisoned {
@@ -607,6 +687,7 @@ impl RwVolume {
     /// this; the image is final.
     pub fn release(&self) {
         let _serial = lock(&self.serial);
+        let _commit = lock(&self.commit);
         lock(&self.flush).released = true;
         lock(&self.live).take();
         lock(&self.writer).take();
@@ -893,5 +974,137 @@ mod tests {
         assert_eq!(got, &a_data[..4096]);
         assert_eq!(v.locked(|m| m.read("DATA", b, 0, 16)).unwrap(), b"beehive");
         v.shutdown().unwrap();
+    }
+}
+
+#[cfg(test)]
+mod fsync_tests {
+    use super::*;
+    use bufcache::{BlockDevice, MemDevice};
+    use hammer2::disk::ObjType;
+    use hammer2::mount::ROOT_INUM;
+    use std::sync::mpsc;
+
+    /// A memory device whose writes from the flusher thread wait while
+    /// armed (a flush whose data writes go slowly, or not at all).
+    struct FlusherStall {
+        mem: MemDevice,
+        armed: Mutex<bool>,
+        cv: Condvar,
+        stalled: AtomicU64,
+    }
+
+    impl BlockDevice for FlusherStall {
+        fn size_bytes(&self) -> u64 {
+            self.mem.size_bytes()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.mem.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            if std::thread::current().name() == Some("flusher") {
+                let mut a = self.armed.lock().unwrap();
+                while *a {
+                    self.stalled.fetch_add(1, Ordering::SeqCst);
+                    a = self.cv.wait(a).unwrap();
+                }
+            }
+            self.mem.write_at(buf, offset)
+        }
+        fn barrier(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// fsync of a small file does not wait for a flush of another file's
+    /// data: with the flusher's writes stalled in the middle of 64 MiB
+    /// of another file (it could be any amount: it never finishes while
+    /// stalled), fsync of the small file commits it, and a crash then
+    /// (the device as it is) has the small file and not the other. Once
+    /// the flusher goes on, its flush commits the rest. Before, fsync
+    /// was a flush of everything and waited for it.
+    #[test]
+    fn fsync_does_not_wait_for_another_files_flush() {
+        let dev = Arc::new(FlusherStall {
+            mem: MemDevice::new(1 << 30),
+            armed: Mutex::new(false),
+            cv: Condvar::new(),
+            stalled: AtomicU64::new(0),
+        });
+        mkfs::newfs::newfs(dev.as_ref(), &mkfs::newfs::NewfsOptions::default()).unwrap();
+        let v = Arc::new(RwVolume::new(
+            Mount::open(dev.clone()).unwrap(),
+            "DATA".into(),
+            None,
+            None,
+        ));
+        v.set_dirty_limit(1 << 30);
+        let mk = |name: &[u8]| {
+            v.locked(|m| {
+                m.create(
+                    "DATA",
+                    ROOT_INUM,
+                    name,
+                    ObjType::Regfile,
+                    0o644,
+                    0,
+                    0,
+                    (0, 0),
+                    1,
+                )
+            })
+            .unwrap()
+        };
+        let (a, big) = (mk(b"a"), mk(b"big"));
+        v.start_flusher().unwrap();
+        v.sync().unwrap();
+        let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i * 31 % 253) as u8).collect();
+        for i in 0..64u64 {
+            v.locked(|m| m.write("DATA", big, i << 20, &chunk, 2))
+                .unwrap();
+        }
+        v.locked(|m| m.write("DATA", a, 0, b"small", 2)).unwrap();
+        // A flush of everything, its data writes stalled.
+        *dev.armed.lock().unwrap() = true;
+        let syncer = {
+            let v = v.clone();
+            std::thread::spawn(move || v.sync())
+        };
+        while dev.stalled.load(Ordering::SeqCst) == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (tx, rx) = mpsc::channel();
+        {
+            let v = v.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send(v.fsync(a));
+            });
+        }
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("fsync of a small file waited for another file's flush")
+            .unwrap();
+        assert!(!syncer.is_finished(), "the stalled flush ended early");
+        {
+            // What a crash now leaves: the small file, not the big one.
+            let img: Arc<dyn BlockDevice> = Arc::new(dev.mem.snapshot());
+            let vol = Arc::new(hammer2::Volume::open(img).unwrap());
+            let pfs = hammer2::Pfs::open(vol, "DATA").unwrap();
+            let ino = pfs.resolve("/a").unwrap();
+            assert_eq!(pfs.read_all(&ino).unwrap(), b"small");
+            assert_eq!(pfs.resolve("/big").unwrap().meta().size, 0);
+        }
+        *dev.armed.lock().unwrap() = false;
+        dev.cv.notify_all();
+        syncer.join().unwrap().unwrap();
+        v.shutdown().unwrap();
+        let img: Arc<dyn BlockDevice> = Arc::new(dev.mem.snapshot());
+        let r = hammer2::fsck::fsck(img.clone(), hammer2::fsck::Options::default()).unwrap();
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        let vol = Arc::new(hammer2::Volume::open(img).unwrap());
+        let pfs = hammer2::Pfs::open(vol, "DATA").unwrap();
+        let ino = pfs.resolve("/big").unwrap();
+        let got = pfs.read(&ino, 63 << 20, 1 << 20).unwrap();
+        assert_eq!(got, chunk);
+        assert_eq!(pfs.read_all(&pfs.resolve("/a").unwrap()).unwrap(), b"small");
     }
 }

@@ -138,8 +138,15 @@ pub trait Store: Nodes {
 
     fn statfs(&self) -> Result<Space, Errno>;
 
-    /// fsync, fsyncdir, syncfs: a flush that started after the call.
+    /// syncfs: a flush that started after the call.
     fn sync(&self) -> Result<(), Errno>;
+
+    /// fsync, fdatasync and fsyncdir of node `ino`: its changes and
+    /// those they depend on are on disk when this returns.
+    fn fsync(&self, ino: u64) -> Result<(), Errno> {
+        let _ = ino;
+        self.sync()
+    }
 
     /// close(2): EIO once a flush has failed, nothing else.
     fn healthy(&self) -> Result<(), Errno>;

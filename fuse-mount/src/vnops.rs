@@ -980,17 +980,24 @@ impl Filesystem for Hammer2Fs {
         self.store().unmount();
     }
 
-    /// fsync and fdatasync: a flush of everything (HAMMER2 commits the
-    /// whole filesystem at once), started after the call.
+    /// fsync and fdatasync: a partial commit of the node's dependency
+    /// groups (the file, and what operations tied to it: its directory
+    /// entries, a rename's directories), not of the whole volume.
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.store().sync() {
+        // Nodes of a read-only layer (`.snapshot`, a read-only mount)
+        // have nothing waiting to be written.
+        let r = match self.route(ino).rw() {
+            Ok(_) => self.store().fsync(ino.0),
+            Err(_) => Ok(()),
+        };
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }

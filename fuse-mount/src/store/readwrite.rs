@@ -685,6 +685,10 @@ impl Store for ReadWrite {
         self.vol.sync().map_err(Errno::from_i32)
     }
 
+    fn fsync(&self, ino: u64) -> Result<(), Errno> {
+        self.vol.fsync(self.inum(ino)).map_err(Errno::from_i32)
+    }
+
     fn healthy(&self) -> Result<(), Errno> {
         self.writable()
     }
