@@ -8,20 +8,25 @@
 //! the file data between the two runs without it (the pipelined flush),
 //! so writers go on meanwhile. `flush` (the flusher's bookkeeping) is
 //! never held while waiting for `mount`, and `mount` never while
-//! waiting on the condition variable.
+//! waiting on the condition variable. `commit` is held from a commit's
+//! prepare to its finish, by the flusher and by partial commits, so
+//! the two take turns only for that step; it is taken before `mount`.
 //!
 //! Flushes happen: every `sync_interval` when something is dirty; when
 //! the file data waiting for a flush passes a quarter of its limit; on
-//! fsync and fsyncdir (the caller waits for a flush that started after
-//! its request); and once more at unmount (`shutdown`). A writer that
+//! sync and syncfs (the caller waits for a flush that started after
+//! its request); and once more at unmount (`shutdown`). fsync and
+//! fsyncdir are partial commits of the inode's dependency group on the
+//! caller's thread (`RwVolume::fsync`, `Mount::fsync_begin`): they do
+//! not write other files' data nor wait for a running flush's. A writer that
 //! finds more than the limit waiting stalls until a flush commits. The
 //! limit is the dirty share of the mount's memory budget
 //! (`mount::Budget`, at most `DIRTY_MAX_BYTES`; `set_dirty_limit`).
 //!
-//! A failed flush poisons the mount: it is logged at error level, the
-//! fsync that waited for it gets its errno, and every later write,
+//! A failed flush or partial commit poisons the mount: it is logged at
+//! error level, the fsync that waited for it gets its errno, and every later write,
 //! fsync and close gets EIO until the image is mounted again. What is on
-//! disk stays the last completed flush.
+//! disk stays the last completed commit.
 //!
 //! Space (`make_room`, `maybe_autobulkfree`): a change refused with
 //! ENOSPC gets one retry after the daemon has made room: a flush (what
@@ -401,7 +406,7 @@ impl RwVolume {
         }
     }
 
-    /// fsync: wait for a flush that starts after this call, and return
+    /// sync and syncfs: wait for a flush that starts after this call, and return
     /// its errno if it failed (EIO if the mount was poisoned before, or
     /// if a flush meanwhile dropped a write it could not merge with its
     /// damaged block, `FlushStats::lost`).
@@ -462,15 +467,15 @@ impl RwVolume {
                 });
         let mut st = lock(&self.flush);
         match r {
-            Ok(stats) => {
+            Ok(None) => {
+                // An inode gone from the index: nothing of it to commit.
+            }
+            Ok(Some(stats)) => {
                 st.lost += stats.lost;
                 if stats.blocks > 0 {
                     st.partial_commits += 1;
                     st.partial_blocks += stats.blocks;
                 }
-            }
-            Err(hammer2::Error::NotFound { .. }) => {
-                // An inode gone from the index: nothing of it to commit.
             }
             Err(e) => {
                 log::error!(
@@ -491,8 +496,12 @@ impl RwVolume {
     /// (mount locked), write it (unlocked), then, in turn with other
     /// commits, write its metadata into the cache (locked), the device
     /// part (unlocked), and adopt the header (locked).
-    fn partial_commit(&self, inum: u64) -> hammer2::Result<hammer2::flush::FlushStats> {
-        let mut batch = self.locked(|m| m.fsync_begin(&self.label, inum))?;
+    /// `None`: the inode is gone from the index, nothing was begun.
+    fn partial_commit(&self, inum: u64) -> hammer2::Result<Option<hammer2::flush::FlushStats>> {
+        let mut batch = match self.locked(|m| m.fsync_begin(&self.label, inum)) {
+            Err(hammer2::Error::NotFound { .. }) => return Ok(None),
+            r => r?,
+        };
         batch.write();
         let _commit = lock(&self.commit);
         let prepared = self.mount().flush_commit_prepare(batch)?;
@@ -500,7 +509,7 @@ impl RwVolume {
         let mut m = self.mount();
         let stats = m.flush_commit_finish(prepared, io)?;
         self.dirty.store(m.pending_bytes(), Ordering::Relaxed);
-        Ok(stats)
+        Ok(Some(stats))
     }
 
     /// Start the flusher thread (`shutdown` stops it).

@@ -28,6 +28,19 @@
 //! `flush_commit_finish` (locked) adopts the header and frees what
 //! waited for it. `flush` runs the steps in a row; `reclaim` commits
 //! until no freed block waits for a header.
+//!
+//! Partial commits (`fsync`, `fsync_begin`): the same steps for the
+//! closure of one inode's dependency group (`depend.rs`,
+//! `commit_closure`: the group, the PFS root's group, the inode and the
+//! root). Only those inodes' data, inodes, removals and drops are
+//! written; the path above them (the PFS root's inode index, the PFS
+//! root, the super-root) is rewritten from what is in memory, in which
+//! every inode outside the closure still has the blockref of its last
+//! commit, so the new header reaches exactly the last committed tree
+//! plus the closure. The freemap is written whole. Every other dirty
+//! inode stays dirty for a later commit. A partial commit's batch may be
+//! written while a volume-wide flush writes its own; the commits
+//! themselves (prepare .. finish) do not overlap (`committing`).
 
 use crate::alloc::SpaceMap;
 use crate::blocktable::{BlockSink, SetStats, TreeKind};

@@ -785,7 +785,26 @@ pub fn variants() -> Vec<Op> {
     ]
 }
 
-/// Every one-operation workload.
+/// Changes to other files left dirty before an fsync: a lone write
+/// (a group of its own) and a new file with data in a directory no other
+/// dirty change is tied to, so a partial commit must leave them out.
+fn dirty_prelude() -> Vec<Step> {
+    [
+        w("B/baz", 0, 70_000, 9),
+        Op::Creat(s("A/C/dirty")),
+        w("A/C/dirty", 0, 5000, 10),
+    ]
+    .into_iter()
+    .map(|op| Step {
+        op,
+        persist: Persist::Nothing,
+    })
+    .collect()
+}
+
+/// Every one-operation workload: each operation with each persistence,
+/// then each with fsync and fdatasync again after other files were
+/// changed and left dirty (`dirty_prelude`).
 pub fn one_op_workloads() -> Vec<Vec<Step>> {
     let mut v = Vec::new();
     for op in variants() {
@@ -794,6 +813,16 @@ pub fn one_op_workloads() -> Vec<Vec<Step>> {
                 op: op.clone(),
                 persist,
             }]);
+        }
+    }
+    for op in variants() {
+        for persist in [Persist::Fsync, Persist::Fdatasync] {
+            let mut steps = dirty_prelude();
+            steps.push(Step {
+                op: op.clone(),
+                persist,
+            });
+            v.push(steps);
         }
     }
     v

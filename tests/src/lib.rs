@@ -305,6 +305,40 @@ pub fn save_sparse(dev: &bufcache::MemDevice, path: &Path) {
     }
 }
 
+/// DragonFly's fsck on an image a test made, where the suite has it:
+/// `H2_DFLY_FSCK` holds one or more commands separated by `;` (say the
+/// C `fsck_hammer2` and the Rust port), each run as `sh -c 'CMD "$1"'`
+/// with the image file as `$1`; each must exit 0. Returns how many ran
+/// (0 without the variable: the suite has no such tools here).
+pub fn dragonfly_fsck(dev: &bufcache::MemDevice, tag: &str) -> usize {
+    let Ok(cmds) = std::env::var("H2_DFLY_FSCK") else {
+        return 0;
+    };
+    let img = scratch_dir("dfly-fsck").join(format!("{tag}.img"));
+    save_sparse(dev, &img);
+    let mut ran = 0;
+    for cmd in cmds.split(';').map(str::trim).filter(|c| !c.is_empty()) {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{cmd} \"$1\""))
+            .arg("sh")
+            .arg(&img)
+            .output()
+            .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+        assert!(
+            out.status.success(),
+            "{cmd} {}: {}\n{}{}",
+            img.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ran += 1;
+    }
+    let _ = std::fs::remove_file(&img);
+    ran
+}
+
 /// `len` bytes no compressor shrinks and dedup does not match across
 /// seeds (xorshift64 from `seed`).
 pub fn noise(seed: u64, len: usize) -> Vec<u8> {

@@ -5,13 +5,16 @@
 //! library: the fsynced file and everything an operation tied to it are
 //! there, every other change is not, fsck finds nothing, and the image
 //! mounts and takes writes. The expected states are written out by hand
-//! from the operations, not taken from the library.
+//! from the operations, not taken from the library. With `H2_DFLY_FSCK`
+//! (`tests::dragonfly_fsck`) every such image goes through DragonFly's
+//! fsck too.
 
 use bufcache::{BlockDevice, MemDevice};
 use hammer2::disk::ObjType;
 use hammer2::fsck::{fsck, Options};
 use hammer2::mount::{Mount, RenameFlags, ROOT_INUM};
 use hammer2::{Pfs, Volume};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tests::{create_file, new_fs, noise, open, T0 as NOW};
 
@@ -25,6 +28,12 @@ fn crash_image(dev: &Arc<MemDevice>) -> (Arc<MemDevice>, Pfs) {
     let r = fsck(d.clone(), Options::default()).unwrap();
     let p: Vec<String> = r.problems.iter().map(|p| p.to_string()).collect();
     assert!(p.is_empty(), "fsck of the crash image: {p:#?}");
+    // And DragonFly's, where the suite has it (`H2_DFLY_FSCK`).
+    static N: AtomicUsize = AtomicUsize::new(0);
+    tests::dragonfly_fsck(
+        &img,
+        &format!("crash-{}", N.fetch_add(1, Ordering::Relaxed)),
+    );
     let vol = Arc::new(Volume::open(d).unwrap());
     let pfs = Pfs::open(vol, L).unwrap();
     (img, pfs)
