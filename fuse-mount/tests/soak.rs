@@ -114,10 +114,14 @@ fn filler(dir: PathBuf, sh: Arc<Shared>, written: Written, seed: u64) {
                 if !sh.check("fill write", e, true) {
                     return;
                 }
-                // Full: drop the partial file and half of the others.
-                if let Err(e) = fs::remove_file(&path) {
-                    sh.check("remove partial", e, false);
-                    return;
+                // Full: drop the partial file (none when the create
+                // itself met ENOSPC) and half of the others.
+                match fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        sh.check("remove partial", e, false);
+                        return;
+                    }
+                    _ => {}
                 }
                 let victims: Vec<PathBuf> = {
                     let w = written.lock().unwrap();

@@ -341,7 +341,7 @@ impl Mount {
 
     /// The file data of the inodes in `scope` (PFS and inode numbers;
     /// `None`: all) waiting for a flush, as a batch.
-    fn begin_batch(&self, scope: Option<(&str, &BTreeSet<u64>)>) -> Result<FlushBatch> {
+    fn begin_batch(&mut self, scope: Option<(&str, &BTreeSet<u64>)>) -> Result<FlushBatch> {
         let tid = self.next_tid()?;
         let mut blocks = Vec::new();
         let mut heuristics = HashMap::new();
@@ -368,9 +368,13 @@ impl Mount {
                         written: None,
                         lost: false,
                         shared_durable: false,
+                        dedup: !self.taken.contains_key(&pending_key(blk)),
                     });
                 }
             }
+        }
+        for b in &blocks {
+            *self.taken.entry(pending_key(&b.blk)).or_insert(0) += 1;
         }
         Ok(FlushBatch {
             tid,
@@ -401,6 +405,17 @@ impl Mount {
     /// cannot begin before this one finishes.
     pub fn flush_commit_prepare(&mut self, batch: FlushBatch) -> Result<Prepared> {
         let partial = batch.scope.is_some();
+        // Its blocks are settled below (installed, or given back), under
+        // this borrow: no other batch can take them as in flight after.
+        for b in &batch.blocks {
+            let k = pending_key(&b.blk);
+            if let Some(n) = self.taken.get_mut(&k) {
+                *n -= 1;
+                if *n == 0 {
+                    self.taken.remove(&k);
+                }
+            }
+        }
         if self.committing {
             // The batch goes back whole: its blocks stay pending.
             self.batch_done(partial);
@@ -1001,6 +1016,17 @@ struct BatchBlock {
     /// The block written is a durable one shared by dedup: nothing to
     /// give back if it is superseded.
     shared_durable: bool,
+    /// Placed with dedup (shared with, and recorded for, other blocks of
+    /// the same bytes). Not when another batch out at the same time holds
+    /// the same pending block: the two copies would share one block, and
+    /// whichever commit comes second, finding its block superseded, could
+    /// not give it back (a shared block is left to bulkfree).
+    dedup: bool,
+}
+
+/// A pending block's identity while batches hold it.
+fn pending_key(blk: &Arc<PendingBlock>) -> usize {
+    Arc::as_ptr(blk) as usize
 }
 
 /// The file data of a flush, written without holding the `Mount`.
@@ -1067,7 +1093,13 @@ impl FlushBatch {
                 let mut space = lock_space(&self.space);
                 // Admitted when written: a flush allocation, which may
                 // use the reserve (`SpaceMap::alloc`).
-                place_data(space.as_mut(), self.dev.as_ref(), &fp, &phys, b.lbase, true)
+                if b.dedup {
+                    place_data(space.as_mut(), self.dev.as_ref(), &fp, &phys, b.lbase, true)
+                } else {
+                    space
+                        .alloc(BlockrefType::Data, phys.len() as u64, b.lbase, true)
+                        .map(Placed::New)
+                }
             };
             let off = match placed {
                 Ok(Placed::New(off)) => {
@@ -1075,7 +1107,7 @@ impl FlushBatch {
                         self.error = Some(e);
                         return;
                     }
-                    if dedupable(methods) {
+                    if b.dedup && dedupable(methods) {
                         lock_space(&self.space).dedup_record(fp, off);
                     }
                     off

@@ -32,7 +32,7 @@ use crate::pfs;
 use crate::readgate::{ReadGate, ReadTicket};
 use crate::volume::Volume;
 use bufcache::BlockDevice;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 mod linux;
@@ -165,6 +165,11 @@ pub struct Mount {
     pub(crate) flushing: bool,
     /// Partial commits (`fsync_begin`) between their begin and commit.
     pub(crate) partials: u32,
+    /// Pending blocks a batch out for writing holds (`Arc::as_ptr`), with
+    /// how many batches hold each: a partial commit and a flush may both
+    /// take one, and the second copy must not be deduped against the
+    /// first (see `FlushBatch::write`).
+    pub(crate) taken: HashMap<usize, u32>,
     /// A commit is between `flush_commit_prepare` and
     /// `flush_commit_finish` (its header is not the volume's yet):
     /// commits do not overlap.
@@ -238,6 +243,7 @@ impl Mount {
             space: Arc::new(Mutex::new(space)),
             flushing: false,
             partials: 0,
+            taken: HashMap::new(),
             committing: false,
             admitted: 0,
             sroot,
