@@ -11,6 +11,9 @@
 //! waiting on the condition variable. `commit` is held from a commit's
 //! prepare to its finish, by the flusher and by partial commits, so
 //! the two take turns only for that step; it is taken before `mount`.
+//! `partials` is held shared by each partial commit throughout and
+//! exclusive by `between_flushes`. Order: `serial`, `partials`,
+//! `commit`, `mount`.
 //!
 //! Flushes happen: every `sync_interval` when something is dirty; when
 //! the file data waiting for a flush passes a quarter of its limit; on
@@ -50,7 +53,7 @@ use bufcache::imagelock::{RangeLock, WriterLock};
 use hammer2::ctl::{bulkfree_state, BulkfreeStatus};
 use hammer2::mount::Mount;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -103,6 +106,11 @@ pub struct RwVolume {
     /// not overlap): flushes and partial commits (`fsync`) take turns
     /// here, and a partial commit does not wait for a flush's data.
     commit: Mutex<()>,
+    /// Held shared by each partial commit from its begin to its finish,
+    /// exclusive by `between_flushes` and `release`: what must run with
+    /// no batch out (PFS operations, bulkfree's begin and merge,
+    /// reclaim) waits for the fsyncs under way, and new ones wait for it.
+    partials: RwLock<()>,
     sync_interval: Option<Duration>,
     /// Dirty file data as of the last check (see `note_written`).
     dirty: AtomicU64,
@@ -161,6 +169,7 @@ impl RwVolume {
             cv: Condvar::new(),
             serial: Mutex::new(()),
             commit: Mutex::new(()),
+            partials: RwLock::new(()),
             sync_interval,
             dirty: AtomicU64::new(0),
             written: AtomicU64::new(0),
@@ -355,6 +364,7 @@ impl RwVolume {
     /// `f` runs, and none starts until it returns.
     pub fn between_flushes<T>(&self, f: impl FnOnce(&mut Mount) -> T) -> T {
         let _serial = lock(&self.serial);
+        let _partials = self.partials.write().unwrap_or_else(|p| p.into_inner());
         let _commit = lock(&self.commit);
         let mut m = self.mount();
         f(&mut m)
@@ -498,6 +508,7 @@ impl RwVolume {
     /// part (unlocked), and adopt the header (locked).
     /// `None`: the inode is gone from the index, nothing was begun.
     fn partial_commit(&self, inum: u64) -> hammer2::Result<Option<hammer2::flush::FlushStats>> {
+        let _partials = self.partials.read().unwrap_or_else(|p| p.into_inner());
         let mut batch = match self.locked(|m| m.fsync_begin(&self.label, inum)) {
             Err(hammer2::Error::NotFound { .. }) => return Ok(None),
             r => r?,
@@ -696,6 +707,7 @@ impl RwVolume {
     /// this; the image is final.
     pub fn release(&self) {
         let _serial = lock(&self.serial);
+        let _partials = self.partials.write().unwrap_or_else(|p| p.into_inner());
         let _commit = lock(&self.commit);
         lock(&self.flush).released = true;
         lock(&self.live).take();
