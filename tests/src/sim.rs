@@ -272,6 +272,39 @@ impl Sim {
             self.m().fsync(LABEL, inum).map(|_| ())
         };
         r.map_err(|e| format!("flush: {e}"))?;
+        self.committed_since(start)
+    }
+
+    /// A pipelined flush with the frontend going on, as the daemon runs
+    /// it: operations and fsyncs (partial commits, which may commit
+    /// blocks the flush's batch has out too) between its begin and its
+    /// commit. The flush commits everything as it is at its commit.
+    fn pipelined(&mut self) -> R<()> {
+        let mut batch = self
+            .m()
+            .flush_begin()
+            .map_err(|e| format!("flush_begin: {e}"))?;
+        batch.write();
+        self.note("flush begun".into());
+        for _ in 0..self.rng.gen_range(1..6) {
+            if self.rng.gen_bool(0.6) {
+                self.op()?;
+            } else {
+                self.commit(false)?;
+            }
+        }
+        let start = self.rec.position();
+        self.committed = Committed::full(&self.model);
+        self.groups = Groups::default();
+        self.m()
+            .flush_commit(batch)
+            .map_err(|e| format!("pipelined flush: {e}"))?;
+        self.committed_since(start)
+    }
+
+    /// After a commit that began at log position `start`: the durable
+    /// state is the committed one, if a header was written.
+    fn committed_since(&mut self, start: usize) -> R<()> {
         self.stats.flushes += 1;
         self.note("flush".into());
         let now_durable = self.committed.to_model(&self.model);
@@ -553,7 +586,8 @@ impl Sim {
     fn step(&mut self) -> R<()> {
         match self.rng.gen_range(0..100) {
             0..=59 => self.op(),
-            60..=71 => self.flush(),
+            60..=68 => self.flush(),
+            69..=71 => self.pipelined(),
             72..=79 => self.crash(),
             80..=84 => self.write_or_barrier_fault(false),
             85..=88 => self.write_or_barrier_fault(true),
