@@ -984,6 +984,13 @@ fn wait_for_end(
                 log::info!("{} unmounted", mnt.display());
                 return Ok(());
             }
+            Event::Ended(Err(e)) if unmounting && e.raw_os_error() == Some(libc::ECONNABORTED) => {
+                // After our detach, the kernel may end the connection of
+                // the last close by aborting it rather than unmounting it:
+                // either way it is the end asked for.
+                log::info!("{} unmounted (connection closed)", mnt.display());
+                return Ok(());
+            }
             Event::Ended(Err(e)) => {
                 return Err(Failure::System(format!("FUSE session failed: {e}")));
             }
