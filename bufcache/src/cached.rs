@@ -3,7 +3,8 @@
 //! keep their one device interface and gain the cache.
 //!
 //! Reads are served from cached 64 KiB buffers (read on a miss, with
-//! read-ahead). Writes go into buffers as delayed writes. `barrier` is the
+//! read-ahead). Writes go into buffers as delayed writes (`write_through`
+//! writes its buffers at once and leaves them clean). `barrier` is the
 //! cache's flush: every dirty buffer written in device order, then the
 //! device barrier. So the ordering a caller builds with barriers holds:
 //! nothing written after a barrier can reach the device before what was
@@ -105,6 +106,17 @@ impl BlockDevice for CachedDevice {
 
     fn barrier(&self) -> io::Result<()> {
         self.cache.flush().map_err(io_error)
+    }
+
+    fn write_through(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        for (at, from, n) in pieces(offset, buf.len()) {
+            retrying(|| {
+                let mut b = self.cache.getblk(at, n)?;
+                b.data_mut().copy_from_slice(&buf[from..from + n]);
+                b.bwrite()
+            })?;
+        }
+        Ok(())
     }
 
     fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {

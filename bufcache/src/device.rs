@@ -20,6 +20,14 @@ pub trait BlockDevice: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Make all completed writes durable.
     fn barrier(&self) -> io::Result<()>;
+    /// `write_at`, done now rather than left to the next barrier, for a
+    /// writer that works ahead of its commit without locks (a flush's or
+    /// fsync's file data): a later barrier, maybe another commit's, then
+    /// has none of it left to write. Devices without delayed writes
+    /// just write.
+    fn write_through(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)
+    }
     /// `read_at` if it needs no device I/O: true when `buf` was filled
     /// from memory, false when reading would have to wait for the device
     /// (nothing is read then). Devices that hold everything in memory,

@@ -392,3 +392,40 @@ fn a_shortage_of_pages_is_not_a_device_error() {
     drop(dev);
     drop(daemon);
 }
+
+/// `write_through` puts the bytes on the device at once and leaves the
+/// cache clean (a barrier after it writes nothing), and they read back
+/// from the cache.
+#[test]
+fn write_through_writes_now_and_leaves_nothing_dirty() {
+    let mem = Arc::new(MemDevice::new(64 * MIB));
+    let vm = Vm::new(VmConfig::new(16 * MIB)).unwrap();
+    let dev = bufcache::CachedDevice::new(
+        BufCache::new(mem.clone(), vm, BufCacheConfig::default()).unwrap(),
+    );
+    let data: Vec<u8> = (0..F as usize + 8192)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let at = 3 * F - 4096; // across two frames
+    dev.write_through(&data, at).unwrap();
+    let mut on_dev = vec![0u8; data.len()];
+    mem.read_at(&mut on_dev, at).unwrap();
+    assert_eq!(on_dev, data, "not on the device after write_through");
+    assert_eq!(dev.cache().stats().dirty_buffers, 0);
+    let before = dev.cache().stats().device_writes;
+    dev.barrier().unwrap();
+    assert_eq!(
+        dev.cache().stats().device_writes,
+        before,
+        "the barrier wrote"
+    );
+    let mut back = vec![0u8; data.len()];
+    assert!(dev.read_cached(&mut back, at).unwrap());
+    assert_eq!(back, data);
+    // A delayed write is on the device by the barrier.
+    dev.write_at(&[9u8; 4096], 10 * F).unwrap();
+    dev.barrier().unwrap();
+    let mut b = vec![0u8; 4096];
+    mem.read_at(&mut b, 10 * F).unwrap();
+    assert_eq!(b, vec![9u8; 4096]);
+}

@@ -47,7 +47,8 @@ pub struct Options {
     pub read_write: bool,
     /// `sync_interval=SECONDS`: how often a read-write mount flushes
     /// when something is dirty; `None` (`sync_interval=0`) flushes only
-    /// on fsync, past the dirty limit, and at unmount.
+    /// on sync, past the dirty limit, and at unmount (fsync commits its
+    /// file's group alone).
     pub sync_interval: Option<Duration>,
     /// `cache_size=SIZE`: the mount's memory budget, rounded down to
     /// 2 MiB (`None`: `mount::default_cache_size`). A read-only mount's

@@ -1103,7 +1103,18 @@ impl FlushBatch {
             };
             let off = match placed {
                 Ok(Placed::New(off)) => {
-                    if let Err(e) = write_placed(self.dev.as_ref(), off, &phys) {
+                    // Written now, not at the commit's barrier: another
+                    // commit's barrier meanwhile (an fsync's) would have to
+                    // write it first.
+                    if let Err(e) = self
+                        .dev
+                        .write_through(&phys, off.offset())
+                        .map_err(|source| Error::Io {
+                            op: "write",
+                            at: off.offset(),
+                            source,
+                        })
+                    {
                         self.error = Some(e);
                         return;
                     }
