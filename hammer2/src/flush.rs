@@ -88,6 +88,10 @@ pub struct Writer<'a> {
     pub bytes: u64,
     /// Partial blocks that could not be merged (`FlushStats::lost`).
     pub lost: u64,
+    /// Pending blocks a batch out for writing holds (`Mount::taken`):
+    /// written here without dedup, so the two copies never share a
+    /// block (see `BatchBlock::dedup`).
+    pub taken: &'a HashMap<usize, u32>,
 }
 
 impl Writer<'_> {
@@ -119,13 +123,21 @@ impl Writer<'_> {
 impl Writer<'_> {
     /// Write the file data block `phys` for `br`, sharing a recent block
     /// with the same bytes when there is one (see `dedup.rs`).
-    pub fn write_data(&mut self, br: &mut Blockref, phys: &[u8]) -> Result<()> {
+    /// `dedup` false: a new block, not recorded for sharing either.
+    pub fn write_data(&mut self, br: &mut Blockref, phys: &[u8], dedup: bool) -> Result<()> {
         let fp = DedupKey::of(phys, br.methods);
         let dev = self.vol.device().clone();
-        let placed = place_data(self.space, dev.as_ref(), &fp, phys, br.key, true)?;
+        let placed = if dedup {
+            place_data(self.space, dev.as_ref(), &fp, phys, br.key, true)?
+        } else {
+            Placed::New(
+                self.space
+                    .alloc(BlockrefType::Data, phys.len() as u64, br.key, true)?,
+            )
+        };
         if let Placed::New(off) = placed {
             write_placed(dev.as_ref(), off, phys)?;
-            if dedupable(br.methods) {
+            if dedup && dedupable(br.methods) {
                 self.space.dedup_record(fp, off);
             }
             self.blocks += 1;
@@ -212,7 +224,8 @@ pub fn flush_inode(
             }
             Some((phys, methods)) => {
                 let mut br = data_bref(lbase, methods);
-                w.write_data(&mut br, &phys)
+                let dedup = !w.taken.contains_key(&pending_key(&blk));
+                w.write_data(&mut br, &phys, dedup)
                     .map_err(|e| e.with_place(None, Some(inum), Some(lbase)))?;
                 node.table.insert(w.vol, TreeKind::File, true, br)?;
             }
@@ -630,7 +643,11 @@ impl Mount {
         let space_arc = self.space.clone();
         let mut space = lock_space(&space_arc);
         let Mount {
-            vol, sroot, pfs, ..
+            vol,
+            sroot,
+            pfs,
+            taken,
+            ..
         } = self;
         let mut w = Writer {
             vol,
@@ -639,6 +656,7 @@ impl Mount {
             blocks: 0,
             bytes: 0,
             lost: 0,
+            taken,
         };
         let mut seen = HashSet::new();
         // Removed inodes whose trees the device phase walks (`CommitIo`).
