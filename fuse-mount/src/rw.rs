@@ -834,18 +834,33 @@ mod tests {
     use hammer2::mount::ROOT_INUM;
     use std::sync::mpsc;
 
-    /// A memory device whose reads of one range wait until released.
+    /// A memory device whose reads of one range, or writes from the
+    /// flusher thread, wait until released.
     struct Stalling {
         mem: MemDevice,
         /// (start, end) of the stalled range, while armed.
         armed: Mutex<Option<(u64, u64)>>,
+        /// The flusher's writes wait, while set (a flush whose data
+        /// writes go slowly, or not at all).
+        flusher_writes: Mutex<bool>,
         cv: Condvar,
         stalled: AtomicU64,
     }
 
     impl Stalling {
+        fn new() -> Stalling {
+            Stalling {
+                mem: MemDevice::new(1 << 30),
+                armed: Mutex::new(None),
+                flusher_writes: Mutex::new(false),
+                cv: Condvar::new(),
+                stalled: AtomicU64::new(0),
+            }
+        }
+
         fn release(&self) {
             *self.armed.lock().unwrap() = None;
+            *self.flusher_writes.lock().unwrap() = false;
             self.cv.notify_all();
         }
     }
@@ -867,6 +882,13 @@ mod tests {
             self.mem.read_at(buf, offset)
         }
         fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            if std::thread::current().name() == Some("flusher") {
+                let mut a = self.flusher_writes.lock().unwrap();
+                while *a {
+                    self.stalled.fetch_add(1, Ordering::SeqCst);
+                    a = self.cv.wait(a).unwrap();
+                }
+            }
             self.mem.write_at(buf, offset)
         }
         fn barrier(&self) -> std::io::Result<()> {
@@ -891,12 +913,7 @@ mod tests {
     /// Before, the reader held the mount's lock through its device read.
     #[test]
     fn a_stalled_read_does_not_stop_requests_on_other_files() {
-        let dev = Arc::new(Stalling {
-            mem: MemDevice::new(1 << 30),
-            armed: Mutex::new(None),
-            cv: Condvar::new(),
-            stalled: AtomicU64::new(0),
-        });
+        let dev = Arc::new(Stalling::new());
         mkfs::newfs::newfs(dev.as_ref(), &mkfs::newfs::NewfsOptions::default()).unwrap();
         let a_data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let (a, b) = {
@@ -996,46 +1013,6 @@ mod tests {
         assert_eq!(v.locked(|m| m.read("DATA", b, 0, 16)).unwrap(), b"beehive");
         v.shutdown().unwrap();
     }
-}
-
-#[cfg(test)]
-mod fsync_tests {
-    use super::*;
-    use bufcache::{BlockDevice, MemDevice};
-    use hammer2::disk::ObjType;
-    use hammer2::mount::ROOT_INUM;
-    use std::sync::mpsc;
-
-    /// A memory device whose writes from the flusher thread wait while
-    /// armed (a flush whose data writes go slowly, or not at all).
-    struct FlusherStall {
-        mem: MemDevice,
-        armed: Mutex<bool>,
-        cv: Condvar,
-        stalled: AtomicU64,
-    }
-
-    impl BlockDevice for FlusherStall {
-        fn size_bytes(&self) -> u64 {
-            self.mem.size_bytes()
-        }
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-            self.mem.read_at(buf, offset)
-        }
-        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-            if std::thread::current().name() == Some("flusher") {
-                let mut a = self.armed.lock().unwrap();
-                while *a {
-                    self.stalled.fetch_add(1, Ordering::SeqCst);
-                    a = self.cv.wait(a).unwrap();
-                }
-            }
-            self.mem.write_at(buf, offset)
-        }
-        fn barrier(&self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     /// fsync of a small file does not wait for a flush of another file's
     /// data: with the flusher's writes stalled in the middle of 64 MiB
@@ -1046,12 +1023,7 @@ mod fsync_tests {
     /// was a flush of everything and waited for it.
     #[test]
     fn fsync_does_not_wait_for_another_files_flush() {
-        let dev = Arc::new(FlusherStall {
-            mem: MemDevice::new(1 << 30),
-            armed: Mutex::new(false),
-            cv: Condvar::new(),
-            stalled: AtomicU64::new(0),
-        });
+        let dev = Arc::new(Stalling::new());
         mkfs::newfs::newfs(dev.as_ref(), &mkfs::newfs::NewfsOptions::default()).unwrap();
         let v = Arc::new(RwVolume::new(
             Mount::open(dev.clone()).unwrap(),
@@ -1066,7 +1038,7 @@ mod fsync_tests {
                     "DATA",
                     ROOT_INUM,
                     name,
-                    ObjType::Regfile,
+                    hammer2::disk::ObjType::Regfile,
                     0o644,
                     0,
                     0,
@@ -1086,7 +1058,7 @@ mod fsync_tests {
         }
         v.locked(|m| m.write("DATA", a, 0, b"small", 2)).unwrap();
         // A flush of everything, its data writes stalled.
-        *dev.armed.lock().unwrap() = true;
+        *dev.flusher_writes.lock().unwrap() = true;
         let syncer = {
             let v = v.clone();
             std::thread::spawn(move || v.sync())
@@ -1094,16 +1066,8 @@ mod fsync_tests {
         while dev.stalled.load(Ordering::SeqCst) == 0 {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let (tx, rx) = mpsc::channel();
-        {
-            let v = v.clone();
-            std::thread::spawn(move || {
-                let _ = tx.send(v.fsync(a));
-            });
-        }
-        rx.recv_timeout(Duration::from_secs(60))
-            .expect("fsync of a small file waited for another file's flush")
-            .unwrap();
+        let v2 = v.clone();
+        within(Duration::from_secs(60), move || v2.fsync(a)).unwrap();
         assert!(!syncer.is_finished(), "the stalled flush ended early");
         {
             // What a crash now leaves: the small file, not the big one.
@@ -1114,8 +1078,7 @@ mod fsync_tests {
             assert_eq!(pfs.read_all(&ino).unwrap(), b"small");
             assert_eq!(pfs.resolve("/big").unwrap().meta().size, 0);
         }
-        *dev.armed.lock().unwrap() = false;
-        dev.cv.notify_all();
+        dev.release();
         syncer.join().unwrap().unwrap();
         v.shutdown().unwrap();
         let img: Arc<dyn BlockDevice> = Arc::new(dev.mem.snapshot());
