@@ -470,9 +470,10 @@ impl Committed {
         }
     }
 
-    /// The committed state as a model (its ids continuing `like`'s).
-    pub fn to_model(&self, like: &Model) -> Model {
-        let mut paths = BTreeMap::new();
+    /// Every committed path and its inode, walked from the root through
+    /// committed directories (bounded, in case a broken rule made a loop).
+    fn paths(&self) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
         let mut stack = vec![(MROOT, String::new())];
         while let Some((dir, path)) = stack.pop() {
             for (name, &id) in self.dirs.get(&dir).into_iter().flatten() {
@@ -481,12 +482,18 @@ impl Committed {
                 } else {
                     format!("{path}/{name}")
                 };
-                if self.dirs.contains_key(&id) && paths.len() < 100_000 {
+                if self.dirs.contains_key(&id) && out.len() < 100_000 {
                     stack.push((id, p.clone()));
                 }
-                paths.insert(p, id);
+                out.push((p, id));
             }
         }
+        out
+    }
+
+    /// The committed state as a model (its ids continuing `like`'s).
+    pub fn to_model(&self, like: &Model) -> Model {
+        let paths: BTreeMap<String, u64> = self.paths().into_iter().collect();
         let inodes = self
             .inodes
             .iter()
@@ -504,21 +511,7 @@ impl Committed {
     /// (a broken group rule) shows as kind '!', which no tree read back
     /// has.
     pub fn tree(&self) -> Tree {
-        let mut raw: Vec<(String, u64)> = Vec::new();
-        let mut stack = vec![(MROOT, String::new())];
-        while let Some((dir, path)) = stack.pop() {
-            for (name, &id) in self.dirs.get(&dir).into_iter().flatten() {
-                let p = if path.is_empty() {
-                    name.clone()
-                } else {
-                    format!("{path}/{name}")
-                };
-                if self.dirs.contains_key(&id) && raw.len() < 100_000 {
-                    stack.push((id, p.clone()));
-                }
-                raw.push((p, id));
-            }
-        }
+        let mut raw = self.paths();
         raw.sort();
         let mut first: HashMap<u64, String> = HashMap::new();
         raw.into_iter()
