@@ -74,6 +74,23 @@ impl CachedDevice {
     pub fn cache(&self) -> &BufCache {
         &self.cache
     }
+
+    /// Copy `buf` into the buffers at `offset`: written now (`now`) or
+    /// left as delayed writes.
+    fn put(&self, buf: &[u8], offset: u64, now: bool) -> io::Result<()> {
+        for (at, from, n) in pieces(offset, buf.len()) {
+            retrying(|| {
+                let mut b = self.cache.getblk(at, n)?;
+                b.data_mut().copy_from_slice(&buf[from..from + n]);
+                if now {
+                    b.bwrite()
+                } else {
+                    b.bdwrite()
+                }
+            })?;
+        }
+        Ok(())
+    }
 }
 
 impl BlockDevice for CachedDevice {
@@ -94,14 +111,7 @@ impl BlockDevice for CachedDevice {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        for (at, from, n) in pieces(offset, buf.len()) {
-            retrying(|| {
-                let mut b = self.cache.getblk(at, n)?;
-                b.data_mut().copy_from_slice(&buf[from..from + n]);
-                b.bdwrite()
-            })?;
-        }
-        Ok(())
+        self.put(buf, offset, false)
     }
 
     fn barrier(&self) -> io::Result<()> {
@@ -109,14 +119,7 @@ impl BlockDevice for CachedDevice {
     }
 
     fn write_through(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        for (at, from, n) in pieces(offset, buf.len()) {
-            retrying(|| {
-                let mut b = self.cache.getblk(at, n)?;
-                b.data_mut().copy_from_slice(&buf[from..from + n]);
-                b.bwrite()
-            })?;
-        }
-        Ok(())
+        self.put(buf, offset, true)
     }
 
     fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
