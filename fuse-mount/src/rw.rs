@@ -468,13 +468,7 @@ impl RwVolume {
             }
             st.lost
         };
-        let r =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.partial_commit(inum)))
-                .unwrap_or_else(|_| {
-                    Err(hammer2::Error::Poisoned {
-                        why: "the partial commit panicked".into(),
-                    })
-                });
+        let r = unpanicked("the partial commit", || self.partial_commit(inum));
         let mut st = lock(&self.flush);
         match r {
             Ok(None) => {
@@ -487,13 +481,11 @@ impl RwVolume {
                     st.partial_blocks += stats.blocks;
                 }
             }
-            Err(e) => {
-                log::error!(
-                    "fsync of inode {inum} of {} failed; refusing writes until remounted: {e}",
-                    self.label
-                );
-                st.poisoned = Some((crate::errno::errno(&e), e.to_string()));
-            }
+            Err(e) => poison(
+                &mut st,
+                &format!("fsync of inode {inum} of {}", self.label),
+                &e,
+            ),
         }
         match &st.poisoned {
             Some((errno, _)) => Err(*errno),
@@ -503,9 +495,7 @@ impl RwVolume {
     }
 
     /// The steps of a partial commit: take the closure's file data
-    /// (mount locked), write it (unlocked), then, in turn with other
-    /// commits, write its metadata into the cache (locked), the device
-    /// part (unlocked), and adopt the header (locked).
+    /// (mount locked), write it (unlocked), commit it (`commit_batch`).
     /// `None`: the inode is gone from the index, nothing was begun.
     fn partial_commit(&self, inum: u64) -> hammer2::Result<Option<hammer2::flush::FlushStats>> {
         let _partials = self.partials.read().unwrap_or_else(|p| p.into_inner());
@@ -514,13 +504,23 @@ impl RwVolume {
             r => r?,
         };
         batch.write();
+        self.commit_batch(batch).map(Some)
+    }
+
+    /// The commit of a written batch, in turn with other commits: the
+    /// tree and freemap into the cache (locked), the device part
+    /// (unlocked), the header adopted (locked).
+    fn commit_batch(
+        &self,
+        batch: hammer2::flush::FlushBatch,
+    ) -> hammer2::Result<hammer2::flush::FlushStats> {
         let _commit = lock(&self.commit);
         let prepared = self.mount().flush_commit_prepare(batch)?;
         let io = prepared.run();
         let mut m = self.mount();
         let stats = m.flush_commit_finish(prepared, io)?;
         self.dirty.store(m.pending_bytes(), Ordering::Relaxed);
-        Ok(Some(stats))
+        Ok(stats)
     }
 
     /// Start the flusher thread (`shutdown` stops it).
@@ -587,14 +587,7 @@ impl RwVolume {
                 false => Ok((0, 0)),
             }
         } else {
-            // A panic in the flush (a broken invariant) must not leave
-            // fsync waiting forever: it poisons the mount like an error.
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.flush_once()))
-                .unwrap_or_else(|_| {
-                    Err(hammer2::Error::Poisoned {
-                        why: "the flush panicked".into(),
-                    })
-                })
+            unpanicked("the flush", || self.flush_once())
         };
         let mut st = lock(&self.flush);
         match r {
@@ -605,13 +598,7 @@ impl RwVolume {
                     st.bytes += bytes;
                 }
             }
-            Err(e) => {
-                log::error!(
-                    "flush of {} failed; refusing writes until remounted: {e}",
-                    self.label
-                );
-                st.poisoned = Some((crate::errno::errno(&e), e.to_string()));
-            }
+            Err(e) => poison(&mut st, &format!("flush of {}", self.label), &e),
         }
         st.done = st.done.max(target);
         self.cv.notify_all();
@@ -633,12 +620,7 @@ impl RwVolume {
             m.flush_begin()?
         };
         batch.write();
-        let _commit = lock(&self.commit);
-        let prepared = self.mount().flush_commit_prepare(batch)?;
-        let io = prepared.run();
-        let mut m = self.mount();
-        let stats = m.flush_commit_finish(prepared, io)?;
-        self.dirty.store(m.pending_bytes(), Ordering::Relaxed);
+        let stats = self.commit_batch(batch)?;
         self.written.store(0, Ordering::Relaxed);
         Ok((stats.bytes, stats.lost))
     }
@@ -671,11 +653,8 @@ impl RwVolume {
         let released = lock(&self.flush).released;
         if self.writable().is_ok() && !released {
             if let Err(e) = self.between_flushes(|m| m.reclaim()) {
-                log::error!(
-                    "{}: freeing what the last flushes dropped failed: {e}",
-                    self.label
-                );
-                lock(&self.flush).poisoned = Some((crate::errno::errno(&e), e.to_string()));
+                let what = format!("{}: freeing what the last flushes dropped", self.label);
+                poison(&mut lock(&self.flush), &what, &e);
             }
         }
         let st = lock(&self.flush);
@@ -825,6 +804,24 @@ impl RwVolume {
         }
         Ok(())
     }
+}
+
+/// `f`, with a panic in it (a broken invariant) turned into an error:
+/// it must not leave an fsync waiting forever, and it poisons the mount
+/// as an error does.
+fn unpanicked<T>(what: &str, f: impl FnOnce() -> hammer2::Result<T>) -> hammer2::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        Err(hammer2::Error::Poisoned {
+            why: format!("{what} panicked"),
+        })
+    })
+}
+
+/// A failed flush or partial commit (`what`): logged, and the mount
+/// refuses writes from now on.
+fn poison(st: &mut FlushState, what: &str, e: &hammer2::Error) {
+    log::error!("{what} failed; refusing writes until remounted: {e}");
+    st.poisoned = Some((crate::errno::errno(e), e.to_string()));
 }
 
 #[cfg(test)]
