@@ -808,17 +808,25 @@ impl Mount {
         }
     }
 
+    /// Refuse while a flush or a partial commit has a batch out or a
+    /// commit is between its prepare and finish: reclaim and PFS
+    /// operations run between commits (the daemon's `between_flushes`).
+    pub(crate) fn no_commit_under_way(&self) -> Result<()> {
+        if self.flushing || self.partials > 0 || self.committing {
+            return Err(Error::InvalidArgument {
+                what: "a flush is in progress".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// Commit until no freed block waits for a header (each commit
     /// writes the freemap, if changed, and a header), so space dropped
     /// by earlier flushes is free now; for a writer about to fail with
     /// ENOSPC and for unmount. Returns the bytes given back.
     pub fn reclaim(&mut self) -> Result<u64> {
         self.writable()?;
-        if self.flushing || self.partials > 0 || self.committing {
-            return Err(Error::InvalidArgument {
-                what: "a flush is in progress".into(),
-            });
-        }
+        self.no_commit_under_way()?;
         let mut freed = 0;
         // At most one commit per header slot releases the whole queue
         // (and one more while readers outside the lock hold the gate).

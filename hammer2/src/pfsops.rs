@@ -148,11 +148,7 @@ impl Mount {
     /// `label` is taken.
     fn pfs_op_ready(&mut self, new_label: Option<&str>) -> Result<()> {
         self.writable()?;
-        if self.flushing || self.partials > 0 || self.committing {
-            return Err(Error::InvalidArgument {
-                what: "a flush is in progress".into(),
-            });
-        }
+        self.no_commit_under_way()?;
         if let Some(label) = new_label {
             check_label(label)?;
             if self.pfs.contains_key(label) || self.pfs_entries()?.iter().any(|(l, _)| l == label) {
