@@ -127,16 +127,9 @@ impl Writer<'_> {
     pub fn write_data(&mut self, br: &mut Blockref, phys: &[u8], dedup: bool) -> Result<()> {
         let fp = DedupKey::of(phys, br.methods);
         let dev = self.vol.device().clone();
-        let placed = if dedup {
-            place_data(self.space, dev.as_ref(), &fp, phys, br.key, true)?
-        } else {
-            Placed::New(
-                self.space
-                    .alloc(BlockrefType::Data, phys.len() as u64, br.key, true)?,
-            )
-        };
+        let placed = place_data(self.space, dev.as_ref(), &fp, phys, br.key, true, dedup)?;
         if let Placed::New(off) = placed {
-            write_placed(dev.as_ref(), off, phys)?;
+            write_placed(dev.as_ref(), off, phys, false)?;
             if dedup && dedupable(br.methods) {
                 self.space.dedup_record(fp, off);
             }
@@ -1119,28 +1112,15 @@ impl FlushBatch {
                 let mut space = lock_space(&self.space);
                 // Admitted when written: a flush allocation, which may
                 // use the reserve (`SpaceMap::alloc`).
-                if b.dedup {
-                    place_data(space.as_mut(), self.dev.as_ref(), &fp, &phys, b.lbase, true)
-                } else {
-                    space
-                        .alloc(BlockrefType::Data, phys.len() as u64, b.lbase, true)
-                        .map(Placed::New)
-                }
+                let dev = self.dev.as_ref();
+                place_data(space.as_mut(), dev, &fp, &phys, b.lbase, true, b.dedup)
             };
             let off = match placed {
                 Ok(Placed::New(off)) => {
                     // Written now, not at the commit's barrier: another
                     // commit's barrier meanwhile (an fsync's) would have to
                     // write it first.
-                    if let Err(e) = self
-                        .dev
-                        .write_through(&phys, off.offset())
-                        .map_err(|source| Error::Io {
-                            op: "write",
-                            at: off.offset(),
-                            source,
-                        })
-                    {
+                    if let Err(e) = write_placed(self.dev.as_ref(), off, &phys, true) {
                         self.error = Some(e);
                         return;
                     }

@@ -144,7 +144,8 @@ pub fn dedupable(methods: u8) -> bool {
 
 /// Find a block for the file data `phys` (blockref methods `methods`,
 /// file offset `key`): a recent block with the same bytes when the table
-/// has one and the device confirms it, else a new allocation.
+/// has one and the device confirms it, else a new allocation (always,
+/// without `dedup`).
 pub fn place_data(
     space: &mut dyn SpaceMap,
     dev: &dyn BlockDevice,
@@ -152,8 +153,9 @@ pub fn place_data(
     phys: &[u8],
     key: u64,
     flush: bool,
+    dedup: bool,
 ) -> Result<Placed> {
-    if !dedupable(fp.methods) {
+    if !dedup || !dedupable(fp.methods) {
         let off = space.alloc(BlockrefType::Data, phys.len() as u64, key, flush)?;
         return Ok(Placed::New(off));
     }
@@ -170,14 +172,18 @@ pub fn place_data(
     Ok(Placed::New(off))
 }
 
-/// Write a newly placed block.
-pub fn write_placed(dev: &dyn BlockDevice, off: DataOff, phys: &[u8]) -> Result<()> {
-    dev.write_at(phys, off.offset())
-        .map_err(|source| Error::Io {
-            op: "write",
-            at: off.offset(),
-            source,
-        })
+/// Write a newly placed block: delayed until the commit's barrier, or
+/// `now` (`BlockDevice::write_through`).
+pub fn write_placed(dev: &dyn BlockDevice, off: DataOff, phys: &[u8], now: bool) -> Result<()> {
+    let r = match now {
+        true => dev.write_through(phys, off.offset()),
+        false => dev.write_at(phys, off.offset()),
+    };
+    r.map_err(|source| Error::Io {
+        op: "write",
+        at: off.offset(),
+        source,
+    })
 }
 
 #[cfg(test)]
