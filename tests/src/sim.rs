@@ -92,12 +92,13 @@ impl Sim {
         self.fault = Arc::new(FaultDevice::new(self.rec.clone()));
         let d: Arc<dyn BlockDevice> = self.fault.clone();
         self.m = Some(Mount::open(d).map_err(|e| format!("mount: {e}"))?);
-        self.fresh_session();
+        self.all_committed();
         Ok(())
     }
 
-    /// A new mount: nothing waits for a commit.
-    fn fresh_session(&mut self) {
+    /// Everything in the model committed (a whole flush, or a new
+    /// mount): nothing waits for a commit.
+    fn all_committed(&mut self) {
         self.groups = Groups::default();
         self.committed = Committed::full(&self.model);
     }
@@ -116,7 +117,7 @@ impl Sim {
             Some(a) => {
                 let a = a.clone();
                 self.model = a.clone();
-                self.fresh_session();
+                self.all_committed();
                 if a.tree() != self.durable.tree() {
                     self.prev = std::mem::replace(&mut self.durable, a);
                 }
@@ -253,8 +254,7 @@ impl Sim {
     fn commit(&mut self, all: bool) -> R<()> {
         let start = self.rec.position();
         let r = if all {
-            self.committed = Committed::full(&self.model);
-            self.groups = Groups::default();
+            self.all_committed();
             self.m().flush().map(|_| ())
         } else {
             let paths = self.model.paths();
@@ -294,8 +294,7 @@ impl Sim {
             }
         }
         let start = self.rec.position();
-        self.committed = Committed::full(&self.model);
-        self.groups = Groups::default();
+        self.all_committed();
         self.m()
             .flush_commit(batch)
             .map_err(|e| format!("pipelined flush: {e}"))?;
@@ -335,8 +334,7 @@ impl Sim {
         let before = self.durable.clone();
         let after = self.model.clone();
         self.m().flush().map_err(|e| format!("flush: {e}"))?;
-        self.committed = Committed::full(&self.model);
-        self.groups = Groups::default();
+        self.all_committed();
         let header = self.header_since(start);
         let events = self.rec.events();
         // Epoch boundaries after `start`.
@@ -389,8 +387,7 @@ impl Sim {
         match self.m().flush() {
             Ok(_) => {
                 // The flush needed fewer writes than allowed.
-                self.committed = Committed::full(&self.model);
-                self.groups = Groups::default();
+                self.all_committed();
                 self.fault.heal();
                 if self.header_since(start).is_some() {
                     self.prev = std::mem::replace(&mut self.durable, self.model.clone());
@@ -558,7 +555,7 @@ impl Sim {
         alloc.set_reserve_bytes(alloc.free_chunk_bytes().saturating_sub(room));
         self.note(format!("disk with {room} bytes of room"));
         self.m = Some(Mount::open_with(d, Box::new(alloc)).map_err(|e| e.to_string())?);
-        self.fresh_session();
+        self.all_committed();
         let mut refused = 0;
         for _ in 0..12 {
             let op = self.random_op();
