@@ -15,10 +15,14 @@
 //! exclusive by `between_flushes`. Order: `serial`, `partials`,
 //! `commit`, `mount`.
 //!
-//! Flushes happen: every `sync_interval` when something is dirty; when
-//! the file data waiting for a flush passes a quarter of its limit; on
+//! Flushes happen: every `sync_interval` when something is dirty; on
 //! sync and syncfs (the caller waits for a flush that started after
-//! its request); and once more at unmount (`shutdown`). fsync and
+//! its request); and once more at unmount (`shutdown`). When the file
+//! data waiting for a flush passes a quarter of its limit and no flush
+//! is asked for or due, the flusher launders it instead
+//! (`launder_once`): written to new blocks and recorded in the inodes'
+//! tables, with no commit; it flushes when laundering finds nothing to
+//! write or leaves decoded metadata past its budget. fsync and
 //! fsyncdir are partial commits of the inode's dependency group on the
 //! caller's thread (`RwVolume::fsync`, `Mount::fsync_begin`): they do
 //! not write other files' data nor wait for a running flush's. A writer that
@@ -58,9 +62,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// File data waiting for a flush (the memory it holds: what was written
-/// of each 64 KiB block) beyond which writers wait for one, at most
-/// (the mount's budget may set less, `set_dirty_limit`); the flusher is
-/// woken past a quarter of the limit.
+/// of each 64 KiB block) beyond which writers wait for the flusher, at
+/// most (the mount's budget may set less, `set_dirty_limit`); the
+/// flusher is woken past a quarter of the limit, and launders.
 pub const DIRTY_MAX_BYTES: u64 = 256 << 20;
 
 /// What the flusher and the threads waiting for it share.
@@ -87,6 +91,10 @@ struct FlushState {
     /// they wrote.
     partial_commits: u64,
     partial_blocks: u64,
+    /// Launderings (`launder_once`) that wrote something, and the
+    /// blocks they wrote.
+    launders: u64,
+    laundered_blocks: u64,
 }
 
 pub struct RwVolume {
@@ -534,10 +542,11 @@ impl RwVolume {
     }
 
     fn flusher(self: &Arc<Self>) {
+        let mut deadline = self.sync_interval.map(|i| Instant::now() + i);
         loop {
-            let target = {
+            let (target, launder) = {
                 let mut st = lock(&self.flush);
-                let deadline = self.sync_interval.map(|i| Instant::now() + i);
+                let mut due = false;
                 loop {
                     if st.stop {
                         return;
@@ -550,6 +559,7 @@ impl RwVolume {
                         Some(d) => {
                             let left = d.saturating_duration_since(Instant::now());
                             if left.is_zero() {
+                                due = true;
                                 break;
                             }
                             self.cv
@@ -559,12 +569,69 @@ impl RwVolume {
                         }
                     };
                 }
+                // Much written and no commit asked for or due: launder.
+                let launder = st.kicked && st.requested <= st.done && !due;
                 st.kicked = false;
-                st.requested
+                (st.requested, launder)
             };
+            if launder && self.launder_and_record() {
+                continue;
+            }
             self.flush_and_record(target);
+            deadline = self.sync_interval.map(|i| Instant::now() + i);
             self.maybe_autobulkfree();
         }
+    }
+
+    /// Launder (unless poisoned or released): write the file data
+    /// waiting for a flush to new blocks and record them in the inodes'
+    /// tables, with no commit (`launder_once`). False when a flush
+    /// should follow instead: laundering found nothing to write, or the
+    /// metadata it left dirty is past its budget (only a commit lets
+    /// it go).
+    fn launder_and_record(&self) -> bool {
+        let _serial = lock(&self.serial);
+        {
+            let st = lock(&self.flush);
+            if st.poisoned.is_some() || st.released {
+                return false;
+            }
+        }
+        let r = unpanicked("laundering", || self.launder_once());
+        let mut st = lock(&self.flush);
+        let enough = match r {
+            Ok((stats, metadata_over)) => {
+                st.lost += stats.lost;
+                if stats.blocks > 0 {
+                    st.launders += 1;
+                    st.laundered_blocks += stats.blocks;
+                }
+                if self.dirty.load(Ordering::Relaxed) > self.dirty_kick() {
+                    // Written meanwhile: once more.
+                    st.kicked = true;
+                }
+                (stats.blocks > 0 || stats.lost > 0) && !metadata_over
+            }
+            Err(e) => {
+                poison(&mut st, &format!("laundering of {}", self.label), &e);
+                true
+            }
+        };
+        self.cv.notify_all();
+        enough
+    }
+
+    /// Take the file data waiting for a flush (mount locked), write it
+    /// (unlocked), record the blocks in their inodes (locked). Returns
+    /// what was written and whether decoded metadata is past its budget.
+    fn launder_once(&self) -> hammer2::Result<(hammer2::flush::FlushStats, bool)> {
+        let mut batch = self.mount().launder_begin()?;
+        batch.write();
+        let mut m = self.mount();
+        let stats = m.launder_finish(batch)?;
+        self.dirty.store(m.pending_bytes(), Ordering::Relaxed);
+        self.written.store(0, Ordering::Relaxed);
+        Ok((stats, m.metadata_over_limit()))
     }
 
     /// Flush (unless poisoned or released), then mark requests up to
@@ -660,12 +727,15 @@ impl RwVolume {
         let st = lock(&self.flush);
         if first {
             log::info!(
-                "{}: {} flushes, {} bytes written; {} partial commits (fsync), {} blocks written by them",
+                "{}: {} flushes, {} bytes written; {} partial commits (fsync), {} blocks written by them; \
+                 {} launderings, {} blocks written by them",
                 self.label,
                 st.flushes,
                 st.bytes,
                 st.partial_commits,
-                st.partial_blocks
+                st.partial_blocks,
+                st.launders,
+                st.laundered_blocks
             );
         }
         match &st.poisoned {

@@ -29,6 +29,14 @@
 //! waited for it. `flush` runs the steps in a row; `reclaim` commits
 //! until no freed block waits for a header.
 //!
+//! Laundering (`launder_begin`, `launder_finish`): the batch part alone,
+//! as DragonFly's buffer cache writes file data ahead of the flush. The
+//! file data is written to new blocks and their blockrefs go into the
+//! inodes' block tables in memory; no header is written, so nothing
+//! reachable changes, and the next commit writes only the metadata
+//! above them. A laundered block superseded before that commit is freed
+//! by it as any dropped block is.
+//!
 //! Partial commits (`fsync`, `fsync_begin`): the same steps for the
 //! closure of one inode's dependency group (`depend.rs`,
 //! `commit_closure`: the group, the PFS root's group, the inode and the
@@ -311,12 +319,70 @@ impl Mount {
         self.writable()?;
         self.getattr(label, inum)?;
         let scope = self.commit_closure(label, inum);
-        let batch = self.begin_batch(Some((label, &scope)))?;
+        let batch = self.begin_batch(Some((label, &scope)), false)?;
         self.partials += 1;
         Ok(FlushBatch {
             scope: Some((label.to_string(), inum)),
             ..batch
         })
+    }
+
+    /// Start laundering, as DragonFly's buffer cache writes file data
+    /// ahead of the flush: take the file data waiting for a flush (what
+    /// no other batch holds) into a batch; `FlushBatch::write` writes it
+    /// to new blocks without this `Mount` (compressed, checked,
+    /// deduped), and `launder_finish` records their blockrefs in the
+    /// inodes' block tables. Nothing is committed: the next commit
+    /// writes only the metadata above them, and until then no header
+    /// reaches the new blocks. Counts as a partial batch for
+    /// `no_commit_under_way`.
+    pub fn launder_begin(&mut self) -> Result<FlushBatch> {
+        self.writable()?;
+        let batch = self.begin_batch(None, true)?;
+        self.partials += 1;
+        Ok(FlushBatch {
+            launder: true,
+            ..batch
+        })
+    }
+
+    /// Finish laundering (`launder_begin`): each block written that is
+    /// still its inode's pending block goes into the inode's table and
+    /// leaves memory; one rewritten meanwhile is given back. The space
+    /// admitted for the blocks recorded is now allocated: their
+    /// admission goes (the indirect blocks' share stays until the
+    /// commit). A device error poisons the mount, as in a flush.
+    pub fn launder_finish(&mut self, batch: FlushBatch) -> Result<FlushStats> {
+        if !batch.launder {
+            return Err(Error::InvalidArgument {
+                what: "launder_finish needs a batch of launder_begin".into(),
+            });
+        }
+        self.untake(&batch.blocks);
+        self.partials = self.partials.saturating_sub(1);
+        let r = self.writable().and_then(|()| match batch.error {
+            Some(e) => Err(e),
+            None => self.install(batch.heuristics, batch.blocks),
+        });
+        match r {
+            Ok(done) => {
+                self.admitted = self
+                    .admitted
+                    .saturating_sub(done.settled * disk::DATA_BLOCK_BYTES);
+                Ok(FlushStats {
+                    tid: self.vol.header.mirror_tid,
+                    blocks: done.blocks,
+                    bytes: done.bytes,
+                    header_slot: self.vol.header_index,
+                    freed: 0,
+                    lost: done.lost,
+                })
+            }
+            Err(e) => {
+                self.note_flush_error(&e);
+                Err(e)
+            }
+        }
     }
 
     /// Write everything modified and commit it with a new volume header.
@@ -340,14 +406,19 @@ impl Mount {
                 what: "a flush is already in progress".into(),
             });
         }
-        let batch = self.begin_batch(None)?;
+        let batch = self.begin_batch(None, false)?;
         self.flushing = true;
         Ok(batch)
     }
 
     /// The file data of the inodes in `scope` (PFS and inode numbers;
-    /// `None`: all) waiting for a flush, as a batch.
-    fn begin_batch(&mut self, scope: Option<(&str, &BTreeSet<u64>)>) -> Result<FlushBatch> {
+    /// `None`: all) waiting for a flush, as a batch; without the blocks
+    /// another batch holds when `skip_taken`.
+    fn begin_batch(
+        &mut self,
+        scope: Option<(&str, &BTreeSet<u64>)>,
+        skip_taken: bool,
+    ) -> Result<FlushBatch> {
         let tid = self.next_tid()?;
         let mut blocks = Vec::new();
         let mut heuristics = HashMap::new();
@@ -363,6 +434,10 @@ impl Mount {
                 heuristics.insert((label.clone(), *inum), n.comp_heuristic);
                 let size = n.size();
                 for (lbase, blk) in n.pending.range(..size) {
+                    let taken = self.taken.contains_key(&pending_key(blk));
+                    if taken && skip_taken {
+                        continue;
+                    }
                     blocks.push(BatchBlock {
                         label: label.clone(),
                         inum: *inum,
@@ -374,7 +449,7 @@ impl Mount {
                         written: None,
                         lost: false,
                         shared_durable: false,
-                        dedup: !self.taken.contains_key(&pending_key(blk)),
+                        dedup: !taken,
                     });
                 }
             }
@@ -391,6 +466,7 @@ impl Mount {
             heuristics,
             error: None,
             scope: None,
+            launder: false,
         })
     }
 
@@ -410,18 +486,13 @@ impl Mount {
     /// meanwhile change the tree in memory for the next flush, which
     /// cannot begin before this one finishes.
     pub fn flush_commit_prepare(&mut self, batch: FlushBatch) -> Result<Prepared> {
-        let partial = batch.scope.is_some();
-        // Its blocks are settled below (installed, or given back), under
-        // this borrow: no other batch can take them as in flight after.
-        for b in &batch.blocks {
-            let k = pending_key(&b.blk);
-            if let Some(n) = self.taken.get_mut(&k) {
-                *n -= 1;
-                if *n == 0 {
-                    self.taken.remove(&k);
-                }
-            }
+        if batch.launder {
+            return Err(Error::InvalidArgument {
+                what: "a laundering batch is finished by launder_finish, not committed".into(),
+            });
         }
+        let partial = batch.scope.is_some();
+        self.untake(&batch.blocks);
         if self.committing {
             // The batch goes back whole: its blocks stay pending.
             self.batch_done(partial);
@@ -439,6 +510,21 @@ impl Mount {
             Ok(Prepared::Nothing(..)) => {}
         }
         result
+    }
+
+    /// A batch's blocks are settled (installed, or given back) by the
+    /// caller under this borrow: no other batch can take them as in
+    /// flight after.
+    fn untake(&mut self, blocks: &[BatchBlock]) {
+        for b in blocks {
+            let k = pending_key(&b.blk);
+            if let Some(n) = self.taken.get_mut(&k) {
+                *n -= 1;
+                if *n == 0 {
+                    self.taken.remove(&k);
+                }
+            }
+        }
     }
 
     /// A batch is committed (or failed): it no longer holds file data.
@@ -492,76 +578,12 @@ impl Mount {
             return Err(e);
         }
         let partial = batch.scope.is_some();
-        for ((label, inum), h) in batch.heuristics {
-            if let Some(n) = self
-                .pfs
-                .get_mut(&label)
-                .and_then(|p| p.inodes.get_mut(&inum))
-            {
-                n.comp_heuristic = h;
-            }
-        }
-        let (mut blocks, mut bytes, mut lost) = (0, 0, 0);
-        for b in batch.blocks {
-            if b.lost {
-                // Dropped unless written again meanwhile.
-                if let Some(n) = self
-                    .pfs
-                    .get_mut(&b.label)
-                    .and_then(|p| p.inodes.get_mut(&b.inum))
-                    .filter(|n| {
-                        n.pending
-                            .get(&b.lbase)
-                            .is_some_and(|p| Arc::ptr_eq(p, &b.blk))
-                    })
-                {
-                    n.pending.remove(&b.lbase);
-                    lost += 1;
-                }
-                continue;
-            }
-            let Some(leaf) = b.written else { continue };
-            let vol = &self.vol;
-            let node = self
-                .pfs
-                .get_mut(&b.label)
-                .and_then(|p| p.inodes.get_mut(&b.inum));
-            let current = node.filter(|n| {
-                b.lbase < n.size()
-                    && n.pending
-                        .get(&b.lbase)
-                        .is_some_and(|p| Arc::ptr_eq(p, &b.blk))
-            });
-            match current {
-                Some(n) => {
-                    n.pending.remove(&b.lbase);
-                    match leaf {
-                        Some(br) => {
-                            blocks += 1;
-                            bytes += br.data_off.bytes();
-                            n.table
-                                .insert(vol, crate::blocktable::TreeKind::File, true, br)?;
-                        }
-                        None => {
-                            n.table.delete(vol, b.lbase)?;
-                        }
-                    }
-                }
-                None => {
-                    // Rewritten, truncated or removed meanwhile (or
-                    // committed by a partial commit that wrote it again).
-                    if let Some(br) = leaf.filter(|_| !b.shared_durable) {
-                        let free_at = self.next_tid()?;
-                        let mut space = lock_space(&self.space);
-                        if !space.release_unflushed(br.data_off) {
-                            // A commit since it was allocated made its
-                            // allocation durable; no header references it.
-                            space.queue_free(br.data_off, true, free_at);
-                        }
-                    }
-                }
-            }
-        }
+        let Installed {
+            blocks,
+            bytes,
+            lost,
+            ..
+        } = self.install(batch.heuristics, batch.blocks)?;
         // A partial commit writes the closure as it is now: the groups
         // may have grown since the batch was taken.
         let scope = batch
@@ -590,6 +612,92 @@ impl Mount {
         c.stats.bytes += bytes;
         c.stats.lost += lost;
         Ok(Prepared::Commit(Box::new(c)))
+    }
+
+    /// Record a written batch's blocks: each still the inode's pending
+    /// block goes into its block table (a hole: removed from it) and
+    /// leaves the pending map; a lost one (`FlushStats::lost`) is
+    /// dropped; one rewritten, truncated or removed meanwhile is given
+    /// back to the allocator. The compression heuristics go back to
+    /// their inodes.
+    fn install(
+        &mut self,
+        heuristics: HashMap<(String, u64), CompHeuristic>,
+        blocks: Vec<BatchBlock>,
+    ) -> Result<Installed> {
+        for ((label, inum), h) in heuristics {
+            if let Some(n) = self
+                .pfs
+                .get_mut(&label)
+                .and_then(|p| p.inodes.get_mut(&inum))
+            {
+                n.comp_heuristic = h;
+            }
+        }
+        let mut done = Installed::default();
+        for b in blocks {
+            if b.lost {
+                // Dropped unless written again meanwhile.
+                if let Some(n) = self
+                    .pfs
+                    .get_mut(&b.label)
+                    .and_then(|p| p.inodes.get_mut(&b.inum))
+                    .filter(|n| {
+                        n.pending
+                            .get(&b.lbase)
+                            .is_some_and(|p| Arc::ptr_eq(p, &b.blk))
+                    })
+                {
+                    n.pending.remove(&b.lbase);
+                    done.lost += 1;
+                    done.settled += 1;
+                }
+                continue;
+            }
+            let Some(leaf) = b.written else { continue };
+            let vol = &self.vol;
+            let node = self
+                .pfs
+                .get_mut(&b.label)
+                .and_then(|p| p.inodes.get_mut(&b.inum));
+            let current = node.filter(|n| {
+                b.lbase < n.size()
+                    && n.pending
+                        .get(&b.lbase)
+                        .is_some_and(|p| Arc::ptr_eq(p, &b.blk))
+            });
+            match current {
+                Some(n) => {
+                    n.pending.remove(&b.lbase);
+                    done.settled += 1;
+                    match leaf {
+                        Some(br) => {
+                            done.blocks += 1;
+                            done.bytes += br.data_off.bytes();
+                            n.table
+                                .insert(vol, crate::blocktable::TreeKind::File, true, br)?;
+                        }
+                        None => {
+                            n.table.delete(vol, b.lbase)?;
+                        }
+                    }
+                }
+                None => {
+                    // Rewritten, truncated or removed meanwhile (or
+                    // committed by a partial commit that wrote it again).
+                    if let Some(br) = leaf.filter(|_| !b.shared_durable) {
+                        let free_at = self.next_tid()?;
+                        let mut space = lock_space(&self.space);
+                        if !space.release_unflushed(br.data_off) {
+                            // A commit since it was allocated made its
+                            // allocation durable; no header references it.
+                            space.queue_free(br.data_off, true, free_at);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(done)
     }
 
     /// A whole flush with the mount held throughout.
@@ -1062,6 +1170,21 @@ pub struct FlushBatch {
     error: Option<Error>,
     /// A partial commit's: the PFS and the inode fsync was called for.
     scope: Option<(String, u64)>,
+    /// Laundering's (`Mount::launder_begin`): recorded, not committed.
+    launder: bool,
+}
+
+/// What `Mount::install` did with a batch's blocks.
+#[derive(Default)]
+struct Installed {
+    /// Blocks recorded in their inodes' tables, and their bytes on disk.
+    blocks: u64,
+    bytes: u64,
+    /// Writes dropped: their old blocks could not be read.
+    lost: u64,
+    /// Pending blocks the batch settled (recorded, made holes, or lost):
+    /// their admission is spent.
+    settled: u64,
 }
 
 impl FlushBatch {

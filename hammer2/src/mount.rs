@@ -677,6 +677,12 @@ impl Mount {
         self.meta_limit = bytes;
     }
 
+    /// Whether decoded metadata is past its budget (what is dirty of it
+    /// leaves memory only once a commit has written it).
+    pub fn metadata_over_limit(&self) -> bool {
+        self.metadata_bytes() > self.meta_limit
+    }
+
     /// Keep decoded metadata across flushes while it fits the budget;
     /// past it, drop what is clean. Every flush calls it, and an idle
     /// mount's flusher.

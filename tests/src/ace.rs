@@ -611,6 +611,10 @@ pub enum Persist {
     Fdatasync,
     Sync,
     Nothing,
+    /// The file data written ahead of a commit, as the daemon's flusher
+    /// does when much is written (`Mount::launder_begin`): nothing is
+    /// committed.
+    Launder,
 }
 
 pub const PERSISTS: [Persist; 4] = [
@@ -632,6 +636,7 @@ impl std::fmt::Display for Step {
             Persist::Fsync => "; fsync",
             Persist::Fdatasync => "; fdatasync",
             Persist::Sync => "; sync",
+            Persist::Launder => "; laundered",
             Persist::Nothing => "",
         };
         match &self.op {
@@ -797,7 +802,8 @@ fn dirty_prelude() -> Vec<Step> {
 
 /// Every one-operation workload: each operation with each persistence,
 /// then each with fsync and fdatasync again after other files were
-/// changed and left dirty (`dirty_prelude`).
+/// changed and left dirty (`dirty_prelude`), and with fsync after other
+/// files' data was laundered (written ahead, not committed).
 pub fn one_op_workloads() -> Vec<Vec<Step>> {
     let mut v = Vec::new();
     for op in variants() {
@@ -817,6 +823,15 @@ pub fn one_op_workloads() -> Vec<Vec<Step>> {
             });
             v.push(steps);
         }
+        let mut steps = dirty_prelude();
+        if let Some(last) = steps.last_mut() {
+            last.persist = Persist::Launder;
+        }
+        steps.push(Step {
+            op: op.clone(),
+            persist: Persist::Fsync,
+        });
+        v.push(steps);
     }
     v
 }
@@ -1429,6 +1444,21 @@ pub fn record(steps: &[Step], version: u32) -> std::result::Result<Recorded, Str
         }
         let flushed = match st.persist {
             Persist::Nothing => None,
+            Persist::Launder => {
+                let before = rec.events().len();
+                let r = m.launder_begin().and_then(|mut batch| {
+                    batch.write();
+                    m.launder_finish(batch)
+                });
+                r.map_err(|e| format!("step {i}: laundering: {e}"))?;
+                let events = rec.events();
+                if let Some((at, _)) = events.iter().enumerate().skip(before).find(
+                    |(_, e)| matches!(e, Event::Write { offset, data } if is_header_write(*offset, data.len())),
+                ) {
+                    return Err(format!("step {i}: laundering wrote a volume header (event {at})"));
+                }
+                None
+            }
             Persist::Sync => {
                 committed = Committed::full(&model);
                 groups = Groups::default();

@@ -27,6 +27,8 @@ use std::sync::Arc;
 pub struct SimStats {
     pub ops: u64,
     pub flushes: u64,
+    /// Launderings that wrote file data ahead of a commit.
+    pub launders: u64,
     pub crashes: u64,
     pub write_faults: u64,
     pub barrier_faults: u64,
@@ -301,6 +303,61 @@ impl Sim {
         self.committed_since(start)
     }
 
+    /// Laundering, as the daemon's flusher runs it when much is written
+    /// (`Mount::launder_begin`): file data written to new blocks and
+    /// recorded in the inodes, with operations and fsyncs between its
+    /// begin and its finish. It commits nothing: no header, the durable
+    /// state stays, and the library still shows the model.
+    fn launder(&mut self) -> R<()> {
+        let start = self.rec.position();
+        let mut batch = self
+            .m()
+            .launder_begin()
+            .map_err(|e| format!("launder_begin: {e}"))?;
+        batch.write();
+        self.note(format!("laundering of {} blocks begun", batch.len()));
+        if let Some(h) = self.header_since(start) {
+            return Err(format!("laundering wrote a volume header (event {h})"));
+        }
+        for _ in 0..self.rng.gen_range(0..4) {
+            if self.rng.gen_bool(0.6) {
+                self.op()?;
+            } else {
+                self.commit(false)?;
+            }
+        }
+        let mid = self.rec.position();
+        let stats = self
+            .m()
+            .launder_finish(batch)
+            .map_err(|e| format!("launder_finish: {e}"))?;
+        if let Some(h) = self.header_since(mid) {
+            return Err(format!("launder_finish wrote a volume header (event {h})"));
+        }
+        if stats.blocks > 0 {
+            self.stats.launders += 1;
+        }
+        self.note("laundered".into());
+        let t = lib_tree(self.m()).map_err(|e| format!("reading: {e}"))?;
+        if t != self.model.tree() {
+            return Err(format!(
+                "tree in memory after laundering: {}",
+                tree_diff(&t, &self.model.tree())
+            ));
+        }
+        Ok(())
+    }
+
+    /// Laundering and then a flush, each failing on a device error
+    /// (for the fault steps).
+    fn launder_then_flush(&mut self) -> hammer2::Result<()> {
+        let m = self.m();
+        let mut batch = m.launder_begin()?;
+        batch.write();
+        m.launder_finish(batch)?;
+        m.flush().map(|_| ())
+    }
+
     /// After a commit that began at log position `start`: the durable
     /// state is the committed one, if a header was written.
     fn committed_since(&mut self, start: usize) -> R<()> {
@@ -383,9 +440,14 @@ impl Sim {
             self.fault.fail_writes_after(self.rng.gen_range(0..10));
         }
         let what = if barrier { "barrier" } else { "write" };
-        self.note(format!("{what} fault armed"));
-        match self.m().flush() {
-            Ok(_) => {
+        let launder = self.rng.gen_bool(0.5);
+        self.note(format!("{what} fault armed (laundering first: {launder})"));
+        let r = match launder {
+            true => self.launder_then_flush(),
+            false => self.m().flush().map(|_| ()),
+        };
+        match r {
+            Ok(()) => {
                 // The flush needed fewer writes than allowed.
                 self.all_committed();
                 self.fault.heal();
@@ -582,7 +644,8 @@ impl Sim {
 
     fn step(&mut self) -> R<()> {
         match self.rng.gen_range(0..100) {
-            0..=59 => self.op(),
+            0..=55 => self.op(),
+            56..=59 => self.launder(),
             60..=68 => self.flush(),
             69..=71 => self.pipelined(),
             72..=79 => self.crash(),
@@ -646,6 +709,7 @@ impl SimStats {
     pub fn add(&mut self, o: &SimStats) {
         self.ops += o.ops;
         self.flushes += o.flushes;
+        self.launders += o.launders;
         self.crashes += o.crashes;
         self.write_faults += o.write_faults;
         self.barrier_faults += o.barrier_faults;
@@ -659,9 +723,10 @@ impl SimStats {
     /// One line of figures.
     pub fn summary(&self) -> String {
         format!(
-            "{} operations, {} flushes, {} crashes, faults: {} write, {} barrier, {} read, {} bit flips, {} full disk; {} errors surfaced and checked, {} remounts checked",
+            "{} operations, {} flushes, {} launderings, {} crashes, faults: {} write, {} barrier, {} read, {} bit flips, {} full disk; {} errors surfaced and checked, {} remounts checked",
             self.ops,
             self.flushes,
+            self.launders,
             self.crashes,
             self.write_faults,
             self.barrier_faults,

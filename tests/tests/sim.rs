@@ -25,5 +25,6 @@ fn operations_crashes_and_faults_keep_the_image_consistent() {
     let _ = writeln!(std::io::stderr(), "simulation: {}", total.summary());
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert!(total.crashes > 0 && total.write_faults > 0 && total.bit_flips > 0);
+    assert!(total.launders > 0, "no laundering wrote anything");
     assert!(total.errors_seen > 0, "no fault surfaced");
 }

@@ -49,8 +49,9 @@ const MOUNT8_ENV: &str = "MOUNT_HAMMER2_BY_MOUNT8";
                   noatime, fsname=NAME; fstab bookkeeping (noauto, nofail, _netdev, x-*) \
                   is ignored.\n\n\
                   rw: writes are kept in memory and written by a flush every \
-                  sync_interval=SECONDS (default 5; 0 = only on sync, the dirty limit and unmount), on \
-                  sync, when a quarter of the dirty limit waits, and at unmount; fsync commits \
+                  sync_interval=SECONDS (default 5; 0 = only on sync and unmount), on \
+                  sync, and at unmount; past a quarter of the dirty limit the data is written \
+                  ahead of the flush (laundered) without a commit; fsync commits \
                   the file and what it depends on, without the other files' changes. An image has one writer: a second \
                   mount of the PFS mounted read-write is a bind mount of it, another \
                   PFS is refused.\n\n\
