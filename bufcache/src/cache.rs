@@ -102,6 +102,9 @@ pub(crate) struct Counters {
     pub barriers: AtomicU64,
 }
 
+/// Buffers one `cluster_read` brings in at most (2 MiB).
+pub const CLUSTER_MAX: usize = 32;
+
 struct ReadAhead {
     /// The index a sequential reader misses on next.
     next: u64,
@@ -430,6 +433,33 @@ impl BufCache {
         }))
     }
 
+    /// DragonFly's cluster read: bring the buffers over
+    /// `offset..offset+len` into the cache with as few device reads as
+    /// possible (one per run of buffers not resident), for a caller
+    /// about to read them one by one (a file's blocks laid out in a
+    /// row). Resident buffers are skipped; at most `CLUSTER_MAX`
+    /// buffers per call. A hint: a failed read leaves the buffers to
+    /// be read (and the error reported) when they are needed.
+    pub fn cluster_read(&self, offset: u64, len: u64) {
+        let inner = &*self.inner;
+        if len == 0 || inner.check_range(offset, 1).is_err() {
+            return;
+        }
+        let last = frame_of(offset.saturating_add(len - 1).min(inner.size - 1));
+        let mut i = frame_of(offset);
+        let end = (last + 1).min(i + CLUSTER_MAX as u64);
+        while i < end {
+            if let Some(key) = PageKey::new(inner.object, i) {
+                if inner.vm.lookup(key).is_some() {
+                    i += 1;
+                    continue;
+                }
+            }
+            let n = inner.fill_run(i, (end - i) as usize);
+            i += n.max(1) as u64;
+        }
+    }
+
     /// Like `bread`, but busy-exclusive, for modifying in place.
     pub fn bread_mut(&self, offset: u64, len: usize) -> Result<Buf<'_>> {
         let inner = &*self.inner;
@@ -606,21 +636,41 @@ impl Inner {
     /// read, into pages taken without waiting. Read-ahead never fails the
     /// caller's read; errors just end it.
     fn read_ahead(&self, index: u64) {
+        if self.cfg.read_ahead_max == 0 {
+            return;
+        }
         let window = {
             let mut ra = self.ra.lock().unwrap_or_else(|p| p.into_inner());
             ra.window = if index == ra.next {
-                (ra.window * 2).clamp(2, self.cfg.read_ahead_max)
+                (ra.window * 2).clamp(2.min(self.cfg.read_ahead_max), self.cfg.read_ahead_max)
             } else {
                 0
             };
             ra.next = index + 1;
             ra.window
         };
-        if window == 0 || self.cfg.read_ahead_max == 0 {
+        if window == 0 {
             return;
         }
+        let n = self.fill_run(index + 1, window) as u64;
+        if n == 0 {
+            return;
+        }
+        let mut ra = self.ra.lock().unwrap_or_else(|p| p.into_inner());
+        if ra.next == index + 1 {
+            ra.next = index + 1 + n;
+        }
+    }
+
+    /// Read up to `max` buffers from `first` that are not resident with
+    /// one device read, into pages taken without waiting, stopping at
+    /// the first one resident, busy or short (the device's end). Returns
+    /// how many were read; a failed read frees them and returns 0 (the
+    /// callers only read ahead: the buffers are read again when needed,
+    /// and that read reports the error).
+    fn fill_run(&self, first: u64, max: usize) -> usize {
         let mut pages = Vec::new();
-        for i in index + 1..=index + window as u64 {
+        for i in first..first + max as u64 {
             if self.frame_len(i) != FRAME_BYTES {
                 break;
             }
@@ -631,9 +681,9 @@ impl Inner {
             }
         }
         if pages.is_empty() {
-            return;
+            return 0;
         }
-        let base = (index + 1) * FRAME_BYTES as u64;
+        let base = first * FRAME_BYTES as u64;
         let mut aligned = crate::aligned::AlignedBuf::new(pages.len() * FRAME_BYTES);
         let bounce = &mut aligned.as_mut_slice()[..pages.len() * FRAME_BYTES];
         if let Err(e) = self.dev.read_at(bounce, base) {
@@ -641,7 +691,7 @@ impl Inner {
             for p in pages {
                 p.free();
             }
-            return;
+            return 0;
         }
         self.counters.device_reads.fetch_add(1, Ordering::Relaxed);
         self.counters
@@ -650,17 +700,13 @@ impl Inner {
         self.counters
             .read_ahead_buffers
             .fetch_add(pages.len() as u64, Ordering::Relaxed);
-        let n = pages.len() as u64;
+        let n = pages.len();
         for (p, chunk) in pages.iter_mut().zip(bounce.chunks(FRAME_BYTES)) {
             p.data_mut().copy_from_slice(chunk);
             p.set_valid(u64::MAX);
             p.mark_prefetched();
         }
-        drop(pages);
-        let mut ra = self.ra.lock().unwrap_or_else(|p| p.into_inner());
-        if ra.next == index + 1 {
-            ra.next = index + 1 + n;
-        }
+        n
     }
 
     /// Record that buffer `index` (busy-exclusive by the caller) became

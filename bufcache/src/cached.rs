@@ -122,6 +122,10 @@ impl BlockDevice for CachedDevice {
         self.put(buf, offset, true)
     }
 
+    fn cluster_read(&self, offset: u64, len: u64) {
+        self.cache.cluster_read(offset, len);
+    }
+
     fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
         for (at, from, n) in pieces(offset, buf.len()) {
             match self.cache.bread_resident(at, n).map_err(io_error)? {

@@ -35,6 +35,12 @@ pub trait BlockDevice: Send + Sync {
     fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
         self.read_at(buf, offset).map(|()| true)
     }
+    /// A hint that `offset..offset+len` is about to be read piece by
+    /// piece: a cached device brings it in with as few device reads as
+    /// it can (`BufCache::cluster_read`). Others do nothing.
+    fn cluster_read(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
     /// One line on the device's cache for a mount's log (hits, the
     /// share of page lookups served without a lock, device traffic), for
     /// devices that cache; others say nothing.

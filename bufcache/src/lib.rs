@@ -33,7 +33,9 @@ pub mod partition;
 pub mod recording;
 pub mod source;
 
-pub use cache::{parse_cache_size, Buf, BufCache, BufCacheConfig, BufRef, BufShared, CacheStats};
+pub use cache::{
+    parse_cache_size, Buf, BufCache, BufCacheConfig, BufRef, BufShared, CacheStats, CLUSTER_MAX,
+};
 pub use cached::CachedDevice;
 pub use device::{BlockDevice, FileDevice, MemDevice};
 pub use error::{Error, Result};

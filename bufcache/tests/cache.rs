@@ -222,6 +222,52 @@ fn sequential_misses_read_ahead() {
     assert_eq!(cache.stats().read_ahead_buffers, before);
 }
 
+/// A cluster read brings a range in with one device read per run of
+/// buffers not resident, skips the resident ones (a dirty one keeps its
+/// bytes), stops at the device's end, and the buffers then read without
+/// the device and hold the device's bytes.
+#[test]
+fn a_cluster_read_brings_a_range_in_one_read_per_run() {
+    let mem = Arc::new(MemDevice::new(4 * MIB));
+    for i in 0..64u64 {
+        mem.write_at(&[i as u8 + 1; 16], i * F).unwrap();
+    }
+    let cfg = BufCacheConfig {
+        read_ahead_max: 0,
+        ..BufCacheConfig::default()
+    };
+    let (cache, _pageout) = cache_on(mem.clone(), 8 * MIB, cfg);
+    // Buffers 4 and 9 resident, 9 dirty with bytes the device lacks.
+    cache.bread(4 * F, 16).unwrap();
+    let mut b = cache.getblk(9 * F, 16).unwrap();
+    b.data_mut().copy_from_slice(&[0xee; 16]);
+    b.bdwrite().unwrap();
+    let before = cache.stats();
+    cache.cluster_read(2 * F, 12 * F);
+    let after = cache.stats();
+    // Runs 2..4, 5..9 and 10..14.
+    assert_eq!(after.device_reads - before.device_reads, 3, "{after:?}");
+    assert_eq!(after.read_ahead_buffers - before.read_ahead_buffers, 10);
+    for i in 2..14u64 {
+        let b = cache.bread(i * F, 16).unwrap();
+        let want = if i == 9 { 0xee } else { i as u8 + 1 };
+        assert_eq!(b.data(), &[want; 16][..], "buffer {i}");
+    }
+    assert_eq!(cache.stats().device_reads, after.device_reads);
+    // At most CLUSTER_MAX buffers, and nothing past the device's end.
+    let before = cache.stats().device_reads;
+    cache.cluster_read(20 * F, 100 * F);
+    assert_eq!(cache.stats().device_reads - before, 1);
+    assert_eq!(
+        cache.stats().read_ahead_buffers - after.read_ahead_buffers,
+        bufcache::CLUSTER_MAX as u64
+    );
+    cache.cluster_read(4 * MIB - F, 8 * F);
+    cache.cluster_read(8 * MIB, F);
+    assert_eq!(cache.bread(63 * F, 16).unwrap().data(), &[64u8; 16][..]);
+    cache.vm().verify().unwrap();
+}
+
 #[test]
 fn writers_are_throttled_at_the_dirty_limit() {
     for flusher_thread in [false, true] {

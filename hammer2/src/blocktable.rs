@@ -234,6 +234,42 @@ impl BlockTable {
         Ok(out)
     }
 
+    /// `range` from what is in memory alone: `None` when an indirect
+    /// block over the range is not loaded (for read-ahead, which reads
+    /// nothing to decide what to read).
+    pub fn range_loaded(&self, beg: u64, end: u64) -> Option<Vec<Blockref>> {
+        let mut out = Vec::new();
+        self.range_loaded_into(beg, end, &mut out, 0)?;
+        out.sort_by_key(|b| b.key);
+        Some(out)
+    }
+
+    fn range_loaded_into(
+        &self,
+        beg: u64,
+        end: u64,
+        out: &mut Vec<Blockref>,
+        depth: usize,
+    ) -> Option<()> {
+        for br in &self.entries {
+            if br.is_empty() || br.key > end || br.key_end() < beg {
+                continue;
+            }
+            if br.btype == BlockrefType::Indirect {
+                if depth >= DEPTH_MAX {
+                    return None;
+                }
+                self.children
+                    .get(&br.key)?
+                    .table
+                    .range_loaded_into(beg, end, out, depth + 1)?;
+            } else {
+                out.push(*br);
+            }
+        }
+        Some(())
+    }
+
     fn range_into(
         &mut self,
         src: &dyn BlockSource,

@@ -32,6 +32,9 @@ fn read_data_block(vol: &Volume, br: &Blockref, inum: u64, lbase: u64) -> Result
     Ok(b)
 }
 
+/// How far past a sequential read its read-ahead reaches.
+const READ_AHEAD: u64 = 2 << 20;
+
 /// A 64 KiB logical block written since the last flush.
 ///
 /// A write that covers part of a block whose old bytes are not in the
@@ -171,6 +174,10 @@ pub struct ReadPlan {
     out: Option<Vec<u8>>,
     out_len: usize,
     parts: Vec<ReadPart>,
+    /// The blocks on disk after the read's, for a sequential reader
+    /// (read-ahead): brought into the device's cache with the read's own
+    /// (`Volume::cluster_read`), not copied.
+    ahead: Vec<Blockref>,
 }
 
 struct ReadPart {
@@ -196,6 +203,7 @@ impl ReadPlan {
             out_len: out.len(),
             out: Some(out),
             parts: Vec::new(),
+            ahead: Vec::new(),
         }
     }
 
@@ -213,6 +221,14 @@ impl ReadPlan {
         if let Some(out) = self.out {
             return Ok(out);
         }
+        // The blocks on disk in as few device reads as their layout
+        // allows (a file written in order lies in a row), read-ahead
+        // included.
+        let disk = self.parts.iter().filter_map(|p| match &p.src {
+            ReadSource::Disk(br) => Some(br),
+            ReadSource::Memory(_) => None,
+        });
+        vol.cluster_read(disk.chain(self.ahead.iter()));
         let mut out = vec![0u8; self.out_len];
         for p in &self.parts {
             let dst = &mut out[p.dst..p.dst + p.len];
@@ -269,6 +285,10 @@ pub struct InodeNode {
     /// 64 KiB blocks fallocate reserved room for (`reserve.rs`), by
     /// block number.
     pub reserved: BlockRanges,
+    /// Where the last read of this file ended, and how far its
+    /// read-ahead has read, for read-ahead (`read_plan`).
+    pub read_next: u64,
+    pub read_ahead_end: u64,
 }
 
 impl InodeNode {
@@ -287,6 +307,8 @@ impl InodeNode {
             dirty: false,
             comp_heuristic: Default::default(),
             reserved: BlockRanges::default(),
+            read_next: 0,
+            read_ahead_end: 0,
         }
     }
 
@@ -419,11 +441,42 @@ impl InodeNode {
             }
             pos = hi;
         }
+        // A reader going through the file in order (a read starting
+        // within half a window of where the last one ended: requests
+        // come a little out of order from the kernel's parallel
+        // read-ahead) that
+        // comes within half a window of where read-ahead has read gets
+        // the blocks up to a window past its read read with its own, so
+        // read-ahead goes to the device in reads of about half a window.
+        // Only the tree in memory is looked at: a block under an index
+        // block not loaded ends the read-ahead.
+        let sequential = offset.abs_diff(self.read_next) <= READ_AHEAD / 2;
+        let mut ahead = Vec::new();
+        if sequential && end + READ_AHEAD / 2 >= self.read_ahead_end {
+            let mut lbase = end.max(self.read_ahead_end).next_multiple_of(BLOCK);
+            let stop = size.min(end.saturating_add(READ_AHEAD));
+            self.read_ahead_end = stop;
+            while lbase < stop {
+                if !self.pending.contains_key(&lbase) {
+                    match self.table.range_loaded(lbase, lbase + (BLOCK - 1)) {
+                        Some(leaves) => ahead.extend(
+                            leaves
+                                .into_iter()
+                                .filter(|br| br.btype == crate::disk::BlockrefType::Data),
+                        ),
+                        None => break,
+                    }
+                }
+                lbase += BLOCK;
+            }
+        }
+        self.read_next = end;
         Ok(ReadPlan {
             inum,
             out: None,
             out_len,
             parts,
+            ahead,
         })
     }
 

@@ -286,6 +286,46 @@ impl Volume {
         Self::logical(br, phys)
     }
 
+    /// Bring the blocks `brs` (in file order) into the device's cache
+    /// with as few device reads as their layout allows: blocks in
+    /// consecutive 64 KiB frames make one run, and each run of two
+    /// frames or more is one `BlockDevice::cluster_read` (a lone block
+    /// is left to its own read). A hint: nothing is checked or
+    /// returned; a block that cannot be located is skipped.
+    pub fn cluster_read<'a>(&self, brs: impl Iterator<Item = &'a Blockref>) {
+        const FRAME: u64 = disk::PBUFSIZE;
+        if CACHE_ONLY.get() {
+            // Under the mount's lock: no device I/O (the reads that
+            // follow note their misses).
+            return;
+        }
+        let mut run: Option<(u64, u64)> = None;
+        let flush = |r: Option<(u64, u64)>| {
+            if let Some((beg, end)) = r {
+                if end - (beg & !(FRAME - 1)) > FRAME {
+                    self.dev.cluster_read(beg, end - beg);
+                }
+            }
+        };
+        for br in brs {
+            let Ok(Some((at, bytes))) = self.locate(br) else {
+                continue;
+            };
+            run = match run {
+                Some((beg, end))
+                    if at >= beg && (at & !(FRAME - 1)) <= end.next_multiple_of(FRAME) =>
+                {
+                    Some((beg, end.max(at + bytes)))
+                }
+                other => {
+                    flush(other);
+                    Some((at, at + bytes))
+                }
+            };
+        }
+        flush(run);
+    }
+
     /// `read_block` if the block is in the device's cache (devices
     /// without one read it); `None`, with nothing read or noted, when
     /// reading it would wait for the device.
