@@ -130,6 +130,12 @@ pub(crate) struct Inner {
     pub throttle_cv: Condvar,
     pub throttle_waiters: AtomicUsize,
     ra: Mutex<ReadAhead>,
+    /// Per frame: the tag of the check its bytes last passed for a
+    /// reader (`BufCache::read_checked`), 0 for none. Set under a shared
+    /// busy; cleared whenever the cache takes the frame's page
+    /// exclusively (a new binding, a fill, a write), so a tag never
+    /// outlives the bytes it vouches for.
+    checked: Box<[AtomicU64]>,
     pub counters: Counters,
     pub flush_signal: FlushSignal,
     _pager: Arc<CachePager>,
@@ -254,6 +260,7 @@ impl BufCache {
             throttle_cv: Condvar::new(),
             throttle_waiters: AtomicUsize::new(0),
             ra: Mutex::new(ReadAhead { next: 0, window: 0 }),
+            checked: (0..vm.frames_max()).map(|_| AtomicU64::new(0)).collect(),
             counters: Counters::default(),
             flush_signal: FlushSignal::new(),
             _pager: pager.clone(),
@@ -460,6 +467,32 @@ impl BufCache {
         }
     }
 
+    /// Run `f` on the `len` bytes at `offset` (within one buffer) in
+    /// place, the buffer held shared, read from the device on a miss.
+    /// `tag` names a check of exactly those bytes (a block's check code
+    /// and place): `f` is told whether the same tag passed since the
+    /// bytes were last read or changed, and returns whether it passed
+    /// now, which records it. So a block read again and again from the
+    /// cache is checked once per residency, not copied out each time.
+    pub fn read_checked(
+        &self,
+        offset: u64,
+        len: usize,
+        tag: u64,
+        f: &mut dyn FnMut(&[u8], bool) -> bool,
+    ) -> Result<()> {
+        let b = self.bread(offset, len)?;
+        let frame = b.page().frame() as usize;
+        let slot = self.inner.checked.get(frame);
+        let seen = tag != 0 && slot.is_some_and(|t| t.load(Ordering::Relaxed) == tag);
+        if f(b.data(), seen) && !seen && tag != 0 {
+            if let Some(t) = slot {
+                t.store(tag, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
     /// Like `bread`, but busy-exclusive, for modifying in place.
     pub fn bread_mut(&self, offset: u64, len: usize) -> Result<Buf<'_>> {
         let inner = &*self.inner;
@@ -577,10 +610,19 @@ impl Inner {
             len: FRAME_BYTES,
             device_size: self.size,
         })?;
-        Ok(match self.vm.grab(key, AllocClass::Normal, true)? {
+        let (page, new) = match self.vm.grab(key, AllocClass::Normal, true)? {
             Grab::New(b) => (b, true),
             Grab::Found(h) => (h.busy_exclusive(), false),
-        })
+        };
+        self.forget_checked(page.frame());
+        Ok((page, new))
+    }
+
+    /// The frame's bytes may change: no check tag vouches for them.
+    fn forget_checked(&self, frame: u32) {
+        if let Some(t) = self.checked.get(frame as usize) {
+            t.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Busy-exclusive buffer `index` with the blocks `need` valid.
@@ -676,7 +718,10 @@ impl Inner {
             }
             let Some(key) = self.key(i) else { break };
             match self.vm.grab(key, AllocClass::Normal, false) {
-                Ok(Grab::New(b)) => pages.push(b),
+                Ok(Grab::New(b)) => {
+                    self.forget_checked(b.frame());
+                    pages.push(b)
+                }
                 _ => break,
             }
         }

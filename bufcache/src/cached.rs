@@ -122,6 +122,24 @@ impl BlockDevice for CachedDevice {
         self.put(buf, offset, true)
     }
 
+    fn read_checked(
+        &self,
+        offset: u64,
+        len: usize,
+        tag: u64,
+        f: &mut dyn FnMut(&[u8], bool) -> bool,
+    ) -> io::Result<()> {
+        let frame = crate::FRAME_BYTES as u64;
+        if offset % frame + len as u64 > frame {
+            // Across two buffers: copied out, checked each time.
+            let mut buf = vec![0u8; len];
+            self.read_at(&mut buf, offset)?;
+            f(&buf, false);
+            return Ok(());
+        }
+        retrying(|| self.cache.read_checked(offset, len, tag, &mut *f))
+    }
+
     fn cluster_read(&self, offset: u64, len: u64) {
         self.cache.cluster_read(offset, len);
     }

@@ -35,6 +35,25 @@ pub trait BlockDevice: Send + Sync {
     fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
         self.read_at(buf, offset).map(|()| true)
     }
+    /// Run `f` on the `len` bytes at `offset`, which lie within one
+    /// 64 KiB frame, without a copy where the device caches them
+    /// (`BufCache::read_checked`). `tag` names a check of exactly those
+    /// bytes: `f` is told whether it passed since the bytes were last
+    /// read or changed, and returns whether it passes now. Devices
+    /// without a cache read into a buffer and always say no.
+    fn read_checked(
+        &self,
+        offset: u64,
+        len: usize,
+        tag: u64,
+        f: &mut dyn FnMut(&[u8], bool) -> bool,
+    ) -> io::Result<()> {
+        let _ = tag;
+        let mut buf = vec![0u8; len];
+        self.read_at(&mut buf, offset)?;
+        f(&buf, false);
+        Ok(())
+    }
     /// A hint that `offset..offset+len` is about to be read piece by
     /// piece: a cached device brings it in with as few device reads as
     /// it can (`BufCache::cluster_read`). Others do nothing.

@@ -268,6 +268,52 @@ fn a_cluster_read_brings_a_range_in_one_read_per_run() {
     cache.vm().verify().unwrap();
 }
 
+/// A check tag recorded by `read_checked` vouches for the bytes only
+/// while they stay as read: another tag, a write into the buffer, or the
+/// buffer read again from the device after eviction each make the
+/// reader check again, and a check that failed records nothing.
+/// (Eviction rebinds the page through the same exclusive take as a
+/// fill.)
+#[test]
+fn a_check_tag_lasts_only_while_the_bytes_stay() {
+    let mem = Arc::new(MemDevice::new(64 * MIB));
+    mem.write_at(&[7u8; 4096], 3 * F).unwrap();
+    let (cache, _pageout) = cache_on(mem.clone(), 8 * MIB, BufCacheConfig::default());
+    let seen = |tag: u64, pass: bool| {
+        let mut r = None;
+        cache
+            .read_checked(3 * F, 4096, tag, &mut |b, seen| {
+                r = Some((b.to_vec(), seen));
+                pass
+            })
+            .unwrap();
+        r.unwrap()
+    };
+    assert_eq!(seen(11, false), (vec![7u8; 4096], false));
+    // A failed check recorded nothing.
+    assert!(!seen(11, true).1);
+    assert!(seen(11, true).1);
+    assert!(!seen(12, true).1, "another tag");
+    assert!(seen(12, true).1);
+    // A write into the buffer forgets the tag.
+    let mut b = cache.getblk(3 * F, 16).unwrap();
+    b.data_mut().copy_from_slice(&[9u8; 16]);
+    b.bdwrite().unwrap();
+    let (bytes, was) = seen(12, true);
+    assert!(!was, "a tag outlived a write");
+    assert_eq!(&bytes[..17], &[[9u8; 16].as_slice(), &[7u8]].concat()[..]);
+    assert!(seen(12, true).1);
+    cache.flush().unwrap();
+    // Dropped from the cache and read again from the device (which
+    // changed meanwhile): the tag is gone.
+    cache.getblk(3 * F, 16).unwrap().invalidate();
+    mem.write_at(&[5u8; 16], 3 * F).unwrap();
+    let (bytes, was) = seen(12, true);
+    assert_eq!(bytes[0], 5, "the buffer was not read again");
+    assert!(!was, "a tag outlived its buffer");
+    cache.vm().verify().unwrap();
+}
+
 #[test]
 fn writers_are_throttled_at_the_dirty_limit() {
     for flusher_thread in [false, true] {

@@ -232,21 +232,19 @@ impl ReadPlan {
         let mut out = vec![0u8; self.out_len];
         for p in &self.parts {
             let dst = &mut out[p.dst..p.dst + p.len];
-            let read;
-            let b: &[u8] = match &p.src {
-                ReadSource::Memory(b) if !b.is_partial() => &b.bytes,
-                ReadSource::Memory(b) => {
-                    read = b.merged(vol, self.inum, p.lbase)?;
-                    &read
-                }
-                ReadSource::Disk(br) => {
-                    read = read_data_block(vol, br, self.inum, p.lbase)?;
-                    &read
+            let mut copy = |b: &[u8]| {
+                let end = b.len().min(p.within + p.len);
+                if end > p.within {
+                    dst[..end - p.within].copy_from_slice(&b[p.within..end]);
                 }
             };
-            let end = b.len().min(p.within + p.len);
-            if end > p.within {
-                dst[..end - p.within].copy_from_slice(&b[p.within..end]);
+            match &p.src {
+                ReadSource::Memory(b) if !b.is_partial() => copy(&b.bytes),
+                ReadSource::Memory(b) => copy(&b.merged(vol, self.inum, p.lbase)?),
+                // In place from the cache, checked once per residency.
+                ReadSource::Disk(br) => vol
+                    .with_data_block(br, copy)
+                    .map_err(|e| e.with_place(None, Some(self.inum), Some(p.lbase)))?,
             }
         }
         Ok(out)

@@ -524,19 +524,20 @@ impl Pfs {
         self.vol.cluster_read(blocks.iter());
         for br in &blocks {
             check_data_leaf(br).map_err(|e| place(e, Some(br.key)))?;
-            let data = self
-                .vol
-                .read_block(br)
+            // In place from the cache, checked once per residency.
+            self.vol
+                .with_data_block(br, |data| {
+                    let blk_beg = br.key;
+                    let blk_end = blk_beg.saturating_add(data.len() as u64);
+                    let lo = blk_beg.max(offset);
+                    let hi = blk_end.min(end);
+                    if lo < hi {
+                        out[(lo - offset) as usize..(hi - offset) as usize].copy_from_slice(
+                            &data[(lo - blk_beg) as usize..(hi - blk_beg) as usize],
+                        );
+                    }
+                })
                 .map_err(|e| place(e, Some(br.key)))?;
-            let blk_beg = br.key;
-            let blk_end = blk_beg.saturating_add(data.len() as u64);
-            let lo = blk_beg.max(offset);
-            let hi = blk_end.min(end);
-            if lo >= hi {
-                continue;
-            }
-            out[(lo - offset) as usize..(hi - offset) as usize]
-                .copy_from_slice(&data[(lo - blk_beg) as usize..(hi - blk_beg) as usize]);
         }
         Ok(out)
     }

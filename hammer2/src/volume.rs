@@ -278,6 +278,61 @@ impl Volume {
         Ok(buf)
     }
 
+    /// `f` on a file data block's logical content (`read_block`), read
+    /// in place from the device's cache where it can be: an
+    /// uncompressed block is not copied out, and a block whose check
+    /// passed since the cache last read it is not checked again (the
+    /// cache forgets that whenever its bytes change, see
+    /// `BufCache::read_checked`). For reads outside the mount's lock
+    /// (`ReadPlan::run`).
+    pub fn with_data_block<R>(&self, br: &Blockref, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        let Some((at, bytes)) = self.locate(br)? else {
+            return Ok(f(&Self::logical(br, Vec::new())?));
+        };
+        if CACHE_ONLY.get() || br.btype != BlockrefType::Data {
+            return Ok(f(&self.read_block(br)?));
+        }
+        // The tag: the check code and where the block lies.
+        let mut key = [0u8; 80];
+        key[..br.check.len().min(64)].copy_from_slice(&br.check[..br.check.len().min(64)]);
+        key[64] = br.methods;
+        key[72..].copy_from_slice(&bytes.to_le_bytes());
+        let tag = xxhash_rust::xxh64::xxh64(&key, at) | 1;
+        let logical = 1usize << br.keybits.clamp(disk::RADIX_MIN, disk::DATA_BLOCK_RADIX);
+        let mut f = Some(f);
+        let mut out: Option<Result<R>> = None;
+        self.dev
+            .read_checked(at, bytes as usize, tag, &mut |phys, seen| {
+                if !seen {
+                    if let Err(e) = check::verify(br, phys) {
+                        out = Some(Err(e));
+                        return false;
+                    }
+                }
+                let f = f.take().expect("called once");
+                out = Some(
+                    if br.comp_method() == disk::comp_method::NONE && phys.len() == logical {
+                        Ok(f(phys))
+                    } else {
+                        Self::logical(br, phys.to_vec()).map(|b| f(&b))
+                    },
+                );
+                true
+            })
+            .map_err(|source| Error::Io {
+                op: "read",
+                at,
+                source,
+            })?;
+        out.unwrap_or_else(|| {
+            Err(Error::Io {
+                op: "read",
+                at,
+                source: std::io::Error::other("the device did not hand over the block"),
+            })
+        })
+    }
+
     /// Read a block and give its logical content: file data decompressed
     /// and zero-filled to the logical block size (2^keybits); metadata as
     /// stored (DragonFly never compresses metadata).

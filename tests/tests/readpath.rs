@@ -1,10 +1,13 @@
-//! Reading a file in order goes to the device in large reads: the blocks
-//! of a read and the read-ahead past it (`ReadPlan`, `Volume::cluster_read`)
-//! are brought into the buffer cache one run of neighbouring blocks per
-//! device read, as DragonFly's cluster reads do; reads at random offsets
-//! read no more than their own blocks. The device counts its reads,
-//! independently of the library, and every byte read is checked against
-//! what was written.
+//! The read path through the buffer cache. Reading a file in order goes
+//! to the device in large reads: the blocks of a read and the read-ahead
+//! past it (`ReadPlan`, `Volume::cluster_read`) are brought into the
+//! buffer cache one run of neighbouring blocks per device read, as
+//! DragonFly's cluster reads do; reads at random offsets read no more
+//! than their own blocks. Blocks are read in place from the cache and
+//! checked once per residency (`Volume::with_data_block`): a damaged
+//! block fails every read. The device counts its reads, independently
+//! of the library, and every byte read is checked against what was
+//! written.
 
 use bufcache::{BlockDevice, BufCache, BufCacheConfig, CachedDevice, MemDevice, Vm, VmConfig};
 use hammer2::disk::ObjType;
@@ -143,4 +146,48 @@ fn reading_at_random_reads_only_its_blocks() {
         blocks.len() as u64,
         "random reads read more than their blocks"
     );
+}
+
+#[test]
+fn a_damaged_block_fails_every_read_through_the_cache() {
+    let data = noise(FILE);
+    let (dev, inum) = volume_with_a_file(&data);
+    // Where block 5 of the file lies, from a mount of its own.
+    let at = {
+        let mut m = mount_cached(&dev);
+        m.getattr(L, inum).unwrap();
+        let got = m.read(L, inum, 5 * BLOCK as u64, 4096).unwrap();
+        assert!(got == data[5 * BLOCK..5 * BLOCK + 4096]);
+        let mut at = None;
+        for off in (0..(1u64 << 30)).step_by(BLOCK) {
+            let mut b = vec![0u8; 4096];
+            dev.dev.read_at(&mut b, off).unwrap();
+            if b == data[5 * BLOCK..5 * BLOCK + 4096] {
+                at = Some(off);
+                break;
+            }
+        }
+        at.expect("block 5 on the device")
+    };
+    // One byte flipped on the device, then read through a fresh cache:
+    // each read fails, and a read of another block still works.
+    let mut byte = [0u8; 1];
+    dev.dev.read_at(&mut byte, at + 60_000).unwrap();
+    dev.dev.write_at(&[byte[0] ^ 0x40], at + 60_000).unwrap();
+    let mut m = mount_cached(&dev);
+    m.getattr(L, inum).unwrap();
+    for _ in 0..3 {
+        let r = m.read(L, inum, 5 * BLOCK as u64 + 100, 4096);
+        assert!(
+            matches!(&r, Err(e) if e.is_media_damage()),
+            "a damaged block read as {r:?}"
+        );
+    }
+    let got = m.read(L, inum, 6 * BLOCK as u64, 4096).unwrap();
+    assert!(got == data[6 * BLOCK..6 * BLOCK + 4096]);
+    // Read whole and in place twice from an undamaged block: the same bytes.
+    for _ in 0..2 {
+        let got = m.read(L, inum, 7 * BLOCK as u64, BLOCK).unwrap();
+        assert!(got == data[7 * BLOCK..8 * BLOCK]);
+    }
 }
