@@ -570,6 +570,9 @@ impl RwVolume {
                     };
                 }
                 // Much written and no commit asked for or due: launder.
+                // (Due is checked here too: writers that keep the kick
+                // set must not put off the interval's commit.)
+                let due = due || deadline.is_some_and(|d| Instant::now() >= d);
                 let launder = st.kicked && st.requested <= st.done && !due;
                 st.kicked = false;
                 (st.requested, launder)

@@ -24,7 +24,7 @@ use nix::sys::stat::{Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use nix::unistd::Whence;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::os::unix::fs::{
     chown, lchown, symlink, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt,
 };
@@ -1014,6 +1014,53 @@ fn the_buffer_cache_reports_at_the_end() {
     };
     assert!(read_mib >= 4.0, "{line}: less than the file read");
     fsck_spotless(&img);
+}
+
+/// Writers that keep much data waiting (so the flusher launders again
+/// and again) do not put off the commit every `sync_interval`: writing
+/// without a pause for 3.5 s with `sync_interval=1` commits during the
+/// writing, not only at unmount.
+#[test]
+fn laundering_does_not_put_off_the_interval_commit() {
+    require_fuse();
+    let img = new_volume("interval", 4);
+    let mnt = scratch("interval").join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let m = Rw::new(&img, &mnt, "rw,cache_size=64M,sync_interval=1");
+    let start = std::time::Instant::now();
+    let mut f = File::create(mnt.join("stream")).unwrap();
+    let mut i = 0u64;
+    while start.elapsed() < Duration::from_millis(3500) {
+        // Rewrites within 256 MiB: the image never fills.
+        f.seek(std::io::SeekFrom::Start((i % 256) << 20)).unwrap();
+        f.write_all(&noise(i, 1 << 20)).unwrap();
+        i += 1;
+    }
+    drop(f);
+    let log = m.unmount();
+    // "DATA: N flushes, ... M launderings, ...": the unmount's own
+    // flush is one; at least one more came on the interval.
+    let flushes: u64 = log
+        .split(" flushes, ")
+        .next()
+        .and_then(|t| t.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no flush count in the unmount log:\n{log}"));
+    let launderings: u64 = log
+        .split(" launderings, ")
+        .next()
+        .and_then(|t| t.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no laundering count in the unmount log:\n{log}"));
+    assert!(
+        launderings > 0,
+        "{i} MiB written and nothing laundered:\n{log}"
+    );
+    assert!(
+        flushes >= 2,
+        "{flushes} flushes while writing {i} MiB for 3.5 s with sync_interval=1:\n{log}"
+    );
+    fsck_clean(&img);
 }
 
 /// The daemon's resident memory, from /proc.
