@@ -439,16 +439,19 @@ impl InodeNode {
             }
             pos = hi;
         }
-        // A reader going through the file in order (a read starting
-        // within half a window of where the last one ended: requests
-        // come a little out of order from the kernel's parallel
-        // read-ahead) that
-        // comes within half a window of where read-ahead has read gets
-        // the blocks up to a window past its read read with its own, so
-        // read-ahead goes to the device in reads of about half a window.
-        // Only the tree in memory is looked at: a block under an index
-        // block not loaded ends the read-ahead.
+        // Read-ahead. A read is sequential when it starts within half a
+        // window of where the last one ended (the kernel's parallel
+        // read-ahead sends requests a little out of order). A sequential
+        // reader that comes within half a window of where read-ahead has
+        // read gets the blocks up to a window past its read read with its
+        // own, so read-ahead goes to the device in reads of about half a
+        // window. Any other read starts a new stream there. Only the tree
+        // in memory is looked at: a block under an index block not loaded
+        // ends the read-ahead.
         let sequential = offset.abs_diff(self.read_next) <= READ_AHEAD / 2;
+        if !sequential || self.read_ahead_end > end.saturating_add(READ_AHEAD) {
+            self.read_ahead_end = end;
+        }
         let mut ahead = Vec::new();
         if sequential && end + READ_AHEAD / 2 >= self.read_ahead_end {
             let mut lbase = end.max(self.read_ahead_end).next_multiple_of(BLOCK);

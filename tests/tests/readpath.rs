@@ -124,6 +124,31 @@ fn reading_in_order_reads_the_device_in_clusters() {
     );
 }
 
+/// A reader that starts over (the second half of the file read first,
+/// then the first half) gets read-ahead on its second run too.
+#[test]
+fn a_reader_that_starts_over_reads_ahead_again() {
+    let data = noise(FILE);
+    let (dev, inum) = volume_with_a_file(&data);
+    let mut m = mount_cached(&dev);
+    m.getattr(L, inum).unwrap();
+    let step = 128 << 10;
+    let mut runs = Vec::new();
+    for half in [FILE / 2..FILE, 0..FILE / 2] {
+        let before = dev.reads.load(Ordering::Relaxed);
+        for off in half.step_by(step) {
+            let got = m.read(L, inum, off as u64, step).unwrap();
+            assert!(got == data[off..off + step], "bytes at {off} differ");
+        }
+        runs.push(dev.reads.load(Ordering::Relaxed) - before);
+    }
+    // 64 blocks each: one read per block pair without read-ahead.
+    assert!(
+        runs.iter().all(|&r| r <= 10),
+        "device reads of the two runs of 64 blocks: {runs:?}"
+    );
+}
+
 #[test]
 fn reading_at_random_reads_only_its_blocks() {
     let data = noise(FILE);
