@@ -132,10 +132,7 @@ impl BlockDevice for CachedDevice {
         let frame = crate::FRAME_BYTES as u64;
         if offset % frame + len as u64 > frame {
             // Across two buffers: copied out, checked each time.
-            let mut buf = vec![0u8; len];
-            self.read_at(&mut buf, offset)?;
-            f(&buf, false);
-            return Ok(());
+            return crate::device::read_copied(self, offset, len, f);
         }
         retrying(|| self.cache.read_checked(offset, len, tag, &mut *f))
     }

@@ -49,10 +49,7 @@ pub trait BlockDevice: Send + Sync {
         f: &mut dyn FnMut(&[u8], bool) -> bool,
     ) -> io::Result<()> {
         let _ = tag;
-        let mut buf = vec![0u8; len];
-        self.read_at(&mut buf, offset)?;
-        f(&buf, false);
-        Ok(())
+        read_copied(self, offset, len, f)
     }
     /// A hint that `offset..offset+len` is about to be read piece by
     /// piece: a cached device brings it in with as few device reads as
@@ -75,6 +72,20 @@ pub trait BlockDevice: Send + Sync {
             "this device keeps no write log to mark",
         ))
     }
+}
+
+/// `read_checked` for bytes not held in place: read into a buffer, and
+/// never checked before.
+pub(crate) fn read_copied(
+    dev: &(impl BlockDevice + ?Sized),
+    offset: u64,
+    len: usize,
+    f: &mut dyn FnMut(&[u8], bool) -> bool,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; len];
+    dev.read_at(&mut buf, offset)?;
+    f(&buf, false);
+    Ok(())
 }
 
 fn past_end(offset: u64, len: usize, size: u64) -> io::Error {

@@ -1040,18 +1040,8 @@ fn laundering_does_not_put_off_the_interval_commit() {
     let log = m.unmount();
     // "DATA: N flushes, ... M launderings, ...": the unmount's own
     // flush is one; at least one more came on the interval.
-    let flushes: u64 = log
-        .split(" flushes, ")
-        .next()
-        .and_then(|t| t.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no flush count in the unmount log:\n{log}"));
-    let launderings: u64 = log
-        .split(" launderings, ")
-        .next()
-        .and_then(|t| t.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no laundering count in the unmount log:\n{log}"));
+    let flushes = logged_count(&log, "flushes");
+    let launderings = logged_count(&log, "launderings");
     assert!(
         launderings > 0,
         "{i} MiB written and nothing laundered:\n{log}"
@@ -1061,6 +1051,16 @@ fn laundering_does_not_put_off_the_interval_commit() {
         "{flushes} flushes while writing {i} MiB for 3.5 s with sync_interval=1:\n{log}"
     );
     fsck_clean(&img);
+}
+
+/// The figure N of "N WHAT, " in the daemon's unmount log line.
+fn logged_count(log: &str, what: &str) -> u64 {
+    log.split(&format!(" {what}, "))
+        .next()
+        .filter(|t| t.len() < log.len())
+        .and_then(|t| t.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count of {what} in the unmount log:\n{log}"))
 }
 
 /// The daemon's resident memory, from /proc.

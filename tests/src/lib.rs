@@ -339,6 +339,44 @@ pub fn dragonfly_fsck(dev: &bufcache::MemDevice, tag: &str) -> usize {
     ran
 }
 
+/// A memory image that counts the reads that reach it, independently of
+/// the library (what a cache above it saved).
+pub struct CountingDevice {
+    pub dev: bufcache::MemDevice,
+    pub reads: std::sync::atomic::AtomicU64,
+}
+
+impl CountingDevice {
+    pub fn new(bytes: u64) -> CountingDevice {
+        CountingDevice {
+            dev: bufcache::MemDevice::new(bytes),
+            reads: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Reads so far.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl bufcache::BlockDevice for CountingDevice {
+    fn size_bytes(&self) -> u64 {
+        self.dev.size_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.dev.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.dev.write_at(buf, offset)
+    }
+    fn barrier(&self) -> std::io::Result<()> {
+        self.dev.barrier()
+    }
+}
+
 /// `len` bytes no compressor shrinks and dedup does not match across
 /// seeds (xorshift64 from `seed`).
 pub fn noise(seed: u64, len: usize) -> Vec<u8> {

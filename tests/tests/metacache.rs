@@ -6,45 +6,20 @@
 //! clean and the same lookups read the device again. The device counts
 //! its reads, independently of the library.
 
-use bufcache::{BlockDevice, MemDevice};
+use bufcache::BlockDevice;
 use hammer2::disk::ObjType;
 use hammer2::mount::{Mount, ROOT_INUM};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use tests::CountingDevice;
 
 const NOW: u64 = 1_700_000_000_000_000;
 const L: &str = "DATA";
 const FILES: usize = 300;
 
-/// A memory image that counts the reads that reach it.
-struct Counting {
-    dev: MemDevice,
-    reads: AtomicU64,
-}
-
-impl BlockDevice for Counting {
-    fn size_bytes(&self) -> u64 {
-        self.dev.size_bytes()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        self.dev.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.dev.write_at(buf, offset)
-    }
-    fn barrier(&self) -> std::io::Result<()> {
-        self.dev.barrier()
-    }
-}
-
 /// A volume holding `FILES` small files in its root, flushed, opened
 /// again (nothing loaded) on a counting device.
-fn populated() -> (Mount, Arc<Counting>) {
-    let dev = Arc::new(Counting {
-        dev: MemDevice::new(1 << 30),
-        reads: AtomicU64::new(0),
-    });
+fn populated() -> (Mount, Arc<CountingDevice>) {
+    let dev = Arc::new(CountingDevice::new(1 << 30));
     let opts = mkfs::newfs::NewfsOptions {
         now_us: Some(NOW),
         uuid_seed: Some(11),
@@ -75,8 +50,8 @@ fn populated() -> (Mount, Arc<Counting>) {
 }
 
 /// Look up and stat every file; the device reads it took.
-fn stat_all(m: &mut Mount, dev: &Counting) -> u64 {
-    let before = dev.reads.load(Ordering::Relaxed);
+fn stat_all(m: &mut Mount, dev: &CountingDevice) -> u64 {
+    let before = dev.reads();
     for i in 0..FILES {
         let inum = m
             .lookup(L, ROOT_INUM, format!("f{i}").as_bytes())
@@ -84,7 +59,7 @@ fn stat_all(m: &mut Mount, dev: &Counting) -> u64 {
             .unwrap();
         assert_eq!(m.getattr(L, inum).unwrap().size, 100);
     }
-    dev.reads.load(Ordering::Relaxed) - before
+    dev.reads() - before
 }
 
 /// Change one file and flush, so the flush has work and commits.

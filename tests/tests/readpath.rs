@@ -9,59 +9,21 @@
 //! of the library, and every byte read is checked against what was
 //! written.
 
-use bufcache::{BlockDevice, BufCache, BufCacheConfig, CachedDevice, MemDevice, Vm, VmConfig};
+use bufcache::{BlockDevice, BufCache, BufCacheConfig, CachedDevice, Vm, VmConfig};
 use hammer2::disk::ObjType;
 use hammer2::mount::{Mount, ROOT_INUM};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use tests::{noise, CountingDevice};
 
 const NOW: u64 = 1_700_000_000_000_000;
 const L: &str = "DATA";
 const FILE: usize = 8 << 20;
 const BLOCK: usize = 64 << 10;
 
-/// A memory image that counts the reads that reach it.
-struct Counting {
-    dev: MemDevice,
-    reads: AtomicU64,
-}
-
-impl BlockDevice for Counting {
-    fn size_bytes(&self) -> u64 {
-        self.dev.size_bytes()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        self.dev.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.dev.write_at(buf, offset)
-    }
-    fn barrier(&self) -> std::io::Result<()> {
-        self.dev.barrier()
-    }
-}
-
-/// Bytes no compressor shrinks (xorshift64).
-fn noise(len: usize) -> Vec<u8> {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// A volume with one 8 MiB file written in order and flushed; its
 /// inode number and the counting device.
-fn volume_with_a_file(data: &[u8]) -> (Arc<Counting>, u64) {
-    let dev = Arc::new(Counting {
-        dev: MemDevice::new(1 << 30),
-        reads: AtomicU64::new(0),
-    });
+fn volume_with_a_file(data: &[u8]) -> (Arc<CountingDevice>, u64) {
+    let dev = Arc::new(CountingDevice::new(1 << 30));
     let opts = mkfs::newfs::NewfsOptions {
         now_us: Some(NOW),
         uuid_seed: Some(12),
@@ -91,7 +53,7 @@ fn volume_with_a_file(data: &[u8]) -> (Arc<Counting>, u64) {
 /// The volume mounted again through a fresh buffer cache with no
 /// read-ahead of its own (so only the library's cluster reads read
 /// ahead).
-fn mount_cached(dev: &Arc<Counting>) -> Mount {
+fn mount_cached(dev: &Arc<CountingDevice>) -> Mount {
     let vm = Vm::new(VmConfig::new(64 << 20)).unwrap();
     let cfg = BufCacheConfig {
         read_ahead_max: 0,
@@ -105,17 +67,17 @@ fn mount_cached(dev: &Arc<Counting>) -> Mount {
 
 #[test]
 fn reading_in_order_reads_the_device_in_clusters() {
-    let data = noise(FILE);
+    let data = noise(1, FILE);
     let (dev, inum) = volume_with_a_file(&data);
     let mut m = mount_cached(&dev);
     m.getattr(L, inum).unwrap();
-    let before = dev.reads.load(Ordering::Relaxed);
+    let before = dev.reads();
     let step = 128 << 10;
     for off in (0..FILE).step_by(step) {
         let got = m.read(L, inum, off as u64, step).unwrap();
         assert!(got == data[off..off + step], "bytes at {off} differ");
     }
-    let reads = dev.reads.load(Ordering::Relaxed) - before;
+    let reads = dev.reads() - before;
     // 128 blocks in a row: without clusters one read each; with them
     // one per read-ahead window (1 to 2 MiB) and the index blocks.
     assert!(
@@ -128,19 +90,19 @@ fn reading_in_order_reads_the_device_in_clusters() {
 /// then the first half) gets read-ahead on its second run too.
 #[test]
 fn a_reader_that_starts_over_reads_ahead_again() {
-    let data = noise(FILE);
+    let data = noise(1, FILE);
     let (dev, inum) = volume_with_a_file(&data);
     let mut m = mount_cached(&dev);
     m.getattr(L, inum).unwrap();
     let step = 128 << 10;
     let mut runs = Vec::new();
     for half in [FILE / 2..FILE, 0..FILE / 2] {
-        let before = dev.reads.load(Ordering::Relaxed);
+        let before = dev.reads();
         for off in half.step_by(step) {
             let got = m.read(L, inum, off as u64, step).unwrap();
             assert!(got == data[off..off + step], "bytes at {off} differ");
         }
-        runs.push(dev.reads.load(Ordering::Relaxed) - before);
+        runs.push(dev.reads() - before);
     }
     // 64 blocks each: one read per block pair without read-ahead.
     assert!(
@@ -151,13 +113,13 @@ fn a_reader_that_starts_over_reads_ahead_again() {
 
 #[test]
 fn reading_at_random_reads_only_its_blocks() {
-    let data = noise(FILE);
+    let data = noise(1, FILE);
     let (dev, inum) = volume_with_a_file(&data);
     let mut m = mount_cached(&dev);
     m.getattr(L, inum).unwrap();
     // Warm the index blocks: one read of the last block.
     m.read(L, inum, (FILE - 4096) as u64, 4096).unwrap();
-    let before = dev.reads.load(Ordering::Relaxed);
+    let before = dev.reads();
     // 4 KiB reads in distinct blocks, never in order.
     let blocks = [97usize, 3, 64, 11, 120, 40, 77, 5, 101, 58];
     for b in blocks {
@@ -165,7 +127,7 @@ fn reading_at_random_reads_only_its_blocks() {
         let got = m.read(L, inum, off as u64, 4096).unwrap();
         assert!(got == data[off..off + 4096], "bytes at {off} differ");
     }
-    let reads = dev.reads.load(Ordering::Relaxed) - before;
+    let reads = dev.reads() - before;
     assert_eq!(
         reads,
         blocks.len() as u64,
@@ -175,7 +137,7 @@ fn reading_at_random_reads_only_its_blocks() {
 
 #[test]
 fn a_damaged_block_fails_every_read_through_the_cache() {
-    let data = noise(FILE);
+    let data = noise(1, FILE);
     let (dev, inum) = volume_with_a_file(&data);
     // Where block 5 of the file lies, from a mount of its own.
     let at = {
