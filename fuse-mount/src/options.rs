@@ -47,8 +47,8 @@ pub struct Options {
     pub read_write: bool,
     /// `sync_interval=SECONDS`: how often a read-write mount flushes
     /// when something is dirty; `None` (`sync_interval=0`) flushes only
-    /// on sync, past the dirty limit, and at unmount (fsync commits its
-    /// file's group alone).
+    /// on sync and at unmount (fsync commits its file's group alone;
+    /// past the dirty share the data is laundered, not committed).
     pub sync_interval: Option<Duration>,
     /// `cache_size=SIZE`: the mount's memory budget, rounded down to
     /// 2 MiB (`None`: `mount::default_cache_size`). A read-only mount's
