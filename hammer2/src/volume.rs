@@ -292,13 +292,15 @@ impl Volume {
         if CACHE_ONLY.get() || br.btype != BlockrefType::Data {
             return Ok(f(&self.read_block(br)?));
         }
-        // The tag: the check code and where the block lies.
-        let mut key = [0u8; 80];
-        key[..br.check.len().min(64)].copy_from_slice(&br.check[..br.check.len().min(64)]);
-        key[64] = br.methods;
-        key[72..].copy_from_slice(&bytes.to_le_bytes());
+        // The tag: the check code, the methods and the size, seeded with
+        // where the block lies.
+        const C: usize = disk::blockref::CHECK_BYTES;
+        let mut key = [0u8; C + 16];
+        key[..C].copy_from_slice(&br.check);
+        key[C] = br.methods;
+        key[C + 8..].copy_from_slice(&bytes.to_le_bytes());
         let tag = xxhash_rust::xxh64::xxh64(&key, at) | 1;
-        let logical = 1usize << br.keybits.clamp(disk::RADIX_MIN, disk::DATA_BLOCK_RADIX);
+        let logical = Self::logical_bytes(br)?;
         let mut f = Some(f);
         let mut out: Option<Result<R>> = None;
         self.dev
@@ -409,7 +411,13 @@ impl Volume {
         if br.btype != BlockrefType::Data {
             return Ok(phys);
         }
-        // The logical size bounds what decompression may produce.
+        let logical = Self::logical_bytes(br)?;
+        compress::decompress(br.comp_method(), &phys, logical, br.data_off.offset())
+    }
+
+    /// A data block's logical size, 2^keybits, which bounds what
+    /// decompression may produce: 1 KiB to 64 KiB, else damage.
+    fn logical_bytes(br: &Blockref) -> Result<usize> {
         if !(disk::RADIX_MIN..=disk::DATA_BLOCK_RADIX).contains(&br.keybits) {
             return Err(Error::corrupt(
                 format!(
@@ -419,8 +427,7 @@ impl Volume {
                 br.data_off.offset(),
             ));
         }
-        let logical = 1usize << br.keybits;
-        compress::decompress(br.comp_method(), &phys, logical, br.data_off.offset())
+        Ok(1usize << br.keybits)
     }
 }
 
