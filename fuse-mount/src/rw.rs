@@ -546,7 +546,6 @@ impl RwVolume {
         loop {
             let (target, launder) = {
                 let mut st = lock(&self.flush);
-                let mut due = false;
                 loop {
                     if st.stop {
                         return;
@@ -559,7 +558,6 @@ impl RwVolume {
                         Some(d) => {
                             let left = d.saturating_duration_since(Instant::now());
                             if left.is_zero() {
-                                due = true;
                                 break;
                             }
                             self.cv
@@ -570,9 +568,9 @@ impl RwVolume {
                     };
                 }
                 // Much written and no commit asked for or due: launder.
-                // (Due is checked here too: writers that keep the kick
-                // set must not put off the interval's commit.)
-                let due = due || deadline.is_some_and(|d| Instant::now() >= d);
+                // (Due whatever woke the flusher: writers that keep the
+                // kick set must not put off the interval's commit.)
+                let due = deadline.is_some_and(|d| Instant::now() >= d);
                 let launder = st.kicked && st.requested <= st.done && !due;
                 st.kicked = false;
                 (st.requested, launder)

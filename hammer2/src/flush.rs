@@ -369,14 +369,7 @@ impl Mount {
                 self.admitted = self
                     .admitted
                     .saturating_sub(done.settled * disk::DATA_BLOCK_BYTES);
-                Ok(FlushStats {
-                    tid: self.vol.header.mirror_tid,
-                    blocks: done.blocks,
-                    bytes: done.bytes,
-                    header_slot: self.vol.header_index,
-                    freed: 0,
-                    lost: done.lost,
-                })
+                Ok(self.uncommitted(&done))
             }
             Err(e) => {
                 self.note_flush_error(&e);
@@ -578,12 +571,7 @@ impl Mount {
             return Err(e);
         }
         let partial = batch.scope.is_some();
-        let Installed {
-            blocks,
-            bytes,
-            lost,
-            ..
-        } = self.install(batch.heuristics, batch.blocks)?;
+        let done = self.install(batch.heuristics, batch.blocks)?;
         // A partial commit writes the closure as it is now: the groups
         // may have grown since the batch was taken.
         let scope = batch
@@ -594,24 +582,27 @@ impl Mount {
             })
             .filter(|(label, s)| self.scope_dirty(label, s));
         if (partial && scope.is_none()) || (!partial && !self.is_dirty()) {
-            return Ok(Prepared::Nothing(
-                FlushStats {
-                    tid: self.vol.header.mirror_tid,
-                    blocks,
-                    bytes,
-                    header_slot: self.vol.header_index,
-                    freed: 0,
-                    lost,
-                },
-                partial,
-            ));
+            return Ok(Prepared::Nothing(self.uncommitted(&done), partial));
         }
         let mut c = self.flush_prepare(scope)?;
         c.partial = partial;
-        c.stats.blocks += blocks;
-        c.stats.bytes += bytes;
-        c.stats.lost += lost;
+        c.stats.blocks += done.blocks;
+        c.stats.bytes += done.bytes;
+        c.stats.lost += done.lost;
         Ok(Prepared::Commit(Box::new(c)))
+    }
+
+    /// What a batch installed without a header: the stats of the
+    /// volume's last commit, with the batch's blocks.
+    fn uncommitted(&self, done: &Installed) -> FlushStats {
+        FlushStats {
+            tid: self.vol.header.mirror_tid,
+            blocks: done.blocks,
+            bytes: done.bytes,
+            header_slot: self.vol.header_index,
+            freed: 0,
+            lost: done.lost,
+        }
     }
 
     /// Record a written batch's blocks: each still the inode's pending

@@ -288,13 +288,8 @@ impl Sim {
             .map_err(|e| format!("flush_begin: {e}"))?;
         batch.write();
         self.note("flush begun".into());
-        for _ in 0..self.rng.gen_range(1..6) {
-            if self.rng.gen_bool(0.6) {
-                self.op()?;
-            } else {
-                self.commit(false)?;
-            }
-        }
+        let n = self.rng.gen_range(1..6);
+        self.frontend(n)?;
         let start = self.rec.position();
         self.all_committed();
         self.m()
@@ -319,13 +314,8 @@ impl Sim {
         if let Some(h) = self.header_since(start) {
             return Err(format!("laundering wrote a volume header (event {h})"));
         }
-        for _ in 0..self.rng.gen_range(0..4) {
-            if self.rng.gen_bool(0.6) {
-                self.op()?;
-            } else {
-                self.commit(false)?;
-            }
-        }
+        let n = self.rng.gen_range(0..4);
+        self.frontend(n)?;
         let mid = self.rec.position();
         let stats = self
             .m()
@@ -338,10 +328,29 @@ impl Sim {
             self.stats.launders += 1;
         }
         self.note("laundered".into());
+        self.shows_the_model("after laundering")
+    }
+
+    /// `n` steps of the frontend while a batch is out: operations, and
+    /// fsyncs (partial commits, which may commit blocks the batch has
+    /// out too).
+    fn frontend(&mut self, n: usize) -> R<()> {
+        for _ in 0..n {
+            if self.rng.gen_bool(0.6) {
+                self.op()?;
+            } else {
+                self.commit(false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What the library shows equals the model.
+    fn shows_the_model(&mut self, when: &str) -> R<()> {
         let t = lib_tree(self.m()).map_err(|e| format!("reading: {e}"))?;
         if t != self.model.tree() {
             return Err(format!(
-                "tree in memory after laundering: {}",
+                "tree in memory {when}: {}",
                 tree_diff(&t, &self.model.tree())
             ));
         }
@@ -372,15 +381,7 @@ impl Sim {
                 tree_diff(&self.durable.tree(), &now_durable.tree())
             ));
         }
-        // What the library shows equals the model.
-        let t = lib_tree(self.m()).map_err(|e| format!("reading: {e}"))?;
-        if t != self.model.tree() {
-            return Err(format!(
-                "tree in memory: {}",
-                tree_diff(&t, &self.model.tree())
-            ));
-        }
-        Ok(())
+        self.shows_the_model("after a commit")
     }
 
     /// Crash inside a flush: writes of earlier epochs whole, a random
