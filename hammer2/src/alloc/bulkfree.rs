@@ -293,6 +293,20 @@ pub fn sync_adjust(live: &mut BmapData, scan: &BmapData, st: &mut SyncStats) {
         }
         Some(_) => live.linear = SEGSIZE as i32,
     }
+    // The cursor hands out small blocks from inside a 16 KiB block
+    // without looking at the bitmap, so it may rest inside one only if
+    // that block is allocated. The scan's cursor may point into one that
+    // is free again: a small block allocated while the pass ran (recorded,
+    // `with_recent`) and released before the merge. Left there, the next
+    // 16 KiB allocation could take that block whole and the cursor then
+    // carve small blocks out of it.
+    let lin = live.linear as u64;
+    if lin & BLOCK_MASK != 0
+        && lin < SEGSIZE
+        && live.block_state((lin / FREEMAP_BLOCK_SIZE) as usize) != BMAP_ALLOCATED
+    {
+        live.linear = ((lin + BLOCK_MASK) & !BLOCK_MASK) as i32;
+    }
 }
 
 /// The scan's bmap with the blocks allocated since the pass started
