@@ -88,9 +88,12 @@ pub fn errno(e: &Error) -> i32 {
             libc::EINTR
         }
         Error::WouldBlock { .. } => {
-            // `RwVolume::locked` reads the block and retries; this only
-            // reaches a caller that called the library without it.
-            log::error!("{e}");
+            // A block not in the cache under the mount's lock: the
+            // operations map their errors inside `RwVolume::locked`,
+            // which reads the block without the lock and runs them
+            // again, so this is a retry, not a failure (no reply
+            // carries it).
+            log::debug!("{e}");
             libc::EAGAIN
         }
     }
@@ -103,9 +106,12 @@ pub struct ErrorCount(Arc<AtomicU64>);
 
 impl ErrorCount {
     /// The reply's errno for library error `e` (logged by `errno`),
-    /// counted.
+    /// counted unless it is a cache miss under the lock, which
+    /// `RwVolume::locked` retries.
     pub fn fail(&self, e: &Error) -> fuser::Errno {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        if !matches!(e, Error::WouldBlock { .. }) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
         fuser::Errno::from_i32(errno(e))
     }
 
@@ -186,5 +192,25 @@ mod tests {
         for (e, want) in &cases {
             assert_eq!(errno(e), *want, "{e}");
         }
+    }
+
+    /// A cache miss under the lock is retried by `RwVolume::locked`:
+    /// it is not one of the mount's errors; a device error is.
+    #[test]
+    fn a_retried_miss_is_not_counted() {
+        let errors = ErrorCount::default();
+        let miss = Error::WouldBlock {
+            at: 0x10000,
+            bytes: 65536,
+        };
+        assert_eq!(errors.fail(&miss), fuser::Errno::from_i32(libc::EAGAIN));
+        assert_eq!(errors.get(), 0);
+        let io = Error::Io {
+            op: "read",
+            at: 0x1000,
+            source: std::io::Error::other("gone"),
+        };
+        assert_eq!(errors.fail(&io), fuser::Errno::from_i32(libc::EIO));
+        assert_eq!(errors.get(), 1);
     }
 }
