@@ -173,27 +173,26 @@ impl BlockSink for IndirectSink<'_, '_> {
 
 /// The bytes to write for pending block `lbase` of inode `inum`: merged
 /// with its old block (read through `vol`) if it was written in part.
-/// `None` when that old block cannot be read: the write is lost
-/// (`FlushStats::lost`), and the log says which and why.
+/// An error when that old block cannot be read: the write is lost
+/// (`FlushStats::lost`, `log_lost`).
 fn block_bytes<'a>(
     blk: &'a PendingBlock,
     vol: &Volume,
     inum: u64,
     lbase: u64,
-) -> Option<Cow<'a, [u8]>> {
+) -> Result<Cow<'a, [u8]>> {
     if !blk.is_partial() {
-        return Some(Cow::Borrowed(&blk.bytes));
+        return Ok(Cow::Borrowed(&blk.bytes));
     }
-    match blk.merged(vol, inum, lbase) {
-        Ok(d) => Some(Cow::Owned(d)),
-        Err(e) => {
-            log::error!(
-                "inode {inum}: a write into the 64 KiB block at file offset {lbase:#x} is lost: \
-                 its old block, to merge the write with, cannot be read: {e}"
-            );
-            None
-        }
-    }
+    blk.merged(vol, inum, lbase).map(Cow::Owned)
+}
+
+/// Say which write is lost and why (`block_bytes`).
+fn log_lost(inum: u64, lbase: u64, e: &Error) {
+    log::error!(
+        "inode {inum}: a write into the 64 KiB block at file offset {lbase:#x} is lost: \
+         its old block, to merge the write with, cannot be read: {e}"
+    );
 }
 
 /// Write an inode's pending data blocks and long names, its indirect
@@ -214,9 +213,13 @@ pub fn flush_inode(
         if lbase >= size {
             continue;
         }
-        let Some(data) = block_bytes(&blk, w.vol, inum, lbase) else {
-            w.lost += 1;
-            continue;
+        let data = match block_bytes(&blk, w.vol, inum, lbase) {
+            Ok(d) => d,
+            Err(e) => {
+                log_lost(inum, lbase, &e);
+                w.lost += 1;
+                continue;
+            }
         };
         let heur = &mut node.comp_heuristic;
         match encode_data_block(size, lbase, &data, comp_algo, check_algo, heur) {
@@ -440,7 +443,7 @@ impl Mount {
                         comp_algo: n.data.meta.comp_algo,
                         check_algo: n.data.meta.check_algo,
                         written: None,
-                        lost: false,
+                        lost: None,
                         shared_durable: false,
                         dedup: !taken,
                     });
@@ -627,8 +630,10 @@ impl Mount {
         }
         let mut done = Installed::default();
         for b in blocks {
-            if b.lost {
-                // Dropped unless written again meanwhile.
+            if let Some(e) = &b.lost {
+                // Dropped unless written again meanwhile. A block no
+                // longer the inode's may have had its old block freed
+                // (and reused) while the batch was out: nothing is lost.
                 if let Some(n) = self
                     .pfs
                     .get_mut(&b.label)
@@ -639,9 +644,17 @@ impl Mount {
                             .is_some_and(|p| Arc::ptr_eq(p, &b.blk))
                     })
                 {
+                    log_lost(b.inum, b.lbase, e);
                     n.pending.remove(&b.lbase);
                     done.lost += 1;
                     done.settled += 1;
+                } else {
+                    log::debug!(
+                        "inode {}: the old block under the 64 KiB block at {:#x} was not read \
+                         ({e}); the block was superseded meanwhile",
+                        b.inum,
+                        b.lbase
+                    );
                 }
                 continue;
             }
@@ -1128,9 +1141,10 @@ struct BatchBlock {
     check_algo: u8,
     /// After `write`: the new blockref, or `None` for a hole.
     written: Option<Option<Blockref>>,
-    /// After `write`: written in part, and its old block could not be
-    /// read to merge with (`FlushStats::lost`).
-    lost: bool,
+    /// After `write`: written in part, and why its old block could not
+    /// be read to merge with (`FlushStats::lost` if the block is still
+    /// the inode's at install).
+    lost: Option<Error>,
     /// The block written is a durable one shared by dedup: nothing to
     /// give back if it is superseded.
     shared_durable: bool,
@@ -1206,9 +1220,12 @@ impl FlushBatch {
                 return;
             }
             let b = &mut self.blocks[i];
-            let Some(data) = block_bytes(&b.blk, &self.reader, b.inum, b.lbase) else {
-                b.lost = true;
-                continue;
+            let data = match block_bytes(&b.blk, &self.reader, b.inum, b.lbase) {
+                Ok(d) => d,
+                Err(e) => {
+                    b.lost = Some(e);
+                    continue;
+                }
             };
             let heur = self
                 .heuristics
