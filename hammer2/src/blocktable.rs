@@ -234,6 +234,30 @@ impl BlockTable {
         Ok(out)
     }
 
+    /// Every leaf in memory: the entries of this array and of the loaded
+    /// indirect blocks under it (those not loaded hold what the last
+    /// commit left on the media).
+    pub fn loaded_leaves(&self) -> Vec<Blockref> {
+        let mut out = Vec::new();
+        self.loaded_leaves_into(&mut out);
+        out
+    }
+
+    fn loaded_leaves_into(&self, out: &mut Vec<Blockref>) {
+        for br in &self.entries {
+            if br.is_empty() {
+                continue;
+            }
+            if br.btype == BlockrefType::Indirect {
+                if let Some(c) = self.children.get(&br.key) {
+                    c.table.loaded_leaves_into(out);
+                }
+            } else {
+                out.push(*br);
+            }
+        }
+    }
+
     /// `range` from what is in memory alone: `None` when an indirect
     /// block over the range is not loaded (for read-ahead, which reads
     /// nothing to decide what to read).

@@ -145,10 +145,16 @@ impl PfsState {
         }
     }
 
-    /// Take inode `inum` out of memory, keeping what its tree dropped.
+    /// Take removed inode `inum` out of memory, keeping what its tree
+    /// dropped and the leaves it holds in memory. The commit that removes
+    /// it frees the tree its last commit left (`CommitIo`'s walk), which
+    /// lacks what was written since: file data laundered into its table
+    /// (`Mount::launder_finish`). Leaves in both are freed once (the
+    /// commit's `seen`).
     fn forget_inode(&mut self, inum: u64) {
         if let Some(mut n) = self.inodes.remove(&inum) {
-            let d = n.table.take_dropped();
+            let mut d = n.table.take_dropped();
+            d.extend(n.table.loaded_leaves());
             if !d.is_empty() {
                 self.dropped.entry(inum).or_default().extend(d);
             }
