@@ -3,7 +3,8 @@
 //! budget, its flusher committing often and laundering past a small
 //! dirty limit, with threads that write (whole and partial blocks),
 //! read, truncate, fsync, remove and create files of their own beside
-//! threads that run bulkfree, sync and take snapshots, all at once.
+//! threads that run bulkfree, sync and take snapshots (each read back
+//! whole through its own view), all at once.
 //! Every read is compared with a model of the file as it reads, so a
 //! read that gets another block's bytes (a block freed while still
 //! referenced, a stale buffer) fails at once, with where; at the end
@@ -305,7 +306,8 @@ fn syncer(sh: Arc<Shared>) {
     }
 }
 
-/// Snapshots, keeping the last two.
+/// Snapshots, each read back whole through a view of its own (every
+/// block checked as it is read), keeping the last two.
 fn snapshotter(sh: Arc<Shared>) {
     let mut taken: Vec<String> = Vec::new();
     let mut i = 0;
@@ -325,9 +327,36 @@ fn snapshotter(sh: Arc<Shared>) {
             sh.fail(format!("snapshot {name}: {e}"));
             return;
         }
+        // Read the snapshot whole through a view of its own.
+        let dev = sh.v.mount().volume().device().clone();
+        let r = (|| -> hammer2::Result<u64> {
+            let vol = Arc::new(hammer2::Volume::open(dev)?);
+            let pfs = hammer2::Pfs::open(vol, &name)?;
+            let mut n = 0;
+            for t in 0..WORKERS {
+                for i in 0..FILES {
+                    let ino = match pfs.resolve(&format!("/w{t}f{i}")) {
+                        Ok(ino) => ino,
+                        Err(hammer2::Error::NotFound { .. }) => continue,
+                        Err(e) => return Err(e),
+                    };
+                    let size = ino.meta().size;
+                    let mut off = 0;
+                    while off < size {
+                        n += pfs.read(&ino, off, READ)?.len() as u64;
+                        off += READ as u64;
+                    }
+                }
+            }
+            Ok(n)
+        })();
+        if let Err(e) = r {
+            sh.fail(format!("reading snapshot {name}: {e}"));
+            return;
+        }
         taken.push(name);
         sh.snapshots.fetch_add(1, Ordering::Relaxed);
-        std::thread::sleep(Duration::from_millis(1000));
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
