@@ -2,7 +2,8 @@
 //! (`RwVolume`, as the mount serves it) over a buffer cache with a tight
 //! budget, its flusher committing often and laundering past a small
 //! dirty limit, with threads that write (whole and partial blocks),
-//! read, truncate, fsync, remove and create files of their own beside
+//! read, truncate, fsync, rename (between the root and a directory of
+//! their own), remove and create files of their own beside
 //! threads that run bulkfree, sync and take snapshots (each read back
 //! whole through its own view), all at once.
 //! Every read is compared with a model of the file as it reads, so a
@@ -75,11 +76,14 @@ fn noise(rng: &mut Rng, len: usize) -> Vec<u8> {
     v
 }
 
-/// One file of a worker: its inode and what it holds.
+/// One file of a worker: its name, inode and what it holds, the
+/// directory it is in and the one a rename moves it to.
 struct File {
     name: Vec<u8>,
     inum: u64,
     data: Vec<u8>,
+    dir: u64,
+    other: u64,
 }
 
 struct Shared {
@@ -123,20 +127,10 @@ fn change<T>(
     r
 }
 
-fn create(sh: &Shared, name: &[u8]) -> hammer2::Result<u64> {
+fn create(sh: &Shared, dir: u64, name: &[u8]) -> hammer2::Result<u64> {
     let now = sh.now();
     change(sh, |m| {
-        m.create(
-            LABEL,
-            ROOT_INUM,
-            name,
-            ObjType::Regfile,
-            0o644,
-            0,
-            0,
-            (0, 0),
-            now,
-        )
+        m.create(LABEL, dir, name, ObjType::Regfile, 0o644, 0, 0, (0, 0), now)
     })
 }
 
@@ -245,12 +239,27 @@ fn worker(t: usize, sh: Arc<Shared>, files: Arc<Mutex<Vec<File>>>) {
                 sh.v.fsync(f.inum)
                     .map_err(|e| format!("fsync of inode {}: errno {e}", f.inum))
             }
+            // Rename into the other directory, same name.
+            95..=97 => {
+                let now = sh.now();
+                let (from, to) = (f.dir, f.other);
+                match sh.v.locked(|m| {
+                    m.rename(LABEL, from, &f.name, to, &f.name, Default::default(), now)
+                }) {
+                    Ok(()) => {
+                        f.dir = to;
+                        f.other = from;
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("rename: {e}")),
+                }
+            }
             // Remove and create again (new inode, empty).
             _ => {
                 let now = sh.now();
                 let r =
-                    sh.v.locked(|m| m.unlink(LABEL, ROOT_INUM, &f.name, now))
-                        .and_then(|()| create(&sh, &f.name));
+                    sh.v.locked(|m| m.unlink(LABEL, f.dir, &f.name, now))
+                        .and_then(|()| create(&sh, f.dir, &f.name));
                 match r {
                     Ok(inum) => {
                         f.inum = inum;
@@ -335,10 +344,18 @@ fn snapshotter(sh: Arc<Shared>) {
             let mut n = 0;
             for t in 0..WORKERS {
                 for i in 0..FILES {
-                    let ino = match pfs.resolve(&format!("/w{t}f{i}")) {
-                        Ok(ino) => ino,
-                        Err(hammer2::Error::NotFound { .. }) => continue,
-                        Err(e) => return Err(e),
+                    // In the root or in its directory (renames), or
+                    // neither (removed and not created again yet).
+                    let found = [format!("/w{t}f{i}"), format!("/w{t}f{i}d/w{t}f{i}")]
+                        .iter()
+                        .map(|path| match pfs.resolve(path) {
+                            Ok(ino) => Ok(Some(ino)),
+                            Err(hammer2::Error::NotFound { .. }) => Ok(None),
+                            Err(e) => Err(e),
+                        })
+                        .collect::<hammer2::Result<Vec<_>>>()?;
+                    let Some(ino) = found.into_iter().flatten().next() else {
+                        continue;
                     };
                     let size = ino.meta().size;
                     let mut off = 0;
@@ -397,7 +414,11 @@ fn readers_writers_flushes_laundering_and_bulkfree_at_once() {
             let files = (0..FILES)
                 .map(|i| {
                     let name = format!("w{t}f{i}").into_bytes();
-                    let inum = create(&sh, &name).unwrap();
+                    let sub = format!("w{t}f{i}d").into_bytes();
+                    let d =
+                        sh.v.locked(|m| m.mkdir(LABEL, ROOT_INUM, &sub, 0o755, 0, 0, 1))
+                            .unwrap();
+                    let inum = create(&sh, ROOT_INUM, &name).unwrap();
                     let data = noise(&mut Rng((t * FILES + i) as u64 + 7), SPAN as usize);
                     for (k, piece) in data.chunks(READ).enumerate() {
                         let off = (k * READ) as u64;
@@ -405,7 +426,13 @@ fn readers_writers_flushes_laundering_and_bulkfree_at_once() {
                             .unwrap();
                     }
                     sh.v.sync().unwrap();
-                    File { name, inum, data }
+                    File {
+                        name,
+                        inum,
+                        data,
+                        dir: ROOT_INUM,
+                        other: d,
+                    }
                 })
                 .collect();
             Arc::new(Mutex::new(files))
