@@ -2,11 +2,10 @@
 //! (`RwVolume`, as the mount serves it) over a buffer cache with a tight
 //! budget, its flusher committing often and laundering past a small
 //! dirty limit, with threads that write (whole and partial blocks),
-//! read, truncate, fsync, rename (between the root and a directory of
-//! their own), remove and create files of their own beside
-//! threads that run bulkfree, sync and take snapshots (each read back
-//! whole through its own view), all at once.
-//! Every read is compared with a model of the file as it reads, so a
+//! read, truncate, punch holes, fallocate, fsync, rename (between the
+//! root and a directory of their own), remove and create files of their
+//! own beside threads that run bulkfree, sync and take snapshots (each
+//! read back whole through its own view), all at once. Every read is compared with a model of the file as it reads, so a
 //! read that gets another block's bytes (a block freed while still
 //! referenced, a stale buffer) fails at once, with where; at the end
 //! every file reads back as the model says, after a clean unmount and a
@@ -218,8 +217,41 @@ fn worker(t: usize, sh: Arc<Shared>, files: Arc<Mutex<Vec<File>>>) {
                     read_checked(&sh, f, off, 1 + rng.below(READ as u64) as usize)
                 }
             }
+            // Punch a hole.
+            80 => {
+                let size = f.data.len() as u64;
+                let off = rng.below(size + 1);
+                let len = 1 + rng.below(200 * 1024);
+                let now = sh.now();
+                match change(&sh, |m| m.punch_hole(LABEL, f.inum, off, len, now)) {
+                    Ok(()) => {
+                        let end = (off + len).min(size) as usize;
+                        if (off as usize) < end {
+                            f.data[off as usize..end].fill(0);
+                        }
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("punch {len} at {off:#x}: {e}")),
+                }
+            }
+            // Allocate, perhaps past the end.
+            81 => {
+                let off = rng.below(SPAN);
+                let len = 1 + rng.below(SPAN - off);
+                let now = sh.now();
+                match change(&sh, |m| m.fallocate(LABEL, f.inum, off, len, false, now)) {
+                    Ok(()) => {
+                        let end = (off + len) as usize;
+                        if f.data.len() < end {
+                            f.data.resize(end, 0);
+                        }
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("fallocate {len} at {off:#x}: {e}")),
+                }
+            }
             // Truncate, shorter or longer.
-            80..=82 => {
+            82 => {
                 let size = rng.below(SPAN);
                 let now = sh.now();
                 let a = SetAttr {
