@@ -5,10 +5,12 @@
 //! read, truncate, punch holes, fallocate, fsync, rename (between the
 //! root and a directory of their own), remove and create files of their
 //! own beside threads that run bulkfree, sync and take snapshots (each
-//! read back whole through its own view), all at once. Every read is compared with a model of the file as it reads, so a
-//! read that gets another block's bytes (a block freed while still
-//! referenced, a stale buffer) fails at once, with where; at the end
-//! every file reads back as the model says, after a clean unmount and a
+//! read back whole through its own view), all at once. Every read is
+//! compared with a model of the file as it reads, so a read that gets
+//! another block's bytes (a block freed while still referenced, a stale
+//! buffer) fails at once, with where and which of the two it is
+//! (whether the device holds the bytes the cache has); at the end every
+//! file reads back as the model says, after a clean unmount and a
 //! remount too, and fsck finds nothing.
 //!
 //! Far more operations per second than the FUSE stress test
@@ -17,9 +19,11 @@
 //! laundering, partial commits and bulkfree get many more chances. It
 //! found a bulkfree merge that left the small-block cursor inside a
 //! 16 KiB block free again, whose later owner then had small blocks
-//! carved out of it (a file block overwritten; a 30-second run met it
-//! about one time in four; hammer2's alloc test now pins that case
-//! down). `H2_ENGINE_SECONDS` sets the run time (default 20).
+//! carved out of it (a file block overwritten). A stress only makes
+//! such a race likely: a 30-second run of its first version without
+//! snapshots met it 4 times in 5, this one about 1 in 3 without them
+//! and less with them, so hammer2's alloc test pins that case down.
+//! `H2_ENGINE_SECONDS` sets the run time (default 20).
 
 use bufcache::{BlockDevice, BufCache, CachedDevice, MemDevice};
 use fuse_mount::rw::RwVolume;
@@ -87,6 +91,10 @@ struct File {
 
 struct Shared {
     v: Arc<RwVolume>,
+    /// The device under the cache, and the cache, to tell where bad
+    /// bytes are.
+    dev: Arc<MemDevice>,
+    cached: Arc<CachedDevice>,
     stop: AtomicBool,
     failures: Mutex<Vec<String>>,
     /// Worker operations, bulkfree runs and snapshots done.
@@ -101,6 +109,23 @@ impl Shared {
         eprintln!("failure: {what}");
         self.failures.lock().unwrap().push(what);
         self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// For a block that failed its check at `at`: whether the device
+    /// holds the same bytes as the cache (the block was overwritten: a
+    /// block freed or handed out while still referenced) or not (the
+    /// cache holds stale bytes).
+    fn whose_bytes(&self, at: u64) -> String {
+        let frame = at & !0xffff;
+        let (mut disk, mut cache) = (vec![0u8; 65536], vec![0u8; 65536]);
+        let on_disk = self.dev.read_at(&mut disk, frame).is_ok();
+        match self.cached.read_cached(&mut cache, frame) {
+            Ok(true) if on_disk && disk == cache => {
+                "; the device holds the cached bytes: the block was overwritten".into()
+            }
+            Ok(true) => "; the cache and the device differ: stale or unwritten buffer".into(),
+            _ => "; the buffer left the cache".into(),
+        }
     }
 
     fn stopped(&self) -> bool {
@@ -144,9 +169,13 @@ fn first_difference(got: &[u8], want: &[u8]) -> usize {
 
 /// Read `len` bytes at `off` of `f` and compare them with the model.
 fn read_checked(sh: &Shared, f: &File, off: u64, len: usize) -> Result<(), String> {
-    let got =
-        sh.v.read(f.inum, off, len)
-            .map_err(|e| format!("read {len} at {off:#x} of inode {}: {e}", f.inum))?;
+    let got = sh.v.read(f.inum, off, len).map_err(|e| {
+        let whose = match &e {
+            hammer2::Error::CheckMismatch { at, .. } => sh.whose_bytes(*at),
+            _ => String::new(),
+        };
+        format!("read {len} at {off:#x} of inode {}: {e}{whose}", f.inum)
+    })?;
     let lo = (off as usize).min(f.data.len());
     let hi = (off as usize + len).min(f.data.len());
     let want = &f.data[lo..hi];
@@ -434,6 +463,8 @@ fn readers_writers_flushes_laundering_and_bulkfree_at_once() {
     let (v, cached) = open(&dev);
     let sh = Arc::new(Shared {
         v,
+        dev: dev.clone(),
+        cached,
         stop: AtomicBool::new(false),
         failures: Mutex::new(Vec::new()),
         ops: AtomicU64::new(0),
@@ -497,10 +528,10 @@ fn readers_writers_flushes_laundering_and_bulkfree_at_once() {
         sh.bulkfrees.load(Ordering::Relaxed),
         sh.snapshots.load(Ordering::Relaxed),
     );
-    let cache = cached.cache().stats();
+    let cache = sh.cached.cache().stats();
     eprintln!(
         "{ops} operations, {bulkfrees} bulkfree runs, {snapshots} snapshots; {}",
-        cached.cache().report()
+        sh.cached.cache().report()
     );
     assert!(ops > 1000 && bulkfrees > 2 && snapshots > 2);
     assert!(
