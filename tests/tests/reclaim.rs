@@ -206,6 +206,21 @@ fn overwrites_come_back_four_headers() {
     overwrite_loop(8 * GIB, 2, 300);
 }
 
+/// Remove `names` from directory `dir`, flush, and commit until nothing
+/// waits to be freed; every header copy keeps a whole tree throughout.
+/// Returns the free bytes on disk then.
+fn delete_and_reclaim(m: &mut Mount, dev: &Arc<MemDevice>, dir: u64, names: &[String]) -> u64 {
+    for name in names {
+        m.unlink(PFS, dir, name.as_bytes(), T0).unwrap();
+    }
+    m.flush().unwrap();
+    every_header_whole(dev, "deleted");
+    m.reclaim().unwrap();
+    m.flush().unwrap();
+    every_header_whole(dev, "reclaimed");
+    freemap_free(&vol(dev))
+}
+
 /// Files written, flushed and deleted (data, indirect blocks, inodes,
 /// long-name dirents): the free space on disk comes back to where it
 /// was before they were written, without bulkfree.
@@ -236,15 +251,7 @@ fn deleted_files_come_back() {
             every_header_whole(&dev, "written");
             let used = free0 - freemap_free(&vol(&dev));
             assert!(used > 40 * MIB, "round {round}: {used} bytes used");
-            for name in &names {
-                m.unlink(PFS, d, name.as_bytes(), T0).unwrap();
-            }
-            m.flush().unwrap();
-            every_header_whole(&dev, "deleted");
-            m.reclaim().unwrap();
-            m.flush().unwrap();
-            every_header_whole(&dev, "reclaimed");
-            let left = free0.saturating_sub(freemap_free(&vol(&dev)));
+            let left = free0.saturating_sub(delete_and_reclaim(&mut m, &dev, d, &names));
             assert!(
                 left < MIB,
                 "seed {seed} round {round}: {left} bytes not back after deleting {used}"
@@ -295,14 +302,7 @@ fn laundered_files_deleted_before_a_commit_come_back() {
             laundered > 200,
             "round {round}: {laundered} blocks laundered"
         );
-        for name in &names {
-            m.unlink(PFS, ROOT_INUM, name.as_bytes(), T0).unwrap();
-        }
-        m.flush().unwrap();
-        m.reclaim().unwrap();
-        m.flush().unwrap();
-        every_header_whole(&dev, "reclaimed");
-        let left = free0.saturating_sub(freemap_free(&vol(&dev)));
+        let left = free0.saturating_sub(delete_and_reclaim(&mut m, &dev, ROOT_INUM, &names));
         assert!(
             left < MIB,
             "round {round}: {left} bytes not back after deleting {laundered} laundered blocks"
