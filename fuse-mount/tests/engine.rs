@@ -25,6 +25,9 @@
 //! and less with them, so hammer2's alloc test pins that case down.
 //! `H2_ENGINE_SECONDS` sets the run time (default 20).
 
+mod common;
+use common::run_seconds;
+
 use bufcache::{BlockDevice, BufCache, CachedDevice, MemDevice};
 use fuse_mount::rw::RwVolume;
 use hammer2::disk::ObjType;
@@ -43,12 +46,7 @@ const SPAN: u64 = 2 << 20;
 const READ: usize = 128 * 1024;
 
 fn run_time() -> Duration {
-    Duration::from_secs(
-        std::env::var("H2_ENGINE_SECONDS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(20),
-    )
+    run_seconds("H2_ENGINE_SECONDS", 20)
 }
 
 /// xorshift64, seeded per thread.

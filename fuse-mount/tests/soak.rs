@@ -32,12 +32,7 @@ use std::time::{Duration, Instant};
 const MIB: u64 = 1 << 20;
 
 fn soak_time() -> Duration {
-    Duration::from_secs(
-        std::env::var("H2_SOAK_SECONDS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(30),
-    )
+    run_seconds("H2_SOAK_SECONDS", 30)
 }
 
 /// What the soak threads share: the stop flag, the errors no thread may

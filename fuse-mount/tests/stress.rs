@@ -43,12 +43,7 @@ const MAX_SIZE: u64 = 1 << 20;
 const OPTS: &str = "cache_size=8M,sync_interval=1,snapdir";
 
 fn stress_time() -> Duration {
-    Duration::from_secs(
-        std::env::var("H2_STRESS_SECONDS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(45),
-    )
+    run_seconds("H2_STRESS_SECONDS", 45)
 }
 
 /// What every thread shares: the stop flag, set once the daemon is

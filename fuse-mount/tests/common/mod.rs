@@ -405,3 +405,14 @@ impl Rng {
         self.next() % n.max(1)
     }
 }
+
+/// A long test's run time: `var` in seconds if set and a number, else
+/// `default_secs`.
+pub fn run_seconds(var: &str, default_secs: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default_secs),
+    )
+}
