@@ -67,16 +67,6 @@ impl Rng {
     }
 }
 
-/// `len` bytes no compressor shrinks.
-fn noise(rng: &mut Rng, len: usize) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        v.extend_from_slice(&rng.next().to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
 /// One file of a worker: its name, inode and what it holds, the
 /// directory it is in and the one a rename moves it to.
 struct File {
@@ -210,7 +200,7 @@ fn worker(t: usize, sh: Arc<Shared>, files: Arc<Mutex<Vec<File>>>) {
                 let buf = if rng.below(4) == 0 {
                     vec![0u8; len]
                 } else {
-                    noise(&mut rng, len)
+                    tests::noise(rng.next(), len)
                 };
                 let now = sh.now();
                 let r = change(&sh, |m| {
@@ -480,7 +470,7 @@ fn readers_writers_flushes_laundering_and_bulkfree_at_once() {
                         sh.v.locked(|m| m.mkdir(LABEL, ROOT_INUM, &sub, 0o755, 0, 0, 1))
                             .unwrap();
                     let inum = create(&sh, ROOT_INUM, &name).unwrap();
-                    let data = noise(&mut Rng((t * FILES + i) as u64 + 7), SPAN as usize);
+                    let data = tests::noise((t * FILES + i) as u64 + 7, SPAN as usize);
                     for (k, piece) in data.chunks(READ).enumerate() {
                         let off = (k * READ) as u64;
                         sh.v.locked(|m| m.write(LABEL, inum, off, piece, 1))
