@@ -36,9 +36,10 @@ impl Arena {
     /// The frame's bytes, shared.
     ///
     /// # Safety
-    /// The caller holds the page of frame `idx` busy (shared or exclusive)
-    /// for as long as the slice lives, so no `frame_mut` slice of the same
-    /// frame exists meanwhile.
+    /// The caller holds the page of frame `idx` busy (shared or exclusive),
+    /// or owns it as an anonymous page (`anon.rs`), for as long as the
+    /// slice lives, so no `frame_mut` slice of the same frame exists
+    /// meanwhile.
     pub unsafe fn frame(&self, idx: usize) -> &[u8] {
         assert!(idx < self.frames, "frame {idx} outside the arena");
         // SAFETY: `idx < frames`, so the range lies inside the mapping,
@@ -50,8 +51,9 @@ impl Arena {
     /// The frame's bytes, exclusive.
     ///
     /// # Safety
-    /// The caller holds the page of frame `idx` busy-exclusive for as long
-    /// as the slice lives, so no other slice of the frame exists.
+    /// The caller holds the page of frame `idx` busy-exclusive, or owns it
+    /// as an anonymous page and borrows that mutably, for as long as the
+    /// slice lives, so no other slice of the frame exists.
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn frame_mut(&self, idx: usize) -> &mut [u8] {
         assert!(idx < self.frames, "frame {idx} outside the arena");

@@ -5,6 +5,7 @@
 //! trait that the layer above implements.
 //!
 //! Modules, one per subsystem (DragonFly's file names without `vm_`):
+//! `anon` (pages owned by one holder, with no key),
 //! `page` (the page structure and its atomic protocols), `arena` (the
 //! mapping; most of the `unsafe`), `queue` (colored queues and the requeue
 //! stack), `hash` (the lockless page hash), `index` (the authoritative
@@ -13,12 +14,13 @@
 //! the daemon), `budget` (shrinking and growing the budget), `stats`.
 
 // The arena hands out frame slices from a raw mapping; that needs `unsafe`
-// in `arena.rs`, at the marked frame-access sites of `vm.rs`, `pageout.rs`
-// and `budget.rs`, and for the thread CPU clock in `stats.rs` (those
+// in `arena.rs`, at the marked frame-access sites of `vm.rs`, `anon.rs`,
+// `pageout.rs` and `budget.rs`, and for the thread CPU clock in `stats.rs` (those
 // modules deny `unsafe_code` and allow it site by site).
 #![allow(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod anon;
 mod arena;
 mod budget;
 mod error;
@@ -31,6 +33,7 @@ mod stats;
 mod vm;
 mod wait;
 
+pub use anon::AnonPage;
 pub use error::{AllocClass, Error, Result};
 pub use page::{ObjectId, PageKey, Queue, BLOCKS_PER_FRAME, BLOCK_BYTES, FRAME_BYTES, INDEX_BITS};
 pub use pageout::{LaunderPage, PageoutDaemon, PageoutReport, Pager};

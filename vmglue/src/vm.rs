@@ -89,6 +89,8 @@ pub struct VmStats {
     pub unqueued: usize,
     pub pending: usize,
     pub wired: usize,
+    /// Anonymous pages (`Vm::alloc_anon`), counted in `wired` too.
+    pub anon: usize,
     pub lookups: LookupStats,
 }
 
@@ -121,6 +123,8 @@ pub struct Vm {
     pub(crate) budget_lock: Mutex<()>,
     pub(crate) budget_pages: AtomicUsize,
     pub(crate) wired_pages: AtomicUsize,
+    /// Anonymous pages (`anon.rs`), among the wired ones.
+    pub(crate) anon_pages: AtomicUsize,
     pub(crate) objects: RwLock<Vec<Option<Weak<dyn Pager>>>>,
     free_lock: Mutex<()>,
     free_cv: Condvar,
@@ -208,6 +212,7 @@ impl Vm {
             budget_lock: Mutex::new(()),
             budget_pages: AtomicUsize::new(online),
             wired_pages: AtomicUsize::new(0),
+            anon_pages: AtomicUsize::new(0),
             objects: RwLock::new(Vec::new()),
             free_lock: Mutex::new(()),
             free_cv: Condvar::new(),
@@ -297,6 +302,7 @@ impl Vm {
             unqueued: self.queues.count(Queue::None) + self.queues.count(Queue::Wired),
             pending: self.queues.count(Queue::Pending),
             wired: self.wired_pages.load(Ordering::Relaxed),
+            anon: self.anon_pages.load(Ordering::Relaxed),
             lookups: self.stats.lookups(),
         }
     }
@@ -795,6 +801,7 @@ impl Vm {
         }
         let mut bound = 0usize;
         let mut wired = 0usize;
+        let mut anon_seen = 0usize;
         for (i, page) in self.pages.iter().enumerate() {
             let idx = i as u32;
             let q = page.queue();
@@ -826,7 +833,13 @@ impl Vm {
             }
             let key = page.key.load(Ordering::SeqCst);
             let unbound_queue = matches!(q, Queue::Free | Queue::Offline);
-            if unbound_queue != (key == KEY_NONE) {
+            // Besides free and offline pages, only anonymous ones (wired,
+            // dequeued) have no key.
+            let anon = q == Queue::Wired && key == KEY_NONE;
+            if anon {
+                anon_seen += 1;
+            }
+            if !anon && unbound_queue != (key == KEY_NONE) {
                 return bad(format!("page {idx} on {q:?} has key {key:#x}"));
             }
             if unbound_queue && (w != 0 || page.dirty.load(Ordering::SeqCst) != 0) {
@@ -875,6 +888,12 @@ impl Vm {
                     counted[q as usize]
                 ));
             }
+        }
+        if self.anon_pages.load(Ordering::SeqCst) != anon_seen {
+            return bad(format!(
+                "anonymous counter {} but {anon_seen} pages",
+                self.anon_pages.load(Ordering::SeqCst)
+            ));
         }
         if self.wired_pages.load(Ordering::SeqCst) != wired {
             return bad(format!(
