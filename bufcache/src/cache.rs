@@ -308,7 +308,8 @@ impl BufCache {
     /// the device traffic.
     pub fn report(&self) -> String {
         let s = self.stats();
-        let l = self.vm().stats().lookups;
+        let vs = self.vm().stats();
+        let l = vs.lookups;
         let hits = l.fast + l.slow;
         let share = if hits == 0 {
             1.0
@@ -319,7 +320,7 @@ impl BufCache {
         format!(
             "buffer cache: {} hits, {} misses; page lookups: {} lockless, {} locked \
              ({:.4} of hits lockless), {} not found; device: {} reads ({:.1} MiB), \
-             {} writes ({:.1} MiB), {} barriers",
+             {} writes ({:.1} MiB), {} barriers; file data pages: peak {} ({:.1} MiB)",
             s.hits,
             s.misses,
             l.fast,
@@ -330,7 +331,9 @@ impl BufCache {
             mib(s.device_read_bytes),
             s.device_writes,
             mib(s.device_write_bytes),
-            s.barriers
+            s.barriers,
+            vs.anon_peak,
+            mib((vs.anon_peak * FRAME_BYTES) as u64)
         )
     }
 

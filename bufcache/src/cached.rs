@@ -151,6 +151,10 @@ impl BlockDevice for CachedDevice {
         Ok(true)
     }
 
+    fn page_layer(&self) -> Option<std::sync::Arc<vmglue::Vm>> {
+        Some(self.cache.vm().clone())
+    }
+
     fn mark(&self, name: &str) -> io::Result<()> {
         self.cache.device().mark(name)
     }

@@ -63,6 +63,13 @@ pub trait BlockDevice: Send + Sync {
     fn cache_report(&self) -> Option<String> {
         None
     }
+    /// The page layer under the device's cache, for devices that cache:
+    /// the layer above keeps its own data in memory on that layer's
+    /// pages (`vmglue::AnonPage`), under the same budget. Others have
+    /// none.
+    fn page_layer(&self) -> Option<std::sync::Arc<vmglue::Vm>> {
+        None
+    }
     /// Put a named mark in the device's write log, for devices that keep
     /// one (recording, log-writes). Others refuse with `Unsupported`.
     fn mark(&self, name: &str) -> io::Result<()> {

@@ -226,11 +226,13 @@ pub fn default_cache_size() -> u64 {
 }
 
 /// How a read-write mount shares its one memory budget (`cache_size=`
-/// or `default_cache_size`): file data written and waiting for a flush
-/// (a quarter, at most `rw::DIRTY_MAX_BYTES`), decoded metadata kept
-/// across flushes (an eighth), and the buffer cache's pages (the rest,
-/// rounded down to 2 MiB, at least `CACHE_SIZE_MIN`). A read-only mount
-/// gives it all to the pages.
+/// or `default_cache_size`): decoded metadata kept across flushes (an
+/// eighth) and the page layer (the rest, rounded down to 2 MiB, at least
+/// `CACHE_SIZE_MIN`), whose pages hold both the buffer cache and the
+/// file data written and waiting for a flush (`hammer2::databuf`); that
+/// data may take a quarter of the budget (at most `rw::DIRTY_MAX_BYTES`
+/// and half the pages) before writers wait. A read-only mount gives it
+/// all to the pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Budget {
     pub pages: u64,
@@ -240,10 +242,10 @@ pub struct Budget {
 
 impl Budget {
     pub fn read_write(total: u64) -> Budget {
-        let dirty = (total / 4).min(crate::rw::DIRTY_MAX_BYTES);
         let metadata = total / 8;
-        let pages = (total.saturating_sub(dirty + metadata) & !((2 << 20) - 1))
-            .max(crate::options::CACHE_SIZE_MIN);
+        let pages =
+            (total.saturating_sub(metadata) & !((2 << 20) - 1)).max(crate::options::CACHE_SIZE_MIN);
+        let dirty = (total / 4).min(crate::rw::DIRTY_MAX_BYTES).min(pages / 2);
         Budget {
             pages,
             dirty,
@@ -410,8 +412,8 @@ pub fn open_rw(o: &Opened, label: &str, options: &Options) -> Result<OpenRw, Fai
         dev,
         budget.pages,
         &format!(
-            " of a {} MiB budget ({from}); file data waiting for a flush up to {} MiB, \
-             metadata kept across flushes up to {} MiB",
+            " of a {} MiB budget ({from}); file data waiting for a flush on those pages \
+             up to {} MiB, metadata kept across flushes up to {} MiB",
             total >> 20,
             budget.dirty >> 20,
             budget.metadata >> 20
@@ -1031,21 +1033,27 @@ mod tests {
         assert!(split_source("@DATA").is_err());
     }
 
-    /// A quarter for dirty data (at most 256 MiB), an eighth for
-    /// metadata, the rest (2 MiB multiples, 4 MiB at least) for pages.
+    /// An eighth for metadata, the rest (2 MiB multiples, 4 MiB at
+    /// least) for pages, of which dirty data may take a quarter of the
+    /// whole (at most 256 MiB and half the pages).
     #[test]
-    fn the_budget_is_shared_by_pages_dirty_data_and_metadata() {
+    fn the_budget_is_shared_by_pages_and_metadata_and_dirty_data_is_on_the_pages() {
         const M: u64 = 1 << 20;
         let b = Budget::read_write(64 * M);
-        assert_eq!((b.pages, b.dirty, b.metadata), (40 * M, 16 * M, 8 * M));
+        assert_eq!((b.pages, b.dirty, b.metadata), (56 * M, 16 * M, 8 * M));
         let b = Budget::read_write(4096 * M);
-        assert_eq!((b.pages, b.dirty, b.metadata), (3328 * M, 256 * M, 512 * M));
+        assert_eq!((b.pages, b.dirty, b.metadata), (3584 * M, 256 * M, 512 * M));
         let b = Budget::read_write(100 * M);
         assert_eq!(
             (b.pages, b.dirty, b.metadata),
-            (62 * M, 25 * M, 12 * M + M / 2)
+            (86 * M, 25 * M, 12 * M + M / 2)
         );
         let b = Budget::read_write(4 * M);
         assert_eq!((b.pages, b.dirty, b.metadata), (4 * M, M, M / 2));
+        let b = Budget::read_write(6 * M);
+        assert_eq!(
+            (b.pages, b.dirty, b.metadata),
+            (4 * M, 3 * M / 2, 6 * M / 8)
+        );
     }
 }

@@ -61,11 +61,22 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// File data waiting for a flush (the memory it holds: what was written
-/// of each 64 KiB block) beyond which writers wait for the flusher, at
+/// File data waiting for a flush (the memory it holds: a page per 64 KiB
+/// block, `Mount::pending_bytes`) beyond which writers wait for the flusher, at
 /// most (the mount's budget may set less, `set_dirty_limit`); the
 /// flusher is woken past a quarter of the limit, and launders.
 pub const DIRTY_MAX_BYTES: u64 = 256 << 20;
+
+/// How a partial commit (`RwVolume::partial_commit`) went.
+enum Partial {
+    Done(hammer2::flush::FlushStats),
+    /// The inode is gone from the index: nothing was begun.
+    Gone,
+    /// Too little room to write twice the blocks a flush out is writing
+    /// too (`Mount::fsync_begin` admits those): nothing was begun, and a
+    /// whole flush, after that one, makes the file durable instead.
+    NoRoom,
+}
 
 /// What the flusher and the threads waiting for it share.
 #[derive(Default)]
@@ -122,8 +133,12 @@ pub struct RwVolume {
     sync_interval: Option<Duration>,
     /// Dirty file data as of the last check (see `note_written`).
     dirty: AtomicU64,
-    /// Bytes written since `dirty` was last brought up to date.
+    /// Bytes written since `dirty` was last brought up to date (without
+    /// a page layer).
     written: AtomicU64,
+    /// The page layer's data pages when `dirty` was last brought up to
+    /// date.
+    pages_at_count: AtomicU64,
     /// Dirty file data past which writers wait for a flush.
     dirty_max: AtomicU64,
     /// The online bulkfree (`hammer2 bulkfree MOUNTPOINT`): its state,
@@ -181,6 +196,7 @@ impl RwVolume {
             sync_interval,
             dirty: AtomicU64::new(0),
             written: AtomicU64::new(0),
+            pages_at_count: AtomicU64::new(0),
             dirty_max: AtomicU64::new(DIRTY_MAX_BYTES),
             bulkfree: Mutex::new(BulkfreeStatus::default()),
             autobulkfree: AtomicU8::new(0),
@@ -246,6 +262,23 @@ impl RwVolume {
         log::info!("out of space: running bulkfree ({possibly} bytes may be free)");
         self.run_bulkfree_to_end();
         true
+    }
+
+    /// A change was refused for a shortage of pages (the file data
+    /// waiting for a flush takes the most of the page layer it may, or
+    /// wired buffers hold the rest): a flush writes that data and gives
+    /// its pages back before the caller retries once. Writers normally
+    /// wait below that (`throttle`); this is for the writes that passed
+    /// the limit together. Returns false when the mount refuses writes.
+    pub fn make_pages(self: &Arc<Self>) -> bool {
+        if self.writable().is_err() {
+            return false;
+        }
+        log::debug!(
+            "short of pages with {} bytes of file data waiting: flushing",
+            self.mount().pending_bytes()
+        );
+        self.sync().is_ok()
     }
 
     /// Start a two-pass bulkfree unless one runs, and wait for the one
@@ -386,24 +419,38 @@ impl RwVolume {
         }
     }
 
-    /// After a write of `n` bytes, with the mount still locked: every
-    /// quarter of the wake-up mark written, count what waits for a flush
-    /// and wake the flusher past the mark (a quarter of the limit).
-    /// (Summing it on every write would cost a pass over the inodes in
-    /// memory each time.)
+    /// After a write of `n` bytes, with the mount still locked: count
+    /// what waits for a flush and wake the flusher past the wake-up mark
+    /// (a quarter of the limit). The count is a pass over the inodes in
+    /// memory, so it is taken each time a quarter of the mark was added:
+    /// on the page layer, a quarter of the mark in pages taken since the
+    /// last count (a small write may take a whole page; the layer counts
+    /// them for free), else a quarter of the mark in bytes written.
     pub fn note_written(&self, m: &Mount, n: u64) {
         let kick = self.dirty_kick();
-        let w = self.written.fetch_add(n, Ordering::Relaxed) + n;
-        if w < kick / 4 {
+        let due = match m.data_page_bytes() {
+            Some(pages) => pages >= self.pages_at_count.load(Ordering::Relaxed) + kick / 4,
+            None => self.written.fetch_add(n, Ordering::Relaxed) + n >= kick / 4,
+        };
+        if !due {
             return;
         }
-        self.written.store(0, Ordering::Relaxed);
-        let dirty = m.pending_bytes();
-        self.dirty.store(dirty, Ordering::Relaxed);
+        let dirty = self.recount(m);
         if dirty > kick {
             lock(&self.flush).kicked = true;
             self.cv.notify_all();
         }
+    }
+
+    /// Count what waits for a flush (`Mount::pending_bytes`) and start
+    /// `note_written`'s measure of growth over; returns the count.
+    fn recount(&self, m: &Mount) -> u64 {
+        let dirty = m.pending_bytes();
+        self.dirty.store(dirty, Ordering::Relaxed);
+        self.written.store(0, Ordering::Relaxed);
+        self.pages_at_count
+            .store(m.data_page_bytes().unwrap_or(0), Ordering::Relaxed);
+        dirty
     }
 
     /// Without the mount locked: wait while more than the limit
@@ -477,12 +524,15 @@ impl RwVolume {
             st.lost
         };
         let r = unpanicked("the partial commit", || self.partial_commit(inum));
+        if matches!(r, Ok(Partial::NoRoom)) {
+            return self.sync();
+        }
         let mut st = lock(&self.flush);
         match r {
-            Ok(None) => {
+            Ok(Partial::Gone | Partial::NoRoom) => {
                 // An inode gone from the index: nothing of it to commit.
             }
-            Ok(Some(stats)) => {
+            Ok(Partial::Done(stats)) => {
                 st.lost += stats.lost;
                 if stats.blocks > 0 {
                     st.partial_commits += 1;
@@ -504,15 +554,15 @@ impl RwVolume {
 
     /// The steps of a partial commit: take the closure's file data
     /// (mount locked), write it (unlocked), commit it (`commit_batch`).
-    /// `None`: the inode is gone from the index, nothing was begun.
-    fn partial_commit(&self, inum: u64) -> hammer2::Result<Option<hammer2::flush::FlushStats>> {
+    fn partial_commit(&self, inum: u64) -> hammer2::Result<Partial> {
         let _partials = self.partials.read().unwrap_or_else(|p| p.into_inner());
         let mut batch = match self.locked(|m| m.fsync_begin(&self.label, inum)) {
-            Err(hammer2::Error::NotFound { .. }) => return Ok(None),
+            Err(hammer2::Error::NotFound { .. }) => return Ok(Partial::Gone),
+            Err(hammer2::Error::NoSpace { .. }) => return Ok(Partial::NoRoom),
             r => r?,
         };
         batch.write();
-        self.commit_batch(batch).map(Some)
+        self.commit_batch(batch).map(Partial::Done)
     }
 
     /// The commit of a written batch, in turn with other commits: the
@@ -527,7 +577,7 @@ impl RwVolume {
         let io = prepared.run();
         let mut m = self.mount();
         let stats = m.flush_commit_finish(prepared, io)?;
-        self.dirty.store(m.pending_bytes(), Ordering::Relaxed);
+        self.recount(&m);
         Ok(stats)
     }
 
@@ -630,8 +680,7 @@ impl RwVolume {
         batch.write();
         let mut m = self.mount();
         let stats = m.launder_finish(batch)?;
-        self.dirty.store(m.pending_bytes(), Ordering::Relaxed);
-        self.written.store(0, Ordering::Relaxed);
+        self.recount(&m);
         Ok((stats, m.metadata_over_limit()))
     }
 
@@ -679,17 +728,28 @@ impl RwVolume {
     /// metadata within its budget when nothing is dirty
     /// (`Mount::trim_metadata`). Returns the bytes written.
     fn flush_once(&self) -> hammer2::Result<(u64, u64)> {
-        let mut batch = {
+        let begin = || {
             let mut m = self.mount();
             if !m.is_dirty() {
                 m.trim_metadata();
-                return Ok((0, 0));
+                return Ok(None);
             }
-            m.flush_begin()?
+            m.flush_begin().map(Some)
+        };
+        let batch = match begin() {
+            // Too little room to write twice the blocks partial commits
+            // out are writing: wait for them, then take the rest alone.
+            Err(hammer2::Error::NoSpace { .. }) => {
+                let _partials = self.partials.write().unwrap_or_else(|p| p.into_inner());
+                begin()?
+            }
+            r => r?,
+        };
+        let Some(mut batch) = batch else {
+            return Ok((0, 0));
         };
         batch.write();
         let stats = self.commit_batch(batch)?;
-        self.written.store(0, Ordering::Relaxed);
         Ok((stats.bytes, stats.lost))
     }
 

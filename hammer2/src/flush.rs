@@ -361,7 +361,7 @@ impl Mount {
                 what: "launder_finish needs a batch of launder_begin".into(),
             });
         }
-        self.untake(&batch.blocks);
+        self.settle(&batch.blocks, batch.dup_admitted);
         self.partials = self.partials.saturating_sub(1);
         let r = self.writable().and_then(|()| match batch.error {
             Some(e) => Err(e),
@@ -415,19 +415,34 @@ impl Mount {
         scope: Option<(&str, &BTreeSet<u64>)>,
         skip_taken: bool,
     ) -> Result<FlushBatch> {
+        // A block another batch out holds is written twice (a partial
+        // commit beside a flush): one copy is installed and the other
+        // given back, but both take space until then, which no write
+        // admitted. Admit it now, before anything is taken, so the
+        // allocation of a later admitted change never finds it spent; a
+        // volume too full for it fails the batch here, changing nothing.
+        let dups = match skip_taken || self.taken.is_empty() {
+            true => 0,
+            false => self
+                .batch_nodes(scope)
+                .map(|(_, _, n)| {
+                    n.pending
+                        .range(..n.size())
+                        .filter(|(_, blk)| self.taken.contains_key(&pending_key(blk)))
+                        .count() as u64
+                })
+                .sum::<u64>(),
+        };
+        let dup_admitted = dups * disk::DATA_BLOCK_BYTES;
+        if dup_admitted > 0 {
+            self.admit_dups(dup_admitted)?;
+        }
         let tid = self.next_tid()?;
         let mut blocks = Vec::new();
         let mut heuristics = HashMap::new();
-        for (label, p) in &self.pfs {
-            let nodes: Vec<(&u64, &InodeNode)> = match scope {
-                None => p.inodes.iter().collect(),
-                Some((l, s)) if l == label => {
-                    s.iter().filter_map(|i| p.inodes.get_key_value(i)).collect()
-                }
-                Some(_) => continue,
-            };
-            for (inum, n) in nodes.into_iter().filter(|(_, n)| !n.pending.is_empty()) {
-                heuristics.insert((label.clone(), *inum), n.comp_heuristic);
+        for (label, inum, n) in self.batch_nodes(scope) {
+            {
+                heuristics.insert((label.clone(), inum), n.comp_heuristic);
                 let size = n.size();
                 for (lbase, blk) in n.pending.range(..size) {
                     let taken = self.taken.contains_key(&pending_key(blk));
@@ -436,7 +451,7 @@ impl Mount {
                     }
                     blocks.push(BatchBlock {
                         label: label.clone(),
-                        inum: *inum,
+                        inum,
                         lbase: *lbase,
                         blk: blk.clone(),
                         size,
@@ -463,7 +478,39 @@ impl Mount {
             error: None,
             scope: None,
             launder: false,
+            dup_admitted,
         })
+    }
+
+    /// The inodes with pending data a batch of `scope` looks at: (PFS
+    /// label, inode number, inode).
+    fn batch_nodes<'a>(
+        &'a self,
+        scope: Option<(&'a str, &'a BTreeSet<u64>)>,
+    ) -> impl Iterator<Item = (&'a String, u64, &'a InodeNode)> + 'a {
+        self.pfs.iter().flat_map(move |(label, p)| {
+            let nodes: Vec<(u64, &InodeNode)> = match scope {
+                None => p.inodes.iter().map(|(i, n)| (*i, n)).collect(),
+                Some((l, s)) if l == label => s
+                    .iter()
+                    .filter_map(|i| p.inodes.get(i).map(|n| (*i, n)))
+                    .collect(),
+                Some(_) => Vec::new(),
+            };
+            nodes
+                .into_iter()
+                .filter(|(_, n)| !n.pending.is_empty())
+                .map(move |(i, n)| (label, i, n))
+        })
+    }
+
+    /// A batch's blocks are settled: no longer taken, and the space
+    /// admitted for its duplicates (`begin_batch`) given back, since each
+    /// duplicate is installed or given back as the batch is.
+    fn settle(&mut self, blocks: &[BatchBlock], dup_admitted: u64) {
+        self.untake(blocks);
+        self.admitted = self.admitted.saturating_sub(dup_admitted);
+        self.dup_admitted = self.dup_admitted.saturating_sub(dup_admitted);
     }
 
     /// Finish a flush started with `flush_begin` (or a partial commit
@@ -488,7 +535,7 @@ impl Mount {
             });
         }
         let partial = batch.scope.is_some();
-        self.untake(&batch.blocks);
+        self.settle(&batch.blocks, batch.dup_admitted);
         if self.committing {
             // The batch goes back whole: its blocks stay pending.
             self.batch_done(partial);
@@ -1177,6 +1224,9 @@ pub struct FlushBatch {
     scope: Option<(String, u64)>,
     /// Laundering's (`Mount::launder_begin`): recorded, not committed.
     launder: bool,
+    /// Space admitted for the blocks the batch writes that another batch
+    /// out writes too (`Mount::dup_admitted`).
+    dup_admitted: u64,
 }
 
 /// What `Mount::install` did with a batch's blocks.

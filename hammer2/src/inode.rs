@@ -1,13 +1,14 @@
 //! Inodes being modified: an inode's meta and its blockref tree in
 //! memory (`BlockTable`), file data written but not yet flushed
-//! (whole 64 KiB logical blocks), and long dirent names waiting for their
-//! block. Reads see the modified state; the flush writes it out.
+//! (whole 64 KiB logical blocks, on pages of the page layer: `DataBuf`),
+//! and long dirent names waiting for their block. Reads see the modified state; the flush writes it out.
 //!
 //! Files up to 512 bytes keep their data in the inode (DIRECTDATA), as
 //! DragonFly does for new files and symlinks; a file that grows past that
 //! moves its data into logical block 0.
 
 use crate::blocktable::{BlockTable, TreeKind};
+use crate::databuf::DataBuf;
 use crate::dirhash::dirhash;
 use crate::disk::{
     self, Blockref, BlockrefType, DirentHead, InodeData, ObjType, DATA_BLOCK_BYTES, DIRHASH_LOMASK,
@@ -45,11 +46,17 @@ const READ_AHEAD: u64 = 2 << 20;
 /// flush (`merged`, reading in device order), or by an operation that
 /// changes the block otherwise (truncate, hole punch), which completes
 /// it first.
-#[derive(Clone, Debug, Default)]
+///
+/// Its bytes are on a page of the page layer when the volume's device
+/// has one (`DataBuf`), so every change that needs a new buffer takes
+/// it before changing anything (a shortage fails the change whole).
+/// Read plans share the block (`Arc`); a change to a shared block
+/// changes a copy (`unshare`).
+#[derive(Debug, Default)]
 pub struct PendingBlock {
     /// At most 64 KiB; the bytes past its end are zeros. With `under`,
     /// only the written ranges are the file's.
-    pub bytes: Vec<u8>,
+    pub bytes: DataBuf,
     pub under: Option<Under>,
 }
 
@@ -64,18 +71,42 @@ pub struct Under {
 
 impl PendingBlock {
     /// A block whose every byte is the file's.
-    pub fn whole(bytes: Vec<u8>) -> PendingBlock {
+    pub fn whole(bytes: DataBuf) -> PendingBlock {
         PendingBlock { bytes, under: None }
     }
 
-    fn over(base: Blockref) -> PendingBlock {
-        PendingBlock {
-            bytes: Vec::new(),
+    /// A block holding a copy of `bytes` (at most 64 KiB), every byte the
+    /// file's, on a page of `vol`'s page layer if it has one.
+    pub fn copy_of(vol: &Volume, bytes: &[u8]) -> Result<PendingBlock> {
+        Ok(PendingBlock::whole(DataBuf::copy_of(
+            vol.page_layer().as_ref(),
+            bytes,
+        )?))
+    }
+
+    /// An empty block on a page of `vol`'s page layer if it has one.
+    fn empty(vol: &Volume) -> Result<PendingBlock> {
+        Ok(PendingBlock::whole(DataBuf::new(
+            vol.page_layer().as_ref(),
+        )?))
+    }
+
+    fn over(vol: &Volume, base: Blockref) -> Result<PendingBlock> {
+        Ok(PendingBlock {
+            bytes: DataBuf::new(vol.page_layer().as_ref())?,
             under: Some(Under {
                 base,
                 written: Vec::new(),
             }),
-        }
+        })
+    }
+
+    /// A copy, on a new buffer of the same kind.
+    pub fn try_clone(&self) -> Result<PendingBlock> {
+        Ok(PendingBlock {
+            bytes: self.bytes.try_clone()?,
+            under: self.under.clone(),
+        })
     }
 
     /// Whether the old block's bytes still have to be merged in.
@@ -87,7 +118,7 @@ impl PendingBlock {
     fn put(&mut self, at: usize, src: &[u8]) {
         let end = at + src.len();
         if self.bytes.len() < end {
-            self.bytes.resize(end, 0);
+            self.bytes.resize(end);
         }
         self.bytes[at..end].copy_from_slice(src);
         if let Some(u) = &mut self.under {
@@ -100,7 +131,7 @@ impl PendingBlock {
     /// `lbase` name it in errors). Not more than 64 KiB.
     pub fn merged(&self, vol: &Volume, inum: u64, lbase: u64) -> Result<Vec<u8>> {
         let Some(u) = &self.under else {
-            return Ok(self.bytes.clone());
+            return Ok(self.bytes.to_vec());
         };
         let mut out = read_data_block(vol, &u.base, inum, lbase)?;
         if out.len() < self.bytes.len() {
@@ -112,14 +143,21 @@ impl PendingBlock {
         Ok(out)
     }
 
-    /// Bytes of memory the block holds.
-    pub fn len(&self) -> usize {
-        self.bytes.len()
+    /// Bytes of memory the block holds (a whole page when on one).
+    pub fn memory(&self) -> usize {
+        self.bytes.memory()
     }
+}
 
-    pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+/// The pending block in `entry`, to change: a copy first when a read plan
+/// shares it (the only step of a change that may need a new buffer, so
+/// changes call it before they change anything).
+fn unshare(entry: &mut Arc<PendingBlock>) -> Result<&mut PendingBlock> {
+    if Arc::get_mut(entry).is_none() {
+        *entry = Arc::new(entry.try_clone()?);
     }
+    Arc::get_mut(entry)
+        .ok_or_else(|| Error::corrupt("a pending block copied is still shared".into(), 0))
 }
 
 /// Add `[lo, hi)` to sorted, disjoint, non-touching `ranges`.
@@ -350,40 +388,22 @@ impl InodeNode {
         }
     }
 
-    /// The pending copy of block `lbase`, whole: made from disk when
-    /// absent (unless `whole`: the caller overwrites all of it), a
-    /// partial one merged with its old bytes first (`complete`); at
-    /// least `len` bytes long.
-    fn pending_block(
-        &mut self,
-        vol: &Volume,
-        lbase: u64,
-        whole: bool,
-        len: usize,
-    ) -> Result<&mut Vec<u8>> {
+    /// The pending copy of block `lbase`, whole, to change: made from
+    /// disk when absent, a partial one merged with its old bytes first
+    /// (`complete`), a shared one copied (`unshare`). Everything that can
+    /// fail happens before the block changes.
+    fn pending_block(&mut self, vol: &Volume, lbase: u64) -> Result<&mut DataBuf> {
         if !self.pending.contains_key(&lbase) {
-            let b = if whole {
-                Vec::with_capacity(BLOCK as usize)
-            } else {
-                self.disk_block(vol, lbase)?
-            };
-            self.pending.insert(lbase, Arc::new(PendingBlock::whole(b)));
-        } else if !whole {
+            let b = PendingBlock::copy_of(vol, &self.disk_block(vol, lbase)?)?;
+            self.pending.insert(lbase, Arc::new(b));
+        } else {
             self.complete(vol, lbase)?;
         }
         let blk = self
             .pending
             .get_mut(&lbase)
             .ok_or_else(|| Error::corrupt(format!("pending block {lbase:#x} vanished"), 0))?;
-        let blk = Arc::make_mut(blk);
-        if whole {
-            // Overwritten whole: the old bytes no longer matter.
-            blk.under = None;
-        }
-        if blk.bytes.len() < len {
-            blk.bytes.resize(len, 0);
-        }
-        Ok(&mut blk.bytes)
+        Ok(&mut unshare(blk)?.bytes)
     }
 
     /// Merge the old bytes into pending block `lbase` if it is partial
@@ -391,9 +411,8 @@ impl InodeNode {
     fn complete(&mut self, vol: &Volume, lbase: u64) -> Result<()> {
         let inum = self.inum();
         if let Some(b) = self.pending.get(&lbase).filter(|b| b.is_partial()) {
-            let merged = b.merged(vol, inum, lbase)?;
-            self.pending
-                .insert(lbase, Arc::new(PendingBlock::whole(merged)));
+            let merged = PendingBlock::copy_of(vol, &b.merged(vol, inum, lbase)?)?;
+            self.pending.insert(lbase, Arc::new(merged));
         }
         Ok(())
     }
@@ -508,20 +527,25 @@ impl InodeNode {
         self.read_plan(vol, offset, len)?.run(vol)
     }
 
-    /// Move direct data into logical block 0 so the file can grow.
-    fn undirect(&mut self) {
+    /// Move direct data into logical block 0 so the file can grow. Fails
+    /// only for want of a page for the block, before changing anything.
+    fn undirect(&mut self, vol: &Volume) -> Result<()> {
         if !self.direct() {
-            return;
+            return Ok(());
         }
         let n = (self.size() as usize).min(EMBEDDED_BYTES);
-        let blk = self.data.u[..n].to_vec();
+        let blk = match n {
+            0 => None,
+            _ => Some(PendingBlock::copy_of(vol, &self.data.u[..n])?),
+        };
         self.data.meta.op_flags &= !OPFLAG_DIRECTDATA;
         self.data.u = [0; EMBEDDED_BYTES];
         self.table = BlockTable::new(vec![Blockref::EMPTY; SET_COUNT]);
-        if n > 0 {
-            self.pending.insert(0, Arc::new(PendingBlock::whole(blk)));
+        if let Some(blk) = blk {
+            self.pending.insert(0, Arc::new(blk));
         }
         self.dirty = true;
+        Ok(())
     }
 
     /// How many 64 KiB blocks not yet pending a write of `len` bytes at
@@ -580,44 +604,55 @@ impl InodeNode {
             self.data.meta.size = self.size().max(end);
             return Ok(());
         }
-        self.undirect();
+        self.undirect(vol)?;
         // Read (or decide not to read) the partly written first and last
-        // blocks before changing anything, so a read error leaves the
+        // blocks, and take a buffer for every block that needs one (new
+        // blocks, and pending ones a read plan shares), before changing
+        // anything, so a read error or a shortage of pages leaves the
         // file as it was (a write is applied whole or not at all).
         let first = offset & !(BLOCK - 1);
         let last = (end - 1) & !(BLOCK - 1);
-        let mut edges: Vec<(u64, PendingBlock)> = Vec::new();
+        let mut fresh: Vec<(u64, PendingBlock)> = Vec::new();
         for lbase in [first, last] {
             let whole = offset <= lbase && end >= lbase + BLOCK;
-            if whole || edges.iter().any(|(b, _)| *b == lbase) {
+            if whole || fresh.iter().any(|(b, _)| *b == lbase) {
                 continue;
             }
             match self.pending.get(&lbase) {
                 Some(b) if b.is_partial() && !defer => {
-                    edges.push((
-                        lbase,
-                        PendingBlock::whole(b.merged(vol, self.inum(), lbase)?),
-                    ));
+                    let merged = b.merged(vol, self.inum(), lbase)?;
+                    fresh.push((lbase, PendingBlock::copy_of(vol, &merged)?));
                 }
                 Some(_) => {}
                 None => {
                     let blk = match self.disk_leaf(vol, lbase)? {
-                        None => PendingBlock::default(),
+                        None => PendingBlock::empty(vol)?,
                         Some(br) => match defer {
                             true => match read_cached_block(vol, &br, self.inum(), lbase)? {
-                                Some(b) => PendingBlock::whole(b),
-                                None => PendingBlock::over(br),
+                                Some(b) => PendingBlock::copy_of(vol, &b)?,
+                                None => PendingBlock::over(vol, br)?,
                             },
-                            false => {
-                                PendingBlock::whole(read_data_block(vol, &br, self.inum(), lbase)?)
-                            }
+                            false => PendingBlock::copy_of(
+                                vol,
+                                &read_data_block(vol, &br, self.inum(), lbase)?,
+                            )?,
                         },
                     };
-                    edges.push((lbase, blk));
+                    fresh.push((lbase, blk));
                 }
             }
         }
-        for (lbase, blk) in edges {
+        for lbase in (first..=last).step_by(BLOCK as usize) {
+            if fresh.iter().any(|(b, _)| *b == lbase) {
+                continue;
+            }
+            match self.pending.get(&lbase) {
+                None => fresh.push((lbase, PendingBlock::empty(vol)?)),
+                Some(b) if Arc::strong_count(b) > 1 => fresh.push((lbase, b.try_clone()?)),
+                Some(_) => {}
+            }
+        }
+        for (lbase, blk) in fresh {
             self.pending.insert(lbase, Arc::new(blk));
         }
         self.dirty = true;
@@ -628,10 +663,18 @@ impl InodeNode {
             let whole = pos == lbase && hi == lbase + BLOCK;
             let src = &buf[(pos - offset) as usize..(hi - offset) as usize];
             let at = (pos - lbase) as usize;
-            let entry = self.pending.entry(lbase).or_default();
-            let blk = Arc::make_mut(entry);
+            let blk = self
+                .pending
+                .get_mut(&lbase)
+                .and_then(Arc::get_mut)
+                .ok_or_else(|| {
+                    Error::corrupt(format!("pending block {lbase:#x} not ready for a write"), 0)
+                })?;
             if whole {
-                *blk = PendingBlock::whole(src.to_vec());
+                // Overwritten whole: the old bytes no longer matter.
+                blk.under = None;
+                blk.bytes.resize(src.len());
+                blk.bytes.copy_from_slice(src);
             } else {
                 blk.put(at, src);
             }
@@ -706,7 +749,7 @@ impl InodeNode {
 
     /// Bytes of memory the file data waiting for the flush holds.
     pub fn pending_bytes(&self) -> u64 {
-        self.pending.values().map(|b| b.len() as u64).sum()
+        self.pending.values().map(|b| b.memory() as u64).sum()
     }
 
     /// The bytes this inode's blocks take on disk (`pfs::stored_bytes`,
@@ -763,7 +806,7 @@ impl InodeNode {
                 self.data.meta.size = size;
                 return Ok(());
             }
-            self.undirect();
+            self.undirect(vol)?;
         }
         if size < old {
             // Every read first (the new last block, and the indirect
@@ -773,7 +816,7 @@ impl InodeNode {
             let partial = !size.is_multiple_of(BLOCK);
             let lbase = size & !(BLOCK - 1);
             if partial {
-                self.pending_block(vol, lbase, false, 0)?;
+                self.pending_block(vol, lbase)?;
             }
             // Every leaf past the new end goes (a damaged one too: a
             // file's tree holds nothing but data).
@@ -789,8 +832,8 @@ impl InodeNode {
                 self.table.delete(vol, k)?;
             }
             if partial {
-                let blk = self.pending_block(vol, lbase, false, 0)?;
-                blk.truncate((size - lbase) as usize);
+                let blk = self.pending_block(vol, lbase)?;
+                blk.resize(blk.len().min((size - lbase) as usize));
             }
         }
         self.dirty = true;
@@ -864,16 +907,20 @@ impl InodeNode {
             .filter(|b| b.btype == BlockrefType::Data && !is_edge(b.key))
             .map(|b| b.key)
             .collect();
-        // Read the edge blocks that hold data before changing anything:
-        // all of them, then make them pending, so that a read that fails
-        // (or misses the cache, `volume::CacheOnly`) leaves no edge
+        // Read the edge blocks that hold data before changing anything,
+        // and take their buffers: all of them, then make them pending, so
+        // that a read that fails (or misses the cache,
+        // `volume::CacheOnly`) or a shortage of pages leaves no edge
         // pending that the next try would not admit.
         let mut with_data = Vec::new();
         let mut read = Vec::new();
         for &(lbase, _, _) in &edges {
             if let Some(b) = self.pending.get(&lbase) {
                 if b.is_partial() {
-                    read.push((lbase, b.merged(vol, self.inum(), lbase)?));
+                    let merged = b.merged(vol, self.inum(), lbase)?;
+                    read.push((lbase, PendingBlock::copy_of(vol, &merged)?));
+                } else if Arc::strong_count(b) > 1 {
+                    read.push((lbase, b.try_clone()?));
                 }
                 with_data.push(lbase);
             } else if self
@@ -881,12 +928,15 @@ impl InodeNode {
                 .lookup(vol, lbase)?
                 .is_some_and(|b| b.btype == BlockrefType::Data)
             {
-                read.push((lbase, self.disk_block(vol, lbase)?));
+                read.push((
+                    lbase,
+                    PendingBlock::copy_of(vol, &self.disk_block(vol, lbase)?)?,
+                ));
                 with_data.push(lbase);
             }
         }
         for (lbase, b) in read {
-            self.pending.insert(lbase, Arc::new(PendingBlock::whole(b)));
+            self.pending.insert(lbase, Arc::new(b));
         }
         self.dirty = true;
         let whole: Vec<u64> = self
@@ -905,7 +955,7 @@ impl InodeNode {
             if !with_data.contains(&lbase) {
                 continue;
             }
-            let blk = self.pending_block(vol, lbase, false, 0)?;
+            let blk = self.pending_block(vol, lbase)?;
             let (a, b) = ((lo - lbase) as usize, (hi - lbase) as usize);
             if a < blk.len() {
                 let b = b.min(blk.len());

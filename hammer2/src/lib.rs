@@ -16,6 +16,7 @@ pub mod alloc;
 pub mod bulkfree;
 pub mod check;
 pub mod compress;
+pub mod databuf;
 pub mod dedup;
 mod depend;
 pub mod dirhash;

@@ -201,6 +201,12 @@ pub struct Mount {
     /// from before that advance are gone.
     pub(crate) gate: Arc<ReadGate>,
     pub(crate) gate_mark: u64,
+    /// The page layer under the device's cache, which holds the file data
+    /// waiting for a flush (`databuf`), if the device has one.
+    pub(crate) pages: Option<Arc<bufcache::Vm>>,
+    /// Of `admitted`: the space admitted for blocks two batches out
+    /// write both (`flush::begin_batch`), until their batch settles.
+    pub(crate) dup_admitted: u64,
 }
 
 /// `Mount::meta_limit` unless the caller sets one.
@@ -242,6 +248,7 @@ impl Mount {
     /// its super-root (for fsck's repairs, which may start from an older
     /// header or a super-root read past its check code; `repair.rs`).
     pub(crate) fn from_parts(vol: Volume, space: Box<dyn SpaceMap>, sroot: InodeNode) -> Mount {
+        let pages = vol.page_layer();
         let session_tid = vol.header.mirror_tid;
         Mount {
             session_tid,
@@ -258,6 +265,8 @@ impl Mount {
             meta_limit: META_LIMIT_DEFAULT,
             gate: Arc::new(ReadGate::default()),
             gate_mark: 0,
+            pages,
+            dup_admitted: 0,
         }
     }
 
@@ -470,19 +479,30 @@ impl Mount {
         Ok(())
     }
 
+    /// Admit `bytes` for blocks a batch writes that another batch out
+    /// writes too (`flush::begin_batch`), or fail with NoSpace.
+    pub(crate) fn admit_dups(&mut self, bytes: u64) -> Result<()> {
+        self.admit(bytes, Tier::Normal)?;
+        self.dup_admitted += bytes;
+        Ok(())
+    }
+
     /// What stays admitted once a flush has committed: data written
-    /// since it took its batch, and fallocate's reservations.
+    /// since it took its batch, fallocate's reservations, and the
+    /// duplicates of batches still out.
     pub(crate) fn held_after_commit(&self) -> u64 {
-        self.pfs
-            .values()
-            .flat_map(|p| p.inodes.values())
-            .map(|n| {
-                (n.dirty_bytes() / disk::DATA_BLOCK_BYTES
-                    + n.reserved_bytes() / disk::DATA_BLOCK_BYTES)
-                    * DATA_ADMIT_BYTES
-                    + if n.dirty { INODE_ADMIT_BYTES } else { 0 }
-            })
-            .sum()
+        self.dup_admitted
+            + self
+                .pfs
+                .values()
+                .flat_map(|p| p.inodes.values())
+                .map(|n| {
+                    (n.dirty_bytes() / disk::DATA_BLOCK_BYTES
+                        + n.reserved_bytes() / disk::DATA_BLOCK_BYTES)
+                        * DATA_ADMIT_BYTES
+                        + if n.dirty { INODE_ADMIT_BYTES } else { 0 }
+                })
+                .sum::<u64>()
     }
 
     /// The next inode number of PFS `label`, from its root's allocator.
@@ -637,9 +657,10 @@ impl Mount {
             .sum()
     }
 
-    /// Bytes of memory held by file data waiting for a flush (a block
-    /// holds what was written of it, up to 64 KiB), for writeback
-    /// limits.
+    /// Bytes of memory held by file data waiting for a flush, for
+    /// writeback limits: a page per pending block on the page layer, what
+    /// was written of each on the heap (no page layer). A pass over the
+    /// inodes in memory (`data_page_bytes` is the cheap sign of growth).
     pub fn pending_bytes(&self) -> u64 {
         self.pfs
             .values()
@@ -648,6 +669,17 @@ impl Mount {
                     + p.inodes.values().map(InodeNode::pending_bytes).sum::<u64>()
             })
             .sum()
+    }
+
+    /// Bytes of the page layer's anonymous pages, which hold the pending
+    /// blocks and also the blocks batches out for writing and read plans
+    /// still hold after they left the pending maps: counted by the page
+    /// layer, so free to ask after every write. `None` without a page
+    /// layer.
+    pub fn data_page_bytes(&self) -> Option<u64> {
+        self.pages
+            .as_ref()
+            .map(|vm| (vm.anon_pages() * bufcache::FRAME_BYTES) as u64)
     }
 
     /// Drop clean metadata from memory (it is read again when next

@@ -203,6 +203,13 @@ impl Volume {
         &self.dev
     }
 
+    /// The page layer under the device's cache, where file data waiting
+    /// for a flush is kept (`databuf`); none over a device that does not
+    /// cache.
+    pub fn page_layer(&self) -> Option<Arc<bufcache::Vm>> {
+        self.dev.page_layer()
+    }
+
     /// A second handle on the same device and header, for reading
     /// blocks without the owner (a flush's device phase).
     pub fn reader(&self) -> Volume {

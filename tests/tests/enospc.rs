@@ -100,3 +100,86 @@ fn full_disk_fails_the_write_not_the_flush() {
         refused.unwrap()
     );
 }
+
+/// A partial commit taken beside a flush whose batch holds the same
+/// blocks writes them a second time; the room for that second copy is
+/// admitted when the partial commit begins. On a volume with no room for
+/// it, `fsync_begin` is refused with NoSpace, changing nothing, and the
+/// flush's own writes (which admission promised) still find their room:
+/// the flush commits, the partial commit then goes through with nothing
+/// left to write twice, and the image is clean with every byte there.
+/// Without the admission, the partial commit's copies (more than the
+/// flush reserve) took room promised to the flush's blocks, and the
+/// flush failed for space.
+#[test]
+fn a_partial_commit_beside_a_flush_is_refused_when_its_second_copies_have_no_room() {
+    let dev = Arc::new(MemDevice::new(512 << 20));
+    let opts = mkfs::newfs::NewfsOptions {
+        now_us: Some(NOW),
+        uuid_seed: Some(4),
+        ..Default::default()
+    };
+    mkfs::newfs::newfs(dev.as_ref(), &opts).unwrap();
+    let d: Arc<dyn BlockDevice> = dev.clone();
+    let mut m = Mount::open(d.clone()).unwrap();
+    let create = |m: &mut Mount, name: &str| {
+        m.create(
+            "DATA",
+            ROOT_INUM,
+            name.as_bytes(),
+            ObjType::Regfile,
+            0o644,
+            0,
+            0,
+            (0, 0),
+            NOW,
+        )
+        .unwrap()
+    };
+    // File a: 48 MiB waiting for the flush; file b: as much more as
+    // admission lets in, a block at a time, so nothing is left.
+    let a = create(&mut m, "a");
+    let a_data = noise(1, 48 << 20);
+    m.write("DATA", a, 0, &a_data, NOW).unwrap();
+    let b = create(&mut m, "b");
+    let mut b_data = Vec::new();
+    loop {
+        let data = noise(2 + b_data.len() as u64, 65536);
+        match m.write("DATA", b, b_data.len() as u64, &data, NOW) {
+            Ok(()) => b_data.extend_from_slice(&data),
+            Err(Error::NoSpace { .. }) => break,
+            Err(e) => panic!("b: {e}"),
+        }
+    }
+    assert!(
+        b_data.len() > 64 << 20,
+        "b holds only {} bytes",
+        b_data.len()
+    );
+    let mut batch = m.flush_begin().unwrap();
+    match m.fsync_begin("DATA", a) {
+        Err(Error::NoSpace { .. }) => {}
+        Err(e) => panic!("fsync_begin: {e}"),
+        Ok(_) => panic!("a partial commit with no room for its second copies began"),
+    }
+    batch.write();
+    m.flush_commit(batch).unwrap();
+    let mut partial = m.fsync_begin("DATA", a).unwrap();
+    partial.write();
+    m.flush_commit(partial).unwrap();
+    drop(m);
+
+    let report = fsck(d.clone(), Options::default()).unwrap();
+    let msgs: Vec<String> = report.problems.iter().map(|p| p.to_string()).collect();
+    assert!(report.is_clean(), "fsck: {}", msgs.join("\n"));
+    let vol = Arc::new(hammer2::Volume::open(d.clone()).unwrap());
+    let pfs = Pfs::open(vol, "DATA").unwrap();
+    for (name, want) in [("a", &a_data), ("b", &b_data)] {
+        let ino = pfs.resolve(name).unwrap();
+        assert_eq!(
+            sha256_hex(&pfs.read_all(&ino).unwrap()),
+            sha256_hex(want),
+            "{name}"
+        );
+    }
+}

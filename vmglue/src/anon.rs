@@ -12,11 +12,16 @@
 //! frame. It counts as wired (pageout cannot take it) and in
 //! `VmStats::anon`. Dropping it frees the page (Offline if its segment
 //! is draining).
+//!
+//! Anonymous pages may take at most half the online pages: pageout cannot
+//! write them, so the other half stays for the buffers their owner needs
+//! to write them out (a filesystem's flush), which would otherwise wait
+//! for pages that only that flush can free.
 
 // `unsafe` only at the marked frame-access sites, each with its SAFETY note.
 #![deny(unsafe_code)]
 
-use crate::error::{AllocClass, Result};
+use crate::error::{AllocClass, Error, Result};
 use crate::page::{Queue, FRAME_BYTES};
 use crate::vm::Vm;
 use std::fmt;
@@ -32,14 +37,31 @@ pub struct AnonPage {
 impl Vm {
     /// Take a page for the caller alone: wired, with no key, its frame's
     /// contents whatever the frame held last. With `wait`, sleeps (up to
-    /// `alloc_wait_max`) for pageout to free pages, as `grab` does.
+    /// `alloc_wait_max`) for pageout to free pages, as `grab` does. Fails
+    /// at once with `AnonLimit` when anonymous pages take half the online
+    /// pages already (module notes).
     pub fn alloc_anon(self: &Arc<Self>, class: AllocClass, wait: bool) -> Result<AnonPage> {
-        let idx = self.take_page(class, wait)?;
+        let online = self.online_pages();
+        let anon = self.anon_pages.fetch_add(1, Ordering::SeqCst);
+        if anon >= online / 2 {
+            self.anon_pages.fetch_sub(1, Ordering::SeqCst);
+            return Err(Error::AnonLimit {
+                anon_pages: anon,
+                online_pages: online,
+            });
+        }
+        self.anon_peak.fetch_max(anon + 1, Ordering::Relaxed);
+        let idx = match self.take_page(class, wait) {
+            Ok(idx) => idx,
+            Err(e) => {
+                self.anon_pages.fetch_sub(1, Ordering::SeqCst);
+                return Err(e);
+            }
+        };
         let page = self.page(idx);
         let old = page.wire.fetch_add(1, Ordering::SeqCst);
         debug_assert_eq!(old, 0, "a page taken free was wired");
         self.wired_pages.fetch_add(1, Ordering::Relaxed);
-        self.anon_pages.fetch_add(1, Ordering::Relaxed);
         let mut l = self.lock_page(idx);
         l.shift(idx, Queue::Wired);
         drop(l);
@@ -48,6 +70,13 @@ impl Vm {
             vm: self.clone(),
             idx,
         })
+    }
+}
+
+impl Vm {
+    /// Anonymous pages taken and not yet dropped.
+    pub fn anon_pages(&self) -> usize {
+        self.anon_pages.load(Ordering::Relaxed)
     }
 }
 
@@ -144,12 +173,11 @@ mod tests {
         vm.verify().unwrap();
     }
 
-    /// Pageout never takes an anonymous page, and bound pages can still
-    /// be had around them; when anonymous pages take every page, an
-    /// allocation fails with the page layer's shortage error, and
-    /// freeing one lets it through again.
+    /// Anonymous pages stop at half the online pages; pageout never
+    /// takes one, and bound pages can still be had around them; freeing
+    /// one lets the next through.
     #[test]
-    fn anonymous_pages_are_not_paged_out_and_free_on_drop() {
+    fn anonymous_pages_stop_at_half_are_not_paged_out_and_free_on_drop() {
         let vm = vm(4);
         struct Clean;
         impl crate::Pager for Clean {
@@ -165,27 +193,31 @@ mod tests {
                     p.data_mut()[0] = n;
                     held.push(p);
                 }
-                Err(Error::NoFreePages { wired_pages, .. }) => {
-                    assert_eq!(wired_pages, held.len());
+                Err(Error::AnonLimit {
+                    anon_pages,
+                    online_pages,
+                }) => {
+                    assert_eq!((anon_pages, online_pages), (held.len(), 64));
                     break;
                 }
                 Err(e) => panic!("{e}"),
             }
             assert!(held.len() <= 64, "more anonymous pages than the budget");
         }
-        assert!(held.len() >= 32, "only {} pages of 64", held.len());
+        assert_eq!(held.len(), 32, "half of 64 pages");
+        assert_eq!((vm.stats().anon, vm.stats().anon_peak), (32, 32));
         vm.pageout_run();
         vm.verify().unwrap();
         for (i, p) in held.iter().enumerate() {
             assert_eq!(p.data()[0], i as u8, "page {i} changed under its owner");
         }
         let key = PageKey::new(obj, 1).unwrap();
-        assert!(vm.grab(key, AllocClass::Normal, true).is_err());
-        held.pop();
         match vm.grab(key, AllocClass::Normal, true).unwrap() {
             crate::Grab::New(_) => {}
             crate::Grab::Found(_) => panic!("a key never bound was found"),
         }
+        held.pop();
+        assert!(vm.alloc_anon(AllocClass::Normal, true).is_ok());
         drop(held);
         vm.verify().unwrap();
         assert_eq!(vm.stats().anon, 0);

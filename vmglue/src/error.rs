@@ -49,6 +49,12 @@ pub enum Error {
     },
     /// A non-waiting allocation found the free reserve exhausted.
     WouldBlock { class: AllocClass },
+    /// Anonymous pages already take half the online pages, the most they
+    /// may (`Vm::alloc_anon`).
+    AnonLimit {
+        anon_pages: usize,
+        online_pages: usize,
+    },
     /// The pageout thread could not be started.
     PageoutSpawn { source: io::Error },
     /// `Vm::verify` found a broken invariant.
@@ -109,6 +115,13 @@ impl fmt::Display for Error {
             Error::WouldBlock { class } => {
                 write!(f, "no free page for a {class:?} allocation without waiting")
             }
+            Error::AnonLimit {
+                anon_pages,
+                online_pages,
+            } => write!(
+                f,
+                "{anon_pages} anonymous pages already, the most {online_pages} online pages allow"
+            ),
             Error::PageoutSpawn { source } => {
                 write!(f, "starting the pageout thread failed: {source}")
             }

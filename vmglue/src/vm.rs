@@ -89,8 +89,10 @@ pub struct VmStats {
     pub unqueued: usize,
     pub pending: usize,
     pub wired: usize,
-    /// Anonymous pages (`Vm::alloc_anon`), counted in `wired` too.
+    /// Anonymous pages (`Vm::alloc_anon`), counted in `wired` too, and
+    /// the most there were at once.
     pub anon: usize,
+    pub anon_peak: usize,
     pub lookups: LookupStats,
 }
 
@@ -123,8 +125,10 @@ pub struct Vm {
     pub(crate) budget_lock: Mutex<()>,
     pub(crate) budget_pages: AtomicUsize,
     pub(crate) wired_pages: AtomicUsize,
-    /// Anonymous pages (`anon.rs`), among the wired ones.
+    /// Anonymous pages (`anon.rs`), among the wired ones, and the most
+    /// there were at once.
     pub(crate) anon_pages: AtomicUsize,
+    pub(crate) anon_peak: AtomicUsize,
     pub(crate) objects: RwLock<Vec<Option<Weak<dyn Pager>>>>,
     free_lock: Mutex<()>,
     free_cv: Condvar,
@@ -213,6 +217,7 @@ impl Vm {
             budget_pages: AtomicUsize::new(online),
             wired_pages: AtomicUsize::new(0),
             anon_pages: AtomicUsize::new(0),
+            anon_peak: AtomicUsize::new(0),
             objects: RwLock::new(Vec::new()),
             free_lock: Mutex::new(()),
             free_cv: Condvar::new(),
@@ -303,6 +308,7 @@ impl Vm {
             pending: self.queues.count(Queue::Pending),
             wired: self.wired_pages.load(Ordering::Relaxed),
             anon: self.anon_pages.load(Ordering::Relaxed),
+            anon_peak: self.anon_peak.load(Ordering::Relaxed),
             lookups: self.stats.lookups(),
         }
     }

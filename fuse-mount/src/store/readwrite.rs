@@ -129,13 +129,16 @@ impl ReadWrite {
     /// Run `f` on the mount; when it is refused for lack of space (the
     /// library changes nothing then), make room (`RwVolume::make_room`:
     /// a flush, the frees waiting for it, a bulkfree) and run it once
-    /// more.
+    /// more; when it is refused for a shortage of pages (EAGAIN, nothing
+    /// changed either), give pages back (`RwVolume::make_pages`: a flush
+    /// writes the file data that holds them) and run it once more.
     fn with_room<T>(&self, mut f: impl FnMut(&mut Mount) -> Result<T, Errno>) -> Result<T, Errno> {
         let r = self.vol.locked(&mut f);
-        if r.as_ref().err() == Some(&Errno::ENOSPC) && self.vol.make_room() {
-            return self.vol.locked(&mut f);
+        match r.as_ref().err() {
+            Some(&Errno::ENOSPC) if self.vol.make_room() => self.vol.locked(&mut f),
+            Some(&Errno::EAGAIN) if self.vol.make_pages() => self.vol.locked(&mut f),
+            _ => r,
         }
-        r
     }
 
     /// Node `ino` was read (its data, or a directory's listing) at

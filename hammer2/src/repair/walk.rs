@@ -843,11 +843,13 @@ impl<'a> Walk<'a> {
             Ok(()) => {
                 if misplaced(vol, &br) {
                     if let Ok(content) = vol.read_block(&br) {
-                        if let Scope::Inode(s) = scope {
+                        // On the heap unless the device caches: fails
+                        // only for want of a page.
+                        let block = PendingBlock::copy_of(vol, &content);
+                        if let (Scope::Inode(s), Ok(mut b)) = (&mut *scope, block) {
                             let keep = (s.size.saturating_sub(br.key)).min(BLOCK) as usize;
-                            let mut c = content;
-                            c.truncate(keep.max(1));
-                            s.pending.insert(br.key, Arc::new(PendingBlock::whole(c)));
+                            b.bytes.resize(b.bytes.len().min(keep.max(1)));
+                            s.pending.insert(br.key, Arc::new(b));
                         }
                         self.log.safe(
                             Some(label),
