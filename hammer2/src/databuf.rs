@@ -105,6 +105,32 @@ impl DataBuf {
         }
     }
 
+    /// Put `src` at `at` (ending within 64 KiB), growing the buffer as
+    /// needed; only the gap between the old end and `at` is zero-filled,
+    /// so a block written whole is written once.
+    pub fn put(&mut self, at: usize, src: &[u8]) {
+        let end = at + src.len();
+        debug_assert!(end <= DATABUF_MAX, "a put past 64 KiB");
+        let end = end.min(DATABUF_MAX);
+        let src = &src[..end.saturating_sub(at)];
+        match &mut self.store {
+            Store::Page { page, len } => {
+                let data = page.data_mut();
+                if at > *len {
+                    data[*len..at].fill(0);
+                }
+                data[at..end].copy_from_slice(src);
+                *len = (*len).max(end);
+            }
+            Store::Heap(v) => {
+                if v.len() < end {
+                    v.resize(end, 0);
+                }
+                v[at..end].copy_from_slice(src);
+            }
+        }
+    }
+
     /// Bytes of memory the buffer holds: a whole frame on a page.
     pub fn memory(&self) -> usize {
         match &self.store {
@@ -205,9 +231,17 @@ mod tests {
         b.resize(3);
         b.resize(6);
         assert_eq!(&b[..], b"hel\0\0\0");
+        b.put(8, b"xy");
+        assert_eq!(&b[..], b"hel\0\0\0\0\0xy");
+        b.put(1, b"EL");
+        assert_eq!(&b[..], b"hEL\0\0\0\0\0xy");
+        let mut h = DataBuf::default();
+        h.put(2, b"ab");
+        h.put(0, b"z");
+        assert_eq!(&h[..], b"z\0ab");
         b.resize(usize::MAX);
         assert_eq!(b.len(), DATABUF_MAX);
-        assert!(b[6..].iter().all(|&x| x == 0));
+        assert!(b[10..].iter().all(|&x| x == 0));
         let c = b.try_clone().unwrap();
         assert_eq!(vm.stats().anon, 2);
         assert_eq!(&c[..], &b[..]);

@@ -117,10 +117,7 @@ impl PendingBlock {
     /// Put `src` at `at` within the block, growing it as needed.
     fn put(&mut self, at: usize, src: &[u8]) {
         let end = at + src.len();
-        if self.bytes.len() < end {
-            self.bytes.resize(end);
-        }
-        self.bytes[at..end].copy_from_slice(src);
+        self.bytes.put(at, src);
         if let Some(u) = &mut self.under {
             add_range(&mut u.written, at, end);
         }
@@ -673,8 +670,8 @@ impl InodeNode {
             if whole {
                 // Overwritten whole: the old bytes no longer matter.
                 blk.under = None;
-                blk.bytes.resize(src.len());
-                blk.bytes.copy_from_slice(src);
+                blk.bytes.resize(0);
+                blk.bytes.put(0, src);
             } else {
                 blk.put(at, src);
             }

@@ -173,6 +173,26 @@ mod tests {
         vm.verify().unwrap();
     }
 
+    /// A page freed is the next one taken (of its color): its frame is
+    /// resident and warm, and frames never used stay untouched.
+    #[test]
+    fn a_freed_page_is_the_next_taken() {
+        let vm = vm(8);
+        let a = vm.alloc_anon(AllocClass::Normal, true).unwrap();
+        let b = vm.alloc_anon(AllocClass::Normal, true).unwrap();
+        let (fa, fb) = (a.frame(), b.frame());
+        drop(a);
+        let c = vm.alloc_anon(AllocClass::Normal, true).unwrap();
+        assert_eq!(c.frame(), fa);
+        drop(b);
+        drop(c);
+        let d = vm.alloc_anon(AllocClass::Normal, true).unwrap();
+        let e = vm.alloc_anon(AllocClass::Normal, true).unwrap();
+        assert_eq!((d.frame(), e.frame()), (fa, fb), "last freed, first taken");
+        drop((d, e));
+        vm.verify().unwrap();
+    }
+
     /// Anonymous pages stop at half the online pages; pageout never
     /// takes one, and bound pages can still be had around them; freeing
     /// one lets the next through.

@@ -193,6 +193,31 @@ impl Locked<'_> {
         self.counts[q as usize].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Link page `idx` (on no list) at the head of list `q`.
+    pub fn link_head(&mut self, q: Queue, idx: u32) {
+        assert!(q.is_list());
+        let page = &self.pages[idx as usize];
+        let cur = page.queue();
+        assert!(
+            !cur.is_list(),
+            "page {idx} linked to {q:?} while on {cur:?}"
+        );
+        let list = &mut self.guard.lists[q as usize];
+        page.prev.store(NIL, Ordering::Relaxed);
+        page.next.store(list.head, Ordering::Relaxed);
+        if list.head == NIL {
+            list.tail = idx;
+        } else {
+            self.pages[list.head as usize]
+                .prev
+                .store(idx, Ordering::Relaxed);
+        }
+        list.head = idx;
+        list.len += 1;
+        page.set_queue(q);
+        self.counts[q as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Unlink page `idx` from its list; its queue becomes `to` (a non-list
     /// state, counted).
     pub fn unlink(&mut self, idx: u32, to: Queue) {
@@ -223,6 +248,14 @@ impl Locked<'_> {
         self.counts[q as usize].fetch_sub(1, Ordering::Relaxed);
         page.set_queue(to);
         self.counts[to as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Move page `idx` from a non-list state to the head of list `q`.
+    pub fn enter_head(&mut self, q: Queue, idx: u32) {
+        let from = self.pages[idx as usize].queue();
+        assert!(!from.is_list());
+        self.counts[from as usize].fetch_sub(1, Ordering::Relaxed);
+        self.link_head(q, idx);
     }
 
     /// Move page `idx` from a non-list state to the tail of list `q`.

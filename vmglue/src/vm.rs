@@ -705,7 +705,13 @@ impl Vm {
             page.set_queue(Queue::Offline);
             seg.offline.fetch_add(1, Ordering::SeqCst);
         } else {
-            l.enter(Queue::Free, idx);
+            // At the head: the next allocation of this color reuses it
+            // while its frame is resident and in the CPU's caches, and
+            // frames never used stay untouched at the tail (the kernel
+            // zeroes, and a virtual machine's host backs, a frame on its
+            // first touch). FreeBSD's free queues put hot pages first
+            // for the same reason.
+            l.enter_head(Queue::Free, idx);
         }
         self.unbusy_exclusive(idx);
     }
