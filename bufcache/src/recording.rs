@@ -136,6 +136,10 @@ pub struct FaultDevice {
     /// Reads covering this byte see it with these bits flipped (the
     /// media keeps it intact).
     flip: Mutex<Option<(u64, u8)>>,
+    /// A page layer to offer the layer above (`page_layer`), though this
+    /// device caches nothing: so a test can run the mount's memory on
+    /// pages over a device it injects faults into.
+    pages: Mutex<Option<Arc<vmglue::Vm>>>,
 }
 
 /// Take one from a countdown (`u64::MAX` never runs out); false when
@@ -161,7 +165,13 @@ impl FaultDevice {
             reads_left: AtomicU64::new(u64::MAX),
             bad_read: Mutex::new(None),
             flip: Mutex::new(None),
+            pages: Mutex::new(None),
         }
+    }
+
+    /// Offer `vm` as the page layer under this device (`None`: none).
+    pub fn set_page_layer(&self, vm: Option<Arc<vmglue::Vm>>) {
+        *self.pages.lock().unwrap_or_else(|p| p.into_inner()) = vm;
     }
 
     /// Let `n` more barriers through, then fail every barrier.
@@ -208,6 +218,10 @@ impl FaultDevice {
 impl BlockDevice for FaultDevice {
     fn size_bytes(&self) -> u64 {
         self.inner.size_bytes()
+    }
+
+    fn page_layer(&self) -> Option<Arc<vmglue::Vm>> {
+        self.pages.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

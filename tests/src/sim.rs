@@ -26,6 +26,8 @@ use std::sync::Arc;
 #[derive(Clone, Debug, Default)]
 pub struct SimStats {
     pub ops: u64,
+    /// The most file data pages at once (seeds run with a page layer).
+    pub data_pages_peak: u64,
     pub flushes: u64,
     /// Launderings that wrote file data ahead of a commit.
     pub launders: u64,
@@ -52,6 +54,10 @@ struct Sim {
     rng: SmallRng,
     rec: Arc<RecordingDevice>,
     fault: Arc<FaultDevice>,
+    /// The page layer the mount keeps its pending file data on, for half
+    /// the seeds (`databuf`); the device under it caches nothing, so
+    /// crashes and faults are the same either way.
+    pages: Option<Arc<bufcache::Vm>>,
     m: Option<Mount>,
     /// The model of what the library holds in memory.
     model: Model,
@@ -82,6 +88,13 @@ impl Sim {
         }
     }
 
+    /// A fault device over the recorder, offering the run's page layer.
+    fn fault_device(&self) -> Arc<FaultDevice> {
+        let f = Arc::new(FaultDevice::new(self.rec.clone()));
+        f.set_page_layer(self.pages.clone());
+        f
+    }
+
     /// The image as the device holds it now.
     fn image(&self) -> MemDevice {
         self.rec.image_at(self.rec.position())
@@ -91,7 +104,7 @@ impl Sim {
     fn remount_on(&mut self, img: MemDevice) -> R<()> {
         self.m = None;
         self.rec = Arc::new(RecordingDevice::from_mem(img));
-        self.fault = Arc::new(FaultDevice::new(self.rec.clone()));
+        self.fault = self.fault_device();
         let d: Arc<dyn BlockDevice> = self.fault.clone();
         self.m = Some(Mount::open(d).map_err(|e| format!("mount: {e}"))?);
         self.all_committed();
@@ -421,7 +434,7 @@ impl Sim {
         let want = if header_in { after } else { before };
         self.m = None;
         self.rec = Arc::new(RecordingDevice::from_mem(img));
-        self.fault = Arc::new(FaultDevice::new(self.rec.clone()));
+        self.fault = self.fault_device();
         self.verify(&[want], "a crash")
     }
 
@@ -571,7 +584,7 @@ impl Sim {
         let img = self.image();
         self.m = None;
         self.rec = Arc::new(RecordingDevice::from_mem(img));
-        self.fault = Arc::new(FaultDevice::new(self.rec.clone()));
+        self.fault = self.fault_device();
         self.fault.flip_on_read(Some((at, mask)));
         self.note(format!(
             "bit flip {mask:#x} at {at:#x} (header {is_header})"
@@ -609,7 +622,7 @@ impl Sim {
         let img = self.image();
         self.m = None;
         self.rec = Arc::new(RecordingDevice::from_mem(img));
-        self.fault = Arc::new(FaultDevice::new(self.rec.clone()));
+        self.fault = self.fault_device();
         let d: Arc<dyn BlockDevice> = self.fault.clone();
         let vol = hammer2::Volume::open(d.clone()).map_err(|e| e.to_string())?;
         let mut alloc = hammer2::alloc::Allocator::load(&vol).map_err(|e| e.to_string())?;
@@ -667,12 +680,19 @@ pub fn run(seed: u64, steps: usize) -> std::result::Result<SimStats, String> {
     let r = catch_unwind(AssertUnwindSafe(|| {
         let rec = Arc::new(RecordingDevice::from_mem(base.image.snapshot()));
         let fault = Arc::new(FaultDevice::new(rec.clone()));
+        // Both format versions with and without pages: seeds 2 and 3 of
+        // every 4 use them.
+        let pages = (seed / 2 % 2 == 1).then(|| {
+            bufcache::Vm::new(bufcache::VmConfig::new(64 << 20)).expect("a 64 MiB page layer")
+        });
+        fault.set_page_layer(pages.clone());
         let d: Arc<dyn BlockDevice> = fault.clone();
         let m = Mount::open(d).map_err(|e| e.to_string())?;
         let mut sim = Sim {
             rng: SmallRng::seed_from_u64(seed),
             rec,
             fault,
+            pages,
             m: Some(m),
             model: base.model.clone(),
             durable: base.model.clone(),
@@ -690,6 +710,18 @@ pub fn run(seed: u64, steps: usize) -> std::result::Result<SimStats, String> {
                     sim.trail.join("\n          ")
                 ));
             }
+        }
+        if let Some(vm) = sim.pages.clone() {
+            // Every page went back with the mount that held it.
+            sim.m = None;
+            vm.verify().map_err(|e| format!("seed {seed}: {e}"))?;
+            if vm.stats().anon != 0 {
+                return Err(format!(
+                    "seed {seed}: {} file data pages outlived their mount",
+                    vm.stats().anon
+                ));
+            }
+            sim.stats.data_pages_peak = vm.stats().anon_peak as u64;
         }
         Ok(sim.stats)
     }));
@@ -719,12 +751,13 @@ impl SimStats {
         self.enospc += o.enospc;
         self.errors_seen += o.errors_seen;
         self.remounts += o.remounts;
+        self.data_pages_peak = self.data_pages_peak.max(o.data_pages_peak);
     }
 
     /// One line of figures.
     pub fn summary(&self) -> String {
         format!(
-            "{} operations, {} flushes, {} launderings, {} crashes, faults: {} write, {} barrier, {} read, {} bit flips, {} full disk; {} errors surfaced and checked, {} remounts checked",
+            "{} operations, {} flushes, {} launderings, {} crashes, faults: {} write, {} barrier, {} read, {} bit flips, {} full disk; {} errors surfaced and checked, {} remounts checked; file data pages at most {} at once",
             self.ops,
             self.flushes,
             self.launders,
@@ -735,7 +768,8 @@ impl SimStats {
             self.bit_flips,
             self.enospc,
             self.errors_seen,
-            self.remounts
+            self.remounts,
+            self.data_pages_peak
         )
     }
 }
