@@ -7,7 +7,6 @@
 //! that poisons nothing.
 
 use bufcache::{BlockDevice, BufCache, BufCacheConfig, CachedDevice, MemDevice, Vm, VmConfig};
-use hammer2::disk::ObjType;
 use hammer2::mount::{Mount, ROOT_INUM};
 use hammer2::Error;
 use std::sync::Arc;
@@ -18,9 +17,7 @@ const L: &str = "DATA";
 const B: usize = 65536;
 
 fn image() -> Arc<MemDevice> {
-    let dev = Arc::new(MemDevice::new(1 << 30));
-    mkfs::newfs::newfs(dev.as_ref(), &mkfs::newfs::NewfsOptions::default()).unwrap();
-    dev
+    tests::new_fs_bytes(3, 1 << 30)
 }
 
 /// A mount over a buffer cache of `budget` bytes whose page layer waits
@@ -36,18 +33,7 @@ fn mount_cached(dev: &Arc<MemDevice>, budget: u64, wait: Duration) -> (Mount, Ar
 }
 
 fn file(m: &mut Mount, name: &str) -> u64 {
-    m.create(
-        L,
-        ROOT_INUM,
-        name.as_bytes(),
-        ObjType::Regfile,
-        0o644,
-        0,
-        0,
-        (0, 0),
-        NOW,
-    )
-    .unwrap()
+    tests::create_file(m, L, ROOT_INUM, name.as_bytes()).unwrap()
 }
 
 fn bytes(seed: u64, len: usize) -> Vec<u8> {

@@ -113,28 +113,11 @@ fn full_disk_fails_the_write_not_the_flush() {
 /// flush failed for space.
 #[test]
 fn a_partial_commit_beside_a_flush_is_refused_when_its_second_copies_have_no_room() {
-    let dev = Arc::new(MemDevice::new(512 << 20));
-    let opts = mkfs::newfs::NewfsOptions {
-        now_us: Some(NOW),
-        uuid_seed: Some(4),
-        ..Default::default()
-    };
-    mkfs::newfs::newfs(dev.as_ref(), &opts).unwrap();
+    let dev = tests::new_fs_bytes(4, 512 << 20);
     let d: Arc<dyn BlockDevice> = dev.clone();
-    let mut m = Mount::open(d.clone()).unwrap();
+    let mut m = tests::open(&dev);
     let create = |m: &mut Mount, name: &str| {
-        m.create(
-            "DATA",
-            ROOT_INUM,
-            name.as_bytes(),
-            ObjType::Regfile,
-            0o644,
-            0,
-            0,
-            (0, 0),
-            NOW,
-        )
-        .unwrap()
+        tests::create_file(m, "DATA", ROOT_INUM, name.as_bytes()).unwrap()
     };
     // File a: 48 MiB waiting for the flush; file b: as much more as
     // admission lets in, a block at a time, so nothing is left.

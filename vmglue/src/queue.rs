@@ -170,31 +170,15 @@ impl Locked<'_> {
 
     /// Link page `idx` (on no list) at the tail of list `q`.
     pub fn link_tail(&mut self, q: Queue, idx: u32) {
-        assert!(q.is_list());
-        let page = &self.pages[idx as usize];
-        let cur = page.queue();
-        assert!(
-            !cur.is_list(),
-            "page {idx} linked to {q:?} while on {cur:?}"
-        );
-        let list = &mut self.guard.lists[q as usize];
-        page.prev.store(list.tail, Ordering::Relaxed);
-        page.next.store(NIL, Ordering::Relaxed);
-        if list.tail == NIL {
-            list.head = idx;
-        } else {
-            self.pages[list.tail as usize]
-                .next
-                .store(idx, Ordering::Relaxed);
-        }
-        list.tail = idx;
-        list.len += 1;
-        page.set_queue(q);
-        self.counts[q as usize].fetch_add(1, Ordering::Relaxed);
+        self.link(q, idx, false);
     }
 
     /// Link page `idx` (on no list) at the head of list `q`.
     pub fn link_head(&mut self, q: Queue, idx: u32) {
+        self.link(q, idx, true);
+    }
+
+    fn link(&mut self, q: Queue, idx: u32, at_head: bool) {
         assert!(q.is_list());
         let page = &self.pages[idx as usize];
         let cur = page.queue();
@@ -203,16 +187,21 @@ impl Locked<'_> {
             "page {idx} linked to {q:?} while on {cur:?}"
         );
         let list = &mut self.guard.lists[q as usize];
-        page.prev.store(NIL, Ordering::Relaxed);
-        page.next.store(list.head, Ordering::Relaxed);
-        if list.head == NIL {
-            list.tail = idx;
+        let (prev, next) = if at_head {
+            (NIL, list.head)
         } else {
-            self.pages[list.head as usize]
-                .prev
-                .store(idx, Ordering::Relaxed);
+            (list.tail, NIL)
+        };
+        page.prev.store(prev, Ordering::Relaxed);
+        page.next.store(next, Ordering::Relaxed);
+        match prev {
+            NIL => list.head = idx,
+            p => self.pages[p as usize].next.store(idx, Ordering::Relaxed),
         }
-        list.head = idx;
+        match next {
+            NIL => list.tail = idx,
+            n => self.pages[n as usize].prev.store(idx, Ordering::Relaxed),
+        }
         list.len += 1;
         page.set_queue(q);
         self.counts[q as usize].fetch_add(1, Ordering::Relaxed);
