@@ -84,16 +84,7 @@ fn full_disk_fails_the_write_not_the_flush() {
     ));
     m.flush().unwrap();
     drop(m);
-
-    let report = fsck(d.clone(), Options::default()).unwrap();
-    let msgs: Vec<String> = report.problems.iter().map(|p| p.to_string()).collect();
-    assert!(report.is_clean(), "fsck: {}", msgs.join("\n"));
-    let vol = Arc::new(hammer2::Volume::open(d.clone()).unwrap());
-    let pfs = Pfs::open(vol, "DATA").unwrap();
-    for (name, sum) in &written {
-        let ino = pfs.resolve(name).unwrap();
-        assert_eq!(&sha256_hex(&pfs.read_all(&ino).unwrap()), sum, "{name}");
-    }
+    clean_and_holding(&d, &written);
     eprintln!(
         "{} files written before the disk filled: {}",
         written.len(),
@@ -151,18 +142,24 @@ fn a_partial_commit_beside_a_flush_is_refused_when_its_second_copies_have_no_roo
     partial.write();
     m.flush_commit(partial).unwrap();
     drop(m);
+    clean_and_holding(
+        &d,
+        &[
+            ("a".to_string(), sha256_hex(&a_data)),
+            ("b".to_string(), sha256_hex(&b_data)),
+        ],
+    );
+}
 
+/// fsck finds the image clean, and each file (name, SHA-256) reads back.
+fn clean_and_holding(d: &Arc<dyn BlockDevice>, files: &[(String, String)]) {
     let report = fsck(d.clone(), Options::default()).unwrap();
     let msgs: Vec<String> = report.problems.iter().map(|p| p.to_string()).collect();
     assert!(report.is_clean(), "fsck: {}", msgs.join("\n"));
     let vol = Arc::new(hammer2::Volume::open(d.clone()).unwrap());
     let pfs = Pfs::open(vol, "DATA").unwrap();
-    for (name, want) in [("a", &a_data), ("b", &b_data)] {
+    for (name, sum) in files {
         let ino = pfs.resolve(name).unwrap();
-        assert_eq!(
-            sha256_hex(&pfs.read_all(&ino).unwrap()),
-            sha256_hex(want),
-            "{name}"
-        );
+        assert_eq!(&sha256_hex(&pfs.read_all(&ino).unwrap()), sum, "{name}");
     }
 }
