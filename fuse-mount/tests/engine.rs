@@ -543,6 +543,18 @@ fn readers_writers_flushes_laundering_and_bulkfree_at_once() {
     };
     check(&sh.v, "before the unmount");
     sh.v.shutdown().unwrap();
+    // The data waiting for flushes was on the cache's pages, within the
+    // half of them anonymous pages may take, and the last flush gave
+    // every one back.
+    let vm = sh.cached.cache().vm().clone();
+    let pages = vm.stats();
+    assert!(
+        pages.anon_peak > 0 && pages.anon_peak <= pages.online_pages / 2,
+        "file data pages peaked at {} of {}",
+        pages.anon_peak,
+        pages.online_pages
+    );
+    assert_eq!(pages.anon, 0, "file data pages left after the last flush");
     drop(sh);
     let (v, _) = open(&dev);
     check(&v, "after a remount");
