@@ -842,11 +842,14 @@ impl<'a> Walk<'a> {
         match verify_data(vol, &br) {
             Ok(()) => {
                 if misplaced(vol, &br) {
-                    if let Ok(content) = vol.read_block(&br) {
-                        // On the heap unless the device caches: fails
-                        // only for want of a page.
-                        let block = PendingBlock::copy_of(vol, &content);
-                        if let (Scope::Inode(s), Ok(mut b)) = (&mut *scope, block) {
+                    // The copy is on the heap unless the device caches,
+                    // and fails only for want of a page: then the block
+                    // stays where it is, and nothing is logged as moved.
+                    let block = vol
+                        .read_block(&br)
+                        .and_then(|content| PendingBlock::copy_of(vol, &content));
+                    if let Ok(mut b) = block {
+                        if let Scope::Inode(s) = &mut *scope {
                             let keep = (s.size.saturating_sub(br.key)).min(BLOCK) as usize;
                             b.bytes.resize(b.bytes.len().min(keep.max(1)));
                             s.pending.insert(br.key, Arc::new(b));
