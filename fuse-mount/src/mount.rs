@@ -231,7 +231,7 @@ pub fn default_cache_size() -> u64 {
 /// `CACHE_SIZE_MIN`), whose pages hold both the buffer cache and the
 /// file data written and waiting for a flush (`hammer2::databuf`); that
 /// data may take a quarter of the budget (at most `rw::DIRTY_MAX_BYTES`
-/// and half the pages) before writers wait. A read-only mount gives it
+/// and a quarter of the pages) before writers wait. A read-only mount gives it
 /// all to the pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Budget {
@@ -245,7 +245,10 @@ impl Budget {
         let metadata = total / 8;
         let pages =
             (total.saturating_sub(metadata) & !((2 << 20) - 1)).max(crate::options::CACHE_SIZE_MIN);
-        let dirty = (total / 4).min(crate::rw::DIRTY_MAX_BYTES).min(pages / 2);
+        // A quarter of the pages at most: anonymous pages stop at half of
+        // them, and besides the pending blocks the limit counts they hold
+        // the copies batches out are still writing (up to as many again).
+        let dirty = (total / 4).min(crate::rw::DIRTY_MAX_BYTES).min(pages / 4);
         Budget {
             pages,
             dirty,
@@ -1035,25 +1038,22 @@ mod tests {
 
     /// An eighth for metadata, the rest (2 MiB multiples, 4 MiB at
     /// least) for pages, of which dirty data may take a quarter of the
-    /// whole (at most 256 MiB and half the pages).
+    /// whole (at most 256 MiB and a quarter of the pages).
     #[test]
     fn the_budget_is_shared_by_pages_and_metadata_and_dirty_data_is_on_the_pages() {
         const M: u64 = 1 << 20;
         let b = Budget::read_write(64 * M);
-        assert_eq!((b.pages, b.dirty, b.metadata), (56 * M, 16 * M, 8 * M));
+        assert_eq!((b.pages, b.dirty, b.metadata), (56 * M, 14 * M, 8 * M));
         let b = Budget::read_write(4096 * M);
         assert_eq!((b.pages, b.dirty, b.metadata), (3584 * M, 256 * M, 512 * M));
         let b = Budget::read_write(100 * M);
         assert_eq!(
             (b.pages, b.dirty, b.metadata),
-            (86 * M, 25 * M, 12 * M + M / 2)
+            (86 * M, 86 * M / 4, 12 * M + M / 2)
         );
         let b = Budget::read_write(4 * M);
         assert_eq!((b.pages, b.dirty, b.metadata), (4 * M, M, M / 2));
         let b = Budget::read_write(6 * M);
-        assert_eq!(
-            (b.pages, b.dirty, b.metadata),
-            (4 * M, 3 * M / 2, 6 * M / 8)
-        );
+        assert_eq!((b.pages, b.dirty, b.metadata), (4 * M, M, 6 * M / 8));
     }
 }
