@@ -41,4 +41,4 @@ pub use device::{BlockDevice, FileDevice, MemDevice};
 pub use error::{Error, Result};
 pub use logwrites::LogWritesDevice;
 pub use recording::{Event, FaultDevice, RecordingDevice};
-pub use vmglue::{AllocClass, AnonPage, Error as VmError, Vm, VmConfig, FRAME_BYTES};
+pub use vmglue::{AllocClass, AnonPage, Vm, VmConfig, FRAME_BYTES};

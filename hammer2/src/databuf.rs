@@ -24,7 +24,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 /// The largest buffer: one logical block.
-pub const DATABUF_MAX: usize = 65536;
+pub const DATABUF_MAX: usize = crate::disk::DATA_BLOCK_BYTES as usize;
 
 const _: () = assert!(
     AnonPage::BYTES == DATABUF_MAX,
@@ -66,13 +66,7 @@ impl DataBuf {
             });
         }
         let mut b = DataBuf::new(pages)?;
-        match &mut b.store {
-            Store::Page { page, len } => {
-                page.data_mut()[..src.len()].copy_from_slice(src);
-                *len = src.len();
-            }
-            Store::Heap(v) => v.extend_from_slice(src),
-        }
+        b.put(0, src);
         Ok(b)
     }
 
@@ -83,7 +77,7 @@ impl DataBuf {
     }
 
     /// The page layer the buffer is on, if any.
-    pub fn page_layer(&self) -> Option<&Arc<Vm>> {
+    fn page_layer(&self) -> Option<&Arc<Vm>> {
         match &self.store {
             Store::Page { page, .. } => Some(page.vm()),
             Store::Heap(_) => None,
@@ -138,38 +132,19 @@ impl DataBuf {
             Store::Heap(v) => v.len(),
         }
     }
-
-    /// Whether the bytes are on a page of the page layer.
-    pub fn on_page(&self) -> bool {
-        matches!(self.store, Store::Page { .. })
-    }
 }
 
-/// Tries of a page allocation (each after the page layer's own wait for
-/// pageout) before the shortage is reported, as the buffer cache retries
-/// its own.
-const PAGE_TRIES: usize = 3;
-
+/// A page of `vm`, after the page layer's own wait for pageout at most:
+/// the caller holds the mount, so a shortage is reported rather than
+/// waited out again (the daemon flushes, which gives pages back, and
+/// retries the change).
 fn take_page(vm: &Arc<Vm>) -> Result<AnonPage> {
-    let mut tries = 0;
-    loop {
-        match vm.alloc_anon(AllocClass::Normal, true) {
-            Ok(p) => return Ok(p),
-            Err(e)
-                if tries + 1 < PAGE_TRIES && !matches!(e, bufcache::VmError::AnonLimit { .. }) =>
-            {
-                tries += 1;
-                log::warn!("file data page: {e}; trying again ({tries} of {PAGE_TRIES})");
-            }
-            Err(e) => {
-                return Err(Error::Io {
-                    op: "take a page for file data",
-                    at: 0,
-                    source: std::io::Error::new(std::io::ErrorKind::OutOfMemory, e.to_string()),
-                })
-            }
-        }
-    }
+    vm.alloc_anon(AllocClass::Normal, true)
+        .map_err(|e| Error::Io {
+            op: "take a page for file data",
+            at: 0,
+            source: std::io::Error::new(std::io::ErrorKind::OutOfMemory, e.to_string()),
+        })
 }
 
 impl Deref for DataBuf {
@@ -224,7 +199,7 @@ mod tests {
             b
         });
         let mut b = DataBuf::copy_of(Some(&vm), b"hello").unwrap();
-        assert!(b.on_page());
+        assert!(b.page_layer().is_some());
         assert_eq!(vm.stats().anon, 1);
         b.resize(10);
         assert_eq!(&b[..], b"hello\0\0\0\0\0");
