@@ -71,9 +71,7 @@ impl Vm {
             idx,
         })
     }
-}
 
-impl Vm {
     /// Anonymous pages taken and not yet dropped.
     pub fn anon_pages(&self) -> usize {
         self.anon_pages.load(Ordering::Relaxed)

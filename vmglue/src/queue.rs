@@ -168,16 +168,7 @@ impl Locked<'_> {
         (n != NIL).then_some(n)
     }
 
-    /// Link page `idx` (on no list) at the tail of list `q`.
-    pub fn link_tail(&mut self, q: Queue, idx: u32) {
-        self.link(q, idx, false);
-    }
-
-    /// Link page `idx` (on no list) at the head of list `q`.
-    pub fn link_head(&mut self, q: Queue, idx: u32) {
-        self.link(q, idx, true);
-    }
-
+    /// Link page `idx` (on no list) at the head or the tail of list `q`.
     fn link(&mut self, q: Queue, idx: u32, at_head: bool) {
         assert!(q.is_list());
         let page = &self.pages[idx as usize];
@@ -241,18 +232,19 @@ impl Locked<'_> {
 
     /// Move page `idx` from a non-list state to the head of list `q`.
     pub fn enter_head(&mut self, q: Queue, idx: u32) {
-        let from = self.pages[idx as usize].queue();
-        assert!(!from.is_list());
-        self.counts[from as usize].fetch_sub(1, Ordering::Relaxed);
-        self.link_head(q, idx);
+        self.enter_at(q, idx, true);
     }
 
     /// Move page `idx` from a non-list state to the tail of list `q`.
     pub fn enter(&mut self, q: Queue, idx: u32) {
+        self.enter_at(q, idx, false);
+    }
+
+    fn enter_at(&mut self, q: Queue, idx: u32, at_head: bool) {
         let from = self.pages[idx as usize].queue();
         assert!(!from.is_list());
         self.counts[from as usize].fetch_sub(1, Ordering::Relaxed);
-        self.link_tail(q, idx);
+        self.link(q, idx, at_head);
     }
 
     /// Move page `idx` between two non-list states (None, Pending,
