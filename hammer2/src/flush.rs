@@ -415,34 +415,19 @@ impl Mount {
         scope: Option<(&str, &BTreeSet<u64>)>,
         skip_taken: bool,
     ) -> Result<FlushBatch> {
-        // A block another batch out holds is written twice (a partial
-        // commit beside a flush): one copy is installed and the other
-        // given back, but both take space until then, which no write
-        // admitted. Admit it now, before anything is taken, so the
-        // allocation of a later admitted change never finds it spent; a
-        // volume too full for it fails the batch here, changing nothing.
-        let dups = match skip_taken || self.taken.is_empty() {
-            true => 0,
-            false => self
-                .batch_nodes(scope)
-                .map(|(_, _, n)| {
-                    n.pending
-                        .range(..n.size())
-                        .filter(|(_, blk)| self.taken.contains_key(&pending_key(blk)))
-                        .count() as u64
-                })
-                .sum::<u64>(),
-        };
-        let dup_admitted = dups * disk::DATA_BLOCK_BYTES;
-        if dup_admitted > 0 {
-            self.admit_dups(dup_admitted)?;
-        }
         let tid = self.next_tid()?;
         let mut blocks = Vec::new();
         let mut heuristics = HashMap::new();
-        for (label, inum, n) in self.batch_nodes(scope) {
-            {
-                heuristics.insert((label.clone(), inum), n.comp_heuristic);
+        for (label, p) in &self.pfs {
+            let nodes: Vec<(&u64, &InodeNode)> = match scope {
+                None => p.inodes.iter().collect(),
+                Some((l, s)) if l == label => {
+                    s.iter().filter_map(|i| p.inodes.get_key_value(i)).collect()
+                }
+                Some(_) => continue,
+            };
+            for (inum, n) in nodes.into_iter().filter(|(_, n)| !n.pending.is_empty()) {
+                heuristics.insert((label.clone(), *inum), n.comp_heuristic);
                 let size = n.size();
                 for (lbase, blk) in n.pending.range(..size) {
                     let taken = self.taken.contains_key(&pending_key(blk));
@@ -451,7 +436,7 @@ impl Mount {
                     }
                     blocks.push(BatchBlock {
                         label: label.clone(),
-                        inum,
+                        inum: *inum,
                         lbase: *lbase,
                         blk: blk.clone(),
                         size,
@@ -464,6 +449,17 @@ impl Mount {
                     });
                 }
             }
+        }
+        // A block another batch out holds (`dedup` off) is written twice
+        // (a partial commit beside a flush): one copy is installed and
+        // the other given back, but both take space until then, which no
+        // write admitted. Admit it before anything is taken, so the
+        // allocation of a later admitted change never finds it spent; a
+        // volume too full for it fails the batch here, changing nothing.
+        let dup_admitted =
+            blocks.iter().filter(|b| !b.dedup).count() as u64 * disk::DATA_BLOCK_BYTES;
+        if dup_admitted > 0 {
+            self.admit_dups(dup_admitted)?;
         }
         for b in &blocks {
             *self.taken.entry(pending_key(&b.blk)).or_insert(0) += 1;
@@ -480,37 +476,6 @@ impl Mount {
             launder: false,
             dup_admitted,
         })
-    }
-
-    /// The inodes with pending data a batch of `scope` looks at: (PFS
-    /// label, inode number, inode).
-    fn batch_nodes<'a>(
-        &'a self,
-        scope: Option<(&'a str, &'a BTreeSet<u64>)>,
-    ) -> impl Iterator<Item = (&'a String, u64, &'a InodeNode)> + 'a {
-        self.pfs.iter().flat_map(move |(label, p)| {
-            let nodes: Vec<(u64, &InodeNode)> = match scope {
-                None => p.inodes.iter().map(|(i, n)| (*i, n)).collect(),
-                Some((l, s)) if l == label => s
-                    .iter()
-                    .filter_map(|i| p.inodes.get(i).map(|n| (*i, n)))
-                    .collect(),
-                Some(_) => Vec::new(),
-            };
-            nodes
-                .into_iter()
-                .filter(|(_, n)| !n.pending.is_empty())
-                .map(move |(i, n)| (label, i, n))
-        })
-    }
-
-    /// A batch's blocks are settled: no longer taken, and the space
-    /// admitted for its duplicates (`begin_batch`) given back, since each
-    /// duplicate is installed or given back as the batch is.
-    fn settle(&mut self, blocks: &[BatchBlock], dup_admitted: u64) {
-        self.untake(blocks);
-        self.admitted = self.admitted.saturating_sub(dup_admitted);
-        self.dup_admitted = self.dup_admitted.saturating_sub(dup_admitted);
     }
 
     /// Finish a flush started with `flush_begin` (or a partial commit
@@ -557,8 +522,9 @@ impl Mount {
 
     /// A batch's blocks are settled (installed, or given back) by the
     /// caller under this borrow: no other batch can take them as in
-    /// flight after.
-    fn untake(&mut self, blocks: &[BatchBlock]) {
+    /// flight after, and the space admitted for its duplicates
+    /// (`begin_batch`) goes back, each being installed or given back too.
+    fn settle(&mut self, blocks: &[BatchBlock], dup_admitted: u64) {
         for b in blocks {
             let k = pending_key(&b.blk);
             if let Some(n) = self.taken.get_mut(&k) {
@@ -568,6 +534,8 @@ impl Mount {
                 }
             }
         }
+        self.admitted = self.admitted.saturating_sub(dup_admitted);
+        self.dup_admitted = self.dup_admitted.saturating_sub(dup_admitted);
     }
 
     /// A batch is committed (or failed): it no longer holds file data.
