@@ -102,7 +102,7 @@ impl PendingBlock {
     }
 
     /// A copy, on a new buffer of the same kind.
-    pub fn try_clone(&self) -> Result<PendingBlock> {
+    fn try_clone(&self) -> Result<PendingBlock> {
         Ok(PendingBlock {
             bytes: self.bytes.try_clone()?,
             under: self.under.clone(),
@@ -147,8 +147,9 @@ impl PendingBlock {
 }
 
 /// The pending block in `entry`, to change: a copy first when a read plan
-/// shares it (the only step of a change that may need a new buffer, so
-/// changes call it before they change anything).
+/// or a batch shares it. The copy may need a new buffer, so changes call
+/// this before they change anything; it reads the same, so making it
+/// early undoes nothing.
 fn unshare(entry: &mut Arc<PendingBlock>) -> Result<&mut PendingBlock> {
     if Arc::get_mut(entry).is_none() {
         *entry = Arc::new(entry.try_clone()?);
@@ -643,10 +644,13 @@ impl InodeNode {
             if fresh.iter().any(|(b, _)| *b == lbase) {
                 continue;
             }
-            match self.pending.get(&lbase) {
+            // A copy in place of a shared block reads the same: making it
+            // now changes nothing a failure would have to undo.
+            match self.pending.get_mut(&lbase) {
                 None => fresh.push((lbase, PendingBlock::empty(vol)?)),
-                Some(b) if Arc::strong_count(b) > 1 => fresh.push((lbase, b.try_clone()?)),
-                Some(_) => {}
+                Some(b) => {
+                    unshare(b)?;
+                }
             }
         }
         for (lbase, blk) in fresh {
@@ -911,13 +915,14 @@ impl InodeNode {
         // pending that the next try would not admit.
         let mut with_data = Vec::new();
         let mut read = Vec::new();
+        let inum = self.inum();
         for &(lbase, _, _) in &edges {
-            if let Some(b) = self.pending.get(&lbase) {
+            if let Some(b) = self.pending.get_mut(&lbase) {
                 if b.is_partial() {
-                    let merged = b.merged(vol, self.inum(), lbase)?;
+                    let merged = b.merged(vol, inum, lbase)?;
                     read.push((lbase, PendingBlock::copy_of(vol, &merged)?));
-                } else if Arc::strong_count(b) > 1 {
-                    read.push((lbase, b.try_clone()?));
+                } else {
+                    unshare(b)?;
                 }
                 with_data.push(lbase);
             } else if self
