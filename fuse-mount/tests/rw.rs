@@ -1053,6 +1053,15 @@ fn laundering_does_not_put_off_the_interval_commit() {
     fsck_clean(&img);
 }
 
+/// The figure that follows `label` in the daemon's unmount log.
+fn logged_after(log: &str, label: &str) -> u64 {
+    log.split(label)
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no figure after {label:?} in the unmount log:\n{log}"))
+}
+
 /// The figure N of "N WHAT, " in the daemon's unmount log line.
 fn logged_count(log: &str, what: &str) -> u64 {
     log.split(&format!(" {what}, "))
@@ -1100,32 +1109,18 @@ fn writing_and_reading_stay_within_the_memory_budget() {
         }
         f.sync_all().unwrap();
     });
-    eprintln!("peak resident memory writing 1 GiB: {} MiB", peak >> 20);
+    within_budget_and_64_mib(peak, "writing");
     let log = m.log();
     assert!(
         log.contains("file data waiting for a flush on those pages up to 14 MiB"),
         "the log does not show the budget's shares:\n{log}"
     );
-    let limit = (64 + 64) << 20;
-    assert!(
-        peak <= limit,
-        "the daemon's resident memory reached {} MiB writing 1 GiB with cache_size=64M \
-         (at most {} MiB expected)",
-        peak >> 20,
-        limit >> 20
-    );
-    assert!(peak > 0, "no sample of the daemon's memory");
     assert_eq!(fs::metadata(mnt.join("big")).unwrap().len(), 1 << 30);
     let log = m.unmount();
     // "N launderings, M blocks written by them": most of the 16,384
     // blocks were laundered (at most the 14 MiB dirty share was left for
     // the fsync's commit).
-    let laundered: u64 = log
-        .split(" launderings, ")
-        .nth(1)
-        .and_then(|t| t.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no laundering figures in the unmount log:\n{log}"));
+    let laundered = logged_after(&log, " launderings, ");
     assert!(
         laundered >= 12_288,
         "only {laundered} of 16,384 blocks laundered:\n{log}"
@@ -1135,12 +1130,7 @@ fn writing_and_reading_stay_within_the_memory_budget() {
     // count is taken at each MiB of pages: 17 MiB seen with a 16 MiB
     // share), well under the half of the 56 MiB of pages that is their
     // ceiling.
-    let pages: u64 = log
-        .split("file data pages: peak ")
-        .nth(1)
-        .and_then(|t| t.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no file data pages in the unmount log:\n{log}"));
+    let pages = logged_after(&log, "file data pages: peak ");
     assert!(
         (16..=(20 << 20) / 65536).contains(&pages),
         "file data pages peaked at {pages}:\n{log}"
@@ -1160,15 +1150,23 @@ fn writing_and_reading_stay_within_the_memory_budget() {
             );
         }
     });
-    eprintln!("peak resident memory reading 1 GiB: {} MiB", peak >> 20);
+    within_budget_and_64_mib(peak, "reading");
+    m.unmount();
+}
+
+/// A peak resident memory `peak` (sampled at least once) of a daemon
+/// `doing` 1 GiB with `cache_size=64M`: within the budget and 64 MiB.
+fn within_budget_and_64_mib(peak: u64, doing: &str) {
+    eprintln!("peak resident memory {doing} 1 GiB: {} MiB", peak >> 20);
+    let limit = (64 + 64) << 20;
+    assert!(peak > 0, "no sample of the daemon's memory");
     assert!(
-        peak > 0 && peak <= limit,
-        "the daemon's resident memory reached {} MiB reading 1 GiB with cache_size=64M \
+        peak <= limit,
+        "the daemon's resident memory reached {} MiB {doing} 1 GiB with cache_size=64M \
          (at most {} MiB expected)",
         peak >> 20,
         limit >> 20
     );
-    m.unmount();
 }
 
 /// The most resident memory of process `pid` while `f` runs, sampled
