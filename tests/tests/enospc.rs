@@ -149,6 +149,8 @@ fn a_partial_commit_beside_a_flush_is_refused_when_its_second_copies_have_no_roo
             ("b".to_string(), sha256_hex(&b_data)),
         ],
     );
+    // DragonFly's own fscks, where the suite has them (`H2_DFLY_FSCK`).
+    tests::dragonfly_fsck(&dev, "dup-admission");
 }
 
 /// fsck finds the image clean, and each file (name, SHA-256) reads back.
