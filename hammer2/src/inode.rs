@@ -79,21 +79,19 @@ impl PendingBlock {
     /// file's, on a page of `vol`'s page layer if it has one.
     pub fn copy_of(vol: &Volume, bytes: &[u8]) -> Result<PendingBlock> {
         Ok(PendingBlock::whole(DataBuf::copy_of(
-            vol.page_layer().as_ref(),
+            vol.page_layer(),
             bytes,
         )?))
     }
 
     /// An empty block on a page of `vol`'s page layer if it has one.
     fn empty(vol: &Volume) -> Result<PendingBlock> {
-        Ok(PendingBlock::whole(DataBuf::new(
-            vol.page_layer().as_ref(),
-        )?))
+        Ok(PendingBlock::whole(DataBuf::new(vol.page_layer())?))
     }
 
     fn over(vol: &Volume, base: Blockref) -> Result<PendingBlock> {
         Ok(PendingBlock {
-            bytes: DataBuf::new(vol.page_layer().as_ref())?,
+            bytes: DataBuf::new(vol.page_layer())?,
             under: Some(Under {
                 base,
                 written: Vec::new(),

@@ -201,9 +201,6 @@ pub struct Mount {
     /// from before that advance are gone.
     pub(crate) gate: Arc<ReadGate>,
     pub(crate) gate_mark: u64,
-    /// The page layer under the device's cache, which holds the file data
-    /// waiting for a flush (`databuf`), if the device has one.
-    pub(crate) pages: Option<Arc<bufcache::Vm>>,
     /// Of `admitted`: the space admitted for blocks two batches out
     /// write both (`flush::begin_batch`), until their batch settles.
     pub(crate) dup_admitted: u64,
@@ -248,7 +245,6 @@ impl Mount {
     /// its super-root (for fsck's repairs, which may start from an older
     /// header or a super-root read past its check code; `repair.rs`).
     pub(crate) fn from_parts(vol: Volume, space: Box<dyn SpaceMap>, sroot: InodeNode) -> Mount {
-        let pages = vol.page_layer();
         let session_tid = vol.header.mirror_tid;
         Mount {
             session_tid,
@@ -265,7 +261,6 @@ impl Mount {
             meta_limit: META_LIMIT_DEFAULT,
             gate: Arc::new(ReadGate::default()),
             gate_mark: 0,
-            pages,
             dup_admitted: 0,
         }
     }
@@ -677,8 +672,8 @@ impl Mount {
     /// layer, so free to ask after every write. `None` without a page
     /// layer.
     pub fn data_page_bytes(&self) -> Option<u64> {
-        self.pages
-            .as_ref()
+        self.vol
+            .page_layer()
             .map(|vm| (vm.anon_pages() * bufcache::FRAME_BYTES) as u64)
     }
 

@@ -29,6 +29,9 @@ pub struct Volume {
     pub header_index: usize,
     /// Every copy that fits the device, as found.
     pub slots: Vec<HeaderSlot>,
+    /// The page layer under the device's cache (`page_layer`), asked
+    /// of the device once.
+    pages: Option<Arc<bufcache::Vm>>,
 }
 
 thread_local! {
@@ -178,6 +181,7 @@ impl Volume {
         };
         validate_header(&header, size)?;
         Ok(Volume {
+            pages: dev.page_layer(),
             dev,
             header,
             header_index: index,
@@ -192,6 +196,7 @@ impl Volume {
         let n = header_slots(dev.size_bytes());
         let slots = (0..n).map(|i| read_header_slot(dev.as_ref(), i)).collect();
         Volume {
+            pages: dev.page_layer(),
             dev,
             header,
             header_index: index,
@@ -206,8 +211,8 @@ impl Volume {
     /// The page layer under the device's cache, where file data waiting
     /// for a flush is kept (`databuf`); none over a device that does not
     /// cache.
-    pub fn page_layer(&self) -> Option<Arc<bufcache::Vm>> {
-        self.dev.page_layer()
+    pub fn page_layer(&self) -> Option<&Arc<bufcache::Vm>> {
+        self.pages.as_ref()
     }
 
     /// A second handle on the same device and header, for reading
@@ -218,6 +223,7 @@ impl Volume {
             header: self.header.clone(),
             header_index: self.header_index,
             slots: Vec::new(),
+            pages: self.pages.clone(),
         }
     }
 
