@@ -530,7 +530,8 @@ impl RwVolume {
         let mut st = lock(&self.flush);
         match r {
             Ok(Partial::Gone | Partial::NoRoom) => {
-                // An inode gone from the index: nothing of it to commit.
+                // An inode gone from the index: nothing of it to commit
+                // (no room became a whole flush above).
             }
             Ok(Partial::Done(stats)) => {
                 st.lost += stats.lost;
