@@ -1207,6 +1207,12 @@ impl Filesystem for Hammer2Fs {
         reply.error(Errno::EOPNOTSUPP);
     }
 
+    /// ENOSYS: the kernel remembers it for the connection and answers
+    /// every later getxattr itself, with EOPNOTSUPP, as Linux
+    /// filesystems without extended attributes do. Without it, each
+    /// write (and each chown or chmod) would cost a round trip more: the
+    /// kernel asks for `security.capability` before it lets a write
+    /// through, to know whether the write must drop one.
     fn getxattr(
         &self,
         _req: &Request,
@@ -1215,9 +1221,11 @@ impl Filesystem for Hammer2Fs {
         _size: u32,
         reply: ReplyXattr,
     ) {
-        reply.error(Errno::NO_XATTR);
+        reply.error(Errno::ENOSYS);
     }
 
+    /// None: the empty list, as a Linux filesystem without extended
+    /// attributes gives.
     fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
         if size == 0 {
             reply.size(0);
@@ -1227,7 +1235,7 @@ impl Filesystem for Hammer2Fs {
     }
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::NO_XATTR);
+        reply.error(Errno::EOPNOTSUPP);
     }
 
     /// The control channel (`hammer2::ctl`): the one ioctl the `hammer2`

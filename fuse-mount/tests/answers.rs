@@ -48,6 +48,18 @@ impl RwMount {
         }
     }
 
+    /// `new`, with `env` added to the daemon's environment.
+    fn with_env(img: &Path, mnt: &Path, env: &[(&str, &str)]) -> RwMount {
+        let log = mnt.with_extension("log");
+        let (child, guard) =
+            mount_foreground_env(img.to_str().unwrap(), mnt, &log, "rw,sync_interval=0", env);
+        RwMount {
+            child: Some(child),
+            guard: Some(guard),
+            log,
+        }
+    }
+
     fn unmount(mut self) {
         let guard = self.guard.take().expect("mounted");
         umount_settled(&guard.mnt);
@@ -709,4 +721,45 @@ fn names_and_snapshots_through_the_mount() {
     );
     let _ro = Mounted::new(img.to_str().unwrap(), &mnt, &["-o", "ro"]);
     assert_eq!(fs::read(p("v")).unwrap(), b"two");
+}
+
+/// HAMMER2 keeps no extended attributes: every xattr call fails as it
+/// does on a Linux filesystem without them (EOPNOTSUPP; an empty list),
+/// and the daemon is asked once. The kernel's own requests, as fuser logs
+/// each one it receives, are the count: before, each write cost a
+/// GETXATTR of `security.capability` more.
+#[test]
+fn extended_attributes_are_refused_and_asked_for_once() {
+    require_fuse();
+    let img = new_volume("xattr", 1);
+    let mnt = scratch("xattr-mnt");
+    let m = RwMount::with_env(&img, &mnt, &[("RUST_LOG", "info,fuser::request=debug")]);
+    let p = mnt.join("f");
+    let f = open_rw(&p);
+    for i in 0..32u64 {
+        f.write_all_at(&noise(i, 4096), i * 4096).unwrap();
+    }
+    let mut buf = [0u8; 64];
+    for name in ["user.a", "security.capability", "trusted.t"] {
+        let e = rustix::fs::getxattr(&p, name, &mut buf).unwrap_err();
+        assert_eq!(e, rustix::io::Errno::OPNOTSUPP, "getxattr {name}");
+    }
+    let e = rustix::fs::setxattr(&p, "user.a", b"v", rustix::fs::XattrFlags::empty()).unwrap_err();
+    assert_eq!(e, rustix::io::Errno::OPNOTSUPP, "setxattr");
+    let e = rustix::fs::removexattr(&p, "user.a").unwrap_err();
+    assert_eq!(e, rustix::io::Errno::OPNOTSUPP, "removexattr");
+    let mut list = [0u8; 64];
+    assert_eq!(rustix::fs::listxattr(&p, &mut list).unwrap(), 0, "no names");
+    drop(f);
+    let log = fs::read(&m.log).unwrap();
+    let log = String::from_utf8_lossy(&log);
+    let writes = log.lines().filter(|l| l.contains(" WRITE ")).count();
+    let asks = log.lines().filter(|l| l.contains(" GETXATTR ")).count();
+    assert!(
+        writes >= 32,
+        "the log shows the kernel's requests ({writes} writes)"
+    );
+    assert_eq!(asks, 1, "getxattr asked once in {writes} writes");
+    m.unmount();
+    let _ = fs::remove_file(&img);
 }

@@ -234,8 +234,20 @@ pub fn run(args: &[&str]) -> Output {
 
 /// A foreground mount (-f), its stderr going to `log`, once mounted.
 pub fn mount_foreground(source: &str, mnt: &Path, log: &Path, opts: &str) -> (Child, Mounted) {
+    mount_foreground_env(source, mnt, log, opts, &[])
+}
+
+/// `mount_foreground` with `env` added to the daemon's environment.
+pub fn mount_foreground_env(
+    source: &str,
+    mnt: &Path,
+    log: &Path,
+    opts: &str,
+    env: &[(&str, &str)],
+) -> (Child, Mounted) {
     let mut child = Command::new(BIN)
         .args(["-f", "-o", opts, source, mnt.to_str().unwrap()])
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stderr(File::create(log).expect("create log"))
         .spawn()
