@@ -1,9 +1,14 @@
 //! A read-write mount's shared state: the one `hammer2::mount::Mount` of
-//! the image behind a mutex, the image lock, and the flusher.
+//! the image behind its transaction lock, the image lock, and the
+//! flusher.
 //!
-//! Locking: every FUSE operation takes `mount` for the length of one
-//! library call (chunked operations, such as a hole punch or
-//! copy_file_range, retake it per MiB). The flusher takes it twice per
+//! Locking: `mount` is the transaction lock (DragonFly's
+//! `hammer2_trans_init`), an `RwLock`. A query that finds what it needs
+//! in memory takes it shared (`shared`), beside other queries; every
+//! other FUSE operation takes it exclusive for the length of one library
+//! call (`locked`; chunked operations, such as a hole punch or
+//! copy_file_range, retake it per MiB). Neither does device I/O under
+//! it (`hammer2::volume::cache_only`). The flusher takes it twice per
 //! flush, for `flush_begin` and `flush_commit`; compressing and writing
 //! the file data between the two runs without it (the pipelined flush),
 //! so writers go on meanwhile. `flush` (the flusher's bookkeeping) is
@@ -57,7 +62,7 @@ use bufcache::imagelock::{RangeLock, WriterLock};
 use hammer2::ctl::{bulkfree_state, BulkfreeStatus};
 use hammer2::mount::Mount;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -109,7 +114,11 @@ struct FlushState {
 }
 
 pub struct RwVolume {
-    mount: Mutex<Mount>,
+    /// The transaction lock (DragonFly's `hammer2_trans_init`): taken
+    /// shared by queries that find what they need in memory (`shared`),
+    /// exclusive by changes, by queries that must load something, and
+    /// by the flusher's short steps.
+    mount: RwLock<Mount>,
     /// The device under the mount (through its buffer cache), for
     /// reading what a locked unit missed (`locked`) without the lock.
     dev: Arc<dyn bufcache::BlockDevice>,
@@ -166,6 +175,11 @@ const MISS_RETRIES: usize = 8;
 /// the volume, if less) waits for it.
 const AUTOBULKFREE_MIN_BYTES: u64 = 256 << 20;
 
+fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    // As `lock`.
+    m.write().unwrap_or_else(|p| p.into_inner())
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panicking operation leaves the Mount as consistent as a failed
     // one would (each change is applied whole or refused); serve on.
@@ -186,7 +200,7 @@ impl RwVolume {
         RwVolume {
             dev: mount.volume().device().clone(),
             reader: mount.volume().reader(),
-            mount: Mutex::new(mount),
+            mount: RwLock::new(mount),
             label,
             flush: Mutex::new(FlushState::default()),
             cv: Condvar::new(),
@@ -322,8 +336,25 @@ impl RwVolume {
 
     /// The mount, for the flusher and administration, which may read
     /// from the device with it locked (requests use `locked`).
-    pub fn mount(&self) -> MutexGuard<'_, Mount> {
-        lock(&self.mount)
+    pub fn mount(&self) -> RwLockWriteGuard<'_, Mount> {
+        write(&self.mount)
+    }
+
+    /// Run query `f` with the mount shared, beside other queries (no
+    /// device I/O: `hammer2::volume::cache_only`). `None` when `f`
+    /// answered `None` (it needs something loaded first, which changes
+    /// the mount) or missed the cache: run the query through `locked`.
+    pub fn shared<T>(&self, f: impl FnOnce(&Mount) -> Option<T>) -> Option<T> {
+        let r = {
+            let m = self.mount.read().unwrap_or_else(|p| p.into_inner());
+            let _mode = hammer2::volume::cache_only();
+            hammer2::volume::take_miss();
+            f(&m)
+        };
+        match hammer2::volume::take_miss() {
+            Some(_) => None,
+            None => r,
+        }
     }
 
     /// Run `f` with the mount locked and no device I/O under the lock
@@ -340,7 +371,7 @@ impl RwVolume {
         loop {
             let cache_only = attempt < MISS_RETRIES;
             let r = {
-                let mut m = lock(&self.mount);
+                let mut m = write(&self.mount);
                 let _mode = cache_only.then(hammer2::volume::cache_only);
                 hammer2::volume::take_miss();
                 f(&mut m)
@@ -363,25 +394,38 @@ impl RwVolume {
     /// parallel and a slow device stalls only its readers. The ticket
     /// keeps the blocks from being freed until the reads are done.
     pub fn read(&self, inum: u64, offset: u64, len: usize) -> hammer2::Result<Vec<u8>> {
-        self.read_noting(inum, offset, len, |_| {})
+        self.read_noting(inum, offset, len, |_| true, |_| {})
     }
 
     /// `read`, with `noted` called under the lock once the plan is taken
-    /// (an access time to update with it).
+    /// (an access time to update with it). The plan is taken with the
+    /// mount shared (`shared`) when the tree over the range is in memory
+    /// and `quiet` says there is nothing to note.
     pub fn read_noting(
         &self,
         inum: u64,
         offset: u64,
         len: usize,
+        quiet: impl FnOnce(&Mount) -> bool,
         mut noted: impl FnMut(&mut Mount),
     ) -> hammer2::Result<Vec<u8>> {
-        let (plan, ticket) = self.locked(|m| {
-            let r = m.read_plan(&self.label, inum, offset, len);
-            if r.is_ok() {
-                noted(m);
+        let planned = self.shared(|m| {
+            if quiet(m) {
+                m.read_plan_loaded(&self.label, inum, offset, len)
+            } else {
+                None
             }
-            r
-        })?;
+        });
+        let (plan, ticket) = match planned {
+            Some(r) => r?,
+            None => self.locked(|m| {
+                let r = m.read_plan(&self.label, inum, offset, len);
+                if r.is_ok() {
+                    noted(m);
+                }
+                r
+            })?,
+        };
         let r = plan.run(&self.reader);
         drop(ticket);
         r

@@ -19,6 +19,7 @@ use crate::pfs::{check_data_leaf, DIRENT_EMBEDDED_NAME_MAX, NAME_MAX};
 use crate::reserve::BlockRanges;
 use crate::volume::Volume;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 const BLOCK: u64 = DATA_BLOCK_BYTES;
@@ -318,9 +319,31 @@ pub struct InodeNode {
     /// block number.
     pub reserved: BlockRanges,
     /// Where the last read of this file ended, and how far its
-    /// read-ahead has read, for read-ahead (`read_plan`).
-    pub read_next: u64,
-    pub read_ahead_end: u64,
+    /// read-ahead has read (`read_plan`).
+    pub read_ahead: ReadAhead,
+}
+
+/// A directory entry as listed: (key, name, head).
+pub type Listed = (u64, Vec<u8>, DirentHead);
+
+/// A file's read-ahead state: where its last read ended and how far
+/// read-ahead has read. Hints, updated by reads that share the mount's
+/// lock (`InodeNode::read_plan_loaded` takes `&self`); two reads of one
+/// file at once may each see the other's or their own, which only moves
+/// where read-ahead starts.
+#[derive(Debug, Default)]
+pub struct ReadAhead {
+    next: AtomicU64,
+    end: AtomicU64,
+}
+
+impl Clone for ReadAhead {
+    fn clone(&self) -> ReadAhead {
+        ReadAhead {
+            next: AtomicU64::new(self.next.load(Ordering::Relaxed)),
+            end: AtomicU64::new(self.end.load(Ordering::Relaxed)),
+        }
+    }
 }
 
 impl InodeNode {
@@ -339,8 +362,7 @@ impl InodeNode {
             dirty: false,
             comp_heuristic: Default::default(),
             reserved: BlockRanges::default(),
-            read_next: 0,
-            read_ahead_end: 0,
+            read_ahead: ReadAhead::default(),
         }
     }
 
@@ -420,10 +442,31 @@ impl InodeNode {
     /// loaded here; no data block is read), holes. Taken under the
     /// mount's lock; the plan runs without it.
     pub fn read_plan(&mut self, vol: &Volume, offset: u64, len: usize) -> Result<ReadPlan> {
+        let end = self.size().min(offset.saturating_add(len as u64));
+        if offset < end && !self.direct() {
+            // Load the tree over the range; the plan then finds it all
+            // in memory.
+            let inum = self.inum();
+            self.table
+                .range(vol, offset & !(BLOCK - 1), end - 1)
+                .map_err(|e| e.with_place(None, Some(inum), Some(offset & !(BLOCK - 1))))?;
+        }
+        self.read_plan_loaded(offset, len).unwrap_or_else(|| {
+            Err(Error::corrupt(
+                "indirect blocks nested too deep".into(),
+                self.bref.data_off.offset(),
+            ))
+        })
+    }
+
+    /// `read_plan` from what is in memory alone, for a read that shares
+    /// the mount's lock: `None` when an indirect block over the range is
+    /// not loaded (`read_plan` loads it).
+    pub fn read_plan_loaded(&self, offset: u64, len: usize) -> Option<Result<ReadPlan>> {
         let inum = self.inum();
         let size = self.size();
         if offset >= size || len == 0 {
-            return Ok(ReadPlan::ready(inum, Vec::new()));
+            return Some(Ok(ReadPlan::ready(inum, Vec::new())));
         }
         let end = size.min(offset.saturating_add(len as u64));
         let out_len = (end - offset) as usize;
@@ -433,7 +476,7 @@ impl InodeNode {
                 [(offset as usize).min(EMBEDDED_BYTES)..(end as usize).min(EMBEDDED_BYTES)]
                 .to_vec();
             out.resize(out_len, 0);
-            return Ok(ReadPlan::ready(inum, out));
+            return Some(Ok(ReadPlan::ready(inum, out)));
         }
         let mut parts = Vec::new();
         let mut pos = offset;
@@ -449,8 +492,12 @@ impl InodeNode {
             };
             if let Some(b) = self.pending.get(&lbase) {
                 parts.push(part(ReadSource::Memory(b.clone())));
-            } else if let Some(br) = self.disk_leaf(vol, lbase)? {
-                parts.push(part(ReadSource::Disk(br)));
+            } else {
+                match self.disk_leaf_loaded(lbase)? {
+                    Ok(Some(br)) => parts.push(part(ReadSource::Disk(br))),
+                    Ok(None) => {}
+                    Err(e) => return Some(Err(e)),
+                }
             }
             pos = hi;
         }
@@ -463,15 +510,17 @@ impl InodeNode {
         // window. Any other read starts a new stream there. Only the tree
         // in memory is looked at: a block under an index block not loaded
         // ends the read-ahead.
-        let sequential = offset.abs_diff(self.read_next) <= READ_AHEAD / 2;
-        if !sequential || self.read_ahead_end > end.saturating_add(READ_AHEAD) {
-            self.read_ahead_end = end;
+        let ra = &self.read_ahead;
+        let mut ahead_end = ra.end.load(Ordering::Relaxed);
+        let sequential = offset.abs_diff(ra.next.load(Ordering::Relaxed)) <= READ_AHEAD / 2;
+        if !sequential || ahead_end > end.saturating_add(READ_AHEAD) {
+            ahead_end = end;
         }
         let mut ahead = Vec::new();
-        if sequential && end + READ_AHEAD / 2 >= self.read_ahead_end {
-            let mut lbase = end.max(self.read_ahead_end).next_multiple_of(BLOCK);
+        if sequential && end + READ_AHEAD / 2 >= ahead_end {
+            let mut lbase = end.max(ahead_end).next_multiple_of(BLOCK);
             let stop = size.min(end.saturating_add(READ_AHEAD));
-            self.read_ahead_end = stop;
+            ahead_end = stop;
             while lbase < stop {
                 if !self.pending.contains_key(&lbase) {
                     match self.table.range_loaded(lbase, lbase + (BLOCK - 1)) {
@@ -486,26 +535,38 @@ impl InodeNode {
                 lbase += BLOCK;
             }
         }
-        self.read_next = end;
-        Ok(ReadPlan {
+        ra.end.store(ahead_end, Ordering::Relaxed);
+        ra.next.store(end, Ordering::Relaxed);
+        Some(Ok(ReadPlan {
             inum,
             out: None,
             out_len,
             parts,
             ahead,
-        })
+        }))
     }
 
     /// The blockref of the data block at `lbase` on disk, if any (the
     /// tree over it loaded, the leaf checked).
     fn disk_leaf(&mut self, vol: &Volume, lbase: u64) -> Result<Option<Blockref>> {
-        let inum = self.inum();
-        let place = |e: Error| e.with_place(None, Some(inum), Some(lbase));
         let leaves = self
             .table
             .range(vol, lbase, lbase + (BLOCK - 1))
-            .map_err(place)?;
-        match leaves.as_slice() {
+            .map_err(|e| e.with_place(None, Some(self.inum()), Some(lbase)))?;
+        self.data_leaf(lbase, &leaves)
+    }
+
+    /// `disk_leaf` from what is in memory alone (`None`: not loaded).
+    fn disk_leaf_loaded(&self, lbase: u64) -> Option<Result<Option<Blockref>>> {
+        let leaves = self.table.range_loaded(lbase, lbase + (BLOCK - 1))?;
+        Some(self.data_leaf(lbase, &leaves))
+    }
+
+    /// The data leaf of the 64 KiB block at `lbase`, of the `leaves`
+    /// found over it (checked: one at most, a data blockref).
+    fn data_leaf(&self, lbase: u64, leaves: &[Blockref]) -> Result<Option<Blockref>> {
+        let place = |e: Error| e.with_place(None, Some(self.inum()), Some(lbase));
+        match leaves {
             [] => Ok(None),
             [br] => {
                 check_data_leaf(br).map_err(place)?;
@@ -764,20 +825,49 @@ impl InodeNode {
     /// filesystem: it is taken from the volume's free space (over a
     /// stored block too, which a copy-on-write rewrite does not reuse).
     pub fn stored_bytes(&mut self, vol: &Volume) -> u64 {
+        let size = self.size();
+        let keys: Vec<u64> = self.pending.range(..size).map(|(k, _)| *k).collect();
+        let mut old = Vec::with_capacity(keys.len());
+        for lbase in keys {
+            if let Ok(Some(br)) = self.table.lookup(vol, lbase) {
+                old.push(br.data_off.bytes());
+            }
+        }
+        self.stored_bytes_with(old)
+    }
+
+    /// `stored_bytes` from the tree in memory alone (`None`: an indirect
+    /// block over a pending block is not loaded).
+    pub fn stored_bytes_loaded(&self) -> Option<u64> {
+        let size = self.size();
+        let mut old = Vec::new();
+        for (&lbase, _) in self.pending.range(..size) {
+            let leaves = self.table.range_loaded(lbase, lbase)?;
+            old.extend(
+                leaves
+                    .iter()
+                    .filter(|br| br.key == lbase && br.btype != BlockrefType::Indirect)
+                    .map(|br| br.data_off.bytes()),
+            );
+        }
+        Some(self.stored_bytes_with(old))
+    }
+
+    /// `stored_bytes`, given the bytes on disk of the blocks that
+    /// pending blocks replace.
+    fn stored_bytes_with(&self, replaced: Vec<u64>) -> u64 {
         let reserved = self.reserved_bytes();
         if self.obj_type() == ObjType::Directory || self.direct() {
             return crate::pfs::stored_bytes(&self.data.meta, 0).saturating_add(reserved);
         }
         let mut bytes = self.table.stats_now().data_count.wrapping_add(reserved);
         let size = self.size();
-        let keys: Vec<u64> = self.pending.range(..size).map(|(k, _)| *k).collect();
-        for lbase in keys {
+        for (&lbase, _) in self.pending.range(..size) {
             bytes = bytes.wrapping_add(crate::strategy::physical_block_size(size, lbase));
-            if let Ok(Some(old)) = self.table.lookup(vol, lbase) {
-                bytes = bytes.wrapping_sub(old.data_off.bytes());
-            }
         }
-        bytes
+        replaced
+            .into_iter()
+            .fold(bytes, |b, old| b.wrapping_sub(old))
     }
 
     /// Set the file size: drop whole blocks past it, zero the tail of
@@ -1032,7 +1122,31 @@ impl InodeNode {
     /// Find `name`: its key and dirent head.
     pub fn dir_lookup(&mut self, vol: &Volume, name: &[u8]) -> Result<Option<(u64, DirentHead)>> {
         let h = dirhash(name);
-        for br in self.table.range(vol, h, h | DIRHASH_LOMASK)? {
+        let leaves = self.table.range(vol, h, h | DIRHASH_LOMASK)?;
+        self.find_dirent(vol, name, leaves)
+    }
+
+    /// `dir_lookup` from the tree in memory alone (`None`: an indirect
+    /// block over the name's hash is not loaded). A long name is read
+    /// from its block as `dir_lookup` reads it.
+    pub fn dir_lookup_loaded(
+        &self,
+        vol: &Volume,
+        name: &[u8],
+    ) -> Option<Result<Option<(u64, DirentHead)>>> {
+        let h = dirhash(name);
+        let leaves = self.table.range_loaded(h, h | DIRHASH_LOMASK)?;
+        Some(self.find_dirent(vol, name, leaves))
+    }
+
+    /// The entry named `name` among `leaves` (those of its hash).
+    fn find_dirent(
+        &self,
+        vol: &Volume,
+        name: &[u8],
+        leaves: Vec<Blockref>,
+    ) -> Result<Option<(u64, DirentHead)>> {
+        for br in leaves {
             dirent_leaf(&br)?;
             if self.dirent_name(vol, &br)? == name {
                 return Ok(Some((br.key, br.dirent())));
@@ -1043,12 +1157,26 @@ impl InodeNode {
 
     /// Every entry with key at least `from`, in key order: (key, name,
     /// head).
-    pub fn dir_list(&mut self, vol: &Volume, from: u64) -> Result<Vec<(u64, Vec<u8>, DirentHead)>> {
-        let mut out = Vec::new();
-        for br in self
+    pub fn dir_list(&mut self, vol: &Volume, from: u64) -> Result<Vec<Listed>> {
+        let leaves = self
             .table
-            .range(vol, from.max(disk::DIRHASH_VISIBLE), u64::MAX)?
-        {
+            .range(vol, from.max(disk::DIRHASH_VISIBLE), u64::MAX)?;
+        self.named(vol, leaves)
+    }
+
+    /// `dir_list` from the tree in memory alone (`None`: an indirect
+    /// block is not loaded).
+    pub fn dir_list_loaded(&self, vol: &Volume, from: u64) -> Option<Result<Vec<Listed>>> {
+        let leaves = self
+            .table
+            .range_loaded(from.max(disk::DIRHASH_VISIBLE), u64::MAX)?;
+        Some(self.named(vol, leaves))
+    }
+
+    /// The entries `leaves` hold, with their names.
+    fn named(&self, vol: &Volume, leaves: Vec<Blockref>) -> Result<Vec<Listed>> {
+        let mut out = Vec::with_capacity(leaves.len());
+        for br in leaves {
             dirent_leaf(&br)?;
             out.push((br.key, self.dirent_name(vol, &br)?, br.dirent()));
         }

@@ -36,6 +36,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 mod linux;
+mod shared;
 mod vnops;
 pub use linux::ATIMES_MAX;
 

@@ -1,9 +1,12 @@
 //! The read-write store: the one `hammer2::mount::Mount` of the image
-//! behind `RwVolume`'s mutex (see `rw`). Every operation, reads
-//! included, takes the mutex for one library call or one `Tx`, so the
-//! library sees one caller at a time and a flush takes whole operations
-//! (the write path's reads must see its unflushed state). File reads
-//! only plan under it (`RwVolume::read`).
+//! behind `RwVolume`'s transaction lock (see `rw`). Queries (getattr,
+//! lookup, readdir, the plan of a file read) take it shared when what
+//! they need is in memory (`ReadWrite::query`, the library's `_loaded`
+//! queries), so they run side by side; otherwise, and for every change,
+//! it is taken exclusive for one library call or one `Tx`, so a change
+//! sees no other caller and a flush takes whole operations (the write
+//! path's reads must see its unflushed state). File reads only plan
+//! under it (`RwVolume::read`).
 //!
 //! A change is a `Tx` (`ReadWrite::change`): refused with EIO once a
 //! flush has failed, run with the mount locked, and run once more after
@@ -61,6 +64,30 @@ pub struct ReadWrite {
     pub atime: atime::Policy,
 }
 
+/// Why a query with the mount shared gave no answer.
+enum Unshared {
+    /// It needs an inode, an indirect block or a listing loaded first:
+    /// run it with the mount exclusive.
+    Load,
+    /// The library's error, mapped only once the answer stands.
+    Lib(hammer2::Error),
+    Errno(Errno),
+}
+
+impl From<Errno> for Unshared {
+    fn from(e: Errno) -> Unshared {
+        Unshared::Errno(e)
+    }
+}
+
+/// A `_loaded` query's answer as a step of a shared query.
+fn loaded<T>(r: Option<hammer2::Result<T>>) -> Result<T, Unshared> {
+    match r {
+        None => Err(Unshared::Load),
+        Some(r) => r.map_err(Unshared::Lib),
+    }
+}
+
 /// One hold of the mount for a request: node ids in, errnos out.
 pub struct Tx<'a> {
     m: &'a mut Mount,
@@ -99,6 +126,62 @@ impl ReadWrite {
     /// EIO once a flush has failed.
     pub fn writable(&self) -> Result<(), Errno> {
         self.vol.writable().map_err(Errno::from_i32)
+    }
+
+    /// Query `shared` with the mount shared, beside other queries; when
+    /// it needs something loaded first (or missed the cache), run
+    /// `exclusive`, the same query through a `Tx`.
+    fn query<T>(
+        &self,
+        shared: impl FnOnce(&Mount) -> Result<T, Unshared>,
+        exclusive: impl FnMut(&mut Tx) -> Result<T, Errno>,
+    ) -> Result<T, Errno> {
+        let r = self.vol.shared(|m| match shared(m) {
+            Err(Unshared::Load) => None,
+            r => Some(r),
+        });
+        match r {
+            Some(Ok(v)) => Ok(v),
+            Some(Err(Unshared::Lib(e))) => self.h(Err(e)),
+            Some(Err(Unshared::Errno(e))) => Err(e),
+            Some(Err(Unshared::Load)) | None => self.tx(exclusive),
+        }
+    }
+
+    /// `Tx::attr` with the mount shared: the attributes of node `ino`.
+    fn attr_shared(&self, m: &Mount, ino: u64) -> Result<FileAttr, Unshared> {
+        let (meta, bytes) = loaded(m.stat_loaded(&self.vol.label, self.inum(ino)))?;
+        self.attr_of(m, ino, &meta, bytes)
+    }
+
+    /// `attr_locked` with the mount shared: a directory's link count
+    /// is counted from a listing in memory, or it is `Load`.
+    fn attr_of(
+        &self,
+        mount: &Mount,
+        ino: u64,
+        m: &InodeMeta,
+        bytes: u64,
+    ) -> Result<FileAttr, Unshared> {
+        let mut a = attr_of_meta(&self.errors, ino, m, bytes)?;
+        if m.obj_type == ObjType::Directory && m.nlinks != 0 {
+            // No change runs meanwhile (they take the mount exclusive),
+            // so a count made here is as good as one made by a change.
+            a.nlink = self.dirlinks.nlink(m.inum, || {
+                loaded(mount.readdir_loaded(&self.vol.label, m.inum, 0)).map(|l| subdirs(&l))
+            })?;
+        }
+        Ok(a)
+    }
+
+    /// Whether a read of inode `inum` at `now` would update its access
+    /// time (`accessed`), from memory.
+    fn atime_due(&self, m: &Mount, inum: u64, now: u64) -> Result<bool, Unshared> {
+        if self.atime.mode == atime::Mode::Never {
+            return Ok(false);
+        }
+        let meta = loaded(m.getattr_loaded(&self.vol.label, inum))?;
+        Ok(self.atime.due(&meta, now))
     }
 
     /// Run `f` with the mount locked (see `RwVolume::locked`): reads,
@@ -493,33 +576,55 @@ impl Nodes for ReadWrite {
     }
 
     fn meta(&self, ino: u64) -> Result<InodeMeta, Errno> {
-        self.tx(|tx| tx.meta(ino))
+        let inum = self.inum(ino);
+        self.query(
+            |m| loaded(m.getattr_loaded(&self.vol.label, inum)),
+            |tx| tx.meta(ino),
+        )
     }
 
     fn stat(&self, ino: u64) -> Result<(InodeMeta, u64), Errno> {
         let inum = self.inum(ino);
         let label = &self.vol.label;
-        self.vol.locked(|m| {
-            let meta = self.h(m.getattr(label, inum))?;
-            Ok((meta, self.h(m.stored_bytes(label, inum))?))
-        })
+        self.query(
+            |m| loaded(m.stat_loaded(label, inum)),
+            |tx| {
+                let meta = self.h(tx.m.getattr(label, inum))?;
+                Ok((meta, self.h(tx.m.stored_bytes(label, inum))?))
+            },
+        )
     }
 
     fn attr(&self, ino: u64, m: &InodeMeta, bytes: u64) -> Result<FileAttr, Errno> {
         if m.obj_type != ObjType::Directory {
             return attr_of_meta(&self.errors, ino, m, bytes);
         }
-        self.vol
-            .locked(|mount| self.attr_locked(mount, ino, m, bytes))
+        self.query(
+            |mount| self.attr_of(mount, ino, m, bytes),
+            |tx| self.attr_locked(tx.m, ino, m, bytes),
+        )
     }
 
     fn lookup(&self, parent: u64, name: &[u8], search: Check) -> Result<Entry, Errno> {
-        let attr = self.tx(|tx| {
-            let dir = tx.dir(parent)?;
-            search(&dir, 1)?;
-            let meta = tx.entry(parent, name)?;
-            tx.attr(tx.ino(meta.inum))
-        })?;
+        let label = &self.vol.label;
+        let attr = self.query(
+            |m| {
+                let dir = loaded(m.getattr_loaded(label, self.inum(parent)))?;
+                if dir.obj_type != ObjType::Directory {
+                    return Err(Errno::ENOTDIR.into());
+                }
+                search(&dir, 1)?;
+                let inum = loaded(m.lookup_loaded(label, self.inum(parent), name))?
+                    .ok_or(Errno::ENOENT)?;
+                self.attr_shared(m, self.ids.ino(inum))
+            },
+            |tx| {
+                let dir = tx.dir(parent)?;
+                search(&dir, 1)?;
+                let meta = tx.entry(parent, name)?;
+                tx.attr(tx.ino(meta.inum))
+            },
+        )?;
         Ok(Entry { attr, inode: None })
     }
 
@@ -567,9 +672,14 @@ impl Nodes for ReadWrite {
 
     fn read(&self, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
         let inum = self.inum(ino);
-        let r = self.vol.read_noting(inum, offset, len, |m| {
-            self.accessed(m, inum, (self.clock)())
-        });
+        let now = (self.clock)();
+        let r = self.vol.read_noting(
+            inum,
+            offset,
+            len,
+            |m| matches!(self.atime_due(m, inum, now), Ok(false)),
+            |m| self.accessed(m, inum, now),
+        );
         self.h(r)
     }
 
@@ -594,10 +704,12 @@ impl Nodes for ReadWrite {
     }
 
     fn list(&self, ino: u64, from: u64) -> Result<Vec<DirEntry>, Errno> {
-        let r = self
-            .vol
-            .locked(|m| m.readdir(&self.vol.label, self.inum(ino), from));
-        let mut out = self.h(r)?;
+        let label = &self.vol.label;
+        let inum = self.inum(ino);
+        let mut out = self.query(
+            |m| loaded(m.readdir_loaded(label, inum, from)),
+            |tx| self.h(tx.m.readdir(label, inum, from)),
+        )?;
         for e in &mut out {
             e.inum = self.ids.ino(e.inum);
         }
@@ -610,15 +722,33 @@ impl Nodes for ReadWrite {
     }
 
     fn entry_attrs(&self, entries: &[DirEntry]) -> Vec<Option<Entry>> {
-        self.tx(|tx| {
+        let entry = |attr| Some(Entry { attr, inode: None });
+        let shared = self.vol.shared(|m| {
             entries
                 .iter()
-                .map(|e| {
-                    let attr = tx.attr(e.inum).ok()?;
-                    Some(Entry { attr, inode: None })
+                .map(|e| match self.attr_shared(m, e.inum) {
+                    Err(Unshared::Load) => None,
+                    r => Some(r),
                 })
-                .collect()
-        })
+                .collect::<Option<Vec<_>>>()
+        });
+        match shared {
+            // An entry that fails is left to its own lookup, as below.
+            Some(attrs) => attrs
+                .into_iter()
+                .map(|r| match r {
+                    Ok(attr) => entry(attr),
+                    Err(Unshared::Lib(e)) => self.h(Err(e)).ok(),
+                    Err(_) => None,
+                })
+                .collect(),
+            None => self.tx(|tx| {
+                entries
+                    .iter()
+                    .map(|e| entry(tx.attr(e.inum).ok()?))
+                    .collect()
+            }),
+        }
     }
 
     fn attr_batch(&self) -> usize {
@@ -728,5 +858,119 @@ impl Store for ReadWrite {
 
     fn inode_state(&self, inum: u64) -> hammer2::Result<(InodeMeta, Blockref, u64)> {
         self.vol.mount().inode_state(&self.vol.label, inum)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bufcache::{BlockDevice, MemDevice};
+    use hammer2::mount::ROOT_INUM;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    fn clock() -> u64 {
+        1_000_000
+    }
+
+    /// A store over a volume holding directory `d` with file `f` (100 KiB
+    /// of bytes) and file `g`, flushed and opened again with nothing in
+    /// memory: (store, d, f, g, f's bytes), as inode numbers.
+    fn store() -> (ReadWrite, u64, u64, u64, Vec<u8>) {
+        let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 30));
+        mkfs::newfs::newfs(dev.as_ref(), &mkfs::newfs::NewfsOptions::default()).unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (d, f, g) = {
+            let mut m = Mount::open(dev.clone()).unwrap();
+            let d = m.mkdir("DATA", ROOT_INUM, b"d", 0o755, 0, 0, 1).unwrap();
+            let file = |m: &mut Mount, dir, name: &[u8]| {
+                m.create("DATA", dir, name, ObjType::Regfile, 0o644, 0, 0, (0, 0), 1)
+                    .unwrap()
+            };
+            let f = file(&mut m, d, b"f");
+            m.write("DATA", f, 0, &data, 1).unwrap();
+            let g = file(&mut m, ROOT_INUM, b"g");
+            m.flush().unwrap();
+            (d, f, g)
+        };
+        let v = RwVolume::new(Mount::open(dev).unwrap(), "DATA".into(), None, None);
+        let rw = ReadWrite::new(Arc::new(v), ErrorCount::default(), clock);
+        (rw, d, f, g, data)
+    }
+
+    /// Queries share the mount (the transaction lock taken shared): while
+    /// another query holds it, getattr, lookup, readdir, readdirplus's
+    /// attributes and a file read of what is in memory are answered
+    /// beside it. Under the one mutex they waited for the holder (the
+    /// watchdog fails the test). A query that would have to load an
+    /// inode first declines with the mount shared, and is answered with
+    /// it exclusive once the holder is gone.
+    #[test]
+    fn queries_share_the_mount_and_loads_take_it_alone() {
+        let (rw, d, f, g, data) = store();
+        let rw = Arc::new(rw);
+        let ids = rw.ids();
+        let (dino, fino, gino) = (ids.ino(d), ids.ino(f), ids.ino(g));
+        let any: Check = &|_, _| Ok(());
+        // The first queries load d, f and the tree over f's data (with
+        // the mount exclusive).
+        assert_eq!(rw.lookup(1, b"d", any).unwrap().attr.ino.0, dino);
+        assert_eq!(rw.lookup(dino, b"f", any).unwrap().attr.ino.0, fino);
+        assert_eq!(rw.read(fino, 0, data.len()).unwrap(), data);
+
+        let (held_tx, held_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let holder = {
+            let rw = rw.clone();
+            std::thread::spawn(move || {
+                rw.vol.shared(|m| {
+                    held_tx.send(()).unwrap();
+                    go_rx.recv().unwrap();
+                    Some(m.getattr_loaded("DATA", f).is_some())
+                })
+            })
+        };
+        held_rx.recv().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let q = rw.clone();
+        std::thread::spawn(move || {
+            let any: Check = &|_, _| Ok(());
+            let r = (
+                q.stat(fino).map(|(m, _)| m.size),
+                q.lookup(dino, b"f", any)
+                    .map(|e| (e.attr.ino.0, e.attr.size)),
+                q.list(dino, 0).map(|l| {
+                    l.iter()
+                        .map(|e| (e.name.clone(), e.inum))
+                        .collect::<Vec<_>>()
+                }),
+                q.entry_attrs(&q.list(dino, 0).unwrap())
+                    .into_iter()
+                    .map(|e| e.map(|e| e.attr.size))
+                    .collect::<Vec<_>>(),
+                q.read(fino, 70_000, 4096),
+                q.meta(dino).map(|m| m.obj_type),
+            );
+            let _ = tx.send(r);
+        });
+        let (stat, lookup, list, plus, read, meta) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a query waited for another query's hold of the mount");
+        assert_eq!(stat, Ok(100_000));
+        assert_eq!(lookup, Ok((fino, 100_000)));
+        assert_eq!(list, Ok(vec![(b"f".to_vec(), fino)]));
+        assert_eq!(plus, vec![Some(100_000)]);
+        assert_eq!(read.as_deref(), Ok(&data[70_000..74_096]));
+        assert_eq!(meta, Ok(ObjType::Directory));
+        // g was never loaded: with the mount shared, the query declines.
+        assert!(rw.vol.shared(|m| m.getattr_loaded("DATA", g)).is_none());
+        go_tx.send(()).unwrap();
+        assert_eq!(holder.join().unwrap(), Some(true));
+        // With the holder gone, it is loaded with the mount exclusive.
+        assert_eq!(rw.stat(gino).map(|(m, _)| m.size), Ok(0));
+        assert!(rw
+            .vol
+            .shared(|m| m.getattr_loaded("DATA", g))
+            .is_some_and(|r| r.is_ok()));
     }
 }

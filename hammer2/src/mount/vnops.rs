@@ -78,18 +78,8 @@ impl Mount {
     /// operation reads before it changes anything).
     fn lookup_key(&mut self, label: &str, dir: u64, name: &[u8]) -> Result<Option<(u64, u64)>> {
         self.with_node(label, dir, |vol, d| {
-            if d.obj_type() != ObjType::Directory {
-                return Err(Error::NotDir {
-                    what: format!("inode {dir}"),
-                });
-            }
-            match d.dir_lookup(vol, name)? {
-                Some((key, h)) => {
-                    check_named(dir, key, name, h.inum)?;
-                    Ok(Some((key, h.inum)))
-                }
-                None => Ok(None),
-            }
+            is_dir(dir, d)?;
+            found(dir, name, d.dir_lookup(vol, name)?)
         })
     }
 
@@ -97,23 +87,8 @@ impl Mount {
     /// order; keys are stable readdir cookies.
     pub fn readdir(&mut self, label: &str, dir: u64, from: u64) -> Result<Vec<DirEntry>> {
         self.with_node(label, dir, |vol, d| {
-            if d.obj_type() != ObjType::Directory {
-                return Err(Error::NotDir {
-                    what: format!("inode {dir}"),
-                });
-            }
-            d.dir_list(vol, from)?
-                .into_iter()
-                .map(|(key, name, h)| {
-                    check_named(dir, key, &name, h.inum)?;
-                    Ok(DirEntry {
-                        name,
-                        inum: h.inum,
-                        obj_type: ObjType::from_u8(h.obj_type),
-                        key,
-                    })
-                })
-                .collect()
+            is_dir(dir, d)?;
+            entries(dir, d.dir_list(vol, from)?)
         })
     }
 
@@ -752,6 +727,47 @@ impl Mount {
 
 /// An entry of `dir` naming the PFS root or `dir` itself is damage that
 /// would make every walk of the tree a cycle (see `pfs::check_entry`).
+/// NotDir unless node `d` (inode `dir`) is a directory.
+pub(super) fn is_dir(dir: u64, d: &InodeNode) -> Result<()> {
+    if d.obj_type() != ObjType::Directory {
+        return Err(Error::NotDir {
+            what: format!("inode {dir}"),
+        });
+    }
+    Ok(())
+}
+
+/// What a lookup of `name` in `dir` found: (key, inode number), checked.
+pub(super) fn found(
+    dir: u64,
+    name: &[u8],
+    entry: Option<(u64, DirentHead)>,
+) -> Result<Option<(u64, u64)>> {
+    match entry {
+        Some((key, h)) => {
+            check_named(dir, key, name, h.inum)?;
+            Ok(Some((key, h.inum)))
+        }
+        None => Ok(None),
+    }
+}
+
+/// A directory listing's entries, checked.
+pub(super) fn entries(dir: u64, listed: Vec<crate::inode::Listed>) -> Result<Vec<DirEntry>> {
+    listed
+        .into_iter()
+        .map(|(key, name, h)| {
+            check_named(dir, key, &name, h.inum)?;
+            Ok(DirEntry {
+                name,
+                inum: h.inum,
+                obj_type: ObjType::from_u8(h.obj_type),
+                key,
+            })
+        })
+        .collect()
+}
+
 fn check_named(dir: u64, key: u64, name: &[u8], inum: u64) -> Result<()> {
     if inum == ROOT_INUM || inum == dir {
         return Err(Error::corrupt(
