@@ -165,6 +165,9 @@ pub struct RwVolume {
     live: Mutex<Option<RangeLock>>,
     /// The flusher thread, once started, until `shutdown` joins it.
     flusher: Mutex<Option<JoinHandle<()>>>,
+    /// Queries `shared` answered, and those it sent to `locked`.
+    shared_answers: AtomicU64,
+    shared_declined: AtomicU64,
 }
 
 /// Runs of a locked unit that missed the cache (`RwVolume::locked`)
@@ -218,6 +221,8 @@ impl RwVolume {
             writer: Mutex::new(writer),
             live: Mutex::new(live),
             flusher: Mutex::new(None),
+            shared_answers: AtomicU64::new(0),
+            shared_declined: AtomicU64::new(0),
         }
     }
 
@@ -351,10 +356,25 @@ impl RwVolume {
             hammer2::volume::take_miss();
             f(&m)
         };
-        match hammer2::volume::take_miss() {
+        let r = match hammer2::volume::take_miss() {
             Some(_) => None,
             None => r,
-        }
+        };
+        let counter = match r {
+            Some(_) => &self.shared_answers,
+            None => &self.shared_declined,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        r
+    }
+
+    /// Queries answered with the mount shared, and those run exclusive
+    /// instead (`shared`).
+    pub fn shared_counts(&self) -> (u64, u64) {
+        (
+            self.shared_answers.load(Ordering::Relaxed),
+            self.shared_declined.load(Ordering::Relaxed),
+        )
     }
 
     /// Run `f` with the mount locked and no device I/O under the lock
@@ -834,14 +854,17 @@ impl RwVolume {
         if first {
             log::info!(
                 "{}: {} flushes, {} bytes written; {} partial commits (fsync), {} blocks written by them; \
-                 {} launderings, {} blocks written by them",
+                 {} launderings, {} blocks written by them; queries: {} answered with the mount \
+                 shared, {} run exclusive (to load, after a cache miss, or to note an access time)",
                 self.label,
                 st.flushes,
                 st.bytes,
                 st.partial_commits,
                 st.partial_blocks,
                 st.launders,
-                st.laundered_blocks
+                st.laundered_blocks,
+                self.shared_answers.load(Ordering::Relaxed),
+                self.shared_declined.load(Ordering::Relaxed),
             );
         }
         match &st.poisoned {

@@ -931,6 +931,7 @@ mod tests {
             })
         };
         held_rx.recv().unwrap();
+        let (answered, _) = rw.vol.shared_counts();
         let (tx, rx) = mpsc::channel();
         let q = rw.clone();
         std::thread::spawn(move || {
@@ -962,6 +963,8 @@ mod tests {
         assert_eq!(plus, vec![Some(100_000)]);
         assert_eq!(read.as_deref(), Ok(&data[70_000..74_096]));
         assert_eq!(meta, Ok(ObjType::Directory));
+        // stat, lookup, two listings, readdirplus, the read and meta.
+        assert_eq!(rw.vol.shared_counts().0 - answered, 7);
         // g was never loaded: with the mount shared, the query declines.
         assert!(rw.vol.shared(|m| m.getattr_loaded("DATA", g)).is_none());
         go_tx.send(()).unwrap();
