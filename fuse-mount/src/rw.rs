@@ -368,6 +368,12 @@ impl RwVolume {
         r
     }
 
+    /// The whole blocks of a write of `data` at `offset`, copied onto
+    /// pages with the lock not held (`Mount::write_filled`).
+    pub fn filled(&self, offset: u64, data: &[u8]) -> hammer2::inode::Filled {
+        hammer2::inode::Filled::of(&self.reader, offset, data)
+    }
+
     /// Queries answered with the mount shared, and those run exclusive
     /// instead (`shared`).
     pub fn shared_counts(&self) -> (u64, u64) {

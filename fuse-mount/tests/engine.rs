@@ -1,8 +1,10 @@
 //! The concurrent engine under load without FUSE: a read-write volume
 //! (`RwVolume`, as the mount serves it) over a buffer cache with a tight
 //! budget, its flusher committing often and laundering past a small
-//! dirty limit, with threads that write (whole and partial blocks),
-//! read, truncate, punch holes, fallocate, fsync, rename (between the
+//! dirty limit, with threads that write (whole and partial blocks, half
+//! of the writes with their whole blocks filled before the lock, as
+//! the mount's are), read (planned with the mount shared where the tree
+//! is in memory), truncate, punch holes, fallocate, fsync, rename (between the
 //! root and a directory of their own), remove and create files of their
 //! own beside threads that run bulkfree, sync and take snapshots (each
 //! read back whole through its own view), all at once. Every read is
@@ -189,7 +191,12 @@ fn worker(t: usize, sh: Arc<Shared>, files: Arc<Mutex<Vec<File>>>) {
         let r: Result<(), String> = match rng.below(100) {
             // Write: a whole block or part of one or a few.
             0..=24 => {
-                let off = rng.below(SPAN - 1);
+                // A quarter of them start on a block, so most of a long
+                // one is whole blocks.
+                let mut off = rng.below(SPAN - 1);
+                if rng.below(4) == 0 {
+                    off &= !0xffff;
+                }
                 let len = match rng.below(3) {
                     0 => 1 + rng.below(512),
                     1 => 1 + rng.below(64 * 1024),
@@ -203,8 +210,14 @@ fn worker(t: usize, sh: Arc<Shared>, files: Arc<Mutex<Vec<File>>>) {
                     tests::noise(rng.next(), len)
                 };
                 let now = sh.now();
+                // Half of them with the whole blocks filled before the
+                // lock, as the mount's writes are.
+                let mut filled = match rng.below(2) {
+                    0 => sh.v.filled(off, &buf),
+                    _ => Default::default(),
+                };
                 let r = change(&sh, |m| {
-                    let r = m.write(LABEL, f.inum, off, &buf, now);
+                    let r = m.write_filled(LABEL, f.inum, off, &buf, now, &mut filled);
                     if r.is_ok() {
                         sh.v.note_written(m, buf.len() as u64);
                     }

@@ -157,6 +157,52 @@ fn unshare(entry: &mut Arc<PendingBlock>) -> Result<&mut PendingBlock> {
         .ok_or_else(|| Error::corrupt("a pending block copied is still shared".into(), 0))
 }
 
+/// The whole 64 KiB blocks of a write, copied onto buffers before the
+/// write takes the mount's lock (`Filled::of`), so the copy of the
+/// bytes, most of a large write's time in memory, happens beside other
+/// requests. The write then puts them in place of its blocks
+/// (`InodeNode::write`); what it does not use is given back when this
+/// goes.
+#[derive(Debug, Default)]
+pub struct Filled {
+    /// By block offset, in order; taken by the write that uses them.
+    blocks: Vec<(u64, Option<DataBuf>)>,
+}
+
+impl Filled {
+    /// Copies of the whole blocks of `buf` written at `offset`, on
+    /// `vol`'s page layer if it has one. Where no page can be had now,
+    /// none from there on: the write takes its own under the lock (and
+    /// fails whole there if it still cannot).
+    pub fn of(vol: &Volume, offset: u64, buf: &[u8]) -> Filled {
+        let mut blocks = Vec::new();
+        let end = offset.saturating_add(buf.len() as u64);
+        let mut lbase = offset.next_multiple_of(BLOCK);
+        while lbase.saturating_add(BLOCK) <= end {
+            let from = (lbase - offset) as usize;
+            match DataBuf::copy_of(vol.page_layer(), &buf[from..from + BLOCK as usize]) {
+                Ok(b) => blocks.push((lbase, Some(b))),
+                Err(_) => break,
+            }
+            lbase += BLOCK;
+        }
+        Filled { blocks }
+    }
+
+    /// Whether the whole block at `lbase` is here.
+    fn has(&self, lbase: u64) -> bool {
+        self.blocks
+            .binary_search_by_key(&lbase, |(b, _)| *b)
+            .is_ok_and(|i| self.blocks[i].1.is_some())
+    }
+
+    /// The whole block at `lbase`, taken.
+    fn take(&mut self, lbase: u64) -> Option<DataBuf> {
+        let i = self.blocks.binary_search_by_key(&lbase, |(b, _)| *b).ok()?;
+        self.blocks[i].1.take()
+    }
+}
+
 /// Add `[lo, hi)` to sorted, disjoint, non-touching `ranges`.
 fn add_range(ranges: &mut Vec<(usize, usize)>, lo: usize, hi: usize) {
     let (mut lo, mut hi) = (lo, hi);
@@ -645,7 +691,14 @@ impl InodeNode {
     /// `defer`, a block written in part whose old bytes are not in the
     /// buffer cache keeps the ranges written and merges the old bytes
     /// later (`PendingBlock`) instead of reading them now.
-    pub fn write(&mut self, vol: &Volume, offset: u64, buf: &[u8], defer: bool) -> Result<()> {
+    pub fn write(
+        &mut self,
+        vol: &Volume,
+        offset: u64,
+        buf: &[u8],
+        defer: bool,
+        filled: &mut Filled,
+    ) -> Result<()> {
         if buf.is_empty() {
             return Ok(());
         }
@@ -700,7 +753,8 @@ impl InodeNode {
             }
         }
         for lbase in (first..=last).step_by(BLOCK as usize) {
-            if fresh.iter().any(|(b, _)| *b == lbase) {
+            // A block filled before the lock replaces what is there.
+            if fresh.iter().any(|(b, _)| *b == lbase) || filled.has(lbase) {
                 continue;
             }
             // A copy in place of a shared block reads the same: making it
@@ -723,6 +777,13 @@ impl InodeNode {
             let whole = pos == lbase && hi == lbase + BLOCK;
             let src = &buf[(pos - offset) as usize..(hi - offset) as usize];
             let at = (pos - lbase) as usize;
+            if whole {
+                if let Some(b) = filled.take(lbase) {
+                    self.pending.insert(lbase, Arc::new(PendingBlock::whole(b)));
+                    pos = hi;
+                    continue;
+                }
+            }
             let blk = self
                 .pending
                 .get_mut(&lbase)

@@ -163,3 +163,59 @@ fn laundering_gives_the_pages_back() {
     assert_eq!(m.read(L, f, 0, 32 * B).unwrap(), data);
     vm.verify().unwrap();
 }
+
+/// A write's whole blocks copied onto pages before the lock
+/// (`Filled::of`) are put in place of its blocks as they are: no page
+/// more is taken under the lock, a block a read plan shares is replaced
+/// (the plan keeps its bytes), the partial edges go the usual way, and a
+/// write that fails leaves them all to be given back.
+#[test]
+fn blocks_filled_before_the_lock_are_put_in_place() {
+    let dev = image();
+    let (mut m, vm) = mount_cached(&dev, 32 << 20, Duration::from_secs(10));
+    let f = file(&mut m, "f");
+    let first = bytes(1, 8 * B);
+    m.write(L, f, 0, &first, NOW).unwrap();
+    assert_eq!(vm.stats().anon, 8);
+    let (plan, ticket) = m.read_plan(L, f, 0, 8 * B).unwrap();
+
+    // 100 bytes into block 1 to 300 bytes into block 6: blocks 2 to 5
+    // are whole.
+    let (off, len) = (B as u64 + 100, 5 * B + 200);
+    let second = bytes(2, len);
+    let mut filled = hammer2::inode::Filled::of(m.volume(), off, &second);
+    assert_eq!(vm.stats().anon, 12, "four whole blocks filled");
+    m.write_filled(L, f, off, &second, NOW, &mut filled)
+        .unwrap();
+    // The plan shares all 8 blocks: the write copied the two edge
+    // blocks (1 and 6) and put the four filled ones in place.
+    assert_eq!(vm.stats().anon, 14);
+    drop(filled);
+    assert_eq!(vm.stats().anon, 14, "every filled block was used");
+    assert_eq!(plan.run(m.volume()).unwrap(), first);
+    drop(ticket);
+    assert_eq!(vm.stats().anon, 8, "the plan's blocks went with it");
+    let mut want = first.clone();
+    want[off as usize..off as usize + len].copy_from_slice(&second);
+    assert_eq!(m.read(L, f, 0, 8 * B).unwrap(), want);
+
+    // A write that fails (to a directory) takes none of them.
+    let d = m.mkdir(L, ROOT_INUM, b"d", 0o755, 0, 0, NOW).unwrap();
+    let mut filled = hammer2::inode::Filled::of(m.volume(), 0, &first);
+    assert_eq!(vm.stats().anon, 16);
+    assert!(m.write_filled(L, d, 0, &first, NOW, &mut filled).is_err());
+    drop(filled);
+    assert_eq!(vm.stats().anon, 8, "the unused blocks were given back");
+
+    m.flush().unwrap();
+    assert_eq!(vm.stats().anon, 0);
+    vm.verify().unwrap();
+    drop(m);
+    let (mut m2, _) = mount_cached(&dev, 32 << 20, Duration::from_secs(10));
+    assert_eq!(m2.read(L, f, 0, 8 * B).unwrap(), want);
+    drop(m2);
+    let d: Arc<dyn BlockDevice> = dev.clone();
+    let report = hammer2::fsck::fsck(d, hammer2::fsck::Options::default()).unwrap();
+    assert!(report.is_clean(), "fsck: {:?}", report.problems);
+    tests::dragonfly_fsck(&dev, "filled-blocks");
+}

@@ -25,6 +25,7 @@ use crate::rw::RwVolume;
 use crate::snapdir;
 use fuser::{Errno, FileAttr};
 use hammer2::disk::{Blockref, InodeMeta, ObjType};
+use hammer2::inode::Filled;
 use hammer2::mount::{Mount, RenameFlags, SetAttr};
 use hammer2::DirEntry;
 use std::sync::Arc;
@@ -255,9 +256,11 @@ impl ReadWrite {
         data: &[u8],
         mut before: impl FnMut(&mut Tx) -> Result<(), Errno>,
     ) -> Result<(), Errno> {
+        // The whole blocks are copied before the lock is taken.
+        let mut filled = self.vol.filled(offset, data);
         self.change(|tx| {
             before(tx)?;
-            tx.write(ino, offset, data)
+            tx.write(ino, offset, data, &mut filled)
         })?;
         self.vol.throttle();
         Ok(())
@@ -530,9 +533,17 @@ impl Tx<'_> {
         self.h(r)
     }
 
-    fn write(&mut self, ino: u64, offset: u64, data: &[u8]) -> Result<(), Errno> {
+    fn write(
+        &mut self,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+        filled: &mut Filled,
+    ) -> Result<(), Errno> {
         let (inum, now) = (self.inum(ino), self.now);
-        let r = self.m.write(&self.s.vol.label, inum, offset, data, now);
+        let r = self
+            .m
+            .write_filled(&self.s.vol.label, inum, offset, data, now, filled);
         self.h(r)?;
         self.s.vol.note_written(self.m, data.len() as u64);
         Ok(())

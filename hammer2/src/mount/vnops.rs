@@ -8,7 +8,7 @@
 use super::{range_end, Mount, RenameFlags, SetAttr, Tier, DATA_ADMIT_BYTES, NEW_INODE, ROOT_INUM};
 use crate::disk::{self, DirentHead, InodeData, InodeMeta, ObjType, Uuid, OPFLAG_DIRECTDATA};
 use crate::error::{Error, Result};
-use crate::inode::{InodeNode, PendingChange};
+use crate::inode::{Filled, InodeNode, PendingChange};
 use crate::pfs::{self, DirEntry};
 
 pub(super) fn new_meta(
@@ -129,6 +129,21 @@ impl Mount {
         buf: &[u8],
         now: u64,
     ) -> Result<()> {
+        self.write_filled(label, inum, offset, buf, now, &mut Filled::default())
+    }
+
+    /// `write`, with the write's whole blocks already copied onto
+    /// buffers (`Filled::of`, made without the mount's lock): it takes
+    /// those it puts in place, and leaves them all when it fails.
+    pub fn write_filled(
+        &mut self,
+        label: &str,
+        inum: u64,
+        offset: u64,
+        buf: &[u8],
+        now: u64,
+        filled: &mut Filled,
+    ) -> Result<()> {
         self.writable()?;
         if buf.is_empty() {
             return Ok(());
@@ -156,7 +171,7 @@ impl Mount {
                     what: format!("write to a {}", n.obj_type().name()),
                 });
             }
-            n.write(vol, offset, buf, defer)?;
+            n.write(vol, offset, buf, defer, filled)?;
             n.data.meta.mtime = now;
             n.data.meta.ctime = now;
             Ok(())
@@ -379,7 +394,9 @@ impl Mount {
             (0, 0),
             now,
         )?;
-        self.with_node(label, inum, |vol, n| n.write(vol, 0, target, false))?;
+        self.with_node(label, inum, |vol, n| {
+            n.write(vol, 0, target, false, &mut Filled::default())
+        })?;
         Ok(inum)
     }
 
