@@ -4,11 +4,13 @@
 //!
 //! Locking: `mount` is the transaction lock (DragonFly's
 //! `hammer2_trans_init`), an `RwLock`. A query that finds what it needs
-//! in memory takes it shared (`shared`), beside other queries; every
-//! other FUSE operation takes it exclusive for the length of one library
-//! call (`locked`; chunked operations, such as a hole punch or
-//! copy_file_range, retake it per MiB). Neither does device I/O under
-//! it (`hammer2::volume::cache_only`). The flusher takes it twice per
+//! in memory takes it shared (`shared`), beside other queries, and so
+//! does a write to a file in memory (`shared_change`), which takes the
+//! file's own lock too (`hammer2::inode::InodeLock`); every other FUSE
+//! operation takes it exclusive for the length of one library call
+//! (`locked`; chunked operations, such as a hole punch or
+//! copy_file_range, retake it per MiB). None does device I/O under it
+//! (`hammer2::volume::cache_only`). The flusher takes it twice per
 //! flush, for `flush_begin` and `flush_commit`; compressing and writing
 //! the file data between the two runs without it (the pipelined flush),
 //! so writers go on meanwhile. `flush` (the flusher's bookkeeping) is
@@ -372,6 +374,26 @@ impl RwVolume {
     /// pages with the lock not held (`Mount::write_filled`).
     pub fn filled(&self, offset: u64, data: &[u8]) -> hammer2::inode::Filled {
         hammer2::inode::Filled::of(&self.reader, offset, data)
+    }
+
+    /// Run change `f` with the mount shared (no device I/O: a miss fails
+    /// what needed the block, and `f` says whether it made its change).
+    /// Each is counted with the queries of `shared`.
+    pub fn shared_change(&self, f: impl FnOnce(&Mount) -> bool) -> bool {
+        let done = {
+            let m = self.mount.read().unwrap_or_else(|p| p.into_inner());
+            let _mode = hammer2::volume::cache_only();
+            hammer2::volume::take_miss();
+            let done = f(&m);
+            hammer2::volume::take_miss();
+            done
+        };
+        let counter = match done {
+            true => &self.shared_answers,
+            false => &self.shared_declined,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        done
     }
 
     /// Queries answered with the mount shared, and those run exclusive

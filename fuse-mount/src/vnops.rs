@@ -919,9 +919,13 @@ impl Filesystem for Hammer2Fs {
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
         let who = self.caller(req);
         let r = self.route(ino).rw().and_then(|s| {
-            s.write(ino.0, offset, data, |tx| {
-                self.drop_suid_sgid(&who, tx, ino.0)
-            })
+            s.write(
+                ino.0,
+                offset,
+                data,
+                |m| who.after_data_change(m).is_none(),
+                |tx| self.drop_suid_sgid(&who, tx, ino.0),
+            )
         });
         match r {
             Ok(()) => {

@@ -2,8 +2,9 @@
 //! (`RwVolume`, as the mount serves it) over a buffer cache with a tight
 //! budget, its flusher committing often and laundering past a small
 //! dirty limit, with threads that write (whole and partial blocks, half
-//! of the writes with their whole blocks filled before the lock, as
-//! the mount's are), read (planned with the mount shared where the tree
+//! of the writes with their whole blocks filled before the lock and
+//! most with the mount shared and the file's own lock, as the mount's
+//! are), read (planned with the mount shared where the tree
 //! is in memory), truncate, punch holes, fallocate, fsync, rename (between the
 //! root and a directory of their own), remove and create files of their
 //! own beside threads that run bulkfree, sync and take snapshots (each
@@ -216,13 +217,27 @@ fn worker(t: usize, sh: Arc<Shared>, files: Arc<Mutex<Vec<File>>>) {
                     0 => sh.v.filled(off, &buf),
                     _ => Default::default(),
                 };
-                let r = change(&sh, |m| {
-                    let r = m.write_filled(LABEL, f.inum, off, &buf, now, &mut filled);
-                    if r.is_ok() {
-                        sh.v.note_written(m, buf.len() as u64);
-                    }
-                    r
-                });
+                // Most of them with the mount shared first (the file's
+                // own lock), as the mount's writes are.
+                let shared = rng.below(4) != 0
+                    && sh.v.shared_change(|m| {
+                        let r = m.write_shared(LABEL, f.inum, off, &buf, now, &mut filled);
+                        let done = matches!(r, Some(Ok(())));
+                        if done {
+                            sh.v.note_written(m, buf.len() as u64);
+                        }
+                        done
+                    });
+                let r = match shared {
+                    true => Ok(()),
+                    false => change(&sh, |m| {
+                        let r = m.write_filled(LABEL, f.inum, off, &buf, now, &mut filled);
+                        if r.is_ok() {
+                            sh.v.note_written(m, buf.len() as u64);
+                        }
+                        r
+                    }),
+                };
                 sh.v.throttle();
                 match r {
                     Ok(()) => {

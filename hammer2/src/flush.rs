@@ -57,7 +57,7 @@ use crate::dedup::DedupKey;
 use crate::disk::{self, comp_method, enc_methods, Blockref, BlockrefType, BLOCKREF_BYTES};
 use crate::disk::{BREF_FLAG_PFSROOT, VOLUME_BYTES};
 use crate::error::{Error, Result};
-use crate::inode::{InodeNode, PendingBlock};
+use crate::inode::{InodeLock, InodeNode, PendingBlock};
 use crate::mount::{lock_space, Mount};
 use crate::pfs;
 use crate::strategy::CompHeuristic;
@@ -369,9 +369,7 @@ impl Mount {
         });
         match r {
             Ok(done) => {
-                self.admitted = self
-                    .admitted
-                    .saturating_sub(done.settled * disk::DATA_BLOCK_BYTES);
+                self.unadmit_bytes(done.settled * disk::DATA_BLOCK_BYTES);
                 Ok(self.uncommitted(&done))
             }
             Err(e) => {
@@ -418,12 +416,19 @@ impl Mount {
         let tid = self.next_tid()?;
         let mut blocks = Vec::new();
         let mut heuristics = HashMap::new();
-        for (label, p) in &self.pfs {
+        for (label, p) in self.pfs.iter_mut() {
             let nodes: Vec<(&u64, &InodeNode)> = match scope {
-                None => p.inodes.iter().collect(),
-                Some((l, s)) if l == label => {
-                    s.iter().filter_map(|i| p.inodes.get_key_value(i)).collect()
-                }
+                None => p
+                    .inodes
+                    .iter_mut()
+                    .map(|(i, n)| (i, &*n.get_mut()))
+                    .collect(),
+                Some((l, s)) if l == label => p
+                    .inodes
+                    .iter_mut()
+                    .filter(|(i, _)| s.contains(*i))
+                    .map(|(i, n)| (i, &*n.get_mut()))
+                    .collect(),
                 Some(_) => continue,
             };
             for (inum, n) in nodes.into_iter().filter(|(_, n)| !n.pending.is_empty()) {
@@ -534,7 +539,7 @@ impl Mount {
                 }
             }
         }
-        self.admitted = self.admitted.saturating_sub(dup_admitted);
+        self.unadmit_bytes(dup_admitted);
         self.dup_admitted = self.dup_admitted.saturating_sub(dup_admitted);
     }
 
@@ -567,7 +572,8 @@ impl Mount {
         };
         match &result {
             Ok(_) => {
-                self.admitted = self.held_after_commit();
+                let held = self.held_after_commit();
+                *self.admitted.get_mut() = held;
                 self.trim_metadata();
             }
             Err(e) => self.note_flush_error(e),
@@ -639,6 +645,7 @@ impl Mount {
                 .pfs
                 .get_mut(&label)
                 .and_then(|p| p.inodes.get_mut(&inum))
+                .map(InodeLock::get_mut)
             {
                 n.comp_heuristic = h;
             }
@@ -653,6 +660,7 @@ impl Mount {
                     .pfs
                     .get_mut(&b.label)
                     .and_then(|p| p.inodes.get_mut(&b.inum))
+                    .map(InodeLock::get_mut)
                     .filter(|n| {
                         n.pending
                             .get(&b.lbase)
@@ -678,7 +686,8 @@ impl Mount {
             let node = self
                 .pfs
                 .get_mut(&b.label)
-                .and_then(|p| p.inodes.get_mut(&b.inum));
+                .and_then(|p| p.inodes.get_mut(&b.inum))
+                .map(InodeLock::get_mut);
             let current = node.filter(|n| {
                 b.lbase < n.size()
                     && n.pending
@@ -736,7 +745,7 @@ impl Mount {
             || scope.iter().any(|i| {
                 p.removed.contains(i)
                     || p.dropped.contains_key(i)
-                    || p.inodes.get(i).is_some_and(|n| n.dirty)
+                    || p.inodes.get(i).is_some_and(|n| n.lock().dirty)
             })
     }
 
@@ -812,7 +821,12 @@ impl Mount {
                 p.root.dirty = true;
             }
             for inum in &inums {
-                let Some(node) = p.inodes.get_mut(inum).filter(|n| n.dirty) else {
+                let Some(node) = p
+                    .inodes
+                    .get_mut(inum)
+                    .map(InodeLock::get_mut)
+                    .filter(|n| n.dirty)
+                else {
                     continue;
                 };
                 let br = flush_inode(&mut w, node, *inum, 0)?;
@@ -822,7 +836,7 @@ impl Mount {
                 p.root.dirty = true;
             }
             for inum in &inums {
-                if let Some(node) = p.inodes.get_mut(inum) {
+                if let Some(node) = p.inodes.get_mut(inum).map(InodeLock::get_mut) {
                     drops.extend(node.table.take_dropped());
                 }
             }
@@ -970,7 +984,8 @@ impl Mount {
         let r = self.flush_inner();
         match &r {
             Ok(_) => {
-                self.admitted = self.held_after_commit();
+                let held = self.held_after_commit();
+                *self.admitted.get_mut() = held;
                 self.trim_metadata();
             }
             Err(e @ Error::Io { .. }) => {

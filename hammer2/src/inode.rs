@@ -20,7 +20,7 @@ use crate::reserve::BlockRanges;
 use crate::volume::Volume;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 const BLOCK: u64 = DATA_BLOCK_BYTES;
 
@@ -389,6 +389,35 @@ impl Clone for ReadAhead {
             next: AtomicU64::new(self.next.load(Ordering::Relaxed)),
             end: AtomicU64::new(self.end.load(Ordering::Relaxed)),
         }
+    }
+}
+
+/// An inode in memory behind its own lock (DragonFly's inode lock): a
+/// change to one file made with the daemon's transaction lock shared
+/// (`Mount::write_shared`) and a query beside it take it; whatever holds
+/// the mount exclusive reaches the inode without locking (`get_mut`).
+#[derive(Debug)]
+pub struct InodeLock(Mutex<InodeNode>);
+
+impl InodeLock {
+    pub fn new(n: InodeNode) -> InodeLock {
+        InodeLock(Mutex::new(n))
+    }
+
+    /// The inode, through the exclusive borrow of the mount.
+    pub fn get_mut(&mut self) -> &mut InodeNode {
+        // A panic under the lock leaves the inode as a failed change
+        // does (changes are applied whole or refused).
+        self.0.get_mut().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The inode, locked.
+    pub fn lock(&self) -> MutexGuard<'_, InodeNode> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn into_inner(self) -> InodeNode {
+        self.0.into_inner().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -5,11 +5,13 @@
 //! `mount/linux.rs` (what Linux asks for besides); the flush, which
 //! writes what they changed, is `flush.rs`.
 //!
-//! Operations change inodes in memory (`InodeNode`) and mark them dirty;
-//! `flush` writes them out. Each operation is applied
-//! whole under the caller's exclusive borrow, and a flush takes every
-//! change made before it, so an operation that touches several inodes
-//! (create, link, remove, rename) lands wholly in one flush. Time comes
+//! Operations change inodes in memory (`InodeNode`, each behind its
+//! `InodeLock`) and mark them dirty; `flush` writes them out. Each
+//! operation is applied whole under the caller's exclusive borrow, but
+//! for a write to one file in memory, which may run under a shared
+//! borrow holding that file's lock (`mount/shared.rs`); a flush takes
+//! every change made before it, so an operation that touches several
+//! inodes (create, link, remove, rename) lands wholly in one flush. Time comes
 //! from the caller (`now`, microseconds since the epoch), so tests are
 //! deterministic.
 //!
@@ -26,13 +28,14 @@ use crate::depend::Depend;
 use crate::disk::{self, Blockref, BlockrefType, ObjType, INODE_START};
 use crate::error::{Error, Result};
 
-use crate::inode::InodeNode;
 use crate::inode::ReadPlan;
+use crate::inode::{InodeLock, InodeNode};
 use crate::pfs;
 use crate::readgate::{ReadGate, ReadTicket};
 use crate::volume::Volume;
 use bufcache::BlockDevice;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 mod linux;
@@ -78,8 +81,8 @@ pub(crate) struct PfsState {
     /// The key of its root inode in the super-root.
     pub(crate) key: u64,
     pub(crate) root: InodeNode,
-    /// Inodes loaded or created, by number.
-    pub(crate) inodes: BTreeMap<u64, InodeNode>,
+    /// Inodes loaded or created, by number, each behind its own lock.
+    pub(crate) inodes: BTreeMap<u64, InodeLock>,
     /// Inodes to remove from the index at the next flush.
     pub(crate) removed: BTreeSet<u64>,
     /// Pin counts (see `Mount::pin`): an inode whose last link goes
@@ -153,7 +156,8 @@ impl PfsState {
     /// (`Mount::launder_finish`). Leaves in both are freed once (the
     /// commit's `seen`).
     fn forget_inode(&mut self, inum: u64) {
-        if let Some(mut n) = self.inodes.remove(&inum) {
+        if let Some(n) = self.inodes.remove(&inum) {
+            let mut n = n.into_inner();
             let mut d = n.table.take_dropped();
             d.extend(n.table.loaded_leaves());
             if !d.is_empty() {
@@ -184,7 +188,9 @@ pub struct Mount {
     /// Bytes admitted since the last flush (file data blocks and inode
     /// metadata), held against the allocator's available space so a
     /// full disk fails the operation, never the flush.
-    pub(crate) admitted: u64,
+    /// Changes made with the mount shared admit beside each other
+    /// (`admit`).
+    pub(crate) admitted: AtomicU64,
     pub(crate) sroot: InodeNode,
     pub(crate) pfs: BTreeMap<String, PfsState>,
     pub(crate) poisoned: Option<String>,
@@ -255,7 +261,7 @@ impl Mount {
             partials: 0,
             taken: HashMap::new(),
             committing: false,
-            admitted: 0,
+            admitted: AtomicU64::new(0),
             sroot,
             pfs: BTreeMap::new(),
             poisoned: None,
@@ -358,11 +364,14 @@ impl Mount {
             if let Some(&t) = p.atimes.get(&inum) {
                 n.data.meta.atime = t;
             }
-            p.inodes.insert(inum, n);
+            p.inodes.insert(inum, InodeLock::new(n));
         }
-        p.inodes.get_mut(&inum).ok_or_else(|| Error::NotFound {
-            what: format!("inode {inum}"),
-        })
+        p.inodes
+            .get_mut(&inum)
+            .map(InodeLock::get_mut)
+            .ok_or_else(|| Error::NotFound {
+                what: format!("inode {inum}"),
+            })
     }
 
     /// Borrow the volume and one inode at once.
@@ -380,9 +389,12 @@ impl Mount {
         let node = if inum == ROOT_INUM {
             &mut p.root
         } else {
-            p.inodes.get_mut(&inum).ok_or_else(|| Error::NotFound {
-                what: format!("inode {inum}"),
-            })?
+            p.inodes
+                .get_mut(&inum)
+                .map(InodeLock::get_mut)
+                .ok_or_else(|| Error::NotFound {
+                    what: format!("inode {inum}"),
+                })?
         };
         f(vol, node)
     }
@@ -394,7 +406,7 @@ impl Mount {
             if inum == ROOT_INUM {
                 p.root.dirty
             } else {
-                p.inodes.get(&inum).is_some_and(|n| n.dirty)
+                p.inodes.get(&inum).is_some_and(|n| n.lock().dirty)
             }
         })
     }
@@ -445,9 +457,18 @@ impl Mount {
     /// `volume::CacheOnly`), so retries do not count it again.
     fn unadmit<T>(&mut self, bytes: u64, r: Result<T>) -> Result<T> {
         if r.is_err() {
-            self.admitted = self.admitted.saturating_sub(bytes);
+            self.unadmit_bytes(bytes);
         }
         r
+    }
+
+    /// Give back `bytes` admitted.
+    pub(crate) fn unadmit_bytes(&self, bytes: u64) {
+        let _ = self
+            .admitted
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |a| {
+                Some(a.saturating_sub(bytes))
+            });
     }
 
     /// Admit the rewrite of inode `inum` alone (a change to its meta).
@@ -457,7 +478,7 @@ impl Mount {
     }
 
     /// Admit `bytes` more for the next flush, or fail with NoSpace.
-    fn admit(&mut self, bytes: u64, tier: Tier) -> Result<()> {
+    fn admit(&self, bytes: u64, tier: Tier) -> Result<()> {
         let (mut available, reserve) = {
             let space = lock_space(&self.space);
             (space.available_bytes(), space.reserve_bytes())
@@ -465,14 +486,15 @@ impl Mount {
         if tier == Tier::Delete {
             available += reserve / 2;
         }
-        if self.admitted.saturating_add(bytes) > available {
-            return Err(Error::NoSpace {
+        self.admitted
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |a| {
+                (a.saturating_add(bytes) <= available).then_some(a + bytes)
+            })
+            .map(|_| ())
+            .map_err(|a| Error::NoSpace {
                 bytes,
-                free: available.saturating_sub(self.admitted),
-            });
-        }
-        self.admitted += bytes;
-        Ok(())
+                free: available.saturating_sub(a),
+            })
     }
 
     /// Admit `bytes` for blocks a batch writes that another batch out
@@ -493,6 +515,7 @@ impl Mount {
                 .values()
                 .flat_map(|p| p.inodes.values())
                 .map(|n| {
+                    let n = n.lock();
                     (n.dirty_bytes() / disk::DATA_BLOCK_BYTES
                         + n.reserved_bytes() / disk::DATA_BLOCK_BYTES)
                         * DATA_ADMIT_BYTES
@@ -627,7 +650,9 @@ impl Mount {
             bytes_total: vh.allocator_size,
             bytes_possibly_free: space.possibly_free_bytes(),
             bytes_free: space.free_bytes(),
-            bytes_avail: space.available_bytes().saturating_sub(self.admitted),
+            bytes_avail: space
+                .available_bytes()
+                .saturating_sub(self.admitted.load(Ordering::SeqCst)),
             inodes_used: used,
         })
     }
@@ -637,7 +662,7 @@ impl Mount {
     pub fn is_dirty(&self) -> bool {
         self.sroot.dirty
             || self.pfs.values().any(|p| {
-                p.root.dirty || !p.removed.is_empty() || p.inodes.values().any(|n| n.dirty)
+                p.root.dirty || !p.removed.is_empty() || p.inodes.values().any(|n| n.lock().dirty)
             })
             || lock_space(&self.space).is_dirty()
     }
@@ -648,7 +673,11 @@ impl Mount {
         self.pfs
             .values()
             .map(|p| {
-                p.root.dirty_bytes() + p.inodes.values().map(InodeNode::dirty_bytes).sum::<u64>()
+                p.root.dirty_bytes()
+                    + p.inodes
+                        .values()
+                        .map(|n| n.lock().dirty_bytes())
+                        .sum::<u64>()
             })
             .sum()
     }
@@ -662,7 +691,10 @@ impl Mount {
             .values()
             .map(|p| {
                 p.root.pending_bytes()
-                    + p.inodes.values().map(InodeNode::pending_bytes).sum::<u64>()
+                    + p.inodes
+                        .values()
+                        .map(|n| n.lock().pending_bytes())
+                        .sum::<u64>()
             })
             .sum()
     }
@@ -683,10 +715,12 @@ impl Mount {
     /// inodes kept and of the PFS roots' and super-root's indexes.
     pub fn release_clean(&mut self) {
         for p in self.pfs.values_mut() {
-            p.inodes
-                .retain(|_, n| n.dirty || !n.pending.is_empty() || n.reserved_bytes() > 0);
+            p.inodes.retain(|_, n| {
+                let n = n.get_mut();
+                n.dirty || !n.pending.is_empty() || n.reserved_bytes() > 0
+            });
             for n in p.inodes.values_mut() {
-                n.table.release_clean();
+                n.get_mut().table.release_clean();
             }
             p.root.table.release_clean();
         }
@@ -701,7 +735,7 @@ impl Mount {
             + self
                 .pfs
                 .values()
-                .map(|p| node(&p.root) + p.inodes.values().map(node).sum::<usize>())
+                .map(|p| node(&p.root) + p.inodes.values().map(|n| node(&n.lock())).sum::<usize>())
                 .sum::<usize>()
     }
 

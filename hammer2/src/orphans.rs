@@ -30,7 +30,8 @@ impl Mount {
     pub fn reclaim_orphans(&mut self, label: &str) -> Result<Vec<u64>> {
         self.writable()?;
         let p = self.pfs_mut(label)?;
-        if p.root.dirty || !p.removed.is_empty() || p.inodes.values().any(|n| n.dirty) {
+        if p.root.dirty || !p.removed.is_empty() || p.inodes.values_mut().any(|n| n.get_mut().dirty)
+        {
             return Err(Error::InvalidArgument {
                 what: format!("orphans of PFS {label} are reclaimed before it is changed"),
             });

@@ -946,7 +946,22 @@ pub fn lib_apply(m: &mut Mount, op: &Op, now: u64) -> hammer2::Result<()> {
             seed,
         } => {
             let i = resolve(m, path)?;
-            m.write(LABEL, i, *off, &pattern(*seed, *off, *len), now)?;
+            let data = pattern(*seed, *off, *len);
+            // Half of the writes as the mount's writes go first: with the
+            // mount shared and the file's own lock, the whole blocks
+            // filled beforehand; what that declines goes the usual way.
+            let mut filled = match seed % 2 {
+                0 => hammer2::inode::Filled::of(m.volume(), *off, &data),
+                _ => hammer2::inode::Filled::default(),
+            };
+            let shared = seed % 2 == 0
+                && matches!(
+                    m.write_shared(LABEL, i, *off, &data, now, &mut filled),
+                    Some(Ok(()))
+                );
+            if !shared {
+                m.write_filled(LABEL, i, *off, &data, now, &mut filled)?;
+            }
         }
         Op::Truncate { path, size } => {
             let i = resolve(m, path)?;

@@ -2,8 +2,10 @@
 //! behind `RwVolume`'s transaction lock (see `rw`). Queries (getattr,
 //! lookup, readdir, the plan of a file read) take it shared when what
 //! they need is in memory (`ReadWrite::query`, the library's `_loaded`
-//! queries), so they run side by side; otherwise, and for every change,
-//! it is taken exclusive for one library call or one `Tx`, so a change
+//! queries), and so do writes to a file in memory (`write_shared`,
+//! under the file's own lock), so they run side by side; otherwise, and
+//! for every other change, it is taken exclusive for one library call
+//! or one `Tx`, so a change
 //! sees no other caller and a flush takes whole operations (the write
 //! path's reads must see its unflushed state). File reads only plan
 //! under it (`RwVolume::read`).
@@ -254,16 +256,51 @@ impl ReadWrite {
         ino: u64,
         offset: u64,
         data: &[u8],
+        plain: impl Fn(&InodeMeta) -> bool,
         mut before: impl FnMut(&mut Tx) -> Result<(), Errno>,
     ) -> Result<(), Errno> {
         // The whole blocks are copied before the lock is taken.
         let mut filled = self.vol.filled(offset, data);
-        self.change(|tx| {
-            before(tx)?;
-            tx.write(ino, offset, data, &mut filled)
-        })?;
+        if !self.write_shared(ino, offset, data, &plain, &mut filled) {
+            self.change(|tx| {
+                before(tx)?;
+                tx.write(ino, offset, data, &mut filled)
+            })?;
+        }
         self.vol.throttle();
         Ok(())
+    }
+
+    /// `write` with the mount shared (`Mount::write_shared`): for a file
+    /// in memory whose meta `plain` says needs nothing done `before` (no
+    /// set-id bit to clear; its mode cannot change while the mount is
+    /// shared). False when it was not written: the write runs with the
+    /// mount exclusive, which loads, makes room and reports errors.
+    fn write_shared(
+        &self,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+        plain: &dyn Fn(&InodeMeta) -> bool,
+        filled: &mut Filled,
+    ) -> bool {
+        if self.writable().is_err() {
+            return false;
+        }
+        let (label, inum, now) = (&self.vol.label, self.inum(ino), (self.clock)());
+        self.vol.shared_change(|m| {
+            match m.getattr_loaded(label, inum) {
+                Some(Ok(meta)) if plain(&meta) => {}
+                _ => return false,
+            }
+            match m.write_shared(label, inum, offset, data, now, filled) {
+                Some(Ok(())) => {
+                    self.vol.note_written(m, data.len() as u64);
+                    true
+                }
+                _ => false,
+            }
+        })
     }
 
     /// Zero `[offset, offset + len)` of file `ino`, within its size:
@@ -986,5 +1023,73 @@ mod tests {
             .vol
             .shared(|m| m.getattr_loaded("DATA", g))
             .is_some_and(|r| r.is_ok()));
+    }
+
+    /// A write to a file in memory runs with the mount shared and the
+    /// file's own lock: beside a query that holds the mount (and so
+    /// beside writes to other files), where it used to wait for the one
+    /// mutex (the watchdog fails the test). What needs the mount
+    /// exclusive declines: a file not in memory, a directory.
+    #[test]
+    fn a_write_runs_with_the_mount_shared() {
+        let (rw, d, f, g, data) = store();
+        let rw = Arc::new(rw);
+        let ids = rw.ids();
+        let (fino, gino) = (ids.ino(f), ids.ino(g));
+        let shared_write = |inum| {
+            let mut filled = Filled::default();
+            rw.vol.shared_change(|m| {
+                m.write_shared("DATA", inum, 0, b"x", 2, &mut filled)
+                    .is_some()
+            })
+        };
+        assert!(!shared_write(g), "g is not in memory");
+        assert!(!shared_write(d), "a directory");
+        assert_eq!(rw.read(fino, 0, data.len()).unwrap(), data);
+
+        let (held_tx, held_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let holder = {
+            let rw = rw.clone();
+            std::thread::spawn(move || {
+                rw.vol.shared(|_| {
+                    held_tx.send(()).unwrap();
+                    go_rx.recv().unwrap();
+                    Some(())
+                })
+            })
+        };
+        held_rx.recv().unwrap();
+        let new: Vec<u8> = (0..200_000u32).map(|i| (i * 13 % 241) as u8).collect();
+        let (tx, rx) = mpsc::channel();
+        let w = rw.clone();
+        let bytes = new.clone();
+        std::thread::spawn(move || {
+            let before = w.vol.shared_counts().0;
+            let r = w.write(
+                fino,
+                4096,
+                &bytes,
+                |_| true,
+                |_| panic!("the shared write needs nothing done before"),
+            );
+            let read = w.read(fino, 0, 300_000);
+            let _ = tx.send((r, read, w.vol.shared_counts().0 - before));
+        });
+        let (r, read, answered) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a write waited for a query's hold of the mount");
+        assert_eq!(r, Ok(()));
+        let mut want = data.clone();
+        want.resize(4096 + new.len(), 0);
+        want[4096..].copy_from_slice(&new);
+        assert_eq!(read, Ok(want));
+        assert_eq!(answered, 2, "the write and the read, with the mount shared");
+        go_tx.send(()).unwrap();
+        holder.join().unwrap();
+        // g, loaded with the mount exclusive, is then written shared.
+        assert_eq!(rw.stat(gino).map(|(m, _)| m.size), Ok(0));
+        assert!(shared_write(g));
+        assert_eq!(rw.read(gino, 0, 10), Ok(b"x".to_vec()));
     }
 }

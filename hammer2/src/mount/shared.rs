@@ -1,35 +1,62 @@
-//! Queries that share the mount: `&self` versions of getattr,
+//! What runs with the mount shared: `&self` versions of getattr,
 //! stored_bytes, lookup, readdir and the read plan, for readers that
 //! hold the daemon's transaction lock shared and so run side by side
-//! (DragonFly's shared inode locks for lookups and reads). They answer
-//! from what is in memory alone; `None` means one would first have to
-//! load an inode, a PFS root or an indirect block, which changes the
-//! mount, so the caller runs the `&mut self` version with the lock
-//! taken exclusive. A block read they need (a long name's block) is
-//! read as any other, so under `volume::cache_only` a miss fails it
-//! with `Error::WouldBlock` and is noted for the caller.
+//! (DragonFly's shared inode locks for lookups and reads), and of the
+//! write, which takes the file's own lock (`InodeLock`) beside them.
+//! They answer from what is in memory alone; `None` means one would
+//! first have to load an inode or a PFS root, which changes the mount,
+//! so the caller runs the `&mut self` version with the lock taken
+//! exclusive. A block read they need (a long name's block, an indirect
+//! block over a write) is read as any other, so under
+//! `volume::cache_only` a miss fails it with `Error::WouldBlock` and is
+//! noted for the caller.
+//!
+//! Each takes at most one inode's lock at a time, and nothing that
+//! holds one waits for anything else, so they cannot deadlock; what
+//! holds the mount exclusive reaches the inodes without their locks.
 
 use super::vnops::{entries, found, is_dir};
-use super::{Mount, ROOT_INUM};
+use super::{Mount, Tier, DATA_ADMIT_BYTES, INODE_ADMIT_BYTES, ROOT_INUM};
 use crate::disk::{InodeMeta, ObjType};
 use crate::error::{Error, Result};
-use crate::inode::{InodeNode, ReadPlan};
+use crate::inode::{Filled, InodeNode, PendingChange, ReadPlan};
 use crate::pfs::DirEntry;
 use crate::readgate::ReadTicket;
+use std::ops::Deref;
+use std::sync::MutexGuard;
+
+/// An inode in memory as a shared query sees it: a PFS root (changed
+/// only with the mount exclusive) or another inode, locked.
+enum NodeRef<'a> {
+    Root(&'a InodeNode),
+    Locked(MutexGuard<'a, InodeNode>),
+}
+
+impl Deref for NodeRef<'_> {
+    type Target = InodeNode;
+
+    fn deref(&self) -> &InodeNode {
+        match self {
+            NodeRef::Root(n) => n,
+            NodeRef::Locked(g) => g,
+        }
+    }
+}
 
 impl Mount {
-    /// Inode `inum` of PFS `label`, if in memory.
-    fn node_loaded(&self, label: &str, inum: u64) -> Option<Result<&InodeNode>> {
+    /// Inode `inum` of PFS `label`, if in memory (locked until the
+    /// reference goes: hold one at a time).
+    fn node_loaded(&self, label: &str, inum: u64) -> Option<Result<NodeRef<'_>>> {
         let p = self.pfs.get(label)?;
         if inum == ROOT_INUM {
-            return Some(Ok(&p.root));
+            return Some(Ok(NodeRef::Root(&p.root)));
         }
         if p.removed.contains(&inum) {
             return Some(Err(Error::NotFound {
                 what: format!("inode {inum}"),
             }));
         }
-        p.inodes.get(&inum).map(Ok)
+        p.inodes.get(&inum).map(|n| Ok(NodeRef::Locked(n.lock())))
     }
 
     /// `getattr` from memory.
@@ -51,7 +78,7 @@ impl Mount {
             Ok(d) => d,
             Err(e) => return Some(Err(e)),
         };
-        if let Err(e) = is_dir(dir, d) {
+        if let Err(e) = is_dir(dir, &d) {
             return Some(Err(e));
         }
         let r = d.dir_lookup_loaded(&self.vol, name)?;
@@ -72,7 +99,7 @@ impl Mount {
             Ok(d) => d,
             Err(e) => return Some(Err(e)),
         };
-        if let Err(e) = is_dir(dir, d) {
+        if let Err(e) = is_dir(dir, &d) {
             return Some(Err(e));
         }
         let r = d.dir_list_loaded(&self.vol, from)?;
@@ -98,5 +125,65 @@ impl Mount {
         }
         let plan = n.read_plan_loaded(offset, len)?;
         Some(plan.map(|p| (p, self.gate.ticket())))
+    }
+
+    /// `write_filled` with the mount shared and the file's own lock
+    /// taken: beside queries and writes to other files. `None` when the
+    /// file is not in memory or is not a regular file; an error changes
+    /// nothing (what it admitted is given back). Either way the caller
+    /// may run `write_filled` with the mount exclusive, which loads what
+    /// is missing, makes room and reports the error of record.
+    pub fn write_shared(
+        &self,
+        label: &str,
+        inum: u64,
+        offset: u64,
+        buf: &[u8],
+        now: u64,
+        filled: &mut Filled,
+    ) -> Option<Result<()>> {
+        if let Err(e) = self.writable() {
+            return Some(Err(e));
+        }
+        let p = self.pfs.get(label)?;
+        if inum == ROOT_INUM || p.removed.contains(&inum) {
+            return None;
+        }
+        let mut n = p.inodes.get(&inum)?.lock();
+        if n.obj_type() != ObjType::Regfile {
+            return None;
+        }
+        if buf.is_empty() {
+            return Some(Ok(()));
+        }
+        // As `write_filled`: the tree over the blocks the flush will
+        // insert loaded, and the blocks this write makes pending admitted,
+        // with the inode unless it waits for the flush already.
+        let end = offset.saturating_add(buf.len() as u64 - 1);
+        if let Err(e) = n.load_range(&self.vol, offset, end) {
+            return Some(Err(e));
+        }
+        let blocks = n.new_pending_blocks(PendingChange::Write {
+            offset,
+            len: buf.len() as u64,
+        });
+        let cost =
+            u64::from(!n.dirty) * INODE_ADMIT_BYTES + blocks.saturating_mul(DATA_ADMIT_BYTES);
+        if let Err(e) = self.admit(cost, Tier::Normal) {
+            return Some(Err(e));
+        }
+        // Changed only with the mount exclusive, so steady here.
+        let defer = !self.flushing && self.partials == 0;
+        match n.write(&self.vol, offset, buf, defer, filled) {
+            Ok(()) => {
+                n.data.meta.mtime = now;
+                n.data.meta.ctime = now;
+                Some(Ok(()))
+            }
+            Err(e) => {
+                self.unadmit_bytes(cost);
+                Some(Err(e))
+            }
+        }
     }
 }

@@ -8,7 +8,7 @@
 use super::{range_end, Mount, RenameFlags, SetAttr, Tier, DATA_ADMIT_BYTES, NEW_INODE, ROOT_INUM};
 use crate::disk::{self, DirentHead, InodeData, InodeMeta, ObjType, Uuid, OPFLAG_DIRECTDATA};
 use crate::error::{Error, Result};
-use crate::inode::{Filled, InodeNode, PendingChange};
+use crate::inode::{Filled, InodeLock, InodeNode, PendingChange};
 use crate::pfs::{self, DirEntry};
 
 pub(super) fn new_meta(
@@ -325,7 +325,7 @@ impl Mount {
             data.meta.rminor = rdev.1;
         }
         let p = self.pfs_mut(label)?;
-        p.inodes.insert(inum, InodeNode::new(data));
+        p.inodes.insert(inum, InodeLock::new(InodeNode::new(data)));
         p.depend.tie(&[dir, inum]);
         self.add_entry(label, dir, name, inum, obj_type, now)?;
         Ok(inum)
@@ -356,7 +356,7 @@ impl Mount {
         let inum = self.alloc_inum(label)?;
         let data = new_meta(ObjType::Directory, inum, &dmeta, mode, uid, gid, now);
         let p = self.pfs_mut(label)?;
-        p.inodes.insert(inum, InodeNode::new(data));
+        p.inodes.insert(inum, InodeLock::new(InodeNode::new(data)));
         p.depend.tie(&[dir, inum]);
         self.add_entry(label, dir, name, inum, ObjType::Directory, now)?;
         Ok(inum)

@@ -42,7 +42,7 @@ use crate::disk::{
     BLOCKREF_LEAF_MAX, DIRHASH_HIMASK, DIRHASH_VISIBLE, INODE_BYTES, INODE_MAXNAME,
 };
 use crate::error::Result;
-use crate::inode::{InodeNode, PendingBlock};
+use crate::inode::{InodeLock, InodeNode, PendingBlock};
 use crate::mount::{Mount, PfsState, ROOT_INUM};
 use crate::pfs::{meta_damage, DIRENT_EMBEDDED_NAME_MAX, DIRENT_NAME_MAX, FILE_SIZE_MAX};
 use crate::volume::Volume;
@@ -90,7 +90,7 @@ enum Scope<'s> {
     },
     PfsRoot {
         cx: &'s mut PfsCtx,
-        inodes: &'s mut BTreeMap<u64, InodeNode>,
+        inodes: &'s mut BTreeMap<u64, InodeLock>,
         pending_dirents: &'s mut BTreeMap<u64, Option<Vec<u8>>>,
         vol: &'s Volume,
     },
@@ -1349,7 +1349,7 @@ impl<'a> Walk<'a> {
         let mut b = use_br;
         sub.apply(&mut b);
         if node.dirty || node.data.meta.inum != key {
-            inodes.insert(key, node);
+            inodes.insert(key, InodeLock::new(node));
             table.touch();
         }
         Some(b)
@@ -1598,7 +1598,7 @@ impl<'a> Walk<'a> {
                 // own number passed its check code.
                 if let Some(mut n) = state.inodes.remove(&key) {
                     if state.root.table.delete(vol, key).is_ok() {
-                        n.dirty = true;
+                        n.get_mut().dirty = true;
                         state.inodes.insert(claimed, n);
                         state.root.dirty = true;
                         self.log.safe(
@@ -1632,7 +1632,7 @@ impl<'a> Walk<'a> {
                     }
                     Err(e) => log::warn!("index entry {key} could not be cut: {e}"),
                 }
-            } else if let Some(n) = state.inodes.get_mut(&key) {
+            } else if let Some(n) = state.inodes.get_mut(&key).map(InodeLock::get_mut) {
                 self.log.safe(
                     Some(&cx.label),
                     Some(key),
@@ -1644,7 +1644,7 @@ impl<'a> Walk<'a> {
             }
         }
         // Inodes kept only to resolve their number, unchanged after all.
-        state.inodes.retain(|_, n| n.dirty);
+        state.inodes.retain(|_, n| n.get_mut().dirty);
     }
 }
 
