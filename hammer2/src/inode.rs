@@ -837,6 +837,15 @@ impl InodeNode {
         Ok(())
     }
 
+    /// Before a write of `len` bytes (`len > 0`) at `offset`: load the
+    /// tree over the blocks the flush will insert there (so it reads
+    /// nothing under the mount's lock) and say how many 64 KiB blocks the
+    /// write makes pending, at most (what the mount admits).
+    pub fn before_write(&mut self, vol: &Volume, offset: u64, len: u64) -> Result<u64> {
+        self.load_range(vol, offset, offset.saturating_add(len - 1))?;
+        Ok(self.new_pending_blocks(PendingChange::Write { offset, len }))
+    }
+
     /// Load the file's tree over bytes `lo..=hi` (a direct-data file has
     /// none), so that changes there, and the flush's, read nothing.
     pub fn load_range(&mut self, vol: &Volume, lo: u64, hi: u64) -> Result<()> {

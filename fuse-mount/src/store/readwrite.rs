@@ -946,6 +946,23 @@ mod tests {
         (rw, d, f, g, data)
     }
 
+    /// A thread holding the mount shared (as a query does) until told to
+    /// go; returns once it holds it.
+    fn hold(rw: &Arc<ReadWrite>) -> (std::thread::JoinHandle<()>, mpsc::Sender<()>) {
+        let (held_tx, held_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let rw = rw.clone();
+        let holder = std::thread::spawn(move || {
+            rw.vol.shared(|_| {
+                held_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+                Some(())
+            });
+        });
+        held_rx.recv().unwrap();
+        (holder, go_tx)
+    }
+
     /// Queries share the mount (the transaction lock taken shared): while
     /// another query holds it, getattr, lookup, readdir, readdirplus's
     /// attributes and a file read of what is in memory are answered
@@ -966,19 +983,7 @@ mod tests {
         assert_eq!(rw.lookup(dino, b"f", any).unwrap().attr.ino.0, fino);
         assert_eq!(rw.read(fino, 0, data.len()).unwrap(), data);
 
-        let (held_tx, held_rx) = mpsc::channel();
-        let (go_tx, go_rx) = mpsc::channel::<()>();
-        let holder = {
-            let rw = rw.clone();
-            std::thread::spawn(move || {
-                rw.vol.shared(|m| {
-                    held_tx.send(()).unwrap();
-                    go_rx.recv().unwrap();
-                    Some(m.getattr_loaded("DATA", f).is_some())
-                })
-            })
-        };
-        held_rx.recv().unwrap();
+        let (holder, go) = hold(&rw);
         let (answered, _) = rw.vol.shared_counts();
         let (tx, rx) = mpsc::channel();
         let q = rw.clone();
@@ -1015,8 +1020,8 @@ mod tests {
         assert_eq!(rw.vol.shared_counts().0 - answered, 7);
         // g was never loaded: with the mount shared, the query declines.
         assert!(rw.vol.shared(|m| m.getattr_loaded("DATA", g)).is_none());
-        go_tx.send(()).unwrap();
-        assert_eq!(holder.join().unwrap(), Some(true));
+        go.send(()).unwrap();
+        holder.join().unwrap();
         // With the holder gone, it is loaded with the mount exclusive.
         assert_eq!(rw.stat(gino).map(|(m, _)| m.size), Ok(0));
         assert!(rw
@@ -1047,19 +1052,7 @@ mod tests {
         assert!(!shared_write(d), "a directory");
         assert_eq!(rw.read(fino, 0, data.len()).unwrap(), data);
 
-        let (held_tx, held_rx) = mpsc::channel();
-        let (go_tx, go_rx) = mpsc::channel::<()>();
-        let holder = {
-            let rw = rw.clone();
-            std::thread::spawn(move || {
-                rw.vol.shared(|_| {
-                    held_tx.send(()).unwrap();
-                    go_rx.recv().unwrap();
-                    Some(())
-                })
-            })
-        };
-        held_rx.recv().unwrap();
+        let (holder, go) = hold(&rw);
         let new: Vec<u8> = (0..200_000u32).map(|i| (i * 13 % 241) as u8).collect();
         let (tx, rx) = mpsc::channel();
         let w = rw.clone();
@@ -1085,7 +1078,7 @@ mod tests {
         want[4096..].copy_from_slice(&new);
         assert_eq!(read, Ok(want));
         assert_eq!(answered, 2, "the write and the read, with the mount shared");
-        go_tx.send(()).unwrap();
+        go.send(()).unwrap();
         holder.join().unwrap();
         // g, loaded with the mount exclusive, is then written shared.
         assert_eq!(rw.stat(gino).map(|(m, _)| m.size), Ok(0));

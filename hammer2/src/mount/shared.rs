@@ -19,7 +19,7 @@ use super::vnops::{entries, found, is_dir};
 use super::{Mount, Tier, DATA_ADMIT_BYTES, INODE_ADMIT_BYTES, ROOT_INUM};
 use crate::disk::{InodeMeta, ObjType};
 use crate::error::{Error, Result};
-use crate::inode::{Filled, InodeNode, PendingChange, ReadPlan};
+use crate::inode::{Filled, InodeNode, ReadPlan};
 use crate::pfs::DirEntry;
 use crate::readgate::ReadTicket;
 use std::ops::Deref;
@@ -156,17 +156,12 @@ impl Mount {
         if buf.is_empty() {
             return Some(Ok(()));
         }
-        // As `write_filled`: the tree over the blocks the flush will
-        // insert loaded, and the blocks this write makes pending admitted,
-        // with the inode unless it waits for the flush already.
-        let end = offset.saturating_add(buf.len() as u64 - 1);
-        if let Err(e) = n.load_range(&self.vol, offset, end) {
-            return Some(Err(e));
-        }
-        let blocks = n.new_pending_blocks(PendingChange::Write {
-            offset,
-            len: buf.len() as u64,
-        });
+        // As `write_filled`: the blocks this write makes pending
+        // admitted, with the inode unless it waits for the flush already.
+        let blocks = match n.before_write(&self.vol, offset, buf.len() as u64) {
+            Ok(b) => b,
+            Err(e) => return Some(Err(e)),
+        };
         let cost =
             u64::from(!n.dirty) * INODE_ADMIT_BYTES + blocks.saturating_mul(DATA_ADMIT_BYTES);
         if let Err(e) = self.admit(cost, Tier::Normal) {

@@ -149,16 +149,8 @@ impl Mount {
             return Ok(());
         }
         // Admit the 64 KiB blocks this write makes pending (at most).
-        let change = PendingChange::Write {
-            offset,
-            len: buf.len() as u64,
-        };
-        // Load the tree over the blocks the flush will insert, so that
-        // the flush reads nothing under the mount's lock.
-        let end = offset.saturating_add(buf.len() as u64 - 1);
         let new_blocks = self.with_node(label, inum, |vol, n| {
-            n.load_range(vol, offset, end)?;
-            Ok(n.new_pending_blocks(change))
+            n.before_write(vol, offset, buf.len() as u64)
         })?;
         let cost = self.admit_change(label, &[inum], 0, new_blocks, Tier::Normal)?;
         // A block written in part is not read now (the old bytes merge
