@@ -364,3 +364,36 @@ fn linux_operations_run_again_after_a_cache_miss_as_if_once() {
         "size, atime, links, inode number, space admitted"
     );
 }
+
+/// An access time set explicitly (utimensat, `setattr` with an atime)
+/// after a read left one waiting in memory (`touch_atime`) is the one
+/// the flush writes: the waiting time is the older event. Before, the
+/// flush put the waiting read's time back over it.
+#[test]
+fn an_explicit_access_time_wins_over_one_waiting_from_a_read() {
+    let dev = new_fs(71);
+    let mut m = open(&dev);
+    let f = create_file(&mut m, L, ROOT_INUM, b"f").unwrap();
+    m.flush().unwrap();
+    m.touch_atime(L, f, T0 + 10).unwrap();
+    assert_eq!(m.atimes_waiting(), 1);
+    // touch -a -d 2000-01-01: older than the read's.
+    let set = 946_684_800_000_000;
+    let a = hammer2::mount::SetAttr {
+        atime: Some(set),
+        ..Default::default()
+    };
+    m.setattr(L, f, a, T0 + 20).unwrap();
+    assert_eq!(m.getattr(L, f).unwrap().atime, set);
+    m.flush().unwrap();
+    assert_eq!(m.getattr(L, f).unwrap().atime, set);
+    let mut m = open(&dev);
+    assert_eq!(m.getattr(L, f).unwrap().atime, set);
+    // A read after it waits again, and is written.
+    m.touch_atime(L, f, T0 + 30).unwrap();
+    m.flush_atimes().unwrap();
+    m.flush().unwrap();
+    let mut m = open(&dev);
+    assert_eq!(m.getattr(L, f).unwrap().atime, T0 + 30);
+    assert!(fsck_problems_free(&dev).is_empty());
+}

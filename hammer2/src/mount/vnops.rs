@@ -229,7 +229,15 @@ impl Mount {
             n.dirty = true;
             Ok(n.data.meta)
         });
-        self.unadmit(cost, r)
+        let r = self.unadmit(cost, r);
+        if r.is_ok() && a.atime.is_some() {
+            // An access time a read left waiting (`touch_atime`) is older
+            // than this one: the flush must not put it back.
+            if let Some(p) = self.pfs.get_mut(label) {
+                p.atimes.remove(&inum);
+            }
+        }
+        r
     }
 
     fn check_new_name(&mut self, label: &str, dir: u64, name: &[u8]) -> Result<()> {
