@@ -580,26 +580,37 @@ impl Filesystem for Hammer2Fs {
         reply: ReplyAttr,
     ) {
         let who = self.caller(req);
+        // What to set, as the caller may: from the inode's meta and the
+        // time of the change.
+        let asked = |meta: &InodeMeta, now: u64| {
+            let time = |t: TimeOrNow| match t {
+                TimeOrNow::Now => now,
+                TimeOrNow::SpecificTime(t) => micros(t),
+            };
+            let times_now = matches!(atime, Some(TimeOrNow::Now) | None)
+                && matches!(mtime, Some(TimeOrNow::Now) | None);
+            let mut a = SetAttr {
+                mode: mode.map(|m| m & 0o7777),
+                uid,
+                gid,
+                size,
+                atime: atime.map(time),
+                mtime: mtime.map(time),
+                ctime: ctime.map(micros),
+            };
+            who.may_setattr(meta, &mut a, times_now, fh.is_some())?;
+            Ok(a)
+        };
         let r = self.route(ino).rw().and_then(|s| {
+            // A size change may clear set-id bits and free blocks: with
+            // the mount exclusive. The rest may share it.
+            let shared = size.is_none().then(|| s.setattr_shared(ino.0, &asked));
+            if let Some(Some(r)) = shared {
+                return r;
+            }
             s.change(|tx| {
                 let meta = tx.meta(ino.0)?;
-                let now = tx.now;
-                let time = |t: TimeOrNow| match t {
-                    TimeOrNow::Now => now,
-                    TimeOrNow::SpecificTime(t) => micros(t),
-                };
-                let times_now = matches!(atime, Some(TimeOrNow::Now) | None)
-                    && matches!(mtime, Some(TimeOrNow::Now) | None);
-                let mut a = SetAttr {
-                    mode: mode.map(|m| m & 0o7777),
-                    uid,
-                    gid,
-                    size,
-                    atime: atime.map(time),
-                    mtime: mtime.map(time),
-                    ctime: ctime.map(micros),
-                };
-                who.may_setattr(&meta, &mut a, times_now, fh.is_some())?;
+                let a = asked(&meta, tx.now)?;
                 tx.setattr(ino.0, a)?;
                 if size.is_some() {
                     self.drop_suid_sgid(&who, tx, ino.0)?;

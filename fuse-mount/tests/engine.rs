@@ -221,7 +221,8 @@ fn worker(t: usize, sh: Arc<Shared>, files: Arc<Mutex<Vec<File>>>) {
                 // own lock), as the mount's writes are.
                 let shared = rng.below(4) != 0
                     && sh.v.shared_change(|m| {
-                        let r = m.write_shared(LABEL, f.inum, off, &buf, now, &mut filled);
+                        let r =
+                            m.write_shared(LABEL, f.inum, off, &buf, now, &mut filled, |_| true);
                         let done = matches!(r, Some(Ok(())));
                         if done {
                             sh.v.note_written(m, buf.len() as u64);

@@ -956,7 +956,7 @@ pub fn lib_apply(m: &mut Mount, op: &Op, now: u64) -> hammer2::Result<()> {
             };
             let shared = seed % 2 == 0
                 && matches!(
-                    m.write_shared(LABEL, i, *off, &data, now, &mut filled),
+                    m.write_shared(LABEL, i, *off, &data, now, &mut filled, |_| true),
                     Some(Ok(()))
                 );
             if !shared {

@@ -383,6 +383,11 @@ fn an_explicit_access_time_wins_over_one_waiting_from_a_read() {
         atime: Some(set),
         ..Default::default()
     };
+    // With the mount shared it declines (the waiting time is the
+    // PFS's to drop), and runs with the mount exclusive.
+    assert!(m
+        .setattr_shared(L, f, T0 + 20, |_| Ok::<_, ()>(a))
+        .is_none());
     m.setattr(L, f, a, T0 + 20).unwrap();
     assert_eq!(m.getattr(L, f).unwrap().atime, set);
     m.flush().unwrap();

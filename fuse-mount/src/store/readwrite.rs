@@ -2,8 +2,9 @@
 //! behind `RwVolume`'s transaction lock (see `rw`). Queries (getattr,
 //! lookup, readdir, the plan of a file read) take it shared when what
 //! they need is in memory (`ReadWrite::query`, the library's `_loaded`
-//! queries), and so do writes to a file in memory (`write_shared`,
-//! under the file's own lock), so they run side by side; otherwise, and
+//! queries), and so do writes to a file in memory and setattr without a
+//! size (`write_shared`, `setattr_shared`, under the inode's own lock),
+//! so they run side by side; otherwise, and
 //! for every other change, it is taken exclusive for one library call
 //! or one `Tx`, so a change
 //! sees no other caller and a flush takes whole operations (the write
@@ -271,6 +272,43 @@ impl ReadWrite {
         Ok(())
     }
 
+    /// setattr of a mode, an owner or times with the mount shared
+    /// (`Mount::setattr_shared`), what to set `asked` of the inode's meta
+    /// and the time: its attributes, or its error (nothing changed).
+    /// `None` when it was not made: run it with the mount exclusive.
+    pub fn setattr_shared(
+        &self,
+        ino: u64,
+        asked: &dyn Fn(&InodeMeta, u64) -> Result<SetAttr, Errno>,
+    ) -> Option<Result<FileAttr, Errno>> {
+        if self.writable().is_err() {
+            return None;
+        }
+        let (label, inum, now) = (&self.vol.label, self.inum(ino), (self.clock)());
+        let mut out = None;
+        self.vol
+            .shared_change(|m| {
+                match m.setattr_shared(label, inum, now, |meta| asked(meta, now)) {
+                    Some(Ok(Ok(_))) => {}
+                    Some(Ok(Err(e))) => {
+                        out = Some(Err(e));
+                        return true;
+                    }
+                    _ => return false,
+                }
+                // Made: the attributes from memory, or (a directory whose
+                // links were never counted) with the mount exclusive below.
+                out = Some(match self.attr_shared(m, ino) {
+                    Ok(attr) => Ok(attr),
+                    Err(Unshared::Errno(e)) => Err(e),
+                    Err(Unshared::Lib(e)) => self.h(Err(e)),
+                    Err(Unshared::Load) => return true,
+                });
+                true
+            })
+            .then(|| out.unwrap_or_else(|| self.tx(|tx| tx.attr(ino))))
+    }
+
     /// `write` with the mount shared (`Mount::write_shared`): for a file
     /// in memory whose meta `plain` says needs nothing done `before` (no
     /// set-id bit to clear; its mode cannot change while the mount is
@@ -289,11 +327,7 @@ impl ReadWrite {
         }
         let (label, inum, now) = (&self.vol.label, self.inum(ino), (self.clock)());
         self.vol.shared_change(|m| {
-            match m.getattr_loaded(label, inum) {
-                Some(Ok(meta)) if plain(&meta) => {}
-                _ => return false,
-            }
-            match m.write_shared(label, inum, offset, data, now, filled) {
+            match m.write_shared(label, inum, offset, data, now, filled, plain) {
                 Some(Ok(())) => {
                     self.vol.note_written(m, data.len() as u64);
                     true
@@ -1044,7 +1078,7 @@ mod tests {
         let shared_write = |inum| {
             let mut filled = Filled::default();
             rw.vol.shared_change(|m| {
-                m.write_shared("DATA", inum, 0, b"x", 2, &mut filled)
+                m.write_shared("DATA", inum, 0, b"x", 2, &mut filled, |_| true)
                     .is_some()
             })
         };
@@ -1084,5 +1118,47 @@ mod tests {
         assert_eq!(rw.stat(gino).map(|(m, _)| m.size), Ok(0));
         assert!(shared_write(g));
         assert_eq!(rw.read(gino, 0, 10), Ok(b"x".to_vec()));
+    }
+
+    /// A setattr of a mode, an owner or times runs with the mount
+    /// shared: beside a query that holds it. Its permission check is
+    /// made under the inode's lock, and a refusal is the answer; a size
+    /// change declines (it runs with the mount exclusive).
+    #[test]
+    fn a_setattr_runs_with_the_mount_shared() {
+        let (rw, _, f, _, _) = store();
+        let rw = Arc::new(rw);
+        let fino = rw.ids().ino(f);
+        assert_eq!(rw.stat(fino).map(|(m, _)| m.mode & 0o7777), Ok(0o644));
+        let (holder, go) = hold(&rw);
+        let (tx, rx) = mpsc::channel();
+        let s = rw.clone();
+        std::thread::spawn(move || {
+            let set = |a: SetAttr| move |_: &InodeMeta, _| Ok(a);
+            let chmod = set(SetAttr {
+                mode: Some(0o600),
+                ..SetAttr::default()
+            });
+            let refused = |_: &InodeMeta, _| Err(Errno::EPERM);
+            let sized = set(SetAttr {
+                size: Some(1),
+                ..SetAttr::default()
+            });
+            let perm = |r: Option<Result<FileAttr, Errno>>| r.map(|r| r.map(|a| a.perm));
+            let _ = tx.send((
+                perm(s.setattr_shared(fino, &chmod)),
+                perm(s.setattr_shared(fino, &refused)),
+                s.setattr_shared(fino, &sized).is_none(),
+            ));
+        });
+        let (chmod, refused, sized_declined) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a setattr waited for a query's hold of the mount");
+        assert_eq!(chmod, Some(Ok(0o600)));
+        assert_eq!(refused, Some(Err(Errno::EPERM)));
+        assert!(sized_declined);
+        go.send(()).unwrap();
+        holder.join().unwrap();
+        assert_eq!(rw.stat(fino).map(|(m, _)| m.mode & 0o7777), Ok(0o600));
     }
 }

@@ -2,7 +2,8 @@
 //! stored_bytes, lookup, readdir and the read plan, for readers that
 //! hold the daemon's transaction lock shared and so run side by side
 //! (DragonFly's shared inode locks for lookups and reads), and of the
-//! write, which takes the file's own lock (`InodeLock`) beside them.
+//! write and the setattr of a mode, an owner or times, which take the
+//! inode's own lock (`InodeLock`) beside them.
 //! They answer from what is in memory alone; `None` means one would
 //! first have to load an inode or a PFS root, which changes the mount,
 //! so the caller runs the `&mut self` version with the lock taken
@@ -15,8 +16,8 @@
 //! holds one waits for anything else, so they cannot deadlock; what
 //! holds the mount exclusive reaches the inodes without their locks.
 
-use super::vnops::{entries, found, is_dir};
-use super::{Mount, Tier, DATA_ADMIT_BYTES, INODE_ADMIT_BYTES, ROOT_INUM};
+use super::vnops::{entries, found, is_dir, set_meta};
+use super::{Mount, SetAttr, Tier, DATA_ADMIT_BYTES, INODE_ADMIT_BYTES, ROOT_INUM};
 use crate::disk::{InodeMeta, ObjType};
 use crate::error::{Error, Result};
 use crate::inode::{Filled, InodeNode, ReadPlan};
@@ -129,10 +130,13 @@ impl Mount {
 
     /// `write_filled` with the mount shared and the file's own lock
     /// taken: beside queries and writes to other files. `None` when the
-    /// file is not in memory or is not a regular file; an error changes
-    /// nothing (what it admitted is given back). Either way the caller
-    /// may run `write_filled` with the mount exclusive, which loads what
-    /// is missing, makes room and reports the error of record.
+    /// file is not in memory, is not a regular file, or `plain` (asked
+    /// of its meta under its lock) says the write needs more done than
+    /// this does (set-id bits to clear); an error changes nothing (what
+    /// it admitted is given back). Either way the caller may run
+    /// `write_filled` with the mount exclusive, which loads what is
+    /// missing, makes room and reports the error of record.
+    #[allow(clippy::too_many_arguments)]
     pub fn write_shared(
         &self,
         label: &str,
@@ -141,6 +145,7 @@ impl Mount {
         buf: &[u8],
         now: u64,
         filled: &mut Filled,
+        plain: impl FnOnce(&InodeMeta) -> bool,
     ) -> Option<Result<()>> {
         if let Err(e) = self.writable() {
             return Some(Err(e));
@@ -150,7 +155,7 @@ impl Mount {
             return None;
         }
         let mut n = p.inodes.get(&inum)?.lock();
-        if n.obj_type() != ObjType::Regfile {
+        if n.obj_type() != ObjType::Regfile || !plain(&n.data.meta) {
             return None;
         }
         if buf.is_empty() {
@@ -180,5 +185,44 @@ impl Mount {
                 Some(Err(e))
             }
         }
+    }
+
+    /// `setattr` of a mode, an owner or times (not a size) with the
+    /// mount shared and the inode's own lock taken; what to set is
+    /// `asked` of the inode's meta under that lock (so a permission
+    /// check and the change are one step), and its refusal is the
+    /// answer (`Ok(Err(_))`, nothing changed). `None` when the inode is
+    /// not in memory, is a PFS root, or has an access time waiting that
+    /// an atime set here must drop (`touch_atime`), or when asked for a
+    /// size; a library error changes nothing. Either way the caller may
+    /// run `setattr` with the mount exclusive.
+    pub fn setattr_shared<E>(
+        &self,
+        label: &str,
+        inum: u64,
+        now: u64,
+        asked: impl FnOnce(&InodeMeta) -> std::result::Result<SetAttr, E>,
+    ) -> Option<Result<std::result::Result<InodeMeta, E>>> {
+        if let Err(e) = self.writable() {
+            return Some(Err(e));
+        }
+        let p = self.pfs.get(label)?;
+        if inum == ROOT_INUM || p.removed.contains(&inum) {
+            return None;
+        }
+        let mut n = p.inodes.get(&inum)?.lock();
+        let a = match asked(&n.data.meta) {
+            Ok(a) => a,
+            Err(e) => return Some(Ok(Err(e))),
+        };
+        if a.size.is_some() || (a.atime.is_some() && p.atimes.contains_key(&inum)) {
+            return None;
+        }
+        if !n.dirty {
+            if let Err(e) = self.admit(INODE_ADMIT_BYTES, Tier::Normal) {
+                return Some(Err(e));
+            }
+        }
+        Some(Ok(Ok(set_meta(&mut n, &a, now))))
     }
 }

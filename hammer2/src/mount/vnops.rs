@@ -209,25 +209,7 @@ impl Mount {
                     n.data.meta.mtime = now;
                 }
             }
-            let m = &mut n.data.meta;
-            if let Some(mode) = a.mode {
-                m.mode = mode & 0o7777;
-            }
-            if let Some(uid) = a.uid {
-                m.uid = Uuid::from_unix_id(uid);
-            }
-            if let Some(gid) = a.gid {
-                m.gid = Uuid::from_unix_id(gid);
-            }
-            if let Some(t) = a.atime {
-                m.atime = t;
-            }
-            if let Some(t) = a.mtime {
-                m.mtime = t;
-            }
-            m.ctime = a.ctime.unwrap_or(now);
-            n.dirty = true;
-            Ok(n.data.meta)
+            Ok(set_meta(n, &a, now))
         });
         let r = self.unadmit(cost, r);
         if r.is_ok() && a.atime.is_some() {
@@ -744,6 +726,31 @@ impl Mount {
 
 /// An entry of `dir` naming the PFS root or `dir` itself is damage that
 /// would make every walk of the tree a cycle (see `pfs::check_entry`).
+/// Apply `a`'s mode, owner and times to inode `n` (its size is the
+/// caller's), the change time `now` unless `a` sets one; the inode is
+/// dirty then. Returns its meta.
+pub(super) fn set_meta(n: &mut InodeNode, a: &SetAttr, now: u64) -> InodeMeta {
+    let m = &mut n.data.meta;
+    if let Some(mode) = a.mode {
+        m.mode = mode & 0o7777;
+    }
+    if let Some(uid) = a.uid {
+        m.uid = Uuid::from_unix_id(uid);
+    }
+    if let Some(gid) = a.gid {
+        m.gid = Uuid::from_unix_id(gid);
+    }
+    if let Some(t) = a.atime {
+        m.atime = t;
+    }
+    if let Some(t) = a.mtime {
+        m.mtime = t;
+    }
+    m.ctime = a.ctime.unwrap_or(now);
+    n.dirty = true;
+    n.data.meta
+}
+
 /// NotDir unless node `d` (inode `dir`) is a directory.
 pub(super) fn is_dir(dir: u64, d: &InodeNode) -> Result<()> {
     if d.obj_type() != ObjType::Directory {
