@@ -5,8 +5,8 @@
 //! Locking: `mount` is the transaction lock (DragonFly's
 //! `hammer2_trans_init`), an `RwLock`. A query that finds what it needs
 //! in memory takes it shared (`shared`), beside other queries, and so
-//! do a write to a file in memory and a setattr without a size
-//! (`shared_change`), which take the inode's own lock too
+//! do a write to a file in memory, a setattr without a size, an open
+//! and a release (`shared_change`), which take the inode's own lock too
 //! (`hammer2::inode::InodeLock`); every other FUSE
 //! operation takes it exclusive for the length of one library call
 //! (`locked`; chunked operations, such as a hole punch or

@@ -86,8 +86,10 @@ pub(crate) struct PfsState {
     /// Inodes to remove from the index at the next flush.
     pub(crate) removed: BTreeSet<u64>,
     /// Pin counts (see `Mount::pin`): an inode whose last link goes
-    /// while it is pinned stays until its last pin goes.
-    pub(crate) pins: BTreeMap<u64, u32>,
+    /// while it is pinned stays until its last pin goes. Behind a lock
+    /// of its own: opens and releases count here with the mount shared
+    /// (`mount/shared.rs`; taken before an inode's lock, never after).
+    pub(crate) pins: Pins,
     /// Blockrefs dropped from the trees of inodes that left memory
     /// before the flush (see `BlockTable::take_dropped`), by inode: a
     /// partial commit frees only what its groups dropped.
@@ -97,6 +99,20 @@ pub(crate) struct PfsState {
     /// Access times waiting for the next flush, by inode (see
     /// `mount/linux.rs`, `touch_atime`).
     pub(crate) atimes: BTreeMap<u64, u64>,
+}
+
+/// A PFS's pin counts, by inode, behind their own lock.
+#[derive(Default)]
+pub(crate) struct Pins(Mutex<BTreeMap<u64, u32>>);
+
+impl Pins {
+    pub(crate) fn get_mut(&mut self) -> &mut BTreeMap<u64, u32> {
+        self.0.get_mut().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, u32>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Attributes to change in `setattr`; `None` leaves a field alone.
@@ -142,7 +158,7 @@ impl PfsState {
             root,
             inodes: BTreeMap::new(),
             removed: BTreeSet::new(),
-            pins: BTreeMap::new(),
+            pins: Pins::default(),
             dropped: BTreeMap::new(),
             depend: Depend::default(),
             atimes: BTreeMap::new(),
@@ -600,22 +616,22 @@ impl Mount {
     /// an inode for each open file handle.
     pub fn pin(&mut self, label: &str, inum: u64) -> Result<()> {
         self.node(label, inum)?;
-        *self.pfs_mut(label)?.pins.entry(inum).or_insert(0) += 1;
+        *self.pfs_mut(label)?.pins.get_mut().entry(inum).or_insert(0) += 1;
         Ok(())
     }
 
     /// Drop one pin of `inum`. At the last one, an inode with no links
     /// left leaves memory at once and the index at the next flush.
     pub fn unpin(&mut self, label: &str, inum: u64) -> Result<()> {
-        let p = self.pfs_mut(label)?;
-        match p.pins.get_mut(&inum) {
+        let pins = self.pfs_mut(label)?.pins.get_mut();
+        match pins.get_mut(&inum) {
             None => return Ok(()),
             Some(n) if *n > 1 => {
                 *n -= 1;
                 return Ok(());
             }
             Some(_) => {
-                p.pins.remove(&inum);
+                pins.remove(&inum);
             }
         }
         if inum == ROOT_INUM {
@@ -638,7 +654,7 @@ impl Mount {
     pub fn pin_count(&self, label: &str, inum: u64) -> u32 {
         self.pfs
             .get(label)
-            .and_then(|p| p.pins.get(&inum).copied())
+            .and_then(|p| p.pins.lock().get(&inum).copied())
             .unwrap_or(0)
     }
 

@@ -109,7 +109,7 @@ impl Mount {
                 );
                 continue;
             }
-            if p.pins.contains_key(&inum) {
+            if p.pins.get_mut().contains_key(&inum) {
                 continue;
             }
             p.inodes.remove(&inum);

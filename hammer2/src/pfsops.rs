@@ -275,7 +275,11 @@ impl Mount {
                 what: format!("{label} is the last PFS of the volume"),
             });
         }
-        if self.pfs.get(label).is_some_and(|p| !p.pins.is_empty()) {
+        if self
+            .pfs
+            .get(label)
+            .is_some_and(|p| !p.pins.lock().is_empty())
+        {
             // DragonFly refuses to delete a mounted PFS (EBUSY).
             return Err(Error::Busy {
                 what: format!("PFS {label} has files open"),

@@ -726,6 +726,26 @@ impl Nodes for ReadWrite {
         reads: bool,
         may: &dyn Fn(&InodeMeta) -> Result<(), Errno>,
     ) -> Result<bool, Errno> {
+        // With the mount shared when the inode is in memory.
+        let (label, inum, now) = (&self.vol.label, self.inum(ino), (self.clock)());
+        let mut out = None;
+        self.vol.shared_change(|m| {
+            let Some(Ok(meta)) = m.getattr_loaded(label, inum) else {
+                return false;
+            };
+            let r = match meta.obj_type {
+                ObjType::Directory => Err(Errno::EISDIR),
+                _ => may(&meta),
+            };
+            if r.is_ok() && m.pin_shared(label, inum).is_none() {
+                return false;
+            }
+            out = Some(r.map(|()| reads && self.atime.due(&meta, now)));
+            true
+        });
+        if let Some(r) = out {
+            return r;
+        }
         self.tx(|tx| {
             let meta = tx.meta(ino)?;
             if meta.obj_type == ObjType::Directory {
@@ -744,9 +764,14 @@ impl Nodes for ReadWrite {
     }
 
     fn unpin(&self, ino: u64) {
-        let r = self
+        let (label, inum) = (&self.vol.label, self.inum(ino));
+        if self
             .vol
-            .locked(|m| m.unpin(&self.vol.label, self.inum(ino)));
+            .shared_change(|m| m.unpin_shared(label, inum).is_some())
+        {
+            return;
+        }
+        let r = self.vol.locked(|m| m.unpin(label, inum));
         if let Err(e) = r {
             self.errors.fail(&e);
         }
@@ -1160,5 +1185,49 @@ mod tests {
         go.send(()).unwrap();
         holder.join().unwrap();
         assert_eq!(rw.stat(fino).map(|(m, _)| m.mode & 0o7777), Ok(0o600));
+    }
+
+    /// An open and a release of a file in memory count its pins with the
+    /// mount shared (beside a query that holds it); the last release of
+    /// a file with no links left declines, and runs with the mount
+    /// exclusive, where the file leaves memory.
+    #[test]
+    fn opens_and_releases_pin_with_the_mount_shared() {
+        let (rw, d, f, _, data) = store();
+        let rw = Arc::new(rw);
+        let fino = rw.ids().ino(f);
+        let pins = move |rw: &ReadWrite| rw.vol.shared(|m| Some(m.pin_count("DATA", f))).unwrap();
+        assert_eq!(rw.stat(fino).map(|(m, _)| m.size), Ok(100_000));
+        let (holder, go) = hold(&rw);
+        let (tx, rx) = mpsc::channel();
+        let s = rw.clone();
+        std::thread::spawn(move || {
+            let opened = (0..3)
+                .map(|_| s.open(fino, true, &|_| Ok(())))
+                .collect::<Vec<_>>();
+            let refused = s.open(fino, true, &|_| Err(Errno::EACCES));
+            let held = pins(&s);
+            s.unpin(fino);
+            let _ = tx.send((opened, refused, held, pins(&s)));
+        });
+        let (opened, refused, held, after) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("an open waited for a query's hold of the mount");
+        assert!(opened.iter().all(|r| r.is_ok()), "{opened:?}");
+        assert_eq!(refused, Err(Errno::EACCES));
+        assert_eq!((held, after), (3, 2));
+        go.send(()).unwrap();
+        holder.join().unwrap();
+
+        // Unlinked while open: the last release removes it (exclusive).
+        rw.vol.locked(|m| m.unlink("DATA", d, b"f", 3)).unwrap();
+        rw.unpin(fino);
+        assert_eq!(rw.read(fino, 0, 10), Ok(data[..10].to_vec()));
+        assert!(!rw
+            .vol
+            .shared_change(|m| m.unpin_shared("DATA", f).is_some()));
+        rw.unpin(fino);
+        assert_eq!(pins(&rw), 0);
+        assert!(rw.stat(fino).is_err(), "gone with its last pin");
     }
 }

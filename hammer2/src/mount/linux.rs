@@ -60,7 +60,7 @@ impl Mount {
         data.meta.nlinks = 0;
         let p = self.pfs_mut(label)?;
         p.inodes.insert(inum, InodeLock::new(InodeNode::new(data)));
-        *p.pins.entry(inum).or_insert(0) += 1;
+        *p.pins.get_mut().entry(inum).or_insert(0) += 1;
         Ok(inum)
     }
 

@@ -3,7 +3,8 @@
 //! hold the daemon's transaction lock shared and so run side by side
 //! (DragonFly's shared inode locks for lookups and reads), and of the
 //! write and the setattr of a mode, an owner or times, which take the
-//! inode's own lock (`InodeLock`) beside them.
+//! inode's own lock (`InodeLock`) beside them, and of the pins an open
+//! and a release count (the PFS's `Pins`, locked before an inode).
 //! They answer from what is in memory alone; `None` means one would
 //! first have to load an inode or a PFS root, which changes the mount,
 //! so the caller runs the `&mut self` version with the lock taken
@@ -12,9 +13,10 @@
 //! `volume::cache_only` a miss fails it with `Error::WouldBlock` and is
 //! noted for the caller.
 //!
-//! Each takes at most one inode's lock at a time, and nothing that
-//! holds one waits for anything else, so they cannot deadlock; what
-//! holds the mount exclusive reaches the inodes without their locks.
+//! Each takes at most one inode's lock at a time (the pins' lock may be
+//! held around it, never taken under it), and nothing that holds one
+//! waits for anything else, so they cannot deadlock; what holds the
+//! mount exclusive reaches the inodes and pins without their locks.
 
 use super::vnops::{entries, found, is_dir, set_meta};
 use super::{Mount, SetAttr, Tier, DATA_ADMIT_BYTES, INODE_ADMIT_BYTES, ROOT_INUM};
@@ -224,5 +226,38 @@ impl Mount {
             }
         }
         Some(Ok(Ok(set_meta(&mut n, &a, now))))
+    }
+
+    /// `pin` with the mount shared (an open): `None` when the inode is
+    /// not in memory.
+    pub fn pin_shared(&self, label: &str, inum: u64) -> Option<()> {
+        let p = self.pfs.get(label)?;
+        if inum != ROOT_INUM && (p.removed.contains(&inum) || !p.inodes.contains_key(&inum)) {
+            return None;
+        }
+        *p.pins.lock().entry(inum).or_insert(0) += 1;
+        Some(())
+    }
+
+    /// `unpin` with the mount shared (a release): `None` when it would
+    /// drop the last pin of an inode with no links left (it then leaves
+    /// memory, with the mount exclusive) or of one not in memory.
+    pub fn unpin_shared(&self, label: &str, inum: u64) -> Option<()> {
+        let p = self.pfs.get(label)?;
+        let mut pins = p.pins.lock();
+        match pins.get_mut(&inum) {
+            None => return Some(()),
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                return Some(());
+            }
+            Some(_) => {}
+        }
+        // Links change only with the mount exclusive.
+        if inum != ROOT_INUM && p.inodes.get(&inum)?.lock().data.meta.nlinks == 0 {
+            return None;
+        }
+        pins.remove(&inum);
+        Some(())
     }
 }

@@ -431,7 +431,7 @@ impl Mount {
         })?;
         if gone {
             let p = self.pfs_mut(label)?;
-            if !p.pins.contains_key(&inum) {
+            if !p.pins.get_mut().contains_key(&inum) {
                 p.forget_inode(inum);
                 p.removed.insert(inum);
             }
