@@ -7,7 +7,7 @@
 //! - `store`: the one trait over the read-only store (`hammer2::Pfs`)
 //!   and the read-write one (`hammer2::mount::Mount`) the operations
 //!   call.
-//! - `rw`: a read-write mount's shared state: the `Mount` behind a mutex,
+//! - `rw`: a read-write mount's shared state: the `Mount` behind its transaction lock,
 //!   the image lock, the flusher.
 //! - `snapdir`: `-o snapdir`, the snapshots read-only under `.snapshot`,
 //!   a layer of its own.
