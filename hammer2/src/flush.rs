@@ -416,22 +416,19 @@ impl Mount {
         let tid = self.next_tid()?;
         let mut blocks = Vec::new();
         let mut heuristics = HashMap::new();
-        for (label, p) in self.pfs.iter_mut() {
-            let nodes: Vec<(&u64, &InodeNode)> = match scope {
-                None => p
-                    .inodes
-                    .iter_mut()
-                    .map(|(i, n)| (i, &*n.get_mut()))
-                    .collect(),
-                Some((l, s)) if l == label => p
-                    .inodes
-                    .iter_mut()
-                    .filter(|(i, _)| s.contains(*i))
-                    .map(|(i, n)| (i, &*n.get_mut()))
-                    .collect(),
+        for (label, p) in &self.pfs {
+            // A partial commit's scope is looked up, not searched for
+            // among every inode in memory.
+            let inums: Vec<u64> = match scope {
+                None => p.inodes.keys().copied().collect(),
+                Some((l, s)) if l == label => s.iter().copied().collect(),
                 Some(_) => continue,
             };
-            for (inum, n) in nodes.into_iter().filter(|(_, n)| !n.pending.is_empty()) {
+            // The mount is borrowed whole: no lock is held by anyone else.
+            let nodes = inums
+                .iter()
+                .filter_map(|i| Some((i, p.inodes.get(i)?.lock())));
+            for (inum, n) in nodes.filter(|(_, n)| !n.pending.is_empty()) {
                 heuristics.insert((label.clone(), *inum), n.comp_heuristic);
                 let size = n.size();
                 for (lbase, blk) in n.pending.range(..size) {
