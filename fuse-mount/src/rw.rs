@@ -353,22 +353,28 @@ impl RwVolume {
     /// answered `None` (it needs something loaded first, which changes
     /// the mount) or missed the cache: run the query through `locked`.
     pub fn shared<T>(&self, f: impl FnOnce(&Mount) -> Option<T>) -> Option<T> {
-        let r = {
-            let m = self.mount.read().unwrap_or_else(|p| p.into_inner());
-            let _mode = hammer2::volume::cache_only();
-            hammer2::volume::take_miss();
-            f(&m)
-        };
-        let r = match hammer2::volume::take_miss() {
-            Some(_) => None,
-            None => r,
-        };
-        let counter = match r {
-            Some(_) => &self.shared_answers,
-            None => &self.shared_declined,
+        let (r, missed) = self.with_shared(f);
+        let r = r.filter(|_| !missed);
+        self.count_shared(r.is_some());
+        r
+    }
+
+    /// `f` with the mount shared and reads served from the cache alone,
+    /// and whether a read missed it.
+    fn with_shared<T>(&self, f: impl FnOnce(&Mount) -> T) -> (T, bool) {
+        let m = self.mount.read().unwrap_or_else(|p| p.into_inner());
+        let _mode = hammer2::volume::cache_only();
+        hammer2::volume::take_miss();
+        let r = f(&m);
+        (r, hammer2::volume::take_miss().is_some())
+    }
+
+    fn count_shared(&self, answered: bool) {
+        let counter = match answered {
+            true => &self.shared_answers,
+            false => &self.shared_declined,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        r
     }
 
     /// The whole blocks of a write of `data` at `offset`, copied onto
@@ -381,19 +387,8 @@ impl RwVolume {
     /// what needed the block, and `f` says whether it made its change).
     /// Each is counted with the queries of `shared`.
     pub fn shared_change(&self, f: impl FnOnce(&Mount) -> bool) -> bool {
-        let done = {
-            let m = self.mount.read().unwrap_or_else(|p| p.into_inner());
-            let _mode = hammer2::volume::cache_only();
-            hammer2::volume::take_miss();
-            let done = f(&m);
-            hammer2::volume::take_miss();
-            done
-        };
-        let counter = match done {
-            true => &self.shared_answers,
-            false => &self.shared_declined,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        let (done, _) = self.with_shared(f);
+        self.count_shared(done);
         done
     }
 

@@ -393,9 +393,10 @@ impl Clone for ReadAhead {
 }
 
 /// An inode in memory behind its own lock (DragonFly's inode lock): a
-/// change to one file made with the daemon's transaction lock shared
-/// (`Mount::write_shared`) and a query beside it take it; whatever holds
-/// the mount exclusive reaches the inode without locking (`get_mut`).
+/// change to one inode made with the daemon's transaction lock shared
+/// (`mount/shared.rs`: a write, a setattr) and a query beside it take
+/// it; whatever holds the mount exclusive reaches the inode without
+/// locking (`get_mut`).
 #[derive(Debug)]
 pub struct InodeLock(Mutex<InodeNode>);
 
@@ -945,7 +946,7 @@ impl InodeNode {
             old.extend(
                 leaves
                     .iter()
-                    .filter(|br| br.key == lbase && br.btype != BlockrefType::Indirect)
+                    .filter(|br| br.key == lbase)
                     .map(|br| br.data_off.bytes()),
             );
         }

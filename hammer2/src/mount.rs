@@ -8,12 +8,12 @@
 //! Operations change inodes in memory (`InodeNode`, each behind its
 //! `InodeLock`) and mark them dirty; `flush` writes them out. Each
 //! operation is applied whole under the caller's exclusive borrow, but
-//! for a write to one file in memory, which may run under a shared
-//! borrow holding that file's lock (`mount/shared.rs`); a flush takes
-//! every change made before it, so an operation that touches several
-//! inodes (create, link, remove, rename) lands wholly in one flush. Time comes
-//! from the caller (`now`, microseconds since the epoch), so tests are
-//! deterministic.
+//! for those on one inode in memory (a write, a setattr without a size,
+//! a pin), which may run under a shared borrow holding that inode's lock
+//! (`mount/shared.rs`); a flush takes every change made before it, so
+//! an operation that touches several inodes (create, link, remove,
+//! rename) lands wholly in one flush. Time comes from the caller
+//! (`now`, microseconds since the epoch), so tests are deterministic.
 //!
 //! Pins (`pin`/`unpin`) keep an inode whose last link goes: an open
 //! file that is unlinked lives, readable and writable by number, until
@@ -203,9 +203,8 @@ pub struct Mount {
     pub(crate) committing: bool,
     /// Bytes admitted since the last flush (file data blocks and inode
     /// metadata), held against the allocator's available space so a
-    /// full disk fails the operation, never the flush.
-    /// Changes made with the mount shared admit beside each other
-    /// (`admit`).
+    /// full disk fails the operation, never the flush. Changes made with
+    /// the mount shared admit beside each other (`admit`).
     pub(crate) admitted: AtomicU64,
     pub(crate) sroot: InodeNode,
     pub(crate) pfs: BTreeMap<String, PfsState>,

@@ -2,14 +2,13 @@
 //! behind `RwVolume`'s transaction lock (see `rw`). Queries (getattr,
 //! lookup, readdir, the plan of a file read) take it shared when what
 //! they need is in memory (`ReadWrite::query`, the library's `_loaded`
-//! queries), and so do writes to a file in memory and setattr without a
-//! size (`write_shared`, `setattr_shared`, under the inode's own lock),
-//! so they run side by side; otherwise, and
-//! for every other change, it is taken exclusive for one library call
-//! or one `Tx`, so a change
-//! sees no other caller and a flush takes whole operations (the write
-//! path's reads must see its unflushed state). File reads only plan
-//! under it (`RwVolume::read`).
+//! queries), and so do writes to a file in memory, setattr without a
+//! size, opens and releases (`write_shared`, `setattr_shared`, under the
+//! inode's own lock), so they run side by side. Otherwise, and for every
+//! other change, it is taken exclusive for one library call or one `Tx`,
+//! so a change sees no other caller and a flush takes whole operations
+//! (the write path's reads must see its unflushed state). File reads
+//! only plan under it (`RwVolume::read`).
 //!
 //! A change is a `Tx` (`ReadWrite::change`): refused with EIO once a
 //! flush has failed, run with the mount locked, and run once more after
@@ -140,15 +139,23 @@ impl ReadWrite {
         shared: impl FnOnce(&Mount) -> Result<T, Unshared>,
         exclusive: impl FnMut(&mut Tx) -> Result<T, Errno>,
     ) -> Result<T, Errno> {
-        let r = self.vol.shared(|m| match shared(m) {
-            Err(Unshared::Load) => None,
-            r => Some(r),
-        });
+        self.vol
+            .shared(|m| match shared(m) {
+                Err(Unshared::Load) => None,
+                r => Some(r),
+            })
+            .and_then(|r| self.answer(r))
+            .unwrap_or_else(|| self.tx(exclusive))
+    }
+
+    /// A shared step's result as the request's (the library's error
+    /// mapped and counted now that it stands); `None` for `Load`.
+    fn answer<T>(&self, r: Result<T, Unshared>) -> Option<Result<T, Errno>> {
         match r {
-            Some(Ok(v)) => Ok(v),
-            Some(Err(Unshared::Lib(e))) => self.h(Err(e)),
-            Some(Err(Unshared::Errno(e))) => Err(e),
-            Some(Err(Unshared::Load)) | None => self.tx(exclusive),
+            Ok(v) => Some(Ok(v)),
+            Err(Unshared::Lib(e)) => Some(self.h(Err(e))),
+            Err(Unshared::Errno(e)) => Some(Err(e)),
+            Err(Unshared::Load) => None,
         }
     }
 
@@ -159,7 +166,9 @@ impl ReadWrite {
     }
 
     /// `attr_locked` with the mount shared: a directory's link count
-    /// is counted from a listing in memory, or it is `Load`.
+    /// is counted from a listing in memory, or it is `Load`. No change
+    /// runs meanwhile (changes to links take the mount exclusive), so a
+    /// count made here is as good as one made by a change.
     fn attr_of(
         &self,
         mount: &Mount,
@@ -167,13 +176,28 @@ impl ReadWrite {
         m: &InodeMeta,
         bytes: u64,
     ) -> Result<FileAttr, Unshared> {
+        self.attr_with(ino, m, bytes, || {
+            loaded(mount.readdir_loaded(&self.vol.label, m.inum, 0))
+        })
+    }
+
+    /// Node `ino`'s attributes from its meta and stored bytes, a
+    /// directory's link count from the `listing` of its entries when
+    /// `dirlinks` has none yet.
+    fn attr_with<E: From<Errno>>(
+        &self,
+        ino: u64,
+        m: &InodeMeta,
+        bytes: u64,
+        listing: impl FnOnce() -> Result<Vec<DirEntry>, E>,
+    ) -> Result<FileAttr, E> {
         let mut a = attr_of_meta(&self.errors, ino, m, bytes)?;
+        // A directory removed (rmdir, or replaced by a rename) while it
+        // is open has no links: its 0 on disk, not a count.
         if m.obj_type == ObjType::Directory && m.nlinks != 0 {
-            // No change runs meanwhile (they take the mount exclusive),
-            // so a count made here is as good as one made by a change.
-            a.nlink = self.dirlinks.nlink(m.inum, || {
-                loaded(mount.readdir_loaded(&self.vol.label, m.inum, 0)).map(|l| subdirs(&l))
-            })?;
+            a.nlink = self
+                .dirlinks
+                .nlink(m.inum, || listing().map(|l| subdirs(&l)))?;
         }
         Ok(a)
     }
@@ -298,12 +322,7 @@ impl ReadWrite {
                 }
                 // Made: the attributes from memory, or (a directory whose
                 // links were never counted) with the mount exclusive below.
-                out = Some(match self.attr_shared(m, ino) {
-                    Ok(attr) => Ok(attr),
-                    Err(Unshared::Errno(e)) => Err(e),
-                    Err(Unshared::Lib(e)) => self.h(Err(e)),
-                    Err(Unshared::Load) => return true,
-                });
+                out = self.answer(self.attr_shared(m, ino));
                 true
             })
             .then(|| out.unwrap_or_else(|| self.tx(|tx| tx.attr(ino))))
@@ -414,16 +433,9 @@ impl ReadWrite {
         m: &InodeMeta,
         bytes: u64,
     ) -> Result<FileAttr, Errno> {
-        let mut a = attr_of_meta(&self.errors, ino, m, bytes)?;
-        // A directory removed (rmdir, or replaced by a rename) while it
-        // is open has no links: its 0 on disk, not a count.
-        if m.obj_type == ObjType::Directory && m.nlinks != 0 {
-            a.nlink = self.dirlinks.nlink(m.inum, || {
-                let r = mount.readdir(&self.vol.label, m.inum, 0);
-                Ok::<_, Errno>(subdirs(&self.h(r)?))
-            })?;
-        }
-        Ok(a)
+        self.attr_with(ino, m, bytes, || {
+            self.h(mount.readdir(&self.vol.label, m.inum, 0))
+        })
     }
 }
 
@@ -726,6 +738,13 @@ impl Nodes for ReadWrite {
         reads: bool,
         may: &dyn Fn(&InodeMeta) -> Result<(), Errno>,
     ) -> Result<bool, Errno> {
+        // Not a directory, and as the caller may; reads that update the
+        // access time must reach us, not the page cache (see `atime`).
+        let check = |meta: &InodeMeta| match meta.obj_type {
+            ObjType::Directory => Err(Errno::EISDIR),
+            _ => may(meta),
+        };
+        let keeps = |meta: &InodeMeta, now| reads && self.atime.due(meta, now);
         // With the mount shared when the inode is in memory.
         let (label, inum, now) = (&self.vol.label, self.inum(ino), (self.clock)());
         let mut out = None;
@@ -733,29 +752,20 @@ impl Nodes for ReadWrite {
             let Some(Ok(meta)) = m.getattr_loaded(label, inum) else {
                 return false;
             };
-            let r = match meta.obj_type {
-                ObjType::Directory => Err(Errno::EISDIR),
-                _ => may(&meta),
-            };
+            let r = check(&meta);
             if r.is_ok() && m.pin_shared(label, inum).is_none() {
                 return false;
             }
-            out = Some(r.map(|()| reads && self.atime.due(&meta, now)));
+            out = Some(r.map(|()| keeps(&meta, now)));
             true
         });
-        if let Some(r) = out {
-            return r;
-        }
-        self.tx(|tx| {
-            let meta = tx.meta(ino)?;
-            if meta.obj_type == ObjType::Directory {
-                return Err(Errno::EISDIR);
-            }
-            may(&meta)?;
-            tx.pin(ino)?;
-            // Reads that update the access time must reach us, not the
-            // page cache (see `atime`).
-            Ok(reads && self.atime.due(&meta, tx.now))
+        out.unwrap_or_else(|| {
+            self.tx(|tx| {
+                let meta = tx.meta(ino)?;
+                check(&meta)?;
+                tx.pin(ino)?;
+                Ok(keeps(&meta, tx.now))
+            })
         })
     }
 
@@ -843,11 +853,7 @@ impl Nodes for ReadWrite {
             // An entry that fails is left to its own lookup, as below.
             Some(attrs) => attrs
                 .into_iter()
-                .map(|r| match r {
-                    Ok(attr) => entry(attr),
-                    Err(Unshared::Lib(e)) => self.h(Err(e)).ok(),
-                    Err(_) => None,
-                })
+                .map(|r| entry(self.answer(r)?.ok()?))
                 .collect(),
             None => self.tx(|tx| {
                 entries

@@ -19,7 +19,7 @@
 //! mount exclusive reaches the inodes and pins without their locks.
 
 use super::vnops::{entries, found, is_dir, set_meta};
-use super::{Mount, SetAttr, Tier, DATA_ADMIT_BYTES, INODE_ADMIT_BYTES, ROOT_INUM};
+use super::{Mount, PfsState, SetAttr, Tier, DATA_ADMIT_BYTES, INODE_ADMIT_BYTES, ROOT_INUM};
 use crate::disk::{InodeMeta, ObjType};
 use crate::error::{Error, Result};
 use crate::inode::{Filled, InodeNode, ReadPlan};
@@ -62,6 +62,26 @@ impl Mount {
         p.inodes.get(&inum).map(|n| Ok(NodeRef::Locked(n.lock())))
     }
 
+    /// Directory `dir` of PFS `label`, if in memory (NotDir for anything
+    /// else).
+    fn dir_loaded(&self, label: &str, dir: u64) -> Option<Result<NodeRef<'_>>> {
+        Some(
+            self.node_loaded(label, dir)?
+                .and_then(|d| is_dir(dir, &d).map(|()| d)),
+        )
+    }
+
+    /// Inode `inum` of PFS `label` to change with the mount shared, and
+    /// its PFS: `None` for a PFS root (changed only with the mount
+    /// exclusive), an inode removed, or one not in memory.
+    fn changing(&self, label: &str, inum: u64) -> Option<(&PfsState, MutexGuard<'_, InodeNode>)> {
+        let p = self.pfs.get(label)?;
+        if inum == ROOT_INUM || p.removed.contains(&inum) {
+            return None;
+        }
+        Some((p, p.inodes.get(&inum)?.lock()))
+    }
+
     /// `getattr` from memory.
     pub fn getattr_loaded(&self, label: &str, inum: u64) -> Option<Result<InodeMeta>> {
         Some(self.node_loaded(label, inum)?.map(|n| n.data.meta))
@@ -77,13 +97,10 @@ impl Mount {
 
     /// `lookup` from memory.
     pub fn lookup_loaded(&self, label: &str, dir: u64, name: &[u8]) -> Option<Result<Option<u64>>> {
-        let d = match self.node_loaded(label, dir)? {
+        let d = match self.dir_loaded(label, dir)? {
             Ok(d) => d,
             Err(e) => return Some(Err(e)),
         };
-        if let Err(e) = is_dir(dir, &d) {
-            return Some(Err(e));
-        }
         let r = d.dir_lookup_loaded(&self.vol, name)?;
         Some(
             r.and_then(|e| found(dir, name, e))
@@ -98,13 +115,10 @@ impl Mount {
         dir: u64,
         from: u64,
     ) -> Option<Result<Vec<DirEntry>>> {
-        let d = match self.node_loaded(label, dir)? {
+        let d = match self.dir_loaded(label, dir)? {
             Ok(d) => d,
             Err(e) => return Some(Err(e)),
         };
-        if let Err(e) = is_dir(dir, &d) {
-            return Some(Err(e));
-        }
         let r = d.dir_list_loaded(&self.vol, from)?;
         Some(r.and_then(|listed| entries(dir, listed)))
     }
@@ -152,11 +166,7 @@ impl Mount {
         if let Err(e) = self.writable() {
             return Some(Err(e));
         }
-        let p = self.pfs.get(label)?;
-        if inum == ROOT_INUM || p.removed.contains(&inum) {
-            return None;
-        }
-        let mut n = p.inodes.get(&inum)?.lock();
+        let (_, mut n) = self.changing(label, inum)?;
         if n.obj_type() != ObjType::Regfile || !plain(&n.data.meta) {
             return None;
         }
@@ -208,11 +218,7 @@ impl Mount {
         if let Err(e) = self.writable() {
             return Some(Err(e));
         }
-        let p = self.pfs.get(label)?;
-        if inum == ROOT_INUM || p.removed.contains(&inum) {
-            return None;
-        }
-        let mut n = p.inodes.get(&inum)?.lock();
+        let (p, mut n) = self.changing(label, inum)?;
         let a = match asked(&n.data.meta) {
             Ok(a) => a,
             Err(e) => return Some(Ok(Err(e))),
