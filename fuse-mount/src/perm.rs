@@ -10,8 +10,9 @@
 //! (`permitted`), the sticky bit, `fs.protected_hardlinks`, and who may
 //! chmod, chown, truncate and set times. Whatever the option, the
 //! filesystem decides the owner of a new node (`new_owner`) and which
-//! set-user-ID and set-group-ID bits a change of data clears
-//! (`after_data_change`), since FUSE leaves part of that to it.
+//! set-user-ID and set-group-ID bits a change of data or of owner
+//! clears (`after_data_change`, `after_chown`), since FUSE leaves that
+//! to it.
 //!
 //! Supplementary groups and CAP_FSETID are read from /proc (as libfuse's
 //! `fuse_req_getgroups`) only when a rule needs them, once per request.
@@ -255,6 +256,28 @@ impl Caller {
             return None;
         }
         Some(mode)
+    }
+
+    /// The mode of `m` after a chown (its owner or group set, the same
+    /// ones included, or neither: `chown(f, -1, -1)`), when it differs:
+    /// as Linux does for a local filesystem (`chown_common`), anything
+    /// but a directory loses set-user-ID whoever the caller, and
+    /// set-group-ID when it is group-executable or the caller is neither
+    /// in its group nor holds CAP_FSETID. The mount leaves this to the
+    /// filesystem (FUSE_HANDLE_KILLPRIV) rather than have the kernel
+    /// send a GETATTR before every chown.
+    pub fn after_chown(&self, m: &InodeMeta) -> Option<u32> {
+        if m.mode & (S_ISUID | S_ISGID) == 0 || m.obj_type == ObjType::Directory {
+            return None;
+        }
+        let old = m.mode & 0o7777;
+        let mut mode = old & !S_ISUID;
+        if old & S_ISGID != 0
+            && (old & S_IXGRP != 0 || !(self.in_group(m.gid_unix()) || self.cap_fsetid()))
+        {
+            mode &= !S_ISGID;
+        }
+        (mode != old).then_some(mode)
     }
 }
 
@@ -650,6 +673,27 @@ mod tests {
         // Only regular files.
         let dir = node(ObjType::Directory, 0o2775, OWNER, GROUP);
         assert_eq!(stranger.after_data_change(&dir), None);
+    }
+
+    /// A chown clears set-user-ID from anything but a directory, root's
+    /// included, and set-group-ID when the file is group-executable or
+    /// the caller is neither in its group nor holds CAP_FSETID (Linux's
+    /// `chown_common`).
+    #[test]
+    fn chown_clears_set_id_bits_but_a_directory_s() {
+        let member = caller(OWNER, GROUP, &[]);
+        let stranger = caller(OWNER, OTHER_GROUP, &[]);
+        let root = caller(0, 0, &[]);
+        assert_eq!(root.after_chown(&file(0o4755)), Some(0o755));
+        assert_eq!(root.after_chown(&file(0o6755)), Some(0o755));
+        assert_eq!(root.after_chown(&file(0o6745)), Some(0o2745));
+        assert_eq!(member.after_chown(&file(0o2745)), None);
+        assert_eq!(stranger.after_chown(&file(0o2745)), Some(0o745));
+        assert_eq!(member.after_chown(&file(0o755)), None);
+        let fifo = node(ObjType::Fifo, 0o4666, OWNER, GROUP);
+        assert_eq!(member.after_chown(&fifo), Some(0o666));
+        let dir = node(ObjType::Directory, 0o6775, OWNER, GROUP);
+        assert_eq!(stranger.after_chown(&dir), None);
     }
 
     /// proc(5), protected_hardlinks = 1: "users cannot create hard links

@@ -491,6 +491,14 @@ impl Filesystem for Hammer2Fs {
             // writes (and manages mtime itself); fsync and close flush
             // them to us first.
             caps.push(InitFlags::FUSE_WRITEBACK_CACHE);
+        } else {
+            // Set-id bits are ours to drop on a write, a truncation and
+            // a chown (`Caller::after_data_change`, `after_chown`):
+            // without this the kernel asks for the attributes before
+            // every chown to work out the mode itself. Not with the
+            // writeback cache, whose writes reach us from the kernel's
+            // flusher rather than from the caller whose rights decide.
+            caps.push(InitFlags::FUSE_HANDLE_KILLPRIV);
         }
         for cap in caps {
             if config.add_capabilities(cap).is_err() {
@@ -599,6 +607,17 @@ impl Filesystem for Hammer2Fs {
                 ctime: ctime.map(micros),
             };
             who.may_setattr(meta, &mut a, times_now, fh.is_some())?;
+            // A chown, or with nothing asked a chown(f, -1, -1) or the
+            // kernel's own call to drop set-id bits before a write (the
+            // kernel leaves those bits to us: FUSE_HANDLE_KILLPRIV).
+            let nothing = mode.is_none()
+                && size.is_none()
+                && atime.is_none()
+                && mtime.is_none()
+                && ctime.is_none();
+            if uid.is_some() || gid.is_some() || nothing {
+                a.mode = a.mode.or(who.after_chown(meta));
+            }
             Ok(a)
         };
         let r = self.route(ino).rw().and_then(|s| {

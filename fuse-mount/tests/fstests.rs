@@ -54,6 +54,18 @@ impl RwMount {
         }
     }
 
+    /// `new` with `env` added to the daemon's environment.
+    fn with_env(img: &Path, mnt: &Path, env: &[(&str, &str)]) -> RwMount {
+        let log = mnt.with_extension("log");
+        let opts = "rw,allow_other,default_permissions,suid";
+        let (child, guard) = mount_foreground_env(img.to_str().unwrap(), mnt, &log, opts, env);
+        RwMount {
+            child: Some(child),
+            guard: Some(guard),
+            log,
+        }
+    }
+
     fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -471,6 +483,111 @@ fn unprivileged_data_changes_clear_set_id_bits() {
             "{before}, {cmd:?} as {uid}:{gid}"
         );
     }
+    m.unmount();
+    fsck_spotless(&img);
+}
+
+/// generic/193 (chown and set-id bits): a chown drops set-user-ID and
+/// set-group-ID as on a local filesystem, the oracle being the same
+/// calls on a file of the host's own filesystem beside the mount. The
+/// mount does it itself (FUSE_HANDLE_KILLPRIV), so the kernel no longer
+/// asks for the attributes before each chown: in fuser's log of the
+/// kernel's requests, 16 fchowns are 16 SETATTRs with no GETATTR among
+/// them (before, one each).
+#[test]
+fn chown_clears_set_id_bits_as_a_local_filesystem_does() {
+    require_fuse();
+    let _serial = serial();
+    let img = new_volume("chown-killpriv", 4);
+    let mnt = scratch("chown-killpriv-mnt");
+    let local = scratch("chown-killpriv-local");
+    let m = RwMount::with_env(&img, &mnt, &[("RUST_LOG", "info,fuser::request=debug")]);
+    let chown = "import os, sys; os.chown(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))";
+    // (mode, the file's owner and group, the caller, chown's uid and gid)
+    type Ids = (u32, u32);
+    let cases: &[(&str, Ids, Ids, (i64, i64))] = &[
+        ("6755", (0, 0), (0, 0), (1001, 1002)),
+        ("6745", (0, 0), (0, 0), (1001, -1)),
+        ("4755", (0, 0), (0, 0), (-1, -1)),
+        ("2755", (0, 0), (0, 0), (-1, 1002)),
+        (
+            "6745",
+            (NOBODY, NOBODY),
+            (NOBODY, NOBODY),
+            (-1, NOBODY as i64),
+        ),
+        ("2745", (NOBODY, 0), (NOBODY, NOBODY), (-1, NOBODY as i64)),
+        ("2745", (NOBODY, 0), (NOBODY, NOBODY), (-1, -1)),
+        (
+            "4711",
+            (NOBODY, NOBODY),
+            (NOBODY, NOBODY),
+            (NOBODY as i64, -1),
+        ),
+    ];
+    for dir in [&mnt, &local] {
+        let d = dir.join("d");
+        fs::create_dir(&d).unwrap();
+        fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o6775)).unwrap();
+        std::os::unix::fs::chown(&d, Some(1001), Some(1002)).unwrap();
+        assert_eq!(mode_of(&d, true), "6775", "a directory keeps its bits");
+    }
+    for (i, (mode, owner, who, to)) in cases.iter().enumerate() {
+        let mut got = Vec::new();
+        for dir in [&mnt, &local] {
+            let f = dir.join(format!("f{i}"));
+            fs::write(&f, b"x").unwrap();
+            std::os::unix::fs::chown(&f, Some(owner.0), Some(owner.1)).unwrap();
+            let bits = u32::from_str_radix(mode, 8).unwrap();
+            fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(bits)).unwrap();
+            let f_ = f.to_str().unwrap();
+            let (u, g) = (to.0.to_string(), to.1.to_string());
+            run_as(who.0, who.1, &["python3", "-c", chown, f_, &u, &g]);
+            got.push((mode_of(&f, false), mode_of(&f, true)));
+        }
+        let (ours, theirs) = (&got[0], &got[1]);
+        assert_eq!(ours.0, theirs.1, "case {i}: the kernel's cached mode");
+        assert_eq!(
+            ours.1, theirs.1,
+            "case {i}: {mode} {owner:?}, chown {to:?} by {who:?}"
+        );
+    }
+    // No GETATTR before a chown.
+    let f = mnt.join("counted");
+    fs::write(&f, b"x").unwrap();
+    fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o4755)).unwrap();
+    let file = File::open(&f).unwrap();
+    let from = m.log().len();
+    for i in 0..16u32 {
+        std::os::unix::fs::fchown(&file, Some(2000 + i), None).unwrap();
+    }
+    drop(file);
+    assert_eq!(mode_of(&f, true), "755");
+    let log = m.log();
+    let ino = fs::metadata(&f).unwrap().ino();
+    let node = format!("ino {ino:#018x} ");
+    let reqs: Vec<&str> = log[from..].lines().filter(|l| l.contains(&node)).collect();
+    let setattrs = reqs.iter().filter(|l| l.contains(" SETATTR ")).count();
+    let last = reqs
+        .iter()
+        .rposition(|l| l.contains(" SETATTR "))
+        .unwrap_or(0);
+    let asked = reqs[..last]
+        .iter()
+        .filter(|l| l.contains(" GETATTR "))
+        .count();
+    assert_eq!(
+        setattrs,
+        16,
+        "the log shows the kernel's requests:\n{}",
+        reqs.join("\n")
+    );
+    assert_eq!(
+        asked,
+        0,
+        "GETATTRs among the SETATTRs:\n{}",
+        reqs.join("\n")
+    );
     m.unmount();
     fsck_spotless(&img);
 }
