@@ -320,7 +320,8 @@ impl BufCache {
         format!(
             "buffer cache: {} hits, {} misses; page lookups: {} lockless, {} locked \
              ({:.4} of hits lockless), {} not found; device: {} reads ({:.1} MiB), \
-             {} writes ({:.1} MiB), {} barriers; file data pages: peak {} ({:.1} MiB)",
+             {} writes ({:.1} MiB), {} barriers; file data pages: peak {} ({:.1} MiB); \
+             frames made resident ahead of use: {} ({:.1} MiB)",
             s.hits,
             s.misses,
             l.fast,
@@ -333,7 +334,9 @@ impl BufCache {
             mib(s.device_write_bytes),
             s.barriers,
             vs.anon_peak,
-            mib((vs.anon_peak * FRAME_BYTES) as u64)
+            mib((vs.anon_peak * FRAME_BYTES) as u64),
+            vs.prefaulted,
+            mib(vs.prefaulted * FRAME_BYTES as u64)
         )
     }
 

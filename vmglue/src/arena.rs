@@ -11,7 +11,7 @@
 
 use crate::error::{Error, Result};
 use crate::page::FRAME_BYTES;
-use memmap2::{MmapOptions, MmapRaw, UncheckedAdvice};
+use memmap2::{Advice, MmapOptions, MmapRaw, UncheckedAdvice};
 
 pub(crate) struct Arena {
     map: MmapRaw,
@@ -67,6 +67,34 @@ impl Arena {
                 FRAME_BYTES,
             )
         }
+    }
+
+    /// Make frame `idx` resident (`MADV_POPULATE_WRITE`): its memory
+    /// faulted in, its contents untouched, so it may be in use meanwhile.
+    pub fn populate(&self, idx: usize) -> std::io::Result<()> {
+        assert!(idx < self.frames, "frame {idx} outside the arena");
+        self.map
+            .advise_range(Advice::PopulateWrite, idx * FRAME_BYTES, FRAME_BYTES)
+    }
+
+    /// Which frames are resident, as the kernel says (`mincore`).
+    #[cfg(test)]
+    pub fn resident(&self) -> Vec<bool> {
+        let page = 4096;
+        let mut vec = vec![0u8; self.frames * FRAME_BYTES / page];
+        // SAFETY: the range is the whole mapping, page aligned, and `vec`
+        // has one byte per kernel page of it, as mincore(2) writes.
+        let rc = unsafe {
+            libc::mincore(
+                self.map.as_mut_ptr().cast(),
+                self.frames * FRAME_BYTES,
+                vec.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+        vec.chunks(FRAME_BYTES / page)
+            .map(|f| f.iter().all(|b| b & 1 == 1))
+            .collect()
     }
 
     /// Give frames `first..first + count` back to the kernel; they read as

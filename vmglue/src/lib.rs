@@ -11,7 +11,8 @@
 //! stack), `hash` (the lockless page hash), `index` (the authoritative
 //! key -> page index), `wait` (sleeping on busy pages), `vm` (the `Vm`,
 //! lookup, allocation, the page guards), `pageout` (the scans, laundering,
-//! the daemon), `budget` (shrinking and growing the budget), `stats`.
+//! the daemon), `prefault` (frames made resident ahead of first use),
+//! `budget` (shrinking and growing the budget), `stats`.
 
 // The arena hands out frame slices from a raw mapping; that needs `unsafe`
 // in `arena.rs`, at the marked frame-access sites of `vm.rs`, `anon.rs`,
@@ -28,6 +29,7 @@ mod hash;
 mod index;
 mod page;
 mod pageout;
+mod prefault;
 mod queue;
 mod stats;
 mod vm;

@@ -382,11 +382,21 @@ impl Vm {
             .name("pageout".into())
             .spawn(move || daemon(&vm, &stop2))
             .map_err(|source| Error::PageoutSpawn { source })?;
-        Ok(PageoutDaemon {
+        let mut d = PageoutDaemon {
             vm: Arc::clone(self),
             stop,
             handle: Some(handle),
-        })
+            prefault: None,
+        };
+        let vm = Arc::clone(self);
+        let stop2 = Arc::clone(&d.stop);
+        d.prefault = Some(
+            std::thread::Builder::new()
+                .name("prefault".into())
+                .spawn(move || vm.prefault_daemon(&stop2))
+                .map_err(|source| Error::PageoutSpawn { source })?,
+        );
+        Ok(d)
     }
 }
 
@@ -412,11 +422,13 @@ fn daemon(vm: &Vm, stop: &AtomicBool) {
     }
 }
 
-/// The running pageout thread; dropping it stops and joins the thread.
+/// The running pageout thread, and the prefault thread beside it
+/// (`prefault.rs`); dropping it stops and joins both.
 pub struct PageoutDaemon {
     vm: Arc<Vm>,
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
+    prefault: Option<JoinHandle<()>>,
 }
 
 impl Drop for PageoutDaemon {
@@ -433,6 +445,12 @@ impl Drop for PageoutDaemon {
         if let Some(h) = self.handle.take() {
             if h.join().is_err() {
                 log::error!("pageout thread panicked");
+            }
+        }
+        self.vm.prefault.stop_wake();
+        if let Some(h) = self.prefault.take() {
+            if h.join().is_err() {
+                log::error!("prefault thread panicked");
             }
         }
     }

@@ -28,6 +28,7 @@ use crate::page::{
     PG_PREFETCHED, PG_REFERENCED,
 };
 use crate::pageout::Pager;
+use crate::prefault::Prefault;
 use crate::queue::{Locked, Queues};
 use crate::stats::{thread_slot, LookupStats, Stats};
 use crate::wait::WaitTable;
@@ -93,6 +94,8 @@ pub struct VmStats {
     /// the most there were at once.
     pub anon: usize,
     pub anon_peak: usize,
+    /// Frames the prefault thread made resident ahead of use.
+    pub prefaulted: u64,
     pub lookups: LookupStats,
 }
 
@@ -139,6 +142,7 @@ pub struct Vm {
     pub(crate) pageout_run_lock: Mutex<()>,
     pub(crate) pageout_lock: Mutex<()>,
     pub(crate) pageout_cv: Condvar,
+    pub(crate) prefault: Prefault,
     pub(crate) stats: Stats,
 }
 
@@ -226,6 +230,7 @@ impl Vm {
             pageout_run_lock: Mutex::new(()),
             pageout_lock: Mutex::new(()),
             pageout_cv: Condvar::new(),
+            prefault: Prefault::new(colors),
             stats: Stats::new(),
             pages,
             cfg: VmConfig { colors, ..cfg },
@@ -309,6 +314,7 @@ impl Vm {
             wired: self.wired_pages.load(Ordering::Relaxed),
             anon: self.anon_pages.load(Ordering::Relaxed),
             anon_peak: self.anon_peak.load(Ordering::Relaxed),
+            prefaulted: self.prefault.frames.load(Ordering::Relaxed),
             lookups: self.stats.lookups(),
         }
     }
@@ -544,11 +550,14 @@ impl Vm {
     fn take_free(&self, color: usize) -> Option<u32> {
         let n = self.queues.colors();
         for i in 0..n {
-            let mut l = self.lock_color((color + i) % n);
+            let c = (color + i) % n;
+            let mut l = self.lock_color(c);
             if let Some(idx) = l.head(Queue::Free) {
                 l.unlink(idx, Queue::None);
                 let ok = self.page(idx).try_busy_exclusive();
                 assert!(ok, "free page {idx} was busy");
+                drop(l);
+                self.prefault.taken(c, idx);
                 return Some(idx);
             }
         }
