@@ -838,11 +838,18 @@ impl Filesystem for Hammer2Fs {
             let may = |m: &InodeMeta| who.may(m, mask);
             layer.open(ino.0, mask & R != 0, &may)
         })();
+        // A descriptor that cannot write has nothing for close(2) to
+        // report (`flush`): the kernel need not ask.
+        let noflush = if mask & W == 0 {
+            FopenFlags::FOPEN_NOFLUSH
+        } else {
+            FopenFlags::empty()
+        };
         match r {
             // Every change goes through the kernel's page cache, so
             // cached pages stay valid across opens.
-            Ok(false) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            Ok(true) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Ok(false) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | noflush),
+            Ok(true) => reply.opened(FileHandle(0), noflush),
             Err(e) => reply.error(e),
         }
     }
@@ -968,8 +975,9 @@ impl Filesystem for Hammer2Fs {
         }
     }
 
-    /// close(2): nothing to write here (the flusher does), but a mount
-    /// whose flush failed says so.
+    /// close(2) of a descriptor that may write: nothing to write here
+    /// (the flusher does), but a mount whose flush failed says so. The
+    /// kernel does not ask for read-only ones (`open`: FOPEN_NOFLUSH).
     fn flush(
         &self,
         _req: &Request,

@@ -16,7 +16,8 @@ use common::*;
 use bufcache::{BlockDevice, FileDevice};
 use hammer2::disk::{Blockref, BlockrefType};
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
@@ -760,6 +761,46 @@ fn extended_attributes_are_refused_and_asked_for_once() {
         "the log shows the kernel's requests ({writes} writes)"
     );
     assert_eq!(asks, 1, "getxattr asked once in {writes} writes");
+    m.unmount();
+    let _ = fs::remove_file(&img);
+}
+
+/// close(2) asks the daemon (FUSE_FLUSH) only for a descriptor that may
+/// write, the one whose close can report a failed flush: read-only
+/// opens say FOPEN_NOFLUSH, and the kernel's requests, as fuser logs
+/// them, show 2 flushes for 2 writable opens among 10.
+#[test]
+fn only_writable_descriptors_are_flushed_at_close() {
+    require_fuse();
+    let img = new_volume("noflush", 1);
+    let mnt = scratch("noflush-mnt");
+    let m = RwMount::with_env(&img, &mnt, &[("RUST_LOG", "info,fuser::request=debug")]);
+    let p = mnt.join("f");
+    fs::write(&p, b"data").unwrap();
+    let ino = fs::metadata(&p).unwrap().ino();
+    let from = fs::read(&m.log).unwrap().len();
+    for _ in 0..8 {
+        assert_eq!(fs::read(&p).unwrap(), b"data");
+    }
+    for _ in 0..2 {
+        let f = fs::OpenOptions::new().append(true).open(&p).unwrap();
+        (&f).write_all(b"+").unwrap();
+    }
+    assert_eq!(fs::read(&p).unwrap(), b"data++");
+    let log = fs::read(&m.log).unwrap();
+    let log = String::from_utf8_lossy(&log[from..]);
+    let node = format!("ino {ino:#018x} ");
+    let count = |op: &str| {
+        log.lines()
+            .filter(|l| l.contains(&node) && l.contains(op))
+            .count()
+    };
+    assert_eq!(
+        count(" OPEN "),
+        11,
+        "the log shows the kernel's requests:\n{log}"
+    );
+    assert_eq!(count(" FLUSH "), 2, "flushes:\n{log}");
     m.unmount();
     let _ = fs::remove_file(&img);
 }
