@@ -63,6 +63,13 @@ pub trait Nodes: Send + Sync {
     /// anything read-only.
     fn rw(&self) -> Result<&ReadWrite, Errno>;
 
+    /// How long the kernel may trust a name this layer answers (a
+    /// lookup's, or a new node's); `ttl`, the mount's time for
+    /// attributes, unless the layer knows better.
+    fn entry_ttl(&self, ttl: Duration) -> Duration {
+        ttl
+    }
+
     /// Node `ino`'s meta.
     fn meta(&self, ino: u64) -> Result<InodeMeta, Errno>;
 

@@ -392,11 +392,14 @@ impl Hammer2Fs {
 
     /// Reply to an operation that made a node (mknod, mkdir, symlink,
     /// link): the kernel now holds it.
-    fn reply_entry(&self, r: Result<FileAttr, Errno>, reply: ReplyEntry) {
+    /// Answer a new entry of directory `parent` (mknod, mkdir, symlink,
+    /// link).
+    fn reply_entry(&self, parent: INodeNo, r: Result<FileAttr, Errno>, reply: ReplyEntry) {
         match r {
             Ok(attr) => {
                 self.inodes.remember(attr.ino.0, None);
-                reply.entry(&self.ttl, &attr, generation(&attr))
+                let entry_ttl = self.router.route(parent.0).entry_ttl(self.ttl);
+                reply.entry_with_ttls(&self.ttl, &entry_ttl, &attr, generation(&attr))
             }
             Err(e) => reply.error(e),
         }
@@ -531,26 +534,30 @@ impl Filesystem for Hammer2Fs {
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.counters.lookups.fetch_add(1, Ordering::Relaxed);
+        let dots = name == "." || name == "..";
+        let layer = self.router.route_entry(parent.0, name.as_bytes());
         let r = (|| {
             if name.len() > self.store().name_max() {
                 return Err(Errno::ENAMETOOLONG);
             }
-            if name == "." || name == ".." {
+            if dots {
                 return self.lookup_dots(parent, name == "..");
             }
             let who = self.caller(req);
             let search = |m: &InodeMeta, mask| who.may(m, mask);
-            let layer = self.router.route_entry(parent.0, name.as_bytes());
             let e = layer.lookup(parent.0, name.as_bytes(), &search)?;
             self.inodes.remember(e.attr.ino.0, e.inode);
             Ok(e.attr)
         })();
         match r {
             Ok(attr) => {
-                if name == "." || name == ".." {
+                let entry_ttl = if dots {
                     self.inodes.remember(attr.ino.0, None);
-                }
-                reply.entry(&self.ttl, &attr, generation(&attr))
+                    self.ttl
+                } else {
+                    layer.entry_ttl(self.ttl)
+                };
+                reply.entry_with_ttls(&self.ttl, &entry_ttl, &attr, generation(&attr))
             }
             Err(e) => reply.error(e),
         }
@@ -664,7 +671,7 @@ impl Filesystem for Hammer2Fs {
         let r = mknod_type(mode)
             .ok_or(Errno::EINVAL)
             .and_then(|t| self.make_node(req, parent, name, t, mode, rdev, false));
-        self.reply_entry(r, reply);
+        self.reply_entry(parent, r, reply);
     }
 
     fn mkdir(
@@ -677,7 +684,7 @@ impl Filesystem for Hammer2Fs {
         reply: ReplyEntry,
     ) {
         let r = self.make_node(req, parent, name, ObjType::Directory, mode, 0, false);
-        self.reply_entry(r, reply);
+        self.reply_entry(parent, r, reply);
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -735,7 +742,7 @@ impl Filesystem for Hammer2Fs {
                 tx.attr(ino)
             })
         });
-        self.reply_entry(r, reply);
+        self.reply_entry(parent, r, reply);
     }
 
     fn rename(
@@ -820,7 +827,7 @@ impl Filesystem for Hammer2Fs {
                 tx.attr(ino.0)
             })
         });
-        self.reply_entry(r, reply);
+        self.reply_entry(newparent, r, reply);
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -868,8 +875,10 @@ impl Filesystem for Hammer2Fs {
         match r {
             Ok(attr) => {
                 self.inodes.remember(attr.ino.0, None);
-                reply.created(
+                let entry_ttl = self.router.route(parent.0).entry_ttl(self.ttl);
+                reply.created_with_ttls(
                     &self.ttl,
+                    &entry_ttl,
                     &attr,
                     generation(&attr),
                     FileHandle(0),
@@ -1158,15 +1167,20 @@ impl Filesystem for Hammer2Fs {
                 Some(found) => (Some(found.attr), found.inode),
                 None => (None, None),
             };
-            let (attr, ttl) = match attr {
-                Some(a) => (a, self.ttl),
-                None => (placeholder_attr(child, entry_kind(e)), Duration::ZERO),
+            let (attr, ttl, entry_ttl) = match attr {
+                Some(a) => (a, self.ttl, layer.entry_ttl(self.ttl)),
+                None => (
+                    placeholder_attr(child, entry_kind(e)),
+                    Duration::ZERO,
+                    Duration::ZERO,
+                ),
             };
-            let full = reply.add(
+            let full = reply.add_with_ttls(
                 INodeNo(child),
                 cookie::after_key(e.key),
                 OsStr::from_bytes(&e.name),
                 &ttl,
+                &entry_ttl,
                 &attr,
                 generation(&attr),
             );

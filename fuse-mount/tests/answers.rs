@@ -50,10 +50,13 @@ impl RwMount {
     }
 
     /// `new`, with `env` added to the daemon's environment.
-    fn with_env(img: &Path, mnt: &Path, env: &[(&str, &str)]) -> RwMount {
+    fn with_env(img: &Path, mnt: &Path, opts: &str, env: &[(&str, &str)]) -> RwMount {
         let log = mnt.with_extension("log");
-        let (child, guard) =
-            mount_foreground_env(img.to_str().unwrap(), mnt, &log, "rw,sync_interval=0", env);
+        let opts = format!(
+            "rw,sync_interval=0{}{opts}",
+            if opts.is_empty() { "" } else { "," }
+        );
+        let (child, guard) = mount_foreground_env(img.to_str().unwrap(), mnt, &log, &opts, env);
         RwMount {
             child: Some(child),
             guard: Some(guard),
@@ -734,7 +737,7 @@ fn extended_attributes_are_refused_and_asked_for_once() {
     require_fuse();
     let img = new_volume("xattr", 1);
     let mnt = scratch("xattr-mnt");
-    let m = RwMount::with_env(&img, &mnt, &[("RUST_LOG", "info,fuser::request=debug")]);
+    let m = RwMount::with_env(&img, &mnt, "", &[("RUST_LOG", "info,fuser::request=debug")]);
     let p = mnt.join("f");
     let f = open_rw(&p);
     for i in 0..32u64 {
@@ -774,7 +777,7 @@ fn only_writable_descriptors_are_flushed_at_close() {
     require_fuse();
     let img = new_volume("noflush", 1);
     let mnt = scratch("noflush-mnt");
-    let m = RwMount::with_env(&img, &mnt, &[("RUST_LOG", "info,fuser::request=debug")]);
+    let m = RwMount::with_env(&img, &mnt, "", &[("RUST_LOG", "info,fuser::request=debug")]);
     let p = mnt.join("f");
     fs::write(&p, b"data").unwrap();
     let ino = fs::metadata(&p).unwrap().ino();
@@ -801,6 +804,54 @@ fn only_writable_descriptors_are_flushed_at_close() {
         "the log shows the kernel's requests:\n{log}"
     );
     assert_eq!(count(" FLUSH "), 2, "flushes:\n{log}");
+    m.unmount();
+    let _ = fs::remove_file(&img);
+}
+
+/// A name of the PFS stays valid in the kernel once looked up, listed or
+/// made:
+/// a stat of it seconds later asks no LOOKUP (only its attributes, which
+/// keep one second). The snapshot layer's names, which change behind the
+/// kernel's back, are asked again after a second. Counted in fuser's log
+/// of the kernel's requests.
+#[test]
+fn names_outlive_their_attributes_but_snapshot_names_do_not() {
+    require_fuse();
+    let img = new_volume("entry-ttl", 1);
+    let mnt = scratch("entry-ttl-mnt");
+    let m = RwMount::with_env(
+        &img,
+        &mnt,
+        "snapdir",
+        &[("RUST_LOG", "info,fuser::request=debug")],
+    );
+    let p = |s: &str| mnt.join(s);
+    fs::create_dir(p("d")).unwrap();
+    fs::create_dir(p("e")).unwrap();
+    fs::write(p("d/found"), b"y").unwrap();
+    fs::write(p("e/listed"), b"z").unwrap();
+    // The kernel forgets the names; "found" is then looked up, "listed"
+    // listed (READDIRPLUS) and "made" made.
+    fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    assert_eq!(fs::metadata(p("d/found")).unwrap().len(), 1);
+    assert_eq!(fs::read_dir(p("e")).unwrap().count(), 1);
+    fs::write(p("d/made"), b"x").unwrap();
+    assert!(fs::metadata(p(".snapshot")).unwrap().is_dir());
+    let from = fs::read(&m.log).unwrap().len();
+    std::thread::sleep(Duration::from_millis(1500));
+    for name in ["d/found", "d/made", "e/listed", ".snapshot"] {
+        fs::metadata(p(name)).unwrap();
+    }
+    let log = fs::read(&m.log).unwrap();
+    let log = String::from_utf8_lossy(&log[from..]);
+    let lookups = |name: &str| {
+        let want = format!(" LOOKUP name {name:?}");
+        log.lines().filter(|l| l.contains(&want)).count()
+    };
+    for name in ["d", "e", "found", "made", "listed"] {
+        assert_eq!(lookups(name), 0, "{name} looked up again:\n{log}");
+    }
+    assert_eq!(lookups(".snapshot"), 1, "the snapshot layer's name:\n{log}");
     m.unmount();
     let _ = fs::remove_file(&img);
 }

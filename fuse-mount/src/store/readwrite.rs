@@ -33,12 +33,25 @@ use hammer2::DirEntry;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long the kernel may trust names and attributes without asking
-/// again: every change comes through the kernel, which updates or
-/// invalidates what it caches, but some follow-ups (the ctime of a file
-/// whose other name was removed, the link count after a rename over it)
-/// are only right once it asks again. One second, as libfuse's default.
+/// How long the kernel may trust attributes without asking again (and
+/// the names of the snapshot layer; this PFS's names keep
+/// `TTL_ENTRY_READ_WRITE`): every change comes through the kernel,
+/// which updates or invalidates what it caches, but some follow-ups
+/// (the ctime of a file whose other name was removed, the link count
+/// after a rename over it) are only right once it asks again. One
+/// second, as libfuse's default.
 const TTL_READ_WRITE: Duration = Duration::from_secs(1);
+
+/// How long the kernel may trust a name: the PFS's names change only
+/// through the kernel (create, link, unlink, rename, each of which
+/// updates the names it caches), so they stay valid until it drops
+/// them; what a change elsewhere may leave stale (a link count, a
+/// ctime) is in the attributes, which keep `TTL_READ_WRITE`. Without
+/// this each name older than a second cost a LOOKUP again (an unlink of
+/// 10k files: 22k to 26k/s before, 29k to 31k/s after). Snapshots come
+/// and go behind the kernel's back, so `.snapshot` keeps the mount's
+/// time (`snapdir`).
+const TTL_ENTRY_READ_WRITE: Duration = Duration::from_secs(3600);
 
 /// The longest name made or looked up: Linux's NAME_MAX (see
 /// `vnops::NAME_MAX_REPORTED`).
@@ -667,6 +680,10 @@ impl Tx<'_> {
 impl Nodes for ReadWrite {
     fn rw(&self) -> Result<&ReadWrite, Errno> {
         Ok(self)
+    }
+
+    fn entry_ttl(&self, _ttl: Duration) -> Duration {
+        TTL_ENTRY_READ_WRITE
     }
 
     fn meta(&self, ino: u64) -> Result<InodeMeta, Errno> {

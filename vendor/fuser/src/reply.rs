@@ -518,6 +518,31 @@ impl ReplyCreate {
         ));
     }
 
+    /// LOCAL: `created` with the entry's and the attributes' times to
+    /// live apart, as `ReplyEntry::entry_with_ttls` has them.
+    /// # Panics
+    /// When attempting to use kernel passthrough.
+    pub fn created_with_ttls(
+        self,
+        attr_ttl: &Duration,
+        entry_ttl: &Duration,
+        attr: &FileAttr,
+        generation: Generation,
+        fh: ll::FileHandle,
+        flags: FopenFlags,
+    ) {
+        assert!(!flags.contains(FopenFlags::FOPEN_PASSTHROUGH));
+        self.reply.send_ll(&ll::ResponseStruct::new_create_with_ttls(
+            attr_ttl,
+            entry_ttl,
+            &attr.into(),
+            generation,
+            fh,
+            flags,
+            0,
+        ));
+    }
+
     /// Reply to a request with the given error code
     pub fn error(self, err: Errno) {
         self.reply.error(err);
@@ -769,15 +794,31 @@ impl ReplyDirectoryPlus {
         attr: &FileAttr,
         generation: Generation,
     ) -> bool {
+        self.add_with_ttls(ino, offset, name, ttl, ttl, attr, generation)
+    }
+
+    /// LOCAL: `add` with the entry's and the attributes' times to live
+    /// apart, as `ReplyEntry::entry_with_ttls` has them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_with_ttls<T: AsRef<OsStr>>(
+        &mut self,
+        ino: INodeNo,
+        offset: u64,
+        name: T,
+        attr_ttl: &Duration,
+        entry_ttl: &Duration,
+        attr: &FileAttr,
+        generation: Generation,
+    ) -> bool {
         let name = name.as_ref();
         self.buf.push(&DirEntryPlus::new(
             ino,
             generation,
             DirEntOffset(offset),
             name,
-            *ttl,
+            *entry_ttl,
             attr.into(),
-            *ttl,
+            *attr_ttl,
         ))
     }
 
