@@ -390,10 +390,8 @@ impl Hammer2Fs {
         Ok(dir)
     }
 
-    /// Reply to an operation that made a node (mknod, mkdir, symlink,
-    /// link): the kernel now holds it.
-    /// Answer a new entry of directory `parent` (mknod, mkdir, symlink,
-    /// link).
+    /// Reply to an operation that made a node or a name in directory
+    /// `parent` (mknod, mkdir, symlink, link): the kernel now holds it.
     fn reply_entry(&self, parent: INodeNo, r: Result<FileAttr, Errno>, reply: ReplyEntry) {
         match r {
             Ok(attr) => {

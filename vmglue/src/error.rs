@@ -55,8 +55,12 @@ pub enum Error {
         anon_pages: usize,
         online_pages: usize,
     },
-    /// The pageout thread could not be started.
-    PageoutSpawn { source: io::Error },
+    /// The pageout or the prefault thread (`thread`) could not be
+    /// started.
+    PageoutSpawn {
+        thread: &'static str,
+        source: io::Error,
+    },
     /// `Vm::verify` found a broken invariant.
     Invariant { what: String },
 }
@@ -122,8 +126,8 @@ impl fmt::Display for Error {
                 f,
                 "{anon_pages} anonymous pages already, the most {online_pages} online pages allow"
             ),
-            Error::PageoutSpawn { source } => {
-                write!(f, "starting the pageout thread failed: {source}")
+            Error::PageoutSpawn { thread, source } => {
+                write!(f, "starting the {thread} thread failed: {source}")
             }
             Error::Invariant { what } => write!(f, "page layer invariant broken: {what}"),
         }
@@ -135,7 +139,7 @@ impl std::error::Error for Error {
         match self {
             Error::ArenaMap { source, .. }
             | Error::Madvise { source, .. }
-            | Error::PageoutSpawn { source } => Some(source),
+            | Error::PageoutSpawn { source, .. } => Some(source),
             _ => None,
         }
     }

@@ -381,7 +381,10 @@ impl Vm {
         let handle = std::thread::Builder::new()
             .name("pageout".into())
             .spawn(move || daemon(&vm, &stop2))
-            .map_err(|source| Error::PageoutSpawn { source })?;
+            .map_err(|source| Error::PageoutSpawn {
+                thread: "pageout",
+                source,
+            })?;
         let mut d = PageoutDaemon {
             vm: Arc::clone(self),
             stop,
@@ -394,7 +397,10 @@ impl Vm {
             std::thread::Builder::new()
                 .name("prefault".into())
                 .spawn(move || vm.prefault_daemon(&stop2))
-                .map_err(|source| Error::PageoutSpawn { source })?,
+                .map_err(|source| Error::PageoutSpawn {
+                    thread: "prefault",
+                    source,
+                })?,
         );
         Ok(d)
     }
