@@ -36,20 +36,14 @@ struct RwMount {
 
 impl RwMount {
     fn new(img: &Path, mnt: &Path, opts: &str) -> RwMount {
-        let log = mnt.with_extension("log");
-        let opts = format!(
-            "rw,sync_interval=0{}{opts}",
-            if opts.is_empty() { "" } else { "," }
-        );
-        let (child, guard) = mount_foreground(img.to_str().unwrap(), mnt, &log, &opts);
-        RwMount {
-            child: Some(child),
-            guard: Some(guard),
-            log,
-        }
+        RwMount::with_env(img, mnt, opts, &[])
     }
 
-    /// `new`, with `env` added to the daemon's environment.
+    /// `new`, with fuser logging every request the kernel sends.
+    fn with_request_log(img: &Path, mnt: &Path, opts: &str) -> RwMount {
+        RwMount::with_env(img, mnt, opts, &[("RUST_LOG", "info,fuser::request=debug")])
+    }
+
     fn with_env(img: &Path, mnt: &Path, opts: &str, env: &[(&str, &str)]) -> RwMount {
         let log = mnt.with_extension("log");
         let opts = format!(
@@ -62,6 +56,18 @@ impl RwMount {
             guard: Some(guard),
             log,
         }
+    }
+
+    /// The log's length now: where `requests_since` starts.
+    fn log_len(&self) -> usize {
+        fs::read(&self.log).map(|l| l.len()).unwrap_or(0)
+    }
+
+    /// What the daemon logged (the kernel's requests, with
+    /// `with_request_log`) since `from`.
+    fn requests_since(&self, from: usize) -> String {
+        let log = fs::read(&self.log).unwrap();
+        String::from_utf8_lossy(&log[from.min(log.len())..]).into_owned()
     }
 
     fn unmount(mut self) {
@@ -737,7 +743,7 @@ fn extended_attributes_are_refused_and_asked_for_once() {
     require_fuse();
     let img = new_volume("xattr", 1);
     let mnt = scratch("xattr-mnt");
-    let m = RwMount::with_env(&img, &mnt, "", &[("RUST_LOG", "info,fuser::request=debug")]);
+    let m = RwMount::with_request_log(&img, &mnt, "");
     let p = mnt.join("f");
     let f = open_rw(&p);
     for i in 0..32u64 {
@@ -755,8 +761,7 @@ fn extended_attributes_are_refused_and_asked_for_once() {
     let mut list = [0u8; 64];
     assert_eq!(rustix::fs::listxattr(&p, &mut list).unwrap(), 0, "no names");
     drop(f);
-    let log = fs::read(&m.log).unwrap();
-    let log = String::from_utf8_lossy(&log);
+    let log = m.requests_since(0);
     let writes = log.lines().filter(|l| l.contains(" WRITE ")).count();
     let asks = log.lines().filter(|l| l.contains(" GETXATTR ")).count();
     assert!(
@@ -777,11 +782,11 @@ fn only_writable_descriptors_are_flushed_at_close() {
     require_fuse();
     let img = new_volume("noflush", 1);
     let mnt = scratch("noflush-mnt");
-    let m = RwMount::with_env(&img, &mnt, "", &[("RUST_LOG", "info,fuser::request=debug")]);
+    let m = RwMount::with_request_log(&img, &mnt, "");
     let p = mnt.join("f");
     fs::write(&p, b"data").unwrap();
     let ino = fs::metadata(&p).unwrap().ino();
-    let from = fs::read(&m.log).unwrap().len();
+    let from = m.log_len();
     for _ in 0..8 {
         assert_eq!(fs::read(&p).unwrap(), b"data");
     }
@@ -790,8 +795,7 @@ fn only_writable_descriptors_are_flushed_at_close() {
         (&f).write_all(b"+").unwrap();
     }
     assert_eq!(fs::read(&p).unwrap(), b"data++");
-    let log = fs::read(&m.log).unwrap();
-    let log = String::from_utf8_lossy(&log[from..]);
+    let log = m.requests_since(from);
     let node = format!("ino {ino:#018x} ");
     let count = |op: &str| {
         log.lines()
@@ -808,23 +812,17 @@ fn only_writable_descriptors_are_flushed_at_close() {
     let _ = fs::remove_file(&img);
 }
 
-/// A name of the PFS stays valid in the kernel once looked up, listed or
-/// made:
-/// a stat of it seconds later asks no LOOKUP (only its attributes, which
-/// keep one second). The snapshot layer's names, which change behind the
-/// kernel's back, are asked again after a second. Counted in fuser's log
-/// of the kernel's requests.
+/// A name of the PFS stays valid in the kernel once looked up, listed
+/// or made: a stat of it seconds later asks no LOOKUP (only its
+/// attributes, which keep one second). The snapshot layer's names,
+/// which change behind the kernel's back, are asked again after a
+/// second. Counted in fuser's log of the kernel's requests.
 #[test]
 fn names_outlive_their_attributes_but_snapshot_names_do_not() {
     require_fuse();
     let img = new_volume("entry-ttl", 1);
     let mnt = scratch("entry-ttl-mnt");
-    let m = RwMount::with_env(
-        &img,
-        &mnt,
-        "snapdir",
-        &[("RUST_LOG", "info,fuser::request=debug")],
-    );
+    let m = RwMount::with_request_log(&img, &mnt, "snapdir");
     let p = |s: &str| mnt.join(s);
     fs::create_dir(p("d")).unwrap();
     fs::create_dir(p("e")).unwrap();
@@ -837,13 +835,12 @@ fn names_outlive_their_attributes_but_snapshot_names_do_not() {
     assert_eq!(fs::read_dir(p("e")).unwrap().count(), 1);
     fs::write(p("d/made"), b"x").unwrap();
     assert!(fs::metadata(p(".snapshot")).unwrap().is_dir());
-    let from = fs::read(&m.log).unwrap().len();
+    let from = m.log_len();
     std::thread::sleep(Duration::from_millis(1500));
     for name in ["d/found", "d/made", "e/listed", ".snapshot"] {
         fs::metadata(p(name)).unwrap();
     }
-    let log = fs::read(&m.log).unwrap();
-    let log = String::from_utf8_lossy(&log[from..]);
+    let log = m.requests_since(from);
     let lookups = |name: &str| {
         let want = format!(" LOOKUP name {name:?}");
         log.lines().filter(|l| l.contains(&want)).count()
