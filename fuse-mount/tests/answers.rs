@@ -23,6 +23,19 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Held by a test that drops the kernel's caches, or that counts on
+/// them staying, so that no other test of this file drops them meanwhile.
+fn kernel_caches() -> std::sync::MutexGuard<'static, ()> {
+    static CACHES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    CACHES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Drop the kernel's dentries and inodes (`drop_caches` 2), with
+/// `kernel_caches` held.
+fn drop_dentries() {
+    fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+}
+
 const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
 
@@ -505,7 +518,9 @@ fn the_snapshot_directory_needs_search_permission_on_the_root() {
         fs::write(mnt.join("f"), b"f").unwrap();
         // Refused first, with nothing in the kernel's cache: a name
         // looked up (or made) there is not asked for again for a while.
-        fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        let caches = kernel_caches();
+        drop_dentries();
+        drop(caches);
         fs::set_permissions(&mnt, fs::Permissions::from_mode(0o700)).unwrap();
         let stat = |name: &str| {
             sh_as(&mnt, &nobody, &format!("stat {name}"))
@@ -823,6 +838,7 @@ fn names_outlive_their_attributes_but_snapshot_names_do_not() {
     let img = new_volume("entry-ttl", 1);
     let mnt = scratch("entry-ttl-mnt");
     let m = RwMount::with_request_log(&img, &mnt, "snapdir");
+    let _caches = kernel_caches();
     let p = |s: &str| mnt.join(s);
     fs::create_dir(p("d")).unwrap();
     fs::create_dir(p("e")).unwrap();
@@ -830,7 +846,7 @@ fn names_outlive_their_attributes_but_snapshot_names_do_not() {
     fs::write(p("e/listed"), b"z").unwrap();
     // The kernel forgets the names; "found" is then looked up, "listed"
     // listed (READDIRPLUS) and "made" made.
-    fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    drop_dentries();
     assert_eq!(fs::metadata(p("d/found")).unwrap().len(), 1);
     assert_eq!(fs::read_dir(p("e")).unwrap().count(), 1);
     fs::write(p("d/made"), b"x").unwrap();
