@@ -65,6 +65,15 @@ const DATA_ADMIT_BYTES: u64 = disk::DATA_BLOCK_BYTES + disk::IND_BYTES_NOM as u6
 /// Stands for an inode an operation creates, in `admit_change`.
 const NEW_INODE: u64 = 0;
 
+/// What a change admits (`Mount::admit`): `inodes` rewritten that do
+/// not wait for the flush already, `dirents` added or removed, and
+/// `blocks` of file data made pending.
+fn change_bytes(inodes: u64, dirents: u64, blocks: u64) -> u64 {
+    inodes * INODE_ADMIT_BYTES
+        + dirents * DIRENT_ADMIT_BYTES
+        + blocks.saturating_mul(DATA_ADMIT_BYTES)
+}
+
 /// Which share of the space an operation may take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Tier {
@@ -448,9 +457,7 @@ impl Mount {
                 n += u64::from(!self.inode_dirty(label, inum));
             }
         }
-        let bytes = n * INODE_ADMIT_BYTES
-            + dirents * DIRENT_ADMIT_BYTES
-            + blocks.saturating_mul(DATA_ADMIT_BYTES);
+        let bytes = change_bytes(n, dirents, blocks);
         self.admit(bytes, tier)?;
         // The inodes one change rewrites reach the disk together
         // (`depend.rs`); an inode it creates is tied once it has a number.

@@ -18,8 +18,8 @@
 //! waits for anything else, so they cannot deadlock; what holds the
 //! mount exclusive reaches the inodes and pins without their locks.
 
-use super::vnops::{entries, found, is_dir, set_meta};
-use super::{Mount, PfsState, SetAttr, Tier, DATA_ADMIT_BYTES, INODE_ADMIT_BYTES, ROOT_INUM};
+use super::vnops::{entries, found, is_dir, set_meta, write_node};
+use super::{change_bytes, Mount, PfsState, SetAttr, Tier, ROOT_INUM};
 use crate::disk::{InodeMeta, ObjType};
 use crate::error::{Error, Result};
 use crate::inode::{Filled, InodeNode, ReadPlan};
@@ -179,24 +179,23 @@ impl Mount {
             Ok(b) => b,
             Err(e) => return Some(Err(e)),
         };
-        let cost =
-            u64::from(!n.dirty) * INODE_ADMIT_BYTES + blocks.saturating_mul(DATA_ADMIT_BYTES);
+        let cost = change_bytes(u64::from(!n.dirty), 0, blocks);
         if let Err(e) = self.admit(cost, Tier::Normal) {
             return Some(Err(e));
         }
-        // Changed only with the mount exclusive, so steady here.
-        let defer = !self.flushing && self.partials == 0;
-        match n.write(&self.vol, offset, buf, defer, filled) {
-            Ok(()) => {
-                n.data.meta.mtime = now;
-                n.data.meta.ctime = now;
-                Some(Ok(()))
-            }
-            Err(e) => {
-                self.unadmit_bytes(cost);
-                Some(Err(e))
-            }
+        let r = write_node(
+            &self.vol,
+            &mut n,
+            offset,
+            buf,
+            self.defers_reads(),
+            filled,
+            now,
+        );
+        if r.is_err() {
+            self.unadmit_bytes(cost);
         }
+        Some(r)
     }
 
     /// `setattr` of a mode, an owner or times (not a size) with the
@@ -227,7 +226,7 @@ impl Mount {
             return None;
         }
         if !n.dirty {
-            if let Err(e) = self.admit(INODE_ADMIT_BYTES, Tier::Normal) {
+            if let Err(e) = self.admit(change_bytes(1, 0, 0), Tier::Normal) {
                 return Some(Err(e));
             }
         }

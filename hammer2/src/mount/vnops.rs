@@ -153,22 +153,25 @@ impl Mount {
             n.before_write(vol, offset, buf.len() as u64)
         })?;
         let cost = self.admit_change(label, &[inum], 0, new_blocks, Tier::Normal)?;
-        // A block written in part is not read now (the old bytes merge
-        // in at the flush) unless a pipelined flush has taken the file
-        // data already: its commit would have to read under the lock.
-        let defer = !self.flushing && self.partials == 0;
+        let defer = self.defers_reads();
         let r = self.with_node(label, inum, |vol, n| {
             if n.obj_type() != ObjType::Regfile {
                 return Err(Error::InvalidArgument {
                     what: format!("write to a {}", n.obj_type().name()),
                 });
             }
-            n.write(vol, offset, buf, defer, filled)?;
-            n.data.meta.mtime = now;
-            n.data.meta.ctime = now;
-            Ok(())
+            write_node(vol, n, offset, buf, defer, filled, now)
         });
         self.unadmit(cost, r)
+    }
+
+    /// Whether a block written in part may skip reading its old bytes
+    /// now (they merge in at the flush): not while a pipelined flush or
+    /// a partial commit has taken file data already, whose commit would
+    /// have to read under the lock. Changed only with the mount
+    /// exclusive, so steady for a write made with it shared.
+    pub(super) fn defers_reads(&self) -> bool {
+        !self.flushing && self.partials == 0
     }
 
     pub fn setattr(&mut self, label: &str, inum: u64, a: SetAttr, now: u64) -> Result<InodeMeta> {
@@ -729,6 +732,23 @@ impl Mount {
 /// Apply `a`'s mode, owner and times to inode `n` (its size is the
 /// caller's), the change time `now` unless `a` sets one; the inode is
 /// dirty then. Returns its meta.
+/// Write `buf` at `offset` of regular file `n` (`InodeNode::write`) and
+/// set its modification and change times to `now`.
+pub(super) fn write_node(
+    vol: &crate::volume::Volume,
+    n: &mut InodeNode,
+    offset: u64,
+    buf: &[u8],
+    defer: bool,
+    filled: &mut Filled,
+    now: u64,
+) -> Result<()> {
+    n.write(vol, offset, buf, defer, filled)?;
+    n.data.meta.mtime = now;
+    n.data.meta.ctime = now;
+    Ok(())
+}
+
 pub(super) fn set_meta(n: &mut InodeNode, a: &SetAttr, now: u64) -> InodeMeta {
     let m = &mut n.data.meta;
     if let Some(mode) = a.mode {
