@@ -238,24 +238,18 @@ impl Caller {
     /// set-group-ID cleared as Linux does for local filesystems
     /// (`setattr_should_drop_suidgid`) unless the caller holds
     /// CAP_FSETID: set-user-ID always, set-group-ID when the file is
-    /// group-executable or the caller is not in its group. The kernel has
-    /// FUSE drop set-user-ID, and set-group-ID of a group-executable
-    /// file, itself (a SETATTR before the change), but not a
-    /// set-group-ID bit without group execute (fs/fuse/dir.c,
-    /// `fuse_setattr`): that is left to the filesystem.
+    /// group-executable or the caller is not in its group. With
+    /// FUSE_HANDLE_KILLPRIV the kernel leaves all of it to the
+    /// filesystem; without it (the writeback cache) it drops set-user-ID,
+    /// and set-group-ID of a group-executable file, itself (a SETATTR
+    /// before the change), and leaves the rest (fs/fuse/dir.c,
+    /// `fuse_setattr`).
     pub fn after_data_change(&self, m: &InodeMeta) -> Option<u32> {
-        if m.mode & (S_ISUID | S_ISGID) == 0 || m.obj_type != ObjType::Regfile {
+        if m.obj_type != ObjType::Regfile {
             return None;
         }
-        let old = m.mode & 0o7777;
-        let mut mode = old & !S_ISUID;
-        if old & S_ISGID != 0 && (old & S_IXGRP != 0 || !self.in_group(m.gid_unix())) {
-            mode &= !S_ISGID;
-        }
-        if mode == old || self.cap_fsetid() {
-            return None;
-        }
-        Some(mode)
+        self.set_id_cleared(m, || false)
+            .filter(|_| !self.cap_fsetid())
     }
 
     /// The mode of `m` after a chown (its owner or group set, the same
@@ -267,13 +261,23 @@ impl Caller {
     /// filesystem (FUSE_HANDLE_KILLPRIV) rather than have the kernel
     /// send a GETATTR before every chown.
     pub fn after_chown(&self, m: &InodeMeta) -> Option<u32> {
-        if m.mode & (S_ISUID | S_ISGID) == 0 || m.obj_type == ObjType::Directory {
+        if m.obj_type == ObjType::Directory {
             return None;
         }
+        self.set_id_cleared(m, || self.cap_fsetid())
+    }
+
+    /// `m`'s mode without set-user-ID, and without set-group-ID when the
+    /// file is group-executable or the caller is neither in its group
+    /// nor `exempt` (Linux's `setattr_should_drop_sgid`), when that
+    /// differs. `exempt` and the groups are asked only if they decide.
+    fn set_id_cleared(&self, m: &InodeMeta, exempt: impl FnOnce() -> bool) -> Option<u32> {
         let old = m.mode & 0o7777;
+        if old & (S_ISUID | S_ISGID) == 0 {
+            return None;
+        }
         let mut mode = old & !S_ISUID;
-        if old & S_ISGID != 0
-            && (old & S_IXGRP != 0 || !(self.in_group(m.gid_unix()) || self.cap_fsetid()))
+        if old & S_ISGID != 0 && (old & S_IXGRP != 0 || !(self.in_group(m.gid_unix()) || exempt()))
         {
             mode &= !S_ISGID;
         }
