@@ -390,13 +390,18 @@ impl Hammer2Fs {
         Ok(dir)
     }
 
+    /// How long the kernel may trust a name made in directory `parent`.
+    fn entry_ttl_in(&self, parent: INodeNo) -> Duration {
+        self.router.route(parent.0).entry_ttl(self.ttl)
+    }
+
     /// Reply to an operation that made a node or a name in directory
     /// `parent` (mknod, mkdir, symlink, link): the kernel now holds it.
     fn reply_entry(&self, parent: INodeNo, r: Result<FileAttr, Errno>, reply: ReplyEntry) {
         match r {
             Ok(attr) => {
                 self.inodes.remember(attr.ino.0, None);
-                let entry_ttl = self.router.route(parent.0).entry_ttl(self.ttl);
+                let entry_ttl = self.entry_ttl_in(parent);
                 reply.entry_with_ttls(&self.ttl, &entry_ttl, &attr, generation(&attr))
             }
             Err(e) => reply.error(e),
@@ -873,7 +878,7 @@ impl Filesystem for Hammer2Fs {
         match r {
             Ok(attr) => {
                 self.inodes.remember(attr.ino.0, None);
-                let entry_ttl = self.router.route(parent.0).entry_ttl(self.ttl);
+                let entry_ttl = self.entry_ttl_in(parent);
                 reply.created_with_ttls(
                     &self.ttl,
                     &entry_ttl,
@@ -1151,6 +1156,7 @@ impl Filesystem for Hammer2Fs {
         // hold of the mount, and each unit reruns after a cache miss, so
         // nothing is added to the reply inside it).
         let layer = self.route(ino);
+        let entry_ttl = layer.entry_ttl(self.ttl);
         let batch_len = layer.attr_batch().max(1);
         let mut batch: std::collections::VecDeque<Option<store::Entry>> = Default::default();
         for (i, e) in entries[start..].iter().enumerate() {
@@ -1166,7 +1172,7 @@ impl Filesystem for Hammer2Fs {
                 None => (None, None),
             };
             let (attr, ttl, entry_ttl) = match attr {
-                Some(a) => (a, self.ttl, layer.entry_ttl(self.ttl)),
+                Some(a) => (a, self.ttl, entry_ttl),
                 None => (
                     placeholder_attr(child, entry_kind(e)),
                     Duration::ZERO,

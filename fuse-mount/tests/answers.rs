@@ -82,7 +82,17 @@ impl RwMount {
         let log = fs::read(&self.log).unwrap();
         String::from_utf8_lossy(&log[from.min(log.len())..]).into_owned()
     }
+}
 
+/// The lines of `log` that hold every one of `parts` (a request's
+/// opcode, its node, its name).
+fn count_lines(log: &str, parts: &[&str]) -> usize {
+    log.lines()
+        .filter(|l| parts.iter().all(|p| l.contains(p)))
+        .count()
+}
+
+impl RwMount {
     fn unmount(mut self) {
         let guard = self.guard.take().expect("mounted");
         umount_settled(&guard.mnt);
@@ -777,8 +787,8 @@ fn extended_attributes_are_refused_and_asked_for_once() {
     assert_eq!(rustix::fs::listxattr(&p, &mut list).unwrap(), 0, "no names");
     drop(f);
     let log = m.requests_since(0);
-    let writes = log.lines().filter(|l| l.contains(" WRITE ")).count();
-    let asks = log.lines().filter(|l| l.contains(" GETXATTR ")).count();
+    let writes = count_lines(&log, &[" WRITE "]);
+    let asks = count_lines(&log, &[" GETXATTR "]);
     assert!(
         writes >= 32,
         "the log shows the kernel's requests ({writes} writes)"
@@ -791,7 +801,7 @@ fn extended_attributes_are_refused_and_asked_for_once() {
 /// close(2) asks the daemon (FUSE_FLUSH) only for a descriptor that may
 /// write, the one whose close can report a failed flush: read-only
 /// opens say FOPEN_NOFLUSH, and the kernel's requests, as fuser logs
-/// them, show 2 flushes for 2 writable opens among 10.
+/// them, show 2 flushes for 2 writable opens among 11.
 #[test]
 fn only_writable_descriptors_are_flushed_at_close() {
     require_fuse();
@@ -812,11 +822,7 @@ fn only_writable_descriptors_are_flushed_at_close() {
     assert_eq!(fs::read(&p).unwrap(), b"data++");
     let log = m.requests_since(from);
     let node = format!("ino {ino:#018x} ");
-    let count = |op: &str| {
-        log.lines()
-            .filter(|l| l.contains(&node) && l.contains(op))
-            .count()
-    };
+    let count = |op: &str| count_lines(&log, &[&node, op]);
     assert_eq!(
         count(" OPEN "),
         11,
@@ -857,10 +863,7 @@ fn names_outlive_their_attributes_but_snapshot_names_do_not() {
         fs::metadata(p(name)).unwrap();
     }
     let log = m.requests_since(from);
-    let lookups = |name: &str| {
-        let want = format!(" LOOKUP name {name:?}");
-        log.lines().filter(|l| l.contains(&want)).count()
-    };
+    let lookups = |name: &str| count_lines(&log, &[&format!(" LOOKUP name {name:?}")]);
     for name in ["d", "e", "found", "made", "listed"] {
         assert_eq!(lookups(name), 0, "{name} looked up again:\n{log}");
     }

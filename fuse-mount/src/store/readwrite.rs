@@ -48,7 +48,7 @@ const TTL_READ_WRITE: Duration = Duration::from_secs(1);
 /// them; what a change elsewhere may leave stale (a link count, a
 /// ctime) is in the attributes, which keep `TTL_READ_WRITE`. Without
 /// this each name older than a second cost a LOOKUP again (an unlink of
-/// 10k files: 22k to 26k/s before, 29k to 31k/s after). Snapshots come
+/// 10k files: 21k to 22k/s before, 25k to 27k/s after). Snapshots come
 /// and go behind the kernel's back, so `.snapshot` keeps the mount's
 /// time (`snapdir`).
 const TTL_ENTRY_READ_WRITE: Duration = Duration::from_secs(3600);
