@@ -386,6 +386,22 @@ impl BufCache {
         })
     }
 
+    /// Sync write of several buffers together (BSD's `cluster_write`):
+    /// each is marked dirty, then all are written, neighbours in one
+    /// device write. The buffers are of distinct frames, in ascending
+    /// order (the order `getblk` took them in, so two writers cannot
+    /// wait on each other).
+    pub fn bwrite_all(&self, mut bufs: Vec<Buf<'_>>) -> Result<()> {
+        for b in bufs.iter_mut() {
+            b.mark_dirty()?;
+        }
+        let mut pages: Vec<(u64, &mut PageBusy<'_>)> = bufs
+            .iter_mut()
+            .map(|b| (frame_of(b.offset), b.page_mut()))
+            .collect();
+        self.inner.write_busy_pages(&mut pages)
+    }
+
     /// The buffer holding `offset..offset+len`, busy-shared, wired, the
     /// range valid (read from the device on a miss).
     pub fn bread(&self, offset: u64, len: usize) -> Result<BufShared<'_>> {

@@ -51,7 +51,7 @@ fn retrying<T>(mut op: impl FnMut() -> crate::Result<T>) -> io::Result<T> {
 }
 
 /// Split `[offset, offset+len)` at 64 KiB buffer boundaries.
-fn pieces(offset: u64, len: usize) -> impl Iterator<Item = (u64, usize, usize)> {
+fn pieces_of(offset: u64, len: usize) -> impl Iterator<Item = (u64, usize, usize)> {
     let end = offset + len as u64;
     let mut pos = offset;
     std::iter::from_fn(move || {
@@ -66,6 +66,43 @@ fn pieces(offset: u64, len: usize) -> impl Iterator<Item = (u64, usize, usize)> 
     })
 }
 
+/// The most buffers a gathered write holds at once (1 MiB and the
+/// buffer a run not aligned to buffers starts in).
+const GATHER_MAX: usize = 17;
+
+/// A cursor over pieces laid end to end.
+struct Gather<'a> {
+    pieces: &'a [&'a [u8]],
+    piece: usize,
+    at: usize,
+}
+
+impl<'a> Gather<'a> {
+    fn new(pieces: &'a [&'a [u8]]) -> Gather<'a> {
+        Gather {
+            pieces,
+            piece: 0,
+            at: 0,
+        }
+    }
+
+    /// Fill `out` with the next `out.len()` bytes.
+    fn copy_into(&mut self, out: &mut [u8]) {
+        let mut done = 0;
+        while done < out.len() {
+            let p = self.pieces[self.piece];
+            let n = (p.len() - self.at).min(out.len() - done);
+            out[done..done + n].copy_from_slice(&p[self.at..self.at + n]);
+            done += n;
+            self.at += n;
+            if self.at == p.len() {
+                self.piece += 1;
+                self.at = 0;
+            }
+        }
+    }
+}
+
 impl CachedDevice {
     pub fn new(cache: BufCache) -> CachedDevice {
         CachedDevice { cache }
@@ -78,7 +115,7 @@ impl CachedDevice {
     /// Copy `buf` into the buffers at `offset`: written now (`now`) or
     /// left as delayed writes.
     fn put(&self, buf: &[u8], offset: u64, now: bool) -> io::Result<()> {
-        for (at, from, n) in pieces(offset, buf.len()) {
+        for (at, from, n) in pieces_of(offset, buf.len()) {
             retrying(|| {
                 let mut b = self.cache.getblk(at, n)?;
                 b.data_mut().copy_from_slice(&buf[from..from + n]);
@@ -103,7 +140,7 @@ impl BlockDevice for CachedDevice {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        for (at, from, n) in pieces(offset, buf.len()) {
+        for (at, from, n) in pieces_of(offset, buf.len()) {
             let b = retrying(|| self.cache.bread(at, n))?;
             buf[from..from + n].copy_from_slice(b.data());
         }
@@ -120,6 +157,26 @@ impl BlockDevice for CachedDevice {
 
     fn write_through(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.put(buf, offset, true)
+    }
+
+    /// Every buffer the run covers filled, then all written together
+    /// (`BufCache::bwrite_all`): one device write per run of neighbours
+    /// instead of one per buffer.
+    fn write_through_gathered(&self, pieces: &[&[u8]], offset: u64) -> io::Result<()> {
+        let len: usize = pieces.iter().map(|p| p.len()).sum();
+        let mut src = Gather::new(pieces);
+        let mut bufs = Vec::new();
+        for (at, _, n) in pieces_of(offset, len) {
+            if bufs.len() == GATHER_MAX {
+                self.cache
+                    .bwrite_all(std::mem::take(&mut bufs))
+                    .map_err(io_error)?;
+            }
+            let mut b = retrying(|| self.cache.getblk(at, n))?;
+            src.copy_into(b.data_mut());
+            bufs.push(b);
+        }
+        self.cache.bwrite_all(bufs).map_err(io_error)
     }
 
     fn read_checked(
@@ -142,7 +199,7 @@ impl BlockDevice for CachedDevice {
     }
 
     fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
-        for (at, from, n) in pieces(offset, buf.len()) {
+        for (at, from, n) in pieces_of(offset, buf.len()) {
             match self.cache.bread_resident(at, n).map_err(io_error)? {
                 Some(b) => buf[from..from + n].copy_from_slice(b.data()),
                 None => return Ok(false),

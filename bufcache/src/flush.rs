@@ -116,17 +116,8 @@ impl Inner {
         written: &mut [u64],
     ) -> Result<()> {
         let len: usize = pieces.iter().map(|p| p.2.len()).sum();
-        let res = if pieces.len() == 1 {
-            self.dev.write_at(pieces[0].2, offset)
-        } else {
-            let mut bounce = crate::aligned::AlignedBuf::new(len);
-            let mut at = 0;
-            for p in pieces {
-                bounce.as_mut_slice()[at..at + p.2.len()].copy_from_slice(p.2);
-                at += p.2.len();
-            }
-            self.dev.write_at(&bounce.as_slice()[..len], offset)
-        };
+        let bytes: Vec<&[u8]> = pieces.iter().map(|p| p.2).collect();
+        let res = self.dev.write_gathered(&bytes, offset);
         log::trace!("bufcache: write {len} bytes at {offset:#x}");
         if let Err(source) = res {
             let e = Error::Write {

@@ -841,6 +841,10 @@ impl BlockDevice for RangeDevice {
         in_range(offset, buf.len(), self.size)?;
         self.inner.write_at(buf, self.start + offset)
     }
+    fn write_gathered(&self, pieces: &[&[u8]], offset: u64) -> io::Result<()> {
+        in_range(offset, pieces.iter().map(|p| p.len()).sum(), self.size)?;
+        self.inner.write_gathered(pieces, self.start + offset)
+    }
     fn barrier(&self) -> io::Result<()> {
         self.inner.barrier()
     }

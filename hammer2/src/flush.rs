@@ -1245,6 +1245,7 @@ impl FlushBatch {
                 .map(|u| (1, u.base.data_off.offset(), i))
                 .unwrap_or((0, 0, i))
         });
+        let mut new = NewBlocks::default();
         for i in order {
             if self.error.is_some() {
                 return;
@@ -1269,6 +1270,16 @@ impl FlushBatch {
             };
             let mut br = data_bref(b.lbase, methods);
             let fp = DedupKey::of(&phys, methods);
+            let dedup = b.dedup && dedupable(methods);
+            if dedup && new.holds(&fp) {
+                // The same bytes wait to be written: once written, the
+                // dedup table offers them (a block not on the device
+                // yet is offered to no one).
+                if let Err(e) = new.write(self.dev.as_ref(), &self.space) {
+                    self.error = Some(e);
+                    return;
+                }
+            }
             let placed = {
                 let mut space = lock_space(&self.space);
                 // Admitted when written: a flush allocation, which may
@@ -1278,17 +1289,23 @@ impl FlushBatch {
             };
             let off = match placed {
                 Ok(Placed::New(off)) => {
-                    // Written now, not at the commit's barrier: another
-                    // commit's barrier meanwhile (an fsync's) would have to
-                    // write it first.
-                    if let Err(e) = write_placed(self.dev.as_ref(), off, &phys, true) {
-                        self.error = Some(e);
-                        return;
+                    br.data_off = off;
+                    br.mirror_tid = self.tid;
+                    br.modify_tid = self.tid;
+                    crate::check::set_check(&mut br, &phys);
+                    b.written = Some(Some(br));
+                    // Written before the commit's barrier: another
+                    // commit's barrier meanwhile (an fsync's) would have
+                    // to write it first. Neighbours go to the device
+                    // together.
+                    if !new.takes(phys.len()) {
+                        if let Err(e) = new.write(self.dev.as_ref(), &self.space) {
+                            self.error = Some(e);
+                            return;
+                        }
                     }
-                    if b.dedup && dedupable(methods) {
-                        lock_space(&self.space).dedup_record(fp, off);
-                    }
-                    off
+                    new.push(off, phys, dedup.then_some(fp));
+                    continue;
                 }
                 Ok(Placed::Shared { off, durable }) => {
                     b.shared_durable = durable;
@@ -1305,5 +1322,90 @@ impl FlushBatch {
             crate::check::set_check(&mut br, &phys);
             b.written = Some(Some(br));
         }
+        if let Err(e) = new.write(self.dev.as_ref(), &self.space) {
+            self.error = Some(e);
+        }
+    }
+}
+
+/// The longest run of neighbouring new blocks a batch writes at once.
+const RUN_BYTES_MAX: u64 = 1 << 20;
+
+/// The most bytes of new blocks a batch holds before writing them.
+const NEW_BYTES_MAX: usize = 4 << 20;
+
+/// New blocks of a batch waiting to be written: up to `NEW_BYTES_MAX`
+/// are held, then written in device order, each run of neighbours as
+/// one device request (`BlockDevice::write_through_gathered`). A
+/// sequential writer's blocks are allocated in order and come out as
+/// runs of `RUN_BYTES_MAX`; rewritten blocks go where freed ones were,
+/// scattered, and sorting finds the neighbours among them. Once on the
+/// device they are offered to the dedup table, which may only point at
+/// blocks on the device.
+#[derive(Default)]
+struct NewBlocks {
+    bytes: usize,
+    blocks: Vec<(crate::disk::DataOff, Vec<u8>, Option<DedupKey>)>,
+    /// The fingerprints of those that go to the dedup table.
+    fps: HashSet<DedupKey>,
+}
+
+impl NewBlocks {
+    /// Whether `len` more bytes fit.
+    fn takes(&self, len: usize) -> bool {
+        self.blocks.is_empty() || self.bytes + len <= NEW_BYTES_MAX
+    }
+
+    fn push(&mut self, off: crate::disk::DataOff, phys: Vec<u8>, fp: Option<DedupKey>) {
+        self.bytes += phys.len();
+        if let Some(fp) = fp {
+            self.fps.insert(fp);
+        }
+        self.blocks.push((off, phys, fp));
+    }
+
+    /// Whether a block held has fingerprint `fp`.
+    fn holds(&self, fp: &DedupKey) -> bool {
+        self.fps.contains(fp)
+    }
+
+    /// Write every block held, in runs, and let go of them.
+    fn write(&mut self, dev: &dyn BlockDevice, space: &Mutex<Box<dyn SpaceMap>>) -> Result<()> {
+        self.blocks.sort_by_key(|b| b.0.offset());
+        let mut rest = &self.blocks[..];
+        while let Some(first) = rest.first() {
+            let start = first.0.offset();
+            let mut end = start;
+            let n = rest
+                .iter()
+                .take_while(|b| {
+                    let joins = b.0.offset() == end
+                        && end - start + b.1.len() as u64 <= RUN_BYTES_MAX.max(b.1.len() as u64);
+                    if joins {
+                        end += b.1.len() as u64;
+                    }
+                    joins
+                })
+                .count();
+            let (run, after) = rest.split_at(n);
+            let pieces: Vec<&[u8]> = run.iter().map(|b| &b.1[..]).collect();
+            dev.write_through_gathered(&pieces, start)
+                .map_err(|source| Error::Io {
+                    op: "write",
+                    at: start,
+                    source,
+                })?;
+            let mut space = lock_space(space);
+            for (off, _, fp) in run {
+                if let Some(fp) = fp {
+                    space.dedup_record(*fp, *off);
+                }
+            }
+            rest = after;
+        }
+        self.blocks.clear();
+        self.fps.clear();
+        self.bytes = 0;
+        Ok(())
     }
 }
