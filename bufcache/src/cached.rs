@@ -66,9 +66,8 @@ fn pieces_of(offset: u64, len: usize) -> impl Iterator<Item = (u64, usize, usize
     })
 }
 
-/// The most buffers a gathered write holds at once (1 MiB and the
-/// buffer a run not aligned to buffers starts in).
-const GATHER_MAX: usize = 17;
+/// The most buffers a gathered write holds at once (8 MiB).
+const GATHER_MAX: usize = 128;
 
 /// A cursor over pieces laid end to end.
 struct Gather<'a> {
@@ -159,22 +158,38 @@ impl BlockDevice for CachedDevice {
         self.put(buf, offset, true)
     }
 
-    /// Every buffer the run covers filled, then all written together
-    /// (`BufCache::bwrite_all`): one device write per run of neighbours
-    /// instead of one per buffer.
+    /// A run of buffers filled, then written together
+    /// (`write_through_many`).
     fn write_through_gathered(&self, pieces: &[&[u8]], offset: u64) -> io::Result<()> {
-        let len: usize = pieces.iter().map(|p| p.len()).sum();
-        let mut src = Gather::new(pieces);
-        let mut bufs = Vec::new();
-        for (at, _, n) in pieces_of(offset, len) {
-            if bufs.len() == GATHER_MAX {
-                self.cache
-                    .bwrite_all(std::mem::take(&mut bufs))
-                    .map_err(io_error)?;
+        self.write_through_many(&[(offset, pieces.to_vec())])
+    }
+
+    /// Every buffer the runs cover filled, then all written together
+    /// (`BufCache::bwrite_all`): one device write per run of neighbours
+    /// instead of one per buffer, and those in flight together. The
+    /// buffers are taken in ascending order, at most `GATHER_MAX` at a
+    /// time; a run that begins in the buffer the one before it ended in
+    /// writes what is held first (a buffer is taken once).
+    fn write_through_many(&self, writes: &[(u64, Vec<&[u8]>)]) -> io::Result<()> {
+        let mut order: Vec<&(u64, Vec<&[u8]>)> = writes.iter().collect();
+        order.sort_by_key(|w| w.0);
+        let mut bufs: Vec<crate::cache::Buf<'_>> = Vec::new();
+        for (offset, pieces) in order {
+            let len: usize = pieces.iter().map(|p| p.len()).sum();
+            let mut src = Gather::new(pieces);
+            for (at, _, n) in pieces_of(*offset, len) {
+                let taken = bufs
+                    .last()
+                    .is_some_and(|b| b.offset() / FRAME == at / FRAME);
+                if bufs.len() == GATHER_MAX || taken {
+                    self.cache
+                        .bwrite_all(std::mem::take(&mut bufs))
+                        .map_err(io_error)?;
+                }
+                let mut b = retrying(|| self.cache.getblk(at, n))?;
+                src.copy_into(b.data_mut());
+                bufs.push(b);
             }
-            let mut b = retrying(|| self.cache.getblk(at, n))?;
-            src.copy_into(b.data_mut());
-            bufs.push(b);
         }
         self.cache.bwrite_all(bufs).map_err(io_error)
     }

@@ -4,13 +4,16 @@
 //!
 //! Ordering: `flush` snapshots the dirty set (device order), writes it with
 //! neighbouring dirty blocks merged into one device write (up to
-//! `WRITE_BYTES_MAX`), then issues the barrier. Everything dirty when flush
+//! `WRITE_BYTES_MAX`) and the writes of up to `BATCH_MAX` buffers in
+//! flight together (`BlockDevice::write_many`), then issues the barrier. Everything dirty when flush
 //! began is durable when it returns, so the caller may then write the
 //! volume header and barrier again (HAMMER2's flush order).
 //!
-//! Deadlock avoidance: a writer holding busy pages never sleeps on another
-//! page's busy; `write_indices` sleeps only for the first page of a group
-//! and try-busies the rest, ending the group at the first that is busy.
+//! Deadlock avoidance: a writer holding busy pages sleeps only on pages
+//! above them (`write_indices` takes its batch in ascending order, as
+//! `CachedDevice::write_through_many` does), and nothing else sleeps
+//! on a page's busy while holding one, so no two sleepers wait on each
+//! other.
 //!
 //! Errors: a failed write or barrier poisons the cache; afterwards every
 //! write path returns `Error::Poisoned`.
@@ -26,9 +29,14 @@ use std::time::{Duration, Instant};
 use vmglue::{LaunderPage, PageBusy, BLOCK_BYTES, FRAME_BYTES};
 
 /// Largest single device write built by coalescing.
-const WRITE_BYTES_MAX: usize = 1 << 20;
-/// Buffers held busy at once by one write group.
-const GROUP_MAX: usize = WRITE_BYTES_MAX / FRAME_BYTES;
+const WRITE_BYTES_MAX: usize = 4 << 20;
+/// Buffers a flush holds busy at once, whose writes go to the device
+/// together (8 MiB).
+const BATCH_MAX: usize = 128;
+
+/// One device write: its offset and its pieces (the frame's place in
+/// the list written, the blocks of that frame it covers, the bytes).
+type Submission<'a> = (u64, Vec<(usize, u64, &'a [u8])>);
 
 /// One dirty frame to write: its index, dirty and valid masks and bytes.
 struct DirtyFrame<'a> {
@@ -60,14 +68,14 @@ fn sector_mask(dirty: u64, valid: u64) -> u64 {
 
 impl Inner {
     /// Write the dirty blocks of `frames` (sorted by index, distinct),
-    /// merging neighbours. Returns the blocks written per frame; on a
-    /// failure the cache is poisoned and the error returned with the
-    /// blocks written before it.
+    /// merging neighbours; the writes that are not neighbours go to the
+    /// device together (`BlockDevice::write_many`). Returns the blocks
+    /// written per frame; on a failure the cache is poisoned and the
+    /// error returned with the blocks of the writes that succeeded.
     fn write_dirty(&self, frames: &[DirtyFrame<'_>]) -> (Vec<u64>, Result<()>) {
         let mut written = vec![0u64; frames.len()];
-        // The pending write: device offset, pieces (frame, mask, bytes).
-        let mut start = 0u64;
-        let mut pieces: Vec<(usize, u64, &[u8])> = Vec::new();
+        // Each device write: its offset and pieces (frame, mask, bytes).
+        let mut subs: Vec<Submission<'_>> = Vec::new();
         let mut pending_len = 0usize;
         for (fi, f) in frames.iter().enumerate() {
             let base = f.index * FRAME_BYTES as u64;
@@ -84,58 +92,68 @@ impl Inner {
                     ((1u64 << count) - 1) << first
                 };
                 let off = base + s as u64;
-                let joins = !pieces.is_empty()
-                    && start + pending_len as u64 == off
-                    && pending_len + (e - s) <= WRITE_BYTES_MAX;
-                if !joins && !pieces.is_empty() {
-                    if let Err(err) = self.submit(start, &pieces, &mut written) {
-                        return (written, Err(err));
+                match subs.last_mut() {
+                    Some((start, pieces))
+                        if *start + pending_len as u64 == off
+                            && pending_len + (e - s) <= WRITE_BYTES_MAX =>
+                    {
+                        pieces.push((fi, mask, &f.data[s..e]));
                     }
-                    pieces.clear();
-                    pending_len = 0;
+                    _ => {
+                        subs.push((off, vec![(fi, mask, &f.data[s..e])]));
+                        pending_len = 0;
+                    }
                 }
-                if pieces.is_empty() {
-                    start = off;
-                }
-                pieces.push((fi, mask, &f.data[s..e]));
                 pending_len += e - s;
             }
         }
-        if !pieces.is_empty() {
-            if let Err(err) = self.submit(start, &pieces, &mut written) {
-                return (written, Err(err));
-            }
-        }
-        (written, Ok(()))
+        let res = self.submit(&subs, &mut written);
+        (written, res)
     }
 
-    fn submit(
-        &self,
-        offset: u64,
-        pieces: &[(usize, u64, &[u8])],
-        written: &mut [u64],
-    ) -> Result<()> {
-        let len: usize = pieces.iter().map(|p| p.2.len()).sum();
-        let bytes: Vec<&[u8]> = pieces.iter().map(|p| p.2).collect();
-        let res = self.dev.write_gathered(&bytes, offset);
-        log::trace!("bufcache: write {len} bytes at {offset:#x}");
-        if let Err(source) = res {
-            let e = Error::Write {
-                offset,
-                len,
-                source,
-            };
-            self.poison(&e);
-            return Err(e);
+    /// Issue `subs` (offset and pieces each) together, count them, and
+    /// note in `written` the blocks of those that reached the device.
+    fn submit(&self, subs: &[Submission<'_>], written: &mut [u64]) -> Result<()> {
+        if subs.is_empty() {
+            return Ok(());
         }
-        self.counters.device_writes.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .device_write_bytes
-            .fetch_add(len as u64, Ordering::Relaxed);
-        for &(fi, mask, _) in pieces {
-            written[fi] |= mask;
+        let writes: Vec<(u64, Vec<&[u8]>)> = subs
+            .iter()
+            .map(|(off, pieces)| (*off, pieces.iter().map(|p| p.2).collect()))
+            .collect();
+        let results = self.dev.write_many(&writes);
+        let mut first_error = None;
+        for ((offset, pieces), res) in subs.iter().zip(results) {
+            let len: usize = pieces.iter().map(|p| p.2.len()).sum();
+            log::trace!("bufcache: write {len} bytes at {offset:#x}");
+            match res {
+                Ok(()) => {
+                    self.counters.device_writes.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .device_write_bytes
+                        .fetch_add(len as u64, Ordering::Relaxed);
+                    for &(fi, mask, _) in pieces {
+                        written[fi] |= mask;
+                    }
+                }
+                Err(source) => {
+                    if first_error.is_none() {
+                        first_error = Some(Error::Write {
+                            offset: *offset,
+                            len,
+                            source,
+                        });
+                    }
+                }
+            }
         }
-        Ok(())
+        match first_error {
+            Some(e) => {
+                self.poison(&e);
+                Err(e)
+            }
+            None => Ok(()),
+        }
     }
 
     /// Write busy-exclusive pages (sorted by index) and mark what reached
@@ -197,38 +215,33 @@ impl Inner {
         self.wake_throttled();
     }
 
-    /// Write the dirty buffers among `indices` (sorted), in groups of
-    /// neighbours.
+    /// Write the dirty buffers among `indices` (sorted), up to
+    /// `BATCH_MAX` at a time: their writes (neighbours merged) go to the
+    /// device together.
     pub(crate) fn write_indices(&self, indices: &[u64]) -> Result<()> {
-        let mut i = 0;
-        while i < indices.len() {
+        let mut batch: Vec<(u64, PageBusy<'_>)> = Vec::new();
+        for &index in indices {
             self.check_poison()?;
-            let mut group: Vec<(u64, PageBusy<'_>)> = Vec::new();
-            let first = indices[i];
-            i += 1;
-            match self.busy_dirty(first) {
-                Some(p) => group.push((first, p)),
-                None => continue,
+            if let Some(p) = self.busy_dirty(index) {
+                batch.push((index, p));
             }
-            while i < indices.len() && group.len() < GROUP_MAX {
-                let next = indices[i];
-                if next != group[group.len() - 1].0 + 1 {
-                    break;
-                }
-                match self.try_busy_dirty(next) {
-                    TryBusy::Got(p) => {
-                        group.push((next, p));
-                        i += 1;
-                    }
-                    TryBusy::Clean => i += 1,
-                    TryBusy::Contended => break,
-                }
+            if batch.len() == BATCH_MAX {
+                self.write_batch(&mut batch)?;
             }
-            let mut refs: Vec<(u64, &mut PageBusy<'_>)> =
-                group.iter_mut().map(|(ix, p)| (*ix, p)).collect();
-            self.write_busy_pages(&mut refs)?;
         }
-        Ok(())
+        self.write_batch(&mut batch)
+    }
+
+    /// Write the busy pages of `batch` (sorted) and let them go.
+    fn write_batch(&self, batch: &mut Vec<(u64, PageBusy<'_>)>) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut refs: Vec<(u64, &mut PageBusy<'_>)> =
+            batch.iter_mut().map(|(ix, p)| (*ix, p)).collect();
+        let r = self.write_busy_pages(&mut refs);
+        batch.clear();
+        r
     }
 
     /// Busy buffer `index` exclusively (sleeping for it) if it is
@@ -237,17 +250,6 @@ impl Inner {
         let hold = self.vm.lookup(self.key(index)?)?;
         let p = hold.busy_exclusive();
         (p.dirty() != 0).then_some(p)
-    }
-
-    fn try_busy_dirty(&self, index: u64) -> TryBusy<'_> {
-        let Some(hold) = self.key(index).and_then(|k| self.vm.lookup(k)) else {
-            return TryBusy::Clean;
-        };
-        match hold.try_busy_exclusive() {
-            Ok(p) if p.dirty() != 0 => TryBusy::Got(p),
-            Ok(_) => TryBusy::Clean,
-            Err(_) => TryBusy::Contended,
-        }
     }
 
     pub(crate) fn flush(&self) -> Result<()> {
@@ -345,12 +347,6 @@ impl Inner {
             .collect();
         self.write_indices(&pick)
     }
-}
-
-enum TryBusy<'a> {
-    Got(PageBusy<'a>),
-    Clean,
-    Contended,
 }
 
 /// The flusher's wakeup: a flag and a condvar, in the cache.

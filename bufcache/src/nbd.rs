@@ -863,6 +863,50 @@ impl BlockDevice for NbdDevice {
         self.write_flags(buf, offset, 0)
     }
 
+    /// Every aligned write sent before any reply is awaited, so the
+    /// server has them all at once (one round trip for the lot instead
+    /// of one each); an unaligned one (read, change, write) goes alone.
+    fn write_many(&self, writes: &[(u64, Vec<&[u8]>)]) -> Vec<io::Result<()>> {
+        let mut out: Vec<Option<io::Result<()>>> = writes.iter().map(|_| None).collect();
+        let mut sent = Vec::new();
+        let chunk = self.max_chunk as usize;
+        for (i, (offset, pieces)) in writes.iter().enumerate() {
+            let len: usize = pieces.iter().map(|p| p.len()).sum();
+            let plain = self.writable
+                && len > 0
+                && self.check(*offset, len).is_ok()
+                && self.aligned(*offset, len);
+            if !plain {
+                out[i] = Some(self.write_gathered(pieces, *offset));
+                continue;
+            }
+            let buf = pieces.concat();
+            let mut rxs = Vec::new();
+            for (k, c) in buf.chunks(chunk).enumerate() {
+                let at = offset + (k * chunk) as u64;
+                match self.shared.send(CMD_WRITE, 0, at, c.len() as u32, c) {
+                    Ok(rx) => rxs.push(rx),
+                    Err(e) => {
+                        out[i] = Some(Err(e));
+                        break;
+                    }
+                }
+            }
+            sent.push((i, rxs));
+        }
+        for (i, rxs) in sent {
+            for rx in rxs {
+                if let Err(e) = self.shared.wait(rx) {
+                    out[i].get_or_insert(Err(e));
+                }
+            }
+            out[i].get_or_insert(Ok(()));
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(io::Error::other("a write went unanswered"))))
+            .collect()
+    }
+
     fn barrier(&self) -> io::Result<()> {
         if !self.writable || self.flags & TF_SEND_FLUSH == 0 {
             // A server without FLUSH writes through (nbdkit's and

@@ -845,6 +845,28 @@ impl BlockDevice for RangeDevice {
         in_range(offset, pieces.iter().map(|p| p.len()).sum(), self.size)?;
         self.inner.write_gathered(pieces, self.start + offset)
     }
+    fn write_many(&self, writes: &[(u64, Vec<&[u8]>)]) -> Vec<io::Result<()>> {
+        let mut out: Vec<Option<io::Result<()>>> = Vec::with_capacity(writes.len());
+        let mut inner = Vec::with_capacity(writes.len());
+        for (offset, pieces) in writes {
+            match in_range(*offset, pieces.iter().map(|p| p.len()).sum(), self.size) {
+                Ok(()) => {
+                    out.push(None);
+                    inner.push((self.start + offset, pieces.clone()));
+                }
+                Err(e) => out.push(Some(Err(e))),
+            }
+        }
+        let mut done = self.inner.write_many(&inner).into_iter();
+        out.into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    done.next()
+                        .unwrap_or_else(|| Err(io::Error::other("a write went unanswered")))
+                })
+            })
+            .collect()
+    }
     fn barrier(&self) -> io::Result<()> {
         self.inner.barrier()
     }

@@ -88,6 +88,29 @@ fn concurrent_round_trip(server: Server, tcp: bool) {
     for t in threads {
         t.join().unwrap();
     }
+    // Several writes in flight together (`write_many`), aligned and not,
+    // each in a MiB of its own.
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(99);
+    let bufs: Vec<(u64, Vec<u8>)> = (0..8u64)
+        .map(|k| {
+            let unit = if k % 3 == 0 { 1 } else { 1024 };
+            let len = rng.gen_range(1..=(512 << 10) / unit) * unit;
+            let off = (48 << 20)
+                + k * (1 << 20)
+                + rng.gen_range(0..=(1 << 20) - len as u64) / unit as u64 * unit as u64;
+            (off, (0..len).map(|_| rng.gen()).collect())
+        })
+        .collect();
+    let writes: Vec<(u64, Vec<&[u8]>)> = bufs
+        .iter()
+        .map(|(off, b)| (*off, vec![&b[..b.len() / 2], &b[b.len() / 2..]]))
+        .collect();
+    for r in dev.write_many(&writes) {
+        r.unwrap();
+    }
+    for (off, b) in &bufs {
+        model.lock().unwrap()[*off as usize..*off as usize + b.len()].copy_from_slice(b);
+    }
     // One request far past any server's one-request limit (split), and a
     // read of the whole device.
     let big: Vec<u8> = (0..(40u32 << 20)).map(|i| (i % 251) as u8).collect();

@@ -1329,19 +1329,19 @@ impl FlushBatch {
 }
 
 /// The longest run of neighbouring new blocks a batch writes at once.
-const RUN_BYTES_MAX: u64 = 1 << 20;
+const RUN_BYTES_MAX: u64 = 4 << 20;
 
 /// The most bytes of new blocks a batch holds before writing them.
 const NEW_BYTES_MAX: usize = 4 << 20;
 
 /// New blocks of a batch waiting to be written: up to `NEW_BYTES_MAX`
 /// are held, then written in device order, each run of neighbours as
-/// one device request (`BlockDevice::write_through_gathered`). A
-/// sequential writer's blocks are allocated in order and come out as
-/// runs of `RUN_BYTES_MAX`; rewritten blocks go where freed ones were,
-/// scattered, and sorting finds the neighbours among them. Once on the
-/// device they are offered to the dedup table, which may only point at
-/// blocks on the device.
+/// one device request and the runs in flight together
+/// (`BlockDevice::write_through_many`). A sequential writer's blocks
+/// are allocated in order and come out as one run; rewritten blocks go
+/// where freed ones were, scattered, and sorting finds the neighbours
+/// among them. Once on the device they are offered to the dedup table,
+/// which may only point at blocks on the device.
 #[derive(Default)]
 struct NewBlocks {
     bytes: usize,
@@ -1371,38 +1371,39 @@ impl NewBlocks {
 
     /// Write every block held, in runs, and let go of them.
     fn write(&mut self, dev: &dyn BlockDevice, space: &Mutex<Box<dyn SpaceMap>>) -> Result<()> {
+        if self.blocks.is_empty() {
+            return Ok(());
+        }
         self.blocks.sort_by_key(|b| b.0.offset());
-        let mut rest = &self.blocks[..];
-        while let Some(first) = rest.first() {
-            let start = first.0.offset();
-            let mut end = start;
-            let n = rest
-                .iter()
-                .take_while(|b| {
-                    let joins = b.0.offset() == end
-                        && end - start + b.1.len() as u64 <= RUN_BYTES_MAX.max(b.1.len() as u64);
-                    if joins {
-                        end += b.1.len() as u64;
-                    }
-                    joins
-                })
-                .count();
-            let (run, after) = rest.split_at(n);
-            let pieces: Vec<&[u8]> = run.iter().map(|b| &b.1[..]).collect();
-            dev.write_through_gathered(&pieces, start)
-                .map_err(|source| Error::Io {
-                    op: "write",
-                    at: start,
-                    source,
-                })?;
-            let mut space = lock_space(space);
-            for (off, _, fp) in run {
-                if let Some(fp) = fp {
-                    space.dedup_record(*fp, *off);
+        let mut runs: Vec<(u64, Vec<&[u8]>)> = Vec::new();
+        let mut run_len = 0u64;
+        for (off, phys, _) in &self.blocks {
+            let (at, len) = (off.offset(), phys.len() as u64);
+            match runs.last_mut() {
+                Some((start, pieces))
+                    if *start + run_len == at && run_len + len <= RUN_BYTES_MAX =>
+                {
+                    pieces.push(phys);
+                    run_len += len;
+                }
+                _ => {
+                    runs.push((at, vec![phys]));
+                    run_len = len;
                 }
             }
-            rest = after;
         }
+        dev.write_through_many(&runs).map_err(|source| Error::Io {
+            op: "write",
+            at: runs[0].0,
+            source,
+        })?;
+        let mut space = lock_space(space);
+        for (off, _, fp) in &self.blocks {
+            if let Some(fp) = fp {
+                space.dedup_record(*fp, *off);
+            }
+        }
+        drop(space);
         self.blocks.clear();
         self.fps.clear();
         self.bytes = 0;
