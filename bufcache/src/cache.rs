@@ -391,9 +391,17 @@ impl BufCache {
     /// device write. The buffers are of distinct frames, in ascending
     /// order (the order `getblk` took them in, so two writers cannot
     /// wait on each other).
+    ///
+    /// A buffer that was clean is not entered in the dirty set while it
+    /// is written: it is busy throughout, so nothing else sees it, and a
+    /// `flush` meanwhile (another commit's barrier) has no reason to
+    /// wait for this writer's data (an fsync beside a large writer
+    /// waited for the writer's runs: p99 of 30 ms instead of 3).
     pub fn bwrite_all(&self, mut bufs: Vec<Buf<'_>>) -> Result<()> {
+        self.inner.check_poison()?;
         for b in bufs.iter_mut() {
-            b.mark_dirty()?;
+            let mask = b.mask();
+            b.page_mut().set_dirty(mask);
         }
         let mut pages: Vec<(u64, &mut PageBusy<'_>)> = bufs
             .iter_mut()

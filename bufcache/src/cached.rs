@@ -66,8 +66,10 @@ fn pieces_of(offset: u64, len: usize) -> impl Iterator<Item = (u64, usize, usize
     })
 }
 
-/// The most buffers a gathered write holds at once (8 MiB).
-const GATHER_MAX: usize = 128;
+/// The most buffers a gathered write holds at once (2 MiB): their
+/// pages are wired and busy, out of pageout's reach, and a tight budget
+/// must keep enough others to make room for the next ones.
+const GATHER_MAX: usize = 32;
 
 /// A cursor over pieces laid end to end.
 struct Gather<'a> {
@@ -166,10 +168,12 @@ impl BlockDevice for CachedDevice {
 
     /// Every buffer the runs cover filled, then all written together
     /// (`BufCache::bwrite_all`): one device write per run of neighbours
-    /// instead of one per buffer, and those in flight together. The
-    /// buffers are taken in ascending order, at most `GATHER_MAX` at a
-    /// time; a run that begins in the buffer the one before it ended in
-    /// writes what is held first (a buffer is taken once).
+    /// instead of one per buffer, and those in flight together where the
+    /// device can. The buffers are taken in ascending order, at most
+    /// `GATHER_MAX` at a time; a run that begins in the buffer the one before it ended in
+    /// writes what is held first (a buffer is taken once), and so does
+    /// a shortage of pages before it waits (it waits holding none, as a
+    /// single `write_through` does).
     fn write_through_many(&self, writes: &[(u64, Vec<&[u8]>)]) -> io::Result<()> {
         let mut order: Vec<&(u64, Vec<&[u8]>)> = writes.iter().collect();
         order.sort_by_key(|w| w.0);
@@ -186,7 +190,18 @@ impl BlockDevice for CachedDevice {
                         .bwrite_all(std::mem::take(&mut bufs))
                         .map_err(io_error)?;
                 }
-                let mut b = retrying(|| self.cache.getblk(at, n))?;
+                let mut b = match self.cache.getblk(at, n) {
+                    Ok(b) => b,
+                    // Short of pages: write and let go of those held,
+                    // then wait for one holding none.
+                    Err(e) if e.is_resource() => {
+                        self.cache
+                            .bwrite_all(std::mem::take(&mut bufs))
+                            .map_err(io_error)?;
+                        retrying(|| self.cache.getblk(at, n))?
+                    }
+                    Err(e) => return Err(io_error(e)),
+                };
                 src.copy_into(b.data_mut());
                 bufs.push(b);
             }

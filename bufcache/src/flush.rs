@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use vmglue::{LaunderPage, PageBusy, BLOCK_BYTES, FRAME_BYTES};
 
 /// Largest single device write built by coalescing.
-const WRITE_BYTES_MAX: usize = 4 << 20;
+const WRITE_BYTES_MAX: usize = 1 << 20;
 /// Buffers a flush holds busy at once, whose writes go to the device
 /// together (8 MiB).
 const BATCH_MAX: usize = 128;

@@ -1329,19 +1329,19 @@ impl FlushBatch {
 }
 
 /// The longest run of neighbouring new blocks a batch writes at once.
-const RUN_BYTES_MAX: u64 = 4 << 20;
+const RUN_BYTES_MAX: u64 = 1 << 20;
 
 /// The most bytes of new blocks a batch holds before writing them.
 const NEW_BYTES_MAX: usize = 4 << 20;
 
 /// New blocks of a batch waiting to be written: up to `NEW_BYTES_MAX`
 /// are held, then written in device order, each run of neighbours as
-/// one device request and the runs in flight together
-/// (`BlockDevice::write_through_many`). A sequential writer's blocks
-/// are allocated in order and come out as one run; rewritten blocks go
-/// where freed ones were, scattered, and sorting finds the neighbours
-/// among them. Once on the device they are offered to the dedup table,
-/// which may only point at blocks on the device.
+/// one device request and the runs in flight together where the device
+/// can (`BlockDevice::write_through_many`). A sequential writer's blocks
+/// are allocated in order and come out as runs of `RUN_BYTES_MAX`;
+/// rewritten blocks go where freed ones were, scattered, and sorting
+/// finds the neighbours among them. Once on the device they are offered
+/// to the dedup table, which may only point at blocks on the device.
 #[derive(Default)]
 struct NewBlocks {
     bytes: usize,

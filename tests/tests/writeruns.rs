@@ -75,8 +75,7 @@ fn a_sequential_file_goes_to_the_device_in_runs() {
     assert!(back == data, "the file does not read back");
     assert_eq!(brefs.len(), data.len() / BLOCK);
     // Runs of neighbouring blocks on disk, and the writes that reached
-    // any of them: at most one per run and per 4 MiB of a run (what a
-    // batch holds before writing).
+    // any of them: at most one per run and per MiB of a run.
     let mut offs: Vec<(u64, u64)> = brefs
         .iter()
         .map(|b| (b.data_off.offset(), b.data_off.bytes()))
@@ -89,7 +88,7 @@ fn a_sequential_file_goes_to_the_device_in_runs() {
             _ => runs.push((o, n)),
         }
     }
-    let bound: u64 = runs.iter().map(|(_, l)| l.div_ceil(4 * MIB)).sum();
+    let bound: u64 = runs.iter().map(|(_, l)| l.div_ceil(MIB)).sum();
     let writes: usize = runs
         .iter()
         .map(|&(o, l)| writes_over(&rec, from, o, l))
