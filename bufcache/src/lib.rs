@@ -15,10 +15,12 @@
 //! logs every write, barrier and mark to a file, as dm-log-writes, and its
 //! replay), `cache` (getblk, bread, releases,
 //! read-ahead, dirty accounting), `flush` (the coalescing writer, flush and
-//! barrier, throttling, the flusher thread), `error`.
+//! barrier, throttling, the flusher thread), `aio` (Linux native AIO for
+//! a direct file's batches of writes: the crate's one `unsafe`), `error`.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+mod aio;
 pub mod aligned;
 pub mod backing;
 mod cache;
