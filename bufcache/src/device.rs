@@ -116,8 +116,6 @@ pub trait BlockDevice: Send + Sync {
     }
 }
 
-/// `read_checked` for bytes not held in place: read into a buffer, and
-/// never checked before.
 /// The largest average write a direct file's `write_many` hands to the
 /// kernel together; larger ones go in turn. Large direct writes into a
 /// sparse image's holes contend in the host filesystem when several are
@@ -146,6 +144,8 @@ fn gather(pieces: &[&[u8]]) -> Vec<u8> {
     pieces.concat()
 }
 
+/// `read_checked` for bytes not held in place: read into a buffer, and
+/// never checked before.
 pub(crate) fn read_copied(
     dev: &(impl BlockDevice + ?Sized),
     offset: u64,

@@ -727,11 +727,6 @@ impl Mount {
     }
 }
 
-/// An entry of `dir` naming the PFS root or `dir` itself is damage that
-/// would make every walk of the tree a cycle (see `pfs::check_entry`).
-/// Apply `a`'s mode, owner and times to inode `n` (its size is the
-/// caller's), the change time `now` unless `a` sets one; the inode is
-/// dirty then. Returns its meta.
 /// Write `buf` at `offset` of regular file `n` (`InodeNode::write`) and
 /// set its modification and change times to `now`.
 pub(super) fn write_node(
@@ -749,6 +744,9 @@ pub(super) fn write_node(
     Ok(())
 }
 
+/// Apply `a`'s mode, owner and times to inode `n` (its size is the
+/// caller's), the change time `now` unless `a` sets one; the inode is
+/// dirty then. Returns its meta.
 pub(super) fn set_meta(n: &mut InodeNode, a: &SetAttr, now: u64) -> InodeMeta {
     let m = &mut n.data.meta;
     if let Some(mode) = a.mode {
