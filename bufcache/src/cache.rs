@@ -395,8 +395,7 @@ impl BufCache {
     /// A buffer that was clean is not entered in the dirty set while it
     /// is written: it is busy throughout, so nothing else sees it, and a
     /// `flush` meanwhile (another commit's barrier) has no reason to
-    /// wait for this writer's data (an fsync beside a large writer
-    /// waited for the writer's runs: p99 of 30 ms instead of 3).
+    /// wait for this writer's data.
     pub fn bwrite_all(&self, mut bufs: Vec<Buf<'_>>) -> Result<()> {
         self.inner.check_poison()?;
         for b in bufs.iter_mut() {

@@ -3,8 +3,9 @@
 //! keep their one device interface and gain the cache.
 //!
 //! Reads are served from cached 64 KiB buffers (read on a miss, with
-//! read-ahead). Writes go into buffers as delayed writes (`write_through`
-//! writes its buffers at once and leaves them clean). `barrier` is the
+//! read-ahead). Writes go into buffers as delayed writes
+//! (`write_through_many` writes its buffers at once and leaves them
+//! clean). `barrier` is the
 //! cache's flush: every dirty buffer written in device order, then the
 //! device barrier. So the ordering a caller builds with barriers holds:
 //! nothing written after a barrier can reach the device before what was
@@ -112,23 +113,6 @@ impl CachedDevice {
     pub fn cache(&self) -> &BufCache {
         &self.cache
     }
-
-    /// Copy `buf` into the buffers at `offset`: written now (`now`) or
-    /// left as delayed writes.
-    fn put(&self, buf: &[u8], offset: u64, now: bool) -> io::Result<()> {
-        for (at, from, n) in pieces_of(offset, buf.len()) {
-            retrying(|| {
-                let mut b = self.cache.getblk(at, n)?;
-                b.data_mut().copy_from_slice(&buf[from..from + n]);
-                if now {
-                    b.bwrite()
-                } else {
-                    b.bdwrite()
-                }
-            })?;
-        }
-        Ok(())
-    }
 }
 
 impl BlockDevice for CachedDevice {
@@ -148,32 +132,31 @@ impl BlockDevice for CachedDevice {
         Ok(())
     }
 
+    /// Delayed writes: copied into the buffers, written by the next
+    /// barrier (or earlier by the flusher or pageout).
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.put(buf, offset, false)
+        for (at, from, n) in pieces_of(offset, buf.len()) {
+            retrying(|| {
+                let mut b = self.cache.getblk(at, n)?;
+                b.data_mut().copy_from_slice(&buf[from..from + n]);
+                b.bdwrite()
+            })?;
+        }
+        Ok(())
     }
 
     fn barrier(&self) -> io::Result<()> {
         self.cache.flush().map_err(io_error)
     }
 
-    fn write_through(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.put(buf, offset, true)
-    }
-
-    /// A run of buffers filled, then written together
-    /// (`write_through_many`).
-    fn write_through_gathered(&self, pieces: &[&[u8]], offset: u64) -> io::Result<()> {
-        self.write_through_many(&[(offset, pieces.to_vec())])
-    }
-
     /// Every buffer the runs cover filled, then all written together
     /// (`BufCache::bwrite_all`): one device write per run of neighbours
     /// instead of one per buffer, and those in flight together where the
     /// device can. The buffers are taken in ascending order, at most
-    /// `GATHER_MAX` at a time; a run that begins in the buffer the one before it ended in
-    /// writes what is held first (a buffer is taken once), and so does
-    /// a shortage of pages before it waits (it waits holding none, as a
-    /// single `write_through` does).
+    /// `GATHER_MAX` at a time; a run that begins in the buffer the one
+    /// before it ended in writes what is held first (a buffer is taken
+    /// once), and so does a shortage of pages before it waits (it waits
+    /// holding none).
     fn write_through_many(&self, writes: &[(u64, Vec<&[u8]>)]) -> io::Result<()> {
         let mut order: Vec<&(u64, Vec<&[u8]>)> = writes.iter().collect();
         order.sort_by_key(|w| w.0);

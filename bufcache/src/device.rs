@@ -21,14 +21,6 @@ pub trait BlockDevice: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Make all completed writes durable.
     fn barrier(&self) -> io::Result<()>;
-    /// `write_at`, done now rather than left to the next barrier, for a
-    /// writer that works ahead of its commit without locks (a flush's or
-    /// fsync's file data): a later barrier, maybe another commit's, then
-    /// has none of it left to write. Devices without delayed writes
-    /// just write.
-    fn write_through(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.write_at(buf, offset)
-    }
     /// `write_at` of `pieces` laid end to end from `offset`, as one
     /// device request: a file gathers them (`pwritev`), other devices get
     /// them copied into one buffer. A device request costs more than its
@@ -52,14 +44,11 @@ pub trait BlockDevice: Send + Sync {
             .map(|(offset, pieces)| self.write_gathered(pieces, *offset))
             .collect()
     }
-    /// `write_through` of `pieces` laid end to end from `offset`, in as
-    /// few device writes as the device can make of them (a flush's run
-    /// of newly allocated neighbouring blocks).
-    fn write_through_gathered(&self, pieces: &[&[u8]], offset: u64) -> io::Result<()> {
-        self.write_gathered(pieces, offset)
-    }
-    /// `write_through_gathered` of several runs (offset, pieces), in
-    /// flight together where the device can (`write_many`).
+    /// `write_many`, done now rather than left to the next barrier, for
+    /// a writer that works ahead of its commit without locks (a flush's
+    /// or fsync's runs of new file data blocks): a later barrier, maybe
+    /// another commit's, then has none of it left to write. Devices
+    /// without delayed writes just write.
     fn write_through_many(&self, writes: &[(u64, Vec<&[u8]>)]) -> io::Result<()> {
         self.write_many(writes).into_iter().collect()
     }

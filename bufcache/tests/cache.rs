@@ -559,11 +559,11 @@ fn a_flush_puts_its_writes_in_flight_together() {
     }
 }
 
-/// `write_through_gathered` puts pieces laid end to end on the device
-/// at once, every buffer they cover in one device write when they are
+/// `write_through_many` puts pieces laid end to end on the device at
+/// once, every buffer they cover in one device write when they are
 /// neighbours, and leaves the cache clean; what reads back is theirs.
 #[test]
-fn write_through_gathered_writes_neighbours_at_once() {
+fn write_through_many_writes_neighbours_at_once() {
     let mem = Arc::new(MemDevice::new(64 * MIB));
     let vm = Vm::new(VmConfig::new(16 * MIB)).unwrap();
     let dev = bufcache::CachedDevice::new(
@@ -577,7 +577,7 @@ fn write_through_gathered_writes_neighbours_at_once() {
     let pieces: Vec<&[u8]> = cuts.windows(2).map(|w| &data[w[0]..w[1]]).collect();
     let at = 2 * F - 5000;
     let before = dev.cache().stats().device_writes;
-    dev.write_through_gathered(&pieces, at).unwrap();
+    dev.write_through_many(&[(at, pieces)]).unwrap();
     assert_eq!(
         dev.cache().stats().device_writes - before,
         1,
@@ -585,10 +585,7 @@ fn write_through_gathered_writes_neighbours_at_once() {
     );
     let mut on_dev = vec![0u8; data.len()];
     mem.read_at(&mut on_dev, at).unwrap();
-    assert!(
-        on_dev == data,
-        "not on the device after write_through_gathered"
-    );
+    assert!(on_dev == data, "not on the device after write_through_many");
     assert_eq!(dev.cache().stats().dirty_buffers, 0);
     let mut back = vec![0u8; data.len()];
     assert!(dev.read_cached(&mut back, at).unwrap());
@@ -596,8 +593,8 @@ fn write_through_gathered_writes_neighbours_at_once() {
     // Two runs with a buffer between them: one write each.
     let before = dev.cache().stats().device_writes;
     let (a, b) = (vec![1u8; F as usize], vec![2u8; F as usize]);
-    dev.write_through_gathered(&[&a], 20 * F).unwrap();
-    dev.write_through_gathered(&[&b, &a], 22 * F).unwrap();
+    dev.write_through_many(&[(20 * F, vec![&a[..]]), (22 * F, vec![&b[..], &a[..]])])
+        .unwrap();
     assert_eq!(dev.cache().stats().device_writes - before, 2);
     let mut got = vec![0u8; 4 * F as usize];
     mem.read_at(&mut got, 20 * F).unwrap();
@@ -605,9 +602,9 @@ fn write_through_gathered_writes_neighbours_at_once() {
     assert!(got == want);
 }
 
-/// `write_through` puts the bytes on the device at once and leaves the
-/// cache clean (a barrier after it writes nothing), and they read back
-/// from the cache.
+/// `write_through_many` of one piece across two buffers puts the bytes
+/// on the device at once and leaves the cache clean (a barrier after it
+/// writes nothing), and they read back from the cache.
 #[test]
 fn write_through_writes_now_and_leaves_nothing_dirty() {
     let mem = Arc::new(MemDevice::new(64 * MIB));
@@ -619,10 +616,10 @@ fn write_through_writes_now_and_leaves_nothing_dirty() {
         .map(|i| (i * 7 % 251) as u8)
         .collect();
     let at = 3 * F - 4096; // across two frames
-    dev.write_through(&data, at).unwrap();
+    dev.write_through_many(&[(at, vec![&data[..]])]).unwrap();
     let mut on_dev = vec![0u8; data.len()];
     mem.read_at(&mut on_dev, at).unwrap();
-    assert_eq!(on_dev, data, "not on the device after write_through");
+    assert_eq!(on_dev, data, "not on the device after write_through_many");
     assert_eq!(dev.cache().stats().dirty_buffers, 0);
     let before = dev.cache().stats().device_writes;
     dev.barrier().unwrap();

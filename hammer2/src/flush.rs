@@ -137,7 +137,7 @@ impl Writer<'_> {
         let dev = self.vol.device().clone();
         let placed = place_data(self.space, dev.as_ref(), &fp, phys, br.key, true, dedup)?;
         if let Placed::New(off) = placed {
-            write_placed(dev.as_ref(), off, phys, false)?;
+            write_placed(dev.as_ref(), off, phys)?;
             if dedup && dedupable(br.methods) {
                 self.space.dedup_record(fp, off);
             }
@@ -1269,6 +1269,7 @@ impl FlushBatch {
                 continue;
             };
             let mut br = data_bref(b.lbase, methods);
+            crate::check::set_check(&mut br, &phys);
             let fp = DedupKey::of(&phys, methods);
             let dedup = b.dedup && dedupable(methods);
             if dedup && new.holds(&fp) {
@@ -1289,11 +1290,6 @@ impl FlushBatch {
             };
             let off = match placed {
                 Ok(Placed::New(off)) => {
-                    br.data_off = off;
-                    br.mirror_tid = self.tid;
-                    br.modify_tid = self.tid;
-                    crate::check::set_check(&mut br, &phys);
-                    b.written = Some(Some(br));
                     // Written before the commit's barrier: another
                     // commit's barrier meanwhile (an fsync's) would have
                     // to write it first. Neighbours go to the device
@@ -1305,7 +1301,7 @@ impl FlushBatch {
                         }
                     }
                     new.push(off, phys, dedup.then_some(fp));
-                    continue;
+                    off
                 }
                 Ok(Placed::Shared { off, durable }) => {
                     b.shared_durable = durable;
@@ -1319,7 +1315,6 @@ impl FlushBatch {
             br.data_off = off;
             br.mirror_tid = self.tid;
             br.modify_tid = self.tid;
-            crate::check::set_check(&mut br, &phys);
             b.written = Some(Some(br));
         }
         if let Err(e) = new.write(self.dev.as_ref(), &self.space) {

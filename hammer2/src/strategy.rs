@@ -172,18 +172,15 @@ pub fn place_data(
     Ok(Placed::New(off))
 }
 
-/// Write a newly placed block: delayed until the commit's barrier, or
-/// `now` (`BlockDevice::write_through`).
-pub fn write_placed(dev: &dyn BlockDevice, off: DataOff, phys: &[u8], now: bool) -> Result<()> {
-    let r = match now {
-        true => dev.write_through(phys, off.offset()),
-        false => dev.write_at(phys, off.offset()),
-    };
-    r.map_err(|source| Error::Io {
-        op: "write",
-        at: off.offset(),
-        source,
-    })
+/// Write a newly placed block, delayed until the commit's barrier. (A
+/// pipelined batch writes its blocks ahead, in runs: `FlushBatch`.)
+pub fn write_placed(dev: &dyn BlockDevice, off: DataOff, phys: &[u8]) -> Result<()> {
+    dev.write_at(phys, off.offset())
+        .map_err(|source| Error::Io {
+            op: "write",
+            at: off.offset(),
+            source,
+        })
 }
 
 #[cfg(test)]

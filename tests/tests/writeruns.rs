@@ -1,6 +1,6 @@
 //! A flush writes file data in runs: the new blocks of a batch go to the
 //! device in device order, each run of neighbours as one device write
-//! (`BlockDevice::write_through_gathered`), before the commit. Checked
+//! (`BlockDevice::write_through_many`), before the commit. Checked
 //! against the device's own log (`RecordingDevice`, one event per write
 //! request) and the blockrefs on disk, read back by a fresh volume; the
 //! bytes against what was written. Blocks with the same bytes in one
