@@ -60,8 +60,9 @@ struct IoEvent {
     res2: i64,
 }
 
-/// AIO contexts of one file, made on first use (so a process that forks
-/// after opening the file makes its own) and kept for the next batch.
+/// AIO contexts of one file, made on first use (a process that forks
+/// after opening the file, before writing, makes its own) and kept for
+/// the next batch.
 #[derive(Default)]
 pub(crate) struct Contexts {
     free: Mutex<Vec<u64>>,
@@ -72,13 +73,9 @@ pub(crate) struct Contexts {
     done: std::sync::atomic::AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Contexts {
     fn take(&self) -> Option<u64> {
-        if let Some(ctx) = lock(&self.free).pop() {
+        if let Some(ctx) = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop() {
             return Some(ctx);
         }
         if self.refused.load(std::sync::atomic::Ordering::Relaxed) {
@@ -113,7 +110,10 @@ impl Contexts {
     }
 
     fn give_back(&self, ctx: u64) {
-        lock(&self.free).push(ctx);
+        self.free
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(ctx);
     }
 
     /// Write each of `writes` (offset, pieces; every piece aligned for
@@ -174,7 +174,12 @@ impl Drop for Contexts {
         if done > 0 {
             log::debug!("{done} direct writes went through AIO");
         }
-        for ctx in lock(&self.free).drain(..) {
+        for ctx in self
+            .free
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
             // SAFETY: a context in `free` has nothing in flight (every
             // batch reaps all it submitted before giving it back).
             unsafe {

@@ -30,7 +30,7 @@ pub trait BlockDevice: Send + Sync {
         match pieces {
             [] => Ok(()),
             [one] => self.write_at(one, offset),
-            _ => self.write_at(&gather(pieces), offset),
+            _ => self.write_at(&pieces.concat(), offset),
         }
     }
     /// Several gathered writes (`write_gathered`: offset, pieces), in
@@ -128,9 +128,15 @@ fn skip<'a>(pieces: &[&'a [u8]], mut n: usize) -> Vec<&'a [u8]> {
     out
 }
 
-/// `pieces` copied end to end into one buffer.
-fn gather(pieces: &[&[u8]]) -> Vec<u8> {
-    pieces.concat()
+/// Whether `pieces`, laid end to end from `offset`, are each aligned
+/// for direct I/O (memory, place and length).
+fn aligned_run(pieces: &[&[u8]], offset: u64) -> bool {
+    let mut at = offset;
+    pieces.iter().all(|p| {
+        let ok = is_aligned(p, at);
+        at += p.len() as u64;
+        ok
+    })
 }
 
 /// `read_checked` for bytes not held in place: read into a buffer, and
@@ -381,62 +387,45 @@ impl BlockDevice for FileDevice {
     /// another. (Four writer threads were tried first: an fsync beside a
     /// large writer waited for them to be scheduled, p99 3 to 20 ms.)
     fn write_many(&self, writes: &[(u64, Vec<&[u8]>)]) -> Vec<io::Result<()>> {
-        let mut out: Vec<Option<io::Result<()>>> = writes.iter().map(|_| None).collect();
-        let mut batch: Vec<(u64, Vec<&[u8]>)> = Vec::new();
-        let mut which = Vec::new();
-        let bytes: usize = writes
+        let lens: Vec<usize> = writes
             .iter()
-            .map(|w| w.1.iter().map(|p| p.len()).sum::<usize>())
-            .sum();
-        let small = bytes / writes.len().max(1) <= TOGETHER_BYTES_MAX;
-        for (i, (offset, pieces)) in writes.iter().enumerate() {
-            let len: usize = pieces.iter().map(|p| p.len()).sum();
-            let mut at = *offset;
-            let aligned = pieces.iter().all(|p| {
-                let ok = is_aligned(p, at);
-                at += p.len() as u64;
-                ok
-            });
-            if self.direct
-                && self.writable
-                && small
-                && writes.len() > 1
-                && len > 0
-                && aligned
-                && check_range(*offset, len, self.size).is_ok()
-            {
-                batch.push((*offset, pieces.clone()));
-                which.push(i);
-            } else {
-                out[i] = Some(self.write_gathered(pieces, *offset));
-            }
-        }
-        let aio = match batch.is_empty() {
-            true => None,
-            false => self.aio.write_batch(self.file.as_raw_fd(), &batch),
-        };
-        let done = match aio {
-            Some(done) => done,
-            None => batch
-                .iter()
-                .map(|(offset, pieces)| {
-                    let len = pieces.iter().map(|p| p.len()).sum();
-                    self.write_gathered(pieces, *offset).map(|()| len)
+            .map(|w| w.1.iter().map(|p| p.len()).sum())
+            .collect();
+        let small = lens.iter().sum::<usize>() <= TOGETHER_BYTES_MAX * writes.len();
+        let together: Vec<usize> = match self.direct && self.writable && small && writes.len() > 1 {
+            true => (0..writes.len())
+                .filter(|&i| {
+                    let (offset, pieces) = &writes[i];
+                    lens[i] > 0
+                        && aligned_run(pieces, *offset)
+                        && check_range(*offset, lens[i], self.size).is_ok()
                 })
                 .collect(),
+            false => Vec::new(),
         };
-        for ((i, (offset, pieces)), r) in which.into_iter().zip(&batch).zip(done) {
-            let len: usize = pieces.iter().map(|p| p.len()).sum();
-            out[i] = Some(match r {
-                Ok(n) if n >= len => Ok(()),
-                // A short transfer (direct I/O ends it on a sector
-                // boundary): the rest is written now.
-                Ok(n) => self.write_gathered(&skip(pieces, n), offset + n as u64),
-                Err(e) => Err(e),
-            });
+        let mut done: Vec<Option<io::Result<usize>>> = writes.iter().map(|_| None).collect();
+        if !together.is_empty() {
+            let batch: Vec<(u64, Vec<&[u8]>)> =
+                together.iter().map(|&i| writes[i].clone()).collect();
+            if let Some(results) = self.aio.write_batch(self.file.as_raw_fd(), &batch) {
+                for (&i, r) in together.iter().zip(results) {
+                    done[i] = Some(r);
+                }
+            }
         }
-        out.into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(io::Error::other("a write went unanswered"))))
+        // What AIO did not take is written here, one after another; a
+        // short transfer's rest too (direct I/O ends it on a sector
+        // boundary).
+        writes
+            .iter()
+            .zip(done)
+            .zip(&lens)
+            .map(|(((offset, pieces), done), &len)| match done {
+                Some(Ok(n)) if n >= len => Ok(()),
+                Some(Ok(n)) => self.write_gathered(&skip(pieces, n), offset + n as u64),
+                Some(Err(e)) => Err(e),
+                None => self.write_gathered(pieces, *offset),
+            })
             .collect()
     }
 
@@ -449,17 +438,11 @@ impl BlockDevice for FileDevice {
         if pieces.len() < 2 || !self.writable {
             return match pieces {
                 [one] => self.write_at(one, offset),
-                _ => self.write_at(&gather(pieces), offset),
+                _ => self.write_at(&pieces.concat(), offset),
             };
         }
-        if self.direct {
-            let mut at = offset;
-            for p in pieces {
-                if !is_aligned(p, at) {
-                    return self.write_at(&gather(pieces), offset);
-                }
-                at += p.len() as u64;
-            }
+        if self.direct && !aligned_run(pieces, offset) {
+            return self.write_at(&pieces.concat(), offset);
         }
         self.pwritev_all(pieces, offset)
     }

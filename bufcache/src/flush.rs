@@ -2,12 +2,13 @@
 //! (`bwrite`, flush, the flusher thread, pageout's laundering), `flush`
 //! with its barrier, dirty-limit throttling and the flusher thread.
 //!
-//! Ordering: `flush` snapshots the dirty set (device order), writes it with
-//! neighbouring dirty blocks merged into one device write (up to
+//! Ordering: `flush` snapshots the dirty set (device order), writes it
+//! with neighbouring dirty blocks merged into one device write (up to
 //! `WRITE_BYTES_MAX`) and the writes of up to `BATCH_MAX` buffers in
-//! flight together (`BlockDevice::write_many`), then issues the barrier. Everything dirty when flush
-//! began is durable when it returns, so the caller may then write the
-//! volume header and barrier again (HAMMER2's flush order).
+//! flight together (`BlockDevice::write_many`), then issues the
+//! barrier. Everything dirty when flush began is durable when it
+//! returns, so the caller may then write the volume header and barrier
+//! again (HAMMER2's flush order).
 //!
 //! Deadlock avoidance: a writer holding busy pages sleeps only on pages
 //! above them (`write_indices` takes its batch in ascending order, as

@@ -756,12 +756,30 @@ impl NbdDevice {
     }
 
     fn write_aligned(&self, buf: &[u8], offset: u64, flags: u16) -> io::Result<()> {
+        let rxs = self.send_aligned(buf, offset, flags)?;
+        self.wait_all(rxs)
+    }
+
+    /// Send an aligned write, in requests of at most the server's
+    /// maximum, without waiting for the replies.
+    fn send_aligned(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        flags: u16,
+    ) -> io::Result<Vec<Receiver<Reply>>> {
         let chunk = self.max_chunk as usize;
-        let mut rxs = Vec::new();
-        for (i, c) in buf.chunks(chunk).enumerate() {
-            let at = offset + (i * chunk) as u64;
-            rxs.push(self.shared.send(CMD_WRITE, flags, at, c.len() as u32, c)?);
-        }
+        buf.chunks(chunk)
+            .enumerate()
+            .map(|(i, c)| {
+                let at = offset + (i * chunk) as u64;
+                self.shared.send(CMD_WRITE, flags, at, c.len() as u32, c)
+            })
+            .collect()
+    }
+
+    /// Wait for every reply of `rxs`; the first error, if any.
+    fn wait_all(&self, rxs: Vec<Receiver<Reply>>) -> io::Result<()> {
         let mut first_err = None;
         for rx in rxs {
             if let Err(e) = self.shared.wait(rx) {
@@ -867,43 +885,21 @@ impl BlockDevice for NbdDevice {
     /// server has them all at once (one round trip for the lot instead
     /// of one each); an unaligned one (read, change, write) goes alone.
     fn write_many(&self, writes: &[(u64, Vec<&[u8]>)]) -> Vec<io::Result<()>> {
-        let mut out: Vec<Option<io::Result<()>>> = writes.iter().map(|_| None).collect();
-        let mut sent = Vec::new();
-        let chunk = self.max_chunk as usize;
-        for (i, (offset, pieces)) in writes.iter().enumerate() {
+        let mut sent = Vec::with_capacity(writes.len());
+        for (offset, pieces) in writes {
             let len: usize = pieces.iter().map(|p| p.len()).sum();
             let plain = self.writable
                 && len > 0
                 && self.check(*offset, len).is_ok()
                 && self.aligned(*offset, len);
-            if !plain {
-                out[i] = Some(self.write_gathered(pieces, *offset));
-                continue;
-            }
-            let buf = pieces.concat();
-            let mut rxs = Vec::new();
-            for (k, c) in buf.chunks(chunk).enumerate() {
-                let at = offset + (k * chunk) as u64;
-                match self.shared.send(CMD_WRITE, 0, at, c.len() as u32, c) {
-                    Ok(rx) => rxs.push(rx),
-                    Err(e) => {
-                        out[i] = Some(Err(e));
-                        break;
-                    }
-                }
-            }
-            sent.push((i, rxs));
+            sent.push(match plain {
+                true => self.send_aligned(&pieces.concat(), *offset, 0),
+                // Done now: a read, a change and a write.
+                false => self.write_gathered(pieces, *offset).map(|()| Vec::new()),
+            });
         }
-        for (i, rxs) in sent {
-            for rx in rxs {
-                if let Err(e) = self.shared.wait(rx) {
-                    out[i].get_or_insert(Err(e));
-                }
-            }
-            out[i].get_or_insert(Ok(()));
-        }
-        out.into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(io::Error::other("a write went unanswered"))))
+        sent.into_iter()
+            .map(|s| s.and_then(|rxs| self.wait_all(rxs)))
             .collect()
     }
 
