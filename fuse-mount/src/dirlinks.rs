@@ -9,8 +9,10 @@
 //! attributes are asked for, then kept current by the operations that
 //! change it (mkdir and rmdir adjust the parent; a rename that moves a
 //! directory forgets both parents' counts, which are recounted on the
-//! next stat). Read-write, every count is read and changed under the
-//! mount lock, so a count and the directory it describes agree.
+//! next stat). Read-write, every count is changed with the mount lock
+//! exclusive and read with it held, and nothing that runs with it
+//! shared makes, removes or moves a directory, so a count and the
+//! directory it describes agree.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -423,6 +423,26 @@ impl Hammer2Fs {
     ) -> Result<FileAttr, Errno> {
         let who = self.caller(req);
         let s = self.router.change_entry(parent.0, name.as_bytes(), true)?;
+        if obj_type != ObjType::Directory {
+            // As below, with the directory's meta under its lock.
+            let prepare = |dir: &InodeMeta| {
+                who.may(dir, W | X)?;
+                let (uid, gid, mode) = who.new_owner(dir, mode, false);
+                Self::new_name(name)?;
+                Ok((mode, uid, gid))
+            };
+            let made = s.make_shared(
+                parent.0,
+                name.as_bytes(),
+                obj_type,
+                dev_of(rdev),
+                pin,
+                &prepare,
+            );
+            if let Some(r) = made {
+                return r;
+            }
+        }
         s.change(|tx| {
             let dir = self.dir_for_change(&who, tx, parent)?;
             let is_dir = obj_type == ObjType::Directory;
@@ -694,6 +714,14 @@ impl Filesystem for Hammer2Fs {
         let who = self.caller(req);
         let r = self.router.change_entry(parent.0, name.as_bytes(), false);
         let r = r.and_then(|s| {
+            // As below, with both inodes' meta under their locks.
+            let allow = |dir: &InodeMeta, victim: &InodeMeta| {
+                who.may(dir, W | X)?;
+                who.may_remove(dir, victim)
+            };
+            if let Some(r) = s.unlink_shared(parent.0, name.as_bytes(), &allow) {
+                return r;
+            }
             s.change(|tx| {
                 let dir = self.dir_for_change(&who, tx, parent)?;
                 let victim = tx.entry(parent.0, name.as_bytes())?;
@@ -763,6 +791,35 @@ impl Filesystem for Hammer2Fs {
         let r = r.and_then(|s| {
             self.router
                 .change_entry(newparent.0, newname.as_bytes(), false)?;
+            let plain =
+                !flags.intersects(RenameFlags::RENAME_WHITEOUT | RenameFlags::RENAME_EXCHANGE);
+            if plain {
+                // As below for a source and a replaced entry that are not
+                // directories, with every inode's meta under its lock.
+                let allow = |odir: &InodeMeta,
+                             ndir: &InodeMeta,
+                             src: &InodeMeta,
+                             dst: Option<&InodeMeta>| {
+                    who.may(odir, W | X)?;
+                    who.may(ndir, W | X)?;
+                    who.may_remove(odir, src)?;
+                    if let Some(d) = dst {
+                        who.may_remove(ndir, d)?;
+                    }
+                    if parent != newparent {
+                        who.may_reparent(src)?;
+                    }
+                    Self::new_name(newname).map(|_| ())
+                };
+                let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+                let (old, new) = (
+                    (parent.0, name.as_bytes()),
+                    (newparent.0, newname.as_bytes()),
+                );
+                if let Some(r) = s.rename_shared(old, new, noreplace, &allow) {
+                    return r;
+                }
+            }
             s.change(|tx| {
                 let whiteout = flags.contains(RenameFlags::RENAME_WHITEOUT);
                 if whiteout && flags.contains(RenameFlags::RENAME_EXCHANGE) {
@@ -823,6 +880,15 @@ impl Filesystem for Hammer2Fs {
             let s = self
                 .router
                 .change_entry(newparent.0, newname.as_bytes(), true)?;
+            // As below, with both inodes' meta under their locks.
+            let allow = |dir: &InodeMeta, node: &InodeMeta| {
+                who.may(dir, W | X)?;
+                who.may_link(node)?;
+                Self::new_name(newname).map(|_| ())
+            };
+            if let Some(r) = s.link_shared(ino.0, newparent.0, newname.as_bytes(), &allow) {
+                return r;
+            }
             s.change(|tx| {
                 self.dir_for_change(&who, tx, newparent)?;
                 who.may_link(&tx.meta(ino.0)?)?;

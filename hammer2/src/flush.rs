@@ -307,8 +307,9 @@ impl Mount {
         let mut s = BTreeSet::new();
         s.insert(crate::mount::ROOT_INUM);
         if let Some(p) = self.pfs.get(label) {
-            p.depend.closure_into(inum, &mut s);
-            p.depend.closure_into(crate::mount::ROOT_INUM, &mut s);
+            let depend = p.depend.lock();
+            depend.closure_into(inum, &mut s);
+            depend.closure_into(crate::mount::ROOT_INUM, &mut s);
         }
         s
     }
@@ -419,15 +420,16 @@ impl Mount {
         for (label, p) in &self.pfs {
             // A partial commit's scope is looked up, not searched for
             // among every inode in memory.
-            let inums: Vec<u64> = match scope {
-                None => p.inodes.keys().copied().collect(),
-                Some((l, s)) if l == label => s.iter().copied().collect(),
+            let handles: Vec<(u64, InodeLock)> = match scope {
+                None => p.inodes.handles_by_inum(),
+                Some((l, s)) if l == label => s
+                    .iter()
+                    .filter_map(|&i| Some((i, p.inodes.handle(i)?)))
+                    .collect(),
                 Some(_) => continue,
             };
             // The mount is borrowed whole: no lock is held by anyone else.
-            let nodes = inums
-                .iter()
-                .filter_map(|i| Some((i, p.inodes.get(i)?.lock())));
+            let nodes = handles.iter().map(|(i, h)| (i, h.lock()));
             for (inum, n) in nodes.filter(|(_, n)| !n.pending.is_empty()) {
                 heuristics.insert((label.clone(), *inum), n.comp_heuristic);
                 let size = n.size();
@@ -638,13 +640,8 @@ impl Mount {
         blocks: Vec<BatchBlock>,
     ) -> Result<Installed> {
         for ((label, inum), h) in heuristics {
-            if let Some(n) = self
-                .pfs
-                .get_mut(&label)
-                .and_then(|p| p.inodes.get_mut(&inum))
-                .map(InodeLock::get_mut)
-            {
-                n.comp_heuristic = h;
+            if let Some(n) = self.pfs.get(&label).and_then(|p| p.inodes.handle(inum)) {
+                n.lock().comp_heuristic = h;
             }
         }
         let mut done = Installed::default();
@@ -653,17 +650,12 @@ impl Mount {
                 // Dropped unless written again meanwhile. A block no
                 // longer the inode's may have had its old block freed
                 // (and reused) while the batch was out: nothing is lost.
-                if let Some(n) = self
-                    .pfs
-                    .get_mut(&b.label)
-                    .and_then(|p| p.inodes.get_mut(&b.inum))
-                    .map(InodeLock::get_mut)
-                    .filter(|n| {
-                        n.pending
-                            .get(&b.lbase)
-                            .is_some_and(|p| Arc::ptr_eq(p, &b.blk))
-                    })
-                {
+                let handle = self.pfs.get(&b.label).and_then(|p| p.inodes.handle(b.inum));
+                if let Some(mut n) = handle.as_ref().map(InodeLock::lock).filter(|n| {
+                    n.pending
+                        .get(&b.lbase)
+                        .is_some_and(|p| Arc::ptr_eq(p, &b.blk))
+                }) {
                     log_lost(b.inum, b.lbase, e);
                     n.pending.remove(&b.lbase);
                     done.lost += 1;
@@ -680,19 +672,15 @@ impl Mount {
             }
             let Some(leaf) = b.written else { continue };
             let vol = &self.vol;
-            let node = self
-                .pfs
-                .get_mut(&b.label)
-                .and_then(|p| p.inodes.get_mut(&b.inum))
-                .map(InodeLock::get_mut);
-            let current = node.filter(|n| {
+            let handle = self.pfs.get(&b.label).and_then(|p| p.inodes.handle(b.inum));
+            let current = handle.as_ref().map(InodeLock::lock).filter(|n| {
                 b.lbase < n.size()
                     && n.pending
                         .get(&b.lbase)
                         .is_some_and(|p| Arc::ptr_eq(p, &b.blk))
             });
             match current {
-                Some(n) => {
+                Some(mut n) => {
                     n.pending.remove(&b.lbase);
                     done.settled += 1;
                     match leaf {
@@ -740,9 +728,9 @@ impl Mount {
         };
         p.root.dirty
             || scope.iter().any(|i| {
-                p.removed.contains(i)
-                    || p.dropped.contains_key(i)
-                    || p.inodes.get(i).is_some_and(|n| n.lock().dirty)
+                p.removed.lock().contains(i)
+                    || p.dropped.lock().contains_key(i)
+                    || p.inodes.handle(*i).is_some_and(|n| n.lock().dirty)
             })
     }
 
@@ -794,20 +782,24 @@ impl Mount {
                 Some(_) => continue,
             };
             let inums: Vec<u64> = match members {
-                None => p.inodes.keys().copied().collect(),
+                None => p.inodes.get_mut().keys().copied().collect(),
                 Some(s) => s.iter().copied().collect(),
             };
             let mut drops = Vec::new();
+            let (dropped, removed_set) = (p.dropped.get_mut(), p.removed.get_mut());
             let removed: Vec<u64> = match members {
                 None => {
-                    drops.extend(std::mem::take(&mut p.dropped).into_values().flatten());
-                    std::mem::take(&mut p.removed).into_iter().collect()
+                    drops.extend(std::mem::take(dropped).into_values().flatten());
+                    std::mem::take(removed_set).into_iter().collect()
                 }
                 Some(s) => {
                     for i in s {
-                        drops.extend(p.dropped.remove(i).into_iter().flatten());
+                        drops.extend(dropped.remove(i).into_iter().flatten());
                     }
-                    s.iter().filter(|i| p.removed.remove(i)).copied().collect()
+                    s.iter()
+                        .filter(|i| removed_set.remove(i))
+                        .copied()
+                        .collect()
                 }
             };
             let lsnap = p.root.data.meta.pfs_lsnap_tid;
@@ -818,28 +810,35 @@ impl Mount {
                 p.root.dirty = true;
             }
             for inum in &inums {
-                let Some(node) = p
+                let Some(mut node) = p
                     .inodes
-                    .get_mut(inum)
-                    .map(InodeLock::get_mut)
+                    .get_mut()
+                    .get(inum)
+                    .map(InodeLock::lock)
                     .filter(|n| n.dirty)
                 else {
                     continue;
                 };
-                let br = flush_inode(&mut w, node, *inum, 0)?;
+                let br = flush_inode(&mut w, &mut node, *inum, 0)?;
                 p.root
                     .table
                     .insert(w.vol, crate::blocktable::TreeKind::Directory, true, br)?;
                 p.root.dirty = true;
             }
             for inum in &inums {
-                if let Some(node) = p.inodes.get_mut(inum).map(InodeLock::get_mut) {
-                    drops.extend(node.table.take_dropped());
+                if let Some(node) = p.inodes.get_mut().get(inum) {
+                    drops.extend(node.lock().table.take_dropped());
                 }
             }
             match members {
-                None => p.depend.clear(),
-                Some(s) => p.depend.committed(s),
+                None => p.depend.get_mut().clear(),
+                Some(s) => p.depend.get_mut().committed(s),
+            }
+            // The inode numbers handed out since, into the root.
+            let last_inum = *p.last_inum.get_mut();
+            if p.root.data.meta.pfs_inum != last_inum {
+                p.root.data.meta.pfs_inum = last_inum;
+                p.root.dirty = true;
             }
             if p.root.dirty {
                 let br = flush_inode(&mut w, &mut p.root, p.key, BREF_FLAG_PFSROOT)?;

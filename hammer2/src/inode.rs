@@ -20,7 +20,7 @@ use crate::reserve::BlockRanges;
 use crate::volume::Volume;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 const BLOCK: u64 = DATA_BLOCK_BYTES;
 
@@ -392,33 +392,34 @@ impl Clone for ReadAhead {
     }
 }
 
-/// An inode in memory behind its own lock (DragonFly's inode lock): a
-/// change to one inode made with the daemon's transaction lock shared
-/// (`mount/shared.rs`: a write, a setattr) and a query beside it take
-/// it; whatever holds the mount exclusive reaches the inode without
-/// locking (`get_mut`).
-#[derive(Debug)]
-pub struct InodeLock(Mutex<InodeNode>);
+/// An inode in memory behind its own lock (DragonFly's inode lock), a
+/// handle shared by the PFS's inode map (`mount::InodeMap`) and whoever
+/// cloned it out. A change made with the daemon's transaction lock
+/// shared (`mount/shared.rs`: a write, a setattr, a create, an unlink, a
+/// link or a rename) and a query beside it take it, several in
+/// ascending inode number order; whatever holds the mount exclusive
+/// takes it too (nobody else does then, so it never waits). A panic
+/// under the lock leaves the inode as a failed change does (changes are
+/// applied whole or refused), so the lock does not poison.
+#[derive(Debug, Clone)]
+pub struct InodeLock(Arc<parking_lot::Mutex<InodeNode>>);
+
+/// An inode locked through its own handle (`InodeLock::lock_owned`).
+pub type InodeGuard = parking_lot::ArcMutexGuard<parking_lot::RawMutex, InodeNode>;
 
 impl InodeLock {
     pub fn new(n: InodeNode) -> InodeLock {
-        InodeLock(Mutex::new(n))
-    }
-
-    /// The inode, through the exclusive borrow of the mount.
-    pub fn get_mut(&mut self) -> &mut InodeNode {
-        // A panic under the lock leaves the inode as a failed change
-        // does (changes are applied whole or refused).
-        self.0.get_mut().unwrap_or_else(|p| p.into_inner())
+        InodeLock(Arc::new(parking_lot::Mutex::new(n)))
     }
 
     /// The inode, locked.
-    pub fn lock(&self) -> MutexGuard<'_, InodeNode> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    pub fn lock(&self) -> parking_lot::MutexGuard<'_, InodeNode> {
+        self.0.lock()
     }
 
-    pub fn into_inner(self) -> InodeNode {
-        self.0.into_inner().unwrap_or_else(|p| p.into_inner())
+    /// The inode, locked by a guard that holds the handle.
+    pub fn lock_owned(&self) -> InodeGuard {
+        parking_lot::Mutex::lock_arc(&self.0)
     }
 }
 

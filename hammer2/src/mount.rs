@@ -10,9 +10,11 @@
 //! operation is applied whole under the caller's exclusive borrow, but
 //! for those on one inode in memory (a write, a setattr without a size,
 //! a pin), which may run under a shared borrow holding that inode's lock
-//! (`mount/shared.rs`); a flush takes every change made before it, so
-//! an operation that touches several inodes (create, link, remove,
-//! rename) lands wholly in one flush. Time comes from the caller
+//! (`mount/shared.rs`), and the creates, links, unlinks and renames of
+//! files in memory, which hold the locks of every inode they change,
+//! taken in ascending inode number order (`mount/namespace.rs`); a
+//! flush takes every change made before it, so an operation that
+//! touches several inodes lands wholly in one flush. Time comes from the caller
 //! (`now`, microseconds since the epoch), so tests are deterministic.
 //!
 //! Pins (`pin`/`unpin`) keep an inode whose last link goes: an open
@@ -39,6 +41,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 mod linux;
+mod namespace;
 mod shared;
 mod vnops;
 pub use linux::ATIMES_MAX;
@@ -90,10 +93,14 @@ pub(crate) struct PfsState {
     /// The key of its root inode in the super-root.
     pub(crate) key: u64,
     pub(crate) root: InodeNode,
+    /// The last inode number handed out (`Mount::alloc_inum`), atomic so
+    /// creates with the mount shared take numbers beside each other; the
+    /// flush writes it into the root's `pfs_inum`.
+    pub(crate) last_inum: AtomicU64,
     /// Inodes loaded or created, by number, each behind its own lock.
-    pub(crate) inodes: BTreeMap<u64, InodeLock>,
+    pub(crate) inodes: InodeMap,
     /// Inodes to remove from the index at the next flush.
-    pub(crate) removed: BTreeSet<u64>,
+    pub(crate) removed: parking_lot::Mutex<BTreeSet<u64>>,
     /// Pin counts (see `Mount::pin`): an inode whose last link goes
     /// while it is pinned stays until its last pin goes. Behind a lock
     /// of its own: opens and releases count here with the mount shared
@@ -102,12 +109,54 @@ pub(crate) struct PfsState {
     /// Blockrefs dropped from the trees of inodes that left memory
     /// before the flush (see `BlockTable::take_dropped`), by inode: a
     /// partial commit frees only what its groups dropped.
-    pub(crate) dropped: BTreeMap<u64, Vec<Blockref>>,
+    pub(crate) dropped: parking_lot::Mutex<BTreeMap<u64, Vec<Blockref>>>,
     /// Which inodes must be committed together (`depend.rs`).
-    pub(crate) depend: Depend,
+    pub(crate) depend: parking_lot::Mutex<Depend>,
     /// Access times waiting for the next flush, by inode (see
     /// `mount/linux.rs`, `touch_atime`).
     pub(crate) atimes: BTreeMap<u64, u64>,
+}
+
+/// A PFS's inodes in memory, by number. Changes with the mount shared
+/// add (a create) and take out (an unlink's last link) under the map's
+/// own lock, which is a leaf: nothing waits for an inode's lock while
+/// holding it, so a handle is cloned out (`handle`) and locked after.
+/// With the mount exclusive the map is reached without it (`get_mut`).
+#[derive(Default)]
+pub(crate) struct InodeMap(parking_lot::RwLock<BTreeMap<u64, InodeLock>>);
+
+impl InodeMap {
+    /// Inode `inum`'s handle, if in memory.
+    pub(crate) fn handle(&self, inum: u64) -> Option<InodeLock> {
+        self.0.read().get(&inum).cloned()
+    }
+
+    pub(crate) fn contains(&self, inum: u64) -> bool {
+        self.0.read().contains_key(&inum)
+    }
+
+    pub(crate) fn insert(&self, inum: u64, n: InodeNode) {
+        self.0.write().insert(inum, InodeLock::new(n));
+    }
+
+    pub(crate) fn remove(&self, inum: u64) -> Option<InodeLock> {
+        self.0.write().remove(&inum)
+    }
+
+    /// Every handle, taken under the map's lock and locked after it.
+    pub(crate) fn handles(&self) -> Vec<InodeLock> {
+        self.0.read().values().cloned().collect()
+    }
+
+    /// Every handle with its inode number, in order.
+    pub(crate) fn handles_by_inum(&self) -> Vec<(u64, InodeLock)> {
+        self.0.read().iter().map(|(&i, h)| (i, h.clone())).collect()
+    }
+
+    /// The map, through the exclusive borrow of the mount.
+    pub(crate) fn get_mut(&mut self) -> &mut BTreeMap<u64, InodeLock> {
+        self.0.get_mut()
+    }
 }
 
 /// A PFS's pin counts, by inode, behind their own lock.
@@ -159,34 +208,113 @@ pub struct StatFs {
     pub inodes_used: u64,
 }
 
+/// An inode reached with the mount exclusive (`Mount::node`): a PFS
+/// root, or another inode, locked (nobody else holds it then).
+pub(crate) enum NodeMut<'a> {
+    Root(&'a mut InodeNode),
+    Locked(parking_lot::MutexGuard<'a, InodeNode>),
+}
+
+impl std::ops::Deref for NodeMut<'_> {
+    type Target = InodeNode;
+
+    fn deref(&self) -> &InodeNode {
+        match self {
+            NodeMut::Root(n) => n,
+            NodeMut::Locked(g) => g,
+        }
+    }
+}
+
+impl std::ops::DerefMut for NodeMut<'_> {
+    fn deref_mut(&mut self) -> &mut InodeNode {
+        match self {
+            NodeMut::Root(n) => n,
+            NodeMut::Locked(g) => g,
+        }
+    }
+}
+
 impl PfsState {
     /// A PFS whose root is new (pfsops: snapshot, pfs_create).
     pub(crate) fn new(key: u64, root: InodeNode) -> PfsState {
         PfsState {
             key,
+            last_inum: AtomicU64::new(root.data.meta.pfs_inum),
             root,
-            inodes: BTreeMap::new(),
-            removed: BTreeSet::new(),
+            inodes: InodeMap::default(),
+            removed: parking_lot::Mutex::default(),
             pins: Pins::default(),
-            dropped: BTreeMap::new(),
-            depend: Depend::default(),
+            dropped: parking_lot::Mutex::default(),
+            depend: parking_lot::Mutex::default(),
             atimes: BTreeMap::new(),
         }
     }
 
-    /// Take removed inode `inum` out of memory, keeping what its tree
-    /// dropped and the leaves it holds in memory. The commit that removes
-    /// it frees the tree its last commit left (`CommitIo`'s walk), which
-    /// lacks what was written since: file data laundered into its table
-    /// (`Mount::launder_finish`). Leaves in both are freed once (the
-    /// commit's `seen`).
-    fn forget_inode(&mut self, inum: u64) {
-        if let Some(n) = self.inodes.remove(&inum) {
-            let mut n = n.into_inner();
-            let mut d = n.table.take_dropped();
-            d.extend(n.table.loaded_leaves());
-            if !d.is_empty() {
-                self.dropped.entry(inum).or_default().extend(d);
+    /// Take removed inode `inum` out of memory and mark it removed,
+    /// keeping what its tree dropped and the leaves it holds in memory.
+    /// The commit that removes it frees the tree its last commit left
+    /// (`CommitIo`'s walk), which lacks what was written since: file
+    /// data laundered into its table (`Mount::launder_finish`). Leaves
+    /// in both are freed once (the commit's `seen`). `n` is the inode,
+    /// locked by the caller when the mount is shared (a handle cloned
+    /// before sees it removed).
+    fn forget_inode(&self, inum: u64, n: &mut InodeNode) {
+        self.removed.lock().insert(inum);
+        self.inodes.remove(inum);
+        let mut d = n.table.take_dropped();
+        d.extend(n.table.loaded_leaves());
+        if !d.is_empty() {
+            self.dropped.lock().entry(inum).or_default().extend(d);
+        }
+    }
+
+    /// The next inode number (DragonFly's `pmp->inode_tid`), taken
+    /// atomically, so creates with the mount shared number side by side.
+    /// The counter comes from disk: one past the inode number space
+    /// (keys from 2^63 are directory entries in the PFS root) or behind
+    /// an inode in use (the new one would replace it) is damage. `None`
+    /// when the inode index over the number is not in memory
+    /// (`Mount::load_next_inum` loads it).
+    pub(crate) fn alloc_inum(&self, label: &str) -> Option<Result<u64>> {
+        let at = self.root.bref.data_off.offset();
+        loop {
+            let raw = self.last_inum.load(Ordering::SeqCst);
+            let last = raw.max(INODE_START - 1);
+            let Some(inum) = last
+                .checked_add(1)
+                .filter(|&i| !crate::dirhash::is_dirent_key(i))
+            else {
+                return Some(Err(Error::corrupt(
+                    format!(
+                        "PFS {label}: inode allocator pfs_inum {last:#x} is past the inode numbers"
+                    ),
+                    at,
+                )));
+            };
+            if self.inodes.contains(inum) || !self.root.table.range_loaded(inum, inum)?.is_empty() {
+                return Some(Err(Error::corrupt(
+                    format!("PFS {label}: inode allocator pfs_inum {last} is behind inode {inum}, which is in use"),
+                    at,
+                )));
+            }
+            if self
+                .last_inum
+                .compare_exchange(raw, inum, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                return Some(Ok(inum));
+            }
+        }
+    }
+
+    /// `forget_inode` for inode `inum` if in memory, with the mount
+    /// exclusive.
+    fn forget_loaded(&mut self, inum: u64) {
+        match self.inodes.handle(inum) {
+            Some(h) => self.forget_inode(inum, &mut h.lock()),
+            None => {
+                self.removed.get_mut().insert(inum);
             }
         }
     }
@@ -349,53 +477,52 @@ impl Mount {
     }
 
     /// The inode `inum` of PFS `label`, loaded into memory.
-    fn node(&mut self, label: &str, inum: u64) -> Result<&mut InodeNode> {
+    fn node(&mut self, label: &str, inum: u64) -> Result<NodeMut<'_>> {
         self.pfs_mut(label)?;
         let Mount { vol, pfs, .. } = self;
         let p = pfs.get_mut(label).ok_or_else(|| Error::NotFound {
             what: format!("PFS {label}"),
         })?;
         if inum == ROOT_INUM {
-            return Ok(&mut p.root);
+            return Ok(NodeMut::Root(&mut p.root));
         }
-        if p.removed.contains(&inum) {
+        if p.removed.get_mut().contains(&inum) {
             return Err(Error::NotFound {
                 what: format!("inode {inum}"),
             });
         }
-        if !p.inodes.contains_key(&inum) {
-            let br = p
-                .root
-                .table
-                .lookup(&*vol, inum)?
-                .ok_or_else(|| Error::NotFound {
-                    what: format!("inode {inum}"),
-                })?;
-            if br.btype != BlockrefType::Inode {
-                return Err(Error::corrupt(
-                    format!("{} blockref at inode index key {inum}", br.btype.name()),
-                    br.data_off.offset(),
-                ));
+        let inodes = p.inodes.get_mut();
+        let node = match inodes.entry(inum) {
+            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                let br = p
+                    .root
+                    .table
+                    .lookup(&*vol, inum)?
+                    .ok_or_else(|| Error::NotFound {
+                        what: format!("inode {inum}"),
+                    })?;
+                if br.btype != BlockrefType::Inode {
+                    return Err(Error::corrupt(
+                        format!("{} blockref at inode index key {inum}", br.btype.name()),
+                        br.data_off.offset(),
+                    ));
+                }
+                let ino = pfs::read_inode(vol, &br)?;
+                if ino.inum() != inum {
+                    return Err(Error::corrupt(
+                        format!("inode index key {inum} holds inode {}", ino.inum()),
+                        br.data_off.offset(),
+                    ));
+                }
+                let mut n = InodeNode::from_disk(br, ino.data);
+                if let Some(&t) = p.atimes.get(&inum) {
+                    n.data.meta.atime = t;
+                }
+                slot.insert(InodeLock::new(n))
             }
-            let ino = pfs::read_inode(vol, &br)?;
-            if ino.inum() != inum {
-                return Err(Error::corrupt(
-                    format!("inode index key {inum} holds inode {}", ino.inum()),
-                    br.data_off.offset(),
-                ));
-            }
-            let mut n = InodeNode::from_disk(br, ino.data);
-            if let Some(&t) = p.atimes.get(&inum) {
-                n.data.meta.atime = t;
-            }
-            p.inodes.insert(inum, InodeLock::new(n));
-        }
-        p.inodes
-            .get_mut(&inum)
-            .map(InodeLock::get_mut)
-            .ok_or_else(|| Error::NotFound {
-                what: format!("inode {inum}"),
-            })
+        };
+        Ok(NodeMut::Locked(node.lock()))
     }
 
     /// Borrow the volume and one inode at once.
@@ -410,17 +537,17 @@ impl Mount {
         let p = pfs.get_mut(label).ok_or_else(|| Error::NotFound {
             what: format!("PFS {label}"),
         })?;
-        let node = if inum == ROOT_INUM {
-            &mut p.root
-        } else {
-            p.inodes
-                .get_mut(&inum)
-                .map(InodeLock::get_mut)
-                .ok_or_else(|| Error::NotFound {
-                    what: format!("inode {inum}"),
-                })?
-        };
-        f(vol, node)
+        if inum == ROOT_INUM {
+            return f(vol, &mut p.root);
+        }
+        let n = p
+            .inodes
+            .get_mut()
+            .get(&inum)
+            .ok_or_else(|| Error::NotFound {
+                what: format!("inode {inum}"),
+            })?;
+        f(vol, &mut n.lock())
     }
 
     /// Whether inode `inum` already waits for the flush (its rewrite is
@@ -430,7 +557,7 @@ impl Mount {
             if inum == ROOT_INUM {
                 p.root.dirty
             } else {
-                p.inodes.get(&inum).is_some_and(|n| n.lock().dirty)
+                p.inodes.handle(inum).is_some_and(|n| n.lock().dirty)
             }
         })
     }
@@ -470,7 +597,7 @@ impl Mount {
     /// Tie inodes of PFS `label` into one dependency group.
     pub(crate) fn tie(&mut self, label: &str, inums: &[u64]) {
         if let Some(p) = self.pfs.get_mut(label) {
-            p.depend.tie(inums);
+            p.depend.get_mut().tie(inums);
         }
     }
 
@@ -535,7 +662,7 @@ impl Mount {
             + self
                 .pfs
                 .values()
-                .flat_map(|p| p.inodes.values())
+                .flat_map(|p| p.inodes.handles())
                 .map(|n| {
                     let n = n.lock();
                     (n.dirty_bytes() / disk::DATA_BLOCK_BYTES
@@ -546,10 +673,6 @@ impl Mount {
                 .sum::<u64>()
     }
 
-    /// The next inode number of PFS `label`, from its root's allocator.
-    /// The counter comes from disk: one past the inode number space
-    /// (keys from 2^63 are directory entries in the PFS root) or behind
-    /// an inode in use (the new one would replace it) is damage.
     /// Load the inode index over the number `alloc_inum` will hand out
     /// next, so that the flush inserting the new inode reads nothing
     /// under the mount's lock (and a create reads before it changes).
@@ -560,43 +683,26 @@ impl Mount {
             return Ok(());
         };
         let next = p
-            .root
-            .data
-            .meta
-            .pfs_inum
-            .max(INODE_START - 1)
+            .last_inum
+            .get_mut()
+            .max(&mut (INODE_START - 1))
             .saturating_add(1);
         p.root.table.lookup(&*vol, next)?;
         Ok(())
     }
 
+    /// `PfsState::alloc_inum` with the mount exclusive, the inode index
+    /// over the number loaded first.
     fn alloc_inum(&mut self, label: &str) -> Result<u64> {
-        let root = self.node(label, ROOT_INUM)?;
-        let at = root.bref.data_off.offset();
-        let last = root.data.meta.pfs_inum.max(INODE_START - 1);
-        let inum = last
-            .checked_add(1)
-            .filter(|&i| !crate::dirhash::is_dirent_key(i))
-            .ok_or_else(|| {
-                Error::corrupt(
-                    format!(
-                        "PFS {label}: inode allocator pfs_inum {last:#x} is past the inode numbers"
-                    ),
-                    at,
-                )
-            })?;
-        let Mount { vol, pfs, .. } = self;
-        let p = pfs.get_mut(label).ok_or_else(|| Error::NotFound {
+        self.load_next_inum(label)?;
+        let p = self.pfs.get(label).ok_or_else(|| Error::NotFound {
             what: format!("PFS {label}"),
         })?;
-        if p.inodes.contains_key(&inum) || p.root.table.lookup(&*vol, inum)?.is_some() {
-            return Err(Error::corrupt(
-                format!("PFS {label}: inode allocator pfs_inum {last} is behind inode {inum}, which is in use"),
-                at,
-            ));
-        }
-        p.root.data.meta.pfs_inum = inum;
-        Ok(inum)
+        p.alloc_inum(label).unwrap_or_else(|| {
+            Err(Error::Busy {
+                what: format!("PFS {label}: the inode index over the next inode number"),
+            })
+        })
     }
 
     /// The transaction id of the next flush. It comes from disk: a
@@ -649,9 +755,7 @@ impl Mount {
             Err(e) => return Err(e),
         };
         if nlinks == 0 {
-            let p = self.pfs_mut(label)?;
-            p.forget_inode(inum);
-            p.removed.insert(inum);
+            self.pfs_mut(label)?.forget_loaded(inum);
         }
         Ok(())
     }
@@ -684,7 +788,9 @@ impl Mount {
     pub fn is_dirty(&self) -> bool {
         self.sroot.dirty
             || self.pfs.values().any(|p| {
-                p.root.dirty || !p.removed.is_empty() || p.inodes.values().any(|n| n.lock().dirty)
+                p.root.dirty
+                    || !p.removed.lock().is_empty()
+                    || p.inodes.handles().iter().any(|n| n.lock().dirty)
             })
             || lock_space(&self.space).is_dirty()
     }
@@ -697,7 +803,8 @@ impl Mount {
             .map(|p| {
                 p.root.dirty_bytes()
                     + p.inodes
-                        .values()
+                        .handles()
+                        .iter()
                         .map(|n| n.lock().dirty_bytes())
                         .sum::<u64>()
             })
@@ -714,7 +821,8 @@ impl Mount {
             .map(|p| {
                 p.root.pending_bytes()
                     + p.inodes
-                        .values()
+                        .handles()
+                        .iter()
                         .map(|n| n.lock().pending_bytes())
                         .sum::<u64>()
             })
@@ -737,12 +845,13 @@ impl Mount {
     /// inodes kept and of the PFS roots' and super-root's indexes.
     pub fn release_clean(&mut self) {
         for p in self.pfs.values_mut() {
-            p.inodes.retain(|_, n| {
-                let n = n.get_mut();
+            let inodes = p.inodes.get_mut();
+            inodes.retain(|_, n| {
+                let n = n.lock();
                 n.dirty || !n.pending.is_empty() || n.reserved_bytes() > 0
             });
-            for n in p.inodes.values_mut() {
-                n.get_mut().table.release_clean();
+            for n in inodes.values() {
+                n.lock().table.release_clean();
             }
             p.root.table.release_clean();
         }
@@ -757,7 +866,14 @@ impl Mount {
             + self
                 .pfs
                 .values()
-                .map(|p| node(&p.root) + p.inodes.values().map(|n| node(&n.lock())).sum::<usize>())
+                .map(|p| {
+                    node(&p.root)
+                        + p.inodes
+                            .handles()
+                            .iter()
+                            .map(|n| node(&n.lock()))
+                            .sum::<usize>()
+                })
                 .sum::<usize>()
     }
 

@@ -30,7 +30,9 @@ impl Mount {
     pub fn reclaim_orphans(&mut self, label: &str) -> Result<Vec<u64>> {
         self.writable()?;
         let p = self.pfs_mut(label)?;
-        if p.root.dirty || !p.removed.is_empty() || p.inodes.values_mut().any(|n| n.get_mut().dirty)
+        if p.root.dirty
+            || !p.removed.get_mut().is_empty()
+            || p.inodes.get_mut().values().any(|n| n.lock().dirty)
         {
             return Err(Error::InvalidArgument {
                 what: format!("orphans of PFS {label} are reclaimed before it is changed"),
@@ -112,8 +114,8 @@ impl Mount {
             if p.pins.get_mut().contains_key(&inum) {
                 continue;
             }
-            p.inodes.remove(&inum);
-            p.removed.insert(inum);
+            p.inodes.get_mut().remove(&inum);
+            p.removed.get_mut().insert(inum);
             removed.push(inum);
         }
         if !removed.is_empty() {

@@ -37,6 +37,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::convert::Infallible;
 use std::hash::{Hash, Hasher};
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -929,7 +930,21 @@ pub fn lib_apply(m: &mut Mount, op: &Op, now: u64) -> hammer2::Result<()> {
     match op {
         Op::Creat(p) => {
             let (d, n) = pn(m, p)?;
-            m.create(LABEL, d, &n, ObjType::Regfile, 0o644, 0, 0, (0, 0), now)?;
+            // Half of the creates, links, unlinks and renames (every
+            // other step: `now` moves by 1000 a step) as the mount's go
+            // first: with the mount shared and their inodes' own locks
+            // (`mount/namespace.rs`); what that declines goes the usual
+            // way.
+            let shared = (now / 1000).is_multiple_of(2)
+                && matches!(
+                    m.create_shared(LABEL, d, &n, ObjType::Regfile, (0, 0), now, |_| {
+                        Ok::<_, Infallible>((0o644, 0, 0))
+                    }),
+                    Some(Ok(_))
+                );
+            if !shared {
+                m.create(LABEL, d, &n, ObjType::Regfile, 0o644, 0, 0, (0, 0), now)?;
+            }
         }
         Op::Mkdir(p) => {
             let (d, n) = pn(m, p)?;
@@ -1001,11 +1016,25 @@ pub fn lib_apply(m: &mut Mount, op: &Op, now: u64) -> hammer2::Result<()> {
         Op::Link(a, b) => {
             let i = resolve(m, a)?;
             let (d, n) = pn(m, b)?;
-            m.link(LABEL, i, d, &n, now)?;
+            let shared = (now / 1000).is_multiple_of(2)
+                && matches!(
+                    m.link_shared(LABEL, i, d, &n, now, |_, _| Ok::<_, Infallible>(())),
+                    Some(Ok(()))
+                );
+            if !shared {
+                m.link(LABEL, i, d, &n, now)?;
+            }
         }
         Op::Unlink(p) => {
             let (d, n) = pn(m, p)?;
-            m.unlink(LABEL, d, &n, now)?;
+            let shared = (now / 1000).is_multiple_of(2)
+                && matches!(
+                    m.unlink_shared(LABEL, d, &n, now, |_, _| Ok::<_, Infallible>(())),
+                    Some(Ok(()))
+                );
+            if !shared {
+                m.unlink(LABEL, d, &n, now)?;
+            }
         }
         Op::Rmdir(p) => {
             let (d, n) = pn(m, p)?;
@@ -1014,7 +1043,15 @@ pub fn lib_apply(m: &mut Mount, op: &Op, now: u64) -> hammer2::Result<()> {
         Op::Rename(a, b) => {
             let (od, on) = pn(m, a)?;
             let (nd, nn) = pn(m, b)?;
-            m.rename(LABEL, od, &on, nd, &nn, RenameFlags::default(), now)?;
+            let allow = |_: &_, _: &_, _: &_, _: Option<&_>| Ok::<_, Infallible>(());
+            let shared = (now / 1000).is_multiple_of(2)
+                && matches!(
+                    m.rename_shared(LABEL, od, &on, nd, &nn, false, now, allow),
+                    Some(Ok(()))
+                );
+            if !shared {
+                m.rename(LABEL, od, &on, nd, &nn, RenameFlags::default(), now)?;
+            }
         }
         Op::Setattr { path, mode } => {
             let i = resolve(m, path)?;

@@ -4,8 +4,13 @@
 //! they need is in memory (`ReadWrite::query`, the library's `_loaded`
 //! queries), and so do writes to a file in memory, setattr without a
 //! size, opens and releases (`write_shared`, `setattr_shared`, under the
-//! inode's own lock), so they run side by side. Otherwise, and for every
-//! other change, it is taken exclusive for one library call or one `Tx`,
+//! inode's own lock), and the creates, links, unlinks and renames of
+//! files (`make_shared`, `link_shared`, `unlink_shared`,
+//! `rename_shared`, under the locks of the inodes they change, the
+//! caller's permission check made on their meta there), so they run side
+//! by side. Otherwise, and for every other change (mkdir, rmdir, a
+//! directory moved, a symlink, anything not in memory), it is taken
+//! exclusive for one library call or one `Tx`,
 //! so a change sees no other caller and a flush takes whole operations
 //! (the write path's reads must see its unflushed state). File reads
 //! only plan under it (`RwVolume::read`).
@@ -104,6 +109,20 @@ fn loaded<T>(r: Option<hammer2::Result<T>>) -> Result<T, Unshared> {
     }
 }
 
+/// The caller's check of a node made with the mount shared, from its
+/// directory's meta: the new node's mode, uid and gid.
+pub type NewOwner<'a> = dyn Fn(&InodeMeta) -> Result<(u32, u32, u32), Errno> + 'a;
+
+/// A node made with the mount shared, and its attributes if they could
+/// be read then.
+type Made = (u64, Option<Result<FileAttr, Errno>>);
+
+/// The caller's check of a rename with the mount shared: the old and
+/// the new directory's meta, the source's, and that of the entry it
+/// replaces.
+pub type RenameCheck<'a> =
+    dyn Fn(&InodeMeta, &InodeMeta, &InodeMeta, Option<&InodeMeta>) -> Result<(), Errno> + 'a;
+
 /// One hold of the mount for a request: node ids in, errnos out.
 pub struct Tx<'a> {
     m: &'a mut Mount,
@@ -179,9 +198,9 @@ impl ReadWrite {
     }
 
     /// `attr_locked` with the mount shared: a directory's link count
-    /// is counted from a listing in memory, or it is `Load`. No change
-    /// runs meanwhile (changes to links take the mount exclusive), so a
-    /// count made here is as good as one made by a change.
+    /// is counted from a listing in memory, or it is `Load`. Nothing that
+    /// runs with the mount shared makes, removes or moves a directory,
+    /// so a count made here is as good as one made by a change.
     fn attr_of(
         &self,
         mount: &Mount,
@@ -307,6 +326,132 @@ impl ReadWrite {
         }
         self.vol.throttle();
         Ok(())
+    }
+
+    /// `Tx::make` of a file, fifo, socket or device with the mount
+    /// shared (`Mount::create_shared`), pinned for an open when `pin`:
+    /// its attributes, or the refusal of `prepare` (the caller's check,
+    /// and the new node's mode, uid and gid, from the directory's meta
+    /// under its lock). `None` when it was not made: make it with the
+    /// mount exclusive.
+    pub fn make_shared(
+        &self,
+        dir: u64,
+        name: &[u8],
+        obj_type: ObjType,
+        rdev: (u32, u32),
+        pin: bool,
+        prepare: &NewOwner<'_>,
+    ) -> Option<Result<FileAttr, Errno>> {
+        if self.writable().is_err() {
+            return None;
+        }
+        let (label, dinum, now) = (&self.vol.label, self.inum(dir), (self.clock)());
+        // The node made and its attributes (`None`: read them with the
+        // mount exclusive), or the answer.
+        let mut out: Option<Result<Made, Errno>> = None;
+        self.vol.shared_change(|m| {
+            out = match m.create_shared(label, dinum, name, obj_type, rdev, now, prepare) {
+                None => return false,
+                Some(Err(e)) => Some(Err(e)),
+                // Nothing else can have named it yet, so it is in memory.
+                Some(Ok(inum)) if pin && m.pin_shared(label, inum).is_none() => {
+                    Some(Err(Errno::ENOENT))
+                }
+                Some(Ok(inum)) => {
+                    let ino = self.ids.ino(inum);
+                    Some(Ok((ino, self.answer(self.attr_shared(m, ino)))))
+                }
+            };
+            true
+        });
+        Some(match out? {
+            Err(e) => Err(e),
+            Ok((_, Some(attr))) => attr,
+            Ok((ino, None)) => self.tx(|tx| tx.attr(ino)),
+        })
+    }
+
+    /// `Tx::link` of a non-directory with the mount shared
+    /// (`Mount::link_shared`): the node's attributes after, or the
+    /// refusal of `allow` (the caller's check of the directory's and the
+    /// node's meta under their locks). `None`: link with the mount
+    /// exclusive.
+    pub fn link_shared(
+        &self,
+        ino: u64,
+        dir: u64,
+        name: &[u8],
+        allow: &dyn Fn(&InodeMeta, &InodeMeta) -> Result<(), Errno>,
+    ) -> Option<Result<FileAttr, Errno>> {
+        if self.writable().is_err() {
+            return None;
+        }
+        let (label, now) = (&self.vol.label, (self.clock)());
+        let (inum, dinum) = (self.inum(ino), self.inum(dir));
+        let mut out = None;
+        let done =
+            self.vol.shared_change(
+                |m| match m.link_shared(label, inum, dinum, name, now, allow) {
+                    None => false,
+                    Some(Err(e)) => {
+                        out = Some(Err(e));
+                        true
+                    }
+                    Some(Ok(())) => {
+                        out = self.answer(self.attr_shared(m, ino));
+                        true
+                    }
+                },
+            );
+        done.then(|| out.unwrap_or_else(|| self.tx(|tx| tx.attr(ino))))
+    }
+
+    /// `Tx::unlink` of a non-directory with the mount shared
+    /// (`Mount::unlink_shared`), after `allow` (the caller's check of
+    /// the directory's and the entry's meta under their locks). `None`:
+    /// unlink with the mount exclusive.
+    pub fn unlink_shared(
+        &self,
+        dir: u64,
+        name: &[u8],
+        allow: &dyn Fn(&InodeMeta, &InodeMeta) -> Result<(), Errno>,
+    ) -> Option<Result<(), Errno>> {
+        if self.writable().is_err() {
+            return None;
+        }
+        let (label, dinum, now) = (&self.vol.label, self.inum(dir), (self.clock)());
+        let mut out = None;
+        self.vol.shared_change(|m| {
+            out = m.unlink_shared(label, dinum, name, now, allow);
+            out.is_some()
+        });
+        out
+    }
+
+    /// `Tx::rename` of a non-directory, without RENAME_EXCHANGE or
+    /// RENAME_WHITEOUT, with the mount shared (`Mount::rename_shared`),
+    /// after `allow` (the caller's check of both directories', the
+    /// source's and the replaced entry's meta under their locks).
+    /// `None`: rename with the mount exclusive.
+    pub fn rename_shared(
+        &self,
+        old: (u64, &[u8]),
+        new: (u64, &[u8]),
+        noreplace: bool,
+        allow: &RenameCheck<'_>,
+    ) -> Option<Result<(), Errno>> {
+        if self.writable().is_err() {
+            return None;
+        }
+        let (label, now) = (&self.vol.label, (self.clock)());
+        let (odinum, ndinum) = (self.inum(old.0), self.inum(new.0));
+        let mut out = None;
+        self.vol.shared_change(|m| {
+            out = m.rename_shared(label, odinum, old.1, ndinum, new.1, noreplace, now, allow);
+            out.is_some()
+        });
+        out
     }
 
     /// setattr of a mode, an owner or times with the mount shared
@@ -1208,6 +1353,88 @@ mod tests {
         go.send(()).unwrap();
         holder.join().unwrap();
         assert_eq!(rw.stat(fino).map(|(m, _)| m.mode & 0o7777), Ok(0o600));
+    }
+
+    /// Create, link, rename and unlink of files run with the mount
+    /// shared and their inodes' own locks: beside a query that holds the
+    /// mount, where they used to wait for it (the watchdog fails the
+    /// test). The caller's check sees the inodes' meta and its refusal is
+    /// the answer; what needs the mount exclusive declines (a mkdir, an
+    /// entry of the PFS root), and runs once the holder is gone.
+    #[test]
+    fn namespace_changes_run_with_the_mount_shared() {
+        let (rw, d, f, _, _) = store();
+        let rw = Arc::new(rw);
+        let ids = rw.ids();
+        let (dino, fino) = (ids.ino(d), ids.ino(f));
+        let any: Check = &|_, _| Ok(());
+        assert_eq!(rw.lookup(dino, b"f", any).unwrap().attr.ino.0, fino);
+
+        let (holder, go) = hold(&rw);
+        let (tx, rx) = mpsc::channel();
+        let s = rw.clone();
+        std::thread::spawn(move || {
+            let before = s.vol.shared_counts().0;
+            let owner = |m: &InodeMeta| {
+                assert_eq!(m.obj_type, ObjType::Directory);
+                Ok((0o640, 7, 8))
+            };
+            let made = s.make_shared(dino, b"n", ObjType::Regfile, (0, 0), true, &owner);
+            let refused = s.make_shared(dino, b"m", ObjType::Regfile, (0, 0), false, &|_| {
+                Err(Errno::EACCES)
+            });
+            let mkdir = s.make_shared(1, b"x", ObjType::Regfile, (0, 0), false, &owner);
+            let ok2 = |_: &InodeMeta, _: &InodeMeta| Ok(());
+            let linked = s.link_shared(fino, dino, b"f2", &ok2);
+            let renamed =
+                s.rename_shared((dino, b"f2"), (dino, b"f3"), false, &|_, _, src, dst| {
+                    assert_eq!((src.nlinks, dst.is_none()), (2, true));
+                    Ok(())
+                });
+            let unlinked = s.unlink_shared(dino, b"f", &ok2);
+            let answered = s.vol.shared_counts().0 - before;
+            let _ = tx.send((made, refused, mkdir, linked, renamed, unlinked, answered));
+        });
+        let (made, refused, root, linked, renamed, unlinked, answered) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a namespace change waited for a query's hold of the mount");
+        let attr = made.expect("made with the mount shared").unwrap();
+        assert_eq!(
+            (attr.perm, attr.uid, attr.gid, attr.nlink),
+            (0o640, 7, 8, 1)
+        );
+        assert_eq!(refused.map(|r| r.err()), Some(Some(Errno::EACCES)));
+        assert!(root.is_none(), "an entry of the PFS root declines");
+        assert_eq!(linked.map(|r| r.map(|a| a.nlink)), Some(Ok(2)));
+        assert_eq!(renamed, Some(Ok(())));
+        assert_eq!(unlinked, Some(Ok(())));
+        // The create, the refusal, the link, the rename and the unlink.
+        assert_eq!(answered, 5);
+        go.send(()).unwrap();
+        holder.join().unwrap();
+        let names = |rw: &ReadWrite| {
+            let mut l: Vec<_> = rw
+                .list(dino, 0)
+                .unwrap()
+                .iter()
+                .map(|e| (e.name.clone(), e.inum))
+                .collect();
+            l.sort();
+            l
+        };
+        let n = rw.inum(attr.ino.0);
+        assert_eq!(names(&rw), vec![(b"f3".to_vec(), f), (b"n".to_vec(), n)]);
+        assert_eq!(rw.stat(fino).map(|(m, _)| m.nlinks), Ok(1));
+        // The new file is pinned, as an open makes it.
+        assert_eq!(rw.vol.shared(|m| Some(m.pin_count("DATA", n))), Some(1));
+        // Flushed and read back from disk: the same.
+        rw.vol.mount().flush().unwrap();
+        let dev = rw.vol.mount().volume().device().clone();
+        let pfs =
+            hammer2::Pfs::open(Arc::new(hammer2::Volume::open(dev).unwrap()), "DATA").unwrap();
+        assert_eq!(pfs.resolve("/d/f3").unwrap().meta().inum, f);
+        assert_eq!(pfs.resolve("/d/n").unwrap().meta().mode & 0o7777, 0o640);
+        assert!(pfs.resolve("/d/f").is_err() && pfs.resolve("/d/f2").is_err());
     }
 
     /// An open and a release of a file in memory count its pins with the

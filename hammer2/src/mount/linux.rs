@@ -21,7 +21,7 @@ use super::vnops::new_meta;
 use super::{range_end, Mount, Tier, NEW_INODE};
 use crate::disk::ObjType;
 use crate::error::{Error, Result};
-use crate::inode::{InodeLock, InodeNode, PendingChange};
+use crate::inode::{InodeNode, PendingChange};
 
 /// Access times held in memory at most, per PFS, before they are
 /// handed to the next flush.
@@ -59,7 +59,7 @@ impl Mount {
         let mut data = new_meta(ObjType::Regfile, inum, &dmeta, mode, uid, gid, now);
         data.meta.nlinks = 0;
         let p = self.pfs_mut(label)?;
-        p.inodes.insert(inum, InodeLock::new(InodeNode::new(data)));
+        p.inodes.insert(inum, InodeNode::new(data));
         *p.pins.get_mut().entry(inum).or_insert(0) += 1;
         Ok(inum)
     }

@@ -15,24 +15,27 @@
 //!
 //! Each takes at most one inode's lock at a time (the pins' lock may be
 //! held around it, never taken under it), and nothing that holds one
-//! waits for anything else, so they cannot deadlock; what holds the
-//! mount exclusive reaches the inodes and pins without their locks.
+//! waits for anything but the leaves (the PFS's inode map, removed set,
+//! dependency groups), so they cannot deadlock with each other or with
+//! the namespace changes of `namespace.rs`, which lock several inodes in
+//! ascending number order; what holds the mount exclusive takes the
+//! same locks, which nobody else holds then.
 
 use super::vnops::{entries, found, is_dir, set_meta, write_node};
 use super::{change_bytes, Mount, PfsState, SetAttr, Tier, ROOT_INUM};
 use crate::disk::{InodeMeta, ObjType};
 use crate::error::{Error, Result};
+use crate::inode::InodeGuard;
 use crate::inode::{Filled, InodeNode, ReadPlan};
 use crate::pfs::DirEntry;
 use crate::readgate::ReadTicket;
 use std::ops::Deref;
-use std::sync::MutexGuard;
 
 /// An inode in memory as a shared query sees it: a PFS root (changed
 /// only with the mount exclusive) or another inode, locked.
 enum NodeRef<'a> {
     Root(&'a InodeNode),
-    Locked(MutexGuard<'a, InodeNode>),
+    Locked(InodeGuard),
 }
 
 impl Deref for NodeRef<'_> {
@@ -54,12 +57,14 @@ impl Mount {
         if inum == ROOT_INUM {
             return Some(Ok(NodeRef::Root(&p.root)));
         }
-        if p.removed.contains(&inum) {
+        if p.removed.lock().contains(&inum) {
             return Some(Err(Error::NotFound {
                 what: format!("inode {inum}"),
             }));
         }
-        p.inodes.get(&inum).map(|n| Ok(NodeRef::Locked(n.lock())))
+        p.inodes
+            .handle(inum)
+            .map(|n| Ok(NodeRef::Locked(n.lock_owned())))
     }
 
     /// Directory `dir` of PFS `label`, if in memory (NotDir for anything
@@ -74,12 +79,12 @@ impl Mount {
     /// Inode `inum` of PFS `label` to change with the mount shared, and
     /// its PFS: `None` for a PFS root (changed only with the mount
     /// exclusive), an inode removed, or one not in memory.
-    fn changing(&self, label: &str, inum: u64) -> Option<(&PfsState, MutexGuard<'_, InodeNode>)> {
+    fn changing(&self, label: &str, inum: u64) -> Option<(&PfsState, InodeGuard)> {
         let p = self.pfs.get(label)?;
-        if inum == ROOT_INUM || p.removed.contains(&inum) {
+        if inum == ROOT_INUM || p.removed.lock().contains(&inum) {
             return None;
         }
-        Some((p, p.inodes.get(&inum)?.lock()))
+        Some((p, p.inodes.handle(inum)?.lock_owned()))
     }
 
     /// `getattr` from memory.
@@ -237,7 +242,7 @@ impl Mount {
     /// not in memory.
     pub fn pin_shared(&self, label: &str, inum: u64) -> Option<()> {
         let p = self.pfs.get(label)?;
-        if inum != ROOT_INUM && (p.removed.contains(&inum) || !p.inodes.contains_key(&inum)) {
+        if inum != ROOT_INUM && (p.removed.lock().contains(&inum) || !p.inodes.contains(inum)) {
             return None;
         }
         *p.pins.lock().entry(inum).or_insert(0) += 1;
@@ -258,8 +263,11 @@ impl Mount {
             }
             Some(_) => {}
         }
-        // Links change only with the mount exclusive.
-        if inum != ROOT_INUM && p.inodes.get(&inum)?.lock().data.meta.nlinks == 0 {
+        // Links change under the inode's lock. Seen here under the pins'
+        // lock, the count stands: an unlink that takes the last link
+        // later finds the pin gone (`forget_unpinned` takes the pins'
+        // lock before the inode's) and removes the inode itself.
+        if inum != ROOT_INUM && p.inodes.handle(inum)?.lock().data.meta.nlinks == 0 {
             return None;
         }
         pins.remove(&inum);

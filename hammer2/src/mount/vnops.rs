@@ -8,7 +8,7 @@
 use super::{range_end, Mount, RenameFlags, SetAttr, Tier, DATA_ADMIT_BYTES, NEW_INODE, ROOT_INUM};
 use crate::disk::{self, DirentHead, InodeData, InodeMeta, ObjType, Uuid, OPFLAG_DIRECTDATA};
 use crate::error::{Error, Result};
-use crate::inode::{Filled, InodeLock, InodeNode, PendingChange};
+use crate::inode::{Filled, InodeNode, PendingChange};
 use crate::pfs::{self, DirEntry};
 
 pub(super) fn new_meta(
@@ -226,19 +226,7 @@ impl Mount {
     }
 
     fn check_new_name(&mut self, label: &str, dir: u64, name: &[u8]) -> Result<()> {
-        if name.is_empty()
-            || name == b"."
-            || name == b".."
-            || name.contains(&b'/')
-            || name.contains(&0)
-        {
-            return Err(Error::InvalidArgument {
-                what: format!("name {:?}", String::from_utf8_lossy(name)),
-            });
-        }
-        if name.len() > pfs::NAME_MAX {
-            return Err(Error::NameTooLong { len: name.len() });
-        }
+        check_name(name)?;
         if self.lookup(label, dir, name)?.is_some() {
             return Err(Error::Exists {
                 what: String::from_utf8_lossy(name).into_owned(),
@@ -310,8 +298,8 @@ impl Mount {
             data.meta.rminor = rdev.1;
         }
         let p = self.pfs_mut(label)?;
-        p.inodes.insert(inum, InodeLock::new(InodeNode::new(data)));
-        p.depend.tie(&[dir, inum]);
+        p.inodes.insert(inum, InodeNode::new(data));
+        p.depend.get_mut().tie(&[dir, inum]);
         self.add_entry(label, dir, name, inum, obj_type, now)?;
         Ok(inum)
     }
@@ -341,8 +329,8 @@ impl Mount {
         let inum = self.alloc_inum(label)?;
         let data = new_meta(ObjType::Directory, inum, &dmeta, mode, uid, gid, now);
         let p = self.pfs_mut(label)?;
-        p.inodes.insert(inum, InodeLock::new(InodeNode::new(data)));
-        p.depend.tie(&[dir, inum]);
+        p.inodes.insert(inum, InodeNode::new(data));
+        p.depend.get_mut().tie(&[dir, inum]);
         self.add_entry(label, dir, name, inum, ObjType::Directory, now)?;
         Ok(inum)
     }
@@ -435,8 +423,7 @@ impl Mount {
         if gone {
             let p = self.pfs_mut(label)?;
             if !p.pins.get_mut().contains_key(&inum) {
-                p.forget_inode(inum);
-                p.removed.insert(inum);
+                p.forget_loaded(inum);
             }
         }
         Ok(())
@@ -775,6 +762,21 @@ pub(super) fn is_dir(dir: u64, d: &InodeNode) -> Result<()> {
         return Err(Error::NotDir {
             what: format!("inode {dir}"),
         });
+    }
+    Ok(())
+}
+
+/// A name a new entry may take: not empty, ".", ".." or too long, and
+/// without a slash or a NUL.
+pub(super) fn check_name(name: &[u8]) -> Result<()> {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
+        return Err(Error::InvalidArgument {
+            what: format!("name {:?}", String::from_utf8_lossy(name)),
+        });
+    }
+    if name.len() > pfs::NAME_MAX {
+        return Err(Error::NameTooLong { len: name.len() });
     }
     Ok(())
 }

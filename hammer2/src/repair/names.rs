@@ -388,8 +388,8 @@ fn repair_pfs(m: &mut Mount, label: &str, log: &mut Log, opts: &Options) -> Resu
         let empty = ino.otype != ObjType::Directory || !ino.has_entries;
         if ino.nlinks == 0 && empty {
             if let Some(p) = m.pfs.get_mut(label) {
-                p.inodes.remove(&inum);
-                p.removed.insert(inum);
+                p.inodes.get_mut().remove(&inum);
+                p.removed.get_mut().insert(inum);
             }
             log.safe(
                 Some(label),
@@ -460,7 +460,7 @@ fn repair_pfs(m: &mut Mount, label: &str, log: &mut Log, opts: &Options) -> Resu
     let removed: BTreeSet<u64> = m
         .pfs
         .get(label)
-        .map(|p| p.removed.iter().copied().collect())
+        .map(|p| p.removed.lock().iter().copied().collect())
         .unwrap_or_default();
     for (inum, ino) in &inodes {
         if *inum == ROOT_INUM || removed.contains(inum) {

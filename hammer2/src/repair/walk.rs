@@ -1529,6 +1529,7 @@ impl<'a> Walk<'a> {
         let mut state = PfsState::new(key, node);
         let sub = {
             let PfsState { root, inodes, .. } = &mut state;
+            let inodes = inodes.get_mut();
             let tid = root.bref.mirror_tid;
             let InodeNode {
                 table: rtable,
@@ -1596,10 +1597,10 @@ impl<'a> Walk<'a> {
             if key_unverified && free {
                 // The key is what the damaged block held; the inode's
                 // own number passed its check code.
-                if let Some(mut n) = state.inodes.remove(&key) {
+                if let Some(n) = state.inodes.get_mut().remove(&key) {
                     if state.root.table.delete(vol, key).is_ok() {
-                        n.get_mut().dirty = true;
-                        state.inodes.insert(claimed, n);
+                        n.lock().dirty = true;
+                        state.inodes.get_mut().insert(claimed, n);
                         state.root.dirty = true;
                         self.log.safe(
                             Some(&cx.label),
@@ -1612,11 +1613,11 @@ impl<'a> Walk<'a> {
                         );
                         continue;
                     }
-                    state.inodes.insert(key, n);
+                    state.inodes.get_mut().insert(key, n);
                 }
             }
             if cx.keys.contains(&claimed) {
-                state.inodes.remove(&key);
+                state.inodes.get_mut().remove(&key);
                 match state.root.table.delete(vol, key) {
                     Ok(_) => {
                         state.root.dirty = true;
@@ -1632,7 +1633,7 @@ impl<'a> Walk<'a> {
                     }
                     Err(e) => log::warn!("index entry {key} could not be cut: {e}"),
                 }
-            } else if let Some(n) = state.inodes.get_mut(&key).map(InodeLock::get_mut) {
+            } else if let Some(mut n) = state.inodes.get_mut().get(&key).map(InodeLock::lock) {
                 self.log.safe(
                     Some(&cx.label),
                     Some(key),
@@ -1644,7 +1645,7 @@ impl<'a> Walk<'a> {
             }
         }
         // Inodes kept only to resolve their number, unchanged after all.
-        state.inodes.retain(|_, n| n.get_mut().dirty);
+        state.inodes.get_mut().retain(|_, n| n.lock().dirty);
     }
 }
 
