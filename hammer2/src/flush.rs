@@ -834,8 +834,10 @@ impl Mount {
                 None => p.depend.get_mut().clear(),
                 Some(s) => p.depend.get_mut().committed(s),
             }
-            // The inode numbers handed out since, into the root.
-            let last_inum = *p.last_inum.get_mut();
+            // The inode numbers handed out since, into the root (which a
+            // repair may have raised on its own).
+            let last_inum = (*p.last_inum.get_mut()).max(p.root.data.meta.pfs_inum);
+            *p.last_inum.get_mut() = last_inum;
             if p.root.data.meta.pfs_inum != last_inum {
                 p.root.data.meta.pfs_inum = last_inum;
                 p.root.dirty = true;

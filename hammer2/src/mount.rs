@@ -682,10 +682,8 @@ impl Mount {
         let Some(p) = pfs.get_mut(label) else {
             return Ok(());
         };
-        let next = p
-            .last_inum
-            .get_mut()
-            .max(&mut (INODE_START - 1))
+        let next = (*p.last_inum.get_mut())
+            .max(INODE_START - 1)
             .saturating_add(1);
         p.root.table.lookup(&*vol, next)?;
         Ok(())

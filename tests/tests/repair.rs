@@ -701,3 +701,46 @@ fn an_unreadable_newest_header_is_reported_when_the_older_tree_is_not_whole() {
     assert!(o.after.is_clean(), "{:?}", o.after.problems);
     assert!(files_of(&dev) == base.states[&second]);
 }
+
+/// A PFS whose inode counter fell behind its highest inode (the next
+/// create would reuse a number in use) is repaired by raising it, and
+/// the raised counter is what the repair's commit writes: the mount's
+/// own counter, which creates take numbers from, does not put the old
+/// one back. Then creates go on from past the highest inode.
+#[test]
+fn the_inode_counter_raised_by_a_repair_stays_raised() {
+    let dev = new_fs(3);
+    let mut highest = 0;
+    {
+        let mut m = hammer2::mount::Mount::open(dev.clone()).expect("open");
+        for i in 0..5 {
+            highest = create_file(
+                &mut m,
+                "DATA",
+                hammer2::mount::ROOT_INUM,
+                format!("f{i}").as_bytes(),
+            )
+            .expect("create");
+        }
+        m.flush().expect("flush");
+    }
+    let c = Craft::new(dev.clone());
+    let root = c.pfs_root("DATA");
+    c.edit_inode(root, |d| d.meta.pfs_inum = highest - 3);
+    let found = fsck(dev.clone(), FsckOptions::default()).expect("fsck");
+    assert!(
+        !found.problems.is_empty(),
+        "fsck reports the counter behind inode {highest}"
+    );
+    repair_yes(dev.clone(), Mode::Yes, None);
+    let after = fsck(dev.clone(), FsckOptions::default()).expect("fsck");
+    assert!(
+        after.problems.is_empty(),
+        "after the repair: {:#?}",
+        after.problems
+    );
+    assert_eq!(c.inode_data(c.pfs_root("DATA")).meta.pfs_inum, highest);
+    let mut m = hammer2::mount::Mount::open(dev.clone()).expect("open");
+    let next = create_file(&mut m, "DATA", hammer2::mount::ROOT_INUM, b"g").expect("create");
+    assert_eq!(next, highest + 1);
+}

@@ -1572,6 +1572,7 @@ impl<'a> Walk<'a> {
                 ),
             );
             root.data.meta.pfs_inum = cx.max_inum;
+            *state.last_inum.get_mut() = cx.max_inum;
             dirty = true;
         }
         root.dirty |= dirty;
