@@ -29,7 +29,7 @@
 //! `H2_ENGINE_SECONDS` sets the run time (default 20).
 
 mod common;
-use common::run_seconds;
+use common::{run_seconds, Rng};
 
 use bufcache::{BlockDevice, BufCache, CachedDevice, MemDevice};
 use fuse_mount::rw::RwVolume;
@@ -50,24 +50,6 @@ const READ: usize = 128 * 1024;
 
 fn run_time() -> Duration {
     run_seconds("H2_ENGINE_SECONDS", 20)
-}
-
-/// xorshift64, seeded per thread.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 /// One file of a worker: its name, inode and what it holds, the

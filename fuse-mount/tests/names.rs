@@ -26,7 +26,7 @@
 //! `H2_NAMES_SECONDS` sets the run time (default 10).
 
 mod common;
-use common::run_seconds;
+use common::{run_seconds, Rng};
 
 use bufcache::{BlockDevice, BufCache, CachedDevice, MemDevice};
 use fuse_mount::rw::RwVolume;
@@ -47,24 +47,6 @@ const NAMES: usize = 6;
 const DIRS_BEFORE: usize = 2;
 const DIRS_AFTER: usize = 2;
 const STALL: Duration = Duration::from_secs(60);
-
-/// xorshift64, seeded per thread.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 /// A worker's names, (directory, name) to inode number, and what its
 /// files hold, by inode number.
@@ -144,13 +126,13 @@ fn worker(t: usize, sh: Arc<Shared>) {
         .collect();
     while !sh.stop.load(Ordering::SeqCst) {
         let mut model = sh.models[t].lock().unwrap();
-        let dir = sh.dirs[rng.below(sh.dirs.len())];
-        let name = own[rng.below(NAMES)].clone();
+        let dir = sh.dirs[rng.pick(sh.dirs.len())];
+        let name = own[rng.pick(NAMES)].clone();
         let present = model.names.get(&(dir, name.clone())).copied();
         let now = sh.now();
         let existing: Vec<((u64, Vec<u8>), u64)> =
             model.names.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        let r: Result<(), String> = match (rng.below(10), present) {
+        let r: Result<(), String> = match (rng.pick(10), present) {
             // Create where the name is free.
             (0..=2, None) => sh
                 .run(
@@ -191,7 +173,7 @@ fn worker(t: usize, sh: Arc<Shared>) {
                 .map_err(|e| format!("unlink {dir}/{}: {e}", show(&name))),
             // Link an existing file of this worker's under the free name.
             (3..=4, None) if !existing.is_empty() => {
-                let inum = existing[rng.below(existing.len())].1;
+                let inum = existing[rng.pick(existing.len())].1;
                 sh.run(
                     |m| m.link_shared(LABEL, inum, dir, &name, now, ok2),
                     |m| m.link(LABEL, inum, dir, &name, now),
@@ -204,7 +186,7 @@ fn worker(t: usize, sh: Arc<Shared>) {
             // Rename one of this worker's names to this one, replacing
             // what it names.
             (3..=6, _) if !existing.is_empty() => {
-                let ((odir, oname), src) = existing[rng.below(existing.len())].clone();
+                let ((odir, oname), src) = existing[rng.pick(existing.len())].clone();
                 if (odir, &oname) == (dir, &name) {
                     Ok(())
                 } else {
@@ -244,7 +226,7 @@ fn worker(t: usize, sh: Arc<Shared>) {
             // Write at the end of one of this worker's files, and read it
             // back whole.
             (7..=9, _) if !existing.is_empty() => {
-                let inum = existing[rng.below(existing.len())].1;
+                let inum = existing[rng.pick(existing.len())].1;
                 let piece = format!("{inum}:{};", rng.next()).into_bytes();
                 let data = model.contents.entry(inum).or_default();
                 let off = data.len() as u64;
@@ -317,13 +299,13 @@ fn lister(sh: Arc<Shared>) {
 fn syncer(sh: Arc<Shared>) {
     let mut rng = Rng(5);
     while !sh.stop.load(Ordering::SeqCst) {
-        let model = sh.models[rng.below(WORKERS)].lock().unwrap();
+        let model = sh.models[rng.pick(WORKERS)].lock().unwrap();
         let inums: Vec<u64> = model.contents.keys().copied().collect();
         // Under the worker's model lock, so none of them goes meanwhile.
-        let r = if rng.below(4) == 0 || inums.is_empty() {
+        let r = if rng.pick(4) == 0 || inums.is_empty() {
             sh.v.sync().map_err(|e| format!("sync: errno {e}"))
         } else {
-            let inum = inums[rng.below(inums.len())];
+            let inum = inums[rng.pick(inums.len())];
             sh.v.fsync(inum)
                 .map_err(|e| format!("fsync of {inum}: errno {e}"))
         };

@@ -416,6 +416,11 @@ impl Rng {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
+
+    /// An index uniform in 0..n (0 for n = 0).
+    pub fn pick(&mut self, n: usize) -> usize {
+        self.below(n as u64) as usize
+    }
 }
 
 /// A long test's run time: `var` in seconds if set and a number, else

@@ -30,9 +30,9 @@
 //! changed into one dependency group, as the exclusive versions do; a
 //! flush waits for every shared holder, so it takes whole operations.
 
-use super::vnops::{check_name, found, new_meta};
+use super::vnops::{check_name, found, insert_entry, new_meta, remove_entry_at};
 use super::{change_bytes, Mount, PfsState, Tier, ROOT_INUM};
-use crate::disk::{DirentHead, InodeMeta, ObjType};
+use crate::disk::{InodeMeta, ObjType};
 use crate::error::Result;
 use crate::inode::{InodeGuard, InodeNode};
 use std::collections::BTreeMap;
@@ -149,20 +149,12 @@ impl Mount {
             data.meta.rminor = rdev.1;
         }
         p.inodes.insert(inum, InodeNode::new(data));
-        let head = DirentHead {
-            inum,
-            namlen: 0,
-            obj_type: obj_type.to_u8(),
-        };
-        let check = d.data.meta.check_algo;
-        if d.dir_insert(&self.vol, name, head, check).is_err() {
+        if insert_entry(&self.vol, d, name, inum, obj_type, now).is_err() {
             // The number stays spent; nothing names the inode.
             p.inodes.remove(inum);
             self.unadmit_bytes(cost);
             return None;
         }
-        d.data.meta.mtime = now;
-        d.data.meta.ctime = now;
         p.depend.lock().tie(&[dir, inum]);
         Some(Ok(inum))
     }
@@ -199,19 +191,10 @@ impl Mount {
         }
         let cost = change_bytes(l.clean_count(), 1, 0);
         self.admit(cost, Tier::Normal).ok()?;
-        let head = DirentHead {
-            inum,
-            namlen: 0,
-            obj_type: imeta.obj_type.to_u8(),
-        };
-        let d = l.get(dir)?;
-        let check = d.data.meta.check_algo;
-        if d.dir_insert(&self.vol, name, head, check).is_err() {
+        if insert_entry(&self.vol, l.get(dir)?, name, inum, imeta.obj_type, now).is_err() {
             self.unadmit_bytes(cost);
             return None;
         }
-        d.data.meta.mtime = now;
-        d.data.meta.ctime = now;
         let n = l.get(inum)?;
         n.data.meta.nlinks += 1;
         n.data.meta.ctime = now;
@@ -257,13 +240,10 @@ impl Mount {
                     }
                     let cost = change_bytes(l.clean_count(), 1, 0);
                     self.admit(cost, Tier::Delete).ok()?;
-                    let d = l.get(dir)?;
-                    if d.dir_remove(&self.vol, key).is_err() {
+                    if remove_entry_at(&self.vol, l.get(dir)?, key, now).is_err() {
                         self.unadmit_bytes(cost);
                         return None;
                     }
-                    d.data.meta.mtime = now;
-                    d.data.meta.ctime = now;
                     let gone = drop_link(l.get(inum)?, now);
                     p.depend.lock().tie(&[dir, inum]);
                     drop(l);
@@ -350,33 +330,18 @@ impl Mount {
             self.admit(cost, Tier::Normal).ok()?;
             let mut gone = false;
             if let (Some(d), Some(k)) = (dst, nkey) {
-                let nd = l.get(ndir)?;
-                if nd.dir_remove(&self.vol, k).is_err() {
+                if remove_entry_at(&self.vol, l.get(ndir)?, k, now).is_err() {
                     self.unadmit_bytes(cost);
                     return None;
                 }
                 gone = drop_link(l.get(d)?, now);
             }
-            let od = l.get(odir)?;
-            if od.dir_remove(&self.vol, okey).is_err() {
+            if remove_entry_at(&self.vol, l.get(odir)?, okey, now).is_err()
+                || insert_entry(&self.vol, l.get(ndir)?, nname, src, sm.obj_type, now).is_err()
+            {
                 self.unadmit_bytes(cost);
                 return None;
             }
-            od.data.meta.mtime = now;
-            od.data.meta.ctime = now;
-            let head = DirentHead {
-                inum: src,
-                namlen: 0,
-                obj_type: sm.obj_type.to_u8(),
-            };
-            let nd = l.get(ndir)?;
-            let check = nd.data.meta.check_algo;
-            if nd.dir_insert(&self.vol, nname, head, check).is_err() {
-                self.unadmit_bytes(cost);
-                return None;
-            }
-            nd.data.meta.mtime = now;
-            nd.data.meta.ctime = now;
             let s = l.get(src)?;
             s.data.meta.iparent = ndir;
             s.data.meta.ctime = now;

@@ -10,6 +10,7 @@ use crate::disk::{self, DirentHead, InodeData, InodeMeta, ObjType, Uuid, OPFLAG_
 use crate::error::{Error, Result};
 use crate::inode::{Filled, InodeNode, PendingChange};
 use crate::pfs::{self, DirEntry};
+use crate::volume::Volume;
 
 pub(super) fn new_meta(
     obj_type: ObjType,
@@ -245,20 +246,7 @@ impl Mount {
         now: u64,
     ) -> Result<()> {
         self.with_node(label, dir, |vol, d| {
-            let check = d.data.meta.check_algo;
-            d.dir_insert(
-                vol,
-                name,
-                DirentHead {
-                    inum,
-                    namlen: 0,
-                    obj_type: t.to_u8(),
-                },
-                check,
-            )?;
-            d.data.meta.mtime = now;
-            d.data.meta.ctime = now;
-            Ok(())
+            insert_entry(vol, d, name, inum, t, now)
         })
     }
 
@@ -431,12 +419,7 @@ impl Mount {
 
     /// Remove the entry at `key` (from `lookup_key`) of directory `dir`.
     fn remove_entry(&mut self, label: &str, dir: u64, key: u64, now: u64) -> Result<()> {
-        self.with_node(label, dir, |vol, d| {
-            d.dir_remove(vol, key)?;
-            d.data.meta.mtime = now;
-            d.data.meta.ctime = now;
-            Ok(())
-        })
+        self.with_node(label, dir, |vol, d| remove_entry_at(vol, d, key, now))
     }
 
     /// unlink(2): remove a non-directory entry.
@@ -763,6 +746,36 @@ pub(super) fn is_dir(dir: u64, d: &InodeNode) -> Result<()> {
             what: format!("inode {dir}"),
         });
     }
+    Ok(())
+}
+
+/// Add entry `name` for inode `inum` of type `t` to directory `d`,
+/// stamping its times.
+pub(super) fn insert_entry(
+    vol: &Volume,
+    d: &mut InodeNode,
+    name: &[u8],
+    inum: u64,
+    t: ObjType,
+    now: u64,
+) -> Result<()> {
+    let head = DirentHead {
+        inum,
+        namlen: 0,
+        obj_type: t.to_u8(),
+    };
+    let check = d.data.meta.check_algo;
+    d.dir_insert(vol, name, head, check)?;
+    d.data.meta.mtime = now;
+    d.data.meta.ctime = now;
+    Ok(())
+}
+
+/// Remove the entry at `key` of directory `d`, stamping its times.
+pub(super) fn remove_entry_at(vol: &Volume, d: &mut InodeNode, key: u64, now: u64) -> Result<()> {
+    d.dir_remove(vol, key)?;
+    d.data.meta.mtime = now;
+    d.data.meta.ctime = now;
     Ok(())
 }
 
