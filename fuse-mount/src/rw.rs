@@ -168,7 +168,8 @@ pub struct RwVolume {
     live: Mutex<Option<RangeLock>>,
     /// The flusher thread, once started, until `shutdown` joins it.
     flusher: Mutex<Option<JoinHandle<()>>>,
-    /// Queries `shared` answered, and those it sent to `locked`.
+    /// Queries and changes made with the mount shared (`shared`,
+    /// `shared_change`), and those sent to `locked` instead.
     shared_answers: AtomicU64,
     shared_declined: AtomicU64,
 }
@@ -392,8 +393,8 @@ impl RwVolume {
         done
     }
 
-    /// Queries answered with the mount shared, and those run exclusive
-    /// instead (`shared`).
+    /// Queries and changes made with the mount shared, and those run
+    /// exclusive instead (`shared`, `shared_change`).
     pub fn shared_counts(&self) -> (u64, u64) {
         (
             self.shared_answers.load(Ordering::Relaxed),
@@ -878,8 +879,9 @@ impl RwVolume {
         if first {
             log::info!(
                 "{}: {} flushes, {} bytes written; {} partial commits (fsync), {} blocks written by them; \
-                 {} launderings, {} blocks written by them; queries: {} answered with the mount \
-                 shared, {} run exclusive (to load, after a cache miss, or to note an access time)",
+                 {} launderings, {} blocks written by them; {} queries and changes made with the \
+                 mount shared, {} run exclusive instead (to load, after a cache miss, or to note an \
+                 access time)",
                 self.label,
                 st.flushes,
                 st.bytes,
