@@ -423,14 +423,17 @@ impl Hammer2Fs {
     ) -> Result<FileAttr, Errno> {
         let who = self.caller(req);
         let s = self.router.change_entry(parent.0, name.as_bytes(), true)?;
-        if obj_type != ObjType::Directory {
-            // As below, with the directory's meta under its lock.
-            let prepare = |dir: &InodeMeta| {
-                who.may(dir, W | X)?;
-                let (uid, gid, mode) = who.new_owner(dir, mode, false);
-                Self::new_name(name)?;
-                Ok((mode, uid, gid))
-            };
+        let is_dir = obj_type == ObjType::Directory;
+        // The caller's check of the directory, and the new node's mode,
+        // uid and gid, from the directory's meta: under its lock with the
+        // mount shared, or in the `Tx`.
+        let prepare = |dir: &InodeMeta| {
+            who.may(dir, W | X)?;
+            let (uid, gid, mode) = who.new_owner(dir, mode, is_dir);
+            Self::new_name(name)?;
+            Ok((mode, uid, gid))
+        };
+        if !is_dir {
             let made = s.make_shared(
                 parent.0,
                 name.as_bytes(),
@@ -444,10 +447,8 @@ impl Hammer2Fs {
             }
         }
         s.change(|tx| {
-            let dir = self.dir_for_change(&who, tx, parent)?;
-            let is_dir = obj_type == ObjType::Directory;
-            let (uid, gid, mode) = who.new_owner(&dir, mode, is_dir);
-            let name = Self::new_name(name)?;
+            let (mode, uid, gid) = prepare(&tx.dir(parent.0)?)?;
+            let name = name.as_bytes();
             let ino = tx.make(parent.0, name, obj_type, mode, uid, gid, dev_of(rdev))?;
             if pin {
                 tx.pin(ino)?;
@@ -714,7 +715,9 @@ impl Filesystem for Hammer2Fs {
         let who = self.caller(req);
         let r = self.router.change_entry(parent.0, name.as_bytes(), false);
         let r = r.and_then(|s| {
-            // As below, with both inodes' meta under their locks.
+            // The caller's check of the directory's and the entry's meta:
+            // under their locks with the mount shared, or in the `Tx`
+            // (which checks the directory before it looks the name up).
             let allow = |dir: &InodeMeta, victim: &InodeMeta| {
                 who.may(dir, W | X)?;
                 who.may_remove(dir, victim)
@@ -724,8 +727,7 @@ impl Filesystem for Hammer2Fs {
             }
             s.change(|tx| {
                 let dir = self.dir_for_change(&who, tx, parent)?;
-                let victim = tx.entry(parent.0, name.as_bytes())?;
-                who.may_remove(&dir, &victim)?;
+                allow(&dir, &tx.entry(parent.0, name.as_bytes())?)?;
                 tx.unlink(parent.0, name.as_bytes())
             })
         });
@@ -791,15 +793,12 @@ impl Filesystem for Hammer2Fs {
         let r = r.and_then(|s| {
             self.router
                 .change_entry(newparent.0, newname.as_bytes(), false)?;
-            let plain =
-                !flags.intersects(RenameFlags::RENAME_WHITEOUT | RenameFlags::RENAME_EXCHANGE);
-            if plain {
-                // As below for a source and a replaced entry that are not
-                // directories, with every inode's meta under its lock.
-                let allow = |odir: &InodeMeta,
-                             ndir: &InodeMeta,
-                             src: &InodeMeta,
-                             dst: Option<&InodeMeta>| {
+            // The caller's check of both directories', the source's and
+            // the replaced entry's meta: under their locks with the mount
+            // shared, or in the `Tx` (which checks the directories before
+            // it looks the names up).
+            let allow =
+                |odir: &InodeMeta, ndir: &InodeMeta, src: &InodeMeta, dst: Option<&InodeMeta>| {
                     who.may(odir, W | X)?;
                     who.may(ndir, W | X)?;
                     who.may_remove(odir, src)?;
@@ -811,6 +810,9 @@ impl Filesystem for Hammer2Fs {
                     }
                     Self::new_name(newname).map(|_| ())
                 };
+            let plain =
+                !flags.intersects(RenameFlags::RENAME_WHITEOUT | RenameFlags::RENAME_EXCHANGE);
+            if plain {
                 let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
                 let (old, new) = (
                     (parent.0, name.as_bytes()),
@@ -828,18 +830,15 @@ impl Filesystem for Hammer2Fs {
                 let odir = self.dir_for_change(&who, tx, parent)?;
                 let ndir = self.dir_for_change(&who, tx, newparent)?;
                 let src = tx.entry(parent.0, name.as_bytes())?;
-                who.may_remove(&odir, &src)?;
                 let dst = match tx.entry(newparent.0, newname.as_bytes()) {
                     Ok(d) => Some(d),
                     Err(e) if e == Errno::ENOENT => None,
                     Err(e) => return Err(e),
                 };
-                if let Some(d) = &dst {
-                    who.may_remove(&ndir, d)?;
-                }
-                if parent != newparent {
-                    who.may_reparent(&src)?;
-                    if let Some(d) = dst.filter(|_| flags.contains(RenameFlags::RENAME_EXCHANGE)) {
+                allow(&odir, &ndir, &src, dst.as_ref())?;
+                // An exchange moves the other entry too.
+                if let Some(d) = dst.filter(|_| flags.contains(RenameFlags::RENAME_EXCHANGE)) {
+                    if parent != newparent {
                         who.may_reparent(&d)?;
                     }
                 }
@@ -850,7 +849,7 @@ impl Filesystem for Hammer2Fs {
                 let is_dir = |m: &InodeMeta| m.obj_type == ObjType::Directory;
                 let moves_dir = is_dir(&src) || dst.as_ref().is_some_and(is_dir);
                 let replaced_dir = dst.filter(|d| is_dir(d) && !f.exchange).map(|d| d.inum);
-                let newname = Self::new_name(newname)?;
+                let newname = newname.as_bytes();
                 // The whiteout left at the old name is the caller's, as
                 // a node made in that directory would be.
                 let whiteout = whiteout.then(|| {
@@ -880,7 +879,8 @@ impl Filesystem for Hammer2Fs {
             let s = self
                 .router
                 .change_entry(newparent.0, newname.as_bytes(), true)?;
-            // As below, with both inodes' meta under their locks.
+            // The caller's check of the directory's and the node's meta:
+            // under their locks with the mount shared, or in the `Tx`.
             let allow = |dir: &InodeMeta, node: &InodeMeta| {
                 who.may(dir, W | X)?;
                 who.may_link(node)?;
@@ -890,9 +890,9 @@ impl Filesystem for Hammer2Fs {
                 return r;
             }
             s.change(|tx| {
-                self.dir_for_change(&who, tx, newparent)?;
-                who.may_link(&tx.meta(ino.0)?)?;
-                tx.link(ino.0, newparent.0, Self::new_name(newname)?)?;
+                let dir = self.dir_for_change(&who, tx, newparent)?;
+                allow(&dir, &tx.meta(ino.0)?)?;
+                tx.link(ino.0, newparent.0, newname.as_bytes())?;
                 tx.attr(ino.0)
             })
         });

@@ -113,10 +113,6 @@ fn loaded<T>(r: Option<hammer2::Result<T>>) -> Result<T, Unshared> {
 /// directory's meta: the new node's mode, uid and gid.
 pub type NewOwner<'a> = dyn Fn(&InodeMeta) -> Result<(u32, u32, u32), Errno> + 'a;
 
-/// A node made with the mount shared, and its attributes if they could
-/// be read then.
-type Made = (u64, Option<Result<FileAttr, Errno>>);
-
 /// The caller's check of a rename with the mount shared: the old and
 /// the new directory's meta, the source's, and that of the entry it
 /// replaces.
@@ -328,6 +324,22 @@ impl ReadWrite {
         Ok(())
     }
 
+    /// Namespace change `f` with the mount shared, given the PFS label
+    /// and the time: its answer, or `None` when it declined (run it with
+    /// the mount exclusive), as refused writes do.
+    fn shared_step<T>(&self, f: impl FnOnce(&Mount, &str, u64) -> Option<T>) -> Option<T> {
+        if self.writable().is_err() {
+            return None;
+        }
+        let now = (self.clock)();
+        let mut out = None;
+        self.vol.shared_change(|m| {
+            out = f(m, &self.vol.label, now);
+            out.is_some()
+        });
+        out
+    }
+
     /// `Tx::make` of a file, fifo, socket or device with the mount
     /// shared (`Mount::create_shared`), pinned for an open when `pin`:
     /// its attributes, or the refusal of `prepare` (the caller's check,
@@ -343,29 +355,22 @@ impl ReadWrite {
         pin: bool,
         prepare: &NewOwner<'_>,
     ) -> Option<Result<FileAttr, Errno>> {
-        if self.writable().is_err() {
-            return None;
-        }
-        let (label, dinum, now) = (&self.vol.label, self.inum(dir), (self.clock)());
-        // The node made and its attributes (`None`: read them with the
-        // mount exclusive), or the answer.
-        let mut out: Option<Result<Made, Errno>> = None;
-        self.vol.shared_change(|m| {
-            out = match m.create_shared(label, dinum, name, obj_type, rdev, now, prepare) {
-                None => return false,
-                Some(Err(e)) => Some(Err(e)),
-                // Nothing else can have named it yet, so it is in memory.
-                Some(Ok(inum)) if pin && m.pin_shared(label, inum).is_none() => {
-                    Some(Err(Errno::ENOENT))
-                }
-                Some(Ok(inum)) => {
-                    let ino = self.ids.ino(inum);
-                    Some(Ok((ino, self.answer(self.attr_shared(m, ino)))))
-                }
-            };
-            true
-        });
-        Some(match out? {
+        let dinum = self.inum(dir);
+        // The node made and its attributes if read then, or the answer.
+        let made = self.shared_step(|m, label, now| {
+            Some(
+                match m.create_shared(label, dinum, name, obj_type, rdev, now, prepare)? {
+                    Err(e) => Err(e),
+                    // Nothing else can have named it yet, so it is in memory.
+                    Ok(inum) if pin && m.pin_shared(label, inum).is_none() => Err(Errno::ENOENT),
+                    Ok(inum) => {
+                        let ino = self.ids.ino(inum);
+                        Ok((ino, self.answer(self.attr_shared(m, ino))))
+                    }
+                },
+            )
+        })?;
+        Some(match made {
             Err(e) => Err(e),
             Ok((_, Some(attr))) => attr,
             Ok((ino, None)) => self.tx(|tx| tx.attr(ino)),
@@ -384,27 +389,18 @@ impl ReadWrite {
         name: &[u8],
         allow: &dyn Fn(&InodeMeta, &InodeMeta) -> Result<(), Errno>,
     ) -> Option<Result<FileAttr, Errno>> {
-        if self.writable().is_err() {
-            return None;
-        }
-        let (label, now) = (&self.vol.label, (self.clock)());
         let (inum, dinum) = (self.inum(ino), self.inum(dir));
-        let mut out = None;
-        let done =
-            self.vol.shared_change(
-                |m| match m.link_shared(label, inum, dinum, name, now, allow) {
-                    None => false,
-                    Some(Err(e)) => {
-                        out = Some(Err(e));
-                        true
-                    }
-                    Some(Ok(())) => {
-                        out = self.answer(self.attr_shared(m, ino));
-                        true
-                    }
-                },
-            );
-        done.then(|| out.unwrap_or_else(|| self.tx(|tx| tx.attr(ino))))
+        let linked = self.shared_step(|m, label, now| {
+            Some(
+                m.link_shared(label, inum, dinum, name, now, allow)?
+                    .map(|()| self.answer(self.attr_shared(m, ino))),
+            )
+        })?;
+        Some(match linked {
+            Err(e) => Err(e),
+            Ok(Some(attr)) => attr,
+            Ok(None) => self.tx(|tx| tx.attr(ino)),
+        })
     }
 
     /// `Tx::unlink` of a non-directory with the mount shared
@@ -417,16 +413,8 @@ impl ReadWrite {
         name: &[u8],
         allow: &dyn Fn(&InodeMeta, &InodeMeta) -> Result<(), Errno>,
     ) -> Option<Result<(), Errno>> {
-        if self.writable().is_err() {
-            return None;
-        }
-        let (label, dinum, now) = (&self.vol.label, self.inum(dir), (self.clock)());
-        let mut out = None;
-        self.vol.shared_change(|m| {
-            out = m.unlink_shared(label, dinum, name, now, allow);
-            out.is_some()
-        });
-        out
+        let dinum = self.inum(dir);
+        self.shared_step(|m, label, now| m.unlink_shared(label, dinum, name, now, allow))
     }
 
     /// `Tx::rename` of a non-directory, without RENAME_EXCHANGE or
@@ -441,17 +429,10 @@ impl ReadWrite {
         noreplace: bool,
         allow: &RenameCheck<'_>,
     ) -> Option<Result<(), Errno>> {
-        if self.writable().is_err() {
-            return None;
-        }
-        let (label, now) = (&self.vol.label, (self.clock)());
         let (odinum, ndinum) = (self.inum(old.0), self.inum(new.0));
-        let mut out = None;
-        self.vol.shared_change(|m| {
-            out = m.rename_shared(label, odinum, old.1, ndinum, new.1, noreplace, now, allow);
-            out.is_some()
-        });
-        out
+        self.shared_step(|m, label, now| {
+            m.rename_shared(label, odinum, old.1, ndinum, new.1, noreplace, now, allow)
+        })
     }
 
     /// setattr of a mode, an owner or times with the mount shared
