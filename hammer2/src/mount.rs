@@ -14,8 +14,9 @@
 //! files in memory, which hold the locks of every inode they change,
 //! taken in ascending inode number order (`mount/namespace.rs`); a
 //! flush takes every change made before it, so an operation that
-//! touches several inodes lands wholly in one flush. Time comes from the caller
-//! (`now`, microseconds since the epoch), so tests are deterministic.
+//! touches several inodes lands wholly in one flush. Time comes from
+//! the caller (`now`, microseconds since the epoch), so tests are
+//! deterministic.
 //!
 //! Pins (`pin`/`unpin`) keep an inode whose last link goes: an open
 //! file that is unlinked lives, readable and writable by number, until
@@ -93,7 +94,7 @@ pub(crate) struct PfsState {
     /// The key of its root inode in the super-root.
     pub(crate) key: u64,
     pub(crate) root: InodeNode,
-    /// The last inode number handed out (`Mount::alloc_inum`), atomic so
+    /// The last inode number handed out (`PfsState::alloc_inum`), atomic so
     /// creates with the mount shared take numbers beside each other; the
     /// flush writes it into the root's `pfs_inum`.
     pub(crate) last_inum: AtomicU64,
@@ -689,16 +690,17 @@ impl Mount {
         Ok(())
     }
 
-    /// `PfsState::alloc_inum` with the mount exclusive, the inode index
-    /// over the number loaded first.
+    /// `PfsState::alloc_inum` with the mount exclusive, for a change
+    /// that called `load_next_inum` before it changed anything.
     fn alloc_inum(&mut self, label: &str) -> Result<u64> {
-        self.load_next_inum(label)?;
         let p = self.pfs.get(label).ok_or_else(|| Error::NotFound {
             what: format!("PFS {label}"),
         })?;
         p.alloc_inum(label).unwrap_or_else(|| {
             Err(Error::Busy {
-                what: format!("PFS {label}: the inode index over the next inode number"),
+                what: format!(
+                    "PFS {label}: the inode index over the next inode number, not loaded"
+                ),
             })
         })
     }
