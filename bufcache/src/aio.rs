@@ -20,6 +20,7 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// `IOCB_CMD_PWRITEV` (linux/aio_abi.h).
@@ -68,9 +69,9 @@ pub(crate) struct Contexts {
     free: Mutex<Vec<u64>>,
     /// Set when the kernel refused a context (AIO disabled or its
     /// system-wide limit reached): the file writes in turn from then on.
-    refused: std::sync::atomic::AtomicBool,
+    refused: AtomicBool,
     /// Writes the kernel reported done through these contexts.
-    done: std::sync::atomic::AtomicU64,
+    done: AtomicU64,
 }
 
 impl Contexts {
@@ -78,7 +79,7 @@ impl Contexts {
         if let Some(ctx) = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop() {
             return Some(ctx);
         }
-        if self.refused.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.refused.load(Ordering::Relaxed) {
             return None;
         }
         let mut ctx: u64 = 0;
@@ -96,8 +97,7 @@ impl Contexts {
                 "direct writes one at a time: the kernel refused an AIO context ({})",
                 io::Error::last_os_error()
             );
-            self.refused
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.refused.store(true, Ordering::Relaxed);
             return None;
         }
         Some(ctx)
@@ -106,7 +106,7 @@ impl Contexts {
     /// Writes reported done through AIO so far.
     #[cfg(test)]
     pub(crate) fn writes_done(&self) -> u64 {
-        self.done.load(std::sync::atomic::Ordering::Relaxed)
+        self.done.load(Ordering::Relaxed)
     }
 
     fn give_back(&self, ctx: u64) {
@@ -143,8 +143,7 @@ impl Contexts {
             match submit_and_reap(ctx, fd, chunk) {
                 Ok(r) => {
                     let ok = r.iter().filter(|r| r.is_ok()).count() as u64;
-                    self.done
-                        .fetch_add(ok, std::sync::atomic::Ordering::Relaxed);
+                    self.done.fetch_add(ok, Ordering::Relaxed);
                     out.extend(r)
                 }
                 Err(e) => {
@@ -170,7 +169,7 @@ impl Contexts {
 
 impl Drop for Contexts {
     fn drop(&mut self) {
-        let done = self.done.load(std::sync::atomic::Ordering::Relaxed);
+        let done = self.done.load(Ordering::Relaxed);
         if done > 0 {
             log::debug!("{done} direct writes went through AIO");
         }

@@ -392,16 +392,17 @@ impl BlockDevice for FileDevice {
             .map(|w| w.1.iter().map(|p| p.len()).sum())
             .collect();
         let small = lens.iter().sum::<usize>() <= TOGETHER_BYTES_MAX * writes.len();
-        let together: Vec<usize> = match self.direct && self.writable && small && writes.len() > 1 {
-            true => (0..writes.len())
+        let together: Vec<usize> = if self.direct && self.writable && small && writes.len() > 1 {
+            (0..writes.len())
                 .filter(|&i| {
                     let (offset, pieces) = &writes[i];
                     lens[i] > 0
                         && aligned_run(pieces, *offset)
                         && check_range(*offset, lens[i], self.size).is_ok()
                 })
-                .collect(),
-            false => Vec::new(),
+                .collect()
+        } else {
+            Vec::new()
         };
         let mut done: Vec<Option<io::Result<usize>>> = writes.iter().map(|_| None).collect();
         if !together.is_empty() {

@@ -892,10 +892,11 @@ impl BlockDevice for NbdDevice {
                 && len > 0
                 && self.check(*offset, len).is_ok()
                 && self.aligned(*offset, len);
-            sent.push(match plain {
-                true => self.send_aligned(&pieces.concat(), *offset, 0),
+            sent.push(if plain {
+                self.send_aligned(&pieces.concat(), *offset, 0)
+            } else {
                 // Done now: a read, a change and a write.
-                false => self.write_gathered(pieces, *offset).map(|()| Vec::new()),
+                self.write_gathered(pieces, *offset).map(|()| Vec::new())
             });
         }
         sent.into_iter()
